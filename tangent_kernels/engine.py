@@ -1,0 +1,292 @@
+"""The eNTK engine: per-sample gradient features, then the blocked Gram product.
+
+Per-sample gradients come from ``torch.func`` (``functional_call`` + ``vmap(grad)``)
+with respect to only the parameter tensors that ``idx`` touches, then gathered at
+``idx``. Models that ``vmap`` cannot batch fall back to a per-sample autograd loop
+(same numbers, slower). The Gram is accumulated tile by tile through
+``ops.gram_tile_update``; for K(X, X) only tiles on or below the diagonal are
+computed and then mirrored.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from ._model import eval_mode, exact_fp32_math, functional_state, model_device
+from .data import ModelInputs, iterate_inputs, loader_length
+from .ops import gram_tile_update
+from .outputs import OutputSpec, check_output_spec, scalarize
+from .params import ParamIndex, resolve_idx
+
+__all__ = ["features", "gram", "PRECISIONS"]
+
+# precision -> (dtype the model and the features are computed in, dtype of K)
+PRECISIONS: Dict[str, Tuple[torch.dtype, torch.dtype]] = {
+    "fp64": (torch.float64, torch.float64),
+    "fp32": (torch.float32, torch.float32),
+}
+# The mixed-precision modes of the design (tf32, bf16, fp16 with per-block scaling)
+# belong to the blocked Gram engine and are not implemented yet.
+_PLANNED_PRECISIONS = ("tf32", "bf16", "fp16")
+
+# Upper bound on the per-sample gradient tensors one vmap call materializes
+# (chunk x touched parameters); the batch is split into chunks to stay under it.
+_PER_SAMPLE_GRAD_BYTES = 512 * 2**20
+# Rows per Gram tile: large enough for BLAS efficiency, small enough that the
+# lower-triangle schedule skips about half the work.
+_TILE_ROWS = 1024
+
+
+def _check_precision(precision: str) -> Tuple[torch.dtype, torch.dtype]:
+    if precision in PRECISIONS:
+        return PRECISIONS[precision]
+    if precision in _PLANNED_PRECISIONS:
+        raise ValueError(
+            f"precision={precision!r} is not implemented yet (it arrives with the mixed-precision "
+            f"Gram engine); available: {sorted(PRECISIONS)}"
+        )
+    raise ValueError(f"unknown precision {precision!r}; available: {sorted(PRECISIONS)}")
+
+
+def _progress_bar(total: Optional[int], desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    # disable=None: shown on a terminal, silent in logs and CI.
+    return tqdm(total=total, desc=desc, unit="sample", disable=None, dynamic_ncols=True)
+
+
+class _PerSampleGradients:
+    """Gradients of s(x_b) w.r.t. the touched tensors, one row per sample."""
+
+    def __init__(self, model: nn.Module, index: ParamIndex, output: OutputSpec, dtype, device):
+        self.model = model
+        self.output = output
+        self.names = index.touched_names
+        trainable, self.rest = functional_state(model, index.layout, dtype, device)
+        self.touched = {name: trainable.pop(name) for name in self.names}
+        # Untouched trainable tensors are constants here: no gradient is asked of them.
+        self.rest.update(trainable)
+        touched_bytes = sum(t.numel() * t.element_size() for t in self.touched.values())
+        self.chunk = max(1, _PER_SAMPLE_GRAD_BYTES // max(touched_bytes, 1))
+        self.use_vmap = True
+
+    def __call__(self, batch: ModelInputs) -> Dict[str, torch.Tensor]:
+        """{name: [B, *param.shape]} for one batch."""
+        parts = [self._chunk(batch.slice(s, min(s + self.chunk, batch.size))) for s in range(0, batch.size, self.chunk)]
+        if len(parts) == 1:
+            return parts[0]
+        return {name: torch.cat([p[name] for p in parts]) for name in self.names}
+
+    def _chunk(self, batch: ModelInputs) -> Dict[str, torch.Tensor]:
+        if self.use_vmap:
+            try:
+                return self._vmap(batch)
+            except Exception as error:  # noqa: BLE001 - any vmap limitation: the loop is exact
+                self.use_vmap = False
+                warnings.warn(
+                    f"torch.func.vmap could not batch this model ({type(error).__name__}: "
+                    f"{str(error).splitlines()[0][:200]}); using a per-sample autograd loop instead "
+                    "(same result, slower)",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+        return self._loop(batch)
+
+    def _scalar(self, params, args, kwargs) -> torch.Tensor:
+        out = functional_call(self.model, (params, self.rest), args, kwargs)
+        return scalarize(out, self.output, 1)[0]
+
+    def _vmap(self, batch: ModelInputs) -> Dict[str, torch.Tensor]:
+        arg_dims = tuple(0 if batch.is_batched(a) else None for a in batch.args)
+        kwarg_dims = {k: (0 if batch.is_batched(v) else None) for k, v in batch.kwargs.items()}
+
+        def one_sample(params, args, kwargs):
+            # vmap strips the batch dimension; models (BatchNorm, attention) expect one.
+            args = tuple(a.unsqueeze(0) if d == 0 else a for a, d in zip(args, arg_dims))
+            kwargs = {k: (v.unsqueeze(0) if kwarg_dims[k] == 0 else v) for k, v in kwargs.items()}
+            return self._scalar(params, args, kwargs)
+
+        with warnings.catch_warnings():
+            # vmap's "no batching rule, falling back to a loop" notes are about speed only.
+            warnings.filterwarnings("ignore", message="There is a performance drop")
+            return vmap(grad(one_sample), in_dims=(None, arg_dims, kwarg_dims))(
+                self.touched, batch.args, batch.kwargs
+            )
+
+    def _loop(self, batch: ModelInputs) -> Dict[str, torch.Tensor]:
+        leaves = {name: t.detach().requires_grad_(True) for name, t in self.touched.items()}
+        rows = []
+        for b in range(batch.size):
+            sample = batch.slice(b, b + 1)
+            with torch.enable_grad():
+                s = self._scalar(leaves, sample.args, sample.kwargs)
+                grads = torch.autograd.grad(s, list(leaves.values()), allow_unused=True)
+            rows.append([torch.zeros_like(t) if g is None else g for t, g in zip(leaves.values(), grads)])
+        return {name: torch.stack([row[i] for row in rows]) for i, name in enumerate(self.names)}
+
+
+def _feature_blocks(
+    model: nn.Module,
+    loader: Iterable,
+    index: ParamIndex,
+    output: OutputSpec,
+    dtype: torch.dtype,
+    device: torch.device,
+    inputs: Optional[Callable[[Any], Any]],
+    progress: bool,
+    name: str,
+    expected_signature=None,
+) -> Iterator[Tuple[Any, torch.Tensor]]:
+    """Yield (input signature, F [B, p]) per batch; F[:, j] = d s / d theta[idx[j]]."""
+    per_sample = _PerSampleGradients(model, index, output, dtype, device)
+    slices = [(s.name, s.local.to(device), s.columns.to(device)) for s in index.tensor_slices]
+    bar = _progress_bar(loader_length(loader), f"eNTK features ({name})", progress)
+    seen = 0
+    try:
+        for batch in iterate_inputs(loader, inputs, name):
+            signature = batch.signature()
+            if expected_signature is not None and signature != expected_signature:
+                raise ValueError(
+                    f"{name} batches differ in structure from loader's: loader gives "
+                    f"{expected_signature}, {name} gives {signature} (per-sample shapes "
+                    "and dtypes of the inputs must match for a cross kernel)"
+                )
+            batch = batch.to(device, dtype)
+            grads = per_sample(batch)
+            block = torch.empty(batch.size, len(index), dtype=dtype, device=device)
+            for tensor_name, local, columns in slices:
+                block[:, columns] = grads[tensor_name].reshape(batch.size, -1)[:, local]
+            _check_finite(block, seen, name)
+            seen += batch.size
+            if bar is not None:
+                bar.update(batch.size)
+            yield signature, block
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _check_finite(block: torch.Tensor, first_position: int, name: str) -> None:
+    finite = torch.isfinite(block).all(dim=1)
+    if bool(finite.all()):
+        return
+    row = int(torch.nonzero(~finite)[0])
+    raise ValueError(
+        f"non-finite gradient (inf or nan) for the sample at position {first_position + row} of "
+        f"{name} (0-based, in iteration order): check that sample's input and the model's "
+        "numerics at it (e.g. log of zero, overflow); try precision='fp64'"
+    )
+
+
+def _prepare(model, idx, output, precision, device):
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    index = resolve_idx(model, idx)
+    output = check_output_spec(output)
+    dtype, k_dtype = _check_precision(precision)
+    device = model_device(model) if device is None else torch.device(device)
+    return index, output, dtype, k_dtype, device
+
+
+def _collect(blocks: Iterator[Tuple[Any, torch.Tensor]]) -> Tuple[torch.Tensor, Any]:
+    """All blocks stacked, and the first batch's input signature."""
+    signatures, parts = [], []
+    for signature, block in blocks:
+        signatures.append(signature)
+        parts.append(block)
+    return torch.cat(parts), signatures[0]
+
+
+def features(
+    model: nn.Module,
+    loader: Iterable,
+    idx=None,
+    *,
+    output: OutputSpec = "first",
+    precision: str = "fp32",
+    device=None,
+    progress: bool = True,
+    inputs: Optional[Callable[[Any], Any]] = None,
+) -> torch.Tensor:
+    """eNTK features: per-sample gradients of the scalar output at ``idx``, [n, p].
+
+    Args:
+        model: any ``nn.Module``; evaluated in eval mode, left exactly as it was.
+        loader: an iterable of batches (tensor; tuple/list with the input first; dict of
+            keyword arguments, ``labels`` dropped), e.g. a DataLoader, or one tensor.
+        idx: None (all trainable parameters), a :class:`ParamIndex`, or a 1-D integer
+            tensor/array of global flat positions. Column j belongs to ``idx[j]``.
+        output: "first", "sum" (pNTK), an int logit index, or a callable [B] reducer.
+        precision: "fp32" (default) or "fp64": the dtype of the computation and result.
+        device: where to compute (default: the model's device); the model is not moved.
+        progress: show a progress bar on a terminal.
+        inputs: optional callable batch -> model input (tensor, tuple of args, dict).
+    """
+    index, output, dtype, _, device = _prepare(model, idx, output, precision, device)
+    with eval_mode(model), exact_fp32_math():
+        g, _ = _collect(_feature_blocks(model, loader, index, output, dtype, device, inputs, progress, "loader"))
+    return g
+
+
+def gram(
+    model: nn.Module,
+    loader: Iterable,
+    idx=None,
+    loader2: Optional[Iterable] = None,
+    *,
+    output: OutputSpec = "first",
+    precision: str = "fp32",
+    device=None,
+    progress: bool = True,
+    inputs: Optional[Callable[[Any], Any]] = None,
+) -> torch.Tensor:
+    """The eNTK Gram K[i, j] = <g(x_i), g(x_j)> over a loader, [n1, n2].
+
+    ``loader2=None`` gives the symmetric K(X, X) (only the lower triangle is
+    computed, then mirrored: K is exactly symmetric); otherwise the cross kernel
+    K(X1, X2). K is float32 (float64 when ``precision="fp64"``) on ``device``.
+    The other arguments are those of :func:`features`.
+    """
+    index, output, dtype, k_dtype, device = _prepare(model, idx, output, precision, device)
+    with eval_mode(model), exact_fp32_math():
+        blocks = _feature_blocks(model, loader, index, output, dtype, device, inputs, progress, "loader")
+        g1, signature = _collect(blocks)
+        if loader2 is None:
+            return _symmetric_gram(g1, k_dtype)
+        blocks2 = _feature_blocks(
+            model, loader2, index, output, dtype, device, inputs, progress, "loader2", expected_signature=signature
+        )
+        g2, _ = _collect(blocks2)
+        return _cross_gram(g1, g2, k_dtype)
+
+
+def _symmetric_gram(g: torch.Tensor, k_dtype: torch.dtype) -> torch.Tensor:
+    n = g.shape[0]
+    k = torch.zeros(n, n, dtype=k_dtype, device=g.device)
+    for i0 in range(0, n, _TILE_ROWS):
+        i1 = min(i0 + _TILE_ROWS, n)
+        for j0 in range(0, i0 + 1, _TILE_ROWS):
+            j1 = min(j0 + _TILE_ROWS, n)
+            gram_tile_update(k[i0:i1, j0:j1], g[i0:i1], g[j0:j1], i0, j0, lower=(i0 == j0))
+            if i0 != j0:
+                k[j0:j1, i0:i1].copy_(k[i0:i1, j0:j1].T)
+        diagonal = k[i0:i1, i0:i1]
+        diagonal.copy_(diagonal.tril() + diagonal.tril(-1).T)
+    return k
+
+
+def _cross_gram(g1: torch.Tensor, g2: torch.Tensor, k_dtype: torch.dtype) -> torch.Tensor:
+    n1, n2 = g1.shape[0], g2.shape[0]
+    k = torch.zeros(n1, n2, dtype=k_dtype, device=g1.device)
+    for i0 in range(0, n1, _TILE_ROWS):
+        for j0 in range(0, n2, _TILE_ROWS):
+            i1, j1 = min(i0 + _TILE_ROWS, n1), min(j0 + _TILE_ROWS, n2)
+            gram_tile_update(k[i0:i1, j0:j1], g1[i0:i1], g2[j0:j1], i0, j0, lower=False)
+    return k

@@ -1,0 +1,84 @@
+"""Scalarizing model outputs: which scalar s(x) the eNTK differentiates.
+
+``output`` is one of
+- ``"first"``: logit 0, the seed's one-output reduction;
+- ``"sum"``: the sum of the k logits divided by sqrt(k), the pseudo-NTK (pNTK);
+- an int j: logit j;
+- a callable mapping the model's (unwrapped) output to a [B] tensor.
+
+Model outputs may be a tensor [B, k] or [B], or an object / dict holding ``logits``
+(Hugging Face ``ModelOutput`` and the like).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Union
+
+import torch
+
+__all__ = ["OutputSpec", "check_output_spec", "scalarize"]
+
+OutputSpec = Union[str, int, Callable[[Any], torch.Tensor]]
+
+
+def check_output_spec(output: OutputSpec) -> OutputSpec:
+    """Fail early, before any model evaluation, on an output argument we cannot use."""
+    if callable(output) and not isinstance(output, str):
+        return output
+    if isinstance(output, bool) or not isinstance(output, (str, int)):
+        raise TypeError(
+            f"output must be 'first', 'sum', an int logit index or a callable, got {output!r}"
+        )
+    if isinstance(output, str) and output not in ("first", "sum"):
+        raise ValueError(
+            f"unknown output {output!r}: use 'first' (logit 0), 'sum' (pNTK: sum of logits / "
+            "sqrt(k)), an int logit index, or a callable returning a [B] tensor"
+        )
+    return output
+
+
+def _unwrap(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict) and "logits" in out:
+        return out["logits"]
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    raise TypeError(
+        f"the model returned a {type(out).__name__}, which tangent_kernels cannot scalarize: "
+        "return a tensor [B, k] or [B], or an object/dict with a 'logits' tensor, or pass "
+        "output=callable mapping the model's output to a [B] tensor"
+    )
+
+
+def scalarize(out: Any, output: OutputSpec, batch_size: int) -> torch.Tensor:
+    """Reduce a model's output for a batch of ``batch_size`` samples to s: [batch_size]."""
+    if callable(output) and not isinstance(output, str):
+        s = output(out)
+        if not isinstance(s, torch.Tensor) or tuple(s.shape) != (batch_size,):
+            got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
+            raise ValueError(
+                f"the output callable must return a tensor of shape [B] = ({batch_size},), one "
+                f"scalar per sample, but returned {got}"
+            )
+        return s
+    logits = _unwrap(out)
+    if logits.dim() == 1:
+        logits = logits.unsqueeze(1)
+    if logits.dim() != 2 or logits.shape[0] != batch_size:
+        raise ValueError(
+            f"model output has shape {tuple(logits.shape)} for a batch of {batch_size}; expected "
+            f"[B, k] or [B] with B = {batch_size}. For sequence outputs or other shapes, pass "
+            "output=callable that maps the output to one scalar per sample (e.g. "
+            "lambda out: out[:, -1, 0])"
+        )
+    k = logits.shape[1]
+    if output == "first":
+        return logits[:, 0]
+    if output == "sum":
+        return logits.sum(dim=1) / math.sqrt(k)
+    if not -k <= output < k:
+        raise ValueError(f"output={output} is out of range for a model with k={k} outputs (valid: 0 .. {k - 1})")
+    return logits[:, output]

@@ -1,0 +1,270 @@
+"""Parameter subsamples: the global flat index and its per-tensor view.
+
+A model's *global flat index* enumerates every trainable scalar parameter: positions
+in the concatenation of ``p.reshape(-1)`` for each parameter with ``requires_grad``,
+in ``model.named_parameters()`` order, shared (tied) parameters once. Everything
+else (which tensors a subsample touches, the local offsets inside each tensor) is
+derived here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Iterator, List, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["ParamLayout", "ParamIndex", "TensorSlice", "subsample", "resolve_idx"]
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """Names, shapes and flat offsets of a model's trainable parameters."""
+
+    names: Tuple[str, ...]
+    shapes: Tuple[Tuple[int, ...], ...]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "ParamLayout":
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"expected a torch.nn.Module, got {type(model).__name__}; pass the model itself"
+            )
+        # named_parameters() already yields a tied parameter once (first name wins),
+        # which is exactly the convention of the global flat index.
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        return cls(tuple(n for n, _ in named), tuple(tuple(p.shape) for _, p in named))
+
+    @property
+    def numels(self) -> Tuple[int, ...]:
+        return tuple(int(np.prod(s, dtype=np.int64)) for s in self.shapes)
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """offsets[t] is the global position of tensor t's first element; offsets[-1] == total."""
+        return np.concatenate([[0], np.cumsum(self.numels, dtype=np.int64)])
+
+    @property
+    def total(self) -> int:
+        return int(sum(self.numels))
+
+    def fingerprint(self) -> str:
+        """A short hash of the layout, to tell architectures apart in errors and metadata."""
+        text = ";".join(f"{n}:{tuple(s)}" for n, s in zip(self.names, self.shapes))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class TensorSlice:
+    """The part of a subsample that falls in one parameter tensor.
+
+    ``local`` are flat positions inside that tensor, ``columns`` the feature columns
+    they fill: feature[:, columns[k]] = d s / d param.reshape(-1)[local[k]].
+    """
+
+    name: str
+    local: torch.Tensor  # int64 [m]
+    columns: torch.Tensor  # int64 [m]
+
+
+class ParamIndex:
+    """A subsample of a model's trainable parameters, in a fixed column order.
+
+    ``positions`` ([p] int64, CPU) are global flat positions; column j of
+    ``tk.features`` is the gradient with respect to the parameter at ``positions[j]``.
+    Build one with :func:`subsample`, or from your own positions with
+    :meth:`from_positions`.
+    """
+
+    def __init__(self, layout: ParamLayout, positions: torch.Tensor):
+        self.layout = layout
+        self.positions = positions
+        self._slices = self._split()
+
+    @classmethod
+    def from_positions(cls, model: nn.Module, positions) -> "ParamIndex":
+        layout = _layout_with_parameters(model)
+        return cls(layout, _validate_positions(positions, layout.total))
+
+    @classmethod
+    def all(cls, model: nn.Module) -> "ParamIndex":
+        layout = _layout_with_parameters(model)
+        return cls(layout, torch.arange(layout.total, dtype=torch.int64))
+
+    def __len__(self) -> int:
+        return int(self.positions.numel())
+
+    def __repr__(self) -> str:
+        return (
+            f"ParamIndex(p={len(self)} of {self.layout.total} trainable parameters, "
+            f"{len(self._slices)} of {len(self.layout.names)} tensors touched)"
+        )
+
+    def __eq__(self, other) -> bool:
+        return (
+            isinstance(other, ParamIndex)
+            and self.layout == other.layout
+            and torch.equal(self.positions, other.positions)
+        )
+
+    __hash__ = None  # mutable-looking tensor payload: equality only
+
+    @property
+    def tensor_slices(self) -> List[TensorSlice]:
+        """The touched tensors in ``named_parameters()`` order, with their positions."""
+        return self._slices
+
+    @property
+    def touched_names(self) -> List[str]:
+        return [s.name for s in self._slices]
+
+    def __iter__(self) -> Iterator[TensorSlice]:
+        return iter(self._slices)
+
+    def _split(self) -> List[TensorSlice]:
+        offsets = torch.from_numpy(self.layout.offsets)
+        tensor_of = torch.searchsorted(offsets, self.positions, right=True) - 1
+        # One stable sort groups columns by tensor while keeping their given order.
+        columns = torch.argsort(tensor_of, stable=True)
+        counts = torch.bincount(tensor_of, minlength=len(self.layout.names)).tolist()
+        slices, start = [], 0
+        for t, count in enumerate(counts):
+            if count:
+                cols = columns[start : start + count]
+                slices.append(TensorSlice(self.layout.names[t], self.positions[cols] - offsets[t], cols))
+                start += count
+        return slices
+
+
+def _layout_with_parameters(model: nn.Module) -> ParamLayout:
+    layout = ParamLayout.of(model)
+    if layout.total == 0:
+        raise ValueError(
+            f"{type(model).__name__} has no trainable parameters (none with requires_grad=True); "
+            "the eNTK needs at least one: unfreeze some with p.requires_grad_(True)"
+        )
+    return layout
+
+
+def _validate_positions(positions, total: int) -> torch.Tensor:
+    if isinstance(positions, np.ndarray):
+        positions = torch.from_numpy(positions)
+    elif isinstance(positions, (list, tuple, range)):
+        positions = torch.as_tensor(list(positions)) if len(positions) else torch.empty(0, dtype=torch.int64)
+    if not isinstance(positions, torch.Tensor):
+        raise TypeError(
+            f"idx must be None, a tk.ParamIndex, or a 1-D integer tensor/array of global flat "
+            f"positions; got {type(positions).__name__}"
+        )
+    if positions.dtype == torch.bool or positions.is_floating_point() or positions.is_complex():
+        raise TypeError(
+            f"idx must hold integer positions, got dtype {positions.dtype}; convert with "
+            "idx.long() (and use torch.nonzero(mask) for a boolean mask)"
+        )
+    if positions.dim() != 1:
+        raise ValueError(
+            f"idx must be 1-D, got shape {tuple(positions.shape)}; flatten it with idx.reshape(-1)"
+        )
+    if positions.numel() == 0:
+        raise ValueError("idx is empty; select at least one parameter (e.g. tk.subsample(model, 1000))")
+    positions = positions.detach().to("cpu", torch.int64)
+    lo, hi = int(positions.min()), int(positions.max())
+    if lo < 0 or hi >= total:
+        bad = lo if lo < 0 else hi
+        raise ValueError(
+            f"idx holds position {bad}, out of range: valid global flat positions are "
+            f"0 .. {total - 1} (the model has {total} trainable parameters)"
+        )
+    uniq, counts = torch.unique(positions, return_counts=True)
+    if uniq.numel() != positions.numel():
+        dup = uniq[counts > 1]
+        raise ValueError(
+            f"idx has {positions.numel() - uniq.numel()} duplicated position(s), e.g. {dup[:5].tolist()}; "
+            "each parameter may appear once: use torch.unique(idx)"
+        )
+    return positions.contiguous()
+
+
+def resolve_idx(model: nn.Module, idx) -> ParamIndex:
+    """Turn the public ``idx`` argument (None, ParamIndex, positions) into a ParamIndex."""
+    if idx is None:
+        return ParamIndex.all(model)
+    if isinstance(idx, ParamIndex):
+        layout = _layout_with_parameters(model)
+        if idx.layout != layout:
+            raise ValueError(
+                "this ParamIndex was made for a different parameter layout "
+                f"(fingerprint {idx.layout.fingerprint()}, {idx.layout.total} parameters) than the "
+                f"model's (fingerprint {layout.fingerprint()}, {layout.total} parameters); "
+                "rebuild it with tk.subsample(model, n) for this model"
+            )
+        return idx
+    return ParamIndex.from_positions(model, idx)
+
+
+# --- subsampling ------------------------------------------------------------------
+
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+_CHUNK = 1 << 22
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    # A fixed integer hash (Steele et al.'s SplitMix64 finalizer). Unlike torch.randperm
+    # or NumPy's Generator, whose streams may change between releases, this is pure
+    # uint64 arithmetic: the same keys on every machine and every version.
+    with np.errstate(over="ignore"):
+        x = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK64
+        x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK64
+        x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK64
+        return x ^ (x >> np.uint64(31))
+
+
+def _smallest_keys(total: int, n: int, seed: int) -> np.ndarray:
+    """Positions of the n smallest hash keys among 0..total-1 (a uniform n-subset)."""
+    seed_key = _splitmix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))[0]
+    best_pos = np.empty(0, dtype=np.int64)
+    best_key = np.empty(0, dtype=np.uint64)
+    # Chunked so that memory stays O(n + chunk) even for billion-parameter models.
+    for start in range(0, total, _CHUNK):
+        pos = np.arange(start, min(start + _CHUNK, total), dtype=np.int64)
+        key = _splitmix64(pos.astype(np.uint64) ^ seed_key)
+        pos = np.concatenate([best_pos, pos])
+        key = np.concatenate([best_key, key])
+        if pos.size > n:
+            # Ties between 64-bit keys are broken by position, so the result is unique.
+            order = np.lexsort((pos, key))[:n]
+            pos, key = pos[order], key[order]
+        best_pos, best_key = pos, key
+    return np.sort(best_pos)
+
+
+def subsample(model: nn.Module, n: int, *, seed: int = 0) -> ParamIndex:
+    """Draw ``n`` of the model's trainable parameters uniformly without replacement.
+
+    Deterministic for a given (parameter layout, n, seed) on any device and any torch
+    or NumPy version: the draw keeps the n smallest values of a fixed 64-bit integer
+    hash of (position, seed), computed on the CPU. Positions are returned sorted
+    (column j of the features is the j-th smallest sampled position), which keeps
+    per-tensor gathers contiguous.
+
+    Args:
+        model: the network; only parameters with ``requires_grad`` are eligible.
+        n: how many parameters to keep, 1 <= n <= number of trainable parameters.
+        seed: any Python int.
+    """
+    layout = _layout_with_parameters(model)
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise TypeError(f"n must be an int, got {type(n).__name__}")
+    n = int(n)
+    if not 1 <= n <= layout.total:
+        raise ValueError(
+            f"cannot subsample n={n} parameters: the model has {layout.total} trainable "
+            f"parameters, so n must be in 1 .. {layout.total} (use idx=None for all of them)"
+        )
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    positions = torch.from_numpy(_smallest_keys(layout.total, n, int(seed)))
+    return ParamIndex(layout, positions)

@@ -1,0 +1,67 @@
+"""The naive eNTK: ground truth and baseline.
+
+One ``torch.autograd.grad`` per sample, in float64, no batching, every trainable
+parameter's full gradient, then the sampled positions. Deliberately simple: every
+fast path in the package is tested against this.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from ._model import eval_mode, functional_state, model_device
+from .data import iterate_inputs
+from .outputs import OutputSpec, check_output_spec, scalarize
+from .params import resolve_idx
+
+__all__ = ["features_autograd", "gram_autograd"]
+
+
+def features_autograd(
+    model: nn.Module,
+    loader: Iterable,
+    idx=None,
+    *,
+    output: OutputSpec = "first",
+    inputs: Optional[Callable[[Any], Any]] = None,
+) -> torch.Tensor:
+    """Per-sample gradients at ``idx`` in float64: [n, p] on the model's device."""
+    index = resolve_idx(model, idx)
+    output = check_output_spec(output)
+    device = model_device(model)
+    positions = index.positions.to(device)
+    rows = []
+    with eval_mode(model):
+        trainable, rest = functional_state(model, index.layout, torch.float64, device)
+        leaves = [trainable[name].requires_grad_(True) for name in index.layout.names]
+        for batch in iterate_inputs(loader, inputs):
+            batch = batch.to(device, torch.float64)
+            for b in range(batch.size):
+                sample = batch.slice(b, b + 1)
+                out = functional_call(model, (trainable, rest), sample.args, sample.kwargs)
+                s = scalarize(out, output, 1)[0]
+                grads = torch.autograd.grad(s, leaves, allow_unused=True)
+                flat = torch.cat(
+                    [(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(leaves, grads)]
+                )
+                rows.append(flat[positions])
+    return torch.stack(rows)
+
+
+def gram_autograd(
+    model: nn.Module,
+    loader: Iterable,
+    idx=None,
+    loader2: Optional[Iterable] = None,
+    *,
+    output: OutputSpec = "first",
+    inputs: Optional[Callable[[Any], Any]] = None,
+) -> torch.Tensor:
+    """K[i, j] = <g(x_i), g(x_j)> in float64, [n1, n2]; ``loader2=None`` means K(X, X)."""
+    g1 = features_autograd(model, loader, idx, output=output, inputs=inputs)
+    g2 = g1 if loader2 is None else features_autograd(model, loader2, idx, output=output, inputs=inputs)
+    return g1 @ g2.T
