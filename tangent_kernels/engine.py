@@ -20,7 +20,7 @@ from torch.func import functional_call, grad, vmap
 from ._model import eval_mode, exact_fp32_math, functional_state, model_device
 from .data import ModelInputs, iterate_inputs, loader_length
 from .ops import gram_tile_update
-from .outputs import OutputSpec, check_output_spec, scalarize
+from .outputs import OutputError, OutputSpec, check_output_spec, scalarize
 from .params import ParamIndex, resolve_idx
 
 __all__ = ["features", "gram", "PRECISIONS"]
@@ -88,6 +88,8 @@ class _PerSampleGradients:
         if self.use_vmap:
             try:
                 return self._vmap(batch)
+            except OutputError:
+                raise
             except Exception as error:  # noqa: BLE001 - any vmap limitation: the loop is exact
                 self.use_vmap = False
                 warnings.warn(

@@ -17,9 +17,21 @@ from typing import Any, Callable, Union
 
 import torch
 
-__all__ = ["OutputSpec", "check_output_spec", "scalarize"]
+__all__ = ["OutputError", "OutputSpec", "check_output_spec", "scalarize"]
 
 OutputSpec = Union[str, int, Callable[[Any], torch.Tensor]]
+
+
+class OutputError(Exception):
+    """Marks an unusable model output, so no fallback path retries the evaluation."""
+
+
+class OutputValueError(OutputError, ValueError):
+    pass
+
+
+class OutputTypeError(OutputError, TypeError):
+    pass
 
 
 def check_output_spec(output: OutputSpec) -> OutputSpec:
@@ -46,7 +58,7 @@ def _unwrap(out: Any) -> torch.Tensor:
     logits = getattr(out, "logits", None)
     if isinstance(logits, torch.Tensor):
         return logits
-    raise TypeError(
+    raise OutputTypeError(
         f"the model returned a {type(out).__name__}, which tangent_kernels cannot scalarize: "
         "return a tensor [B, k] or [B], or an object/dict with a 'logits' tensor, or pass "
         "output=callable mapping the model's output to a [B] tensor"
@@ -59,16 +71,16 @@ def scalarize(out: Any, output: OutputSpec, batch_size: int) -> torch.Tensor:
         s = output(out)
         if not isinstance(s, torch.Tensor) or tuple(s.shape) != (batch_size,):
             got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
-            raise ValueError(
-                f"the output callable must return a tensor of shape [B] = ({batch_size},), one "
-                f"scalar per sample, but returned {got}"
+            raise OutputValueError(
+                "the output callable must return one scalar per sample, a tensor of shape [B] "
+                f"(here B = {batch_size}), but returned {got}"
             )
         return s
     logits = _unwrap(out)
     if logits.dim() == 1:
         logits = logits.unsqueeze(1)
     if logits.dim() != 2 or logits.shape[0] != batch_size:
-        raise ValueError(
+        raise OutputValueError(
             f"model output has shape {tuple(logits.shape)} for a batch of {batch_size}; expected "
             f"[B, k] or [B] with B = {batch_size}. For sequence outputs or other shapes, pass "
             "output=callable that maps the output to one scalar per sample (e.g. "
@@ -80,5 +92,5 @@ def scalarize(out: Any, output: OutputSpec, batch_size: int) -> torch.Tensor:
     if output == "sum":
         return logits.sum(dim=1) / math.sqrt(k)
     if not -k <= output < k:
-        raise ValueError(f"output={output} is out of range for a model with k={k} outputs (valid: 0 .. {k - 1})")
+        raise OutputValueError(f"output={output} is out of range for a model with k={k} outputs (valid: 0 .. {k - 1})")
     return logits[:, output]
