@@ -10,6 +10,7 @@ computed and then mirrored.
 
 from __future__ import annotations
 
+import time
 import warnings
 from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple
 
@@ -37,6 +38,8 @@ _PLANNED_PRECISIONS = ("tf32", "bf16", "fp16")
 # Upper bound on the per-sample gradient tensors one vmap call materializes
 # (chunk x touched parameters); the batch is split into chunks to stay under it.
 _PER_SAMPLE_GRAD_BYTES = 512 * 2**20
+# How per-sample gradients are taken: "vmap", "loop" or "auto" (measure both, keep the faster).
+_STRATEGY = "auto"
 # Rows per Gram tile: large enough for BLAS efficiency, small enough that the
 # lower-triangle schedule skips about half the work.
 _TILE_ROWS = 1024
@@ -63,11 +66,13 @@ def _progress_bar(total: Optional[int], desc: str, enabled: bool):
 
 
 class _PerSampleGradients:
-    """Gradients of s(x_b) w.r.t. the touched tensors, one row per sample."""
+    """Sampled per-sample gradients: F[b, j] = d s(x_b) / d theta[idx[j]]."""
 
     def __init__(self, model: nn.Module, index: ParamIndex, output: OutputSpec, dtype, device):
         self.model = model
         self.output = output
+        self.dtype, self.device, self.p = dtype, device, len(index)
+        self.slices = [(s.name, s.local.to(device), s.columns.to(device)) for s in index.tensor_slices]
         self.names = index.touched_names
         trainable, self.rest = functional_state(model, index.layout, dtype, device)
         self.touched = {name: trainable.pop(name) for name in self.names}
@@ -75,23 +80,40 @@ class _PerSampleGradients:
         self.rest.update(trainable)
         touched_bytes = sum(t.numel() * t.element_size() for t in self.touched.values())
         self.chunk = max(1, _PER_SAMPLE_GRAD_BYTES // max(touched_bytes, 1))
-        self.use_vmap = True
+        # Neither strategy wins everywhere: vmap batches the work (a large win on GPUs and
+        # for small layers) but materializes full per-sample weight gradients, which on a
+        # CPU made resnet18 2.4x slower than the loop (bench/bench_gram.py). So, unless
+        # told, time one chunk of each after a warm-up chunk and keep the faster.
+        self.strategy = _STRATEGY
+        self._timings: Dict[str, float] = {}
 
-    def __call__(self, batch: ModelInputs) -> Dict[str, torch.Tensor]:
-        """{name: [B, *param.shape]} for one batch."""
-        parts = [self._chunk(batch.slice(s, min(s + self.chunk, batch.size))) for s in range(0, batch.size, self.chunk)]
-        if len(parts) == 1:
-            return parts[0]
-        return {name: torch.cat([p[name] for p in parts]) for name in self.names}
+    def __call__(self, batch: ModelInputs) -> torch.Tensor:
+        """F [B, p] for one batch, in ``dtype`` on ``device``."""
+        block = torch.empty(batch.size, self.p, dtype=self.dtype, device=self.device)
+        for start in range(0, batch.size, self.chunk):
+            stop = min(start + self.chunk, batch.size)
+            self._chunk(batch.slice(start, stop), block[start:stop])
+        return block
 
-    def _chunk(self, batch: ModelInputs) -> Dict[str, torch.Tensor]:
-        if self.use_vmap:
+    def _gather(self, grads: Dict[str, torch.Tensor], out: torch.Tensor) -> None:
+        """out[:, columns] = grads[name][:, local] for every touched tensor; grads are [c, *shape]."""
+        for name, local, columns in self.slices:
+            out[:, columns] = grads[name].reshape(out.shape[0], -1)[:, local]
+
+    def _chunk(self, batch: ModelInputs, out: torch.Tensor) -> None:
+        strategy = self.strategy
+        if strategy == "auto":
+            # Chunk 1 warms vmap up (tracing, allocator), chunk 2 times it, chunk 3 the loop.
+            strategy = "loop" if "vmap" in self._timings else "vmap"
+            timed = "warm-up" in self._timings
+            start = self._now()
+        if strategy == "vmap":
             try:
-                return self._vmap(batch)
+                self._gather(self._vmap(batch), out)
             except OutputError:
                 raise
             except Exception as error:  # noqa: BLE001 - any vmap limitation: the loop is exact
-                self.use_vmap = False
+                self.strategy = strategy = "loop"
                 warnings.warn(
                     f"torch.func.vmap could not batch this model ({type(error).__name__}: "
                     f"{str(error).splitlines()[0][:200]}); using a per-sample autograd loop instead "
@@ -99,7 +121,18 @@ class _PerSampleGradients:
                     RuntimeWarning,
                     stacklevel=4,
                 )
-        return self._loop(batch)
+        if strategy == "loop":
+            self._loop(batch, out)
+        if self.strategy == "auto":
+            key = strategy if timed else "warm-up"
+            self._timings[key] = (self._now() - start) / batch.size
+            if "loop" in self._timings:
+                self.strategy = min(("vmap", "loop"), key=self._timings.__getitem__)
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def _scalar(self, params, args, kwargs) -> torch.Tensor:
         out = functional_call(self.model, (params, self.rest), args, kwargs)
@@ -122,16 +155,17 @@ class _PerSampleGradients:
                 self.touched, batch.args, batch.kwargs
             )
 
-    def _loop(self, batch: ModelInputs) -> Dict[str, torch.Tensor]:
+    def _loop(self, batch: ModelInputs, out: torch.Tensor) -> None:
         leaves = {name: t.detach().requires_grad_(True) for name, t in self.touched.items()}
-        rows = []
         for b in range(batch.size):
             sample = batch.slice(b, b + 1)
             with torch.enable_grad():
                 s = self._scalar(leaves, sample.args, sample.kwargs)
                 grads = torch.autograd.grad(s, list(leaves.values()), allow_unused=True)
-            rows.append([torch.zeros_like(t) if g is None else g for t, g in zip(leaves.values(), grads)])
-        return {name: torch.stack([row[i] for row in rows]) for i, name in enumerate(self.names)}
+            # Gathered per sample: a full per-sample gradient never outlives its row.
+            full = {name: (torch.zeros_like(t) if g is None else g).unsqueeze(0)
+                    for (name, t), g in zip(leaves.items(), grads)}
+            self._gather(full, out[b : b + 1])
 
 
 def _feature_blocks(
@@ -148,7 +182,6 @@ def _feature_blocks(
 ) -> Iterator[Tuple[Any, torch.Tensor]]:
     """Yield (input signature, F [B, p]) per batch; F[:, j] = d s / d theta[idx[j]]."""
     per_sample = _PerSampleGradients(model, index, output, dtype, device)
-    slices = [(s.name, s.local.to(device), s.columns.to(device)) for s in index.tensor_slices]
     bar = _progress_bar(loader_length(loader), f"eNTK features ({name})", progress)
     seen = 0
     try:
@@ -161,10 +194,7 @@ def _feature_blocks(
                     "and dtypes of the inputs must match for a cross kernel)"
                 )
             batch = batch.to(device, dtype)
-            grads = per_sample(batch)
-            block = torch.empty(batch.size, len(index), dtype=dtype, device=device)
-            for tensor_name, local, columns in slices:
-                block[:, columns] = grads[tensor_name].reshape(batch.size, -1)[:, local]
+            block = per_sample(batch)
             _check_finite(block, seen, name)
             seen += batch.size
             if bar is not None:

@@ -231,3 +231,14 @@ def test_progress_false_prints_nothing(capsys):
     model, x = mlp(), torch.randn(4, 6)
     tk.gram(model, [x], progress=False)
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "loop", "auto"])
+@pytest.mark.parametrize("name", ["cnn", "transformer", "tied_embedding"])
+def test_each_per_sample_strategy_matches_reference(monkeypatch, strategy, name):
+    monkeypatch.setattr(engine, "_STRATEGY", strategy)
+    monkeypatch.setattr(engine, "_PER_SAMPLE_GRAD_BYTES", 1)  # one sample per chunk: "auto" switches mid-batch
+    model, x, idx = _case(name)
+    ref = tk.reference.gram_autograd(model, [x], idx)
+    k = tk.gram(model, batches(x, 4), idx, precision="fp64", progress=False)
+    assert rel_err(k, ref) <= TOLERANCE["fp64"]
