@@ -10,9 +10,10 @@ computed and then mirrored.
 
 from __future__ import annotations
 
+import logging
 import time
 import warnings
-from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -22,9 +23,12 @@ from ._model import eval_mode, exact_fp32_math, functional_state, model_device
 from .data import ModelInputs, iterate_inputs, loader_length
 from .ops import gram_tile_update
 from .outputs import OutputError, OutputSpec, check_output_spec, scalarize
-from .params import ParamIndex, resolve_idx
+from .params import ParamIndex, ParamLayout, TensorSlice, resolve_idx
+from .taps import TapRecorder, Untappable, _Tap, rule_for
 
 __all__ = ["features", "gram", "PRECISIONS"]
+
+_log = logging.getLogger("tangent_kernels")
 
 # precision -> (dtype the model and the features are computed in, dtype of K)
 PRECISIONS: Dict[str, Tuple[torch.dtype, torch.dtype]] = {
@@ -40,6 +44,11 @@ _PLANNED_PRECISIONS = ("tf32", "bf16", "fp16")
 _PER_SAMPLE_GRAD_BYTES = 512 * 2**20
 # How per-sample gradients are taken: "vmap", "loop" or "auto" (measure both, keep the faster).
 _STRATEGY = "auto"
+# Whether covered layers are tapped (one batched pass) or all go through torch.func.
+_TAPS = True
+# Relative difference allowed between the batched pass and a per-sample evaluation of
+# the first sample. fp32 is loose: ReLU kinks within rounding of zero (see README).
+_VERIFY_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-9}
 # Rows per Gram tile: large enough for BLAS efficiency, small enough that the
 # lower-triangle schedule skips about half the work.
 _TILE_ROWS = 1024
@@ -66,15 +75,17 @@ def _progress_bar(total: Optional[int], desc: str, enabled: bool):
 
 
 class _PerSampleGradients:
-    """Sampled per-sample gradients: F[b, j] = d s(x_b) / d theta[idx[j]]."""
+    """The generic path: F[b, j] = d s(x_b) / d theta[idx[j]] through torch.func, for
+    the columns of ``slices`` only (any model, any layer)."""
 
-    def __init__(self, model: nn.Module, index: ParamIndex, output: OutputSpec, dtype, device):
+    def __init__(self, model: nn.Module, layout: ParamLayout, slices: List[TensorSlice], output: OutputSpec,
+                 dtype, device, strategy: Optional[str] = None):
         self.model = model
         self.output = output
-        self.dtype, self.device, self.p = dtype, device, len(index)
-        self.slices = [(s.name, s.local.to(device), s.columns.to(device)) for s in index.tensor_slices]
-        self.names = index.touched_names
-        trainable, self.rest = functional_state(model, index.layout, dtype, device)
+        self.dtype, self.device = dtype, device
+        self.slices = [(s.name, s.local.to(device), s.columns.to(device)) for s in slices]
+        self.names = [s.name for s in slices]
+        trainable, self.rest = functional_state(model, layout, dtype, device)
         self.touched = {name: trainable.pop(name) for name in self.names}
         # Untouched trainable tensors are constants here: no gradient is asked of them.
         self.rest.update(trainable)
@@ -84,16 +95,14 @@ class _PerSampleGradients:
         # for small layers) but materializes full per-sample weight gradients, which on a
         # CPU made resnet18 2.4x slower than the loop (bench/bench_gram.py). So, unless
         # told, time one chunk of each after a warm-up chunk and keep the faster.
-        self.strategy = _STRATEGY
+        self.strategy = strategy or _STRATEGY
         self._timings: Dict[str, float] = {}
 
-    def __call__(self, batch: ModelInputs) -> torch.Tensor:
-        """F [B, p] for one batch, in ``dtype`` on ``device``."""
-        block = torch.empty(batch.size, self.p, dtype=self.dtype, device=self.device)
+    def __call__(self, batch: ModelInputs, out: torch.Tensor) -> None:
+        """Fill this path's columns of out [B, p] for one batch."""
         for start in range(0, batch.size, self.chunk):
             stop = min(start + self.chunk, batch.size)
-            self._chunk(batch.slice(start, stop), block[start:stop])
-        return block
+            self._chunk(batch.slice(start, stop), out[start:stop])
 
     def _gather(self, grads: Dict[str, torch.Tensor], out: torch.Tensor) -> None:
         """out[:, columns] = grads[name][:, local] for every touched tensor; grads are [c, *shape]."""
@@ -168,6 +177,104 @@ class _PerSampleGradients:
             self._gather(full, out[b : b + 1])
 
 
+class _FeatureExtractor:
+    """F [B, p] per batch: tapped layers from one batched pass, the rest generically."""
+
+    def __init__(self, model: nn.Module, index: ParamIndex, output: OutputSpec, dtype, device):
+        self.model, self.index, self.output, self.dtype, self.device = model, index, output, dtype, device
+        self.state = functional_state(model, index.layout, dtype, device)
+        self.taps = _plan_taps(model, index) if _TAPS else []
+        self.verified = not self.taps
+        self._build()
+
+    def _build(self) -> None:
+        tapped = {id(piece) for tap in self.taps for _, piece in tap.slices}
+        self.generic_slices = [piece for piece in self.index.tensor_slices if id(piece) not in tapped]
+        taps = [_to_device(tap, self.device) for tap in self.taps]
+        self.tapped = TapRecorder(self.model, taps, self.state, self.output) if taps else None
+        self.generic = (
+            _PerSampleGradients(self.model, self.index.layout, self.generic_slices, self.output, self.dtype, self.device)
+            if self.generic_slices else None
+        )
+        if self.generic_slices:
+            _log.debug("generic torch.func path for: %s", ", ".join(p.name for p in self.generic_slices))
+
+    def _untap(self, keep, why: str) -> None:
+        dropped = [tap for tap in self.taps if not keep(tap)]
+        self.taps = [tap for tap in self.taps if keep(tap)]
+        _log.debug("untapped %s: %s", [type(t.module).__name__ for t in dropped], why)
+        self._build()
+
+    def __call__(self, batch: ModelInputs) -> torch.Tensor:
+        block = torch.empty(batch.size, len(self.index), dtype=self.dtype, device=self.device)
+        while self.tapped is not None:
+            try:
+                self.tapped(batch, block)
+                break
+            except Untappable as misfit:
+                self._untap(lambda tap: tap.module is not misfit.module, misfit.why)
+        if self.generic is not None:
+            self.generic(batch, block)
+        if not self.verified:
+            self._verify(batch, block)
+        return block
+
+    def _verify(self, batch: ModelInputs, block: torch.Tensor) -> None:
+        """Spot-check the first batch's first and last samples against the generic path.
+
+        A batched pass is exact only if samples do not interact; a model that mixes
+        them (batch statistics, batch-level control flow) is caught here, as far as a
+        spot check can, and sent down the generic path, which evaluates every sample
+        alone.
+        """
+        self.verified = True
+        check = _PerSampleGradients(self.model, self.index.layout, self.index.tensor_slices, self.output,
+                                    self.dtype, self.device, strategy="loop")
+        rows = sorted({0, batch.size - 1})
+        expected = torch.empty(len(rows), len(self.index), dtype=self.dtype, device=self.device)
+        for k, row in enumerate(rows):
+            check(batch.slice(row, row + 1), expected[k : k + 1])
+        error = float((block[rows] - expected).norm() / expected.norm().clamp_min(torch.finfo(self.dtype).tiny))
+        if error > _VERIFY_TOLERANCE[self.dtype]:
+            warnings.warn(
+                f"per-sample gradients from the batched pass differ from a per-sample evaluation by "
+                f"{error:.1e} (relative) on the first batch: the model seems to mix samples within a "
+                "batch (e.g. BatchNorm without running statistics); using the generic per-sample path",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            self._untap(lambda tap: False, "verification failed")
+            self.generic(batch, block)
+
+
+def _plan_taps(model: nn.Module, index: ParamIndex) -> List[_Tap]:
+    """A tap for every covered module that owns sampled parameters not shared elsewhere."""
+    owners: Dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        owners[id(param)] = owners.get(id(param), 0) + 1
+    by_name = {piece.name: piece for piece in index.tensor_slices}
+    taps = []
+    for prefix, module in model.named_modules():
+        rule = rule_for(module)
+        if rule is None:
+            continue
+        slices = []
+        for attr in rule.params:
+            param = getattr(module, attr, None)
+            piece = by_name.get(f"{prefix}.{attr}" if prefix else attr)
+            # A tied parameter's gradient sums over all its users: generic path.
+            if piece is not None and isinstance(param, nn.Parameter) and owners.get(id(param)) == 1:
+                slices.append((attr, piece))
+        if slices:
+            taps.append(_Tap(module, rule, slices))
+    return taps
+
+
+def _to_device(tap: _Tap, device) -> _Tap:
+    slices = [(attr, TensorSlice(p.name, p.local.to(device), p.columns.to(device))) for attr, p in tap.slices]
+    return _Tap(tap.module, tap.rule, slices)
+
+
 def _feature_blocks(
     model: nn.Module,
     loader: Iterable,
@@ -181,7 +288,7 @@ def _feature_blocks(
     expected_signature=None,
 ) -> Iterator[Tuple[Any, torch.Tensor]]:
     """Yield (input signature, F [B, p]) per batch; F[:, j] = d s / d theta[idx[j]]."""
-    per_sample = _PerSampleGradients(model, index, output, dtype, device)
+    per_sample = _FeatureExtractor(model, index, output, dtype, device)
     bar = _progress_bar(loader_length(loader), f"eNTK features ({name})", progress)
     seen = 0
     try:

@@ -205,16 +205,17 @@ def test_dict_batches_and_logits_outputs():
 
 
 class NotVmappable(nn.Module):
-    """Data-dependent Python control flow: vmap cannot batch it, the loop fallback can."""
+    """Data-dependent Python control flow on a raw parameter: no tap covers it, vmap
+    cannot batch it, the per-sample loop can."""
 
     def __init__(self):
         super().__init__()
-        self.lin = nn.Linear(4, 2)
+        self.w = nn.Parameter(torch.randn(4, 2))
 
     def forward(self, x):
         if x.sum().item() > 0:
-            return self.lin(x)
-        return self.lin(-x) * 2
+            return x @ self.w
+        return (-x @ self.w) * 2
 
 
 def test_models_vmap_cannot_batch_fall_back_to_the_loop():
@@ -223,6 +224,19 @@ def test_models_vmap_cannot_batch_fall_back_to_the_loop():
     with pytest.warns(RuntimeWarning, match="per-sample autograd loop"):
         k = tk.gram(model, batches(x, 3), precision="fp64", progress=False)
     ref = tk.reference.gram_autograd(model, batches(x, 1))
+    assert rel_err(k, ref) <= TOLERANCE["fp64"]
+
+
+def test_models_that_mix_samples_are_evaluated_per_sample():
+    # BatchNorm without running statistics normalizes with batch statistics even in
+    # eval mode: a batched pass would mix samples. The per-sample definition holds.
+    torch.manual_seed(12)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(4 * 10 * 10, 2))
+    x = cnn_input(5)
+    with pytest.warns(RuntimeWarning, match="mix samples within a batch"):
+        k = tk.gram(model, [x], precision="fp64", progress=False)
+    ref = tk.reference.gram_autograd(model, [x])
     assert rel_err(k, ref) <= TOLERANCE["fp64"]
 
 

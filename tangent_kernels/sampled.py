@@ -1,0 +1,119 @@
+"""Sampled per-sample weight gradients in plain torch (the "torch" backend).
+
+Each function computes only the sampled entries of every sample's weight gradient,
+from what a tap recorded in one batched forward/backward: the layer input ``a`` and
+``d = ds/dz`` at the layer output. None materializes a full per-sample gradient:
+work and memory scale with the number of sampled entries m times the positions a
+weight is applied at (tokens, pixels), chunked over m to bound memory.
+
+Shapes: B samples, T tokens/positions, m sampled entries. Accumulation is in the
+dtype of the inputs (fp32 or fp64 here).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+__all__ = [
+    "sampled_bias_grad",
+    "sampled_conv_grad",
+    "sampled_embedding_grad",
+    "sampled_linear_grad",
+    "sampled_scale_grad",
+    "conv_patches",
+]
+
+# Upper bound on one chunk's gathered operands (B x chunk x T elements each).
+_CHUNK_ELEMENTS = 1 << 25
+
+
+def _chunked(m: int, per_entry: int, fn: Callable[[slice], torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    step = max(1, _CHUNK_ELEMENTS // max(per_entry, 1))
+    for start in range(0, m, step):
+        part = slice(start, min(start + step, m))
+        out[:, part] = fn(part)
+    return out
+
+
+def sampled_linear_grad(a: torch.Tensor, d: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """F[b, j] = sum_t d[b, t, rows[j]] * a[b, t, cols[j]].
+
+    a: [B, T, I], d: [B, T, O], rows/cols: int64 [m] -> [B, m]. The gradient of
+    W[o, i] for y = a W^T: rows index outputs, cols index inputs.
+    """
+    batch, tokens = a.shape[0], a.shape[1]
+    out = torch.empty(batch, rows.numel(), dtype=a.dtype, device=a.device)
+    return _chunked(
+        rows.numel(), batch * tokens,
+        lambda part: torch.einsum("btm,btm->bm", d[:, :, rows[part]], a[:, :, cols[part]]), out,
+    )
+
+
+def sampled_bias_grad(d: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+    """F[b, j] = sum_t d[b, channels[j], t]; d: [B, C, T] -> [B, m]."""
+    return d.sum(dim=2)[:, channels]
+
+
+def sampled_scale_grad(d: torch.Tensor, x: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+    """F[b, j] = sum_t d[b, channels[j], t] * x[b, channels[j], t]; d, x: [B, C, T] -> [B, m].
+
+    The affine weight of a norm layer (x = normalized input). Per channel the product
+    is summed once, then sampled: cost B x C x T, independent of m.
+    """
+    return torch.einsum("bct,bct->bc", d, x)[:, channels]
+
+
+def conv_patches(a_padded: torch.Tensor, kernel: Sequence[int], stride: Sequence[int], dilation: Sequence[int],
+                 out_size: Sequence[int]) -> torch.Tensor:
+    """A strided view [B, C, *kernel, *out_size] of the padded input: no copy.
+
+    view[b, c, k..., p...] = a_padded[b, c, p * stride + k * dilation].
+    """
+    s_b, s_c, *s_space = a_padded.stride()
+    size = [a_padded.shape[0], a_padded.shape[1], *kernel, *out_size]
+    strides = [s_b, s_c, *(s * dl for s, dl in zip(s_space, dilation)), *(s * st for s, st in zip(s_space, stride))]
+    return a_padded.as_strided(size, strides, a_padded.storage_offset())
+
+
+def sampled_conv_grad(patches: torch.Tensor, d: torch.Tensor, out_channels: torch.Tensor,
+                      in_channels: torch.Tensor, kernel_offsets: torch.Tensor) -> torch.Tensor:
+    """F[b, j] = sum_p d[b, o_j, p] * a_pad[b, c_j, p * stride + k_j * dilation].
+
+    patches: [B, C, *kernel, *out] (``conv_patches``), d: [B, O, *out];
+    out_channels/in_channels: [m] (absolute input channel, groups resolved);
+    kernel_offsets: [m, ndim] -> [B, m].
+    """
+    batch, ndim = d.shape[0], kernel_offsets.shape[1]
+    positions = d[0, 0].numel()
+    d_flat = d.reshape(batch, d.shape[1], positions)
+    out = torch.empty(batch, out_channels.numel(), dtype=d.dtype, device=d.device)
+
+    def part(sl: slice) -> torch.Tensor:
+        # Move the (channel, kernel) axes first so one advanced index picks [m, B, *out].
+        picked = patches.movedim(1, 0).movedim(tuple(range(2, 2 + ndim)), tuple(range(1, 1 + ndim)))
+        picked = picked[(in_channels[sl],) + tuple(kernel_offsets[sl, k] for k in range(ndim))]
+        taps = picked.reshape(picked.shape[0], batch, positions)
+        return torch.einsum("mbp,bmp->bm", taps, d_flat[:, out_channels[sl]])
+
+    return _chunked(out_channels.numel(), batch * positions, part, out)
+
+
+def sampled_embedding_grad(tokens: torch.Tensor, d: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                           padding_idx: int | None = None) -> torch.Tensor:
+    """F[b, j] = sum_t [tokens[b, t] == rows[j]] * d[b, t, cols[j]].
+
+    tokens: int [B, T], d: [B, T, E] -> [B, m]. The row ``padding_idx`` gets no
+    gradient, as in ``nn.Embedding``.
+    """
+    batch, length = tokens.shape
+    if padding_idx is not None:
+        tokens = tokens.masked_fill(tokens == padding_idx, -1)
+    out = torch.empty(batch, rows.numel(), dtype=d.dtype, device=d.device)
+
+    def part(sl: slice) -> torch.Tensor:
+        hits = (tokens.unsqueeze(2) == rows[sl]).to(d.dtype)  # [B, T, m]
+        return torch.einsum("btm,btm->bm", hits, d[:, :, cols[sl]])
+
+    return _chunked(rows.numel(), batch * length, part, out)

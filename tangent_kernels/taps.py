@@ -1,0 +1,247 @@
+"""Taps: per-sample gradients from one batched forward and backward.
+
+For every layer that owns sampled parameters and that a rule covers (Linear,
+Conv1d/2d/3d, Embedding, BatchNorm in eval, LayerNorm, GroupNorm, their biases), a
+forward hook records what the layer's per-sample weight gradient needs (its input,
+or its normalized input) and the tensor z it produced. One
+``torch.autograd.grad(s.sum(), [z_1, ..., z_L])`` then yields d_l = ds/dz_l for
+every sample at once (samples do not interact in eval mode), and the sampled
+entries of each weight gradient are contracted from (a, d) by the functions in
+``sampled.py``; no weight gradient and no full per-sample gradient is ever formed.
+
+Everything else (custom modules, parameters used by two modules, modules called more
+than once per forward) goes through the generic ``torch.func`` path for just those
+parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from . import sampled
+from .outputs import scalarize
+from .params import TensorSlice
+
+__all__ = ["LayerRule", "rule_for", "TapRecorder", "Untappable"]
+
+
+class Untappable(Exception):
+    """Raised inside a forward when a tapped module turns out not to fit its rule."""
+
+    def __init__(self, module: nn.Module, why: str):
+        super().__init__(why)
+        self.module, self.why = module, why
+
+
+class LayerRule:
+    """How to tap one kind of layer: what to save in the forward, how to contract."""
+
+    params: Tuple[str, ...] = ("weight", "bias")
+
+    def save(self, module: nn.Module, a: torch.Tensor, batch: int):
+        """What the weight gradient needs from the input a (detached); Untappable if unfit."""
+        raise NotImplementedError
+
+    def grad(self, module: nn.Module, param: str, saved, d: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        """[B, m]: sampled entries ``local`` of d s / d param for every sample."""
+        raise NotImplementedError
+
+
+def _detached_input(a: torch.Tensor, module: nn.Module, batch: int, min_dim: int) -> torch.Tensor:
+    if not isinstance(a, torch.Tensor) or a.dim() < min_dim or a.shape[0] != batch:
+        raise Untappable(module, f"input is not a batched tensor of >= {min_dim} dims")
+    return a.detach()
+
+
+class LinearRule(LayerRule):
+    def save(self, module, a, batch):
+        return _detached_input(a, module, batch, 2)
+
+    def grad(self, module, param, a, d, local):
+        batch, n_in, n_out = a.shape[0], module.in_features, module.out_features
+        d = d.reshape(batch, -1, n_out)
+        if param == "bias":
+            return sampled.sampled_bias_grad(d.transpose(1, 2), local)
+        return sampled.sampled_linear_grad(a.reshape(batch, -1, n_in), d, local // n_in, local % n_in)
+
+
+class ConvRule(LayerRule):
+    def save(self, module, a, batch):
+        a = _detached_input(a, module, batch, module.weight.dim())
+        if a.dim() != module.weight.dim():
+            raise Untappable(module, "unbatched convolution input")
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        # _reversed_padding_repeated_twice is what ConvNd itself pads with ('same' included).
+        return F.pad(a, module._reversed_padding_repeated_twice, mode=mode)
+
+    def grad(self, module, param, a_padded, d, local):
+        if param == "bias":
+            return sampled.sampled_bias_grad(d.reshape(d.shape[0], d.shape[1], -1), local)
+        kernel = tuple(module.weight.shape[2:])
+        per_out = module.weight[0].numel()
+        kernel_size = math.prod(kernel)
+        out_channel = local // per_out
+        channel_in_group = (local % per_out) // kernel_size
+        groups_out = module.out_channels // module.groups
+        in_channel = (out_channel // groups_out) * module.weight.shape[1] + channel_in_group
+        offsets = torch.stack(torch.unravel_index(local % kernel_size, kernel), dim=1)
+        patches = sampled.conv_patches(a_padded, kernel, module.stride, module.dilation, d.shape[2:])
+        return sampled.sampled_conv_grad(patches, d, out_channel, in_channel, offsets)
+
+
+class EmbeddingRule(LayerRule):
+    params = ("weight",)
+
+    def save(self, module, tokens, batch):
+        if module.max_norm is not None or module.scale_grad_by_freq or module.sparse:
+            raise Untappable(module, "max_norm / scale_grad_by_freq / sparse embeddings")
+        return _detached_input(tokens, module, batch, 1)
+
+    def grad(self, module, param, tokens, d, local):
+        dim = module.embedding_dim
+        tokens = tokens.reshape(tokens.shape[0], -1)
+        return sampled.sampled_embedding_grad(
+            tokens, d.reshape(d.shape[0], -1, dim), local // dim, local % dim, module.padding_idx
+        )
+
+
+class _ChannelNormRule(LayerRule):
+    """Norms whose affine parameters are per channel (dim 1): BatchNorm, GroupNorm."""
+
+    def grad(self, module, param, xhat, d, local):
+        d = d.reshape(d.shape[0], d.shape[1], -1)
+        if param == "bias":
+            return sampled.sampled_bias_grad(d, local)
+        return sampled.sampled_scale_grad(d, xhat.reshape(d.shape), local)
+
+
+class BatchNormRule(_ChannelNormRule):
+    def save(self, module, a, batch):
+        if module.running_mean is None or module.running_var is None:
+            # Without running statistics BatchNorm normalizes with batch statistics even in
+            # eval mode: samples interact, so no per-sample tap (nor batched pass) is exact.
+            raise Untappable(module, "BatchNorm without running statistics")
+        a = _detached_input(a, module, batch, 2)
+        shape = (1, -1) + (1,) * (a.dim() - 2)
+        return (a - module.running_mean.reshape(shape)) * torch.rsqrt(module.running_var.reshape(shape) + module.eps)
+
+
+class GroupNormRule(_ChannelNormRule):
+    def save(self, module, a, batch):
+        return F.group_norm(_detached_input(a, module, batch, 2), module.num_groups, None, None, module.eps)
+
+
+class LayerNormRule(LayerRule):
+    def save(self, module, a, batch):
+        a = _detached_input(a, module, batch, 1 + len(module.normalized_shape))
+        return F.layer_norm(a, module.normalized_shape, None, None, module.eps)
+
+    def grad(self, module, param, xhat, d, local):
+        # Parameters span the normalized trailing dims; every leading dim is a position.
+        size = math.prod(module.normalized_shape)
+        d = d.reshape(d.shape[0], -1, size).transpose(1, 2)
+        if param == "bias":
+            return sampled.sampled_bias_grad(d, local)
+        return sampled.sampled_scale_grad(d, xhat.reshape(xhat.shape[0], -1, size).transpose(1, 2), local)
+
+
+_RULES: Dict[type, LayerRule] = {
+    nn.Linear: LinearRule(),
+    nn.Conv1d: ConvRule(),
+    nn.Conv2d: ConvRule(),
+    nn.Conv3d: ConvRule(),
+    nn.Embedding: EmbeddingRule(),
+    nn.BatchNorm1d: BatchNormRule(),
+    nn.BatchNorm2d: BatchNormRule(),
+    nn.BatchNorm3d: BatchNormRule(),
+    nn.GroupNorm: GroupNormRule(),
+    nn.LayerNorm: LayerNormRule(),
+}
+
+
+def rule_for(module: nn.Module) -> Optional[LayerRule]:
+    """The rule for a module whose forward is exactly a covered layer's (subclasses that
+    override forward, e.g. weight-standardized convolutions, are not covered)."""
+    for kind, rule in _RULES.items():
+        if isinstance(module, kind) and type(module).forward is kind.forward:
+            return rule
+    return None
+
+
+@dataclass
+class _Tap:
+    module: nn.Module
+    rule: LayerRule
+    slices: List[Tuple[str, TensorSlice]]  # (param attribute, its sampled slice)
+    saved: object = None
+    z: Optional[torch.Tensor] = None
+    # The input as the layer saw it: an in-place op on it after the layer would change
+    # what Linear/Embedding rules read (autograd itself refuses such models).
+    source: Optional[torch.Tensor] = None
+    source_version: int = 0
+
+
+class TapRecorder:
+    """Sampled per-sample gradients of the tapped layers for one batch at a time."""
+
+    def __init__(self, model: nn.Module, taps: List[_Tap], state, output):
+        self.model, self.taps, self.state, self.output = model, taps, state, output
+
+    def __call__(self, batch, out: torch.Tensor) -> None:
+        """Fill out[:, columns] of every tapped slice for ``batch`` (Untappable on misfit)."""
+        try:
+            ds = self._forward_backward(batch)
+            for tap in self.taps:
+                if tap.source is not None and tap.source._version != tap.source_version:
+                    raise Untappable(tap.module, "its input was modified in place after the layer")
+            for tap, d in zip(self.taps, ds):
+                if d is None:  # the layer does not influence s
+                    d = torch.zeros_like(tap.z)
+                for attr, piece in tap.slices:
+                    out[:, piece.columns] = tap.rule.grad(tap.module, attr, tap.saved, d, piece.local).to(out.dtype)
+        finally:
+            for tap in self.taps:
+                tap.saved, tap.z, tap.source = None, None, None
+
+    def _forward_backward(self, batch) -> Tuple[Optional[torch.Tensor], ...]:
+        """One hooked forward, then ds/dz at every tap."""
+        for tap in self.taps:
+            tap.saved, tap.z, tap.source = None, None, None
+        self._batch = batch.size
+        handles = [tap.module.register_forward_hook(self._hook(tap)) for tap in self.taps]
+        try:
+            with torch.enable_grad():
+                result = functional_call(self.model, self.state, batch.args, batch.kwargs)
+                s = scalarize(result, self.output, batch.size)
+                missing = [tap.module for tap in self.taps if tap.z is None]
+                if missing:
+                    raise Untappable(missing[0], "not called in the forward")
+                return torch.autograd.grad(s.sum(), [tap.z for tap in self.taps], allow_unused=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _hook(self, tap: _Tap):
+        def hook(module, inputs, z):
+            if tap.z is not None:
+                raise Untappable(module, "called more than once per forward")
+            if not inputs or not isinstance(z, torch.Tensor):
+                raise Untappable(module, "no positional input or a non-tensor output")
+            a = inputs[0]
+            tap.saved = tap.rule.save(module, a, self._batch)
+            if isinstance(a, torch.Tensor):
+                tap.source, tap.source_version = a, a._version
+            # z becomes the point where ds/dz is read. A clone goes downstream, so an
+            # in-place op after the layer (ReLU(inplace=True), `out += identity`)
+            # changes the clone and never the tapped tensor.
+            tap.z = z if z.requires_grad else z.detach().requires_grad_(True)
+            return tap.z.clone()
+
+        return hook

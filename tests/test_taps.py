@@ -1,0 +1,165 @@
+"""Taps: each layer rule against the float64 reference, and what goes generic."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import tangent_kernels as tk
+import tangent_kernels.engine as engine
+from tangent_kernels.data import to_inputs
+from _models import SharedLinear, TiedHead, resnet18
+
+
+def generic_after_one_batch(model, x, idx=None):
+    """Names of the parameter tensors that went down the generic path."""
+    index = tk.params.resolve_idx(model, idx)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a verification fallback would be a bug here
+        extractor = engine._FeatureExtractor(model, index, "first", torch.float64, torch.device("cpu"))
+        with engine.eval_mode(model):
+            extractor(to_inputs(x.double() if x.is_floating_point() else x))
+    return {piece.name for piece in extractor.generic_slices}
+
+
+def check(model, x, idx=None, generic=frozenset(), output="first"):
+    torch.manual_seed(0)
+    assert generic_after_one_batch(model, x, idx) == set(generic)
+    ref = tk.reference.gram_autograd(model, [x], idx, output=output)
+    k = tk.gram(model, [x[: len(x) // 2], x[len(x) // 2 :]], idx, precision="fp64", output=output, progress=False)
+    assert float((k - ref).norm() / ref.norm()) <= 1e-10
+
+
+class Tokens(nn.Module):
+    """Linear over token dims, Embedding with padding_idx, LayerNorm over two dims."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(17, 6, padding_idx=3)
+        self.norm = nn.LayerNorm([5, 6])
+        self.lin = nn.Linear(6, 4)
+        self.head = nn.Linear(4, 3, bias=False)
+
+    def forward(self, tokens):
+        h = self.lin(self.norm(self.embed(tokens)))  # [B, 5, 4]: Linear over a token dim
+        return self.head(torch.tanh(h).mean(1))
+
+
+def test_linear_embedding_layernorm():
+    tokens = torch.randint(0, 17, (6, 5))
+    tokens[0, :2] = 3  # padding_idx rows get no gradient
+    check(Tokens(), tokens)
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        lambda: nn.Conv1d(3, 6, 4, stride=2, padding=3, dilation=2),
+        lambda: nn.Conv1d(3, 6, 4, padding="same", padding_mode="circular"),
+        lambda: nn.Conv2d(3, 6, (3, 2), stride=(2, 1), padding=(1, 2), groups=3),
+        lambda: nn.Conv2d(3, 3, 3, padding="same", groups=3, padding_mode="reflect", bias=False),  # depthwise
+        lambda: nn.Conv2d(3, 6, 2, padding="same", dilation=3, padding_mode="replicate"),  # even kernel
+        lambda: nn.Conv3d(3, 4, (2, 3, 1), stride=(1, 2, 1), padding=(1, 0, 1), dilation=(2, 1, 1)),
+    ],
+    ids=["conv1d-stride-dilation", "conv1d-same-circular", "conv2d-groups", "depthwise-reflect",
+         "conv2d-even-same-replicate", "conv3d"],
+)
+def test_convolutions(conv):
+    torch.manual_seed(1)
+    layer = conv()
+    ndim = layer.weight.dim() - 2
+    x = torch.randn((5, 3) + (7,) * ndim)
+    model = nn.Sequential(layer, nn.Tanh(), nn.Flatten(), nn.LazyLinear(2))
+    model(x)  # materialize the lazy head
+    check(model, x)
+
+
+@pytest.mark.parametrize("norm", ["batch1d", "batch2d", "batch3d", "group"])
+def test_norms(norm):
+    torch.manual_seed(2)
+    make = {
+        "batch1d": (lambda: nn.BatchNorm1d(4), (6, 4)),
+        "batch2d": (lambda: nn.BatchNorm2d(4), (6, 4, 3, 3)),
+        "batch3d": (lambda: nn.BatchNorm3d(4), (6, 4, 2, 2, 2)),
+        "group": (lambda: nn.GroupNorm(2, 4), (6, 4, 3, 3)),
+    }[norm]
+    layer, shape = make[0](), make[1]
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-0.5, 0.5)
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            layer.running_mean.uniform_(-0.3, 0.3)
+            layer.running_var.uniform_(0.5, 2.0)
+    model = nn.Sequential(layer, nn.Tanh(), nn.Flatten(), nn.Linear(int(torch.tensor(shape[1:]).prod()), 2))
+    check(model, torch.randn(shape))
+
+
+class InplaceResidual(nn.Module):
+    """The resnet pattern: `out += identity` on a BatchNorm output, then ReLU(inplace)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+        self.relu = nn.ReLU(inplace=True)
+        self.head = nn.Linear(3 * 6 * 6, 2)
+
+    def forward(self, x):
+        out = self.bn(self.conv(x))
+        out += x
+        return self.head(self.relu(out).flatten(1))
+
+
+def test_inplace_ops_after_a_tap_do_not_corrupt_it():
+    torch.manual_seed(3)
+    model = InplaceResidual()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.3, 0.3)
+    check(model, torch.randn(6, 3, 6, 6), output="sum")
+
+
+def test_resnet18_is_fully_tapped():
+    torch.manual_seed(4)
+    model = resnet18()
+    check(model, torch.randn(4, 3, 32, 32), tk.subsample(model, 30_000, seed=1))
+
+
+def test_shared_and_tied_parameters_go_generic():
+    torch.manual_seed(5)
+    check(SharedLinear(), torch.randn(6, 5), generic={"inner.weight", "inner.bias"})
+    check(TiedHead(), torch.randint(0, 11, (6, 4)), generic={"embed.weight"})
+
+
+class CustomScale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.rand(4) + 0.5)
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.lin(x * self.scale)
+
+
+def test_uncovered_parameters_go_generic():
+    check(CustomScale(), torch.randn(5, 4), generic={"scale"})
+
+
+class InputChangedAfterUse(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.tanh(x)
+        y = self.lin(h)
+        h.mul_(2)  # the Linear's saved input changes: its weight gradient cannot be read
+        return y
+
+
+def test_input_modified_after_the_layer_raises_like_autograd():
+    model, x = InputChangedAfterUse(), torch.randn(3, 4)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        tk.reference.gram_autograd(model, [x])
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        tk.gram(model, [x], progress=False)
