@@ -190,8 +190,7 @@ class _FeatureExtractor:
     def _build(self) -> None:
         tapped = {id(piece) for tap in self.taps for _, piece in tap.slices}
         self.generic_slices = [piece for piece in self.index.tensor_slices if id(piece) not in tapped]
-        taps = [_to_device(tap, self.device) for tap in self.taps]
-        self.tapped = TapRecorder(self.model, taps, self.state, self.output) if taps else None
+        self.tapped = TapRecorder(self.model, self.taps, self.state, self.output, self.device) if self.taps else None
         self.generic = (
             _PerSampleGradients(self.model, self.index.layout, self.generic_slices, self.output, self.dtype, self.device)
             if self.generic_slices else None
@@ -268,11 +267,6 @@ def _plan_taps(model: nn.Module, index: ParamIndex) -> List[_Tap]:
         if slices:
             taps.append(_Tap(module, rule, slices))
     return taps
-
-
-def _to_device(tap: _Tap, device) -> _Tap:
-    slices = [(attr, TensorSlice(p.name, p.local.to(device), p.columns.to(device))) for attr, p in tap.slices]
-    return _Tap(tap.module, tap.rule, slices)
 
 
 def _feature_blocks(

@@ -23,6 +23,7 @@ __all__ = [
     "sampled_linear_grad",
     "sampled_scale_grad",
     "conv_patches",
+    "conv_plan",
 ]
 
 # Upper bound on one chunk's gathered operands (B x chunk x T elements each).
@@ -77,27 +78,45 @@ def conv_patches(a_padded: torch.Tensor, kernel: Sequence[int], stride: Sequence
     return a_padded.as_strided(size, strides, a_padded.storage_offset())
 
 
-def sampled_conv_grad(patches: torch.Tensor, d: torch.Tensor, out_channels: torch.Tensor,
-                      in_channels: torch.Tensor, kernel_offsets: torch.Tensor) -> torch.Tensor:
+def conv_plan(out_channels: torch.Tensor, in_channels: torch.Tensor, kernel_flat: torch.Tensor,
+              kernel: Sequence[int]):
+    """Group sampled conv weight entries by kernel offset: (plan, order).
+
+    Entries sharing an offset read one strided slice [B, C, *out] of the input, so a
+    channel ``index_select`` per offset replaces a 4-index gather (which took a third
+    of resnet18's time on CPU). ``sampled_conv_grad`` returns columns in ``order``.
+    """
+    order = torch.argsort(kernel_flat, stable=True)
+    offsets, counts = torch.unique_consecutive(kernel_flat[order], return_counts=True)
+    groups, start = [], 0
+    for offset, count in zip(offsets.tolist(), counts.tolist()):
+        entries = order[start : start + count]
+        start += count
+        position = tuple(int(i) for i in torch.unravel_index(torch.tensor(offset), tuple(kernel)))
+        groups.append((position, in_channels[entries], out_channels[entries]))
+    return groups, order
+
+
+def sampled_conv_grad(patches: torch.Tensor, d: torch.Tensor, plan) -> torch.Tensor:
     """F[b, j] = sum_p d[b, o_j, p] * a_pad[b, c_j, p * stride + k_j * dilation].
 
-    patches: [B, C, *kernel, *out] (``conv_patches``), d: [B, O, *out];
-    out_channels/in_channels: [m] (absolute input channel, groups resolved);
-    kernel_offsets: [m, ndim] -> [B, m].
+    patches: [B, C, *kernel, *out] (``conv_patches``), d: [B, O, *out], plan from
+    ``conv_plan`` -> [B, m], columns in the plan's order.
     """
-    batch, ndim = d.shape[0], kernel_offsets.shape[1]
+    batch = d.shape[0]
     positions = d[0, 0].numel()
     d_flat = d.reshape(batch, d.shape[1], positions)
-    out = torch.empty(batch, out_channels.numel(), dtype=d.dtype, device=d.device)
-
-    def part(sl: slice) -> torch.Tensor:
-        # Move the (channel, kernel) axes first so one advanced index picks [m, B, *out].
-        picked = patches.movedim(1, 0).movedim(tuple(range(2, 2 + ndim)), tuple(range(1, 1 + ndim)))
-        picked = picked[(in_channels[sl],) + tuple(kernel_offsets[sl, k] for k in range(ndim))]
-        taps = picked.reshape(picked.shape[0], batch, positions)
-        return torch.einsum("mbp,bmp->bm", taps, d_flat[:, out_channels[sl]])
-
-    return _chunked(out_channels.numel(), batch * positions, part, out)
+    parts = []
+    for position, in_channels, out_channels in plan:
+        window = patches[(slice(None), slice(None)) + position].reshape(batch, patches.shape[1], positions)
+        out = torch.empty(batch, in_channels.numel(), dtype=d.dtype, device=d.device)
+        parts.append(_chunked(
+            in_channels.numel(), batch * positions,
+            lambda sl: torch.einsum("bmp,bmp->bm", window.index_select(1, in_channels[sl]),
+                                    d_flat.index_select(1, out_channels[sl])),
+            out,
+        ))
+    return torch.cat(parts, dim=1)
 
 
 def sampled_embedding_grad(tokens: torch.Tensor, d: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,

@@ -49,8 +49,13 @@ class LayerRule:
         """What the weight gradient needs from the input a (detached); Untappable if unfit."""
         raise NotImplementedError
 
-    def grad(self, module: nn.Module, param: str, saved, d: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-        """[B, m]: sampled entries ``local`` of d s / d param for every sample."""
+    def plan(self, module: nn.Module, param: str, local: torch.Tensor):
+        """Index work done once per run: (plan, order). ``grad`` returns its columns in
+        ``order`` (a permutation of the m entries; None = as given)."""
+        return local, None
+
+    def grad(self, module: nn.Module, param: str, saved, d: torch.Tensor, plan) -> torch.Tensor:
+        """[B, m]: the planned sampled entries of d s / d param, for every sample."""
         raise NotImplementedError
 
 
@@ -64,12 +69,18 @@ class LinearRule(LayerRule):
     def save(self, module, a, batch):
         return _detached_input(a, module, batch, 2)
 
-    def grad(self, module, param, a, d, local):
+    def plan(self, module, param, local):
+        if param == "bias":
+            return local, None
+        return (local // module.in_features, local % module.in_features), None
+
+    def grad(self, module, param, a, d, plan):
         batch, n_in, n_out = a.shape[0], module.in_features, module.out_features
         d = d.reshape(batch, -1, n_out)
         if param == "bias":
-            return sampled.sampled_bias_grad(d.transpose(1, 2), local)
-        return sampled.sampled_linear_grad(a.reshape(batch, -1, n_in), d, local // n_in, local % n_in)
+            return sampled.sampled_bias_grad(d.transpose(1, 2), plan)
+        rows, cols = plan
+        return sampled.sampled_linear_grad(a.reshape(batch, -1, n_in), d, rows, cols)
 
 
 class ConvRule(LayerRule):
@@ -81,9 +92,9 @@ class ConvRule(LayerRule):
         # _reversed_padding_repeated_twice is what ConvNd itself pads with ('same' included).
         return F.pad(a, module._reversed_padding_repeated_twice, mode=mode)
 
-    def grad(self, module, param, a_padded, d, local):
+    def plan(self, module, param, local):
         if param == "bias":
-            return sampled.sampled_bias_grad(d.reshape(d.shape[0], d.shape[1], -1), local)
+            return local, None
         kernel = tuple(module.weight.shape[2:])
         per_out = module.weight[0].numel()
         kernel_size = math.prod(kernel)
@@ -91,9 +102,13 @@ class ConvRule(LayerRule):
         channel_in_group = (local % per_out) // kernel_size
         groups_out = module.out_channels // module.groups
         in_channel = (out_channel // groups_out) * module.weight.shape[1] + channel_in_group
-        offsets = torch.stack(torch.unravel_index(local % kernel_size, kernel), dim=1)
-        patches = sampled.conv_patches(a_padded, kernel, module.stride, module.dilation, d.shape[2:])
-        return sampled.sampled_conv_grad(patches, d, out_channel, in_channel, offsets)
+        return sampled.conv_plan(out_channel, in_channel, local % kernel_size, kernel)
+
+    def grad(self, module, param, a_padded, d, plan):
+        if param == "bias":
+            return sampled.sampled_bias_grad(d.reshape(d.shape[0], d.shape[1], -1), plan)
+        patches = sampled.conv_patches(a_padded, module.weight.shape[2:], module.stride, module.dilation, d.shape[2:])
+        return sampled.sampled_conv_grad(patches, d, plan)
 
 
 class EmbeddingRule(LayerRule):
@@ -104,11 +119,14 @@ class EmbeddingRule(LayerRule):
             raise Untappable(module, "max_norm / scale_grad_by_freq / sparse embeddings")
         return _detached_input(tokens, module, batch, 1)
 
-    def grad(self, module, param, tokens, d, local):
-        dim = module.embedding_dim
+    def plan(self, module, param, local):
+        return (local // module.embedding_dim, local % module.embedding_dim), None
+
+    def grad(self, module, param, tokens, d, plan):
+        rows, cols = plan
         tokens = tokens.reshape(tokens.shape[0], -1)
         return sampled.sampled_embedding_grad(
-            tokens, d.reshape(d.shape[0], -1, dim), local // dim, local % dim, module.padding_idx
+            tokens, d.reshape(d.shape[0], -1, module.embedding_dim), rows, cols, module.padding_idx
         )
 
 
@@ -180,6 +198,7 @@ class _Tap:
     module: nn.Module
     rule: LayerRule
     slices: List[Tuple[str, TensorSlice]]  # (param attribute, its sampled slice)
+    work: List[Tuple[str, object, torch.Tensor]] = None  # (attribute, rule plan, target columns)
     saved: object = None
     z: Optional[torch.Tensor] = None
     # The input as the layer saw it: an in-place op on it after the layer would change
@@ -191,8 +210,14 @@ class _Tap:
 class TapRecorder:
     """Sampled per-sample gradients of the tapped layers for one batch at a time."""
 
-    def __init__(self, model: nn.Module, taps: List[_Tap], state, output):
+    def __init__(self, model: nn.Module, taps: List[_Tap], state, output, device):
         self.model, self.taps, self.state, self.output = model, taps, state, output
+        for tap in taps:
+            tap.work = []
+            for attr, piece in tap.slices:
+                plan, order = tap.rule.plan(tap.module, attr, piece.local.to(device))
+                columns = piece.columns.to(device)
+                tap.work.append((attr, plan, columns if order is None else columns[order]))
 
     def __call__(self, batch, out: torch.Tensor) -> None:
         """Fill out[:, columns] of every tapped slice for ``batch`` (Untappable on misfit)."""
@@ -204,8 +229,8 @@ class TapRecorder:
             for tap, d in zip(self.taps, ds):
                 if d is None:  # the layer does not influence s
                     d = torch.zeros_like(tap.z)
-                for attr, piece in tap.slices:
-                    out[:, piece.columns] = tap.rule.grad(tap.module, attr, tap.saved, d, piece.local).to(out.dtype)
+                for attr, plan, columns in tap.work:
+                    out[:, columns] = tap.rule.grad(tap.module, attr, tap.saved, d, plan).to(out.dtype)
         finally:
             for tap in self.taps:
                 tap.saved, tap.z, tap.source = None, None, None
