@@ -1,11 +1,12 @@
 """The eNTK engine: per-sample gradient features, then the blocked Gram product.
 
-Per-sample gradients come from ``torch.func`` (``functional_call`` + ``vmap(grad)``)
-with respect to only the parameter tensors that ``idx`` touches, then gathered at
-``idx``. Models that ``vmap`` cannot batch fall back to a per-sample autograd loop
-(same numbers, slower). The Gram is accumulated tile by tile through
-``ops.gram_tile_update``; for K(X, X) only tiles on or below the diagonal are
-computed and then mirrored.
+Features: layers that a tap rule covers get their sampled per-sample gradients from
+one batched forward/backward (``taps.py``); every other sampled parameter goes
+through ``torch.func`` (``functional_call`` + ``vmap(grad)``, or an exact per-sample
+loop where vmap cannot batch the model), for just the tensors ``idx`` touches. The
+Gram is accumulated tile by tile through ``ops.gram_tile_update``; for K(X, X) only
+tiles on or below the diagonal are computed and then mirrored. docs/engine.md has
+the why of each choice.
 """
 
 from __future__ import annotations
@@ -238,7 +239,8 @@ class _FeatureExtractor:
             warnings.warn(
                 f"per-sample gradients from the batched pass differ from a per-sample evaluation by "
                 f"{error:.1e} (relative) on the first batch: the model seems to mix samples within a "
-                "batch (e.g. BatchNorm without running statistics); using the generic per-sample path",
+                "batch (e.g. BatchNorm without running statistics), or, in fp32 and rarely, a ReLU "
+                "input rounded across zero; using the generic per-sample path (exact, slower)",
                 RuntimeWarning,
                 stacklevel=4,
             )
