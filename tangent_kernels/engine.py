@@ -25,7 +25,7 @@ from .data import ModelInputs, iterate_inputs, loader_length
 from .ops import gram_tile_update
 from .outputs import OutputError, OutputSpec, check_output_spec, scalarize
 from .params import ParamIndex, ParamLayout, TensorSlice, resolve_idx
-from .taps import TapRecorder, Untappable, _Tap, rule_for
+from .taps import TapRecorder, Untappable, _Tap, resolve_backend, rule_for
 
 __all__ = ["features", "gram", "PRECISIONS"]
 
@@ -181,8 +181,9 @@ class _PerSampleGradients:
 class _FeatureExtractor:
     """F [B, p] per batch: tapped layers from one batched pass, the rest generically."""
 
-    def __init__(self, model: nn.Module, index: ParamIndex, output: OutputSpec, dtype, device):
+    def __init__(self, model: nn.Module, index: ParamIndex, output: OutputSpec, dtype, device, backend: str = "torch"):
         self.model, self.index, self.output, self.dtype, self.device = model, index, output, dtype, device
+        self.backend = backend
         self.state = functional_state(model, index.layout, dtype, device)
         self.taps = _plan_taps(model, index) if _TAPS else []
         self.verified = not self.taps
@@ -191,7 +192,7 @@ class _FeatureExtractor:
     def _build(self) -> None:
         tapped = {id(piece) for tap in self.taps for _, piece in tap.slices}
         self.generic_slices = [piece for piece in self.index.tensor_slices if id(piece) not in tapped]
-        self.tapped = TapRecorder(self.model, self.taps, self.state, self.output, self.device) if self.taps else None
+        self.tapped = TapRecorder(self.model, self.taps, self.state, self.output, self.device, self.backend) if self.taps else None
         self.generic = (
             _PerSampleGradients(self.model, self.index.layout, self.generic_slices, self.output, self.dtype, self.device)
             if self.generic_slices else None
@@ -281,10 +282,11 @@ def _feature_blocks(
     inputs: Optional[Callable[[Any], Any]],
     progress: bool,
     name: str,
+    backend: str,
     expected_signature=None,
 ) -> Iterator[Tuple[Any, torch.Tensor]]:
     """Yield (input signature, F [B, p]) per batch; F[:, j] = d s / d theta[idx[j]]."""
-    per_sample = _FeatureExtractor(model, index, output, dtype, device)
+    per_sample = _FeatureExtractor(model, index, output, dtype, device, backend)
     bar = _progress_bar(loader_length(loader), f"eNTK features ({name})", progress)
     seen = 0
     try:
@@ -320,14 +322,14 @@ def _check_finite(block: torch.Tensor, first_position: int, name: str) -> None:
     )
 
 
-def _prepare(model, idx, output, precision, device):
+def _prepare(model, idx, output, precision, device, backend):
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     index = resolve_idx(model, idx)
     output = check_output_spec(output)
     dtype, k_dtype = _check_precision(precision)
     device = model_device(model) if device is None else torch.device(device)
-    return index, output, dtype, k_dtype, device
+    return index, output, dtype, k_dtype, device, resolve_backend(backend, device)
 
 
 def _collect(blocks: Iterator[Tuple[Any, torch.Tensor]]) -> Tuple[torch.Tensor, Any]:
@@ -349,6 +351,7 @@ def features(
     device=None,
     progress: bool = True,
     inputs: Optional[Callable[[Any], Any]] = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """eNTK features: per-sample gradients of the scalar output at ``idx``, [n, p].
 
@@ -363,10 +366,12 @@ def features(
         device: where to compute (default: the model's device); the model is not moved.
         progress: show a progress bar on a terminal.
         inputs: optional callable batch -> model input (tensor, tuple of args, dict).
+        backend: sampled-gradient kernels for tapped layers: "auto" (Triton on CUDA when
+            available, else plain torch), "torch", or "triton".
     """
-    index, output, dtype, _, device = _prepare(model, idx, output, precision, device)
+    index, output, dtype, _, device, backend = _prepare(model, idx, output, precision, device, backend)
     with eval_mode(model), exact_fp32_math():
-        g, _ = _collect(_feature_blocks(model, loader, index, output, dtype, device, inputs, progress, "loader"))
+        g, _ = _collect(_feature_blocks(model, loader, index, output, dtype, device, inputs, progress, "loader", backend))
     return g
 
 
@@ -381,6 +386,7 @@ def gram(
     device=None,
     progress: bool = True,
     inputs: Optional[Callable[[Any], Any]] = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """The eNTK Gram K[i, j] = <g(x_i), g(x_j)> over a loader, [n1, n2].
 
@@ -389,14 +395,15 @@ def gram(
     K(X1, X2). K is float32 (float64 when ``precision="fp64"``) on ``device``.
     The other arguments are those of :func:`features`.
     """
-    index, output, dtype, k_dtype, device = _prepare(model, idx, output, precision, device)
+    index, output, dtype, k_dtype, device, backend = _prepare(model, idx, output, precision, device, backend)
     with eval_mode(model), exact_fp32_math():
-        blocks = _feature_blocks(model, loader, index, output, dtype, device, inputs, progress, "loader")
+        blocks = _feature_blocks(model, loader, index, output, dtype, device, inputs, progress, "loader", backend)
         g1, signature = _collect(blocks)
         if loader2 is None:
             return _symmetric_gram(g1, k_dtype)
         blocks2 = _feature_blocks(
-            model, loader2, index, output, dtype, device, inputs, progress, "loader2", expected_signature=signature
+            model, loader2, index, output, dtype, device, inputs, progress, "loader2", backend,
+            expected_signature=signature,
         )
         g2, _ = _collect(blocks2)
         return _cross_gram(g1, g2, k_dtype)

@@ -29,7 +29,32 @@ from . import sampled
 from .outputs import scalarize
 from .params import TensorSlice
 
-__all__ = ["LayerRule", "rule_for", "TapRecorder", "Untappable"]
+__all__ = ["BACKENDS", "LayerRule", "resolve_backend", "rule_for", "TapRecorder", "Untappable"]
+
+# Implementations of the sampled-gradient contractions for Linear, Conv and Embedding
+# (norms and biases are a per-channel sum in plain torch on every backend).
+BACKENDS = ("auto", "torch", "triton")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend to use on ``device``; a clear error for an unknown or unusable one."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; available: {list(BACKENDS)} (C++ and CUDA "
+                         "sampled-gradient ops are not implemented yet)")
+    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
+        # On CPU Triton only runs interpreted (for tests): plain torch is far faster.
+        return "torch"
+    from . import kernels
+
+    if backend == "auto":
+        return "triton" if kernels.available() else "torch"
+    if backend == "triton":
+        reason = kernels.unavailable_reason()
+        if reason is not None:
+            raise ValueError(f"backend='triton' is not available: {reason}")
+        if device.type != "cuda" and not kernels.INTERPRETED:
+            raise ValueError(f"backend='triton' runs on CUDA devices (or under TRITON_INTERPRET=1), not {device}")
+    return backend
 
 
 class Untappable(Exception):
@@ -49,12 +74,12 @@ class LayerRule:
         """What the weight gradient needs from the input a (detached); Untappable if unfit."""
         raise NotImplementedError
 
-    def plan(self, module: nn.Module, param: str, local: torch.Tensor):
+    def plan(self, module: nn.Module, param: str, local: torch.Tensor, backend: str):
         """Index work done once per run: (plan, order). ``grad`` returns its columns in
         ``order`` (a permutation of the m entries; None = as given)."""
         return local, None
 
-    def grad(self, module: nn.Module, param: str, saved, d: torch.Tensor, plan) -> torch.Tensor:
+    def grad(self, module: nn.Module, param: str, saved, d: torch.Tensor, plan, backend: str) -> torch.Tensor:
         """[B, m]: the planned sampled entries of d s / d param, for every sample."""
         raise NotImplementedError
 
@@ -69,18 +94,19 @@ class LinearRule(LayerRule):
     def save(self, module, a, batch):
         return _detached_input(a, module, batch, 2)
 
-    def plan(self, module, param, local):
+    def plan(self, module, param, local, backend):
         if param == "bias":
             return local, None
         return (local // module.in_features, local % module.in_features), None
 
-    def grad(self, module, param, a, d, plan):
+    def grad(self, module, param, a, d, plan, backend):
         batch, n_in, n_out = a.shape[0], module.in_features, module.out_features
         d = d.reshape(batch, -1, n_out)
         if param == "bias":
             return sampled.sampled_bias_grad(d.transpose(1, 2), plan)
         rows, cols = plan
-        return sampled.sampled_linear_grad(a.reshape(batch, -1, n_in), d, rows, cols)
+        linear = torch.ops.tangent_kernels.triton_sampled_linear_grad if backend == "triton" else sampled.sampled_linear_grad
+        return linear(a.reshape(batch, -1, n_in), d, rows, cols)
 
 
 class ConvRule(LayerRule):
@@ -92,7 +118,7 @@ class ConvRule(LayerRule):
         # _reversed_padding_repeated_twice is what ConvNd itself pads with ('same' included).
         return F.pad(a, module._reversed_padding_repeated_twice, mode=mode)
 
-    def plan(self, module, param, local):
+    def plan(self, module, param, local, backend):
         if param == "bias":
             return local, None
         kernel = tuple(module.weight.shape[2:])
@@ -102,11 +128,18 @@ class ConvRule(LayerRule):
         channel_in_group = (local % per_out) // kernel_size
         groups_out = module.out_channels // module.groups
         in_channel = (out_channel // groups_out) * module.weight.shape[1] + channel_in_group
+        if backend == "triton":
+            offsets = torch.stack(torch.unravel_index(local % kernel_size, kernel), dim=1)
+            return (out_channel, in_channel, offsets), None
         return sampled.conv_plan(out_channel, in_channel, local % kernel_size, kernel)
 
-    def grad(self, module, param, a_padded, d, plan):
+    def grad(self, module, param, a_padded, d, plan, backend):
         if param == "bias":
             return sampled.sampled_bias_grad(d.reshape(d.shape[0], d.shape[1], -1), plan)
+        if backend == "triton":
+            return torch.ops.tangent_kernels.triton_sampled_conv_grad(
+                a_padded, d, *plan, list(module.stride), list(module.dilation)
+            )
         patches = sampled.conv_patches(a_padded, module.weight.shape[2:], module.stride, module.dilation, d.shape[2:])
         return sampled.sampled_conv_grad(patches, d, plan)
 
@@ -119,13 +152,15 @@ class EmbeddingRule(LayerRule):
             raise Untappable(module, "max_norm / scale_grad_by_freq / sparse embeddings")
         return _detached_input(tokens, module, batch, 1)
 
-    def plan(self, module, param, local):
+    def plan(self, module, param, local, backend):
         return (local // module.embedding_dim, local % module.embedding_dim), None
 
-    def grad(self, module, param, tokens, d, plan):
+    def grad(self, module, param, tokens, d, plan, backend):
         rows, cols = plan
         tokens = tokens.reshape(tokens.shape[0], -1)
-        return sampled.sampled_embedding_grad(
+        embedding = (torch.ops.tangent_kernels.triton_sampled_embedding_grad if backend == "triton"
+                     else sampled.sampled_embedding_grad)
+        return embedding(
             tokens, d.reshape(d.shape[0], -1, module.embedding_dim), rows, cols, module.padding_idx
         )
 
@@ -133,7 +168,7 @@ class EmbeddingRule(LayerRule):
 class _ChannelNormRule(LayerRule):
     """Norms whose affine parameters are per channel (dim 1): BatchNorm, GroupNorm."""
 
-    def grad(self, module, param, xhat, d, local):
+    def grad(self, module, param, xhat, d, local, backend):
         d = d.reshape(d.shape[0], d.shape[1], -1)
         if param == "bias":
             return sampled.sampled_bias_grad(d, local)
@@ -161,7 +196,7 @@ class LayerNormRule(LayerRule):
         a = _detached_input(a, module, batch, 1 + len(module.normalized_shape))
         return F.layer_norm(a, module.normalized_shape, None, None, module.eps)
 
-    def grad(self, module, param, xhat, d, local):
+    def grad(self, module, param, xhat, d, local, backend):
         # Parameters span the normalized trailing dims; every leading dim is a position.
         size = math.prod(module.normalized_shape)
         d = d.reshape(d.shape[0], -1, size).transpose(1, 2)
@@ -210,12 +245,12 @@ class _Tap:
 class TapRecorder:
     """Sampled per-sample gradients of the tapped layers for one batch at a time."""
 
-    def __init__(self, model: nn.Module, taps: List[_Tap], state, output, device):
-        self.model, self.taps, self.state, self.output = model, taps, state, output
+    def __init__(self, model: nn.Module, taps: List[_Tap], state, output, device, backend: str):
+        self.model, self.taps, self.state, self.output, self.backend = model, taps, state, output, backend
         for tap in taps:
             tap.work = []
             for attr, piece in tap.slices:
-                plan, order = tap.rule.plan(tap.module, attr, piece.local.to(device))
+                plan, order = tap.rule.plan(tap.module, attr, piece.local.to(device), backend)
                 columns = piece.columns.to(device)
                 tap.work.append((attr, plan, columns if order is None else columns[order]))
 
@@ -230,7 +265,7 @@ class TapRecorder:
                 if d is None:  # the layer does not influence s
                     d = torch.zeros_like(tap.z)
                 for attr, plan, columns in tap.work:
-                    out[:, columns] = tap.rule.grad(tap.module, attr, tap.saved, d, plan).to(out.dtype)
+                    out[:, columns] = tap.rule.grad(tap.module, attr, tap.saved, d, plan, self.backend).to(out.dtype)
         finally:
             for tap in self.taps:
                 tap.saved, tap.z, tap.source = None, None, None

@@ -23,12 +23,24 @@ def generic_after_one_batch(model, x, idx=None):
     return {piece.name for piece in extractor.generic_slices}
 
 
-def check(model, x, idx=None, generic=frozenset(), output="first"):
+# Backends of the sampled-gradient contractions that run here; Triton through its
+# interpreter (tests/conftest.py sets TRITON_INTERPRET=1 when there is no GPU).
+BACKENDS = ["torch", "triton"]
+
+
+def check(model, x, idx=None, generic=frozenset(), output="first", backends=BACKENDS):
     torch.manual_seed(0)
     assert generic_after_one_batch(model, x, idx) == set(generic)
     ref = tk.reference.gram_autograd(model, [x], idx, output=output)
-    k = tk.gram(model, [x[: len(x) // 2], x[len(x) // 2 :]], idx, precision="fp64", output=output, progress=False)
-    assert float((k - ref).norm() / ref.norm()) <= 1e-10
+    halves = [x[: len(x) // 2], x[len(x) // 2 :]]
+    for backend in backends:
+        k = tk.gram(model, halves, idx, precision="fp64", output=output, progress=False, backend=backend)
+        assert float((k - ref).norm() / ref.norm()) <= 1e-10, backend
+    # fp32: rounding of the forward/backward and of the fp32 accumulation (Triton accumulates
+    # fp32 inputs in fp32); 1e-5 leaves two orders of magnitude of margin.
+    for backend in backends:
+        k = tk.gram(model, halves, idx, output=output, progress=False, backend=backend)
+        assert float((k.double() - ref).norm() / ref.norm()) <= 1e-5, backend
 
 
 class Tokens(nn.Module):
@@ -122,7 +134,8 @@ def test_inplace_ops_after_a_tap_do_not_corrupt_it():
 def test_resnet18_is_fully_tapped():
     torch.manual_seed(4)
     model = resnet18()
-    check(model, torch.randn(4, 3, 32, 32), tk.subsample(model, 30_000, seed=1))
+    # The interpreter is too slow for resnet18: Triton is covered by the layer tests above.
+    check(model, torch.randn(4, 3, 32, 32), tk.subsample(model, 30_000, seed=1), backends=["torch"])
 
 
 def test_shared_and_tied_parameters_go_generic():
@@ -155,6 +168,11 @@ class InputChangedAfterUse(nn.Module):
         y = self.lin(h)
         h.mul_(2)  # the Linear's saved input changes: its weight gradient cannot be read
         return y
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match=r"unknown backend 'cuda'.*\['auto', 'torch', 'triton'\]"):
+        tk.gram(CustomScale(), [torch.randn(2, 4)], progress=False, backend="cuda")
 
 
 def test_input_modified_after_the_layer_raises_like_autograd():
