@@ -1,0 +1,175 @@
+"""The Gram tile update op, ``tangent_kernels::gram_tile_update``: its Python face, its
+plain-torch reference, its fake (meta) implementation, and the choice of backend.
+
+    gram_tile_update(K, A, B, row_offset, col_offset, lower)
+        K: [m, n] float32/float64 tile of a Gram matrix (any strides; updated in place)
+        A: [m, d], B: [n, d]  float16/bfloat16/float32/float64, one dtype
+        K[r, c] += sum_k A[r, k] * B[c, k]   for r < m, c < n,
+        except, when ``lower``, entries with row_offset + r < col_offset + c (above the
+        diagonal of the full Gram) are left untouched.
+
+Dtype rule (decided here, for every backend): products are accumulated in K's dtype:
+float32 for 16-bit or float32 inputs with a float32 K, float64 with a float64 K.
+Float64 inputs need a float64 K.
+
+Backends: "cpp" (the C++ CPU kernel, csrc/cpu), "cuda" (the hand-written CUDA kernel,
+csrc/cuda), "torch" (plain torch: the reference, and the fallback when the extension is
+not built) and "auto". The C++ schema is in csrc/ops.cpp; the compiled kernels are
+reached through ``torch.ops.tangent_kernels.gram_tile_update``, which the dispatcher
+routes by device.
+"""
+
+from __future__ import annotations
+
+from typing import List, Union
+
+import torch
+
+from ._ext import BUILD_HINT, extension_error, extension_loaded, has_cpu_kernels, has_cuda_kernels
+
+__all__ = ["BACKENDS", "available_tile_backends", "gram_tile_update", "gram_tile_update_torch"]
+
+OP_NAME = "tangent_kernels::gram_tile_update"
+BACKENDS = ("auto", "cpp", "cuda", "torch")
+
+_INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_K_DTYPES = (torch.float32, torch.float64)
+# Upcast chunks of the torch path (16-bit inputs): at most this many bytes of upcast
+# A and B columns at once, since d can be ~1e6 and a full float32 copy of A is larger
+# than A itself.
+_CAST_CHUNK_BYTES = 64 << 20
+
+
+def _check_args(K: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> None:
+    """The public boundary's checks (the C++ kernels repeat them for direct op calls)."""
+    for name, t, want in (("K", K, "[m, n]"), ("A", A, "[m, d]"), ("B", B, "[n, d]")):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"gram_tile_update: {name} must be a torch.Tensor {want}, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"gram_tile_update: {name} must be 2-D {want}, got shape {list(t.shape)}")
+    if A.dtype != B.dtype:
+        raise TypeError(f"gram_tile_update: A and B must have the same dtype, got A {A.dtype} and B {B.dtype}; "
+                        "cast one of them")
+    if A.dtype not in _INPUT_DTYPES:
+        raise TypeError(f"gram_tile_update: A and B must be float16, bfloat16, float32 or float64, got {A.dtype}")
+    if K.dtype not in _K_DTYPES:
+        raise TypeError(f"gram_tile_update: K must be float32 or float64 (the accumulation dtype), got {K.dtype}")
+    if A.dtype == torch.float64 and K.dtype != torch.float64:
+        raise TypeError(f"gram_tile_update: float64 inputs need a float64 K (accumulating them in {K.dtype} would "
+                        f"lose their precision), got K {K.dtype}")
+    if A.shape[1] != B.shape[1]:
+        raise ValueError(f"gram_tile_update: A [m, d] and B [n, d] must have the same d, got A {list(A.shape)} "
+                         f"and B {list(B.shape)}")
+    if K.shape[0] != A.shape[0] or K.shape[1] != B.shape[0]:
+        raise ValueError(f"gram_tile_update: K must have shape [A.shape[0], B.shape[0]] = "
+                         f"[{A.shape[0]}, {B.shape[0]}], got {list(K.shape)}")
+    if A.device != K.device or B.device != K.device:
+        raise ValueError(f"gram_tile_update: K, A and B must be on the same device, got K on {K.device}, "
+                         f"A on {A.device}, B on {B.device}")
+
+
+def gram_tile_update_torch(
+    K: torch.Tensor, A: torch.Tensor, B: torch.Tensor, row_offset: int = 0, col_offset: int = 0, lower: bool = False
+) -> None:
+    """The op in plain torch (any device): the reference, and the fallback backend."""
+    _check_args(K, A, B)
+    m, n, d = A.shape[0], B.shape[0], A.shape[1]
+    # With `lower`, row r may touch columns c <= row_offset - col_offset + r: none past
+    # the last row's diagonal.
+    cols = max(0, min(n, row_offset - col_offset + m)) if lower else n
+    if m == 0 or cols == 0 or d == 0:
+        return
+    acc = K.dtype
+    Bc, Kc = B[:cols], K[:, :cols]
+    if A.dtype == acc:
+        P = A @ Bc.T
+    else:
+        chunk = max(64, _CAST_CHUNK_BYTES // ((m + cols) * torch.finfo(acc).bits // 8))
+        P = torch.zeros(m, cols, dtype=acc, device=K.device)
+        for k0 in range(0, d, chunk):
+            P.addmm_(A[:, k0:k0 + chunk].to(acc), Bc[:, k0:k0 + chunk].to(acc).T)
+    if lower:
+        rows = torch.arange(m, device=K.device) + row_offset
+        allowed = rows[:, None] >= torch.arange(cols, device=K.device)[None, :] + col_offset
+        # where() rather than adding a masked 0: masked entries stay bit-identical.
+        Kc.copy_(torch.where(allowed, Kc + P, Kc))
+    else:
+        Kc.add_(P)
+
+
+def available_tile_backends(device: Union[str, torch.device] = "cpu") -> List[str]:
+    """Backends that can run the op on ``device`` here, "auto"'s choice first."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return ["cpp", "torch"] if has_cpu_kernels() else ["torch"]
+    if device.type == "cuda" and has_cuda_kernels() and torch.cuda.is_available():
+        return ["torch", "cuda"]
+    return ["torch"]
+
+
+def _unavailable(backend: str, device: torch.device) -> str:
+    """Why ``backend`` cannot run on ``device`` (for the error message)."""
+    if backend == "cpp" and device.type != "cpu":
+        return f"backend='cpp' runs on CPU tensors, got tensors on {device}; use backend='cuda' or 'torch'"
+    if backend == "cuda" and device.type != "cuda":
+        return f"backend='cuda' runs on CUDA tensors, got tensors on {device}; use backend='cpp' or 'torch'"
+    if not extension_loaded():
+        return f"backend={backend!r} needs the compiled extension: {extension_error()}"
+    if backend == "cuda" and not has_cuda_kernels():
+        return ("backend='cuda': the extension was built without its CUDA sources; rebuild with "
+                f"TANGENT_KERNELS_CUDA=1 {BUILD_HINT} on a machine with nvcc and a CUDA build of torch")
+    return f"backend={backend!r} is not available on {device}"
+
+
+def gram_tile_update(
+    K: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    row_offset: int = 0,
+    col_offset: int = 0,
+    lower: bool = False,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``K += A @ B.T`` in place, in K's dtype; with ``lower`` only on/below the global
+    diagonal (entries with ``row_offset + r < col_offset + c`` are left untouched).
+
+    Args:
+        K: [m, n] float32/float64 tile, possibly a strided view into a larger Gram.
+        A: [m, d] rows of the tile; B: [n, d] its columns; one dtype among
+            float16/bfloat16/float32/float64 (float64 needs a float64 K).
+        row_offset, col_offset: global position of K[0, 0] in the full Gram.
+        lower: update only global row >= global column (a tile of a symmetric Gram).
+        backend: "auto" (C++ on CPU when built, else torch; torch/cuBLAS on CUDA),
+            "cpp", "cuda" or "torch".
+
+    Returns:
+        K (updated in place).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"gram_tile_update: backend must be one of {BACKENDS}, got {backend!r}")
+    _check_args(K, A, B)
+    row_offset, col_offset, lower = int(row_offset), int(col_offset), bool(lower)
+    device = K.device
+    if backend == "auto":
+        # On CUDA tensors "auto" keeps the cuBLAS path (torch) for now: the hand-written
+        # CUDA kernel has not yet been validated or measured against cuBLAS on a GPU.
+        backend = "cpp" if device.type == "cpu" and has_cpu_kernels() else "torch"
+    elif backend != "torch" and backend not in available_tile_backends(device):
+        reason = _unavailable(backend, device)
+        wrong_device = (backend == "cpp") != (device.type == "cpu") or (backend == "cuda") != (device.type == "cuda")
+        raise (ValueError if wrong_device else RuntimeError)(f"gram_tile_update: {reason}")
+    if backend == "torch":
+        gram_tile_update_torch(K, A, B, row_offset, col_offset, lower)
+    else:
+        torch.ops.tangent_kernels.gram_tile_update(K, A, B, row_offset, col_offset, lower)
+    return K
+
+
+def _fake_gram_tile_update(K, A, B, row_offset, col_offset, lower):
+    """Fake (meta) kernel: checks the arguments; the op only mutates K, returns nothing."""
+    _check_args(K, A, B)
+
+
+if extension_loaded():  # the schema exists only once tangent_kernels._C is loaded
+    torch.library.register_fake(OP_NAME)(_fake_gram_tile_update)
