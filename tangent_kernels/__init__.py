@@ -4,12 +4,26 @@
     idx = tk.subsample(model, 500_000)          # a uniform parameter subsample
     K = tk.gram(model, loader, idx)             # [n, n] eNTK Gram over the loader
     G = tk.features(model, loader, idx)         # [n, p] per-sample gradient features
+    kr = tk.KernelRidge(betas="auto").fit(K, y) # kernel ridge regression on K
 """
 
 from . import reference
+from ._ext import info
 from .engine import features, gram
 from .params import ParamIndex, subsample
+from .solve import ConvergenceWarning, KernelRidge, NotFittedError, solve
 
 __version__ = "0.1.0"
 
-__all__ = ["ParamIndex", "features", "gram", "reference", "subsample"]
+__all__ = [
+    "ConvergenceWarning",
+    "KernelRidge",
+    "NotFittedError",
+    "ParamIndex",
+    "features",
+    "gram",
+    "info",
+    "reference",
+    "solve",
+    "subsample",
+]
