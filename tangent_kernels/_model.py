@@ -8,14 +8,14 @@ its mode, its parameters, its buffers and its ``.grad`` exactly as they were.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
 from .params import ParamLayout
 
-__all__ = ["eval_mode", "exact_fp32_math", "functional_state", "model_device"]
+__all__ = ["eval_mode", "exact_fp32_math", "fp32_math", "functional_state", "model_device"]
 
 
 @contextmanager
@@ -30,16 +30,54 @@ def eval_mode(model: nn.Module):
             module.training = training
 
 
+# Backends whose fp32 matmuls/convolutions torch may run at reduced precision (TF32 on
+# CUDA; TF32/bf16 through oneDNN on CPU), each with its own ``fp32_precision`` flag.
+_FP32_PRECISION_BACKENDS = ("cuda.matmul", "cudnn.conv", "cudnn.rnn", "mkldnn.matmul", "mkldnn.conv", "mkldnn.rnn")
+_TF32_CAPABLE = ("cuda.matmul", "cudnn.conv", "cudnn.rnn")
+
+
+def _precision_flags() -> Dict[str, Any]:
+    flags = {}
+    for path in _FP32_PRECISION_BACKENDS:
+        holder: Any = torch.backends
+        for part in path.split("."):
+            holder = getattr(holder, part, None)
+        if holder is not None and hasattr(holder, "fp32_precision"):
+            flags[path] = holder
+    return flags
+
+
 @contextmanager
-def exact_fp32_math():
-    """Disable TF32 in matmuls and cuDNN convolutions: "fp32" must mean fp32."""
-    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+def fp32_math(allow_tf32: bool = False):
+    """fp32 matmuls and convolutions in IEEE fp32 for the duration (TF32 on CUDA when
+    ``allow_tf32``), then the user's settings restored: "fp32" must mean fp32.
+
+    Sets the per-backend ``fp32_precision`` flags where torch has them (2.9+) rather than
+    the legacy ``allow_tf32``: reading the legacy flag after a user set the new one
+    raises, while restoring the new flag leaves a legacy setting readable.
+    """
+    flags = _precision_flags()
+    if not flags:  # pragma: no cover - torch < 2.9
+        matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allow_tf32
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+        return
+    saved = {path: holder.fp32_precision for path, holder in flags.items()}
     try:
+        for path, holder in flags.items():
+            holder.fp32_precision = "tf32" if allow_tf32 and path in _TF32_CAPABLE else "ieee"
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+        for path, holder in flags.items():
+            holder.fp32_precision = saved[path]
+
+
+def exact_fp32_math():
+    """IEEE fp32 matmuls and convolutions for the duration: ``fp32_math(allow_tf32=False)``."""
+    return fp32_math(allow_tf32=False)
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -40,12 +40,13 @@ import dataclasses
 import math
 import time
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+
+from ._model import fp32_math
 
 __all__ = ["KernelRidge", "solve", "SOLVERS", "NotFittedError", "ConvergenceWarning"]
 
@@ -79,35 +80,6 @@ Array = Union[torch.Tensor, np.ndarray]
 
 
 # ----------------------------------------------------------------------------- precision
-
-
-@contextmanager
-def _ieee_fp32(device: torch.device, allow_tf32: bool):
-    """fp32 GEMMs in IEEE fp32 (no TF32) on ``device`` for the duration, then restored.
-
-    Uses the per-backend ``fp32_precision`` flag where torch has it (2.9+): reading the
-    legacy ``allow_tf32`` after a user set the new flag raises, the reverse does not.
-    """
-    if allow_tf32 or device.type != "cuda":
-        yield
-        return
-    matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):
-        previous = matmul.fp32_precision
-        if previous != "ieee":
-            matmul.fp32_precision = "ieee"
-        try:
-            yield
-        finally:
-            if previous != "ieee":
-                matmul.fp32_precision = previous
-    else:  # pragma: no cover - torch < 2.9
-        previous = matmul.allow_tf32
-        matmul.allow_tf32 = False
-        try:
-            yield
-        finally:
-            matmul.allow_tf32 = previous
 
 
 def _working_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -959,7 +931,7 @@ def _cholesky(K: torch.Tensor, T: torch.Tensor, betas: List[float], cfg: _Config
 
 def _run(solver: str, K: torch.Tensor, T: torch.Tensor, betas: List[float], cfg: _Config,
          val: Optional[_Validation], cv: Optional[str], allow_tf32: bool) -> _Result:
-    with _ieee_fp32(K.device, allow_tf32), torch.no_grad():
+    with fp32_math(allow_tf32), torch.no_grad():
         if solver == "nesterov":
             return _nesterov(K, T, betas, cfg, val)
         if solver == "cg":
@@ -1349,7 +1321,7 @@ class KernelRidge:
             raise ValueError("fit used f0: pass f0_test (the network's outputs on the test samples)")
         if not self._uses_f0 and f0_test is not None:
             raise ValueError("f0_test given but fit had no f0: pass f0 to fit, or drop f0_test")
-        with _ieee_fp32(coef.device, self.allow_tf32), torch.no_grad():
+        with fp32_math(self.allow_tf32), torch.no_grad():
             scores = Kt @ coef
         if f0_test is not None:
             scores = scores + _check_offset(f0_test, tuple(scores.shape), "f0_test", scores)
