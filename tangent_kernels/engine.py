@@ -14,13 +14,14 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from ._model import eval_mode, exact_fp32_math, functional_state, model_device
+from ._model import eval_mode, fp32_math, functional_state, model_device
 from .data import ModelInputs, iterate_inputs, loader_length
 from .ops import gram_tile_update
 from .outputs import OutputError, OutputSpec, check_output_spec, scalarize
@@ -31,14 +32,37 @@ __all__ = ["features", "gram", "PRECISIONS"]
 
 _log = logging.getLogger("tangent_kernels")
 
-# precision -> (dtype the model and the features are computed in, dtype of K)
-PRECISIONS: Dict[str, Tuple[torch.dtype, torch.dtype]] = {
-    "fp64": (torch.float64, torch.float64),
-    "fp32": (torch.float32, torch.float32),
+@dataclass(frozen=True)
+class Precision:
+    """How one ``precision=`` mode computes.
+
+    Per-sample gradients are always computed in ``compute`` (fp32, or fp64 for "fp64"):
+    the 16-bit modes round only the stored features, and the Gram accumulates their
+    products in fp32, so their error is the features' rounding alone (docs/precision.md).
+    """
+
+    name: str
+    compute: torch.dtype  # the model, its per-sample gradients
+    store: torch.dtype  # the feature blocks: what ``features`` returns, what the Gram reads
+    k: torch.dtype  # K itself: never 16-bit
+    allow_tf32: bool = False  # TF32 in the model's matmuls/convolutions and the Gram (CUDA)
+    # Power-of-two scale per sample before rounding to fp16, so that neither large
+    # gradients overflow (max 65504) nor small ones underflow (normal from 6.1e-5);
+    # undone exactly in fp32 on every tile of K.
+    scaled: bool = False
+
+
+PRECISIONS: Dict[str, Precision] = {
+    "fp64": Precision("fp64", torch.float64, torch.float64, torch.float64),
+    "fp32": Precision("fp32", torch.float32, torch.float32, torch.float32),
+    "tf32": Precision("tf32", torch.float32, torch.float32, torch.float32, allow_tf32=True),
+    "bf16": Precision("bf16", torch.float32, torch.bfloat16, torch.float32),
+    "fp16": Precision("fp16", torch.float32, torch.float16, torch.float32, scaled=True),
 }
-# The mixed-precision modes of the design (tf32, bf16, fp16 with per-block scaling)
-# belong to the blocked Gram engine and are not implemented yet.
-_PLANNED_PRECISIONS = ("tf32", "bf16", "fp16")
+# fp16 rows are scaled so that their largest magnitude lies in [2**13, 2**14): two such
+# entries multiply to < 2**28, far from fp32's limits, and a row keeps 28 binades above
+# fp16's smallest normal number.
+_FP16_TARGET_EXPONENT = 14
 
 # Upper bound on the per-sample gradient tensors one vmap call materializes
 # (chunk x touched parameters); the batch is split into chunks to stay under it.
@@ -48,23 +72,40 @@ _STRATEGY = "auto"
 # Whether covered layers are tapped (one batched pass) or all go through torch.func.
 _TAPS = True
 # Relative difference allowed between the batched pass and a per-sample evaluation of
-# the first sample. fp32 is loose: ReLU kinks within rounding of zero (see README).
+# the first sample. fp32 is loose: ReLU kinks within rounding of zero (see README);
+# TF32 (10 mantissa bits) ten times looser still.
 _VERIFY_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-9}
 # Rows per Gram tile: large enough for BLAS efficiency, small enough that the
 # lower-triangle schedule skips about half the work.
 _TILE_ROWS = 1024
 
 
-def _check_precision(precision: str) -> Tuple[torch.dtype, torch.dtype]:
-    if precision in PRECISIONS:
-        return PRECISIONS[precision]
-    if precision in _PLANNED_PRECISIONS:
-        raise ValueError(
-            f"precision={precision!r} is not implemented yet (it arrives with the mixed-precision "
-            f"Gram engine); available: {sorted(PRECISIONS)}"
-        )
-    raise ValueError(f"unknown precision {precision!r}; available: {sorted(PRECISIONS)}")
+def _check_precision(precision: str) -> Precision:
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; available: {', '.join(PRECISIONS)}")
+    return PRECISIONS[precision]
 
+
+def _fp16_scales(block: torch.Tensor) -> torch.Tensor:
+    """Per-row powers of two mapping each row's largest magnitude into [2**13, 2**14)."""
+    peak = block.abs().amax(dim=1).to(torch.float32)
+    exponent = torch.where(peak > 0, torch.floor(torch.log2(peak)), torch.full_like(peak, _FP16_TARGET_EXPONENT - 1))
+    return torch.exp2(_FP16_TARGET_EXPONENT - 1 - exponent)
+
+
+def _to_store(block: torch.Tensor, precision: Precision, scale_rows: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(features in the store dtype, per-row scales or None); ``features = stored / scales``."""
+    if not (precision.scaled and scale_rows):
+        stored = block.to(precision.store)
+        if precision.store == torch.float16 and not bool(torch.isfinite(stored).all()):
+            raise ValueError(
+                f"a per-sample gradient exceeds fp16's range (largest finite value 65504; the largest "
+                f"here is {float(block.abs().max()):.3g}): use precision='bf16' or 'fp32' for features "
+                "(gram() scales fp16 features per sample and is not affected)"
+            )
+        return stored, None
+    scales = _fp16_scales(block)
+    return (block * scales[:, None].to(block.dtype)).to(precision.store), scales
 
 def _progress_bar(total: Optional[int], desc: str, enabled: bool):
     if not enabled:
@@ -181,9 +222,11 @@ class _PerSampleGradients:
 class _FeatureExtractor:
     """F [B, p] per batch: tapped layers from one batched pass, the rest generically."""
 
-    def __init__(self, model: nn.Module, index: ParamIndex, output: OutputSpec, dtype, device, backend: str = "torch"):
+    def __init__(self, model: nn.Module, index: ParamIndex, output: OutputSpec, dtype, device, backend: str = "torch",
+                 tolerance: Optional[float] = None):
         self.model, self.index, self.output, self.dtype, self.device = model, index, output, dtype, device
         self.backend = backend
+        self.tolerance = _VERIFY_TOLERANCE[dtype] if tolerance is None else tolerance
         self.state = functional_state(model, index.layout, dtype, device)
         self.taps = _plan_taps(model, index) if _TAPS else []
         self.verified = not self.taps
@@ -236,7 +279,7 @@ class _FeatureExtractor:
         for k, row in enumerate(rows):
             check(batch.slice(row, row + 1), expected[k : k + 1])
         error = float((block[rows] - expected).norm() / expected.norm().clamp_min(torch.finfo(self.dtype).tiny))
-        if error > _VERIFY_TOLERANCE[self.dtype]:
+        if error > self.tolerance:
             warnings.warn(
                 f"per-sample gradients from the batched pass differ from a per-sample evaluation by "
                 f"{error:.1e} (relative) on the first batch: the model seems to mix samples within a "
@@ -277,7 +320,7 @@ def _feature_blocks(
     loader: Iterable,
     index: ParamIndex,
     output: OutputSpec,
-    dtype: torch.dtype,
+    precision: Precision,
     device: torch.device,
     inputs: Optional[Callable[[Any], Any]],
     progress: bool,
@@ -285,8 +328,11 @@ def _feature_blocks(
     backend: str,
     expected_signature=None,
 ) -> Iterator[Tuple[Any, torch.Tensor]]:
-    """Yield (input signature, F [B, p]) per batch; F[:, j] = d s / d theta[idx[j]]."""
-    per_sample = _FeatureExtractor(model, index, output, dtype, device, backend)
+    """Yield (input signature, F [B, p]) per batch, in the compute dtype;
+    F[:, j] = d s / d theta[idx[j]]."""
+    dtype = precision.compute
+    tolerance = _VERIFY_TOLERANCE[dtype] * (10 if precision.allow_tf32 else 1)
+    per_sample = _FeatureExtractor(model, index, output, dtype, device, backend, tolerance)
     bar = _progress_bar(loader_length(loader), f"eNTK features ({name})", progress)
     seen = 0
     try:
@@ -327,18 +373,24 @@ def _prepare(model, idx, output, precision, device, backend):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     index = resolve_idx(model, idx)
     output = check_output_spec(output)
-    dtype, k_dtype = _check_precision(precision)
+    precision = _check_precision(precision)
     device = model_device(model) if device is None else torch.device(device)
-    return index, output, dtype, k_dtype, device, resolve_backend(backend, device)
+    return index, output, precision, device, resolve_backend(backend, device)
 
 
-def _collect(blocks: Iterator[Tuple[Any, torch.Tensor]]) -> Tuple[torch.Tensor, Any]:
-    """All blocks stacked, and the first batch's input signature."""
-    signatures, parts = [], []
+def _collect(
+    blocks: Iterator[Tuple[Any, torch.Tensor]], precision: Precision, scale_rows: bool
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], Any]:
+    """(all blocks in the store dtype, their per-row scales or None, the first batch's
+    input signature). Each block is rounded as it arrives: no full-size copy in the
+    compute dtype."""
+    signatures, parts, scales = [], [], []
     for signature, block in blocks:
         signatures.append(signature)
-        parts.append(block)
-    return torch.cat(parts), signatures[0]
+        stored, scale = _to_store(block, precision, scale_rows)
+        parts.append(stored)
+        scales.append(scale)
+    return torch.cat(parts), (torch.cat(scales) if scales[0] is not None else None), signatures[0]
 
 
 def features(
@@ -362,16 +414,20 @@ def features(
         idx: None (all trainable parameters), a :class:`ParamIndex`, or a 1-D integer
             tensor/array of global flat positions. Column j belongs to ``idx[j]``.
         output: "first", "sum" (pNTK), an int logit index, or a callable [B] reducer.
-        precision: "fp32" (default) or "fp64": the dtype of the computation and result.
+        precision: "fp32" (default), "fp64", "tf32", "bf16" or "fp16". Gradients are
+            computed in fp32 (fp64 for "fp64"; "tf32" lets CUDA matmuls and convolutions
+            use TF32); the result has the mode's dtype (bfloat16/float16 for the 16-bit
+            modes). docs/precision.md has each mode's measured error.
         device: where to compute (default: the model's device); the model is not moved.
         progress: show a progress bar on a terminal.
         inputs: optional callable batch -> model input (tensor, tuple of args, dict).
         backend: sampled-gradient kernels for tapped layers: "auto" (Triton on CUDA when
             available, else plain torch), "torch", or "triton".
     """
-    index, output, dtype, _, device, backend = _prepare(model, idx, output, precision, device, backend)
-    with eval_mode(model), exact_fp32_math():
-        g, _ = _collect(_feature_blocks(model, loader, index, output, dtype, device, inputs, progress, "loader", backend))
+    index, output, precision, device, backend = _prepare(model, idx, output, precision, device, backend)
+    with eval_mode(model), fp32_math(precision.allow_tf32):
+        blocks = _feature_blocks(model, loader, index, output, precision, device, inputs, progress, "loader", backend)
+        g, _, _ = _collect(blocks, precision, scale_rows=False)
     return g
 
 
@@ -392,31 +448,41 @@ def gram(
 
     ``loader2=None`` gives the symmetric K(X, X) (only the lower triangle is
     computed, then mirrored: K is exactly symmetric); otherwise the cross kernel
-    K(X1, X2). K is float32 (float64 when ``precision="fp64"``) on ``device``.
+    K(X1, X2). K is float32 (float64 when ``precision="fp64"``) on ``device``: the
+    16-bit modes round the features and accumulate their products in fp32 (fp16 with a
+    power-of-two scale per sample, so no gradient overflows or underflows).
     The other arguments are those of :func:`features`.
     """
-    index, output, dtype, k_dtype, device, backend = _prepare(model, idx, output, precision, device, backend)
-    with eval_mode(model), exact_fp32_math():
-        blocks = _feature_blocks(model, loader, index, output, dtype, device, inputs, progress, "loader", backend)
-        g1, signature = _collect(blocks)
+    index, output, precision, device, backend = _prepare(model, idx, output, precision, device, backend)
+    with eval_mode(model), fp32_math(precision.allow_tf32):
+        blocks = _feature_blocks(model, loader, index, output, precision, device, inputs, progress, "loader", backend)
+        g1, s1, signature = _collect(blocks, precision, scale_rows=True)
         if loader2 is None:
-            return _symmetric_gram(g1, k_dtype)
+            return _symmetric_gram(g1, s1, precision.k)
         blocks2 = _feature_blocks(
-            model, loader2, index, output, dtype, device, inputs, progress, "loader2", backend,
+            model, loader2, index, output, precision, device, inputs, progress, "loader2", backend,
             expected_signature=signature,
         )
-        g2, _ = _collect(blocks2)
-        return _cross_gram(g1, g2, k_dtype)
+        g2, s2, _ = _collect(blocks2, precision, scale_rows=True)
+        return _cross_gram(g1, s1, g2, s2, precision.k)
 
 
-def _symmetric_gram(g: torch.Tensor, k_dtype: torch.dtype) -> torch.Tensor:
+def _tile_update(k: torch.Tensor, a, a_scales, i0: int, i1: int, b, b_scales, j0: int, j1: int, lower: bool) -> None:
+    """k[i0:i1, j0:j1] = a[i0:i1] b[j0:j1]^T (k starts at zero), per-row scales undone in fp32."""
+    tile = k[i0:i1, j0:j1]
+    gram_tile_update(tile, a[i0:i1], b[j0:j1], i0, j0, lower=lower)
+    if a_scales is not None:
+        tile.mul_((1.0 / a_scales[i0:i1, None]) * (1.0 / b_scales[None, j0:j1]))
+
+
+def _symmetric_gram(g: torch.Tensor, scales: Optional[torch.Tensor], k_dtype: torch.dtype) -> torch.Tensor:
     n = g.shape[0]
     k = torch.zeros(n, n, dtype=k_dtype, device=g.device)
     for i0 in range(0, n, _TILE_ROWS):
         i1 = min(i0 + _TILE_ROWS, n)
         for j0 in range(0, i0 + 1, _TILE_ROWS):
             j1 = min(j0 + _TILE_ROWS, n)
-            gram_tile_update(k[i0:i1, j0:j1], g[i0:i1], g[j0:j1], i0, j0, lower=(i0 == j0))
+            _tile_update(k, g, scales, i0, i1, g, scales, j0, j1, lower=(i0 == j0))
             if i0 != j0:
                 k[j0:j1, i0:i1].copy_(k[i0:i1, j0:j1].T)
         diagonal = k[i0:i1, i0:i1]
@@ -424,11 +490,12 @@ def _symmetric_gram(g: torch.Tensor, k_dtype: torch.dtype) -> torch.Tensor:
     return k
 
 
-def _cross_gram(g1: torch.Tensor, g2: torch.Tensor, k_dtype: torch.dtype) -> torch.Tensor:
+def _cross_gram(g1: torch.Tensor, s1: Optional[torch.Tensor], g2: torch.Tensor, s2: Optional[torch.Tensor],
+                k_dtype: torch.dtype) -> torch.Tensor:
     n1, n2 = g1.shape[0], g2.shape[0]
     k = torch.zeros(n1, n2, dtype=k_dtype, device=g1.device)
     for i0 in range(0, n1, _TILE_ROWS):
         for j0 in range(0, n2, _TILE_ROWS):
             i1, j1 = min(i0 + _TILE_ROWS, n1), min(j0 + _TILE_ROWS, n2)
-            gram_tile_update(k[i0:i1, j0:j1], g1[i0:i1], g2[j0:j1], i0, j0, lower=False)
+            _tile_update(k, g1, s1, i0, i1, g2, s2, j0, j1, lower=False)
     return k
