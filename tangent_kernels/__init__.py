@@ -7,7 +7,7 @@
     kr = tk.KernelRidge(betas="auto").fit(K, y) # kernel ridge regression on K
 """
 
-from . import reference
+from . import analysis, reference
 from ._ext import info
 from .engine import features, gram
 from .params import ParamIndex, subsample
@@ -20,6 +20,7 @@ __all__ = [
     "KernelRidge",
     "NotFittedError",
     "ParamIndex",
+    "analysis",
     "features",
     "gram",
     "info",
