@@ -10,6 +10,7 @@
 from . import analysis, reference
 from ._ext import info
 from .engine import features, gram
+from .io import load_gram, save_gram
 from .params import ParamIndex, subsample
 from .solve import ConvergenceWarning, KernelRidge, NotFittedError, solve
 
@@ -24,7 +25,9 @@ __all__ = [
     "features",
     "gram",
     "info",
+    "load_gram",
     "reference",
+    "save_gram",
     "solve",
     "subsample",
 ]
