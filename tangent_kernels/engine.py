@@ -22,13 +22,15 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from ._model import eval_mode, fp32_math, functional_state, model_device
+from .checkpoint import Checkpoint, CheckpointMismatch, batch_fingerprint, model_fingerprint, tensor_fingerprint
 from .data import ModelInputs, iterate_inputs, loader_length
 from .ops import gram_tile_update
 from .outputs import OutputError, OutputSpec, check_output_spec, scalarize
 from .params import ParamIndex, ParamLayout, TensorSlice, resolve_idx
+from .store import FeatureStore, check_max_memory, check_store
 from .taps import TapRecorder, Untappable, _Tap, resolve_backend, rule_for
 
-__all__ = ["features", "gram", "PRECISIONS"]
+__all__ = ["features", "gram", "PRECISIONS", "ProgressEvent"]
 
 _log = logging.getLogger("tangent_kernels")
 
@@ -338,12 +340,7 @@ def _feature_blocks(
     try:
         for batch in iterate_inputs(loader, inputs, name):
             signature = batch.signature()
-            if expected_signature is not None and signature != expected_signature:
-                raise ValueError(
-                    f"{name} batches differ in structure from loader's: loader gives "
-                    f"{expected_signature}, {name} gives {signature} (per-sample shapes "
-                    "and dtypes of the inputs must match for a cross kernel)"
-                )
+            _check_signature(expected_signature, signature, name)
             batch = batch.to(device, dtype)
             block = per_sample(batch)
             _check_finite(block, seen, name)
@@ -443,6 +440,12 @@ def gram(
     progress: bool = True,
     inputs: Optional[Callable[[Any], Any]] = None,
     backend: str = "auto",
+    out: Optional[torch.Tensor] = None,
+    callback: Optional[Callable[[ProgressEvent], Any]] = None,
+    checkpoint=None,
+    store: str = "auto",
+    max_memory: Optional[int] = None,
+    cache_dir=None,
 ) -> torch.Tensor:
     """The eNTK Gram K[i, j] = <g(x_i), g(x_j)> over a loader, [n1, n2].
 
@@ -451,51 +454,283 @@ def gram(
     K(X1, X2). K is float32 (float64 when ``precision="fp64"``) on ``device``: the
     16-bit modes round the features and accumulate their products in fp32 (fp16 with a
     power-of-two scale per sample, so no gradient overflows or underflows).
-    The other arguments are those of :func:`features`.
+
+    Beyond the arguments of :func:`features`:
+        out: a preallocated [n1, n2] tensor of K's dtype (e.g. pinned host memory for a
+            K larger than the device); filled and returned.
+        callback: called with a :class:`ProgressEvent` after every loader batch and every
+            finished row block of K. An exception it raises stops the run; with
+            ``checkpoint`` nothing finished is lost.
+        checkpoint: a folder. Finished feature batches and rows of K are persisted
+            there (atomically) as they complete; calling again with the same arguments
+            resumes where the last call stopped and returns a bit-identical K. A
+            folder made by a different computation (weights, idx, output, precision,
+            data) is refused with an error saying what differs.
+        store: where features wait for the Gram phase: "auto" (the device while they
+            fit in ``max_memory``, then host memory, then a file), "device", "host",
+            "disk".
+        max_memory: bytes of features allowed on the device (default: half its free
+            memory; half the available memory for a CPU device).
+        cache_dir: folder for the "disk" store's file (default: the system's temp dir).
     """
     index, output, precision, device, backend = _prepare(model, idx, output, precision, device, backend)
+    store = check_store(store)
+    budget = check_max_memory(max_memory, device)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable (it receives a ProgressEvent); got {type(callback).__name__}")
+    if out is not None and not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor [n1, n2] of dtype {precision.k}; got {type(out).__name__}")
+    events = _Events(callback, progress)
     with eval_mode(model), fp32_math(precision.allow_tf32):
-        blocks = _feature_blocks(model, loader, index, output, precision, device, inputs, progress, "loader", backend)
-        g1, s1, signature = _collect(blocks, precision, scale_rows=True)
-        if loader2 is None:
-            return _symmetric_gram(g1, s1, precision.k)
-        blocks2 = _feature_blocks(
-            model, loader2, index, output, precision, device, inputs, progress, "loader2", backend,
-            expected_signature=signature,
+        ckpt = None
+        if checkpoint is not None:
+            identity = _identity(model, index, output, precision, backend, cross=loader2 is not None)
+            ckpt = Checkpoint(checkpoint, identity)
+        stores = []
+        try:
+            fill = dict(index=index, output=output, precision=precision, device=device, inputs=inputs,
+                        backend=backend, kind=store, budget=budget, cache_dir=cache_dir, ckpt=ckpt, events=events)
+            first, signature = _fill_store(model, loader, "loader", **fill)
+            stores.append(first)
+            second = first
+            if loader2 is not None:
+                second, _ = _fill_store(model, loader2, "loader2", expected_signature=signature, **fill)
+                stores.append(second)
+            return _blocked_gram(first, second, loader2 is None, precision.k, device, out, ckpt, events, budget)
+        finally:
+            events.close()
+            for feature_store in stores:
+                feature_store.close()
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """What ``gram(..., callback=)`` receives.
+
+    phase: "features" (after a loader batch) or "gram" (after a row block of K).
+    loader: "loader" or "loader2" in the features phase; None in the gram phase.
+    done, total: samples (features) or rows of K (gram) finished so far, and the total
+        (None when the loader cannot tell its length).
+    resumed: whether this step was read back from a checkpoint rather than computed.
+    elapsed: seconds since the call started.
+    """
+
+    phase: str
+    loader: Optional[str]
+    done: int
+    total: Optional[int]
+    resumed: bool
+    elapsed: float
+
+
+class _Events:
+    """Progress bars (one per phase, on a terminal) and the user's callback."""
+
+    def __init__(self, callback, progress: bool):
+        self.callback, self.progress = callback, progress
+        self.start = time.perf_counter()
+        self.bar, self.bar_key = None, None
+
+    def __call__(self, phase: str, loader: Optional[str], done: int, total: Optional[int], resumed: bool) -> None:
+        key = (phase, loader)
+        if self.progress and key != self.bar_key:
+            self.close()
+            label = f"eNTK features ({loader})" if phase == "features" else "eNTK Gram rows"
+            self.bar, self.bar_key = _progress_bar(total, label, True), key
+            if self.bar is not None:
+                self.bar.unit = "sample" if phase == "features" else "row"
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+        if self.callback is not None:
+            self.callback(ProgressEvent(phase, loader, done, total, resumed, time.perf_counter() - self.start))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.bar, self.bar_key = None, None
+
+
+def _identity(model: nn.Module, index: ParamIndex, output, precision: Precision, backend: str, cross: bool):
+    """What a checkpoint must agree on to be resumed by this call."""
+    if callable(output) and not isinstance(output, str):
+        output = f"callable {getattr(output, '__module__', '?')}.{getattr(output, '__qualname__', type(output).__name__)}"
+    return {
+        "model_weights": model_fingerprint(model),
+        "idx": tensor_fingerprint(index.positions),
+        "p": len(index),
+        "output": output,
+        "precision": precision.name,
+        "backend": backend,
+        "kernel": "cross K(X1, X2)" if cross else "symmetric K(X, X)",
+    }
+
+
+def _features_with_backoff(per_sample: "_FeatureExtractor", batch: ModelInputs) -> torch.Tensor:
+    """Features of a batch; on CUDA out-of-memory, of its halves (recursively)."""
+    try:
+        return per_sample(batch)
+    except torch.cuda.OutOfMemoryError:
+        if batch.size == 1:
+            raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        half = batch.size // 2
+        _log.info("out of memory on a batch of %d samples: retrying in halves", batch.size)
+        return torch.cat([_features_with_backoff(per_sample, batch.slice(0, half)),
+                          _features_with_backoff(per_sample, batch.slice(half, batch.size))])
+
+
+def _check_signature(expected, signature, name: str) -> None:
+    if expected is not None and signature != expected:
+        raise ValueError(
+            f"{name} batches differ in structure from loader's: loader gives "
+            f"{expected}, {name} gives {signature} (per-sample shapes "
+            "and dtypes of the inputs must match for a cross kernel)"
         )
-        g2, s2, _ = _collect(blocks2, precision, scale_rows=True)
-        return _cross_gram(g1, s1, g2, s2, precision.k)
 
 
-def _tile_update(k: torch.Tensor, a, a_scales, i0: int, i1: int, b, b_scales, j0: int, j1: int, lower: bool) -> None:
-    """k[i0:i1, j0:j1] = a[i0:i1] b[j0:j1]^T (k starts at zero), per-row scales undone in fp32."""
-    tile = k[i0:i1, j0:j1]
-    gram_tile_update(tile, a[i0:i1], b[j0:j1], i0, j0, lower=lower)
-    if a_scales is not None:
-        tile.mul_((1.0 / a_scales[i0:i1, None]) * (1.0 / b_scales[None, j0:j1]))
+def _fill_store(model, loader, name, *, index, output, precision, device, inputs, backend, kind, budget,
+                cache_dir, ckpt, events, expected_signature=None):
+    """Features of every sample of ``loader`` into a FeatureStore (read back from the
+    checkpoint where it has them); returns (store, first batch's signature)."""
+    p = len(index)
+    feature_store = FeatureStore(p, precision.store, device, kind=kind, max_memory=budget, cache_dir=cache_dir,
+                                 scaled=precision.scaled, expected_rows=loader_length(loader), name=name)
+    recorded = []
+    if ckpt is not None:
+        ckpt.open_features(name, feature_store.row_bytes)
+        recorded = ckpt.recorded_batches(name)
+    per_sample, signature, total = None, expected_signature, loader_length(loader)
+    seen, batches = 0, 0
+    try:
+        for b, batch in enumerate(iterate_inputs(loader, inputs, name)):
+            batches = b + 1
+            _check_signature(signature, batch.signature(), name)
+            signature = batch.signature() if signature is None else signature
+            fingerprint = batch_fingerprint(batch) if ckpt is not None else None
+            if b < len(recorded):
+                rows, recorded_fingerprint = recorded[b]
+                if rows != batch.size or fingerprint != recorded_fingerprint:
+                    raise CheckpointMismatch(
+                        f"{name} batch {b} differs from the one checkpointed in {ckpt.folder} "
+                        f"({batch.size} vs {rows} samples, or other values): the loader must yield the "
+                        "same data in the same order on resume (shuffle=False, same dataset), or delete "
+                        "the checkpoint folder to start over"
+                    )
+                stored, scales = ckpt.read_features(name, seen, seen + rows, p, precision.store, precision.scaled)
+                feature_store.append(stored.to(device), scales)
+            else:
+                if ckpt is not None and ckpt.loader_complete(name):
+                    raise CheckpointMismatch(
+                        f"{name} yields more batches than the {len(recorded)} checkpointed in {ckpt.folder}: "
+                        "the data changed; delete the checkpoint folder to start over"
+                    )
+                if per_sample is None:
+                    tolerance = _VERIFY_TOLERANCE[precision.compute] * (10 if precision.allow_tf32 else 1)
+                    per_sample = _FeatureExtractor(model, index, output, precision.compute, device, backend, tolerance)
+                block = _features_with_backoff(per_sample, batch.to(device, precision.compute))
+                _check_finite(block, seen, name)
+                stored, scales = _to_store(block, precision, scale_rows=True)
+                feature_store.append(stored, scales)
+                if ckpt is not None:
+                    ckpt.record_batch(name, stored, scales, fingerprint)
+            seen += batch.size
+            events("features", name, seen, total, resumed=b < len(recorded))
+        if ckpt is not None:
+            if batches < len(recorded):
+                raise CheckpointMismatch(
+                    f"{name} yields {batches} batches but {len(recorded)} were checkpointed in {ckpt.folder}: "
+                    "the data changed; delete the checkpoint folder to start over"
+                )
+            if not ckpt.loader_complete(name):
+                ckpt.complete_loader(name)
+    except BaseException:
+        feature_store.close()
+        raise
+    return feature_store, signature
 
 
-def _symmetric_gram(g: torch.Tensor, scales: Optional[torch.Tensor], k_dtype: torch.dtype) -> torch.Tensor:
-    n = g.shape[0]
-    k = torch.zeros(n, n, dtype=k_dtype, device=g.device)
+def _check_out(out: torch.Tensor, shape: Tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype:
+        raise ValueError(
+            f"out must be a [{shape[0]}, {shape[1]}] tensor of dtype {dtype} for this Gram; got "
+            f"{list(out.shape)} {out.dtype}"
+        )
+    return out
+
+
+def _blocked_gram(first: FeatureStore, second: FeatureStore, symmetric: bool, k_dtype: torch.dtype,
+                  device: torch.device, out: Optional[torch.Tensor], ckpt: Optional[Checkpoint], events,
+                  budget: int) -> torch.Tensor:
+    """K from two feature stores, one row block at a time (lower triangle only when
+    symmetric), each finished block checkpointed; on CUDA out-of-memory the tile size
+    halves and the block is recomputed (tiles are overwritten, never accumulated twice)."""
+    n1, n2 = first.n, second.n
+    k = _check_out(out, (n1, n2), k_dtype) if out is not None else torch.empty(n1, n2, dtype=k_dtype, device=device)
+    done = 0
+    if ckpt is not None:
+        ckpt.start_k((n1, n2), k_dtype)
+        done = ckpt.k_rows_done
+        if done:
+            k[:done].copy_(ckpt.read_k_rows(done, (n1, n2), k_dtype))
+            events("gram", None, done, n1, resumed=True)
+    tile_rows = _TILE_ROWS
+    staged = [s for s in {id(first): first, id(second): second}.values() if s.kind != "device"]
+    if staged:  # host/disk stores stage two row blocks on the device per tile: keep them in budget
+        resident = sum(s.device_bytes for s in (first, second) if s.kind == "device")
+        per_row = first.row_bytes + second.row_bytes
+        tile_rows = max(1, min(tile_rows, (budget - resident) // per_row))
+    i0 = done
+    while i0 < n1:
+        i1 = min(i0 + tile_rows, n1)
+        try:
+            _row_block(k, first, second, i0, i1, tile_rows, symmetric, device)
+        except torch.cuda.OutOfMemoryError:
+            if tile_rows == 1:
+                raise
+            tile_rows //= 2
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            _log.info("out of memory in the Gram phase: tiles of %d rows now", tile_rows)
+            continue
+        if ckpt is not None:
+            ckpt.record_k_rows(i0, k[i0:i1])
+        events("gram", None, i1, n1, resumed=False)
+        i0 = i1
+    if symmetric:
+        _mirror_lower(k)
+    return k
+
+
+def _row_block(k: torch.Tensor, first: FeatureStore, second: FeatureStore, i0: int, i1: int, tile_rows: int,
+               symmetric: bool, device: torch.device) -> None:
+    a, a_scales = first.rows(i0, i1), first.scales(i0, i1)
+    try:
+        stop = i1 if symmetric else second.n
+        for j0 in range(0, stop, tile_rows):
+            j1 = min(j0 + tile_rows, stop)
+            b = second.rows(j0, j1)
+            try:
+                on_device = k.device == device
+                tile = k[i0:i1, j0:j1] if on_device else torch.empty(i1 - i0, j1 - j0, dtype=k.dtype, device=device)
+                tile.zero_()
+                gram_tile_update(tile, a, b, i0, j0, lower=symmetric and j1 > i0)
+                if a_scales is not None:
+                    tile.mul_((1.0 / a_scales[:, None]) * (1.0 / second.scales(j0, j1)[None, :]))
+                if not on_device:
+                    k[i0:i1, j0:j1].copy_(tile)
+            finally:
+                second.release(b)
+    finally:
+        first.release(a)
+
+
+def _mirror_lower(k: torch.Tensor) -> None:
+    """Upper triangle := transpose of the lower one, block by block (no n x n temporary)."""
+    n = k.shape[0]
     for i0 in range(0, n, _TILE_ROWS):
         i1 = min(i0 + _TILE_ROWS, n)
-        for j0 in range(0, i0 + 1, _TILE_ROWS):
-            j1 = min(j0 + _TILE_ROWS, n)
-            _tile_update(k, g, scales, i0, i1, g, scales, j0, j1, lower=(i0 == j0))
-            if i0 != j0:
-                k[j0:j1, i0:i1].copy_(k[i0:i1, j0:j1].T)
         diagonal = k[i0:i1, i0:i1]
         diagonal.copy_(diagonal.tril() + diagonal.tril(-1).T)
-    return k
-
-
-def _cross_gram(g1: torch.Tensor, s1: Optional[torch.Tensor], g2: torch.Tensor, s2: Optional[torch.Tensor],
-                k_dtype: torch.dtype) -> torch.Tensor:
-    n1, n2 = g1.shape[0], g2.shape[0]
-    k = torch.zeros(n1, n2, dtype=k_dtype, device=g1.device)
-    for i0 in range(0, n1, _TILE_ROWS):
-        for j0 in range(0, n2, _TILE_ROWS):
-            i1, j1 = min(i0 + _TILE_ROWS, n1), min(j0 + _TILE_ROWS, n2)
-            _tile_update(k, g1, s1, i0, i1, g2, s2, j0, j1, lower=False)
-    return k
+        if i1 < n:
+            k[i0:i1, i1:].copy_(k[i1:, i0:i1].T)
