@@ -9,7 +9,8 @@
 
 from . import analysis, reference
 from ._ext import info
-from .engine import features, gram
+from .checkpoint import CheckpointMismatch
+from .engine import ProgressEvent, features, gram
 from .io import load_gram, save_gram
 from .params import ParamIndex, subsample
 from .solve import ConvergenceWarning, KernelRidge, NotFittedError, solve
@@ -17,10 +18,12 @@ from .solve import ConvergenceWarning, KernelRidge, NotFittedError, solve
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointMismatch",
     "ConvergenceWarning",
     "KernelRidge",
     "NotFittedError",
     "ParamIndex",
+    "ProgressEvent",
     "analysis",
     "features",
     "gram",
