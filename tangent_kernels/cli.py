@@ -1,10 +1,31 @@
-"""The command line: ``tangent-kernels <command>`` or ``python -m tangent_kernels <command>``."""
+"""The command line: ``tangent-kernels <command>`` or ``python -m tangent_kernels <command>``.
+
+    tangent-kernels gram --model my_models:resnet --data X.npy --params 500000 --out K.safetensors
+    tangent-kernels solve --gram K.safetensors --labels y.npy --val-gram Kv.safetensors --val-labels yv.npy
+    tangent-kernels demo
+    tangent-kernels info
+
+Errors are one line on stderr and exit code 2 (``--debug`` shows the traceback).
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
+import json
+import platform
 import sys
-from typing import List, Optional
+import time
+from pathlib import Path
+from typing import Any, List, Optional
+
+# What a user can get wrong on the command line: reported in one line, no traceback.
+_USER_ERRORS = (ValueError, TypeError, FileNotFoundError, ImportError, AttributeError, KeyError, OSError, MemoryError)
+
+
+class CommandError(Exception):
+    """A problem with the command's arguments or files, reported in one line."""
 
 
 def _info(_: argparse.Namespace) -> int:
@@ -14,28 +35,256 @@ def _info(_: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- inputs
+
+
+def load_model(spec: str, weights: Optional[str] = None):
+    """``module:attr`` or ``path/to/file.py:attr``; attr is an nn.Module or a factory
+    called with no arguments. ``weights``: a state_dict file (torch.save) to load."""
+    import torch
+    from torch import nn
+
+    if ":" not in spec:
+        raise CommandError(f"--model must be 'module:factory' or 'file.py:factory'; got {spec!r}")
+    where, _, attr = spec.rpartition(":")
+    if where.endswith(".py"):
+        path = Path(where)
+        if not path.is_file():
+            raise CommandError(f"--model: no file {where}")
+        module_spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.path.insert(0, str(path.parent.resolve()))
+        try:
+            module_spec.loader.exec_module(module)
+        finally:
+            sys.path.pop(0)
+    else:
+        sys.path.insert(0, str(Path.cwd()))
+        try:
+            module = importlib.import_module(where)
+        except ModuleNotFoundError as error:
+            raise CommandError(f"--model: cannot import module {where!r} ({error}); is it on PYTHONPATH?") from None
+        finally:
+            sys.path.pop(0)
+    if not hasattr(module, attr):
+        raise CommandError(f"--model: module {where!r} has no attribute {attr!r}")
+    obj = getattr(module, attr)
+    model = obj if isinstance(obj, nn.Module) else obj() if callable(obj) else None
+    if not isinstance(model, nn.Module):
+        raise CommandError(f"--model: {spec} must be an nn.Module or a function returning one; got {type(model).__name__}")
+    if weights is not None:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    return model.eval()
+
+
+def load_array(path: str, what: str):
+    """A tensor from .npy (no pickles) or .pt (a tensor saved with torch.save)."""
+    import numpy as np
+    import torch
+
+    file = Path(path)
+    if not file.is_file():
+        raise CommandError(f"{what}: no file {path}")
+    if file.suffix == ".npy":
+        tensor = torch.from_numpy(np.load(file, allow_pickle=False))
+    elif file.suffix == ".pt":
+        tensor = torch.load(file, map_location="cpu", weights_only=True)
+        if not isinstance(tensor, torch.Tensor):
+            raise CommandError(f"{what}: {path} must hold a single tensor; got {type(tensor).__name__}")
+    else:
+        raise CommandError(f"{what}: {path} must be a .npy or .pt file")
+    if tensor.is_floating_point() and tensor.dtype == torch.float64:
+        tensor = tensor.float()  # models take float32; precision= decides the arithmetic
+    return tensor
+
+
+def load_kernel(path: str, what: str):
+    from .io import load_gram
+
+    if path.endswith(".safetensors"):
+        return load_gram(path)[0]
+    return load_array(path, what)
+
+
+def _environment() -> dict:
+    import torch
+
+    from . import __version__
+
+    return {"tangent_kernels": __version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+# ----------------------------------------------------------------------------- gram
+
+
+def _parse_output(text: str):
+    if text in ("first", "sum"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise CommandError(f"--output must be 'first', 'sum' or an integer logit index; got {text!r}") from None
+
+
+def _gram(args: argparse.Namespace) -> int:
+    import torch
+
+    from .engine import gram
+    from .io import save_gram
+    from .params import subsample
+
+    model = load_model(args.model, args.weights)
+    x = load_array(args.data, "--data")
+    x2 = load_array(args.data2, "--data2") if args.data2 else None
+    total = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if args.idx:
+        idx = load_array(args.idx, "--idx")
+    elif args.params is not None and args.params < total:
+        idx = subsample(model, args.params, seed=args.seed)
+    else:
+        idx = None
+    start = time.perf_counter()
+    K = gram(
+        model, x.split(args.batch_size), idx, x2.split(args.batch_size) if x2 is not None else None,
+        output=_parse_output(args.output), precision=args.precision, device=args.device,
+        progress=not args.no_progress, checkpoint=args.checkpoint, max_memory=args.max_memory,
+    )
+    seconds = time.perf_counter() - start
+    p = total if idx is None else len(idx)
+    meta = {
+        "model": args.model, "weights": args.weights, "data": args.data, "data2": args.data2,
+        "params": p, "params_total": total, "seed": args.seed, "idx": args.idx, "output": args.output,
+        "precision": args.precision, "device": str(K.device), "seconds": round(seconds, 3), **_environment(),
+    }
+    save_gram(args.out, K, meta)
+    kind = "K(X, X)" if x2 is None else "K(X1, X2)"
+    print(f"{kind} {tuple(K.shape)} {str(K.dtype).replace('torch.', '')}, p = {p:,} of {total:,} parameters, "
+          f"{seconds:.1f} s -> {args.out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- solve
+
+
+def _solve(args: argparse.Namespace) -> int:
+    import torch
+
+    from .solve import KernelRidge
+
+    K = load_kernel(args.gram, "--gram")
+    y = load_array(args.labels, "--labels")
+    if (args.val_gram is None) != (args.val_labels is None):
+        raise CommandError("--val-gram and --val-labels go together")
+    if (args.test_gram is None) != (args.test_labels is None):
+        raise CommandError("--test-gram and --test-labels go together")
+    betas: Any = "auto" if args.betas == ["auto"] else [float(b) for b in args.betas]
+    kr = KernelRidge(betas=betas, solver=args.solver, max_iter=args.max_iter, tol=args.tol,
+                     device=args.device, beta_scale=args.beta_scale, progress=not args.no_progress)
+    K_val = load_kernel(args.val_gram, "--val-gram") if args.val_gram else None
+    y_val = load_array(args.val_labels, "--val-labels") if args.val_labels else None
+    kr.fit(K, y, K_val=K_val, Y_val=y_val)
+    metric = "accuracy" if kr.n_classes_ else "r2"
+    report = {"solver": args.solver, "best_beta": kr.best_beta_, "betas": kr.betas_, "n_train": kr.n_train_,
+              "fit_seconds": round(kr.fit_time_, 3), "validation": kr.scores_, **_environment()}
+    lines = [f"{args.solver}: best beta {kr.best_beta_:.4g} of {len(kr.betas_)} tried, fit {kr.fit_time_:.2f} s"]
+    if args.test_gram:
+        test_score = kr.score(load_kernel(args.test_gram, "--test-gram"), load_array(args.test_labels, "--test-labels"))
+        report[f"test_{metric}"] = test_score
+        lines.append(f"test {metric}: {test_score:.4f}")
+    if args.coef:
+        torch.save(kr.dual_coef_.cpu(), args.coef)
+        lines.append(f"dual coefficients {tuple(kr.dual_coef_.shape)} -> {args.coef}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1, default=str))
+        lines.append(f"report -> {args.json}")
+    print("\n".join(lines))
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__, demo
+    from .engine import PRECISIONS
+    from .solve import SOLVERS
 
     parser = argparse.ArgumentParser(
-        prog="tangent-kernels", description="Empirical neural tangent kernels for PyTorch models."
+        prog="tangent-kernels", description="Empirical neural tangent kernels for PyTorch models.",
+        epilog="Errors are one line and exit code 2; add --debug for the traceback.",
     )
     parser.add_argument("--version", action="version", version=f"tangent_kernels {__version__}")
+    # --debug is read from argv directly (main), so it works before or after the command.
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
+    parser._add_container_actions(debug)
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
+
+    g = commands.add_parser("gram", parents=[debug], help="compute and save an eNTK Gram matrix",
+                            description="Compute the eNTK Gram of a model over data and save it (safetensors + metadata).")
+    g.add_argument("--model", required=True, help="module:factory or path/file.py:factory (a function returning an nn.Module, or a module instance)")
+    g.add_argument("--weights", help="state_dict file (torch.save) to load into the model")
+    g.add_argument("--data", required=True, help="inputs X as .npy or .pt, samples along the first axis")
+    g.add_argument("--data2", help="second inputs X2 for the cross kernel K(X, X2)")
+    g.add_argument("--params", type=int, help="number of parameters to subsample (default: all)")
+    g.add_argument("--idx", help="explicit global parameter positions (.npy/.pt, 1-D integers) instead of --params")
+    g.add_argument("--seed", type=int, default=0, help="subsample seed (default 0)")
+    g.add_argument("--output", default="first", help="'first' (logit 0), 'sum' (pNTK) or an integer logit index")
+    g.add_argument("--precision", default="fp32", choices=list(PRECISIONS))
+    g.add_argument("--batch-size", type=int, default=256)
+    g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the model's)")
+    g.add_argument("--checkpoint", help="folder to checkpoint into and resume from")
+    g.add_argument("--max-memory", type=int, help="bytes of features allowed on the device")
+    g.add_argument("--out", required=True, help="where to save K (.safetensors)")
+    g.add_argument("--no-progress", action="store_true")
+    g.set_defaults(run=_gram)
+
+    s = commands.add_parser("solve", parents=[debug], help="kernel ridge regression on saved Gram matrices",
+                            description="Fit kernel ridge regression on a saved Gram and report validation/test scores.")
+    s.add_argument("--gram", required=True, help="K(X_train, X_train): .safetensors from `gram`, or .npy/.pt")
+    s.add_argument("--labels", required=True, help="integer labels [n] or float targets [n] / [n, m] (.npy/.pt)")
+    s.add_argument("--val-gram", help="K(X_val, X_train)")
+    s.add_argument("--val-labels")
+    s.add_argument("--test-gram", help="K(X_test, X_train)")
+    s.add_argument("--test-labels")
+    s.add_argument("--betas", nargs="+", default=["auto"], help="'auto' (telescopic search) or numbers")
+    s.add_argument("--beta-scale", choices=["trace"], help="betas relative to mean(diag K)")
+    s.add_argument("--solver", default="eigh", choices=list(SOLVERS), help="(default eigh)")
+    s.add_argument("--max-iter", type=int, default=1000)
+    s.add_argument("--tol", type=float, default=1e-6)
+    s.add_argument("--device")
+    s.add_argument("--coef", help="save the dual coefficients (torch.save) here")
+    s.add_argument("--json", help="write a JSON report here")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(run=_solve)
+
     demo_parser = commands.add_parser(
-        "demo", help="eNTK kernel regression on scikit-learn's digits", description=demo.__doc__,
+        "demo", parents=[debug], help="eNTK kernel regression on scikit-learn's digits", description=demo.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     demo.add_arguments(demo_parser)
     demo_parser.set_defaults(run=demo.main)
-    info_parser = commands.add_parser("info", help="which backends (C++, CUDA, Triton) are active, and why not")
+    info_parser = commands.add_parser("info", parents=[debug], help="which backends (C++, CUDA, Triton) are active, and why not")
     info_parser.set_defaults(run=_info)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (CommandError,) + _USER_ERRORS as error:
+        if debug:
+            raise
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"tangent-kernels {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"tangent-kernels {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,0 +1,126 @@
+"""The command line: gram and solve round trips, and one-line errors with exit code 2."""
+
+import json
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import tangent_kernels as tk
+from tangent_kernels.cli import main
+
+FACTORY = textwrap.dedent("""
+    import torch
+    from torch import nn
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
+
+    instance = make()
+    not_a_model = 3
+""")
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "factory.py").write_text(FACTORY)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 5))
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).astype(np.int64)
+    np.save("X.npy", x[:40])
+    np.save("y.npy", y[:40])
+    np.save("Xv.npy", x[40:])
+    np.save("yv.npy", y[40:])
+    torch.save(torch.from_numpy(x[:40]).float(), "X.pt")
+    return tmp_path
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+
+
+def test_gram_saves_the_same_K_as_the_library(workdir, capsys):
+    assert main(["gram", "--model", "factory.py:make", "--data", "X.npy", "--params", "50", "--seed", "3",
+                 "--output", "sum", "--batch-size", "16", "--out", "K.safetensors", "--no-progress"]) == 0
+    assert "K(X, X) (40, 40) float32, p = 50 of 147 parameters" in capsys.readouterr().out
+    K, meta = tk.load_gram("K.safetensors")
+    x = torch.from_numpy(np.load("X.npy")).float()
+    model = _model()
+    expected = tk.gram(model, [x], tk.subsample(model, 50, seed=3), output="sum", progress=False)
+    assert torch.equal(K, expected)
+    assert meta["params"] == 50 and meta["output"] == "sum" and meta["model"] == "factory.py:make"
+    assert "torch" in meta and meta["seconds"] >= 0
+
+
+def test_gram_cross_kernel_from_a_module_path_and_pt_data(workdir):
+    # "module:attr" imports from the working directory; .pt data; an instance, not a factory
+    assert main(["gram", "--model", "factory:instance", "--data", "Xv.npy", "--data2", "X.pt",
+                 "--out", "Kv.safetensors", "--no-progress", "--precision", "fp64"]) == 0
+    K, _ = tk.load_gram("Kv.safetensors")
+    x, xv = torch.from_numpy(np.load("X.npy")).float(), torch.from_numpy(np.load("Xv.npy")).float()
+    ref = tk.reference.gram_autograd(_model(), [xv], None, [x])
+    assert K.dtype == torch.float64 and K.shape == (20, 40)
+    assert float((K - ref).norm() / ref.norm()) <= 1e-10  # fp64 (see test_gram.py)
+
+
+def test_solve_round_trip_matches_kernel_ridge(workdir, capsys):
+    for args in (["--data", "X.npy", "--out", "K.safetensors"], ["--data", "Xv.npy", "--data2", "X.npy", "--out", "Kv.safetensors"]):
+        assert main(["gram", "--model", "factory.py:make", "--no-progress", *args]) == 0
+    assert main(["solve", "--gram", "K.safetensors", "--labels", "y.npy", "--val-gram", "Kv.safetensors",
+                 "--val-labels", "yv.npy", "--test-gram", "Kv.safetensors", "--test-labels", "yv.npy",
+                 "--betas", "0.01", "0.1", "1", "--solver", "cholesky", "--json", "report.json",
+                 "--coef", "alpha.pt", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    report = json.loads(open("report.json").read())
+    K, Kv = tk.load_gram("K.safetensors")[0], tk.load_gram("Kv.safetensors")[0]
+    y, yv = torch.from_numpy(np.load("y.npy")), torch.from_numpy(np.load("yv.npy"))
+    kr = tk.KernelRidge(betas=(0.01, 0.1, 1.0), solver="cholesky").fit(K, y, K_val=Kv, Y_val=yv)
+    assert report["best_beta"] == pytest.approx(kr.best_beta_)
+    assert report["test_accuracy"] == pytest.approx(kr.score(Kv, yv))
+    assert f"test accuracy: {kr.score(Kv, yv):.4f}" in out
+    assert torch.allclose(torch.load("alpha.pt"), kr.dual_coef_.cpu())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["gram", "--model", "factory.py:nope", "--data", "X.npy", "--out", "K.safetensors"], "has no attribute 'nope'"),
+    (["gram", "--model", "factory.py:not_a_model", "--data", "X.npy", "--out", "K.safetensors"], "must be an nn.Module"),
+    (["gram", "--model", "missing.py:make", "--data", "X.npy", "--out", "K.safetensors"], "no file missing.py"),
+    (["gram", "--model", "no_such_module:make", "--data", "X.npy", "--out", "K.safetensors"], "cannot import module 'no_such_module'"),
+    (["gram", "--model", "factory", "--data", "X.npy", "--out", "K.safetensors"], "must be 'module:factory'"),
+    (["gram", "--model", "factory.py:make", "--data", "nothing.npy", "--out", "K.safetensors"], "--data: no file nothing.npy"),
+    (["gram", "--model", "factory.py:make", "--data", "factory.py", "--out", "K.safetensors"], "must be a .npy or .pt file"),
+    (["gram", "--model", "factory.py:make", "--data", "X.npy", "--output", "last", "--out", "K.safetensors"], "--output must be"),
+    (["gram", "--model", "factory.py:make", "--data", "X.npy", "--params", "1000", "--idx", "y.npy", "--out", "K.safetensors"], None),
+    (["solve", "--gram", "K.safetensors", "--labels", "y.npy"], "no Gram file"),
+    (["solve", "--gram", "X.npy", "--labels", "y.npy"], "must be a square"),
+    (["solve", "--gram", "X.npy", "--labels", "y.npy", "--val-gram", "X.npy"], "go together"),
+])
+def test_errors_are_one_line_with_exit_code_2(workdir, capsys, argv, message):
+    code = main(argv + ["--no-progress"])
+    err = capsys.readouterr().err
+    if message is None:  # --idx wins over --params; y.npy holds valid positions 0/1 ... duplicated -> refused
+        assert code == 2 and "duplicate" in err
+        return
+    assert code == 2
+    assert message in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_debug_shows_the_traceback(workdir):
+    from tangent_kernels.cli import CommandError
+
+    with pytest.raises(CommandError, match="no attribute"):
+        main(["gram", "--model", "factory.py:nope", "--data", "X.npy", "--out", "K.safetensors", "--debug"])
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("gram", "solve", "demo", "info"):
+        assert command in out
