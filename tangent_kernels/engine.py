@@ -15,7 +15,7 @@ import logging
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -109,13 +109,25 @@ def _to_store(block: torch.Tensor, precision: Precision, scale_rows: bool) -> Tu
     scales = _fp16_scales(block)
     return (block * scales[:, None].to(block.dtype)).to(precision.store), scales
 
-def _progress_bar(total: Optional[int], desc: str, enabled: bool):
-    if not enabled:
+def _check_progress(progress) -> Union[bool, str]:
+    # Strict: a truthy typo ("alwyas", 1) must not pass for True.
+    if not (isinstance(progress, bool) or (isinstance(progress, str) and progress == "always")):
+        raise ValueError(
+            f"progress must be True (a bar on a terminal), False (none) or 'always' (a bar even "
+            f"when stderr is not a terminal: log files, notebooks); got {progress!r}"
+        )
+    return progress
+
+
+def _progress_bar(total: Optional[int], desc: str, progress: Union[bool, str], unit: str = "sample"):
+    if progress is False:
         return None
     from tqdm.auto import tqdm
 
-    # disable=None: shown on a terminal, silent in logs and CI.
-    return tqdm(total=total, desc=desc, unit="sample", disable=None, dynamic_ncols=True)
+    # disable=None is tqdm's terminal test: a bar on a terminal, silence in logs and CI,
+    # where a bar redrawn with carriage returns is noise. "always" asks for it anyway.
+    disable = False if progress == "always" else None
+    return tqdm(total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True)
 
 
 class _PerSampleGradients:
@@ -325,7 +337,7 @@ def _feature_blocks(
     precision: Precision,
     device: torch.device,
     inputs: Optional[Callable[[Any], Any]],
-    progress: bool,
+    progress: Union[bool, str],
     name: str,
     backend: str,
     expected_signature=None,
@@ -398,7 +410,7 @@ def features(
     output: OutputSpec = "first",
     precision: str = "fp32",
     device=None,
-    progress: bool = True,
+    progress: Union[bool, str] = True,
     inputs: Optional[Callable[[Any], Any]] = None,
     backend: str = "auto",
 ) -> torch.Tensor:
@@ -416,12 +428,15 @@ def features(
             use TF32); the result has the mode's dtype (bfloat16/float16 for the 16-bit
             modes). docs/precision.md has each mode's measured error.
         device: where to compute (default: the model's device); the model is not moved.
-        progress: show a progress bar on a terminal.
+        progress: True (default): a tqdm bar (samples, rate, ETA, phase) when stderr is a
+            terminal, nothing in logs, CI or notebooks; "always": the bar even when stderr
+            is not a terminal; False: no bar.
         inputs: optional callable batch -> model input (tensor, tuple of args, dict).
         backend: sampled-gradient kernels for tapped layers: "auto" (Triton on CUDA when
             available, else plain torch), "torch", or "triton".
     """
     index, output, precision, device, backend = _prepare(model, idx, output, precision, device, backend)
+    progress = _check_progress(progress)
     with eval_mode(model), fp32_math(precision.allow_tf32):
         blocks = _feature_blocks(model, loader, index, output, precision, device, inputs, progress, "loader", backend)
         g, _, _ = _collect(blocks, precision, scale_rows=False)
@@ -437,7 +452,7 @@ def gram(
     output: OutputSpec = "first",
     precision: str = "fp32",
     device=None,
-    progress: bool = True,
+    progress: Union[bool, str] = True,
     inputs: Optional[Callable[[Any], Any]] = None,
     backend: str = "auto",
     out: Optional[torch.Tensor] = None,
@@ -475,6 +490,7 @@ def gram(
     """
     index, output, precision, device, backend = _prepare(model, idx, output, precision, device, backend)
     store = check_store(store)
+    progress = _check_progress(progress)
     budget = check_max_memory(max_memory, device)
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable (it receives a ProgressEvent); got {type(callback).__name__}")
@@ -526,19 +542,18 @@ class ProgressEvent:
 class _Events:
     """Progress bars (one per phase, on a terminal) and the user's callback."""
 
-    def __init__(self, callback, progress: bool):
+    def __init__(self, callback, progress: Union[bool, str]):
         self.callback, self.progress = callback, progress
         self.start = time.perf_counter()
         self.bar, self.bar_key = None, None
 
     def __call__(self, phase: str, loader: Optional[str], done: int, total: Optional[int], resumed: bool) -> None:
         key = (phase, loader)
-        if self.progress and key != self.bar_key:
+        if self.progress is not False and key != self.bar_key:
             self.close()
             label = f"eNTK features ({loader})" if phase == "features" else "eNTK Gram rows"
-            self.bar, self.bar_key = _progress_bar(total, label, True), key
-            if self.bar is not None:
-                self.bar.unit = "sample" if phase == "features" else "row"
+            unit = "sample" if phase == "features" else "row"
+            self.bar, self.bar_key = _progress_bar(total, label, self.progress, unit), key
         if self.bar is not None:
             self.bar.update(done - self.bar.n)
         if self.callback is not None:
