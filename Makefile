@@ -25,7 +25,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 # torch 2.14.1 is the CUDA 13.0 build (a local wheel on the project's machines): the
 # CUDA sources compile and link against it even with no GPU.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
-TOOLS := numpy tqdm safetensors scikit-learn pytest ninja cmake "setuptools>=64" wheel
+TOOLS := numpy tqdm safetensors scikit-learn matplotlib pytest ninja cmake "setuptools>=64" wheel
 
 DEPS_STAMP := $(VENV)/.tangent-kernels-deps
 EXT_STAMP := build/.extension-built

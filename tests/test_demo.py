@@ -1,0 +1,61 @@
+"""The demo end to end (--quick) and its data construction."""
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from tangent_kernels import demo
+from tangent_kernels.cli import main as cli_main
+
+
+def test_shift_is_a_partition_with_every_class_on_both_sides():
+    shift = demo.make_shift(seed=0)
+    x_all, y_all = demo._digits()
+    sizes = shift.sizes()
+    assert sizes["train"] + sizes["val"] + sizes["test"] + sizes["ood"] == len(y_all)
+    assert sizes["corrupted"] == sizes["test"]
+    for name in ("train", "val", "test", "ood"):
+        assert set(getattr(shift, name)[1].tolist()) == set(range(10))
+    # ID and OOD images are different images (no sample on both sides)
+    id_images = torch.cat([shift.train[0], shift.val[0], shift.test[0]]).reshape(-1, 64)
+    ood_images = shift.ood[0].reshape(-1, 64)
+    distances = torch.cdist(id_images[:200], ood_images)
+    assert float(distances.min()) > 0
+    # the corruption changes the images but keeps them in [0, 1], deterministically
+    assert not torch.equal(shift.corrupted[0], shift.test[0])
+    assert float(shift.corrupted[0].min()) >= 0 and float(shift.corrupted[0].max()) <= 1
+    assert torch.equal(demo.corrupt(shift.test[0], 5), demo.corrupt(shift.test[0], 5))
+
+
+def test_quick_demo_writes_well_formed_results(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert cli_main(["demo", "--quick", "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "ID acc" in printed and "OOD acc" in printed and "total time" in printed
+    report = json.loads((out / "results.json").read_text())
+    assert set(report) >= {"config", "device", "versions", "summary", "runs", "figures", "wall_time_s"}
+    assert report["config"]["quick"] is True and report["config"]["seeds"] == [0]
+    run = report["runs"][0]
+    methods = set(run["accuracy"])
+    assert {"LP", "FT", "LP-FT"} <= methods
+    assert sum("pNTK" in m for m in methods) == 2 and sum("first logit" in m for m in methods) == 2
+    for method, accuracies in run["accuracy"].items():
+        assert set(accuracies) == {"test", "ood", "corrupted"}
+        assert all(0.0 <= a <= 1.0 for a in accuracies.values()), method
+    # eNTK regression learns the ID task: far above chance (0.1) even in the quick run
+    assert run["accuracy"]["pNTK (Nesterov, early stopping)"]["test"] > 0.5
+    assert all(t >= 0 for t in run["times_s"].values()) and "pretraining" in run["times_s"]
+    eigenvalues = run["pntk_kernel"]["eigenvalues"]
+    assert len(eigenvalues) == run["sizes"]["train"] and eigenvalues == sorted(eigenvalues, reverse=True)
+    for curve in run["nesterov_trajectory"].values():
+        assert len(curve["iteration"]) == len(curve["val"]) == len(curve["ood"])
+    for figure in ("nesterov_accuracy.png", "id_vs_ood.png", "spectrum.png"):
+        data = (out / figure).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5_000
+
+
+def test_bad_params_is_a_clear_error(tmp_path, capsys):
+    assert cli_main(["demo", "--quick", "--params", "0", "--out", str(tmp_path)]) == 2
+    assert "--params must be >= 1" in capsys.readouterr().err
