@@ -11,6 +11,7 @@ the why of each choice.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import warnings
@@ -693,7 +694,9 @@ def _blocked_gram(first: FeatureStore, second: FeatureStore, symmetric: bool, k_
     staged = [s for s in {id(first): first, id(second): second}.values() if s.kind != "device"]
     if staged:  # host/disk stores stage two row blocks on the device per tile: keep them in budget
         resident = sum(s.device_bytes for s in (first, second) if s.kind == "device")
-        per_row = first.row_bytes + second.row_bytes
+        # A's block, B's block, and on CUDA the next B block already in flight (_staged_blocks).
+        in_flight = 2 if _overlaps_copies(second, device) else 1
+        per_row = first.row_bytes + in_flight * second.row_bytes
         tile_rows = max(1, min(tile_rows, (budget - resident) // per_row))
     i0 = done
     while i0 < n1:
@@ -722,10 +725,11 @@ def _row_block(k: torch.Tensor, first: FeatureStore, second: FeatureStore, i0: i
     a, a_scales = first.rows(i0, i1), first.scales(i0, i1)
     try:
         stop = i1 if symmetric else second.n
-        for j0 in range(0, stop, tile_rows):
-            j1 = min(j0 + tile_rows, stop)
-            b = second.rows(j0, j1)
-            try:
+        ranges = [(j0, min(j0 + tile_rows, stop)) for j0 in range(0, stop, tile_rows)]
+        # closing(): an error mid-row (e.g. out of memory) releases the staged blocks now,
+        # before the retry, not whenever the generator is collected.
+        with contextlib.closing(_staged_blocks(second, ranges, device)) as blocks:
+            for j0, j1, b in blocks:
                 on_device = k.device == device
                 tile = k[i0:i1, j0:j1] if on_device else torch.empty(i1 - i0, j1 - j0, dtype=k.dtype, device=device)
                 tile.zero_()
@@ -734,10 +738,59 @@ def _row_block(k: torch.Tensor, first: FeatureStore, second: FeatureStore, i0: i
                     tile.mul_((1.0 / a_scales[:, None]) * (1.0 / second.scales(j0, j1)[None, :]))
                 if not on_device:
                     k[i0:i1, j0:j1].copy_(tile)
-            finally:
-                second.release(b)
     finally:
         first.release(a)
+
+
+def _overlaps_copies(feature_store: FeatureStore, device: torch.device) -> bool:
+    # Only pinned host memory copies to the GPU asynchronously; a disk store's rows come
+    # from a pageable memory map, whose copy the host waits for anyway.
+    return feature_store.kind == "host" and device.type == "cuda"
+
+
+def _staged_blocks(feature_store: FeatureStore, ranges: List[Tuple[int, int]], device: torch.device):
+    """Yield (j0, j1, rows [j0, j1) on ``device``) for each range, releasing each block
+    after the caller's step.
+
+    From a host store to a CUDA device, block r + 1 is copied on a side stream while the
+    caller computes with block r, so the transfers hide behind the tile GEMMs; the
+    compute stream waits for a block's copy only when it reaches that block. Two
+    blocks are then staged at once, which ``_blocked_gram`` budgets for.
+    """
+    if not _overlaps_copies(feature_store, device):
+        for j0, j1 in ranges:
+            block = feature_store.rows(j0, j1)
+            try:
+                yield j0, j1, block
+            finally:
+                feature_store.release(block)
+        return
+    compute, copies = torch.cuda.current_stream(device), torch.cuda.Stream(device)
+
+    def stage(j0: int, j1: int):
+        with torch.cuda.stream(copies):
+            block = feature_store.rows(j0, j1)
+            ready = torch.cuda.Event()
+            ready.record(copies)
+        return block, ready
+
+    pending = stage(*ranges[0]) if ranges else None
+    try:
+        for r, (j0, j1) in enumerate(ranges):
+            block, ready = pending
+            pending = None
+            try:
+                pending = stage(*ranges[r + 1]) if r + 1 < len(ranges) else None
+                compute.wait_event(ready)
+                # Allocated on the side stream, used on the compute stream: the caching
+                # allocator must not hand its memory out again before that use is done.
+                block.record_stream(compute)
+                yield j0, j1, block
+            finally:
+                feature_store.release(block)
+    finally:
+        if pending is not None:
+            feature_store.release(pending[0])
 
 
 def _mirror_lower(k: torch.Tensor) -> None:
