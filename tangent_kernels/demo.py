@@ -388,14 +388,14 @@ def plot(first: Dict, out: Path) -> List[str]:
     plt.close(fig)
     written.append("nesterov_accuracy.png")
 
-    fig, ax = plt.subplots(figsize=(4.8, 4))
-    for method, acc in first["accuracy"].items():
-        ax.scatter(acc["test"], acc["ood"], s=30)
-        ax.annotate(method.replace(" (Nesterov, ", "\n("), (acc["test"], acc["ood"]), fontsize=6,
-                    xytext=(3, 3), textcoords="offset points")
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    markers = "osD^v<>p*h"
+    for k, (method, acc) in enumerate(first["accuracy"].items()):
+        ax.scatter(acc["test"], acc["ood"], s=40, marker=markers[k % len(markers)], label=method, alpha=0.8)
     ax.set_xlabel("ID test accuracy")
     ax.set_ylabel("OOD accuracy")
-    ax.set_title("ID vs OOD accuracy")
+    ax.set_title(f"ID vs OOD accuracy (seed {first['seed']})")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     fig.savefig(out / "id_vs_ood.png", dpi=110)
     plt.close(fig)
