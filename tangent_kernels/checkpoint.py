@@ -202,8 +202,17 @@ class Checkpoint:
         raw = np.fromfile(self.folder / "K.bin", dtype=np.uint8, count=stop * shape[1] * itemsize)
         return torch.from_numpy(raw).view(dtype).view(stop, shape[1])
 
-    def record_k_rows(self, start: int, rows: torch.Tensor) -> None:
-        """Rows [start, start + len(rows)) of K are final: persist them, then say so."""
+    @property
+    def k_tile_rows(self) -> Optional[int]:
+        """The tile size the last finished row block of K used (None before the first)."""
+        return self.manifest.get("k_tile_rows")
+
+    def record_k_rows(self, start: int, rows: torch.Tensor, tile_rows: int) -> None:
+        """Rows [start, start + len(rows)) of K are final: persist them, then say so.
+
+        ``tile_rows`` is recorded because a tile's shape changes the summation order
+        inside the tile op: a resumed run continues with the tile size the interrupted
+        one had reached (e.g. after an out-of-memory halving), so its K is bit-identical."""
         data = rows.detach().cpu().contiguous()
         path = self.folder / "K.bin"
         mode = "rb+" if path.exists() else "wb+"
@@ -213,4 +222,5 @@ class Checkpoint:
             handle.flush()
             os.fsync(handle.fileno())
         self.manifest["k_rows_done"] = start + data.shape[0]
+        self.manifest["k_tile_rows"] = int(tile_rows)
         self._save()

@@ -698,6 +698,11 @@ def _blocked_gram(first: FeatureStore, second: FeatureStore, symmetric: bool, k_
         in_flight = 2 if _overlaps_copies(second, device) else 1
         per_row = first.row_bytes + in_flight * second.row_bytes
         tile_rows = max(1, min(tile_rows, (budget - resident) // per_row))
+    if ckpt is not None and ckpt.k_tile_rows:
+        # Continue with the interrupted run's tiles (smaller after an out-of-memory
+        # halving): the same tile shapes give the same bits. A smaller budget than
+        # that run's still wins, at the cost of bit-identity.
+        tile_rows = min(tile_rows, ckpt.k_tile_rows)
     i0 = done
     while i0 < n1:
         i1 = min(i0 + tile_rows, n1)
@@ -712,7 +717,7 @@ def _blocked_gram(first: FeatureStore, second: FeatureStore, symmetric: bool, k_
             _log.info("out of memory in the Gram phase: tiles of %d rows now", tile_rows)
             continue
         if ckpt is not None:
-            ckpt.record_k_rows(i0, k[i0:i1])
+            ckpt.record_k_rows(i0, k[i0:i1], tile_rows)
         events("gram", None, i1, n1, resumed=False)
         i0 = i1
     if symmetric:
