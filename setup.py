@@ -135,7 +135,7 @@ def _extensions():
     # Imported only now: torch.utils.cpp_extension reads CUDA_HOME at import time.
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
-    sources = ["csrc/ops.cpp", "csrc/cpu/gram_tile_update.cpp"]
+    sources = ["csrc/ops.cpp", "csrc/cpu/gram_tile_update.cpp", "csrc/cpu/sampled_grad.cpp"]
     cxx_flags = ["-O3"]
     nvcc_flags = ["-O3", "-lineinfo"]
     if build_cuda:
@@ -148,7 +148,7 @@ def _extensions():
         for include in _nvidia_wheel_includes():
             cxx_flags += ["-isystem", include]
             nvcc_flags += ["-isystem", include]
-        sources.append("csrc/cuda/gram_tile_update.cu")
+        sources += ["csrc/cuda/gram_tile_update.cu", "csrc/cuda/sampled_grad.cu"]
         make = CUDAExtension
         extra = {"cxx": cxx_flags, "nvcc": nvcc_flags}
     else:

@@ -27,7 +27,8 @@ import torch
 
 from ._ext import BUILD_HINT, extension_error, extension_loaded, has_cpu_kernels, has_cuda_kernels
 
-__all__ = ["BACKENDS", "available_tile_backends", "gram_tile_update", "gram_tile_update_torch"]
+__all__ = ["BACKENDS", "available_tile_backends", "gram_tile_update", "gram_tile_update_torch", "has_sampled_kernels",
+           "sampled_conv_grad", "sampled_embedding_grad", "sampled_linear_grad"]
 
 OP_NAME = "tangent_kernels::gram_tile_update"
 BACKENDS = ("auto", "cpp", "cuda", "torch")
@@ -173,3 +174,129 @@ def _fake_gram_tile_update(K, A, B, row_offset, col_offset, lower):
 
 if extension_loaded():  # the schema exists only once tangent_kernels._C is loaded
     torch.library.register_fake(OP_NAME)(_fake_gram_tile_update)
+
+
+# --- sampled per-sample gradient ops (C++ CPU / CUDA kernels) --------------------------
+#
+#   torch.ops.tangent_kernels.sampled_linear_grad(a, d, rows, cols, out, out_columns)
+#   torch.ops.tangent_kernels.sampled_conv_grad(a_pad, d, out_channel, in_channel,
+#                                               kernel_offsets, stride, dilation, out, out_columns)
+#   torch.ops.tangent_kernels.sampled_embedding_grad(tokens, d, rows, cols, padding_idx, out, out_columns)
+#
+# each writes out[b, out_columns[j]] (out[b, j] without out_columns) for every sample b
+# and sampled entry j, in place, into the caller's feature block; semantics in
+# csrc/sampled_grad.h and the plain-torch references in tangent_kernels.sampled.
+# Accumulation is float32 (float64 for float64 inputs), rounded once into out's dtype.
+
+SAMPLED_OPS = ("sampled_linear_grad", "sampled_conv_grad", "sampled_embedding_grad")
+
+
+def _index(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.int64 else t.long()
+
+
+def _out(out, batch: int, m: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.empty(batch, m, dtype=like.dtype, device=like.device) if out is None else out
+
+
+def sampled_linear_grad(a: torch.Tensor, d: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, *,
+                        out: torch.Tensor | None = None, out_columns: torch.Tensor | None = None) -> torch.Tensor:
+    """out[b, out_columns[j]] = sum_t d[b, t, rows[j]] * a[b, t, cols[j]] (C++/CUDA kernel).
+
+    a: [B, T, I], d: [B, T, O]; rows/cols: [m] integer. Without ``out`` a new [B, m]
+    tensor in a's dtype is returned; with it, ``out`` ([B, N], any float dtype) is
+    written in place at ``out_columns`` (distinct; default the first m columns).
+    """
+    out = _out(out, a.shape[0], rows.shape[0], a)
+    torch.ops.tangent_kernels.sampled_linear_grad(
+        a, d, _index(rows), _index(cols), out, None if out_columns is None else _index(out_columns))
+    return out
+
+
+def sampled_conv_grad(a_pad: torch.Tensor, d: torch.Tensor, out_channel: torch.Tensor, in_channel: torch.Tensor,
+                      kernel_offsets: torch.Tensor, stride, dilation, *, out: torch.Tensor | None = None,
+                      out_columns: torch.Tensor | None = None) -> torch.Tensor:
+    """out[b, out_columns[j]] = sum_p d[b, out_channel[j], p] *
+    a_pad[b, in_channel[j], p * stride + kernel_offsets[j] * dilation] (C++/CUDA kernel).
+
+    a_pad: [B, C, *S] (already padded), d: [B, O, *P] with 1-3 spatial dims;
+    kernel_offsets: [m, ndim] integer. ``out``/``out_columns`` as in ``sampled_linear_grad``.
+    """
+    out = _out(out, a_pad.shape[0], out_channel.shape[0], a_pad)
+    torch.ops.tangent_kernels.sampled_conv_grad(
+        a_pad, d, _index(out_channel), _index(in_channel), _index(kernel_offsets), [int(s) for s in stride],
+        [int(s) for s in dilation], out, None if out_columns is None else _index(out_columns))
+    return out
+
+
+def sampled_embedding_grad(tokens: torch.Tensor, d: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                           padding_idx: int | None = None, *, out: torch.Tensor | None = None,
+                           out_columns: torch.Tensor | None = None) -> torch.Tensor:
+    """out[b, out_columns[j]] = sum_t [tokens[b, t] == rows[j]] * d[b, t, cols[j]], with
+    row ``padding_idx`` getting no gradient (C++/CUDA kernel).
+
+    tokens: [B, T] integer, d: [B, T, E]. ``out``/``out_columns`` as in ``sampled_linear_grad``.
+    """
+    out = _out(out, d.shape[0], rows.shape[0], d)
+    torch.ops.tangent_kernels.sampled_embedding_grad(
+        _index(tokens), d, _index(rows), _index(cols), padding_idx, out,
+        None if out_columns is None else _index(out_columns))
+    return out
+
+
+def _fake_check_out(op: str, out: torch.Tensor, batch: int, m: int, out_columns) -> None:
+    """The shape checks the compiled kernels make, for tracing (fake tensors hold no values)."""
+    if out.dim() != 2 or out.shape[0] != batch:
+        raise RuntimeError(f"{op}: out must be 2-D [B={batch}, N], got shape {list(out.shape)}")
+    if out_columns is None and out.shape[1] < m:
+        raise RuntimeError(f"{op}: without out_columns, out needs at least m = {m} columns, got {list(out.shape)}")
+    if out_columns is not None and (out_columns.dim() != 1 or out_columns.shape[0] != m):
+        raise RuntimeError(f"{op}: out_columns must be 1-D of length m = {m}, got {list(out_columns.shape)}")
+
+
+def _fake_sampled_linear_grad(a, d, rows, cols, out, out_columns):
+    if a.dim() != 3 or d.dim() != 3 or a.shape[:2] != d.shape[:2]:
+        raise RuntimeError(f"sampled_linear_grad: a and d must be [B, T, in] and [B, T, out], got "
+                           f"{list(a.shape)} and {list(d.shape)}")
+    _fake_check_out("sampled_linear_grad", out, a.shape[0], rows.shape[0], out_columns)
+
+
+def _fake_sampled_conv_grad(a_pad, d, out_channel, in_channel, kernel_offsets, stride, dilation, out, out_columns):
+    if a_pad.dim() != d.dim() or not 3 <= a_pad.dim() <= 5 or len(stride) != a_pad.dim() - 2:
+        raise RuntimeError(f"sampled_conv_grad: a_pad [B, C, *S] and d [B, O, *P] need 1-3 spatial dims and one "
+                           f"stride per dim, got {list(a_pad.shape)}, {list(d.shape)}, stride {list(stride)}")
+    _fake_check_out("sampled_conv_grad", out, a_pad.shape[0], out_channel.shape[0], out_columns)
+
+
+def _fake_sampled_embedding_grad(tokens, d, rows, cols, padding_idx, out, out_columns):
+    if tokens.dim() != 2 or d.dim() != 3 or tokens.shape != d.shape[:2]:
+        raise RuntimeError(f"sampled_embedding_grad: tokens must be [B, T] and d [B, T, E], got "
+                           f"{list(tokens.shape)} and {list(d.shape)}")
+    _fake_check_out("sampled_embedding_grad", out, d.shape[0], rows.shape[0], out_columns)
+
+
+def _register_sampled_fakes() -> None:
+    """Only for the ops this build has (an older _C may predate them)."""
+    fakes = {"sampled_linear_grad": _fake_sampled_linear_grad, "sampled_conv_grad": _fake_sampled_conv_grad,
+             "sampled_embedding_grad": _fake_sampled_embedding_grad}
+    for name, fake in fakes.items():
+        if hasattr(torch.ops.tangent_kernels, name):
+            torch.library.register_fake(f"tangent_kernels::{name}")(fake)
+
+
+def has_sampled_kernels(device_type: str) -> bool:
+    """Whether the loaded extension has the sampled-gradient kernels for ``device_type``."""
+    if not extension_loaded() or not hasattr(torch.ops.tangent_kernels, "sampled_conv_grad"):
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    if key is None:
+        return False
+    try:  # private API, guarded as in _ext._query_kernel
+        return all(bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"tangent_kernels::{name}", key))
+                   for name in SAMPLED_OPS)
+    except Exception:
+        return False
+
+
+if extension_loaded():
+    _register_sampled_fakes()

@@ -25,36 +25,76 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from . import sampled
+from . import ops, sampled
 from .outputs import scalarize
 from .params import TensorSlice
 
 __all__ = ["BACKENDS", "LayerRule", "resolve_backend", "rule_for", "TapRecorder", "Untappable"]
 
 # Implementations of the sampled-gradient contractions for Linear, Conv and Embedding
-# (norms and biases are a per-channel sum in plain torch on every backend).
-BACKENDS = ("auto", "torch", "triton")
+# (norms and biases are a per-channel sum in plain torch on every backend):
+#   "torch"   plain torch (sampled.py), any device: the reference;
+#   "cpp"     the C++ CPU kernels (csrc/cpu/sampled_grad.cpp), CPU tensors;
+#   "cuda"    the CUDA kernels (csrc/cuda/sampled_grad.cu), CUDA tensors;
+#   "triton"  the Triton kernels (kernels/), CUDA tensors (CPU only under TRITON_INTERPRET=1);
+#   "auto"    CPU: "cpp" when the extension has its CPU kernels (measured faster than
+#             "torch": docs/kernels.md), else "torch". CUDA: "triton" when available,
+#             else "cuda" when built, else "torch" (unmeasured on a GPU so far).
+# "cpp" and "cuda" write each result straight into the caller's feature block.
+BACKENDS = ("auto", "torch", "cpp", "cuda", "triton")
+_COMPILED = ("cpp", "cuda")
+
+
+def _compiled_missing(backend: str, device: torch.device) -> Optional[str]:
+    """Why the compiled sampled-gradient kernels of ``backend`` cannot run on ``device``."""
+    from . import _ext, ops
+
+    wanted = "cpu" if backend == "cpp" else "cuda"
+    if device.type != wanted:
+        other = "cuda" if backend == "cpp" else "cpp"
+        return f"backend={backend!r} runs on {wanted.upper()} tensors, not {device}; use backend={other!r}, 'auto' or 'torch'"
+    if not _ext.extension_loaded():
+        return f"backend={backend!r} needs the compiled extension: {_ext.extension_error()} (see tangent_kernels.info())"
+    if not ops.has_sampled_kernels(wanted):
+        return (f"backend={backend!r}: the loaded extension has no {wanted.upper()} sampled-gradient kernels "
+                f"(see tangent_kernels.info()); rebuild it with {'TANGENT_KERNELS_CUDA=1 ' if backend == 'cuda' else ''}"
+                f"{_ext.BUILD_HINT}")
+    return None
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The backend to use on ``device``; a clear error for an unknown or unusable one."""
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; available: {list(BACKENDS)} (C++ and CUDA "
-                         "sampled-gradient ops are not implemented yet)")
-    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
-        # On CPU Triton only runs interpreted (for tests): plain torch is far faster.
-        return "torch"
+        raise ValueError(f"unknown backend {backend!r}; available: {list(BACKENDS)}")
+    if backend == "torch":
+        return backend
+    if backend in _COMPILED:
+        reason = _compiled_missing(backend, device)
+        if reason is not None:
+            raise ValueError(reason)
+        return backend
+    if backend == "auto" and device.type != "cuda":
+        # On CPU Triton only runs interpreted (for tests): far slower than either.
+        return "cpp" if device.type == "cpu" and _compiled_missing("cpp", device) is None else "torch"
     from . import kernels
 
     if backend == "auto":
-        return "triton" if kernels.available() else "torch"
-    if backend == "triton":
-        reason = kernels.unavailable_reason()
-        if reason is not None:
-            raise ValueError(f"backend='triton' is not available: {reason}")
-        if device.type != "cuda" and not kernels.INTERPRETED:
-            raise ValueError(f"backend='triton' runs on CUDA devices (or under TRITON_INTERPRET=1), not {device}")
+        if kernels.available():
+            return "triton"
+        return "cuda" if _compiled_missing("cuda", device) is None else "torch"
+    reason = kernels.unavailable_reason()
+    if reason is not None:
+        raise ValueError(f"backend='triton' is not available: {reason}")
+    if device.type != "cuda" and not kernels.INTERPRETED:
+        raise ValueError(f"backend='triton' runs on CUDA devices (or under TRITON_INTERPRET=1), not {device}")
     return backend
+
+
+def _writes_in_place(backend: str, out: torch.Tensor, d: torch.Tensor) -> bool:
+    """Whether a compiled op can write straight into ``out`` (a 2-D float block on d's
+    device); otherwise the rule returns [B, m] and the caller scatters it."""
+    return (backend in _COMPILED and out.dim() == 2 and out.device == d.device
+            and out.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64))
 
 
 class Untappable(Exception):
@@ -83,6 +123,11 @@ class LayerRule:
         """[B, m]: the planned sampled entries of d s / d param, for every sample."""
         raise NotImplementedError
 
+    def grad_into(self, module: nn.Module, param: str, saved, d: torch.Tensor, plan, backend: str,
+                  out: torch.Tensor, columns: torch.Tensor) -> None:
+        """out[:, columns] = ``grad(...)``; rules with a compiled op write it in place."""
+        out[:, columns] = self.grad(module, param, saved, d, plan, backend).to(out.dtype)
+
 
 def _detached_input(a: torch.Tensor, module: nn.Module, batch: int, min_dim: int) -> torch.Tensor:
     if not isinstance(a, torch.Tensor) or a.dim() < min_dim or a.shape[0] != batch:
@@ -105,8 +150,19 @@ class LinearRule(LayerRule):
         if param == "bias":
             return sampled.sampled_bias_grad(d.transpose(1, 2), plan)
         rows, cols = plan
-        linear = torch.ops.tangent_kernels.triton_sampled_linear_grad if backend == "triton" else sampled.sampled_linear_grad
+        if backend == "triton":
+            linear = torch.ops.tangent_kernels.triton_sampled_linear_grad
+        else:
+            linear = ops.sampled_linear_grad if backend in _COMPILED else sampled.sampled_linear_grad
         return linear(a.reshape(batch, -1, n_in), d, rows, cols)
+
+    def grad_into(self, module, param, a, d, plan, backend, out, columns):
+        if param == "bias" or not _writes_in_place(backend, out, d):
+            return super().grad_into(module, param, a, d, plan, backend, out, columns)
+        batch = a.shape[0]
+        rows, cols = plan
+        ops.sampled_linear_grad(a.reshape(batch, -1, module.in_features), d.reshape(batch, -1, module.out_features),
+                                rows, cols, out=out, out_columns=columns)
 
 
 class ConvRule(LayerRule):
@@ -128,7 +184,7 @@ class ConvRule(LayerRule):
         channel_in_group = (local % per_out) // kernel_size
         groups_out = module.out_channels // module.groups
         in_channel = (out_channel // groups_out) * module.weight.shape[1] + channel_in_group
-        if backend == "triton":
+        if backend in ("triton", "cpp", "cuda"):
             offsets = torch.stack(torch.unravel_index(local % kernel_size, kernel), dim=1)
             return (out_channel, in_channel, offsets), None
         return sampled.conv_plan(out_channel, in_channel, local % kernel_size, kernel)
@@ -140,8 +196,15 @@ class ConvRule(LayerRule):
             return torch.ops.tangent_kernels.triton_sampled_conv_grad(
                 a_padded, d, *plan, list(module.stride), list(module.dilation)
             )
+        if backend in _COMPILED:
+            return ops.sampled_conv_grad(a_padded, d, *plan, module.stride, module.dilation)
         patches = sampled.conv_patches(a_padded, module.weight.shape[2:], module.stride, module.dilation, d.shape[2:])
         return sampled.sampled_conv_grad(patches, d, plan)
+
+    def grad_into(self, module, param, a_padded, d, plan, backend, out, columns):
+        if param == "bias" or not _writes_in_place(backend, out, d):
+            return super().grad_into(module, param, a_padded, d, plan, backend, out, columns)
+        ops.sampled_conv_grad(a_padded, d, *plan, module.stride, module.dilation, out=out, out_columns=columns)
 
 
 class EmbeddingRule(LayerRule):
@@ -158,11 +221,20 @@ class EmbeddingRule(LayerRule):
     def grad(self, module, param, tokens, d, plan, backend):
         rows, cols = plan
         tokens = tokens.reshape(tokens.shape[0], -1)
-        embedding = (torch.ops.tangent_kernels.triton_sampled_embedding_grad if backend == "triton"
-                     else sampled.sampled_embedding_grad)
+        if backend == "triton":
+            embedding = torch.ops.tangent_kernels.triton_sampled_embedding_grad
+        else:
+            embedding = ops.sampled_embedding_grad if backend in _COMPILED else sampled.sampled_embedding_grad
         return embedding(
             tokens, d.reshape(d.shape[0], -1, module.embedding_dim), rows, cols, module.padding_idx
         )
+
+    def grad_into(self, module, param, tokens, d, plan, backend, out, columns):
+        if not _writes_in_place(backend, out, d):
+            return super().grad_into(module, param, tokens, d, plan, backend, out, columns)
+        rows, cols = plan
+        ops.sampled_embedding_grad(tokens.reshape(tokens.shape[0], -1), d.reshape(d.shape[0], -1, module.embedding_dim),
+                                   rows, cols, module.padding_idx, out=out, out_columns=columns)
 
 
 class _ChannelNormRule(LayerRule):
@@ -265,7 +337,7 @@ class TapRecorder:
                 if d is None:  # the layer does not influence s
                     d = torch.zeros_like(tap.z)
                 for attr, plan, columns in tap.work:
-                    out[:, columns] = tap.rule.grad(tap.module, attr, tap.saved, d, plan, self.backend).to(out.dtype)
+                    tap.rule.grad_into(tap.module, attr, tap.saved, d, plan, self.backend, out, columns)
         finally:
             for tap in self.taps:
                 tap.saved, tap.z, tap.source = None, None, None

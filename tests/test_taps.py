@@ -24,8 +24,10 @@ def generic_after_one_batch(model, x, idx=None):
 
 
 # Backends of the sampled-gradient contractions that run here; Triton through its
-# interpreter (tests/conftest.py sets TRITON_INTERPRET=1 when there is no GPU).
-BACKENDS = ["torch", "triton"]
+# interpreter (tests/conftest.py sets TRITON_INTERPRET=1 when there is no GPU); the C++
+# kernels whenever the extension is built with them (CI builds it).
+CPP = ["cpp"] if tk.ops.has_sampled_kernels("cpu") else []
+BACKENDS = ["torch", "triton"] + CPP
 
 
 def check(model, x, idx=None, generic=frozenset(), output="first", backends=BACKENDS):
@@ -135,7 +137,7 @@ def test_resnet18_is_fully_tapped():
     torch.manual_seed(4)
     model = resnet18()
     # The interpreter is too slow for resnet18: Triton is covered by the layer tests above.
-    check(model, torch.randn(4, 3, 32, 32), tk.subsample(model, 30_000, seed=1), backends=["torch"])
+    check(model, torch.randn(4, 3, 32, 32), tk.subsample(model, 30_000, seed=1), backends=["torch"] + CPP)
 
 
 def test_shared_and_tied_parameters_go_generic():
@@ -171,8 +173,33 @@ class InputChangedAfterUse(nn.Module):
 
 
 def test_unknown_backend():
-    with pytest.raises(ValueError, match=r"unknown backend 'cuda'.*\['auto', 'torch', 'triton'\]"):
+    with pytest.raises(ValueError, match=r"unknown backend 'fast'.*\['auto', 'torch', 'cpp', 'cuda', 'triton'\]"):
+        tk.gram(CustomScale(), [torch.randn(2, 4)], progress=False, backend="fast")
+
+
+def test_compiled_backend_on_the_wrong_device():
+    with pytest.raises(ValueError, match=r"backend='cuda' runs on CUDA tensors, not cpu; use backend='cpp'"):
         tk.gram(CustomScale(), [torch.randn(2, 4)], progress=False, backend="cuda")
+
+
+def test_auto_picks_cpp_on_cpu_when_built():
+    from tangent_kernels.taps import resolve_backend
+
+    assert resolve_backend("auto", torch.device("cpu")) == ("cpp" if CPP else "torch")
+
+
+def test_cpp_backend_without_the_extension_names_info():
+    """With the extension disabled, backend='cpp' says what is missing and where to look."""
+    import subprocess
+    import sys
+
+    code = ("import torch, tangent_kernels as tk\n"
+            "try:\n    tk.taps.resolve_backend('cpp', torch.device('cpu'))\n"
+            "except ValueError as e:\n    print(e)\n")
+    env = dict(__import__("os").environ, TANGENT_KERNELS_NO_EXT="1")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert "backend='cpp' needs the compiled extension" in result.stdout, result.stdout + result.stderr
+    assert "tangent_kernels.info()" in result.stdout
 
 
 def test_input_modified_after_the_layer_raises_like_autograd():
