@@ -473,7 +473,8 @@ def gram(
 
     Beyond the arguments of :func:`features`:
         out: a preallocated [n1, n2] tensor of K's dtype (e.g. pinned host memory for a
-            K larger than the device); filled and returned.
+            K larger than the device; any strides, but not an expanded view); filled
+            and returned. Its dtype and memory are checked before any work starts.
         callback: called with a :class:`ProgressEvent` after every loader batch and every
             finished row block of K. An exception it raises stops the run; with
             ``checkpoint`` nothing finished is lost.
@@ -497,6 +498,8 @@ def gram(
         raise TypeError(f"callback must be callable (it receives a ProgressEvent); got {type(callback).__name__}")
     if out is not None and not isinstance(out, torch.Tensor):
         raise TypeError(f"out must be a torch.Tensor [n1, n2] of dtype {precision.k}; got {type(out).__name__}")
+    if out is not None:
+        _check_out_memory(out, precision.k)
     events = _Events(callback, progress)
     with eval_mode(model), fp32_math(precision.allow_tf32):
         ckpt = None
@@ -673,6 +676,17 @@ def _check_out(out: torch.Tensor, shape: Tuple[int, int], dtype: torch.dtype) ->
             f"{list(out.shape)} {out.dtype}"
         )
     return out
+
+
+def _check_out_memory(out: torch.Tensor, dtype: torch.dtype) -> None:
+    """What can be said of ``out`` before the loaders tell K's shape: fail before any work."""
+    if out.dtype != dtype:
+        raise ValueError(f"out must be a tensor of dtype {dtype} for this Gram (K's dtype for this precision); got {out.dtype}")
+    if any(stride == 0 and size > 1 for stride, size in zip(out.stride(), out.shape)):
+        raise ValueError(
+            f"out has a zero stride {tuple(out.stride())} (an expanded view): its rows share memory, so it "
+            f"cannot hold K; pass a tensor with memory of its own, e.g. torch.empty(n1, n2, dtype={dtype})"
+        )
 
 
 def _blocked_gram(first: FeatureStore, second: FeatureStore, symmetric: bool, k_dtype: torch.dtype,

@@ -330,3 +330,17 @@ def test_resume_after_an_out_of_memory_halving_keeps_the_smaller_tiles(monkeypat
     resumed = tk.gram(model, loader, progress=False, checkpoint=tmp_path)
     assert torch.equal(resumed, uninterrupted)
     assert rel_err(resumed, tk.reference.gram_autograd(model, loader)) <= 1e-5  # fp32, see test_gram.py
+
+
+def test_out_may_be_any_strided_view_but_not_an_expanded_one():
+    model, loader = _problem(11)
+    base = tk.gram(model, loader, progress=False)
+    for out in (torch.empty(N, N).T, torch.empty(N, 2 * N)[:, ::2]):
+        assert torch.equal(tk.gram(model, loader, progress=False, out=out), base)
+    def never_called(event):
+        raise AssertionError("work started before out was checked")
+
+    with pytest.raises(ValueError, match=r"out has a zero stride .*expanded view.*torch.empty\(n1, n2"):
+        tk.gram(model, loader, progress=False, out=torch.empty(1, N).expand(N, N), callback=never_called)
+    with pytest.raises(ValueError, match=r"out must be a tensor of dtype torch.float64"):
+        tk.gram(model, loader, progress=False, precision="fp64", out=torch.empty(N, N), callback=never_called)
