@@ -73,9 +73,39 @@ def load_model(spec: str, weights: Optional[str] = None):
     if not isinstance(model, nn.Module):
         raise CommandError(f"--model: {spec} must be an nn.Module or a function returning one; got {type(model).__name__}")
     if weights is not None:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
+        if not Path(weights).is_file():
+            raise CommandError(f"--weights: no file {weights}")
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as error:  # pickle, zip and weights_only refusals all mean "not a state_dict file"
+            raise CommandError(f"--weights: {weights} is not a state_dict saved with torch.save "
+                               f"({_one_line(error)})") from None
+        if not isinstance(state, dict):
+            raise CommandError(f"--weights: {weights} must hold a state_dict (a dict of tensors); "
+                               f"got {type(state).__name__}")
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as error:  # missing / unexpected keys, shape mismatches: all listed
+            raise CommandError(f"--weights: {weights} does not fit the model {spec}: {_one_line(error)}") from None
     return model.eval()
+
+
+def _one_line(error: BaseException) -> str:
+    """A multi-line exception message (torch's usually are) joined into one line."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def check_model_runs(model, x, what: str) -> None:
+    """One forward pass on the first sample, so that inputs the model cannot take are
+    reported as a problem with the data (one line) rather than deep inside gram()."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            model(x[:1])
+    except Exception as error:  # whatever the model raises on these inputs
+        raise CommandError(f"{what}: the model cannot run on samples of shape {tuple(x.shape[1:])} and "
+                           f"dtype {str(x.dtype).replace('torch.', '')}: {_one_line(error)}") from None
 
 
 def load_array(path: str, what: str):
@@ -134,9 +164,14 @@ def _gram(args: argparse.Namespace) -> int:
     from .io import save_gram
     from .params import subsample
 
+    if args.batch_size < 1:
+        raise CommandError(f"--batch-size must be >= 1; got {args.batch_size}")
     model = load_model(args.model, args.weights)
     x = load_array(args.data, "--data")
     x2 = load_array(args.data2, "--data2") if args.data2 else None
+    check_model_runs(model, x, "--data")
+    if x2 is not None:
+        check_model_runs(model, x2, "--data2")
     total = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if args.idx:
         idx = load_array(args.idx, "--idx")
@@ -167,6 +202,15 @@ def _gram(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- solve
 
 
+def _parse_betas(values: List[str]) -> Any:
+    if values == ["auto"]:
+        return "auto"
+    try:
+        return [float(b) for b in values]
+    except ValueError:
+        raise CommandError(f"--betas must be 'auto' or numbers such as 1e-3 0.1; got {' '.join(values)!r}") from None
+
+
 def _solve(args: argparse.Namespace) -> int:
     import torch
 
@@ -178,9 +222,9 @@ def _solve(args: argparse.Namespace) -> int:
         raise CommandError("--val-gram and --val-labels go together")
     if (args.test_gram is None) != (args.test_labels is None):
         raise CommandError("--test-gram and --test-labels go together")
-    betas: Any = "auto" if args.betas == ["auto"] else [float(b) for b in args.betas]
-    kr = KernelRidge(betas=betas, solver=args.solver, max_iter=args.max_iter, tol=args.tol,
-                     device=args.device, beta_scale=args.beta_scale, progress=not args.no_progress)
+    kr = KernelRidge(betas=_parse_betas(args.betas), solver=args.solver, max_iter=args.max_iter, tol=args.tol,
+                     device=args.device, beta_scale=args.beta_scale,
+                     progress=False if args.no_progress else None)  # None: a bar on a terminal only
     K_val = load_kernel(args.val_gram, "--val-gram") if args.val_gram else None
     y_val = load_array(args.val_labels, "--val-labels") if args.val_labels else None
     kr.fit(K, y, K_val=K_val, Y_val=y_val)
@@ -279,8 +323,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (CommandError,) + _USER_ERRORS as error:
         if debug:
             raise
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        print(f"tangent-kernels {args.command}: error: {message}", file=sys.stderr)
+        print(f"tangent-kernels {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"tangent-kernels {args.command}: interrupted", file=sys.stderr)

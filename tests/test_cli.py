@@ -85,6 +85,20 @@ def test_solve_round_trip_matches_kernel_ridge(workdir, capsys):
     assert torch.allclose(torch.load("alpha.pt"), kr.dual_coef_.cpu())
 
 
+def test_gram_loads_weights(workdir):
+    trained = _model()
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.mul_(-2.0)  # weights that differ from the factory's, so loading them is visible in K
+    torch.save(trained.state_dict(), "w.pt")
+    assert main(["gram", "--model", "factory.py:make", "--weights", "w.pt", "--data", "X.npy", "--precision", "fp64",
+                 "--out", "K.safetensors", "--no-progress"]) == 0
+    K, meta = tk.load_gram("K.safetensors")
+    ref = tk.reference.gram_autograd(trained, [torch.from_numpy(np.load("X.npy")).float()])
+    assert meta["weights"] == "w.pt"
+    assert float((K - ref).norm() / ref.norm()) <= 1e-10  # fp64 against the fp64 reference (see test_gram.py)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["gram", "--model", "factory.py:nope", "--data", "X.npy", "--out", "K.safetensors"], "has no attribute 'nope'"),
     (["gram", "--model", "factory.py:not_a_model", "--data", "X.npy", "--out", "K.safetensors"], "must be an nn.Module"),
@@ -98,8 +112,21 @@ def test_solve_round_trip_matches_kernel_ridge(workdir, capsys):
     (["solve", "--gram", "K.safetensors", "--labels", "y.npy"], "no Gram file"),
     (["solve", "--gram", "X.npy", "--labels", "y.npy"], "must be a square"),
     (["solve", "--gram", "X.npy", "--labels", "y.npy", "--val-gram", "X.npy"], "go together"),
+    (["solve", "--gram", "X.npy", "--labels", "y.npy", "--betas", "0.1", "small"], "--betas must be 'auto' or numbers"),
+    (["gram", "--model", "factory.py:make", "--data", "X.npy", "--batch-size", "0", "--out", "K.safetensors"], "--batch-size must be >= 1"),
+    (["gram", "--model", "factory.py:make", "--data", "X6.npy", "--out", "K.safetensors"],
+     "--data: the model cannot run on samples of shape (6,) and dtype float32: mat1 and mat2 shapes cannot be multiplied"),
+    (["gram", "--model", "factory.py:make", "--data", "X.npy", "--data2", "X6.npy", "--out", "K.safetensors"],
+     "--data2: the model cannot run on samples of shape (6,)"),
+    (["gram", "--model", "factory.py:make", "--data", "X.npy", "--weights", "nothing.pt", "--out", "K.safetensors"], "--weights: no file nothing.pt"),
+    (["gram", "--model", "factory.py:make", "--data", "X.npy", "--weights", "y.npy", "--out", "K.safetensors"], "--weights: y.npy is not a state_dict saved with torch.save"),
+    (["gram", "--model", "factory.py:make", "--data", "X.npy", "--weights", "X.pt", "--out", "K.safetensors"], "must hold a state_dict (a dict of tensors); got Tensor"),
+    (["gram", "--model", "factory.py:make", "--data", "X.npy", "--weights", "wide.pt", "--out", "K.safetensors"],
+     "--weights: wide.pt does not fit the model factory.py:make: Error(s) in loading state_dict"),
 ])
 def test_errors_are_one_line_with_exit_code_2(workdir, capsys, argv, message):
+    np.save("X6.npy", np.zeros((4, 6), dtype=np.float32))  # 6 features for a model that takes 5
+    torch.save(torch.nn.Sequential(torch.nn.Linear(5, 32), torch.nn.Tanh(), torch.nn.Linear(32, 3)).state_dict(), "wide.pt")
     code = main(argv + ["--no-progress"])
     err = capsys.readouterr().err
     if message is None:  # --idx wins over --params; y.npy holds valid positions 0/1 ... duplicated -> refused
