@@ -143,7 +143,10 @@ def test_a_failing_tile_releases_every_staged_block(monkeypatch, fail_at_tile):
 
 
 @pytest.mark.gpu
-def test_host_store_on_cuda_matches_device_store():
+def test_host_store_on_cuda_matches_device_store(monkeypatch):
+    # 3-row tiles everywhere: a budget of 9 rows gives the host store exactly that (A and
+    # two B blocks), and equal tile shapes make equal bits a fair demand.
+    monkeypatch.setattr(engine, "_TILE_ROWS", 3)
     model, loader = _problem(2)
     model = model.cuda()
     loader = [x.cuda() for x in loader]
