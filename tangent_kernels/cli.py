@@ -79,14 +79,14 @@ def load_model(spec: str, weights: Optional[str] = None):
             state = torch.load(weights, map_location="cpu", weights_only=True)
         except Exception as error:  # pickle, zip and weights_only refusals all mean "not a state_dict file"
             raise CommandError(f"--weights: {weights} is not a state_dict saved with torch.save "
-                               f"({_one_line(error)})") from None
+                               f"({_one_line(error)})") from error
         if not isinstance(state, dict):
             raise CommandError(f"--weights: {weights} must hold a state_dict (a dict of tensors); "
                                f"got {type(state).__name__}")
         try:
             model.load_state_dict(state)
         except RuntimeError as error:  # missing / unexpected keys, shape mismatches: all listed
-            raise CommandError(f"--weights: {weights} does not fit the model {spec}: {_one_line(error)}") from None
+            raise CommandError(f"--weights: {weights} does not fit the model {spec}: {_one_line(error)}") from error
     return model.eval()
 
 
@@ -105,7 +105,7 @@ def check_model_runs(model, x, what: str) -> None:
             model(x[:1])
     except Exception as error:  # whatever the model raises on these inputs
         raise CommandError(f"{what}: the model cannot run on samples of shape {tuple(x.shape[1:])} and "
-                           f"dtype {str(x.dtype).replace('torch.', '')}: {_one_line(error)}") from None
+                           f"dtype {str(x.dtype).replace('torch.', '')}: {_one_line(error)}") from error  # --debug shows the model's own traceback too
 
 
 def load_array(path: str, what: str):
