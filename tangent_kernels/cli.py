@@ -103,9 +103,9 @@ def check_model_runs(model, x, what: str) -> None:
     try:
         with torch.no_grad():
             model(x[:1])
-    except Exception as error:  # whatever the model raises on these inputs
+    except Exception as error:  # whatever the model raises; --debug shows its traceback as the cause
         raise CommandError(f"{what}: the model cannot run on samples of shape {tuple(x.shape[1:])} and "
-                           f"dtype {str(x.dtype).replace('torch.', '')}: {_one_line(error)}") from error  # --debug shows the model's own traceback too
+                           f"dtype {str(x.dtype).replace('torch.', '')}: {_one_line(error)}") from error
 
 
 def load_array(path: str, what: str):
