@@ -158,15 +158,28 @@ class FeatureStore:
         if rows <= capacity:
             return
         new_capacity = max(rows, 2 * capacity, 64)
-        if self.kind == "device" and not self.fixed:  # no doubling past the budget
-            new_capacity = max(rows, min(new_capacity, self.max_memory // self.row_bytes - capacity))
+        if self.kind == "device":
+            # Never past the budget, and while possible leave room for the old buffer,
+            # which is held until its rows are copied.
+            budget_rows = self.max_memory // self.row_bytes
+            room = budget_rows - capacity if rows <= budget_rows - capacity else budget_rows
+            new_capacity = max(rows, min(new_capacity, room))
+        old = self._memory
+        if self.kind == "device" and old is not None and (capacity + new_capacity) * self.row_bytes > self.max_memory:
+            # Both buffers at once would break the budget (a forced device store near its
+            # limit; "auto" spills to the next tier instead): the rows wait in host memory.
+            old = old[: self.n].cpu()
+            self._memory = None
+            self._account(-capacity * self.row_bytes)
+            capacity = 0
         target = self.device if self.kind == "device" else torch.device("cpu")
         pin = self.kind == "host" and self.device.type == "cuda"
         memory = torch.empty(new_capacity, self.p, dtype=self.dtype, device=target, pin_memory=pin)
         if self.kind == "device":
             self._account(new_capacity * self.row_bytes)
-        if self._memory is not None:
-            memory[: self.n].copy_(self._memory[: self.n])
+        if old is not None:
+            memory[: self.n].copy_(old[: self.n])
+        del old
         if self.kind == "device":
             self._account(-capacity * self.row_bytes)
         self._memory = memory

@@ -344,3 +344,39 @@ def test_out_may_be_any_strided_view_but_not_an_expanded_one():
         tk.gram(model, loader, progress=False, out=torch.empty(1, N).expand(N, N), callback=never_called)
     with pytest.raises(ValueError, match=r"out must be a tensor of dtype torch.float64"):
         tk.gram(model, loader, progress=False, precision="fp64", out=torch.empty(N, N), callback=never_called)
+
+
+@pytest.mark.parametrize("kind", ["device", "host", "disk"])
+@pytest.mark.parametrize("budget_rows", [23, 24, 100])
+def test_each_forced_store_keeps_its_accounted_peak_under_max_memory(monkeypatch, tmp_path, kind, budget_rows):
+    # A device store holds all 23 rows (its buffer may grow past them, within budget); a
+    # host or disk store stages tiles of A and B rows, shrunk to fit what the budget allows.
+    model, loader = _problem(12)
+    base = tk.gram(model, loader, progress=False)
+    recorder = _Recorder(monkeypatch)
+    budget = budget_rows * 83 * 4  # p = 83 parameters, fp32
+    k = tk.gram(model, loader, progress=False, store=kind, max_memory=budget, cache_dir=tmp_path)
+    (store,) = recorder.stores
+    assert store.kind == kind
+    assert 0 < store.peak_device_bytes <= budget
+    assert store.device_bytes == 0
+    assert rel_err(k, tk.reference.gram_autograd(model, loader)) <= 1e-5  # fp32, see test_gram.py
+    if kind == "device":
+        assert torch.equal(k, base)  # same tiles as the default (device) run
+
+
+def test_forced_device_store_growing_near_its_budget_passes_rows_through_the_host():
+    # Growing from 64 to 100 rows in a 100-row budget cannot hold both buffers: the rows
+    # wait in host memory, and the accounted peak stays within the budget.
+    row_bytes = 3 * 4
+    feature_store = store_module.FeatureStore(3, torch.float32, torch.device("cpu"), kind="device",
+                                              max_memory=100 * row_bytes)
+    blocks = [torch.randn(30, 3), torch.randn(30, 3), torch.randn(30, 3), torch.randn(10, 3)]
+    for block in blocks:
+        feature_store.append(block)
+    assert torch.equal(feature_store.all_rows(), torch.cat(blocks))
+    assert feature_store.peak_device_bytes <= 100 * row_bytes
+    with pytest.raises(MemoryError, match="over max_memory"):
+        feature_store.append(torch.randn(1, 3))
+    feature_store.close()
+    assert feature_store.device_bytes == 0
