@@ -137,6 +137,26 @@ def load_kernel(path: str, what: str):
     return load_array(path, what)
 
 
+def check_device(text: Optional[str]) -> None:
+    """--device names a device this machine has (torch's own errors are a traceback deep
+    in the first .to(), or a driver message that does not name the option)."""
+    import torch
+
+    if text is None:
+        return
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise CommandError(f"--device: {text!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CommandError(f"--device {text}: no CUDA device is available here "
+                               f"(torch.cuda.is_available() is False); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CommandError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                               f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+
+
 def _environment() -> dict:
     import torch
 
@@ -319,6 +339,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     debug = "--debug" in argv
     args = build_parser().parse_args(argv)
     try:
+        check_device(getattr(args, "device", None))
         return args.run(args)
     except (CommandError,) + _USER_ERRORS as error:
         if debug:

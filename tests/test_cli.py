@@ -137,6 +137,21 @@ def test_errors_are_one_line_with_exit_code_2(workdir, capsys, argv, message):
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+@pytest.mark.parametrize("command", [
+    ["gram", "--model", "factory.py:make", "--data", "X.npy", "--out", "K.safetensors"],
+    ["solve", "--gram", "X.npy", "--labels", "y.npy"],
+    ["demo", "--quick", "--out", "demo_out"],
+])
+def test_bad_device_is_one_line_before_any_work(workdir, capsys, command):
+    assert main(command + ["--device", "banana"]) == 2
+    assert "--device: 'banana' is not a device; use cpu, cuda or cuda:N" in capsys.readouterr().err
+    missing = "cuda:0" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+    assert main(command + ["--device", missing]) == 2
+    err = capsys.readouterr().err
+    assert f"--device {missing}: " in err and len(err.strip().splitlines()) == 1
+    assert not (workdir / "demo_out").exists()  # refused before the demo created its folder
+
+
 def test_debug_shows_the_traceback(workdir):
     from tangent_kernels.cli import CommandError
 
