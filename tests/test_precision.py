@@ -114,3 +114,22 @@ def test_zero_gradient_rows_survive_fp16_scaling():
     assert bool(torch.isfinite(k).all())
     assert torch.equal(k[1], torch.zeros(3)) and float(ref[1].abs().max()) == 0.0
     assert rel_err(k, ref) <= TOLERANCE["fp16"]
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_16_bit_cross_kernel_is_within_2x_of_rounding_the_exact_features(name, precision):
+    # flash-attention's yardstick: the engine's error at most twice that of the plain
+    # way at the same precision (exact fp64 features rounded once to 16 bits, products
+    # in fp64), plus fp32's share (gradients computed in fp32, u = 6e-8, a few hundred u
+    # at most after a deep backward pass).
+    model, x, idx = _case(name)
+    loader, loader2 = [x[:3], x[3:5]], [x[5:]]
+    ref = tk.reference.gram_autograd(model, loader, idx, loader2)
+    k = tk.gram(model, loader, idx, loader2, precision=precision, progress=False)
+    assert k.dtype == torch.float32 and k.shape == ref.shape
+    g1 = tk.reference.features_autograd(model, loader, idx).to(STORE_DTYPE[precision]).double()
+    g2 = tk.reference.features_autograd(model, loader2, idx).to(STORE_DTYPE[precision]).double()
+    plain = rel_err(g1 @ g2.T, ref)
+    assert plain > 0  # the rounding is visible: the comparison below means something
+    assert rel_err(k, ref) <= 2 * plain + 1e-5
