@@ -233,19 +233,24 @@ def entk_kernels(model: nn.Module, shift: Shift, idx, output: str, device, show:
     return kernels
 
 
-def nesterov_trajectory(kernels, shift: Shift, betas: Sequence[float], checkpoints: Sequence[int]) -> Dict:
+def nesterov_trajectory(kernels, shift: Shift, betas: Sequence[float], scale: float,
+                        checkpoints: Sequence[int]) -> Dict:
     """ID val and OOD accuracy of the Nesterov iterate after t steps, for each beta and
-    t in ``checkpoints`` (each a fresh, deterministic run of t steps: the t-th iterate)."""
+    t in ``checkpoints`` (each a fresh, deterministic run of t steps: the t-th iterate).
+    ``betas`` are relative to ``scale`` (mean diag K), as KernelRidge's beta_scale="trace"
+    reports them; the curves are keyed by the relative beta."""
     y = shift.train[1]
-    curves = {f"{b:.3g}": {"iteration": list(checkpoints), "val": [], "ood": []} for b in betas}
+    keys = [f"{b:.3g}" for b in betas]
+    curves = {key: {"iteration": list(checkpoints), "val": [], "ood": []} for key in keys}
     for t in checkpoints:
         with warnings.catch_warnings():  # stopping after t steps is the point here, not a failure
             warnings.simplefilter("ignore", ConvergenceWarning)
-            alphas = solve(kernels["train"], y, list(betas), solver="nesterov", max_iter=t, tol=0.0, n_classes=10)
-        for b, alpha in zip(betas, alphas):
-            for name, key in (("val", "val"), ("ood", "ood")):
+            alphas = solve(kernels["train"], y, [b * scale for b in betas], solver="nesterov", max_iter=t,
+                           tol=0.0, n_classes=10)
+        for key, alpha in zip(keys, alphas):
+            for name in ("val", "ood"):
                 pred = (kernels[name].to(alpha.dtype) @ alpha).argmax(1).cpu()
-                curves[f"{b:.3g}"][key].append(float((pred == getattr(shift, name)[1]).float().mean()))
+                curves[key][name].append(float((pred == getattr(shift, name)[1]).float().mean()))
     return curves
 
 
@@ -312,17 +317,18 @@ def run(seed: int, cfg: Config, device: str, show: bool = True) -> Dict:
             method = f"{label} (Nesterov, {'early stopping' if early else 'no early stopping'})"
             with _timed(times, f"{method}: solve"):
                 kr = KernelRidge(betas="auto", solver="nesterov", max_iter=cfg.nesterov_iters, early_stopping=early,
-                                 beta_scale="trace", progress=False)
+                                 beta_scale="trace", progress=None if show else False)  # None: on a terminal
                 kr.fit(kernels["train"], y, K_val=kernels["val"], Y_val=shift.val[1])
             results[method] = {name: kr.score(kernels[name], getattr(shift, name)[1]) for name in SETS}
             extra[method] = {"best_beta": kr.best_beta_, "n_iter": int(kr.n_iter_[kr.best_index_])}
         if output == "sum":
             spec = spectrum(kernels["train"])
-            betas = [kr.best_beta_ * kr.beta_scale_ * f for f in (0.01, 1.0, 100.0)]
+            betas = [kr.best_beta_ * f for f in (0.01, 1.0, 100.0)]
             checkpoints = sorted({int(round(v)) for v in torch.logspace(0, math.log10(cfg.nesterov_iters), 12).tolist()})
             with _timed(times, "pNTK: Nesterov trajectories"):
-                trajectory = nesterov_trajectory(kernels, shift, betas, checkpoints)
+                trajectory = nesterov_trajectory(kernels, shift, betas, kr.beta_scale_, checkpoints)
             kernel_stats = {
+                "beta_scale": kr.beta_scale_,  # mean diag K: betas in results.json are relative to it
                 "eigenvalues": spec.eigenvalues.tolist(),
                 "effective_dimension": spec.effective_dimension,
                 "alignment_centered": alignment(kernels["train"], y, centered=True),
@@ -377,7 +383,7 @@ def plot(first: Dict, out: Path) -> List[str]:
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharey=True)
     for beta, curve in first["nesterov_trajectory"].items():
         for ax, key, title in ((axes[0], "val", "ID validation"), (axes[1], "ood", "OOD")):
-            ax.plot(curve["iteration"], curve[key], marker=".", label=f"beta = {beta}")
+            ax.plot(curve["iteration"], curve[key], marker=".", label=f"beta = {beta} x mean diag K")
             ax.set_title(f"pNTK Nesterov iterations: {title}")
             ax.set_xscale("log")
             ax.set_xlabel("iteration")

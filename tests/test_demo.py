@@ -49,8 +49,11 @@ def test_quick_demo_writes_well_formed_results(tmp_path, capsys):
     assert all(t >= 0 for t in run["times_s"].values()) and "pretraining" in run["times_s"]
     eigenvalues = run["pntk_kernel"]["eigenvalues"]
     assert len(eigenvalues) == run["sizes"]["train"] and eigenvalues == sorted(eigenvalues, reverse=True)
+    assert run["pntk_kernel"]["beta_scale"] > 0
+    assert len(run["nesterov_trajectory"]) == 3  # 0.01x, 1x and 100x the chosen beta
     for curve in run["nesterov_trajectory"].values():
         assert len(curve["iteration"]) == len(curve["val"]) == len(curve["ood"])
+        assert all(0.0 <= a <= 1.0 for a in curve["val"] + curve["ood"])
     for figure in ("nesterov_accuracy.png", "id_vs_ood.png", "spectrum.png"):
         data = (out / figure).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5_000
