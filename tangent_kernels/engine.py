@@ -111,11 +111,14 @@ def _to_store(block: torch.Tensor, precision: Precision, scale_rows: bool) -> Tu
     return (block * scales[:, None].to(block.dtype)).to(precision.store), scales
 
 def _check_progress(progress) -> Union[bool, str]:
-    # Strict: a truthy typo ("alwyas", 1) must not pass for True.
+    # Strict: a truthy typo ("alwyas", 1) must not pass for True. None is accepted as
+    # "on a terminal", what it means for tk.solve's progress=.
+    if progress is None:
+        return True
     if not (isinstance(progress, bool) or (isinstance(progress, str) and progress == "always")):
         raise ValueError(
-            f"progress must be True (a bar on a terminal), False (none) or 'always' (a bar even "
-            f"when stderr is not a terminal: log files, notebooks); got {progress!r}"
+            f"progress must be True or None (a bar on a terminal), False (none) or 'always' (a bar "
+            f"even when stderr is not a terminal: log files, notebooks); got {progress!r}"
         )
     return progress
 
@@ -429,9 +432,9 @@ def features(
             use TF32); the result has the mode's dtype (bfloat16/float16 for the 16-bit
             modes). docs/precision.md has each mode's measured error.
         device: where to compute (default: the model's device); the model is not moved.
-        progress: True (default): a tqdm bar (samples, rate, ETA, phase) when stderr is a
-            terminal, nothing in logs, CI or notebooks; "always": the bar even when stderr
-            is not a terminal; False: no bar.
+        progress: True (default) or None: a tqdm bar (samples, rate, ETA, phase) when
+            stderr is a terminal, nothing in logs, CI or notebooks; "always": the bar even
+            when stderr is not a terminal; False: no bar.
         inputs: optional callable batch -> model input (tensor, tuple of args, dict).
         backend: sampled-gradient kernels for tapped layers: "auto" (Triton on CUDA when
             available, else plain torch), "torch", or "triton".

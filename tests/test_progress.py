@@ -44,20 +44,21 @@ def test_always_on_features(capsys):
     assert "eNTK features (loader)" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("progress", [True, False])
+@pytest.mark.parametrize("progress", [True, None, False])
 def test_no_bar_when_stderr_is_not_a_terminal_or_when_off(capsys, progress):
-    # Under pytest's capture stderr is not a terminal: True behaves as in a log or CI.
+    # Under pytest's capture stderr is not a terminal: True (and None, its alias, as in
+    # tk.solve) behave as in a log or CI.
     model, loader = _problem(2)
     tk.gram(model, loader, progress=progress)
     tk.features(model, loader, progress=progress)
     assert capsys.readouterr().err == ""
 
 
-@pytest.mark.parametrize("bad", ["yes", "alwyas", 1, None])
+@pytest.mark.parametrize("bad", ["yes", "alwyas", 1, 0.0])
 def test_bad_progress_is_refused_with_the_choices(bad):
     model, loader = _problem()
     for fn in (tk.gram, tk.features):
-        with pytest.raises(ValueError, match=r"progress must be True .* False .* or 'always'"):
+        with pytest.raises(ValueError, match=r"progress must be True or None .* False .* or 'always'"):
             fn(model, loader, progress=bad)
 
 
