@@ -55,6 +55,17 @@ def test_ci_build_is_complete():
             assert info["cuda"]["reason"] == "CUDA kernels compiled but no CUDA device visible"
 
 
+@pytest.mark.skipif(EXPECT_BUILD not in ("cpp", "cuda"),
+                    reason="TANGENT_KERNELS_EXPECT_BUILD is not set (`make test` sets it)")
+def test_ci_build_has_the_sampled_gradient_kernels():
+    """Every sampled-gradient op has its kernel for each device the build targets."""
+    from tangent_kernels import ops
+
+    assert ops.has_sampled_kernels("cpu"), "csrc/cpu/sampled_grad.cpp was not compiled in"
+    if EXPECT_BUILD == "cuda":
+        assert ops.has_sampled_kernels("cuda"), "csrc/cuda/sampled_grad.cu was not compiled in"
+
+
 NO_EXT_SCRIPT = textwrap.dedent("""
     import torch
     import tangent_kernels as tk
