@@ -208,3 +208,25 @@ def test_input_modified_after_the_layer_raises_like_autograd():
         tk.reference.gram_autograd(model, [x])
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         tk.gram(model, [x], progress=False)
+
+
+@pytest.mark.skipif(not CPP, reason="the C++ extension with the sampled-gradient CPU kernels is not built")
+def test_cpp_backend_writes_straight_into_the_feature_block(monkeypatch):
+    """backend='cpp' hands the engine's block to the ops (no [B, m] temporary), and K is right."""
+    calls = []
+    for name in ("sampled_linear_grad", "sampled_conv_grad"):
+        original = getattr(tk.ops, name)
+
+        def spy(*args, _original=original, _name=name, **kwargs):
+            calls.append((_name, kwargs.get("out") is not None))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(tk.ops, name, spy)
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4 * 4, 2))
+    x = torch.randn(4, 2, 6, 6)
+    ref = tk.reference.gram_autograd(model, [x])
+    k = tk.gram(model, [x], precision="fp64", progress=False, backend="cpp")
+    assert float((k - ref).norm() / ref.norm()) <= 1e-10
+    assert {name for name, _ in calls} == {"sampled_linear_grad", "sampled_conv_grad"}
+    assert all(in_place for _, in_place in calls), calls
