@@ -17,6 +17,7 @@ import json
 import platform
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -234,7 +235,7 @@ def _parse_betas(values: List[str]) -> Any:
 def _solve(args: argparse.Namespace) -> int:
     import torch
 
-    from .solve import KernelRidge
+    from .solve import ConvergenceWarning, KernelRidge
 
     K = load_kernel(args.gram, "--gram")
     y = load_array(args.labels, "--labels")
@@ -247,11 +248,21 @@ def _solve(args: argparse.Namespace) -> int:
                      progress=False if args.no_progress else None)  # None: a bar on a terminal only
     K_val = load_kernel(args.val_gram, "--val-gram") if args.val_gram else None
     y_val = load_array(args.val_labels, "--val-labels") if args.val_labels else None
-    kr.fit(K, y, K_val=K_val, Y_val=y_val)
+    with warnings.catch_warnings():  # the report below says it for the chosen beta, in one line
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        kr.fit(K, y, K_val=K_val, Y_val=y_val)
     metric = "accuracy" if kr.n_classes_ else "r2"
     report = {"solver": args.solver, "best_beta": kr.best_beta_, "betas": kr.betas_, "n_train": kr.n_train_,
               "fit_seconds": round(kr.fit_time_, 3), "validation": kr.scores_, **_environment()}
     lines = [f"{args.solver}: best beta {kr.best_beta_:.4g} of {len(kr.betas_)} tried, fit {kr.fit_time_:.2f} s"]
+    chosen = kr.scores_[kr.best_index_]
+    if chosen.get("source") is not None:  # how beta was chosen: validation set or leave-one-out
+        source = {"val": "validation", "loo": "leave-one-out", "gcv": "generalized cross-validation"}.get(
+            chosen["source"], chosen["source"])
+        lines.append(f"{source} " + ", ".join(f"{k} {v:.4f}" for k, v in chosen.items() if k != "source"))
+    if not kr.converged_[kr.best_index_]:
+        lines.append(f"not converged to --tol {args.tol:g} in {kr.n_iter_[kr.best_index_]} iterations "
+                     f"(final relative residual {kr.residual_[kr.best_index_]:.2g}); raise --max-iter to go further")
     if args.test_gram:
         test_score = kr.score(load_kernel(args.test_gram, "--test-gram"), load_array(args.test_labels, "--test-labels"))
         report[f"test_{metric}"] = test_score

@@ -82,7 +82,15 @@ def test_solve_round_trip_matches_kernel_ridge(workdir, capsys):
     assert report["best_beta"] == pytest.approx(kr.best_beta_)
     assert report["test_accuracy"] == pytest.approx(kr.score(Kv, yv))
     assert f"test accuracy: {kr.score(Kv, yv):.4f}" in out
+    assert f"validation loss {kr.scores_[kr.best_index_]['loss']:.4f}, accuracy {kr.scores_[kr.best_index_]['accuracy']:.4f}" in out
     assert torch.allclose(torch.load("alpha.pt"), kr.dual_coef_.cpu())
+
+
+def test_solve_reports_an_unconverged_fit(workdir, capsys):
+    assert main(["gram", "--model", "factory.py:make", "--no-progress", "--data", "X.npy", "--out", "K.safetensors"]) == 0
+    assert main(["solve", "--gram", "K.safetensors", "--labels", "y.npy", "--betas", "1e-6", "--solver", "nesterov",
+                 "--max-iter", "3", "--no-progress"]) == 0
+    assert "not converged to --tol 1e-06 in 3 iterations" in capsys.readouterr().out
 
 
 def test_gram_loads_weights(workdir):
