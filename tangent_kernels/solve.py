@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from ._model import fp32_math
+from .engine import _check_progress, _progress_bar
 
 __all__ = ["KernelRidge", "solve", "SOLVERS", "NotFittedError", "ConvergenceWarning"]
 
@@ -411,14 +412,14 @@ class _NullBar:
         pass
 
 
-def _bar(total: int, desc: str, progress: Optional[bool]):
-    """progress=False: none; True: always; None: tqdm's disable=None (only on a terminal)."""
-    if progress is False:
+def _bar(total: int, desc: str, progress):
+    """A bar with the meaning ``progress=`` has everywhere in tangent_kernels (engine's
+    rules): False none, True or None on a terminal, "always" also in logs/notebooks."""
+    bar = _progress_bar(total, desc, _check_progress(progress), unit="it")
+    if bar is None:
         return _NullBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, disable=None if progress is None else False,
-                dynamic_ncols=True, leave=False)
+    bar.leave = False
+    return bar
 
 
 def _generator(device: torch.device, seed: int) -> torch.Generator:
@@ -1023,7 +1024,8 @@ def solve(
         sym_tol: tolerance on ||K - K.T||_F / ||K||_F (default 1e-4; math.inf skips the check).
         allow_tf32: let fp32 GEMMs on CUDA use TF32 (faster, ~1e-3 relative error).
         seed: seed of the random sketches (power iteration, Nystrom).
-        progress: tqdm bar: False (default) none, True always, None only on a terminal.
+        progress: tqdm bar: False (default) none, True or None on a terminal, "always"
+            also when stderr is not a terminal.
         return_info: also return a dict with per-beta ``n_iter``, ``converged``,
             ``residual``, ``history`` and solver extras.
 
@@ -1086,8 +1088,8 @@ class KernelRidge:
             improvement (default None: run to tol / max_iter and keep the best).
         cv: model selection without validation data (eigh only): ``"loo"`` (exact
             leave-one-out, default) or ``"gcv"``.
-        progress: tqdm bar for the iterative solvers: False (default), True, or None (only
-            on a terminal). Other keywords go to ``solve`` (precond_rank, refine, dtype, ...).
+        progress: tqdm bar for the iterative solvers: False (default), True or None (on a
+            terminal), "always" (also in logs and notebooks). Other keywords go to ``solve`` (precond_rank, refine, dtype, ...).
 
     Attributes after ``fit``:
         dual_coef_ [n, m]: coefficients of ``best_beta_``; dual_coefs_ [len(betas_), n, m] all.

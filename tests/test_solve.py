@@ -404,8 +404,13 @@ def test_convergence_warning_and_progress_bar(capsys):
     K = spd(40, cond=1e6, seed=23)
     Y = torch.randn(40, 2, generator=torch.Generator().manual_seed(23), dtype=torch.float64)
     with pytest.warns(ConvergenceWarning, match=r"nesterov stopped above tol=1e-10 for 1 of 1 beta.*raise max_iter"):
-        solve(K, Y, 1e-6, "nesterov", max_iter=20, tol=1e-10, progress=True)
+        solve(K, Y, 1e-6, "nesterov", max_iter=20, tol=1e-10, progress="always")
     assert "nesterov" in capsys.readouterr().err
+    with pytest.warns(ConvergenceWarning):
+        solve(K, Y, 1e-2, "nesterov", max_iter=20, progress=True)  # True: a terminal only (pytest captures)
+    assert capsys.readouterr().err == ""
+    with pytest.raises(ValueError, match="progress must be"):
+        solve(K, Y, 1e-2, "nesterov", progress="yes")
     solve(K, Y, 1e-2, "cholesky")
     assert capsys.readouterr().err == ""
 
