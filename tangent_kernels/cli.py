@@ -306,13 +306,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--idx", help="explicit global parameter positions (.npy/.pt, 1-D integers) instead of --params")
     g.add_argument("--seed", type=int, default=0, help="subsample seed (default 0)")
     g.add_argument("--output", default="first", help="'first' (logit 0), 'sum' (pNTK) or an integer logit index")
-    g.add_argument("--precision", default="fp32", choices=list(PRECISIONS))
-    g.add_argument("--batch-size", type=int, default=256)
+    g.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
+                   help="arithmetic of the features and products (default fp32; docs/precision.md)")
+    g.add_argument("--batch-size", type=int, default=256, help="samples per forward/backward batch (default 256)")
     g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the model's)")
     g.add_argument("--checkpoint", help="folder to checkpoint into and resume from")
     g.add_argument("--max-memory", type=int, help="bytes of features allowed on the device")
     g.add_argument("--out", required=True, help="where to save K (.safetensors)")
-    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar (it only shows on a terminal anyway)")
     g.set_defaults(run=_gram)
 
     s = commands.add_parser("solve", parents=[debug], help="kernel ridge regression on saved Gram matrices",
@@ -320,18 +321,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gram", required=True, help="K(X_train, X_train): .safetensors from `gram`, or .npy/.pt")
     s.add_argument("--labels", required=True, help="integer labels [n] or float targets [n] / [n, m] (.npy/.pt)")
     s.add_argument("--val-gram", help="K(X_val, X_train)")
-    s.add_argument("--val-labels")
+    s.add_argument("--val-labels", help="labels/targets of the validation samples, to choose beta (and early stopping)")
     s.add_argument("--test-gram", help="K(X_test, X_train)")
-    s.add_argument("--test-labels")
+    s.add_argument("--test-labels", help="labels/targets of the test samples, scored once with the chosen beta")
     s.add_argument("--betas", nargs="+", default=["auto"], help="'auto' (telescopic search) or numbers")
     s.add_argument("--beta-scale", choices=["trace"], help="betas relative to mean(diag K)")
-    s.add_argument("--solver", default="eigh", choices=list(SOLVERS), help="(default eigh)")
-    s.add_argument("--max-iter", type=int, default=1000)
-    s.add_argument("--tol", type=float, default=1e-6)
-    s.add_argument("--device")
+    s.add_argument("--solver", default="eigh", choices=list(SOLVERS),
+                   help="eigh: exact, leave-one-out without validation data (default); nesterov, cg: iterative; "
+                        "cholesky: direct (docs/solvers.md)")
+    s.add_argument("--max-iter", type=int, default=1000, help="iteration cap of nesterov / cg (default 1000)")
+    s.add_argument("--tol", type=float, default=1e-6, help="relative residual at which nesterov / cg stop (default 1e-6)")
+    s.add_argument("--device", help="where to solve: cpu, cuda, cuda:1, ... (default: where K is, i.e. cpu)")
     s.add_argument("--coef", help="save the dual coefficients (torch.save) here")
     s.add_argument("--json", help="write a JSON report here")
-    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar (it only shows on a terminal anyway)")
     s.set_defaults(run=_solve)
 
     demo_parser = commands.add_parser(

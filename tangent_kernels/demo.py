@@ -424,7 +424,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="tangent_kernels_demo", help="output folder (default ./tangent_kernels_demo/)")
     parser.add_argument("--seed", type=int, nargs="+", default=[0], help="one or more seeds (default 0)")
     parser.add_argument("--params", type=int, default=10_000, help="eNTK parameter subsample size (default 10000)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda, cuda:1, ... (default: cuda when there is one, else cpu)")
     parser.add_argument("--quick", action="store_true", help="a small, fast run (for tests)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 

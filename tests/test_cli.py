@@ -174,3 +174,16 @@ def test_help_lists_every_command(capsys):
     out = capsys.readouterr().out
     for command in ("gram", "solve", "demo", "info"):
         assert command in out
+
+
+def test_every_option_of_every_command_has_help():
+    import argparse
+
+    from tangent_kernels.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in commands.choices.items():
+        for action in sub._actions:
+            if action.option_strings:
+                assert action.help, f"tangent-kernels {name} {action.option_strings[0]} has no help text"
