@@ -93,9 +93,14 @@ def load_gram(path: PathLike, *, device: Union[str, torch.device] = "cpu") -> Tu
             K = handle.get_tensor(_TENSOR)
     except SafetensorError as error:
         raise ValueError(f"{path} is not a Gram file written by tangent_kernels.save_gram: {error}") from None
-    meta = json.loads(header[_META])
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} has format {meta.get('format')!r}; this version reads {FORMAT!r}")
-    if list(K.shape) != meta["shape"]:
-        raise ValueError(f"{path} is inconsistent: K has shape {list(K.shape)}, its metadata says {meta['shape']}")
+    try:
+        meta = json.loads(header[_META])
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} has unreadable tangent_kernels metadata (not JSON: {error}); "
+                         f"the file was not written by save_gram or was altered") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{path} has format {found!r}; this version reads {FORMAT!r}")
+    if list(K.shape) != meta.get("shape"):
+        raise ValueError(f"{path} is inconsistent: K has shape {list(K.shape)}, its metadata says {meta.get('shape')}")
     return K, meta

@@ -51,3 +51,27 @@ def test_bad_input(tmp_path):
     save_file({"weights": torch.zeros(2)}, str(other))
     with pytest.raises(ValueError, match="not one written by tangent_kernels.save_gram"):
         tk.load_gram(other)
+
+
+def _forged(path, K, header):
+    """A safetensors file shaped like ours but with the given metadata string."""
+    from safetensors.torch import save_file
+
+    save_file({"K": K}, str(path), metadata={"tangent_kernels": header})
+    return path
+
+
+def test_refuses_inconsistent_or_foreign_metadata(tmp_path):
+    import json
+
+    good = {"format": "tangent_kernels.gram/1", "shape": [3, 3], "dtype": "float32"}
+    with pytest.raises(ValueError, match=r"inconsistent: K has shape \[2, 2\], its metadata says \[3, 3\]"):
+        tk.load_gram(_forged(tmp_path / "a.safetensors", torch.eye(2), json.dumps(good)))
+    with pytest.raises(ValueError, match="has format 'tangent_kernels.gram/9'; this version reads"):
+        tk.load_gram(_forged(tmp_path / "b.safetensors", torch.eye(3), json.dumps({**good, "format": "tangent_kernels.gram/9"})))
+    with pytest.raises(ValueError, match="unreadable tangent_kernels metadata"):
+        tk.load_gram(_forged(tmp_path / "c.safetensors", torch.eye(3), "{not json"))
+    with pytest.raises(ValueError, match="has format 'list'"):
+        tk.load_gram(_forged(tmp_path / "d.safetensors", torch.eye(3), "[1, 2]"))
+    K, meta = tk.load_gram(_forged(tmp_path / "e.safetensors", torch.eye(3), json.dumps(good)))
+    assert torch.equal(K, torch.eye(3)) and meta == good  # the same bytes with consistent metadata load
