@@ -118,9 +118,15 @@ def load_array(path: str, what: str):
     if not file.is_file():
         raise CommandError(f"{what}: no file {path}")
     if file.suffix == ".npy":
-        tensor = torch.from_numpy(np.load(file, allow_pickle=False))
+        try:
+            tensor = torch.from_numpy(np.load(file, allow_pickle=False))
+        except (ValueError, TypeError, OSError) as error:  # corrupt, pickled objects, or a dtype torch lacks
+            raise CommandError(f"{what}: cannot read {path} as a numeric .npy array ({_one_line(error)})") from error
     elif file.suffix == ".pt":
-        tensor = torch.load(file, map_location="cpu", weights_only=True)
+        try:
+            tensor = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as error:  # pickle, zip and weights_only refusals all mean "not a saved tensor"
+            raise CommandError(f"{what}: {path} is not a tensor saved with torch.save ({_one_line(error)})") from error
         if not isinstance(tensor, torch.Tensor):
             raise CommandError(f"{what}: {path} must hold a single tensor; got {type(tensor).__name__}")
     else:

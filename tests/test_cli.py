@@ -121,6 +121,9 @@ def test_gram_loads_weights(workdir):
     (["solve", "--gram", "X.npy", "--labels", "y.npy"], "must be a square"),
     (["solve", "--gram", "X.npy", "--labels", "y.npy", "--val-gram", "X.npy"], "go together"),
     (["solve", "--gram", "X.npy", "--labels", "y.npy", "--betas", "0.1", "small"], "--betas must be 'auto' or numbers"),
+    (["gram", "--model", "factory.py:make", "--data", "junk.pt", "--out", "K.safetensors"], "--data: junk.pt is not a tensor saved with torch.save"),
+    (["gram", "--model", "factory.py:make", "--data", "junk.npy", "--out", "K.safetensors"], "--data: cannot read junk.npy as a numeric .npy array"),
+    (["solve", "--gram", "X.npy", "--labels", "objects.npy"], "--labels: cannot read objects.npy as a numeric .npy array"),
     (["gram", "--model", "factory.py:make", "--data", "X.npy", "--batch-size", "0", "--out", "K.safetensors"], "--batch-size must be >= 1"),
     (["gram", "--model", "factory.py:make", "--data", "X6.npy", "--out", "K.safetensors"],
      "--data: the model cannot run on samples of shape (6,) and dtype float32: mat1 and mat2 shapes cannot be multiplied"),
@@ -134,6 +137,9 @@ def test_gram_loads_weights(workdir):
 ])
 def test_errors_are_one_line_with_exit_code_2(workdir, capsys, argv, message):
     np.save("X6.npy", np.zeros((4, 6), dtype=np.float32))  # 6 features for a model that takes 5
+    (workdir / "junk.pt").write_bytes(b"not a torch file")
+    (workdir / "junk.npy").write_bytes(b"not a numpy file")
+    np.save("objects.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
     torch.save(torch.nn.Sequential(torch.nn.Linear(5, 32), torch.nn.Tanh(), torch.nn.Linear(32, 3)).state_dict(), "wide.pt")
     code = main(argv + ["--no-progress"])
     err = capsys.readouterr().err
