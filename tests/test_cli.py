@@ -86,6 +86,25 @@ def test_solve_round_trip_matches_kernel_ridge(workdir, capsys):
     assert torch.allclose(torch.load("alpha.pt"), kr.dual_coef_.cpu())
 
 
+def test_solve_regression_targets_report_r2(workdir, capsys):
+    for args in (["--data", "X.npy", "--out", "K.safetensors"], ["--data", "Xv.npy", "--data2", "X.npy", "--out", "Kv.safetensors"]):
+        assert main(["gram", "--model", "factory.py:make", "--no-progress", "--precision", "fp64", *args]) == 0
+    x, xv = np.load("X.npy"), np.load("Xv.npy")
+    np.save("t.npy", np.sin(x[:, :2]))  # real-valued targets [n, 2]: regression, scored by r2
+    np.save("tv.npy", np.sin(xv[:, :2]))
+    assert main(["solve", "--gram", "K.safetensors", "--labels", "t.npy", "--val-gram", "Kv.safetensors",
+                 "--val-labels", "tv.npy", "--test-gram", "Kv.safetensors", "--test-labels", "tv.npy",
+                 "--betas", "1e-3", "1e-1", "--solver", "eigh", "--json", "r.json", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    K, Kv = tk.load_gram("K.safetensors")[0], tk.load_gram("Kv.safetensors")[0]
+    t, tv = torch.from_numpy(np.load("t.npy")), torch.from_numpy(np.load("tv.npy"))
+    kr = tk.KernelRidge(betas=(1e-3, 1e-1), solver="eigh").fit(K, t, K_val=Kv, Y_val=tv)
+    report = json.loads(open("r.json").read())
+    assert report["best_beta"] == pytest.approx(kr.best_beta_)
+    assert report["test_r2"] == pytest.approx(kr.score(Kv, tv), rel=1e-6)  # same fp64 fit, same data
+    assert f"test r2: {kr.score(Kv, tv):.4f}" in out and "validation loss" in out
+
+
 def test_solve_reports_an_unconverged_fit(workdir, capsys):
     assert main(["gram", "--model", "factory.py:make", "--no-progress", "--data", "X.npy", "--out", "K.safetensors"]) == 0
     assert main(["solve", "--gram", "K.safetensors", "--labels", "y.npy", "--betas", "1e-6", "--solver", "nesterov",
