@@ -15,7 +15,7 @@ from torch import nn
 
 from .params import ParamLayout
 
-__all__ = ["eval_mode", "exact_fp32_math", "fp32_math", "functional_state", "model_device"]
+__all__ = ["check_device", "eval_mode", "exact_fp32_math", "fp32_math", "functional_state", "model_device"]
 
 
 @contextmanager
@@ -78,6 +78,25 @@ def fp32_math(allow_tf32: bool = False):
 def exact_fp32_math():
     """IEEE fp32 matmuls and convolutions for the duration: ``fp32_math(allow_tf32=False)``."""
     return fp32_math(allow_tf32=False)
+
+
+def check_device(device: Any, name: str = "device") -> Optional[torch.device]:
+    """``device`` as a torch.device this machine has (None stays None). Torch's own errors
+    come from deep inside the first ``.to()``, or from the driver, naming no argument."""
+    if device is None:
+        return None
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name}: {device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name} {device}: no CUDA device is available here "
+                             "(torch.cuda.is_available() is False); use cpu")
+        count = torch.cuda.device_count()
+        if resolved.index is not None and resolved.index >= count:
+            raise ValueError(f"{name} {device}: this machine has {count} CUDA device(s), cuda:0 .. cuda:{count - 1}")
+    return resolved
 
 
 def model_device(model: nn.Module) -> torch.device:

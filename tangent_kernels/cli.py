@@ -145,23 +145,13 @@ def load_kernel(path: str, what: str):
 
 
 def check_device(text: Optional[str]) -> None:
-    """--device names a device this machine has (torch's own errors are a traceback deep
-    in the first .to(), or a driver message that does not name the option)."""
-    import torch
+    """--device names a device this machine has, checked before any work."""
+    from ._model import check_device as check
 
-    if text is None:
-        return
     try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise CommandError(f"--device: {text!r} is not a device; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise CommandError(f"--device {text}: no CUDA device is available here "
-                               f"(torch.cuda.is_available() is False); use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise CommandError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                               f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+        check(text, "--device")
+    except ValueError as error:
+        raise CommandError(str(error)) from None
 
 
 def _environment() -> dict:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from ._model import eval_mode, fp32_math, functional_state, model_device
+from ._model import check_device, eval_mode, fp32_math, functional_state, model_device
 from .checkpoint import Checkpoint, CheckpointMismatch, batch_fingerprint, model_fingerprint, tensor_fingerprint
 from .data import ModelInputs, iterate_inputs, loader_length
 from .ops import gram_tile_update
@@ -387,7 +387,7 @@ def _prepare(model, idx, output, precision, device, backend):
     index = resolve_idx(model, idx)
     output = check_output_spec(output)
     precision = _check_precision(precision)
-    device = model_device(model) if device is None else torch.device(device)
+    device = model_device(model) if device is None else check_device(device)
     return index, output, precision, device, resolve_backend(backend, device)
 
 

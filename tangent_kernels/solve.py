@@ -46,7 +46,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from ._model import fp32_math
+from ._model import check_device, fp32_math
 from .engine import _check_progress, _progress_bar
 
 __all__ = ["KernelRidge", "solve", "SOLVERS", "NotFittedError", "ConvergenceWarning"]
@@ -1150,7 +1150,7 @@ class KernelRidge:
         self.tol = tol
         self.early_stopping = early_stopping
         self.eval_every = eval_every
-        self.device = torch.device(device) if device is not None else None
+        self.device = check_device(device)
         self.beta_scale = beta_scale
         self.patience = patience
         self.cv = cv

@@ -106,3 +106,14 @@ def test_unknown_precision(precision):
 def test_model_must_be_a_module():
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         gram(lambda x: x, [torch.randn(2, 6)])
+
+
+def test_unknown_or_missing_device_is_named():
+    with pytest.raises(ValueError, match="device: 'banana' is not a device; use cpu, cuda or cuda:N"):
+        gram(mlp(), [torch.randn(2, 6)], device="banana")
+    # a CUDA device this machine does not have: none at all here, or an index past the count
+    missing = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+    with pytest.raises(ValueError, match=f"device {missing}: "):
+        gram(mlp(), [torch.randn(2, 6)], device=missing)
+    with pytest.raises(ValueError, match=f"device {missing}: "):
+        tk.KernelRidge(device=missing)
