@@ -436,8 +436,11 @@ def features(
             stderr is a terminal, nothing in logs, CI or notebooks; "always": the bar even
             when stderr is not a terminal; False: no bar.
         inputs: optional callable batch -> model input (tensor, tuple of args, dict).
-        backend: sampled-gradient kernels for tapped layers: "auto" (Triton on CUDA when
-            available, else plain torch), "torch", or "triton".
+        backend: sampled-gradient kernels for tapped layers: "auto" (CPU: the C++ kernels
+            when the extension is built, else plain torch; CUDA: Triton when available,
+            else the CUDA kernels, else plain torch; the GPU choice is not yet measured),
+            "torch", "cpp" (CPU), "cuda" (CUDA) or "triton" (CUDA, or CPU under
+            TRITON_INTERPRET=1). See docs/kernels.md.
     """
     index, output, precision, device, backend = _prepare(model, idx, output, precision, device, backend)
     progress = _check_progress(progress)
