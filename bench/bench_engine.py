@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import platform
-import subprocess
 import tempfile
-import time
 
 import torch
 
 import tangent_kernels.engine as engine
+from _common import commit, timed
 from tangent_kernels.store import FeatureStore
 
 
@@ -32,16 +31,6 @@ def _store(features: torch.Tensor, kind: str, device: torch.device, cache_dir: s
     for block in features.split(256):
         store.append(block)
     return store
-
-
-def _time(fn, device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    result = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return result, time.perf_counter() - start
 
 
 def main() -> None:
@@ -62,33 +51,32 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as cache_dir:
         device_store = _store(features, "device", device, cache_dir)
-        results["device store, full schedule"] = _time(
+        results["device store, full schedule"] = timed(
             lambda: engine._blocked_gram(device_store, device_store, False, precision.k, device, None, None, events, budget),
-            device)
+            device=device, warmup=False)
         for kind in ("device", "host", "disk"):
             store = device_store if kind == "device" else _store(features, kind, device, cache_dir)
-            results[f"{kind} store, lower-triangle schedule"] = _time(
+            results[f"{kind} store, lower-triangle schedule"] = timed(
                 lambda: engine._blocked_gram(store, store, True, precision.k, device, None, None, events, budget),
-                device)
+                device=device, warmup=False)
             if kind != "device":
                 store.close()
         device_store.close()
 
-    reference = next(iter(results.values()))[0]
-    for name, (k, _) in results.items():
+    reference = next(iter(results.values()))[1]
+    for name, (_, k) in results.items():
         assert torch.equal(k, reference) or torch.allclose(k, reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max())), name
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     flops = 2.0 * args.n * args.n * args.p
     print(f"# Gram phase, n={args.n}, p={args.p}, {args.precision} features, device={device} "
           f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
-          f"torch {torch.__version__}, commit {commit}")
+          f"torch {torch.__version__}, commit {commit()}")
     print("| variant | seconds | GFLOP/s (of the full n^2 p product) | speedup vs full |")
     print("|---|---|---|---|")
-    full = results["device store, full schedule"][1]
-    for name, (_, seconds) in results.items():
+    full = results["device store, full schedule"][0]
+    for name, (seconds, _) in results.items():
         print(f"| {name} | {seconds:.2f} | {flops / seconds / 1e9:.1f} | {full / seconds:.2f}x |")
-    speedup = full / results["device store, lower-triangle schedule"][1]
+    speedup = full / results["device store, lower-triangle schedule"][0]
     assert speedup >= args.margin, f"triangular schedule only {speedup:.2f}x faster than full (margin {args.margin}x)"
     print(f"OK: triangular schedule {speedup:.2f}x faster than full (margin {args.margin}x)")
 

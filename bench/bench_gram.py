@@ -19,14 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import subprocess
-import time
 from pathlib import Path
 
 import torch
 
 import tangent_kernels as tk
+from _common import commit, timed
 import tangent_kernels.engine as engine
 
 
@@ -52,28 +50,6 @@ def func_gram(model, loader, idx):
         return tk.gram(model, loader, idx, progress=False)
     finally:
         engine._TAPS = True
-
-
-def timed(fn, repeats, device):
-    fn()  # warm-up (allocator, vmap tracing, thread pools)
-    times, result = [], None
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        result = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
-
-
-def commit() -> str:
-    try:
-        root = Path(__file__).resolve().parents[1]
-        return subprocess.check_output(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> int:

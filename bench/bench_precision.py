@@ -12,13 +12,13 @@ the test predictions, the issue's criterion for a default.
 
 import argparse
 import platform
-import subprocess
 import time
 
 import torch
 from torch import nn
 
 import tangent_kernels as tk
+from _common import commit
 from tangent_kernels.demo import digits_cnn, load_digits_split
 
 MODES = ("fp64", "fp32", "tf32", "bf16", "fp16")
@@ -74,10 +74,9 @@ def main() -> None:
         seconds[mode] = time.perf_counter() - start
         kernels[mode] = (k_train, k_test)
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(f"# digits (n_train={len(y_train)}, n_test={len(y_test)}), digits CNN trained {args.epochs} epochs, "
           f"p={len(idx)}, device={args.device} ({platform.processor() or platform.machine()}), "
-          f"torch {torch.__version__}, commit {commit}")
+          f"torch {torch.__version__}, commit {commit()}")
     header = "| mode | Gram time (s) | rel. Frobenius error of K |"
     header += "".join(f" beta={b:g}: rel. error of scores | argmax agreement |" for b in args.betas)
     print(header)

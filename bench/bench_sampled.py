@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from _common import timed
 from tangent_kernels import ops, sampled
 
 # (name, in_channels, out_channels, kernel, stride, padding, input size): resnet18 at 32x32.
@@ -36,16 +34,6 @@ CONVS = [
 ]
 # (name, tokens, in, out): resnet18's head, and a transformer block's projection.
 LINEARS = [("linear 512->10 T=1", 1, 512, 10), ("linear 768->768 T=128", 128, 768, 768)]
-
-
-def timed(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def conv_case(g, batch, entries, c_in, c_out, k, stride, padding, size):
@@ -94,7 +82,7 @@ def main() -> int:
     g = torch.Generator().manual_seed(0)
     cases = [(name, conv_case(g, args.batch, args.entries, *shape)) for name, *shape in CONVS]
     cases += [(name, linear_case(g, args.batch, args.entries, *shape)) for name, *shape in LINEARS]
-    cases.append((f"embedding 30000x768 T=128", embedding_case(g, args.batch, args.entries)))
+    cases.append(("embedding 30000x768 T=128", embedding_case(g, args.batch, args.entries)))
     print(f"B={args.batch}, up to {args.entries} entries per layer, fp32, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}")
     print(f"  {'op':30s} {'m':>6s} {'torch s':>9s} {'cpp s':>9s} {'torch/cpp':>9s}")
@@ -104,7 +92,7 @@ def main() -> int:
         error = float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
         if error > 1e-4:  # fp32 sums of <= ~1e5 terms in different orders
             raise SystemExit(f"{name}: cpp and torch differ by {error:.1e} (relative to the largest entry)")
-        t_torch, t_cpp = timed(torch_fn, args.repeats), timed(cpp_fn, args.repeats)
+        t_torch, t_cpp = timed(torch_fn, args.repeats)[0], timed(cpp_fn, args.repeats)[0]
         total["torch"] += t_torch
         total["cpp"] += t_cpp
         rows.append({"op": name, "m": m, "torch_s": t_torch, "cpp_s": t_cpp, "ratio": t_torch / t_cpp})

@@ -175,8 +175,6 @@ def _parse_output(text: str):
 
 
 def _gram(args: argparse.Namespace) -> int:
-    import torch
-
     from .engine import gram
     from .io import save_gram
     from .params import subsample

@@ -1,9 +1,7 @@
 """The demo end to end (--quick) and its data construction."""
 
-import argparse
 import json
 
-import pytest
 import torch
 
 from tangent_kernels import demo
