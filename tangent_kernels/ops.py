@@ -13,10 +13,10 @@ float32 for 16-bit or float32 inputs with a float32 K, float64 with a float64 K.
 Float64 inputs need a float64 K.
 
 Backends: "cpp" (the C++ CPU kernel, csrc/cpu), "cuda" (the hand-written CUDA kernel,
-csrc/cuda), "torch" (plain torch: the reference, and the fallback when the extension is
-not built) and "auto". The C++ schema is in csrc/ops.cpp; the compiled kernels are
-reached through ``torch.ops.tangent_kernels.gram_tile_update``, which the dispatcher
-routes by device.
+csrc/cuda), "triton" (tangent_kernels/kernels/gram_tile_update.py), "torch" (plain
+torch: the reference, and the fallback when the extension is not built) and "auto".
+The C++ schema is in csrc/ops.cpp; the compiled kernels are reached through
+``torch.ops.tangent_kernels.gram_tile_update``, which the dispatcher routes by device.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ __all__ = ["BACKENDS", "available_tile_backends", "gram_tile_update", "gram_tile
            "sampled_conv_grad", "sampled_embedding_grad", "sampled_linear_grad"]
 
 OP_NAME = "tangent_kernels::gram_tile_update"
-BACKENDS = ("auto", "cpp", "cuda", "torch")
+BACKENDS = ("auto", "cpp", "cuda", "torch", "triton")
 
 _INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _K_DTYPES = (torch.float32, torch.float64)
@@ -102,10 +102,22 @@ def available_tile_backends(device: Union[str, torch.device] = "cpu") -> List[st
     """Backends that can run the op on ``device`` here, "auto"'s choice first."""
     device = torch.device(device)
     if device.type == "cpu":
-        return ["cpp", "torch"] if has_cpu_kernels() else ["torch"]
-    if device.type == "cuda" and has_cuda_kernels() and torch.cuda.is_available():
-        return ["torch", "cuda"]
-    return ["torch"]
+        found = ["cpp", "torch"] if has_cpu_kernels() else ["torch"]
+    elif device.type == "cuda" and has_cuda_kernels() and torch.cuda.is_available():
+        found = ["torch", "cuda"]
+    else:
+        found = ["torch"]
+    if _triton_tiles_run_on(device):
+        found.append("triton")
+    return found
+
+
+def _triton_tiles_run_on(device: torch.device) -> bool:
+    from . import kernels  # imports Triton: only when asked
+
+    if not kernels.available():
+        return False
+    return device.type == "cpu" if kernels.INTERPRETED else device.type == "cuda"
 
 
 def _unavailable(backend: str, device: torch.device) -> str:
@@ -114,6 +126,11 @@ def _unavailable(backend: str, device: torch.device) -> str:
         return f"backend='cpp' runs on CPU tensors, got tensors on {device}; use backend='cuda' or 'torch'"
     if backend == "cuda" and device.type != "cuda":
         return f"backend='cuda' runs on CUDA tensors, got tensors on {device}; use backend='cpp' or 'torch'"
+    if backend == "triton":
+        from . import kernels
+
+        return kernels.unavailable_reason() or (
+            f"backend='triton' runs on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1), got {device}")
     if not extension_loaded():
         return f"backend={backend!r} needs the compiled extension: {extension_error()}"
     if backend == "cuda" and not has_cuda_kernels():
@@ -142,7 +159,9 @@ def gram_tile_update(
         row_offset, col_offset: global position of K[0, 0] in the full Gram.
         lower: update only global row >= global column (a tile of a symmetric Gram).
         backend: "auto" (C++ on CPU when built, else torch; torch/cuBLAS on CUDA),
-            "cpp", "cuda" or "torch".
+            "cpp", "cuda", "torch" or "triton" (CUDA, or CPU under TRITON_INTERPRET=1;
+            float16/bfloat16/float32 inputs and a float32 K; TF32 products only when
+            torch's CUDA matmuls allow them).
 
     Returns:
         K (updated in place).
@@ -162,9 +181,19 @@ def gram_tile_update(
         raise (ValueError if wrong_device else RuntimeError)(f"gram_tile_update: {reason}")
     if backend == "torch":
         gram_tile_update_torch(K, A, B, row_offset, col_offset, lower)
+    elif backend == "triton":
+        torch.ops.tangent_kernels.triton_gram_tile_update(K, A, B, row_offset, col_offset, lower, _cuda_tf32_allowed())
     else:
         torch.ops.tangent_kernels.gram_tile_update(K, A, B, row_offset, col_offset, lower)
     return K
+
+
+def _cuda_tf32_allowed() -> bool:
+    """Whether fp32 CUDA matmuls may use TF32 right now (precision="tf32" sets this)."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        return matmul.fp32_precision == "tf32"
+    return bool(matmul.allow_tf32)  # pragma: no cover - torch < 2.9
 
 
 def _fake_gram_tile_update(K, A, B, row_offset, col_offset, lower):

@@ -1,4 +1,5 @@
-"""Triton kernels for the sampled per-sample gradient ops (the "triton" backend).
+"""Triton kernels: the sampled per-sample gradient ops (the "triton" backend of taps)
+and the Gram tile update (``ops.gram_tile_update(..., backend="triton")``).
 
 One file per op; each defines its ``@triton.jit`` kernel, a launcher, and registers a
 ``torch.library.custom_op`` named ``tangent_kernels::triton_<op>`` with a fake kernel:
@@ -7,6 +8,7 @@ One file per op; each defines its ``@triton.jit`` kernel, a launcher, and regist
     torch.ops.tangent_kernels.triton_sampled_conv_grad(a_pad, d, out_channel, in_channel,
                                                        kernel_offsets, stride, dilation)
     torch.ops.tangent_kernels.triton_sampled_embedding_grad(tokens, d, rows, cols, padding_idx)
+    torch.ops.tangent_kernels.triton_gram_tile_update(K, A, B, row_offset, col_offset, lower, allow_tf32)
 
 The plain-torch references are in ``tangent_kernels.sampled``.
 
@@ -118,8 +120,9 @@ def block_size(n: int, low: int, high: int) -> int:
 
 
 if _IMPORT_ERROR is None:
+    from .gram_tile_update import triton_gram_tile_update  # noqa: E402
     from .sampled_conv_grad import triton_sampled_conv_grad  # noqa: E402
     from .sampled_embedding_grad import triton_sampled_embedding_grad  # noqa: E402
     from .sampled_linear_grad import triton_sampled_linear_grad  # noqa: E402
 
-    __all__ += ["triton_sampled_conv_grad", "triton_sampled_embedding_grad", "triton_sampled_linear_grad"]
+    __all__ += ["triton_gram_tile_update", "triton_sampled_conv_grad", "triton_sampled_embedding_grad", "triton_sampled_linear_grad"]
