@@ -75,7 +75,8 @@ NO_EXT_SCRIPT = textwrap.dedent("""
     assert not info["extension"]["loaded"] and not info["cpp"]["active"], info
     assert "TANGENT_KERNELS_NO_EXT" in info["cpp"]["reason"], info["cpp"]["reason"]
     assert not hasattr(torch.ops.tangent_kernels, "gram_tile_update")
-    assert ops.available_tile_backends("cpu") == ["torch"]
+    # Triton's tile kernel needs no extension (listed on CPU only under TRITON_INTERPRET=1)
+    assert [b for b in ops.available_tile_backends("cpu") if b != "triton"] == ["torch"]
 
     K = torch.zeros(3, 3)
     A = torch.arange(6.0).view(3, 2)
