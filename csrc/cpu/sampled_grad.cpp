@@ -78,9 +78,11 @@ void sampled_dots(const SampledView& v, const in_t* a, const in_t* d, const Entr
   const int64_t work = v.positions[0] * v.positions[1] * v.positions[2];
   const int64_t grain = std::max<int64_t>(1, kGrainWork / std::max<int64_t>(work, 1));
   at::parallel_for(0, v.batch * e.m, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / e.m;
-      const int64_t j = task % e.m;
+    // (b, j) advance with the task instead of task / m and task % m per task: a 64-bit
+    // division costs more than a whole dot product on layers with one output position.
+    int64_t b = begin / e.m;
+    int64_t j = begin % e.m;
+    for (int64_t task = begin; task < end; ++task, j = (j + 1 == e.m) ? 0 : j + 1, b += (j == 0)) {
       int64_t a_base = b * v.a_batch + e.a_channel[j] * v.a_channel;
       if (e.offsets != nullptr) {
         for (int64_t i = 0; i < e.nd; ++i) {
