@@ -15,7 +15,7 @@ from torch import nn
 
 from .params import ParamLayout
 
-__all__ = ["check_device", "eval_mode", "exact_fp32_math", "fp32_math", "functional_state", "model_device"]
+__all__ = ["check_device", "eval_mode", "fp32_math", "functional_state", "model_device"]
 
 
 @contextmanager
@@ -73,11 +73,6 @@ def fp32_math(allow_tf32: bool = False):
     finally:
         for path, holder in flags.items():
             holder.fp32_precision = saved[path]
-
-
-def exact_fp32_math():
-    """IEEE fp32 matmuls and convolutions for the duration: ``fp32_math(allow_tf32=False)``."""
-    return fp32_math(allow_tf32=False)
 
 
 def check_device(device: Any, name: str = "device") -> Optional[torch.device]:

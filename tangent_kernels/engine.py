@@ -344,29 +344,29 @@ def _feature_blocks(
     progress: Union[bool, str],
     name: str,
     backend: str,
-    expected_signature=None,
-) -> Iterator[Tuple[Any, torch.Tensor]]:
-    """Yield (input signature, F [B, p]) per batch, in the compute dtype;
-    F[:, j] = d s / d theta[idx[j]]."""
-    dtype = precision.compute
-    tolerance = _VERIFY_TOLERANCE[dtype] * (10 if precision.allow_tf32 else 1)
-    per_sample = _FeatureExtractor(model, index, output, dtype, device, backend, tolerance)
+) -> Iterator[torch.Tensor]:
+    """Yield F [B, p] per batch, in the compute dtype; F[:, j] = d s / d theta[idx[j]]."""
+    per_sample = _new_extractor(model, index, output, precision, device, backend)
     bar = _progress_bar(loader_length(loader), f"eNTK features ({name})", progress)
     seen = 0
     try:
         for batch in iterate_inputs(loader, inputs, name):
-            signature = batch.signature()
-            _check_signature(expected_signature, signature, name)
-            batch = batch.to(device, dtype)
-            block = per_sample(batch)
+            block = per_sample(batch.to(device, precision.compute))
             _check_finite(block, seen, name)
             seen += batch.size
             if bar is not None:
                 bar.update(batch.size)
-            yield signature, block
+            yield block
     finally:
         if bar is not None:
             bar.close()
+
+
+def _new_extractor(model, index, output, precision: Precision, device, backend: str) -> "_FeatureExtractor":
+    # TF32 (10 mantissa bits) lets the batched pass and the per-sample check differ ten
+    # times more than fp32 does.
+    tolerance = _VERIFY_TOLERANCE[precision.compute] * (10 if precision.allow_tf32 else 1)
+    return _FeatureExtractor(model, index, output, precision.compute, device, backend, tolerance)
 
 
 def _check_finite(block: torch.Tensor, first_position: int, name: str) -> None:
@@ -389,21 +389,6 @@ def _prepare(model, idx, output, precision, device, backend):
     precision = _check_precision(precision)
     device = model_device(model) if device is None else check_device(device)
     return index, output, precision, device, resolve_backend(backend, device)
-
-
-def _collect(
-    blocks: Iterator[Tuple[Any, torch.Tensor]], precision: Precision, scale_rows: bool
-) -> Tuple[torch.Tensor, Optional[torch.Tensor], Any]:
-    """(all blocks in the store dtype, their per-row scales or None, the first batch's
-    input signature). Each block is rounded as it arrives: no full-size copy in the
-    compute dtype."""
-    signatures, parts, scales = [], [], []
-    for signature, block in blocks:
-        signatures.append(signature)
-        stored, scale = _to_store(block, precision, scale_rows)
-        parts.append(stored)
-        scales.append(scale)
-    return torch.cat(parts), (torch.cat(scales) if scales[0] is not None else None), signatures[0]
 
 
 def features(
@@ -446,8 +431,9 @@ def features(
     progress = _check_progress(progress)
     with eval_mode(model), fp32_math(precision.allow_tf32):
         blocks = _feature_blocks(model, loader, index, output, precision, device, inputs, progress, "loader", backend)
-        g, _, _ = _collect(blocks, precision, scale_rows=False)
-    return g
+        # Each block is rounded to the store dtype as it arrives: no full-size copy in
+        # the compute dtype.
+        return torch.cat([_to_store(block, precision, scale_rows=False)[0] for block in blocks])
 
 
 def gram(
@@ -651,8 +637,7 @@ def _fill_store(model, loader, name, *, index, output, precision, device, inputs
                         "the data changed; delete the checkpoint folder to start over"
                     )
                 if per_sample is None:
-                    tolerance = _VERIFY_TOLERANCE[precision.compute] * (10 if precision.allow_tf32 else 1)
-                    per_sample = _FeatureExtractor(model, index, output, precision.compute, device, backend, tolerance)
+                    per_sample = _new_extractor(model, index, output, precision, device, backend)
                 block = _features_with_backoff(per_sample, batch.to(device, precision.compute))
                 _check_finite(block, seen, name)
                 stored, scales = _to_store(block, precision, scale_rows=True)
