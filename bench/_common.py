@@ -5,6 +5,7 @@ The scripts run as ``python bench/<name>.py``, which puts bench/ on sys.path.
 
 from __future__ import annotations
 
+import os
 import statistics
 import subprocess
 import time
@@ -35,10 +36,11 @@ def timed(fn: Callable[[], Any], repeats: int = 1, device: Optional[torch.device
 
 
 def commit() -> str:
-    """The repository's short commit hash, or "unknown" outside a git checkout."""
+    """The repository's short commit hash; outside a git checkout (a copied working tree
+    on a GPU machine) the one named by $TANGENT_KERNELS_COMMIT, else "unknown"."""
     try:
         root = Path(__file__).resolve().parents[1]
         return subprocess.check_output(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], text=True,
                                        stderr=subprocess.DEVNULL).strip()
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return os.environ.get("TANGENT_KERNELS_COMMIT", "unknown")

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Everything a lent GPU machine should run, in one go (its python3 already holds torch,
+# triton, pytest and torchvision): build the extension for Hopper, the GPU tests, then the
+# benchmarks. Logs go to $OUT (or ./gpu-out). Usage: bash bench/gpu.sh [stage ...]
+# with stages build, test, gram, engine, solve, resnet50 (default: build test gram engine).
+set -u
+OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+stages=${*:-build test gram engine}
+run() { local name=$1; shift; echo "=== $name: $*"; local t0=$SECONDS
+  "$@" > "$OUT/$name.log" 2>&1; local rc=$?; tail -n "${TAIL:-25}" "$OUT/$name.log"
+  echo "=== $name: rc=$rc in $((SECONDS - t0)) s"; }
+for stage in $stages; do case $stage in
+  build) nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+         run build python3 -m pip install --no-build-isolation --no-deps -e .
+         python3 -c "import torch, triton, tangent_kernels as tk; print(torch.__version__, triton.__version__); print(tk.info())" ;;
+  test) run test python3 -m pytest -q -m gpu -p no:cacheprovider -x --timeout 240 tests ;;
+  testall) run testall python3 -m pytest -q -p no:cacheprovider -n 8 tests ;;
+  gram) run gram python3 bench/bench_gram.py --device cuda --n 256 --backend torch,cuda,triton --json "$OUT/gram.json" ;;
+  engine) run engine python3 bench/bench_engine.py --device cuda ;;
+  solve) run solve python3 bench/bench_solve.py --device cuda --json "$OUT/solve.json" ;;
+  *) echo "unknown stage $stage"; exit 2 ;;
+esac; done
