@@ -36,11 +36,13 @@ def timed(fn: Callable[[], Any], repeats: int = 1, device: Optional[torch.device
 
 
 def commit() -> str:
-    """The repository's short commit hash; outside a git checkout (a copied working tree
-    on a GPU machine) the one named by $TANGENT_KERNELS_COMMIT, else "unknown"."""
+    """$TANGENT_KERNELS_COMMIT when set (a working tree copied to a GPU machine may carry
+    a stale .git), else the checkout's short commit hash, else "unknown"."""
+    if os.environ.get("TANGENT_KERNELS_COMMIT"):
+        return os.environ["TANGENT_KERNELS_COMMIT"]
     try:
         root = Path(__file__).resolve().parents[1]
         return subprocess.check_output(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], text=True,
                                        stderr=subprocess.DEVNULL).strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("TANGENT_KERNELS_COMMIT", "unknown")
+        return "unknown"

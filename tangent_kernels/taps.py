@@ -38,8 +38,8 @@ __all__ = ["BACKENDS", "LayerRule", "resolve_backend", "rule_for", "TapRecorder"
 #   "cuda"    the CUDA kernels (csrc/cuda/sampled_grad.cu), CUDA tensors;
 #   "triton"  the Triton kernels (kernels/), CUDA tensors (CPU only under TRITON_INTERPRET=1);
 #   "auto"    CPU: "cpp" when the extension has its CPU kernels (measured faster than
-#             "torch": docs/kernels.md), else "torch". CUDA: "triton" when available,
-#             else "cuda" when built, else "torch" (unmeasured on a GPU so far).
+#             "torch": docs/kernels.md), else "torch". CUDA: "cuda" when built (measured
+#             fastest on an H100: bench/RESULTS.md), else "triton", else "torch".
 # "cpp" and "cuda" write each result straight into the caller's feature block.
 BACKENDS = ("auto", "torch", "cpp", "cuda", "triton")
 _COMPILED = ("cpp", "cuda")
@@ -79,9 +79,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     from . import kernels
 
     if backend == "auto":
-        if kernels.available():
-            return "triton"
-        return "cuda" if _compiled_missing("cuda", device) is None else "torch"
+        if _compiled_missing("cuda", device) is None:
+            return "cuda"
+        return "triton" if kernels.available() else "torch"
     reason = kernels.unavailable_reason()
     if reason is not None:
         raise ValueError(f"backend='triton' is not available: {reason}")

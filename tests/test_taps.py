@@ -230,3 +230,9 @@ def test_cpp_backend_writes_straight_into_the_feature_block(monkeypatch):
     assert float((k - ref).norm() / ref.norm()) <= 1e-10
     assert {name for name, _ in calls} == {"sampled_linear_grad", "sampled_conv_grad"}
     assert all(in_place for _, in_place in calls), calls
+
+
+@pytest.mark.gpu
+def test_auto_picks_the_cuda_kernels_on_a_gpu_when_built():
+    expected = "cuda" if tk.ops.has_sampled_kernels("cuda") else ("triton" if tk.kernels.available() else "torch")
+    assert resolve_backend("auto", torch.device("cuda")) == expected
