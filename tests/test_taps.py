@@ -234,5 +234,8 @@ def test_cpp_backend_writes_straight_into_the_feature_block(monkeypatch):
 
 @pytest.mark.gpu
 def test_auto_picks_the_cuda_kernels_on_a_gpu_when_built():
-    expected = "cuda" if tk.ops.has_sampled_kernels("cuda") else ("triton" if tk.kernels.available() else "torch")
+    from tangent_kernels import kernels
+    from tangent_kernels.taps import resolve_backend
+
+    expected = "cuda" if tk.ops.has_sampled_kernels("cuda") else ("triton" if kernels.available() else "torch")
     assert resolve_backend("auto", torch.device("cuda")) == expected
