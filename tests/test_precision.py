@@ -133,3 +133,22 @@ def test_16_bit_cross_kernel_is_within_2x_of_rounding_the_exact_features(name, p
     plain = rel_err(g1 @ g2.T, ref)
     assert plain > 0  # the rounding is visible: the comparison below means something
     assert rel_err(k, ref) <= 2 * plain + 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton", "torch"])
+def test_tf32_on_cuda_keeps_the_batched_pass(backend, recwarn):
+    """TF32 roundings differ between a batch and a single sample; the verification must
+    not mistake that for samples interacting and fall back to the generic path (which on
+    an H100 made tf32 resnet50 eight times slower than bf16)."""
+    if backend == "cuda" and not tk.ops.has_sampled_kernels("cuda"):
+        pytest.skip("the extension was built without its CUDA kernels")
+    torch.manual_seed(11)
+    model = resnet18().cuda()
+    x = torch.randn(16, 3, 32, 32, device="cuda")
+    idx = tk.subsample(model, 20_000, seed=3)
+    ref = tk.reference.gram_autograd(model.double().cpu(), [x.double().cpu()], idx)
+    model.float()
+    k = tk.gram(model.cuda(), [x[:8], x[8:]], idx, precision="tf32", backend=backend, progress=False)
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in recwarn]
+    assert rel_err(k.cpu(), ref) < TOLERANCE["tf32"]

@@ -5,9 +5,9 @@
 // gathered. Same semantics as the CPU kernels (csrc/cpu/sampled_grad.cpp): fp32
 // accumulation (fp64 for fp64 inputs), one rounding into out's dtype.
 //
-// Status: compiled in CI; NOT yet run or measured on a GPU (no GPU on the development
-// machines). tests/test_sampled_ops.py's `gpu`-marked tests compare it with the
-// plain-torch reference whenever a GPU is present.
+// Status: compiled in CI; run on an H100 (2026-11-23): tests/test_sampled_ops.py's
+// `gpu`-marked tests compare it with the plain-torch reference, and bench/bench_gram.py
+// measured it fastest of the GPU backends (bench/RESULTS.md).
 //
 // Index ranges are checked with device asserts (a host-side check would need a sync
 // per call); an out-of-range index aborts the CUDA context with a message.
@@ -59,6 +59,12 @@ struct Entries {
   const int64_t* out_columns;  // or nullptr
 };
 
+// The position loop advances a mixed-radix counter (p0, p1, p2) by the warp width with
+// at most one carry per digit: no integer division inside it. The first version divided
+// each flat position back into coordinates (four 64-bit divisions per element) and was
+// integer-bound on an H100 (resnet50 at 224x224: this kernel took 36% of tk.gram's GPU
+// time, more than the convolutions). Samples run along the grid's y dimension, so no
+// division splits a task index either.
 template <typename in_t, typename out_t>
 __global__ void sampled_dots_kernel(SampledView v, const in_t* __restrict__ a, const in_t* __restrict__ d,
                                     Entries e, out_t* __restrict__ out, int64_t out_row, int64_t out_col,
@@ -66,42 +72,51 @@ __global__ void sampled_dots_kernel(SampledView v, const in_t* __restrict__ a, c
   using acc_t = at::opmath_type<in_t>;
   const int lane = threadIdx.x % kWarp;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
-  const int64_t positions = v.positions[0] * v.positions[1] * v.positions[2];
+  // Position counts fit in 32 bits (checked on the host), so the counter does too.
+  const int positions = static_cast<int>(v.positions[0] * v.positions[1] * v.positions[2]);
+  // With no positions every dot is 0 and the counter never runs; radix 1 keeps it defined.
+  const int n1 = positions > 0 ? static_cast<int>(v.positions[1]) : 1,
+            n2 = positions > 0 ? static_cast<int>(v.positions[2]) : 1;
+  // kWarp in the mixed radix (positions[0], n1, n2), and each lane's first position.
+  const int step2 = kWarp % n2, step1 = (kWarp / n2) % n1, step0 = kWarp / (n2 * n1);
+  const int first2 = lane % n2, first1 = (lane / n2) % n1, first0 = lane / (n2 * n1);
+  const int64_t a_step[kMaxSpatial] = {v.stride[0] * v.a_space[0], v.stride[1] * v.a_space[1],
+                                       v.stride[2] * v.a_space[2]};
   const int64_t pad = kMaxSpatial - e.nd;
-  for (int64_t task = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
-       task < v.batch * e.m; task += warps) {
-    const int64_t b = task / e.m;
-    const int64_t j = task % e.m;
+  for (int64_t j = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp; j < e.m; j += warps) {
     const int64_t oc = e.d_channel[j];
     const int64_t ic = e.a_channel[j];
     CUDA_KERNEL_ASSERT(oc >= 0 && oc < v.d_channels && ic >= 0 && ic < v.a_channels);
-    int64_t a_base = b * v.a_batch + ic * v.a_channel;
+    int64_t a_entry = ic * v.a_channel;
     if (e.offsets != nullptr) {
       for (int64_t i = 0; i < e.nd; ++i) {
         const int64_t k = e.offsets[j * e.nd + i];
         const int64_t s = pad + i;
         CUDA_KERNEL_ASSERT(k >= 0 && (v.positions[s] == 0 ||
                                       k * v.dilation[s] + (v.positions[s] - 1) * v.stride[s] < v.a_extent[s]));
-        a_base += k * v.dilation[s] * v.a_space[s];
+        a_entry += k * v.dilation[s] * v.a_space[s];
       }
     }
-    const int64_t d_base = b * v.d_batch + oc * v.d_channel;
-    acc_t acc = 0;
-    for (int64_t p = lane; p < positions; p += kWarp) {
-      const int64_t p2 = p % v.positions[2];
-      const int64_t rest = p / v.positions[2];
-      const int64_t p1 = rest % v.positions[1];
-      const int64_t p0 = rest / v.positions[1];
-      const int64_t a_at = a_base + p0 * v.stride[0] * v.a_space[0] + p1 * v.stride[1] * v.a_space[1] +
-                           p2 * v.stride[2] * v.a_space[2];
-      const int64_t d_at = d_base + p0 * v.d_space[0] + p1 * v.d_space[1] + p2 * v.d_space[2];
-      acc += static_cast<acc_t>(a[a_at]) * static_cast<acc_t>(d[d_at]);
-    }
-    acc = warp_sum(acc);
-    if (lane == 0) {
-      const int64_t column = e.out_columns != nullptr ? e.out_columns[j] : j;
-      CUDA_KERNEL_ASSERT(column >= 0 && column < out_columns_limit);
-      out[b * out_row + column * out_col] = round_to<out_t, acc_t>(acc);
+    const int64_t column = e.out_columns != nullptr ? e.out_columns[j] : j;
+    CUDA_KERNEL_ASSERT(column >= 0 && column < out_columns_limit);
+    for (int64_t b = blockIdx.y; b < v.batch; b += gridDim.y) {
+      const in_t* a_at = a + b * v.a_batch + a_entry;
+      const in_t* d_at = d + b * v.d_batch + oc * v.d_channel;
+      acc_t acc = 0;
+      int p0 = first0, p1 = first1, p2 = first2;
+      for (int p = lane; p < positions; p += kWarp) {
+        acc += static_cast<acc_t>(a_at[p0 * a_step[0] + p1 * a_step[1] + p2 * a_step[2]]) *
+               static_cast<acc_t>(d_at[p0 * v.d_space[0] + p1 * v.d_space[1] + p2 * v.d_space[2]]);
+        p2 += step2;
+        const int carry2 = p2 >= n2;
+        p2 -= carry2 * n2;
+        p1 += step1 + carry2;
+        const int carry1 = p1 >= n1;
+        p1 -= carry1 * n1;
+        p0 += step0 + carry1;
+      }
+      acc = warp_sum(acc);
+      if (lane == 0) out[b * out_row + column * out_col] = round_to<out_t, acc_t>(acc);
     }
   }
 }
@@ -158,12 +173,15 @@ void dispatch_in_out(at::ScalarType in, at::ScalarType out, F&& body) {
 void run(const char* op, const SampledView& v, const at::Tensor& a, const at::Tensor& d, const Entries& e,
          const at::Tensor& out) {
   if (e.m == 0 || v.batch == 0) return;
+  TORCH_CHECK(v.positions[0] * v.positions[1] * v.positions[2] < (int64_t{1} << 31) - kWarp, op,
+              ": more than 2^31 output positions per sample are not supported (split the input)");
   const c10::cuda::CUDAGuard guard(a.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   dispatch_in_out(a.scalar_type(), out.scalar_type(), [&](auto* in_tag, auto* out_tag) {
     using in_t = std::remove_pointer_t<decltype(in_tag)>;
     using out_t = std::remove_pointer_t<decltype(out_tag)>;
-    sampled_dots_kernel<in_t, out_t><<<blocks_for(v.batch * e.m), kWarp * kWarpsPerBlock, 0, stream>>>(
+    const dim3 grid(blocks_for(e.m), static_cast<unsigned>(std::min<int64_t>(v.batch, 65535)));
+    sampled_dots_kernel<in_t, out_t><<<grid, kWarp * kWarpsPerBlock, 0, stream>>>(
         v, a.data_ptr<in_t>(), d.data_ptr<in_t>(), e, out.data_ptr<out_t>(), out.stride(0), out.stride(1),
         out.size(1));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
