@@ -60,11 +60,11 @@ struct Entries {
 };
 
 // The position loop advances a mixed-radix counter (p0, p1, p2) by the warp width with
-// at most one carry per digit: no integer division inside it. The first version divided
-// each flat position back into coordinates (four 64-bit divisions per element) and was
-// integer-bound on an H100 (resnet50 at 224x224: this kernel took 36% of tk.gram's GPU
-// time, more than the convolutions). Samples run along the grid's y dimension, so no
-// division splits a task index either.
+// at most one carry per digit: no integer division inside it (the first version divided
+// each flat position back into coordinates, four 64-bit divisions per element, while
+// this kernel took 36% of tk.gram's GPU time on resnet50 at 224x224 on an H100). Samples
+// run along the grid's y dimension, so no division splits a task index either, and a
+// warp reuses an entry's index setup for all the samples it visits.
 template <typename in_t, typename out_t>
 __global__ void sampled_dots_kernel(SampledView v, const in_t* __restrict__ a, const in_t* __restrict__ d,
                                     Entries e, out_t* __restrict__ out, int64_t out_row, int64_t out_col,
@@ -180,7 +180,12 @@ void run(const char* op, const SampledView& v, const at::Tensor& a, const at::Te
   dispatch_in_out(a.scalar_type(), out.scalar_type(), [&](auto* in_tag, auto* out_tag) {
     using in_t = std::remove_pointer_t<decltype(in_tag)>;
     using out_t = std::remove_pointer_t<decltype(out_tag)>;
-    const dim3 grid(blocks_for(e.m), static_cast<unsigned>(std::min<int64_t>(v.batch, 65535)));
+    // Few enough blocks that each warp strides over many (entry, sample) pairs: with one
+    // pair per warp (a block per 8 entries and sample), per-block setup outweighed the
+    // dots of resnet50's 7x7 layers and the kernel ran 22% slower on an H100.
+    const int64_t samples_per_grid = std::min<int64_t>(v.batch, 4);
+    const dim3 grid(static_cast<unsigned>(std::min<int64_t>((e.m + kWarpsPerBlock - 1) / kWarpsPerBlock, 2048)),
+                    static_cast<unsigned>(samples_per_grid));
     sampled_dots_kernel<in_t, out_t><<<grid, kWarp * kWarpsPerBlock, 0, stream>>>(
         v, a.data_ptr<in_t>(), d.data_ptr<in_t>(), e, out.data_ptr<out_t>(), out.stride(0), out.stride(1),
         out.size(1));
