@@ -17,7 +17,7 @@ and 5.4x in four runs on a shared 2-core machine): the fastest solver that reach
 target on every beta is at least 2x faster than nesterov's 200 iterations (which do not
 reach it: the smallest beta needs ~10^4).
 With --device cuda it reports whether the best solver beat the one-beta fp32 Cholesky
-baseline (the GPU goal) without asserting it: no GPU numbers have been measured yet.
+baseline (the GPU goal) without asserting it (not met on an H100: bench/RESULTS.md).
 Defaults on CUDA: K float32 (as tk.gram returns it), --tol 1e-3, since float32 results
 cannot have a relative residual much below 6e-8 * cond(K + beta I) (cond ~ 1e7 here).
 """

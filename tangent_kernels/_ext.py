@@ -167,7 +167,7 @@ def info() -> Info:
         "active": cuda_reason is None,
         "compiled": bool(compiled),
         "reason": cuda_reason,
-        "note": "backend='auto' uses cuBLAS (torch) on CUDA until the hand-written kernel is validated and measured",
+        "note": "gram_tile_update: backend='auto' uses cuBLAS (torch) on CUDA until the hand-written kernel is measured against it",
     }
 
     triton_version = _triton_version()
