@@ -381,6 +381,11 @@ def _new_extractor(model, index, output, precision: Precision, device, backend: 
 
 
 def _check_finite(block: torch.Tensor, first_position: int, name: str) -> None:
+    # One reduction pass first: a row with an inf or nan sums to inf or nan. isfinite on
+    # the whole block is four elementwise passes (6% of a CPU gram of resnet18), and is
+    # needed only when a sum is not finite (then it tells overflow of finite values apart).
+    if bool(torch.isfinite(block.sum(dim=1)).all()):
+        return
     finite = torch.isfinite(block).all(dim=1)
     if bool(finite.all()):
         return
