@@ -46,6 +46,13 @@ out_t round_to(acc_t value) {
 template <typename in_t, typename acc_t>
 acc_t dot(const in_t* x, int64_t sx, const in_t* y, int64_t sy, int64_t n) {
   constexpr int kLanes = 8;
+  if (n < kLanes) {
+    // Rows of a few positions (a deep layer's 2x2 output): the partial sums' setup and
+    // final reduction would cost more than the products.
+    acc_t total = 0;
+    for (int64_t i = 0; i < n; ++i) total += static_cast<acc_t>(x[i * sx]) * static_cast<acc_t>(y[i * sy]);
+    return total;
+  }
   acc_t part[kLanes] = {};
   int64_t i = 0;
   if (sx == 1 && sy == 1) {
