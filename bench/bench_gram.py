@@ -1,12 +1,13 @@
 """gram() against the naive per-sample autograd loop, measured side by side in one run.
 
-Default (CPU, about a minute here): torchvision resnet18 (random weights, eval) on
-32x32 inputs, p = 100,000 sampled parameters, n = 64. The baseline is the naive loop
+Default (CPU, about a minute on a 2-core machine): the fused-gradient issue's
+configuration, torchvision resnet18 (random weights, eval) on 32x32 inputs,
+p = 100,000 sampled parameters, n = 256. The baseline is the naive loop
 at the same precision (fp32): one forward and one ``torch.autograd.grad`` per sample
 over every parameter, gather at idx, then G G^T. Both results are checked against
 each other before any time is reported.
 
-    python bench/bench_gram.py [--n 64] [--params 100000] [--device cpu] [--backend torch,cpp] [--json out.json]
+    python bench/bench_gram.py [--n 256] [--params 100000] [--device cpu] [--backend torch,cpp] [--json out.json]
     python bench/bench_gram.py --device cuda --model resnet50 --size 224 --classes 1000 \
         --params 500000 --n 2048 --batch-size 64 --precision bf16 --repeats 1 --train-step   # the GPU table
 
@@ -17,8 +18,10 @@ forward) over the same batches: the floor no per-sample method can beat.
 
 ``--backend``: the sampled-gradient backends of tk.gram to time, comma-separated
 (default: torch, plus cpp when the C++ kernels are built). Asserts that the fastest
-of them is at least ``--margin`` times faster than the naive loop (default 1.5x; the
-issue targets >= 10x on this CPU) and faster than the torch.func path.
+of them is at least ``--margin`` times faster than the naive loop (default 10x, the
+issue's target: 12.5x measured with the C++ kernels on the 2-core development machine,
+13-14x with the CUDA kernels on an H100; bench/RESULTS.md) and faster than the
+torch.func path. Smaller --n or another model changes the ratio: pass --margin.
 """
 
 from __future__ import annotations
@@ -85,13 +88,13 @@ def main() -> int:
     parser.add_argument("--precision", default="fp32", choices=list(TOLERANCE))
     parser.add_argument("--train-step", action="store_true", help="also time a plain training step (the floor)")
     parser.add_argument("--skip", default="", help="comma-separated baselines not to run: func")
-    parser.add_argument("--n", type=int, default=64)
+    parser.add_argument("--n", type=int, default=256)
     parser.add_argument("--params", type=int, default=100_000)
     parser.add_argument("--size", type=int, default=32, help="input height and width")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--margin", type=float, default=1.5, help="required speedup of gram() over the naive loop")
+    parser.add_argument("--margin", type=float, default=10.0, help="required speedup of gram() over the naive loop")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--backend", default=None, help="comma-separated tk.gram backends (default: torch[,cpp])")
     args = parser.parse_args()
