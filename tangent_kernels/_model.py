@@ -15,7 +15,7 @@ from torch import nn
 
 from .params import ParamLayout
 
-__all__ = ["check_device", "eval_mode", "fp32_math", "functional_state", "model_device"]
+__all__ = ["check_device", "eval_mode", "fp32_math", "functional_state", "matmul_allows_tf32", "model_device"]
 
 
 @contextmanager
@@ -73,6 +73,15 @@ def fp32_math(allow_tf32: bool = False):
     finally:
         for path, holder in flags.items():
             holder.fp32_precision = saved[path]
+
+
+def matmul_allows_tf32() -> bool:
+    """Whether CUDA fp32 matmuls may run in TF32 right now (inside ``fp32_math``: what
+    the ``precision=`` mode chose): hand-written kernels follow the same setting."""
+    flags = _precision_flags()
+    if "cuda.matmul" in flags:
+        return flags["cuda.matmul"].fp32_precision == "tf32"
+    return bool(torch.backends.cuda.matmul.allow_tf32)  # pragma: no cover - torch < 2.9
 
 
 def check_device(device: Any, name: str = "device") -> Optional[torch.device]:

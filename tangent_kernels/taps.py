@@ -16,7 +16,9 @@ parameters.
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -26,8 +28,11 @@ from torch import nn
 from torch.func import functional_call
 
 from . import ops, sampled
+from ._model import matmul_allows_tf32
 from .outputs import scalarize
 from .params import TensorSlice
+
+_log = logging.getLogger("tangent_kernels")
 
 __all__ = ["BACKENDS", "LayerRule", "resolve_backend", "rule_for", "TapRecorder", "Untappable"]
 
@@ -128,6 +133,15 @@ class LayerRule:
         """out[:, columns] = ``grad(...)``; rules with a compiled op write it in place."""
         out[:, columns] = self.grad(module, param, saved, d, plan, backend).to(out.dtype)
 
+    def dense_entries(self, module: nn.Module, param: str, plan):
+        """(out_channel, in_channel, kernel_offsets, kernel_size) of the planned entries when
+        the dense GEMM strategy can compute ``param``'s gradient, else None."""
+        return None
+
+    def dense_operands(self, module: nn.Module, param: str, saved, d: torch.Tensor):
+        """(a_pad, d, stride, dilation) for the dense strategy, as a groups=1 convolution."""
+        raise NotImplementedError
+
 
 def _detached_input(a: torch.Tensor, module: nn.Module, batch: int, min_dim: int) -> torch.Tensor:
     if not isinstance(a, torch.Tensor) or a.dim() < min_dim or a.shape[0] != batch:
@@ -163,6 +177,18 @@ class LinearRule(LayerRule):
         rows, cols = plan
         ops.sampled_linear_grad(a.reshape(batch, -1, module.in_features), d.reshape(batch, -1, module.out_features),
                                 rows, cols, out=out, out_columns=columns)
+
+    def dense_entries(self, module, param, plan):
+        if param != "weight":
+            return None
+        rows, cols = plan
+        return rows, cols, torch.zeros(rows.shape[0], 1, dtype=torch.int64, device=rows.device), (1,)
+
+    def dense_operands(self, module, param, a, d):
+        # A linear layer is a 1x1 convolution over its tokens: channels first, views only.
+        batch = a.shape[0]
+        return (a.reshape(batch, -1, module.in_features).transpose(1, 2),
+                d.reshape(batch, -1, module.out_features).transpose(1, 2), (1,), (1,))
 
 
 class ConvRule(LayerRule):
@@ -205,6 +231,14 @@ class ConvRule(LayerRule):
         if param == "bias" or not _writes_in_place(backend, out, d):
             return super().grad_into(module, param, a_padded, d, plan, backend, out, columns)
         ops.sampled_conv_grad(a_padded, d, *plan, module.stride, module.dilation, out=out, out_columns=columns)
+
+    def dense_entries(self, module, param, plan):
+        if param != "weight" or module.groups != 1 or len(plan) != 3:
+            return None
+        return (*plan, tuple(module.weight.shape[2:]))
+
+    def dense_operands(self, module, param, a_padded, d):
+        return a_padded, d, tuple(module.stride), tuple(module.dilation)
 
 
 class EmbeddingRule(LayerRule):
@@ -314,11 +348,33 @@ class _Tap:
     source_version: int = 0
 
 
+# Per-layer strategy for weight gradients of Linear and groups=1 Conv layers (the issue's
+# "two strategies on GPU, chosen per layer by measured speed"):
+#   "auto"   on CUDA with backend "cuda" or "triton": on the first batch, time the sparse
+#            sampled-dot kernels and the dense GEMM-with-sampled-epilogue Triton kernel
+#            (kernels/dense_conv_grad.py) on the layer, check they agree, keep the faster;
+#            elsewhere sparse only (the dense kernel is Triton: on CPU only interpreted).
+#   "always" dense wherever it applies and agrees with sparse (tests, under the interpreter).
+#   "never"  sparse only.
+DENSE_STRATEGY = "auto"
+_DENSE_STRATEGIES = ("auto", "always", "never")
+# Agreement required of the dense result on the first batch (relative Frobenius): fp32
+# sums in another order (<< 1e-4); TF32 products carry ~1e-3.
+_DENSE_AGREEMENT = {False: 1e-4, True: 1e-2}
+
+
 class TapRecorder:
     """Sampled per-sample gradients of the tapped layers for one batch at a time."""
 
     def __init__(self, model: nn.Module, taps: List[_Tap], state, output, device, backend: str):
         self.model, self.taps, self.state, self.output, self.backend = model, taps, state, output, backend
+        if DENSE_STRATEGY not in _DENSE_STRATEGIES:
+            raise ValueError(f"taps.DENSE_STRATEGY = {DENSE_STRATEGY!r}; use one of {_DENSE_STRATEGIES}")
+        # (tap index, attribute) -> "sparse" or "dense", decided on the first batch, and
+        # what the decision measured (seconds of each strategy, or why dense was skipped).
+        self.strategy: Dict[Tuple[int, str], str] = {}
+        self.measured: Dict[str, str] = {}
+        self._dense_plans: Dict[Tuple[int, str], tuple] = {}
         for tap in taps:
             tap.work = []
             for attr, piece in tap.slices:
@@ -333,14 +389,77 @@ class TapRecorder:
             for tap in self.taps:
                 if tap.source is not None and tap.source._version != tap.source_version:
                     raise Untappable(tap.module, "its input was modified in place after the layer")
-            for tap, d in zip(self.taps, ds):
+            for i, (tap, d) in enumerate(zip(self.taps, ds)):
                 if d is None:  # the layer does not influence s
                     d = torch.zeros_like(tap.z)
                 for attr, plan, columns in tap.work:
-                    tap.rule.grad_into(tap.module, attr, tap.saved, d, plan, self.backend, out, columns)
+                    choice = self.strategy.get((i, attr))
+                    if choice is None:
+                        self.strategy[(i, attr)] = self._choose(i, tap, attr, plan, columns, d, out)
+                    elif choice == "dense":
+                        out[:, columns] = self._dense(i, tap, attr, d).to(out.dtype)
+                    else:
+                        tap.rule.grad_into(tap.module, attr, tap.saved, d, plan, self.backend, out, columns)
         finally:
             for tap in self.taps:
                 tap.saved, tap.z, tap.source = None, None, None
+
+    def _dense_wanted(self, tap: _Tap, d: torch.Tensor) -> bool:
+        from . import kernels
+
+        if DENSE_STRATEGY == "never" or d.dtype == torch.float64 or not kernels.available():
+            return False
+        if DENSE_STRATEGY == "always":
+            return True
+        return d.is_cuda and self.backend in ("cuda", "triton") and not kernels.INTERPRETED
+
+    def _dense(self, i: int, tap: _Tap, attr: str, d: torch.Tensor) -> torch.Tensor:
+        from . import kernels
+
+        plan, m, kernel = self._dense_plans[(i, attr)]
+        a_pad, d_view, stride, dilation = tap.rule.dense_operands(tap.module, attr, tap.saved, d)
+        return kernels.dense_conv_grad(a_pad, d_view, plan, m, kernel, stride, dilation, matmul_allows_tf32())
+
+    def _choose(self, i: int, tap: _Tap, attr: str, plan, columns: torch.Tensor, d: torch.Tensor,
+                out: torch.Tensor) -> str:
+        """Fill out[:, columns] for this first batch and pick the layer's strategy."""
+        from . import kernels
+
+        sparse = lambda: tap.rule.grad_into(tap.module, attr, tap.saved, d, plan, self.backend, out, columns)
+        sparse()
+        name = f"{type(tap.module).__name__}[{i}].{attr}"
+        entries = tap.rule.dense_entries(tap.module, attr, plan)
+        if entries is None or not self._dense_wanted(tap, d):
+            return "sparse"
+        try:
+            *indices, kernel = entries
+            self._dense_plans[(i, attr)] = (kernels.dense_plan(*indices, kernel), indices[0].shape[0], kernel)
+            got = self._dense(i, tap, attr, d)
+        except Exception as error:  # a kernel that cannot compile or launch here must not stop the run
+            self.measured[name] = f"dense failed ({type(error).__name__}: {error}); sparse"
+            _log.warning("dense strategy failed on %s, using the sparse kernels: %s", name, error)
+            return "sparse"
+        expected = out[:, columns].to(got.dtype)
+        error = float((got - expected).norm() / expected.norm().clamp_min(torch.finfo(got.dtype).tiny))
+        if not error <= _DENSE_AGREEMENT[matmul_allows_tf32()]:
+            self.measured[name] = f"dense disagrees with sparse ({error:.1e}); sparse"
+            _log.warning("dense strategy disagrees with the sparse kernels on %s (%.1e relative); using sparse",
+                         name, error)
+            return "sparse"
+        if DENSE_STRATEGY == "always":
+            out[:, columns] = got.to(out.dtype)
+            return "dense"
+
+        def dense():
+            out[:, columns] = self._dense(i, tap, attr, d).to(out.dtype)
+
+        t_sparse, t_dense = _device_seconds(sparse, d.device), _device_seconds(dense, d.device)
+        choice = "dense" if t_dense < t_sparse else "sparse"
+        self.measured[name] = f"sparse {t_sparse * 1e3:.3f} ms, dense {t_dense * 1e3:.3f} ms; {choice}"
+        _log.debug("strategy for %s: %s", name, self.measured[name])
+        if choice == "sparse":
+            sparse()  # the last call decides what out holds: both agree, but be exact
+        return choice
 
     def _forward_backward(self, batch) -> Tuple[Optional[torch.Tensor], ...]:
         """One hooked forward, then ds/dz at every tap."""
@@ -377,3 +496,21 @@ class TapRecorder:
             return tap.z.clone()
 
         return hook
+
+
+def _device_seconds(fn, device: torch.device, repeats: int = 3) -> float:
+    """Median seconds of ``fn`` (already warm) on ``device``: CUDA events there."""
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            times.append(start.elapsed_time(stop) / 1e3)
+        else:
+            begin = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - begin)
+    return sorted(times)[len(times) // 2]

@@ -9,6 +9,7 @@ One file per op; each defines its ``@triton.jit`` kernel, a launcher, and regist
                                                        kernel_offsets, stride, dilation)
     torch.ops.tangent_kernels.triton_sampled_embedding_grad(tokens, d, rows, cols, padding_idx)
     torch.ops.tangent_kernels.triton_gram_tile_update(K, A, B, row_offset, col_offset, lower, allow_tf32)
+    torch.ops.tangent_kernels.triton_dense_conv_grad(...)   # via dense_conv_grad(a_pad, d, dense_plan(...), ...)
 
 The plain-torch references are in ``tangent_kernels.sampled``.
 
@@ -120,9 +121,10 @@ def block_size(n: int, low: int, high: int) -> int:
 
 
 if _IMPORT_ERROR is None:
+    from .dense_conv_grad import DensePlan, dense_conv_grad, dense_plan, triton_dense_conv_grad  # noqa: E402
     from .gram_tile_update import triton_gram_tile_update  # noqa: E402
     from .sampled_conv_grad import triton_sampled_conv_grad  # noqa: E402
     from .sampled_embedding_grad import triton_sampled_embedding_grad  # noqa: E402
     from .sampled_linear_grad import triton_sampled_linear_grad  # noqa: E402
 
-    __all__ += ["triton_gram_tile_update", "triton_sampled_conv_grad", "triton_sampled_embedding_grad", "triton_sampled_linear_grad"]
+    __all__ += ["DensePlan", "dense_conv_grad", "dense_plan", "triton_dense_conv_grad", "triton_gram_tile_update", "triton_sampled_conv_grad", "triton_sampled_embedding_grad", "triton_sampled_linear_grad"]

@@ -1,0 +1,110 @@
+"""Per-layer choice between the sparse sampled-dot kernels and the dense GEMM strategy
+(tangent_kernels/taps.py, DENSE_STRATEGY), end to end through tk.gram.
+
+Without a GPU the dense kernel runs through Triton's interpreter, forced with
+DENSE_STRATEGY = "always" (the "auto" policy measures only on CUDA); the GPU tests run
+"auto" and check every layer's decision was measured.
+"""
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+import tangent_kernels as tk
+import tangent_kernels.engine as engine
+from tangent_kernels import kernels, taps
+from tangent_kernels.data import to_inputs
+from _models import cnn, cnn_input, resnet18
+
+
+def dense_model() -> nn.Module:
+    # groups=1 convolutions of 1-3 spatial dims and linear layers with token dims take the
+    # dense path; the grouped convolution and the biases stay sparse.
+    return nn.Sequential(
+        nn.Conv2d(3, 20, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(20, 18, (2, 3), dilation=(2, 1), padding="same", padding_mode="reflect"), nn.ReLU(),
+        nn.Conv2d(18, 6, 3, groups=3), nn.Flatten(start_dim=2), nn.Linear(9, 24), nn.Tanh(),
+        nn.Flatten(), nn.Linear(6 * 24, 3),
+    )
+
+
+def extractor_after_one_batch(model, x, idx, backend, precision=torch.float32):
+    index = tk.params.resolve_idx(model, idx)
+    extractor = engine._FeatureExtractor(model, index, "first", precision, x.device, backend)
+    with engine.eval_mode(model):
+        extractor(to_inputs(x.to(precision)))
+    return extractor
+
+
+def test_forced_dense_matches_the_reference(monkeypatch):
+    if not kernels.available():
+        pytest.skip(f"Triton cannot run here: {kernels.unavailable_reason()}")
+    monkeypatch.setattr(taps, "DENSE_STRATEGY", "always")
+    torch.manual_seed(3)
+    model, x = dense_model(), torch.randn(6, 3, 9, 9)
+    idx = tk.subsample(model, 900, seed=1)
+    ref = tk.reference.gram_autograd(model, [x], idx)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, x = model.to(device), x.to(device)
+    k = tk.gram(model, [x[:4], x[4:]], idx, backend="triton", progress=False)
+    # fp32 rounding in the model and the kernels (see test_taps.check): 1e-5.
+    assert float((k.double().cpu() - ref).norm() / ref.norm()) <= 1e-5
+    recorder = extractor_after_one_batch(model, x, idx, "triton").tapped
+    chosen = {(type(recorder.taps[i].module).__name__, getattr(recorder.taps[i].module, "groups", 1), attr): s
+              for (i, attr), s in recorder.strategy.items()}
+    assert chosen[("Conv2d", 1, "weight")] == "dense" and chosen[("Linear", 1, "weight")] == "dense"
+    assert chosen[("Conv2d", 3, "weight")] == "sparse" and chosen[("Conv2d", 1, "bias")] == "sparse"
+
+
+def test_auto_stays_sparse_off_cuda():
+    model, x = cnn(), cnn_input(4)
+    recorder = extractor_after_one_batch(model, x, None, "torch").tapped
+    assert set(recorder.strategy.values()) == {"sparse"} and recorder.measured == {}
+
+
+@pytest.mark.parametrize("fault", ["raises", "wrong"])
+def test_a_failing_or_wrong_dense_kernel_falls_back_to_sparse(monkeypatch, caplog, fault):
+    if not kernels.available():
+        pytest.skip(f"Triton cannot run here: {kernels.unavailable_reason()}")
+    monkeypatch.setattr(taps, "DENSE_STRATEGY", "always")
+    real = kernels.dense_conv_grad
+
+    def broken(*args, **kwargs):
+        if fault == "raises":
+            raise RuntimeError("no kernel image for this device")
+        return real(*args, **kwargs) * 1.01
+
+    monkeypatch.setattr(kernels, "dense_conv_grad", broken)
+    torch.manual_seed(4)
+    model, x = dense_model(), torch.randn(4, 3, 9, 9)
+    idx = tk.subsample(model, 500, seed=2)
+    ref = tk.reference.gram_autograd(model, [x], idx)
+    with caplog.at_level(logging.WARNING, logger="tangent_kernels"):
+        k = tk.gram(model, [x], idx, backend="triton", progress=False)
+    assert float((k.double() - ref).norm() / ref.norm()) <= 1e-5
+    assert "using the sparse kernels" in caplog.text or "using sparse" in caplog.text
+
+
+def test_unknown_policy_is_refused(monkeypatch):
+    monkeypatch.setattr(taps, "DENSE_STRATEGY", "sometimes")
+    with pytest.raises(ValueError, match=r"DENSE_STRATEGY = 'sometimes'; use one of"):
+        tk.gram(cnn(), [cnn_input(2)], progress=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "tf32"])
+def test_auto_measures_every_dense_candidate_on_cuda(precision):
+    torch.manual_seed(5)
+    model, x = resnet18(), torch.randn(8, 3, 32, 32)
+    idx = tk.subsample(model, 30_000, seed=4)
+    ref = tk.reference.gram_autograd(model.double(), [x.double()], idx)
+    model = model.float().cuda()
+    k = tk.gram(model, [x[:4].cuda(), x[4:].cuda()], idx, precision=precision, backend="triton", progress=False)
+    assert float((k.double().cpu() - ref).norm() / ref.norm()) <= (1e-5 if precision == "fp32" else 2e-2)
+    with engine.fp32_math(precision == "tf32"):
+        recorder = extractor_after_one_batch(model, x.cuda(), idx, "triton").tapped
+    weights = [key for key in recorder.strategy if key[1] == "weight"]
+    assert weights and len(recorder.measured) == len(weights)
+    assert all(" ms" in why for why in recorder.measured.values()), recorder.measured
