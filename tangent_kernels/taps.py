@@ -361,6 +361,12 @@ _DENSE_STRATEGIES = ("auto", "always", "never")
 # Agreement required of the dense result on the first batch (relative Frobenius): fp32
 # sums in another order (<< 1e-4); TF32 products carry ~1e-3.
 _DENSE_AGREEMENT = {False: 1e-4, True: 1e-2}
+# "auto" does not even compile the dense kernel for a layer whose computed tiles hold
+# more than this many gradient entries per sampled one: on an H100 (IEEE fp32, resnet50,
+# ~50 per sampled entry) dense was 15-40x slower than sparse on every convolution, so
+# the break-even lies at a few; 8 leaves room for TF32 and better tiles while sparing
+# sparse-sampled models the first batch's compilation and timing.
+_DENSE_MAX_WORK_RATIO = 8.0
 
 
 class TapRecorder:
@@ -431,9 +437,15 @@ class TapRecorder:
         entries = tap.rule.dense_entries(tap.module, attr, plan)
         if entries is None or not self._dense_wanted(tap, d):
             return "sparse"
+        *indices, kernel = entries
+        m = indices[0].shape[0]
+        dense_plan = kernels.dense_plan(*indices, kernel)
+        ratio = dense_plan.tile_m.shape[0] * dense_plan.block_m * dense_plan.block_n / max(m, 1)
+        if DENSE_STRATEGY == "auto" and ratio > _DENSE_MAX_WORK_RATIO:
+            self.measured[name] = f"dense not tried: its tiles hold {ratio:.0f}x the sampled entries; sparse"
+            return "sparse"
+        self._dense_plans[(i, attr)] = (dense_plan, m, kernel)
         try:
-            *indices, kernel = entries
-            self._dense_plans[(i, attr)] = (kernels.dense_plan(*indices, kernel), indices[0].shape[0], kernel)
             got = self._dense(i, tap, attr, d)
         except Exception as error:  # a kernel that cannot compile or launch here must not stop the run
             self.measured[name] = f"dense failed ({type(error).__name__}: {error}); sparse"

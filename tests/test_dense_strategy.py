@@ -99,7 +99,8 @@ def test_unknown_policy_is_refused(monkeypatch):
 def test_auto_measures_every_dense_candidate_on_cuda(precision):
     torch.manual_seed(5)
     model, x = resnet18(), torch.randn(8, 3, 32, 32)
-    idx = tk.subsample(model, 30_000, seed=4)
+    # Every parameter sampled: each layer's tiles are full, so "auto" times both strategies.
+    idx = None
     ref = tk.reference.gram_autograd(model.double(), [x.double()], idx)
     model = model.float().cuda()
     k = tk.gram(model, [x[:4].cuda(), x[4:].cuda()], idx, precision=precision, backend="triton", progress=False)
@@ -110,3 +111,12 @@ def test_auto_measures_every_dense_candidate_on_cuda(precision):
                if attr == "weight" and isinstance(recorder.taps[i].module, (nn.Conv2d, nn.Linear))]
     assert weights and len(recorder.measured) == len(weights)
     assert all(" ms" in why for why in recorder.measured.values()), recorder.measured
+
+
+@pytest.mark.gpu
+def test_auto_skips_dense_where_its_tiles_are_mostly_unsampled():
+    torch.manual_seed(6)
+    model, x = resnet18().cuda(), torch.randn(4, 3, 32, 32, device="cuda")
+    recorder = extractor_after_one_batch(model, x, tk.subsample(model, 20_000, seed=1), "triton").tapped
+    assert recorder.measured and all("not tried" in why for why in recorder.measured.values()), recorder.measured
+    assert set(recorder.strategy.values()) == {"sparse"}
