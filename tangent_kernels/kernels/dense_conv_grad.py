@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from . import check_device, check_indices
+from .sampled_conv_grad import position_offsets
 
 _OP = "triton_dense_conv_grad"
 
@@ -119,11 +120,8 @@ def _dense_conv_grad_kernel(
     for p_start in range(0, NP, BLOCK_K):
         rp = (p_start + tl.arange(0, BLOCK_K)).to(tl.int64)
         mask_p = rp < NP
-        p2 = rp % P2
-        p1 = (rp // P2) % P1
-        p0 = rp // (P1 * P2)
-        a_pos = p0 * conv_s0 * stride_a0 + p1 * conv_s1 * stride_a1 + p2 * conv_s2 * stride_a2
-        d_pos = p0 * stride_d0 + p1 * stride_d1 + p2 * stride_d2
+        a_pos, d_pos = position_offsets(rp, P1, P2, conv_s0, conv_s1, conv_s2, stride_a0, stride_a1, stride_a2,
+                                        stride_d0, stride_d1, stride_d2)
         d_tile = tl.load(d_b + d_row[:, None] + d_pos[None, :], mask=mask_m[:, None] & mask_p[None, :], other=0.0)
         a_tile = tl.load(a_b + a_pos[:, None] + a_col[None, :], mask=mask_p[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(d_tile, a_tile, acc, input_precision=PRECISION)

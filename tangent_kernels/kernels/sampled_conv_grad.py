@@ -31,6 +31,18 @@ _OP = "triton_sampled_conv_grad"
 
 
 @triton.jit
+def position_offsets(flat, P1, P2, conv_s0, conv_s1, conv_s2, stride_a0, stride_a1, stride_a2,
+                     stride_d0, stride_d1, stride_d2):
+    """Flat output positions (int64) -> their element offsets into a_pad and into d."""
+    p2 = flat % P2
+    p1 = (flat // P2) % P1
+    p0 = flat // (P1 * P2)
+    a_pos = p0 * conv_s0 * stride_a0 + p1 * conv_s1 * stride_a1 + p2 * conv_s2 * stride_a2
+    d_pos = p0 * stride_d0 + p1 * stride_d1 + p2 * stride_d2
+    return a_pos, d_pos
+
+
+@triton.jit
 def _sampled_conv_grad_kernel(
     # pointers; koffs is [M, 3] contiguous
     a_ptr, d_ptr, ochan_ptr, ichan_ptr, koffs_ptr, out_ptr,
@@ -70,12 +82,9 @@ def _sampled_conv_grad_kernel(
     for p_start in range(0, n_pos, BLOCK_P):
         offs_p = (p_start + tl.arange(0, BLOCK_P)).to(tl.int64)
         mask_p = offs_p < n_pos
-        p2 = offs_p % P2
-        p1 = (offs_p // P2) % P1
-        p0 = offs_p // (P1 * P2)
         # Per-position address parts: [BLOCK_P] element offsets.
-        a_pos = p0 * conv_s0 * stride_a0 + p1 * conv_s1 * stride_a1 + p2 * conv_s2 * stride_a2
-        d_pos = p0 * stride_d0 + p1 * stride_d1 + p2 * stride_d2
+        a_pos, d_pos = position_offsets(offs_p, P1, P2, conv_s0, conv_s1, conv_s2, stride_a0, stride_a1, stride_a2,
+                                        stride_d0, stride_d1, stride_d2)
         mask = mask_p[:, None] & mask_m[None, :]
         a = tl.load(a_base[None, :] + a_pos[:, None], mask=mask, other=0.0)
         d = tl.load(d_base[None, :] + d_pos[:, None], mask=mask, other=0.0)
