@@ -134,6 +134,10 @@ def loader_length(loader: Iterable) -> Optional[int]:
     """Number of samples if the loader can tell without being iterated, else None."""
     if isinstance(loader, torch.Tensor):
         return int(loader.shape[0]) if loader.dim() else None
+    if isinstance(loader, (list, tuple)) and loader and all(isinstance(b, torch.Tensor) and b.dim() for b in loader):
+        # A list of batches (as in the README): the stores reserve it at once instead of
+        # growing by copies, and progress bars know their end.
+        return sum(int(b.shape[0]) for b in loader)
     dataset = getattr(loader, "dataset", None)
     try:
         return len(dataset) if dataset is not None else None

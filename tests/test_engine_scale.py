@@ -120,8 +120,8 @@ def test_callback_sees_every_batch_and_row_block():
     assert features == [("loader", d) for d in (5, 10, 15, 20, 23)]
     assert rows == [4, 8, 12, 16, 20, 23]
     assert not any(e.resumed for e in events)
-    # a list of batches cannot tell its sample count in advance; K's row count is known
-    assert {e.total for e in events if e.phase == "features"} == {None}
+    # a list of batch tensors tells its sample count in advance (data.loader_length)
+    assert {e.total for e in events if e.phase == "features"} == {N}
     assert {e.total for e in events if e.phase == "gram"} == {N}
     times = [e.elapsed for e in events]
     assert times == sorted(times)

@@ -81,3 +81,12 @@ def test_callback_exception_stops_the_run_and_cleans_up(tmp_path, phase):
     # stopped at the first event of that phase, nothing after it
     assert seen[-1].phase == phase and sum(e.phase == phase for e in seen) == 1
     assert list(tmp_path.iterdir()) == []  # the disk store's file is removed on the way out
+
+
+def test_a_list_of_batches_announces_its_sample_count():
+    model, _ = _problem(2)
+    batches = [torch.randn(4, 5), torch.randn(3, 5)]
+    events = []
+    tk.gram(model, batches, progress=False, callback=events.append)
+    features = [e for e in events if e.phase == "features"]
+    assert [(e.done, e.total) for e in features] == [(4, 7), (7, 7)]
