@@ -186,6 +186,18 @@ def test_cpp_writes_only_out_columns_of_a_strided_block():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(3, 6, 40, 30, 9), (4, 5, 7, 6, 30), (5, 3, 6, 4, 24), (2, 1, 9, 8, 70)],
+                         ids=["sparse", "dense", "dense-chunked", "one-token"])
+def test_torch_linear_both_branches_match_reference(dtype, shape, monkeypatch):
+    """The gather branch and the dense branch (densely sampled weights with tokens) of
+    sampled.sampled_linear_grad, the latter also split into chunks of samples."""
+    monkeypatch.setattr(sampled, "_CHUNK_ELEMENTS", 2 * shape[2] * shape[3] if shape[0] == 5 else 1 << 25)
+    g = torch.Generator().manual_seed(sum(shape))
+    a, d, rows, cols = linear_problem(g, dtype, *shape)
+    assert_close(sampled.sampled_linear_grad(a, d, rows, cols), ref_linear(a, d, rows, cols), dtype, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_torch_backend_matches_reference(dtype):
     """sampled.py (the "torch" backend) against the same references."""
     g = torch.Generator().manual_seed(13)
