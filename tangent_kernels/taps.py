@@ -403,7 +403,7 @@ class TapRecorder:
                     if choice is None:
                         self.strategy[(i, attr)] = self._choose(i, tap, attr, plan, columns, d, out)
                     elif choice == "dense":
-                        out[:, columns] = self._dense(i, tap, attr, d).to(out.dtype)
+                        self._dense_into(i, tap, attr, d, out, columns)
                     else:
                         tap.rule.grad_into(tap.module, attr, tap.saved, d, plan, self.backend, out, columns)
         finally:
@@ -425,6 +425,10 @@ class TapRecorder:
         plan, m, kernel = self._dense_plans[(i, attr)]
         a_pad, d_view, stride, dilation = tap.rule.dense_operands(tap.module, attr, tap.saved, d)
         return kernels.dense_conv_grad(a_pad, d_view, plan, m, kernel, stride, dilation, matmul_allows_tf32())
+
+    def _dense_into(self, i: int, tap: _Tap, attr: str, d: torch.Tensor, out: torch.Tensor,
+                    columns: torch.Tensor) -> None:
+        out[:, columns] = self._dense(i, tap, attr, d).to(out.dtype)
 
     def _choose(self, i: int, tap: _Tap, attr: str, plan, columns: torch.Tensor, d: torch.Tensor,
                 out: torch.Tensor) -> str:
@@ -462,9 +466,7 @@ class TapRecorder:
             out[:, columns] = got.to(out.dtype)
             return "dense"
 
-        def dense():
-            out[:, columns] = self._dense(i, tap, attr, d).to(out.dtype)
-
+        dense = lambda: self._dense_into(i, tap, attr, d, out, columns)
         t_sparse, t_dense = _device_seconds(sparse, d.device), _device_seconds(dense, d.device)
         choice = "dense" if t_dense < t_sparse else "sparse"
         self.measured[name] = f"sparse {t_sparse * 1e3:.3f} ms, dense {t_dense * 1e3:.3f} ms; {choice}"

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import check_device, check_indices
+from . import block_size, check_device, check_indices
 from .sampled_conv_grad import position_offsets
 
 _OP = "triton_dense_conv_grad"
@@ -77,8 +77,7 @@ def dense_plan(out_channel: torch.Tensor, in_channel: torch.Tensor, kernel_offse
     start = torch.zeros(tiles.numel() + 1, dtype=torch.int64, device=tile.device)
     start[1:] = torch.cumsum(counts, 0)
     local = ((row % block_m) * block_n + column % block_n)[order].to(torch.int32)
-    most = int(counts.max()) if m else 1
-    block_e = max(16, min(256, 1 << max(most - 1, 0).bit_length()))
+    block_e = block_size(int(counts.max()) if m else 1, 16, 256)
     return DensePlan(tiles // tiles_n, tiles % tiles_n, start, local, order, block_m, block_n, block_e)
 
 
