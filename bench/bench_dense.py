@@ -21,7 +21,7 @@ import torchvision
 
 import tangent_kernels as tk
 import tangent_kernels.engine as engine
-from tangent_kernels import taps
+from tangent_kernels.persample import dense, extractor as persample_extractor
 from tangent_kernels.data import to_inputs
 
 
@@ -36,16 +36,16 @@ def main() -> int:
     parser.add_argument("--all-layers", action="store_true", help="time dense on every candidate layer")
     args = parser.parse_args()
     if args.all_layers:
-        taps._DENSE_MAX_WORK_RATIO = float("inf")
+        dense._DENSE_MAX_WORK_RATIO = float("inf")
     torch.manual_seed(0)
     model = getattr(torchvision.models, args.model)().cuda().eval()
     x = torch.randn(args.batch, 3, args.size, args.size, device="cuda")
     index = tk.params.resolve_idx(model, tk.subsample(model, args.params, seed=0))
-    extractor = engine._FeatureExtractor(model, index, "first", torch.float32, x.device, args.backend)
+    extractor = persample_extractor.FeatureExtractor(model, index, "first", torch.float32, x.device, args.backend)
     with engine.eval_mode(model), engine.fp32_math(args.tf32):
         extractor(to_inputs(x))
     totals = {"sparse": 0.0, "best": 0.0}
-    for name, why in extractor.tapped.measured.items():
+    for name, why in extractor.dense.measured.items():
         print(f"  {name:28s} {why}")
         times = re.findall(r"(sparse|dense) ([0-9.]+) ms", why)
         if times:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 import platform
 from pathlib import Path
 
@@ -36,6 +37,7 @@ import torch
 import tangent_kernels as tk
 from _common import commit, timed
 import tangent_kernels.engine as engine
+from tangent_kernels.persample import extractor as persample_extractor
 from tangent_kernels._model import fp32_math
 
 
@@ -73,12 +75,14 @@ def train_steps(model, loader, allow_tf32):
 
 
 def func_gram(model, loader, idx):
-    """tk.gram with every layer on the generic torch.func path (no taps), fp32."""
-    engine._TAPS = False
+    """tk.gram with every tensor on the generic torch.func path (no batched pass), fp32."""
+    persample_extractor.BATCHED = False
     try:
-        return tk.gram(model, loader, idx, progress=False, precision="fp32")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return tk.gram(model, loader, idx, progress=False, precision="fp32")
     finally:
-        engine._TAPS = True
+        persample_extractor.BATCHED = True
 
 
 def main() -> int:

@@ -13,6 +13,7 @@ from .checkpoint import CheckpointMismatch
 from .engine import ProgressEvent, features, gram
 from .io import load_gram, save_gram
 from .params import ParamIndex, subsample
+from .persample.coverage import CoverageReport, coverage
 from .solve import ConvergenceWarning, KernelRidge, NotFittedError, solve
 
 __version__ = "0.1.0"
@@ -20,11 +21,13 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointMismatch",
     "ConvergenceWarning",
+    "CoverageReport",
     "KernelRidge",
     "NotFittedError",
     "ParamIndex",
     "ProgressEvent",
     "analysis",
+    "coverage",
     "features",
     "gram",
     "info",

@@ -1,9 +1,7 @@
-"""The eNTK engine: per-sample gradient features, then the blocked Gram product.
+"""The eNTK engine: orders the work, loader -> features -> store -> tiles of K.
 
-Features: layers that a tap rule covers get their sampled per-sample gradients from
-one batched forward/backward (``taps.py``); every other sampled parameter goes
-through ``torch.func`` (``functional_call`` + ``vmap(grad)``, or an exact per-sample
-loop where vmap cannot batch the model), for just the tensors ``idx`` touches. The
+Features come from ``persample`` (one batched forward/backward with every use of a
+sampled parameter intercepted; ``torch.func`` for the tensors no rule covers). The
 Gram is accumulated tile by tile through ``ops.gram_tile_update``; for K(X, X) only
 tiles on or below the diagonal are computed and then mirrored. docs/engine.md has
 the why of each choice.
@@ -20,16 +18,15 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tupl
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
 
-from ._model import check_device, eval_mode, fp32_math, functional_state, model_device
+from ._model import check_device, eval_mode, fp32_math, model_device
 from .checkpoint import Checkpoint, CheckpointMismatch, batch_fingerprint, model_fingerprint, tensor_fingerprint
 from .data import ModelInputs, iterate_inputs, loader_length
 from .ops import gram_tile_update
-from .outputs import OutputError, OutputSpec, check_output_spec, scalarize
-from .params import ParamIndex, ParamLayout, TensorSlice, resolve_idx
+from .outputs import OutputSpec, check_output_spec
+from .params import ParamIndex, resolve_idx
 from .store import FeatureStore, check_max_memory, check_store
-from .taps import TapRecorder, Untappable, _Tap, resolve_backend, rule_for
+from .persample import FeatureExtractor, resolve_backend
 
 __all__ = ["features", "gram", "PRECISIONS", "ProgressEvent"]
 
@@ -67,17 +64,6 @@ PRECISIONS: Dict[str, Precision] = {
 # fp16's smallest normal number.
 _FP16_TARGET_EXPONENT = 14
 
-# Upper bound on the per-sample gradient tensors one vmap call materializes
-# (chunk x touched parameters); the batch is split into chunks to stay under it.
-_PER_SAMPLE_GRAD_BYTES = 512 * 2**20
-# How per-sample gradients are taken: "vmap", "loop" or "auto" (measure both, keep the faster).
-_STRATEGY = "auto"
-# Whether covered layers are tapped (one batched pass) or all go through torch.func.
-_TAPS = True
-# Relative difference allowed between the batched pass and a per-sample evaluation of
-# the first sample. fp32 is loose: ReLU kinks within rounding of zero (see README);
-# TF32 (10 mantissa bits) ten times looser still.
-_VERIFY_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-9}
 # Rows per Gram tile: large enough for BLAS efficiency, small enough that the
 # lower-triangle schedule skips about half the work.
 _TILE_ROWS = 1024
@@ -134,218 +120,6 @@ def _progress_bar(total: Optional[int], desc: str, progress: Union[bool, str], u
     return tqdm(total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True)
 
 
-class _PerSampleGradients:
-    """The generic path: F[b, j] = d s(x_b) / d theta[idx[j]] through torch.func, for
-    the columns of ``slices`` only (any model, any layer)."""
-
-    def __init__(self, model: nn.Module, layout: ParamLayout, slices: List[TensorSlice], output: OutputSpec,
-                 dtype, device, strategy: Optional[str] = None):
-        self.model = model
-        self.output = output
-        self.dtype, self.device = dtype, device
-        self.slices = [(s.name, s.local.to(device), s.columns.to(device)) for s in slices]
-        self.names = [s.name for s in slices]
-        trainable, self.rest = functional_state(model, layout, dtype, device)
-        self.touched = {name: trainable.pop(name) for name in self.names}
-        # Untouched trainable tensors are constants here: no gradient is asked of them.
-        self.rest.update(trainable)
-        touched_bytes = sum(t.numel() * t.element_size() for t in self.touched.values())
-        self.chunk = max(1, _PER_SAMPLE_GRAD_BYTES // max(touched_bytes, 1))
-        # Neither strategy wins everywhere: vmap batches the work (a large win on GPUs and
-        # for small layers) but materializes full per-sample weight gradients, which on a
-        # CPU made resnet18 2.4x slower than the loop (bench/bench_gram.py). So, unless
-        # told, time one chunk of each after a warm-up chunk and keep the faster.
-        self.strategy = strategy or _STRATEGY
-        self._timings: Dict[str, float] = {}
-
-    def __call__(self, batch: ModelInputs, out: torch.Tensor) -> None:
-        """Fill this path's columns of out [B, p] for one batch."""
-        for start in range(0, batch.size, self.chunk):
-            stop = min(start + self.chunk, batch.size)
-            self._chunk(batch.slice(start, stop), out[start:stop])
-
-    def _gather(self, grads: Dict[str, torch.Tensor], out: torch.Tensor) -> None:
-        """out[:, columns] = grads[name][:, local] for every touched tensor; grads are [c, *shape]."""
-        for name, local, columns in self.slices:
-            out[:, columns] = grads[name].reshape(out.shape[0], -1)[:, local]
-
-    def _chunk(self, batch: ModelInputs, out: torch.Tensor) -> None:
-        strategy = self.strategy
-        if strategy == "auto":
-            # Chunk 1 warms vmap up (tracing, allocator), chunk 2 times it, chunk 3 the loop.
-            strategy = "loop" if "vmap" in self._timings else "vmap"
-            timed = "warm-up" in self._timings
-            start = self._now()
-        if strategy == "vmap":
-            try:
-                self._gather(self._vmap(batch), out)
-            except OutputError:
-                raise
-            except Exception as error:  # noqa: BLE001 - any vmap limitation: the loop is exact
-                self.strategy = strategy = "loop"
-                warnings.warn(
-                    f"torch.func.vmap could not batch this model ({type(error).__name__}: "
-                    f"{str(error).splitlines()[0][:200]}); using a per-sample autograd loop instead "
-                    "(same result, slower)",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-        if strategy == "loop":
-            self._loop(batch, out)
-        if self.strategy == "auto":
-            key = strategy if timed else "warm-up"
-            self._timings[key] = (self._now() - start) / batch.size
-            if "loop" in self._timings:
-                self.strategy = min(("vmap", "loop"), key=self._timings.__getitem__)
-
-    def _now(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
-
-    def _scalar(self, params, args, kwargs) -> torch.Tensor:
-        out = functional_call(self.model, (params, self.rest), args, kwargs)
-        return scalarize(out, self.output, 1)[0]
-
-    def _vmap(self, batch: ModelInputs) -> Dict[str, torch.Tensor]:
-        arg_dims = tuple(0 if batch.is_batched(a) else None for a in batch.args)
-        kwarg_dims = {k: (0 if batch.is_batched(v) else None) for k, v in batch.kwargs.items()}
-
-        def one_sample(params, args, kwargs):
-            # vmap strips the batch dimension; models (BatchNorm, attention) expect one.
-            args = tuple(a.unsqueeze(0) if d == 0 else a for a, d in zip(args, arg_dims))
-            kwargs = {k: (v.unsqueeze(0) if kwarg_dims[k] == 0 else v) for k, v in kwargs.items()}
-            return self._scalar(params, args, kwargs)
-
-        with warnings.catch_warnings():
-            # vmap's "no batching rule, falling back to a loop" notes are about speed only.
-            warnings.filterwarnings("ignore", message="There is a performance drop")
-            return vmap(grad(one_sample), in_dims=(None, arg_dims, kwarg_dims))(
-                self.touched, batch.args, batch.kwargs
-            )
-
-    def _loop(self, batch: ModelInputs, out: torch.Tensor) -> None:
-        leaves = {name: t.detach().requires_grad_(True) for name, t in self.touched.items()}
-        for b in range(batch.size):
-            sample = batch.slice(b, b + 1)
-            with torch.enable_grad():
-                s = self._scalar(leaves, sample.args, sample.kwargs)
-                grads = torch.autograd.grad(s, list(leaves.values()), allow_unused=True)
-            # Gathered per sample: a full per-sample gradient never outlives its row.
-            full = {name: (torch.zeros_like(t) if g is None else g).unsqueeze(0)
-                    for (name, t), g in zip(leaves.items(), grads)}
-            self._gather(full, out[b : b + 1])
-
-
-class _FeatureExtractor:
-    """F [B, p] per batch: tapped layers from one batched pass, the rest generically."""
-
-    def __init__(self, model: nn.Module, index: ParamIndex, output: OutputSpec, dtype, device, backend: str = "torch",
-                 verify_in_ieee: bool = False):
-        self.model, self.index, self.output, self.dtype, self.device = model, index, output, dtype, device
-        self.backend = backend
-        self.tolerance = _VERIFY_TOLERANCE[dtype]
-        # Under TF32 a batch and a single sample take different convolution algorithms
-        # whose roundings compound through a deep network: on an H100, resnet50's batched
-        # and per-sample gradients differed by more than 1e-2 with no sample mixing at
-        # all, and every run fell back to the generic path (10x slower). The check asks
-        # whether samples interact, so it runs both sides in IEEE fp32 instead.
-        self.verify_in_ieee = verify_in_ieee
-        self.state = functional_state(model, index.layout, dtype, device)
-        self.taps = _plan_taps(model, index) if _TAPS else []
-        self.verified = not self.taps
-        self._build()
-
-    def _build(self) -> None:
-        tapped = {id(piece) for tap in self.taps for _, piece in tap.slices}
-        self.generic_slices = [piece for piece in self.index.tensor_slices if id(piece) not in tapped]
-        self.tapped = TapRecorder(self.model, self.taps, self.state, self.output, self.device, self.backend) if self.taps else None
-        self.generic = (
-            _PerSampleGradients(self.model, self.index.layout, self.generic_slices, self.output, self.dtype, self.device)
-            if self.generic_slices else None
-        )
-        if self.generic_slices:
-            _log.debug("generic torch.func path for: %s", ", ".join(p.name for p in self.generic_slices))
-
-    def _untap(self, keep, why: str) -> None:
-        dropped = [tap for tap in self.taps if not keep(tap)]
-        self.taps = [tap for tap in self.taps if keep(tap)]
-        _log.debug("untapped %s: %s", [type(t.module).__name__ for t in dropped], why)
-        self._build()
-
-    def __call__(self, batch: ModelInputs) -> torch.Tensor:
-        block = torch.empty(batch.size, len(self.index), dtype=self.dtype, device=self.device)
-        while self.tapped is not None:
-            try:
-                self.tapped(batch, block)
-                break
-            except Untappable as misfit:
-                self._untap(lambda tap: tap.module is not misfit.module, misfit.why)
-        if self.generic is not None:
-            self.generic(batch, block)
-        if not self.verified:
-            self._verify(batch, block)
-        return block
-
-    def _verify(self, batch: ModelInputs, block: torch.Tensor) -> None:
-        """Spot-check the first batch's first and last samples against the generic path.
-
-        A batched pass is exact only if samples do not interact; a model that mixes
-        them (batch statistics, batch-level control flow) is caught here, as far as a
-        spot check can, and sent down the generic path, which evaluates every sample
-        alone.
-        """
-        self.verified = True
-        check = _PerSampleGradients(self.model, self.index.layout, self.index.tensor_slices, self.output,
-                                    self.dtype, self.device, strategy="loop")
-        rows = sorted({0, batch.size - 1})
-        expected = torch.empty(len(rows), len(self.index), dtype=self.dtype, device=self.device)
-        with fp32_math(allow_tf32=False) if self.verify_in_ieee else contextlib.nullcontext():
-            for k, row in enumerate(rows):
-                check(batch.slice(row, row + 1), expected[k : k + 1])
-            batched = block
-            if self.verify_in_ieee:
-                batched = torch.empty_like(block)
-                self.tapped(batch, batched)
-                if self.generic is not None:
-                    self.generic(batch, batched)
-        error = float((batched[rows] - expected).norm() / expected.norm().clamp_min(torch.finfo(self.dtype).tiny))
-        if error > self.tolerance:
-            warnings.warn(
-                f"per-sample gradients from the batched pass differ from a per-sample evaluation by "
-                f"{error:.1e} (relative) on the first batch: the model seems to mix samples within a "
-                "batch (e.g. BatchNorm without running statistics), or, in fp32 and rarely, a ReLU "
-                "input rounded across zero; using the generic per-sample path (exact, slower)",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-            self._untap(lambda tap: False, "verification failed")
-            self.generic(batch, block)
-
-
-def _plan_taps(model: nn.Module, index: ParamIndex) -> List[_Tap]:
-    """A tap for every covered module that owns sampled parameters not shared elsewhere."""
-    owners: Dict[int, int] = {}
-    for _, param in model.named_parameters(remove_duplicate=False):
-        owners[id(param)] = owners.get(id(param), 0) + 1
-    by_name = {piece.name: piece for piece in index.tensor_slices}
-    taps = []
-    for prefix, module in model.named_modules():
-        rule = rule_for(module)
-        if rule is None:
-            continue
-        slices = []
-        for attr in rule.params:
-            param = getattr(module, attr, None)
-            piece = by_name.get(f"{prefix}.{attr}" if prefix else attr)
-            # A tied parameter's gradient sums over all its users: generic path.
-            if piece is not None and isinstance(param, nn.Parameter) and owners.get(id(param)) == 1:
-                slices.append((attr, piece))
-        if slices:
-            taps.append(_Tap(module, rule, slices))
-    return taps
-
-
 def _feature_blocks(
     model: nn.Module,
     loader: Iterable,
@@ -375,9 +149,9 @@ def _feature_blocks(
             bar.close()
 
 
-def _new_extractor(model, index, output, precision: Precision, device, backend: str) -> "_FeatureExtractor":
-    return _FeatureExtractor(model, index, output, precision.compute, device, backend,
-                             verify_in_ieee=precision.allow_tf32 and torch.device(device).type == "cuda")
+def _new_extractor(model, index, output, precision: Precision, device, backend: str) -> FeatureExtractor:
+    return FeatureExtractor(model, index, output, precision.compute, device, backend,
+                            verify_in_ieee=precision.allow_tf32 and torch.device(device).type == "cuda")
 
 
 def _check_finite(block: torch.Tensor, first_position: int, name: str) -> None:
@@ -516,8 +290,17 @@ def gram(
             ckpt = Checkpoint(checkpoint, identity)
         stores = []
         try:
+            made = []
+
+            def extractor() -> FeatureExtractor:
+                # One for both loaders: the first batch's decisions (paths, check) hold for both.
+                if not made:
+                    made.append(_new_extractor(model, index, output, precision, device, backend))
+                return made[0]
+
             fill = dict(index=index, output=output, precision=precision, device=device, inputs=inputs,
-                        backend=backend, kind=store, budget=budget, cache_dir=cache_dir, ckpt=ckpt, events=events)
+                        backend=backend, kind=store, budget=budget, cache_dir=cache_dir, ckpt=ckpt, events=events,
+                        extractor=extractor)
             first, signature = _fill_store(model, loader, "loader", **fill)
             stores.append(first)
             second = first
@@ -592,7 +375,7 @@ def _identity(model: nn.Module, index: ParamIndex, output, precision: Precision,
     }
 
 
-def _features_with_backoff(per_sample: "_FeatureExtractor", batch: ModelInputs) -> torch.Tensor:
+def _features_with_backoff(per_sample: FeatureExtractor, batch: ModelInputs) -> torch.Tensor:
     """Features of a batch; on CUDA out-of-memory, of its halves (recursively)."""
     try:
         return per_sample(batch)
@@ -617,7 +400,7 @@ def _check_signature(expected, signature, name: str) -> None:
 
 
 def _fill_store(model, loader, name, *, index, output, precision, device, inputs, backend, kind, budget,
-                cache_dir, ckpt, events, expected_signature=None):
+                cache_dir, ckpt, events, extractor, expected_signature=None):
     """Features of every sample of ``loader`` into a FeatureStore (read back from the
     checkpoint where it has them); returns (store, first batch's signature)."""
     p = len(index)
@@ -653,7 +436,7 @@ def _fill_store(model, loader, name, *, index, output, precision, device, inputs
                         "the data changed; delete the checkpoint folder to start over"
                     )
                 if per_sample is None:
-                    per_sample = _new_extractor(model, index, output, precision, device, backend)
+                    per_sample = extractor()
                 block = _features_with_backoff(per_sample, batch.to(device, precision.compute))
                 _check_finite(block, seen, name)
                 stored, scales = _to_store(block, precision, scale_rows=True)

@@ -1,4 +1,4 @@
-"""Triton kernels: the sampled per-sample gradient ops (the "triton" backend of taps)
+"""Triton kernels: the sampled per-sample gradient ops (the "triton" backend of persample)
 and the Gram tile update (``ops.gram_tile_update(..., backend="triton")``).
 
 One file per op; each defines its ``@triton.jit`` kernel, a launcher, and registers a

@@ -12,7 +12,7 @@ matrix units (cost ~ the whole layer, at tensor-core rate), and its epilogue kee
 the sampled entries of each tile: a tile's accumulator lives in registers and is never
 written to memory, so the dense per-sample gradient is never materialized. Only tiles
 that hold a sampled entry are computed. Which strategy is faster depends on the layer
-(sampling density, positions, channels): ``taps`` measures both per layer on the first
+(sampling density, positions, channels): ``persample.dense`` measures both per use on the first
 CUDA batch and keeps the faster (docs/kernels.md).
 
 Layout: rows of the per-sample gradient are output channels (BLOCK_M per tile), its

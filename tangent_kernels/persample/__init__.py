@@ -1,0 +1,21 @@
+"""Per-sample gradients: the sampled entries of d s(x_b) / d theta for every sample of a batch.
+
+- ``uses.py``: the interception (a TorchFunctionMode over the batched forward) that finds
+  every use of a sampled parameter, whatever module or library made the call;
+- one file per rule family: ``linear.py``, ``conv.py``, ``embedding.py``,
+  ``broadcast.py`` (parameters in elementwise ops and concatenations), ``decompose.py``
+  (norms and multi-head attention rewritten as those primitives);
+- ``views.py``: which sampled entries a view of a parameter holds;
+- ``batched.py``: one forward and one backward per batch over all of them;
+- ``generic.py``: the torch.func path for what no rule covers;
+- ``extractor.py``: both, plus the spot check against a per-sample evaluation;
+- ``coverage.py``: ``tk.coverage``, which says which path each tensor takes and why;
+- ``backends.py``: which kernels compute the contractions;
+- ``dense.py``: the per-layer dense GEMM strategy on CUDA.
+Adding a rule is adding a file that registers it (``uses.register``) and its test.
+"""
+
+from .backends import BACKENDS, resolve_backend
+from .extractor import FeatureExtractor
+
+__all__ = ["BACKENDS", "FeatureExtractor", "resolve_backend"]

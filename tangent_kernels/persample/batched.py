@@ -1,0 +1,103 @@
+"""The batched pass: sampled per-sample gradients of many tensors from one forward and one
+backward per batch.
+
+The sampled parameter tensors enter ``functional_call`` as leaves that require grad, so
+that every op consuming one of them is recorded by autograd; ``UseMode`` (uses.py) sees
+each such op and the rules record what its per-sample gradient needs. One
+``torch.autograd.grad(s.sum(), targets)`` then reads ds/d(target) at every use for all
+samples at once (samples do not interact in eval mode); no weight gradient is computed
+(autograd prunes what the targets do not need), and no full per-sample gradient is
+formed except by the autograd pullback of small derived tensors.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Dict, List, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from ..data import ModelInputs
+from ..outputs import OutputSpec, scalarize
+from ..params import TensorSlice
+from . import broadcast, conv, decompose, embedding, linear  # noqa: F401 - they register their rules
+from .uses import Sink, UseMode
+from .views import SampledTensor
+
+__all__ = ["BatchedPass", "Uncovered"]
+
+
+class Uncovered(Exception):
+    """Parameter tensors that the batched pass cannot serve, each with the reason."""
+
+    def __init__(self, why: Dict[str, str]):
+        super().__init__("; ".join(f"{name}: {reason}" for name, reason in why.items()))
+        self.why = dict(why)
+
+
+class BatchedPass:
+    """F[:, columns] of the given tensors for one batch at a time (``Uncovered`` on misfit)."""
+
+    def __init__(self, model: nn.Module, slices: Sequence[TensorSlice], state, output: OutputSpec,
+                 device: torch.device, backend: str, dense=None):
+        self.model, self.output, self.backend, self.dense = model, output, backend, dense
+        trainable, rest = state
+        self.sampled: List[SampledTensor] = []
+        leaves = {}
+        for piece in slices:
+            tensor = trainable[piece.name]
+            leaf = (tensor if tensor.is_contiguous() else tensor.contiguous()).detach().requires_grad_(True)
+            leaves[piece.name] = leaf
+            self.sampled.append(SampledTensor(piece.name, leaf, piece.local.to(device), piece.columns.to(device)))
+        self.state = ({**trainable, **leaves}, rest)
+        self.columns = torch.cat([st.columns for st in self.sampled]) if self.sampled else None
+        # What the first batch saw: parameter name -> the rules of its uses.
+        self.paths: Dict[str, List[str]] = {}
+
+    def __call__(self, batch: ModelInputs, out: torch.Tensor) -> None:
+        mode = UseMode(self.sampled, batch.size, self.backend)
+        for value in (*batch.args, *batch.kwargs.values()):
+            if batch.is_batched(value):
+                mode.mark_data(value)
+        with torch.enable_grad():
+            with mode:
+                result = functional_call(self.model, self.state, batch.args, batch.kwargs)
+            if mode.uncovered:
+                raise Uncovered(mode.uncovered)
+            changed = {st.name: "its input was modified in place after the use" for use in mode.uses
+                       if use.changed_input() for st in use.sampled}
+            if changed:
+                raise Uncovered(changed)
+            s = scalarize(result, self.output, batch.size)
+            uses = mode.uses
+            seen = Counter()
+            for use in uses:
+                name = f"{use.sampled[0].name} {use.label}"
+                use.key = f"{name} #{seen[name]}"
+                seen[name] += 1
+            grads = [None] * len(uses)
+            if uses and s.requires_grad:
+                grads = torch.autograd.grad(s.sum(), [use.target for use in uses], allow_unused=True)
+        # The contractions read activations that autograd tracks: F must not join the graph.
+        with torch.no_grad():
+            if out.shape[1] == self.columns.numel():
+                out.zero_()
+            else:
+                out[:, self.columns] = 0
+            counts = Counter(st.name for use in uses for st in use.sampled)
+            sink = Sink(out, self.backend, counts, self.dense)
+            for use, grad in zip(uses, grads):
+                if grad is not None:
+                    use.contribute(grad, sink)
+        if not self.paths:
+            paths = {st.name: [] for st in self.sampled}
+            for use in uses:
+                label = use.label
+                if use.label == "broadcast" and use.pullback.label != "view":
+                    label = f"broadcast ({use.pullback.label})"
+                for st in use.sampled:
+                    if label not in paths[st.name]:
+                        paths[st.name].append(label)
+            self.paths = paths

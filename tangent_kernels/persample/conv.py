@@ -1,0 +1,136 @@
+"""Convolutions with a parameter weight or bias: ``F.conv1d``, ``F.conv2d``, ``F.conv3d``.
+
+W[o, c, k...]'s per-sample gradient is sum_pos d[b, o, pos] a_pad[b, c', pos * stride +
+k * dilation] (c' the input channel of c in o's group); only the sampled entries are
+formed. The padded input is made when the gradient is read, not held from the forward.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .. import sampled
+from .backends import COMPILED, conv_kernel, writes_in_place
+from .linear import _view_of_parameter
+from .uses import NotCovered, Sink, Use, register
+
+__all__ = ["ConvUse"]
+
+_NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+
+
+def _per_dim(value, ndim: int, what: str) -> Tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * ndim
+    value = tuple(int(v) for v in value)
+    if len(value) == 1:
+        return value * ndim
+    if len(value) != ndim:
+        raise NotCovered(f"{what} {value} for {ndim} spatial dims")
+    return value
+
+
+def _pads(padding, kernel, dilation) -> Tuple[int, ...]:
+    """F.pad's argument (last dim first) for the convolution's padding."""
+    if padding == "valid":
+        return (0, 0) * len(kernel)
+    if padding == "same":
+        # As torch does for 'same': the total is split, the odd element going to the end.
+        pairs = [(dl * (k - 1) // 2, dl * (k - 1) - dl * (k - 1) // 2) for k, dl in zip(kernel, dilation)]
+    else:
+        pairs = [(p, p) for p in _per_dim(padding, len(kernel), "padding")]
+    return tuple(v for pair in reversed(pairs) for v in pair)
+
+
+class ConvUse(Use):
+    label = "conv"
+
+    def __init__(self, mode, a, z, weight, bias, stride, pads, dilation, groups):
+        super().__init__([p.st for p in (weight, bias) if p is not None], torch.autograd.graph.get_gradient_edge(z),
+                         guarded=[a])
+        self.backend = mode.backend
+        self.a, self.weight, self.bias = a, weight, bias
+        self.stride, self.pads, self.dilation, self.groups = stride, pads, dilation, groups
+
+    def contribute(self, d: torch.Tensor, sink: Sink) -> None:
+        if self.bias is not None:
+            elements, columns, unique = self.bias.st.hits(self.bias.geometry)
+            if elements.numel():
+                sink.add(self.bias.st, columns, d.reshape(d.shape[0], d.shape[1], -1).sum(dim=2)[:, elements], unique)
+        if self.weight is not None:
+            self._weight(d, sink)
+
+    def _plan(self, elements: torch.Tensor):
+        size = self.weight.geometry[0]
+        key = ("conv", self.weight.geometry, self.groups, self.backend)
+        cache = self.weight.st.cache
+        if key not in cache:
+            kernel = tuple(size[2:])
+            kernel_size = math.prod(kernel)
+            per_out = size[1] * kernel_size
+            out_channel = elements // per_out
+            in_group = (elements % per_out) // kernel_size
+            in_channel = (out_channel // (size[0] // self.groups)) * size[1] + in_group
+            flat = elements % kernel_size
+            if self.backend == "torch":
+                cache[key] = sampled.conv_plan(out_channel, in_channel, flat, kernel)
+            else:
+                cache[key] = ((out_channel, in_channel, torch.stack(torch.unravel_index(flat, kernel), dim=1)), None)
+        return cache[key]
+
+    def _weight(self, d: torch.Tensor, sink: Sink) -> None:
+        st = self.weight.st
+        elements, columns, unique = st.hits(self.weight.geometry)
+        if not elements.numel():
+            return
+        plan, order = self._plan(elements)
+        a_pad = F.pad(self.a, self.pads) if any(self.pads) else self.a
+        backend = self.backend
+        if self.groups == 1 and backend != "torch" and sink.dense is not None and sink.dense.applies(d):
+            values = sink.dense.values(self.key, (*plan, tuple(self.weight.geometry[0][2:])),
+                                       lambda: (a_pad, d, self.stride, self.dilation),
+                                       lambda: self._sparse(a_pad, d, plan))
+            sink.add(st, columns, values, unique)
+            return
+        if backend == "torch":
+            kernel = self.weight.geometry[0][2:]
+            patches = sampled.conv_patches(a_pad, kernel, self.stride, self.dilation, d.shape[2:])
+            values = sampled.sampled_conv_grad(patches, d, plan)
+            sink.add(st, columns if order is None else columns[order], values, unique)
+            return
+        if backend in COMPILED and sink.overwrites(st, unique) and writes_in_place(backend, sink.out, d):
+            conv_kernel(backend)(a_pad, d, *plan, self.stride, self.dilation, out=sink.out, out_columns=columns)
+            return
+        sink.add(st, columns, self._sparse(a_pad, d, plan), unique)
+
+    def _sparse(self, a_pad, d, plan) -> torch.Tensor:
+        if self.backend == "triton":
+            return conv_kernel("triton")(a_pad.contiguous(), d.contiguous(), *plan, list(self.stride),
+                                         list(self.dilation))
+        return conv_kernel(self.backend)(a_pad, d, *plan, self.stride, self.dilation)
+
+
+@register(F.conv1d, F.conv2d, F.conv3d)
+def conv(mode, func, args, kwargs):
+    given = dict(_DEFAULTS, **dict(zip(_NAMES, args)), **kwargs)
+    x, weight = given["input"], given["weight"]
+    if not mode.is_data(x):
+        raise NotCovered("a parameter as the convolution's input")
+    w = _view_of_parameter(mode, weight, "weight", weight.dim())
+    b = _view_of_parameter(mode, given["bias"], "bias", 1)
+    ndim = weight.dim() - 2
+    if x.dim() != weight.dim() or x.shape[0] != mode.batch_size:
+        raise NotCovered(f"an input of shape {list(x.shape)} without a leading batch dimension of size {mode.batch_size}")
+    kernel = tuple(weight.shape[2:])
+    stride, dilation = _per_dim(given["stride"], ndim, "stride"), _per_dim(given["dilation"], ndim, "dilation")
+    pads = _pads(given["padding"], kernel, dilation)
+    z = func(*args, **kwargs)
+    mode.mark_data(z)
+    if z.requires_grad:
+        mode.add_use(ConvUse(mode, x, z, w, b, stride, pads, dilation, int(given["groups"])))
+    return z

@@ -1,0 +1,67 @@
+"""``tk.coverage``: which path each sampled parameter tensor takes, and why, from one batch."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+__all__ = ["CoverageReport", "coverage"]
+
+
+@dataclass
+class CoverageReport:
+    """rows: (parameter tensor, sampled entries, path) for every tensor with sampled
+    entries; path is the rules of its uses ("linear", "embedding", "conv", "broadcast
+    (view)", ...), "unused" when no use of it reached the output, or "generic: <why>".
+    generic: [(tensor, why)] of the tensors on the generic per-sample path (empty when the
+    whole model runs batched)."""
+
+    rows: List[Tuple[str, int, str]] = field(default_factory=list)
+    generic: List[Tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def batched_entries(self) -> int:
+        return sum(entries for _, entries, path in self.rows if not path.startswith("generic"))
+
+    def __str__(self) -> str:
+        width = max([len("parameter tensor")] + [len(name) for name, _, _ in self.rows])
+        lines = [f"{'parameter tensor':<{width}}  {'sampled':>9}  path", f"{'-' * width}  {'-' * 9}  ----"]
+        lines += [f"{name:<{width}}  {entries:>9}  {path}" for name, entries, path in self.rows]
+        total = sum(entries for _, entries, _ in self.rows)
+        lines.append(f"{len(self.rows) - len(self.generic)} of {len(self.rows)} tensors, {self.batched_entries} of "
+                     f"{total} sampled entries on the batched path")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def coverage(model: nn.Module, batch: Any, idx=None, output="first", *, inputs: Optional[Callable] = None,
+             precision: str = "fp32", device=None, backend: str = "auto") -> CoverageReport:
+    """Run one batch through the per-sample gradient machinery (no Gram) and report the
+    path of every parameter tensor with sampled entries. Arguments as in ``tk.gram``;
+    ``batch`` is one loader batch (a tensor, a tuple with the input first, a dict)."""
+    from .. import engine
+    from .._model import eval_mode, fp32_math
+    from ..data import to_inputs
+
+    index, output, precision, device, backend = engine._prepare(model, idx, output, precision, device, backend)
+    model_inputs = to_inputs(batch, inputs)
+    with eval_mode(model), fp32_math(precision.allow_tf32), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*generic per-sample path.*")
+        extractor = engine._new_extractor(model, index, output, precision, device, backend)
+        extractor(model_inputs.to(device, precision.compute))
+    report = CoverageReport()
+    paths = extractor.paths
+    for piece in index.tensor_slices:
+        why = extractor.generic_why.get(piece.name)
+        if why is not None:
+            path = f"generic: {why}"
+            report.generic.append((piece.name, why))
+        else:
+            path = ", ".join(paths.get(piece.name, [])) or "unused (no use of it reaches the output)"
+        report.rows.append((piece.name, int(piece.local.numel()), path))
+    return report

@@ -1,0 +1,148 @@
+"""Fused operations rewritten as the primitive ones the mode has rules for.
+
+A norm's affine parameters enter as ``normalized * weight + bias``; written that way, the
+broadcast rule covers them (and any other layout of the same op). Multi-head attention
+(``F.multi_head_attention_forward``, which ``nn.MultiheadAttention`` calls with its
+packed q/k/v projection and an ``out_proj`` whose module is never called) is a Python
+function whose inner calls the mode cannot see: it is rewritten here as its linear
+projections, scaled dot-product attention and the output projection, batch first, so
+that every projection is a linear use. Each rewrite runs only when the call consumes a
+parameter and mixes it with data; the spot check against a per-sample evaluation
+guards them like every rule.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .uses import NotCovered, bind, register
+
+__all__ = []
+
+
+def _channels_view(t, ndim: int):
+    """A per-channel (dim 1) parameter [C] shaped to broadcast over [B, C, *spatial]."""
+    return None if t is None else t.reshape(t.shape[0], *([1] * (ndim - 2)))
+
+
+def _affine(y, weight, bias):
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def _data_input(mode, x, op: str):
+    if not mode.is_data(x):
+        raise NotCovered(f"a parameter as the input of {op}")
+
+
+@register(F.layer_norm)
+def layer_norm(mode, func, args, kwargs):
+    a = bind(func, args, kwargs)
+    _data_input(mode, a["input"], "layer_norm")
+    return mode.reenter(lambda: _affine(F.layer_norm(a["input"], a["normalized_shape"], None, None, a["eps"]),
+                                        a["weight"], a["bias"]))
+
+
+if hasattr(F, "rms_norm"):
+    @register(F.rms_norm)
+    def rms_norm(mode, func, args, kwargs):
+        a = bind(func, args, kwargs)
+        _data_input(mode, a["input"], "rms_norm")
+        return mode.reenter(lambda: _affine(F.rms_norm(a["input"], a["normalized_shape"], None, a["eps"]),
+                                            a["weight"], None))
+
+
+@register(F.group_norm)
+def group_norm(mode, func, args, kwargs):
+    a = bind(func, args, kwargs)
+    x = a["input"]
+    _data_input(mode, x, "group_norm")
+    return mode.reenter(lambda: _affine(F.group_norm(x, a["num_groups"], None, None, a["eps"]),
+                                        _channels_view(a["weight"], x.dim()), _channels_view(a["bias"], x.dim())))
+
+
+@register(F.batch_norm)
+def batch_norm(mode, func, args, kwargs):
+    a = bind(func, args, kwargs)
+    x = a["input"]
+    _data_input(mode, x, "batch_norm")
+    if a["training"] or a["running_mean"] is None or a["running_var"] is None:
+        raise NotCovered("batch statistics (training=True, or no running statistics): samples interact")
+    if mode.derived(a["running_mean"]) is not None or mode.derived(a["running_var"]) is not None:
+        raise NotCovered("running statistics computed from parameters")
+    return mode.reenter(lambda: _affine(
+        F.batch_norm(x, a["running_mean"], a["running_var"], None, None, False, a["momentum"], a["eps"]),
+        _channels_view(a["weight"], x.dim()), _channels_view(a["bias"], x.dim())))
+
+
+def _additive_mask(mask, dtype):
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+    return mask.to(dtype)
+
+
+@register(F.multi_head_attention_forward)
+def multi_head_attention(mode, func, args, kwargs):
+    a = bind(func, args, kwargs)
+    query = a["query"]
+    if query.dim() != 3:
+        raise NotCovered("unbatched attention")
+    if a["bias_k"] is not None or a["bias_v"] is not None or a["add_zero_attn"]:
+        raise NotCovered("bias_k / bias_v / add_zero_attn")
+    if a["static_k"] is not None or a["static_v"] is not None:
+        raise NotCovered("static keys or values")
+    if a["training"] and a["dropout_p"] > 0:
+        raise NotCovered("attention dropout in training mode")
+    if a["is_causal"] and a["attn_mask"] is None:
+        raise NotCovered("is_causal without attn_mask")
+    if query.shape[1] != mode.batch_size:
+        raise NotCovered(f"query of shape {list(query.shape)}: batch {mode.batch_size} is not its dim 1")
+    return mode.reenter(_attention, a)
+
+
+def _attention(a):
+    """F.multi_head_attention_forward's result for the arguments ``a`` (seq-first [L, N, E])."""
+    query, key, value, heads = a["query"], a["key"], a["value"], a["num_heads"]
+    length, batch, embed = query.shape
+    head_dim = embed // heads
+    q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # [N, L, E]: batch first
+    bias = a["in_proj_bias"]
+    biases = (None,) * 3 if bias is None else bias.chunk(3)
+    if a["use_separate_proj_weight"]:
+        q, k, v = (F.linear(t, w, b) for t, w, b in
+                   zip((q, k, v), (a["q_proj_weight"], a["k_proj_weight"], a["v_proj_weight"]), biases))
+    elif query is key and key is value:
+        q, k, v = F.linear(q, a["in_proj_weight"], bias).chunk(3, dim=-1)
+    else:
+        q, k, v = (F.linear(t, w, b) for t, w, b in zip((q, k, v), a["in_proj_weight"].chunk(3), biases))
+    source = k.shape[1]
+    q, k, v = (t.reshape(batch, -1, heads, head_dim).transpose(1, 2) for t in (q, k, v))  # [N, H, L, hd]
+    mask = _additive_mask(a["attn_mask"], q.dtype)
+    if mask is not None:
+        mask = mask.reshape(1, 1, length, source) if mask.dim() == 2 else mask.reshape(batch, heads, length, source)
+    padding = _additive_mask(a["key_padding_mask"], q.dtype)
+    if padding is not None:
+        padding = padding.reshape(batch, 1, 1, source)
+        mask = padding if mask is None else mask + padding
+    weights = None
+    if a["need_weights"]:
+        scores = (q * (1.0 / math.sqrt(head_dim))) @ k.transpose(-2, -1)
+        if mask is not None:
+            scores = scores + mask
+        weights = torch.softmax(scores, dim=-1)
+        out = weights @ v
+        if a["average_attn_weights"]:
+            weights = weights.mean(dim=1)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out = out.transpose(1, 2).reshape(batch, length, embed)
+    out = F.linear(out, a["out_proj_weight"], a["out_proj_bias"])
+    return out.transpose(0, 1), weights

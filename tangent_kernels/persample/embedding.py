@@ -1,0 +1,106 @@
+"""Embedding lookups of a parameter table: ``F.embedding``.
+
+With batched indices (token ids) the lookup is a use: W[v, e]'s per-sample gradient is
+sum_t [token_t == v] d[b, t, e]. With indices shared by the whole batch (position ids
+[1, T] broadcast later, a relative-position bucket table) the lookup yields a derived
+tensor whose pullback applies the same contraction to the per-sample gradients that
+reach it where it meets the data.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .backends import embedding_kernel, writes_in_place
+from .linear import _view_of_parameter
+from .uses import Derived, NotCovered, Sink, Use, bind, register, register_derived
+
+__all__ = ["EmbeddingUse", "EmbeddingPullback"]
+
+
+def _arguments(mode, func, args, kwargs):
+    given = bind(func, args, kwargs)
+    if given["max_norm"] is not None or given["scale_grad_by_freq"] or given["sparse"]:
+        raise NotCovered("max_norm / scale_grad_by_freq / sparse embeddings")
+    weight = _view_of_parameter(mode, given["weight"], "embedding table", 2)
+    padding_idx = given["padding_idx"]
+    if padding_idx is not None and padding_idx < 0:
+        padding_idx += given["weight"].shape[0]
+    return given["input"], given["weight"], weight, padding_idx
+
+
+def _contract(backend, st, geometry, tokens, d, padding_idx, sink: Sink) -> None:
+    """tokens [B, T], d [B, T, E] -> the sampled entries of the table's gradient."""
+    elements, columns, unique = st.hits(geometry)
+    if not elements.numel():
+        return
+    width = geometry[0][1]
+    rows, cols = elements // width, elements % width
+    if backend == "triton":
+        tokens, d = tokens.contiguous(), d.contiguous()
+    if sink.overwrites(st, unique) and writes_in_place(backend, sink.out, d):
+        embedding_kernel(backend)(tokens, d, rows, cols, padding_idx, out=sink.out, out_columns=columns)
+    else:
+        sink.add(st, columns, embedding_kernel(backend)(tokens, d, rows, cols, padding_idx), unique)
+
+
+class EmbeddingUse(Use):
+    label = "embedding"
+
+    def __init__(self, mode, tokens, z, weight, padding_idx):
+        super().__init__([weight.st], torch.autograd.graph.get_gradient_edge(z), guarded=[tokens])
+        self.batch, self.backend = mode.batch_size, mode.backend
+        self.tokens, self.weight, self.padding_idx = tokens, weight, padding_idx
+
+    def contribute(self, d: torch.Tensor, sink: Sink) -> None:
+        tokens = self.tokens.reshape(self.batch, -1)
+        _contract(self.backend, self.weight.st, self.weight.geometry, tokens,
+                  d.reshape(self.batch, tokens.shape[1], -1), self.padding_idx, sink)
+
+
+class EmbeddingPullback:
+    """A lookup with indices shared by the batch: the derived table rows."""
+
+    label = "embedding (shared indices)"
+
+    def __init__(self, backend, weight, indices, padding_idx):
+        self.backend, self.weight, self.indices, self.padding_idx = backend, weight, indices, padding_idx
+
+    def per_sample_ok(self):
+        return None
+
+    def contribute(self, grad: torch.Tensor, aligned: bool, sink: Sink) -> None:
+        batch = grad.shape[0]
+        tokens = self.indices.reshape(batch, -1) if aligned else self.indices.reshape(1, -1).expand(batch, -1)
+        _contract(self.backend, self.weight.st, self.weight.geometry, tokens,
+                  grad.reshape(batch, tokens.shape[1], -1), self.padding_idx, sink)
+
+
+@register(F.embedding)
+def embedding(mode, func, args, kwargs):
+    tokens, table, weight, padding_idx = _arguments(mode, func, args, kwargs)
+    if weight is None:
+        raise NotCovered("data as the embedding table")
+    if tokens.dim() == 0 or not (tokens.shape[0] == mode.batch_size
+                                 or (tokens.dim() == 1 and tokens.numel() % mode.batch_size == 0)):
+        raise NotCovered(f"indices of shape {list(tokens.shape)} without a leading batch dimension")
+    z = func(*args, **kwargs)
+    mode.mark_data(z)
+    if z.requires_grad:
+        mode.add_use(EmbeddingUse(mode, tokens, z, weight, padding_idx))
+    return z
+
+
+@register_derived(F.embedding)
+def shared_embedding(mode, func, args, kwargs, derived):
+    z = func(*args, **kwargs)
+    try:
+        tokens, table, weight, padding_idx = _arguments(mode, func, args, kwargs)
+    except NotCovered:
+        weight = None
+    if weight is None or mode.derived(tokens) is not None or not z.requires_grad:
+        mode.mark_derived(z, derived)  # autograd's pullback
+        return z
+    mode.set_kind(z, Derived(EmbeddingPullback(mode.backend, weight, tokens, padding_idx), [weight.st]))
+    return z

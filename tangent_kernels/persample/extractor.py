@@ -1,0 +1,149 @@
+"""F [B, p] per batch: the batched pass for every tensor it covers, the generic path for
+the rest, and the spot check that the batched pass is exact for this model."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+from .._model import fp32_math, functional_state
+from ..data import ModelInputs
+from ..outputs import OutputSpec
+from ..params import ParamIndex, TensorSlice
+from .batched import BatchedPass, Uncovered
+from .dense import DenseStrategy
+from .generic import GenericPath
+
+__all__ = ["FeatureExtractor", "BATCHED"]
+
+_log = logging.getLogger("tangent_kernels")
+
+# Whether the batched pass is used at all (False: every tensor takes the generic path;
+# for benchmarks that measure the generic path alone).
+BATCHED = True
+# Relative difference allowed between the batched pass and a per-sample evaluation of
+# the first batch's first and last samples. fp32 is loose: ReLU kinks within rounding of
+# zero (see README); TF32 is not checked in TF32 (verify_in_ieee).
+_VERIFY_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-9}
+_MIXES_SAMPLES = "the batched pass differs from a per-sample evaluation (the model mixes samples within a batch)"
+
+
+class FeatureExtractor:
+    """Per-sample gradient features of one model, output and idx, batch after batch."""
+
+    def __init__(self, model: nn.Module, index: ParamIndex, output: OutputSpec, dtype, device, backend: str = "torch",
+                 verify_in_ieee: bool = False, dense=None):
+        self.model, self.index, self.output, self.dtype, self.device = model, index, output, dtype, device
+        self.backend = backend
+        self.dense = DenseStrategy(backend) if dense is None else dense
+        self.tolerance = _VERIFY_TOLERANCE[dtype]
+        # Under TF32 a batch and a single sample take different convolution algorithms
+        # whose roundings compound through a deep network: on an H100, resnet50's batched
+        # and per-sample gradients differed by more than 1e-2 with no sample mixing at
+        # all, and every run fell back to the generic path (10x slower). The check asks
+        # whether samples interact, so it runs both sides in IEEE fp32 instead.
+        self.verify_in_ieee = verify_in_ieee
+        self.state = functional_state(model, index.layout, dtype, device)
+        # Parameter tensor -> why it takes the generic path (decided on the first batch).
+        self.generic_why: Dict[str, str] = {}
+        if not BATCHED:
+            self.generic_why = {piece.name: "the batched pass is switched off" for piece in index.tensor_slices}
+        self.verified = False
+        self._warned = not BATCHED
+        self._build()
+
+    @property
+    def generic_slices(self) -> List[TensorSlice]:
+        return [piece for piece in self.index.tensor_slices if piece.name in self.generic_why]
+
+    @property
+    def paths(self) -> Dict[str, List[str]]:
+        """The rules that served each batched tensor on the first batch."""
+        return self.batched.paths if self.batched is not None else {}
+
+    def _build(self) -> None:
+        batched = [piece for piece in self.index.tensor_slices if piece.name not in self.generic_why]
+        self.batched = (BatchedPass(self.model, batched, self.state, self.output, self.device, self.backend, self.dense)
+                        if batched else None)
+        generic = self.generic_slices
+        self.generic = (GenericPath(self.model, self.index.layout, generic, self.output, self.dtype, self.device)
+                        if generic else None)
+        if self.batched is None:
+            self.verified = True
+
+    def __call__(self, batch: ModelInputs) -> torch.Tensor:
+        block = torch.empty(batch.size, len(self.index), dtype=self.dtype, device=self.device)
+        while self.batched is not None:
+            try:
+                self.batched(batch, block)
+                break
+            except Uncovered as misfit:
+                _log.debug("generic path for %s", misfit)
+                self.generic_why.update(misfit.why)
+                self._build()
+        if self.generic is not None:
+            self.generic(batch, block)
+        if not self.verified:
+            self._verify(batch, block)
+        if not self._warned:
+            self._warned = True
+            self._warn_generic()
+        return block
+
+    def _warn_generic(self) -> None:
+        generic = self.generic_slices
+        if not generic:
+            return
+        entries = sum(piece.local.numel() for piece in generic)
+        listed = "; ".join(f"{piece.name} ({self.generic_why[piece.name]})" for piece in generic[:8])
+        more = f"; and {len(generic) - 8} more" if len(generic) > 8 else ""
+        warnings.warn(
+            f"{len(generic)} parameter tensor(s) with {entries} of the {len(self.index)} sampled entries take the "
+            f"generic per-sample path, which evaluates the model sample by sample (slower): {listed}{more}. "
+            "tk.coverage(model, batch, idx) lists every tensor's path.",
+            RuntimeWarning,
+            stacklevel=5,
+        )
+
+    def _verify(self, batch: ModelInputs, block: torch.Tensor) -> None:
+        """Spot-check the first batch's first and last samples against the generic path.
+
+        A batched pass is exact only if samples do not interact; a model that mixes
+        them (batch statistics, batch-level control flow) is caught here, as far as a
+        spot check can, and sent down the generic path, which evaluates every sample
+        alone. It guards every rule of the batched pass as well.
+        """
+        self.verified = True
+        check = GenericPath(self.model, self.index.layout, self.index.tensor_slices, self.output,
+                            self.dtype, self.device, strategy="loop")
+        rows = sorted({0, batch.size - 1})
+        expected = torch.empty(len(rows), len(self.index), dtype=self.dtype, device=self.device)
+        with fp32_math(allow_tf32=False) if self.verify_in_ieee else contextlib.nullcontext():
+            for k, row in enumerate(rows):
+                check(batch.slice(row, row + 1), expected[k : k + 1])
+            batched = block
+            if self.verify_in_ieee:
+                batched = torch.empty_like(block)
+                self.batched(batch, batched)
+                if self.generic is not None:
+                    self.generic(batch, batched)
+        error = float((batched[rows] - expected).norm() / expected.norm().clamp_min(torch.finfo(self.dtype).tiny))
+        if error > self.tolerance:
+            warnings.warn(
+                f"per-sample gradients from the batched pass differ from a per-sample evaluation by "
+                f"{error:.1e} (relative) on the first batch: the model seems to mix samples within a "
+                "batch (e.g. BatchNorm without running statistics), or, in fp32 and rarely, a ReLU "
+                "input rounded across zero; using the generic per-sample path (exact, slower)",
+                RuntimeWarning,
+                stacklevel=5,
+            )
+            self.generic_why.update({piece.name: _MIXES_SAMPLES for piece in self.index.tensor_slices
+                                     if piece.name not in self.generic_why})
+            self._warned = True  # this warning says it already
+            self._build()
+            self.generic(batch, block)

@@ -1,0 +1,148 @@
+"""Linear maps with a parameter operand: ``F.linear``, ``addmm``, ``mm``, ``matmul``, ``@``.
+
+For y[b, t, o] = sum_i a[b, t, i] M[i, o] the per-sample gradient of M is
+sum_t a[b, t, i] d[b, t, o] (d = ds/dy), of which only the sampled entries are formed,
+by the backend's sampled-dot kernel. M may be any strided view of the parameter (the
+transposed weight of ``F.linear``, the [in, out] weight of a Hugging Face ``Conv1D``
+in ``addmm``, a third of a packed q/k/v projection). Rows of ``a`` may carry extra
+leading dims ([B, T, I], [B, H, T, I]) or be flattened batch-major ([B * T, I]); a
+parameter on the left (y = M x with x [B, ..., I, T]) is the transposed case.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .backends import COMPILED, linear_kernel, writes_in_place
+from .uses import NotCovered, Sink, Use, ViewPullback, register
+from .views import SampledTensor
+
+__all__ = ["LinearUse"]
+
+
+def _rows(mode, a: torch.Tensor, what: str) -> None:
+    batch = mode.batch_size
+    if a.dim() < 2 or not (a.shape[0] == batch or (a.dim() == 2 and a.shape[0] % batch == 0)):
+        raise NotCovered(f"{what} of shape {list(a.shape)} has no leading batch dimension of size {batch} "
+                         "(nor batch-major flattened rows)")
+
+
+def _view_of_parameter(mode, t, what: str, dims: int):
+    derived = mode.derived(t)
+    if derived is None:
+        return None
+    if not isinstance(derived.pullback, ViewPullback):
+        raise NotCovered(f"the {what} is computed from parameters, not a view of one")
+    if t.dim() != dims:
+        raise NotCovered(f"a {t.dim()}-D {what}")
+    return derived.pullback
+
+
+class LinearUse(Use):
+    """y = a @ M (+ bias): the sampled entries of M's and the bias' per-sample gradients.
+
+    layout "oi": M's view is [O, I] (F.linear's weight); "io": [I, O] (addmm, matmul).
+    transposed: the parameter was the left operand, so a and d are read transposed.
+    """
+
+    label = "linear"
+
+    def __init__(self, mode, a, z, weight, layout, bias=None, scale=1.0, bias_scale=1.0, transposed=False):
+        sampled = [p.st for p in (weight, bias) if p is not None]
+        super().__init__(sampled, torch.autograd.graph.get_gradient_edge(z), guarded=[a])
+        self.batch, self.backend = mode.batch_size, mode.backend
+        self.a, self.weight, self.layout, self.bias = a, weight, layout, bias
+        self.scale, self.bias_scale, self.transposed = scale, bias_scale, transposed
+
+    def contribute(self, d: torch.Tensor, sink: Sink) -> None:
+        a = self.a
+        if self.transposed:
+            a, d = a.transpose(-1, -2), d.transpose(-1, -2)
+        n_in, n_out = a.shape[-1], d.shape[-1]
+        a3, d3 = a.reshape(self.batch, -1, n_in), d.reshape(self.batch, -1, n_out)
+        if self.weight is not None:
+            self._weight(a3, d3, n_in, n_out, sink)
+        if self.bias is not None:
+            elements, columns, unique = self.bias.st.hits(self.bias.geometry)
+            if elements.numel():
+                values = d3.sum(dim=1)[:, elements % n_out]
+                sink.add(self.bias.st, columns, values * self.bias_scale if self.bias_scale != 1 else values, unique)
+
+    def _weight(self, a3, d3, n_in, n_out, sink: Sink) -> None:
+        st = self.weight.st
+        elements, columns, unique = st.hits(self.weight.geometry)
+        if not elements.numel():
+            return
+        if self.layout == "oi":
+            rows, cols = elements // n_in, elements % n_in
+        else:
+            rows, cols = elements % n_out, elements // n_out
+        backend = self.backend
+        if backend == "triton" or (backend in COMPILED and self.transposed):
+            a3, d3 = a3.contiguous(), d3.contiguous()
+        if sink.dense is not None and sink.dense.applies(d3):
+            # A linear map is a 1x1 convolution over its tokens: channels first, views only.
+            values = sink.dense.values(
+                self.key, (rows, cols, torch.zeros(rows.shape[0], 1, dtype=torch.int64, device=rows.device), (1,)),
+                lambda: (a3.transpose(1, 2), d3.transpose(1, 2), (1,), (1,)),
+                lambda: linear_kernel(backend)(a3, d3, rows, cols))
+            sink.add(st, columns, values * self.scale if self.scale != 1 else values, unique)
+            return
+        if self.scale == 1 and sink.overwrites(st, unique) and writes_in_place(backend, sink.out, d3):
+            linear_kernel(backend)(a3, d3, rows, cols, out=sink.out, out_columns=columns)
+            return
+        values = linear_kernel(backend)(a3, d3, rows, cols)
+        sink.add(st, columns, values * self.scale if self.scale != 1 else values, unique)
+
+
+def _record(mode, z, **use) -> torch.Tensor:
+    mode.mark_data(z)
+    if z.requires_grad:
+        mode.add_use(LinearUse(mode, z=z, **use))
+    return z
+
+
+@register(F.linear)
+def linear(mode, func, args, kwargs):
+    names = ("input", "weight", "bias")
+    given = dict(zip(names, args), **kwargs)
+    x, weight, bias = given.get("input"), given.get("weight"), given.get("bias")
+    if not mode.is_data(x):
+        raise NotCovered("a parameter as the input of F.linear")
+    _rows(mode, x, "the input")
+    w = _view_of_parameter(mode, weight, "weight", 2)
+    b = _view_of_parameter(mode, bias, "bias", 1)
+    return _record(mode, func(*args, **kwargs), a=x, weight=w, layout="oi", bias=b)
+
+
+@register(torch.addmm, torch.Tensor.addmm)
+def addmm(mode, func, args, kwargs):
+    if "out" in kwargs or len(args) > 3:
+        raise NotCovered("addmm with out= or positional beta/alpha")
+    bias, mat1, mat2 = (list(args) + [kwargs.get(k) for k in ("input", "mat1", "mat2")[len(args):]])[:3]
+    beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
+    if not mode.is_data(mat1) or mode.derived(bias) is not None and bias.dim() == 2 and bias.shape[0] != 1:
+        raise NotCovered("a parameter as mat1, or a bias that is not broadcast over rows")
+    _rows(mode, mat1, "mat1")
+    w = _view_of_parameter(mode, mat2, "mat2", 2)
+    b = _view_of_parameter(mode, bias, "bias", bias.dim() if isinstance(bias, torch.Tensor) else 1)
+    return _record(mode, func(*args, **kwargs), a=mat1, weight=w, layout="io", bias=b, scale=alpha, bias_scale=beta)
+
+
+@register(torch.mm, torch.Tensor.mm, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__,
+          torch.Tensor.__rmatmul__)
+def matmul(mode, func, args, kwargs):
+    if "out" in kwargs or len(args) != 2:
+        raise NotCovered("matmul with out=")
+    left, right = args if func is not torch.Tensor.__rmatmul__ else args[::-1]
+    if mode.is_data(left) and mode.derived(right) is not None:
+        _rows(mode, left, "the left operand")
+        w = _view_of_parameter(mode, right, "right operand", 2)
+        return _record(mode, func(*args, **kwargs), a=left, weight=w, layout="io")
+    if mode.derived(left) is not None and mode.is_data(right):
+        if right.dim() < 3 or right.shape[0] != mode.batch_size:
+            raise NotCovered(f"a parameter times data of shape {list(right.shape)} (no leading batch dimension)")
+        w = _view_of_parameter(mode, left, "left operand", 2)
+        return _record(mode, func(*args, **kwargs), a=right, weight=w, layout="oi", transposed=True)
+    raise NotCovered("both operands hold parameters, or neither is data")

@@ -1,0 +1,319 @@
+"""Interception of parameter uses: a ``TorchFunctionMode`` over the batched forward.
+
+Every torch function called during the forward passes through ``UseMode``, which keeps
+one fact per tensor it has seen:
+- *data*: computed from the batch (its rows belong to samples);
+- *derived*: computed from sampled parameters alone (the parameter leaves themselves,
+  their views, ``P.expand(B, ...)``, ``embedding(position_ids, P)``, ...), with a
+  *pullback* that turns per-sample gradients at that tensor into the sampled entries;
+- neither: a constant (buffers, masks, ``arange``), not tracked.
+An op whose inputs are data only, or constants only, just runs. An op whose inputs are
+derived only yields a derived tensor. An op that *mixes* data with derived tensors is a
+*use*: a rule (linear.py, conv.py, embedding.py, broadcast.py, decompose.py) runs it and
+records what the per-sample gradient of the derived operand needs; if no rule fits, the
+parameters involved are reported uncovered (with why) and go down the generic path.
+Module types and class names play no part: a weight used functionally inside another
+module, a tied weight used by two layers, a layer called twice are all just uses, and the
+contributions of all uses of a parameter add up.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from .views import SampledTensor, geometry_of
+
+__all__ = ["DATA", "Derived", "NotCovered", "Use", "UseMode", "Sink", "register", "register_derived",
+           "ViewPullback", "AutogradPullback", "bind", "func_name"]
+
+
+class _Data:
+    def __repr__(self):
+        return "DATA"
+
+
+DATA = _Data()
+
+
+class NotCovered(Exception):
+    """A rule cannot take this call (the reason says why); the op runs plainly."""
+
+    def __init__(self, why: str):
+        super().__init__(why)
+        self.why = why
+
+
+# func -> rule(mode, func, args, kwargs) -> output, for ops that mix data and derived tensors.
+_RULES: Dict[Callable, Callable] = {}
+# func -> rule(mode, func, args, kwargs, derived) -> output, for ops on derived tensors alone
+# that deserve a cheaper pullback than autograd's.
+_DERIVED_RULES: Dict[Callable, Callable] = {}
+
+
+def register(*funcs):
+    def decorate(rule):
+        for func in funcs:
+            if func is not None:
+                _RULES[func] = rule
+        return rule
+    return decorate
+
+
+def register_derived(*funcs):
+    def decorate(rule):
+        for func in funcs:
+            _DERIVED_RULES[func] = rule
+        return rule
+    return decorate
+
+
+def func_name(func) -> str:
+    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+    module = getattr(func, "__module__", None) or ""
+    if module.startswith("torch.nn.functional"):
+        return f"F.{name}"
+    return name if "." in name or not module else f"{module.replace('torch._C._nn', 'F')}.{name}"
+
+
+_SIGNATURES: Dict[Callable, inspect.Signature] = {}
+
+
+def bind(func, args, kwargs, signature: Optional[inspect.Signature] = None) -> Dict[str, Any]:
+    """The call's arguments by parameter name, defaults filled in."""
+    if signature is None:
+        signature = _SIGNATURES.get(func)
+        if signature is None:
+            signature = _SIGNATURES[func] = inspect.signature(func)
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+class Sink:
+    """Where contributions go for one batch: out [B, p], whose batched columns start at zero."""
+
+    def __init__(self, out: torch.Tensor, backend: str, use_counts: Dict[str, int], dense=None):
+        self.out, self.backend, self.use_counts, self.dense = out, backend, use_counts, dense
+
+    def overwrites(self, st: SampledTensor, unique: bool) -> bool:
+        """Whether a contribution may be written instead of added (the only one for st)."""
+        return unique and self.use_counts.get(st.name, 0) == 1
+
+    def add(self, st: SampledTensor, columns: torch.Tensor, values: torch.Tensor, unique: bool,
+            rows: slice = slice(None)) -> None:
+        values = values.to(self.out.dtype)
+        if self.overwrites(st, unique) and rows == slice(None):
+            self.out[:, columns] = values
+        else:
+            self.out[rows].index_add_(1, columns, values)
+
+
+class Use:
+    """One call that consumes derived tensors together with data.
+
+    target: the tensor or autograd edge whose gradient the use needs (ds/d(target) for
+    every sample at once, read from one batched backward). ``contribute`` turns that
+    gradient into the sampled entries of every parameter involved.
+    """
+
+    label = "use"
+
+    def __init__(self, sampled: Sequence[SampledTensor], target, guarded: Sequence[torch.Tensor] = ()):
+        self.sampled = tuple(sampled)
+        self.target = target
+        # Names this use across batches (uses come in the same order every forward):
+        # "<first tensor> <label> #<k-th such use of it>"; set by the batched pass.
+        self.key = ""
+        # Inputs the contraction reads after the forward: an in-place change to one of them
+        # (after the use) would make it read other values than the op did.
+        self._guarded = [(t, t._version) for t in guarded]
+
+    def changed_input(self) -> bool:
+        return any(t._version != version for t, version in self._guarded)
+
+    def contribute(self, grad: torch.Tensor, sink: Sink) -> None:
+        raise NotImplementedError
+
+
+class ViewPullback:
+    """A derived tensor that is a parameter leaf or a strided view of it."""
+
+    label = "view"
+
+    def __init__(self, st: SampledTensor, view: torch.Tensor):
+        self.st, self.geometry = st, geometry_of(view, st.leaf)
+
+    def per_sample_ok(self) -> Optional[str]:
+        """None when a view of shape [B, ...] shows every sample the same entries."""
+        size, stride, _ = self.geometry
+        return None if stride[0] == 0 or size[0] == 1 else "a parameter view whose rows are different entries"
+
+    def contribute(self, grad: torch.Tensor, aligned: bool, sink: Sink) -> None:
+        """grad [B, *shape]: per-sample gradients at the whole view (aligned: at its row b)."""
+        size, stride, offset = self.geometry
+        if aligned:
+            size, stride = size[1:], stride[1:]
+        elements, columns, unique = self.st.hits((size, stride, offset))
+        if elements.numel():
+            sink.add(self.st, columns, grad.reshape(grad.shape[0], -1)[:, elements], unique)
+
+
+# Bytes of per-sample parameter gradients the autograd pullback forms at once.
+_AUTOGRAD_PULLBACK_BYTES = 256 << 20
+
+
+class AutogradPullback:
+    """Any other derived tensor D = f(P, ...): per-sample vector-Jacobian products through
+    f by autograd (``is_grads_batched``), which forms the full per-sample gradient of
+    each parameter involved, a few samples at a time. Used for small computations on
+    parameters (a relative-position bias gathered by a buffer index, ``1 + weight``)."""
+
+    label = "autograd"
+
+    def __init__(self, tensor: torch.Tensor, sampled: Sequence[SampledTensor]):
+        self.tensor, self.sampled = tensor, tuple(sampled)
+
+    def per_sample_ok(self) -> Optional[str]:
+        return None
+
+    def contribute(self, grad: torch.Tensor, aligned: bool, sink: Sink) -> None:
+        batch, tensor = grad.shape[0], self.tensor
+        leaves = [st.leaf for st in self.sampled]
+        per_sample = sum(leaf.numel() for leaf in leaves) + (tensor.numel() if aligned else 0)
+        chunk = max(1, _AUTOGRAD_PULLBACK_BYTES // max(per_sample * grad.element_size(), 1))
+        for start in range(0, batch, chunk):
+            stop = min(start + chunk, batch)
+            if aligned:  # grad[b] is the gradient at row b of the tensor alone
+                seeds = grad.new_zeros((stop - start,) + tuple(tensor.shape))
+                seeds[torch.arange(stop - start), torch.arange(start, stop)] = grad[start:stop]
+            else:
+                seeds = grad[start:stop].reshape((stop - start,) + tuple(tensor.shape))
+            try:
+                grads = torch.autograd.grad(tensor, leaves, seeds, retain_graph=True, allow_unused=True,
+                                            is_grads_batched=True)
+            except RuntimeError:  # an op without a batching rule: one sample at a time
+                per = [torch.autograd.grad(tensor, leaves, seed, retain_graph=True, allow_unused=True)
+                       for seed in seeds]
+                grads = [None if per[0][i] is None else torch.stack([g[i] for g in per]) for i in range(len(leaves))]
+            for st, g in zip(self.sampled, grads):
+                if g is not None and st.m:
+                    sink.add(st, st.columns, g.reshape(stop - start, -1)[:, st.local], True, rows=slice(start, stop))
+
+
+class Derived:
+    """What the mode knows of a derived tensor: its pullback and the parameters it holds."""
+
+    __slots__ = ("pullback", "sampled")
+
+    def __init__(self, pullback, sampled: Sequence[SampledTensor]):
+        self.pullback, self.sampled = pullback, tuple(sampled)
+
+
+def tensors_in(value) -> List[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [v for v in value if isinstance(v, torch.Tensor)]
+    return []
+
+
+class UseMode(TorchFunctionMode):
+    """The interception for one batched forward (see the module docstring)."""
+
+    def __init__(self, sampled: Sequence[SampledTensor], batch_size: int, backend: str):
+        super().__init__()
+        self.batch_size, self.backend = batch_size, backend
+        self._by_leaf = {id(st.leaf): st for st in sampled}
+        self._kinds: Dict[int, Tuple[weakref.ref, Any]] = {}
+        self.uses: List[Use] = []
+        self.uncovered: Dict[str, str] = {}
+        for st in sampled:
+            self.set_kind(st.leaf, Derived(ViewPullback(st, st.leaf), (st,)))
+
+    # --- what is known of a tensor ---
+    def set_kind(self, t: torch.Tensor, kind) -> None:
+        self._kinds[id(t)] = (weakref.ref(t), kind)
+
+    def kind(self, t) -> Any:
+        if not isinstance(t, torch.Tensor):
+            return None
+        entry = self._kinds.get(id(t))
+        return entry[1] if entry is not None and entry[0]() is t else None
+
+    def derived(self, t) -> Optional[Derived]:
+        kind = self.kind(t)
+        return kind if isinstance(kind, Derived) else None
+
+    def is_data(self, t) -> bool:
+        return self.kind(t) is DATA
+
+    def mark_data(self, value) -> None:
+        for t in tensors_in(value):
+            self.set_kind(t, DATA)
+
+    def mark_derived(self, value, derived_inputs: Sequence[Derived]) -> None:
+        sampled = {id(st): st for d in derived_inputs for st in d.sampled}
+        for t in tensors_in(value):
+            if not t.requires_grad:  # e.g. .detach(): no gradient flows through it
+                continue
+            root = t if t._base is None else t._base
+            st = self._by_leaf.get(id(root))
+            if st is not None and st.leaf is root:
+                self.set_kind(t, Derived(ViewPullback(st, t), (st,)))
+            else:
+                self.set_kind(t, Derived(AutogradPullback(t, list(sampled.values())), list(sampled.values())))
+
+    def add_use(self, use: Use) -> None:
+        self.uses.append(use)
+
+    def reenter(self, fn: Callable, *args, **kwargs):
+        """Run ``fn`` with the mode active again (handlers run with it popped): for rules
+        that rewrite one call as several, each of which the mode then sees."""
+        with self:
+            return fn(*args, **kwargs)
+
+    # --- the interception ---
+    def _scan(self, args, kwargs) -> Tuple[bool, List[Derived]]:
+        data, derived = False, []
+        for value in (*args, *kwargs.values()):
+            for t in tensors_in(value):
+                kind = self.kind(t)
+                if kind is DATA:
+                    data = True
+                elif kind is not None:
+                    derived.append(kind)
+        return data, derived
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        data, derived = self._scan(args, kwargs)
+        if not derived:
+            out = func(*args, **kwargs)
+            if data:
+                self.mark_data(out)
+            return out
+        if not data:
+            rule = _DERIVED_RULES.get(func)
+            if rule is not None:
+                return rule(self, func, args, kwargs, derived)
+            out = func(*args, **kwargs)
+            self.mark_derived(out, derived)
+            return out
+        rule = _RULES.get(func)
+        why = f"{func_name(func)} (no rule for this operation)"
+        if rule is not None:
+            try:
+                return rule(self, func, args, kwargs)
+            except NotCovered as reason:
+                why = f"{func_name(func)}: {reason.why}"
+        for d in derived:
+            for st in d.sampled:
+                self.uncovered.setdefault(st.name, why)
+        out = func(*args, **kwargs)
+        self.mark_data(out)
+        return out
