@@ -1,5 +1,5 @@
 """Per-layer choice between the sparse sampled-dot kernels and the dense GEMM strategy
-(tangent_kernels/taps.py, DENSE_STRATEGY), end to end through tk.gram.
+(tangent_kernels/persample/dense.py, DENSE_STRATEGY), end to end through tk.gram.
 
 Without a GPU the dense kernel runs through Triton's interpreter, forced with
 DENSE_STRATEGY = "always" (the "auto" policy measures only on CUDA); the GPU tests run
@@ -14,8 +14,10 @@ from torch import nn
 
 import tangent_kernels as tk
 import tangent_kernels.engine as engine
-from tangent_kernels import kernels, taps
+from tangent_kernels import kernels
 from tangent_kernels.data import to_inputs
+from tangent_kernels.persample import dense
+from tangent_kernels.persample.extractor import FeatureExtractor
 from _models import cnn, cnn_input, resnet18
 
 
@@ -32,7 +34,7 @@ def dense_model() -> nn.Module:
 
 def extractor_after_one_batch(model, x, idx, backend, precision=torch.float32):
     index = tk.params.resolve_idx(model, idx)
-    extractor = engine._FeatureExtractor(model, index, "first", precision, x.device, backend)
+    extractor = FeatureExtractor(model, index, "first", precision, x.device, backend)
     with engine.eval_mode(model):
         extractor(to_inputs(x.to(precision)))
     return extractor
@@ -41,7 +43,7 @@ def extractor_after_one_batch(model, x, idx, backend, precision=torch.float32):
 def test_forced_dense_matches_the_reference(monkeypatch):
     if not kernels.available():
         pytest.skip(f"Triton cannot run here: {kernels.unavailable_reason()}")
-    monkeypatch.setattr(taps, "DENSE_STRATEGY", "always")
+    monkeypatch.setattr(dense, "DENSE_STRATEGY", "always")
     torch.manual_seed(3)
     model, x = dense_model(), torch.randn(6, 3, 9, 9)
     idx = tk.subsample(model, 900, seed=1)
@@ -51,24 +53,24 @@ def test_forced_dense_matches_the_reference(monkeypatch):
     k = tk.gram(model, [x[:4], x[4:]], idx, backend="triton", progress=False)
     # fp32 rounding in the model and the kernels (see test_taps.check): 1e-5.
     assert float((k.double().cpu() - ref).norm() / ref.norm()) <= 1e-5
-    recorder = extractor_after_one_batch(model, x, idx, "triton").tapped
-    chosen = {(type(recorder.taps[i].module).__name__, getattr(recorder.taps[i].module, "groups", 1), attr): s
-              for (i, attr), s in recorder.strategy.items()}
-    assert chosen[("Conv2d", 1, "weight")] == "dense" and chosen[("Linear", 1, "weight")] == "dense"
-    assert chosen[("Conv2d", 3, "weight")] == "sparse" and chosen[("Conv2d", 1, "bias")] == "sparse"
+    chosen = extractor_after_one_batch(model, x, idx, "triton").dense.strategy
+    # Weights of groups=1 convolutions and linear maps are candidates; the grouped
+    # convolution (4.weight) and the biases are not.
+    assert chosen == {"0.weight conv #0": "dense", "2.weight conv #0": "dense", "6.weight linear #0": "dense",
+                      "9.weight linear #0": "dense"}
 
 
 def test_auto_stays_sparse_off_cuda():
     model, x = cnn(), cnn_input(4)
-    recorder = extractor_after_one_batch(model, x, None, "torch").tapped
-    assert set(recorder.strategy.values()) == {"sparse"} and recorder.measured == {}
+    chooser = extractor_after_one_batch(model, x, None, "torch").dense
+    assert chooser.strategy == {} and chooser.measured == {}
 
 
 @pytest.mark.parametrize("fault", ["raises", "wrong"])
 def test_a_failing_or_wrong_dense_kernel_falls_back_to_sparse(monkeypatch, caplog, fault):
     if not kernels.available():
         pytest.skip(f"Triton cannot run here: {kernels.unavailable_reason()}")
-    monkeypatch.setattr(taps, "DENSE_STRATEGY", "always")
+    monkeypatch.setattr(dense, "DENSE_STRATEGY", "always")
     real = kernels.dense_conv_grad
 
     def broken(*args, **kwargs):
@@ -89,7 +91,7 @@ def test_a_failing_or_wrong_dense_kernel_falls_back_to_sparse(monkeypatch, caplo
 
 
 def test_unknown_policy_is_refused(monkeypatch):
-    monkeypatch.setattr(taps, "DENSE_STRATEGY", "sometimes")
+    monkeypatch.setattr(dense, "DENSE_STRATEGY", "sometimes")
     with pytest.raises(ValueError, match=r"DENSE_STRATEGY = 'sometimes'; use one of"):
         tk.gram(cnn(), [cnn_input(2)], progress=False)
 
@@ -106,17 +108,16 @@ def test_auto_measures_every_dense_candidate_on_cuda(precision):
     k = tk.gram(model, [x[:4].cuda(), x[4:].cuda()], idx, precision=precision, backend="triton", progress=False)
     assert float((k.double().cpu() - ref).norm() / ref.norm()) <= (1e-5 if precision == "fp32" else 2e-2)
     with engine.fp32_math(precision == "tf32"):
-        recorder = extractor_after_one_batch(model, x.cuda(), idx, "triton").tapped
-    weights = [(i, attr) for i, attr in recorder.strategy
-               if attr == "weight" and isinstance(recorder.taps[i].module, (nn.Conv2d, nn.Linear))]
-    assert weights and len(recorder.measured) == len(weights)
-    assert all(" ms" in why for why in recorder.measured.values()), recorder.measured
+        chooser = extractor_after_one_batch(model, x.cuda(), idx, "triton").dense
+    # Every groups=1 convolution and the linear head of resnet18: 20 + 1 weights.
+    assert len(chooser.strategy) == 21 and set(chooser.measured) == set(chooser.strategy)
+    assert all(" ms" in why for why in chooser.measured.values()), chooser.measured
 
 
 @pytest.mark.gpu
 def test_auto_skips_dense_where_its_tiles_are_mostly_unsampled():
     torch.manual_seed(6)
     model, x = resnet18().cuda(), torch.randn(4, 3, 32, 32, device="cuda")
-    recorder = extractor_after_one_batch(model, x, tk.subsample(model, 20_000, seed=1), "triton").tapped
-    assert recorder.measured and all("not tried" in why for why in recorder.measured.values()), recorder.measured
-    assert set(recorder.strategy.values()) == {"sparse"}
+    chooser = extractor_after_one_batch(model, x, tk.subsample(model, 20_000, seed=1), "triton").dense
+    assert chooser.measured and all("not tried" in why for why in chooser.measured.values()), chooser.measured
+    assert set(chooser.strategy.values()) == {"sparse"}

@@ -288,7 +288,7 @@ def test_out_of_memory_in_the_gram_phase_halves_the_tiles(monkeypatch):
 def test_out_of_memory_in_the_feature_phase_splits_the_batch(monkeypatch):
     model, loader = _problem(9)
     ref = tk.reference.gram_autograd(model, loader)
-    original = engine._FeatureExtractor.__call__
+    original = engine.FeatureExtractor.__call__
     sizes = []
 
     def tight_memory(self, batch):
@@ -297,7 +297,7 @@ def test_out_of_memory_in_the_feature_phase_splits_the_batch(monkeypatch):
             raise torch.cuda.OutOfMemoryError("injected: CUDA out of memory")
         return original(self, batch)
 
-    monkeypatch.setattr(engine._FeatureExtractor, "__call__", tight_memory)
+    monkeypatch.setattr(engine.FeatureExtractor, "__call__", tight_memory)
     k = tk.gram(model, loader, progress=False)
     assert max(sizes) == BATCH and min(sizes) == 1
     assert rel_err(k, ref) <= 1e-5

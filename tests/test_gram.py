@@ -8,6 +8,7 @@ from torch import nn
 
 import tangent_kernels as tk
 import tangent_kernels.engine as engine
+from tangent_kernels.persample import extractor as persample_extractor, generic
 from _models import SharedLinear, TiedHead, TinyTransformer, cnn, cnn_input, frozen_mlp, mlp, resnet18
 
 # Relative Frobenius error bounds vs the fp64 reference. fp64: both sides are exact up
@@ -218,7 +219,8 @@ class NotVmappable(nn.Module):
         return (-x @ self.w) * 2
 
 
-def test_models_vmap_cannot_batch_fall_back_to_the_loop():
+def test_models_vmap_cannot_batch_fall_back_to_the_loop(monkeypatch):
+    monkeypatch.setattr(persample_extractor, "BATCHED", False)  # the generic path is the point here
     torch.manual_seed(10)
     model, x = NotVmappable(), torch.randn(6, 4)
     with pytest.warns(RuntimeWarning, match="per-sample autograd loop"):
@@ -250,8 +252,9 @@ def test_progress_false_prints_nothing(capsys):
 @pytest.mark.parametrize("strategy", ["vmap", "loop", "auto"])
 @pytest.mark.parametrize("name", ["cnn", "transformer", "tied_embedding"])
 def test_each_per_sample_strategy_matches_reference(monkeypatch, strategy, name):
-    monkeypatch.setattr(engine, "_STRATEGY", strategy)
-    monkeypatch.setattr(engine, "_PER_SAMPLE_GRAD_BYTES", 1)  # one sample per chunk: "auto" switches mid-batch
+    monkeypatch.setattr(persample_extractor, "BATCHED", False)  # every tensor on the generic path
+    monkeypatch.setattr(generic, "STRATEGY", strategy)
+    monkeypatch.setattr(generic, "_PER_SAMPLE_GRAD_BYTES", 1)  # one sample per chunk: "auto" switches mid-batch
     model, x, idx = _case(name)
     ref = tk.reference.gram_autograd(model, [x], idx)
     k = tk.gram(model, batches(x, 4), idx, precision="fp64", progress=False)

@@ -11,14 +11,21 @@ parameter on the left (y = M x with x [B, ..., I, T]) is the transposed case.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
 from .backends import COMPILED, linear_kernel, writes_in_place
 from .uses import NotCovered, Sink, Use, ViewPullback, register
-from .views import SampledTensor
+from .views import Geometry, SampledTensor
 
-__all__ = ["LinearUse"]
+__all__ = ["LinearUse", "EinsumUse"]
+
+
+class Operand(NamedTuple):
+    st: SampledTensor
+    geometry: Geometry
 
 
 def _rows(mode, a: torch.Tensor, what: str) -> None:
@@ -28,12 +35,20 @@ def _rows(mode, a: torch.Tensor, what: str) -> None:
                          "(nor batch-major flattened rows)")
 
 
-def _view_of_parameter(mode, t, what: str, dims: int):
+def _view_of_parameter(mode, t, what: str, dims: int, batched: bool = False):
+    """The (st, geometry) of a parameter view operand, None for a non-parameter operand.
+
+    batched: also accept a [B, ...] view that repeats one matrix for every sample (an
+    ``expand`` along the batch, as fed to ``bmm``), by its per-sample geometry.
+    """
     derived = mode.derived(t)
     if derived is None:
         return None
     if not isinstance(derived.pullback, ViewPullback):
         raise NotCovered(f"the {what} is computed from parameters, not a view of one")
+    if batched and t.dim() == dims + 1 and t.shape[0] == mode.batch_size and t.stride(0) == 0:
+        size, stride, offset = derived.pullback.geometry
+        return Operand(derived.pullback.st, (size[1:], stride[1:], offset))
     if t.dim() != dims:
         raise NotCovered(f"a {t.dim()}-D {what}")
     return derived.pullback
@@ -130,15 +145,15 @@ def addmm(mode, func, args, kwargs):
     return _record(mode, func(*args, **kwargs), a=mat1, weight=w, layout="io", bias=b, scale=alpha, bias_scale=beta)
 
 
-@register(torch.mm, torch.Tensor.mm, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__,
-          torch.Tensor.__rmatmul__)
+@register(torch.mm, torch.Tensor.mm, torch.bmm, torch.Tensor.bmm, torch.matmul, torch.Tensor.matmul,
+          torch.Tensor.__matmul__, torch.Tensor.__rmatmul__)
 def matmul(mode, func, args, kwargs):
     if "out" in kwargs or len(args) != 2:
         raise NotCovered("matmul with out=")
     left, right = args if func is not torch.Tensor.__rmatmul__ else args[::-1]
     if mode.is_data(left) and mode.derived(right) is not None:
         _rows(mode, left, "the left operand")
-        w = _view_of_parameter(mode, right, "right operand", 2)
+        w = _view_of_parameter(mode, right, "right operand", 2, batched=True)
         return _record(mode, func(*args, **kwargs), a=left, weight=w, layout="io")
     if mode.derived(left) is not None and mode.is_data(right):
         if right.dim() < 3 or right.shape[0] != mode.batch_size:
@@ -146,3 +161,56 @@ def matmul(mode, func, args, kwargs):
         w = _view_of_parameter(mode, left, "left operand", 2)
         return _record(mode, func(*args, **kwargs), a=right, weight=w, layout="oi", transposed=True)
     raise NotCovered("both operands hold parameters, or neither is data")
+
+
+class EinsumUse(Use):
+    """z = einsum("<x>,<w>-><z>", x, W) with x's first index the batch: per-sample
+    gradients of W by einsum("<x>,<z>->b<w>"), a few samples at a time, then sampled."""
+
+    label = "einsum"
+    _CHUNK_ELEMENTS = 1 << 24
+
+    def __init__(self, mode, x, z, weight, gradient_equation):
+        super().__init__([weight.st], torch.autograd.graph.get_gradient_edge(z), guarded=[x])
+        self.x, self.weight, self.equation = x, weight, gradient_equation
+
+    def contribute(self, d: torch.Tensor, sink: Sink) -> None:
+        elements, columns, unique = self.weight.st.hits(self.weight.geometry)
+        if not elements.numel():
+            return
+        batch = d.shape[0]
+        step = max(1, self._CHUNK_ELEMENTS // max(self.weight.st.leaf.numel(), 1))
+        for start in range(0, batch, step):
+            stop = min(start + step, batch)
+            per_sample = torch.einsum(self.equation, self.x[start:stop], d[start:stop])
+            sink.add(self.weight.st, columns, per_sample.reshape(stop - start, -1)[:, elements], unique,
+                     rows=slice(start, stop) if (start, stop) != (0, batch) else slice(None))
+
+
+@register(torch.einsum)
+def einsum(mode, func, args, kwargs):
+    if kwargs or len(args) != 3 or not isinstance(args[0], str):
+        raise NotCovered("only einsum(equation, a, b) with two operands is covered")
+    equation, x, w = args
+    x_first = mode.is_data(x)
+    if not x_first:
+        x, w = w, x
+    if not mode.is_data(x) or mode.derived(w) is None:
+        raise NotCovered("one operand must be data, the other a parameter")
+    spec = equation.replace(" ", "")
+    if "->" not in spec or "." in spec:
+        raise NotCovered("an einsum without an explicit output or with an ellipsis")
+    inputs, z_sub = spec.split("->")
+    x_sub, w_sub = inputs.split(",") if x_first else inputs.split(",")[::-1]
+    batch_letter = x_sub[:1]
+    if (len(x_sub) != x.dim() or len(w_sub) != w.dim() or x.shape[0] != mode.batch_size
+            or batch_letter not in z_sub or batch_letter in w_sub
+            or any(len(set(sub)) != len(sub) for sub in (x_sub, w_sub, z_sub))
+            or not set(w_sub) <= set(x_sub) | set(z_sub)):
+        raise NotCovered(f"an einsum {equation!r} whose first data index is not a batch index apart from the parameter's")
+    weight = _view_of_parameter(mode, w, "einsum operand", w.dim())
+    z = func(*args)
+    mode.mark_data(z)
+    if z.requires_grad:
+        mode.add_use(EinsumUse(mode, x, z, weight, f"{x_sub},{z_sub}->{batch_letter}{w_sub}"))
+    return z

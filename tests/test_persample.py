@@ -1,48 +1,13 @@
-"""Taps: each layer rule against the float64 reference, and what goes generic."""
-
-import warnings
+"""The batched pass: each layer kind against the float64 reference, and what goes generic."""
 
 import pytest
 import torch
 from torch import nn
 
 import tangent_kernels as tk
-import tangent_kernels.engine as engine
-from tangent_kernels.data import to_inputs
+from tangent_kernels.persample import resolve_backend
 from _models import SharedLinear, TiedHead, resnet18
-
-
-def generic_after_one_batch(model, x, idx=None):
-    """Names of the parameter tensors that went down the generic path."""
-    index = tk.params.resolve_idx(model, idx)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a verification fallback would be a bug here
-        extractor = engine._FeatureExtractor(model, index, "first", torch.float64, torch.device("cpu"))
-        with engine.eval_mode(model):
-            extractor(to_inputs(x.double() if x.is_floating_point() else x))
-    return {piece.name for piece in extractor.generic_slices}
-
-
-# Backends of the sampled-gradient contractions that run here; Triton through its
-# interpreter (tests/conftest.py sets TRITON_INTERPRET=1 when there is no GPU); the C++
-# kernels whenever the extension is built with them (CI builds it).
-CPP = ["cpp"] if tk.ops.has_sampled_kernels("cpu") else []
-BACKENDS = ["torch", "triton"] + CPP
-
-
-def check(model, x, idx=None, generic=frozenset(), output="first", backends=BACKENDS):
-    torch.manual_seed(0)
-    assert generic_after_one_batch(model, x, idx) == set(generic)
-    ref = tk.reference.gram_autograd(model, [x], idx, output=output)
-    halves = [x[: len(x) // 2], x[len(x) // 2 :]]
-    for backend in backends:
-        k = tk.gram(model, halves, idx, precision="fp64", output=output, progress=False, backend=backend)
-        assert float((k - ref).norm() / ref.norm()) <= 1e-10, backend
-    # fp32: rounding of the forward/backward and of the fp32 accumulation (Triton accumulates
-    # fp32 inputs in fp32); 1e-5 leaves two orders of magnitude of margin.
-    for backend in backends:
-        k = tk.gram(model, halves, idx, output=output, progress=False, backend=backend)
-        assert float((k.double() - ref).norm() / ref.norm()) <= 1e-5, backend
+from _persample_check import CPP, check
 
 
 class Tokens(nn.Module):
@@ -140,10 +105,10 @@ def test_resnet18_is_fully_tapped():
     check(model, torch.randn(4, 3, 32, 32), tk.subsample(model, 30_000, seed=1), backends=["torch"] + CPP)
 
 
-def test_shared_and_tied_parameters_go_generic():
+def test_shared_and_tied_parameters_are_batched():
     torch.manual_seed(5)
-    check(SharedLinear(), torch.randn(6, 5), generic={"inner.weight", "inner.bias"})
-    check(TiedHead(), torch.randint(0, 11, (6, 4)), generic={"embed.weight"})
+    check(SharedLinear(), torch.randn(6, 5))
+    check(TiedHead(), torch.randint(0, 11, (6, 4)))
 
 
 class CustomScale(nn.Module):
@@ -156,8 +121,27 @@ class CustomScale(nn.Module):
         return self.lin(x * self.scale)
 
 
-def test_uncovered_parameters_go_generic():
-    check(CustomScale(), torch.randn(5, 4), generic={"scale"})
+def test_a_raw_parameter_in_an_elementwise_op_is_batched():
+    check(CustomScale(), torch.randn(5, 4))
+
+
+class Recurrent(nn.Module):
+    """nn.LSTM: no rule covers its fused op, so its tensors (alone) take the generic path."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(3, 4, batch_first=True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+def test_uncovered_parameters_go_generic_alone():
+    torch.manual_seed(6)
+    model = Recurrent()
+    with pytest.warns(RuntimeWarning, match=r"4 parameter tensor\(s\) .* generic per-sample path.*rnn.weight_ih_l0"):
+        check(model, torch.randn(6, 5, 3), generic={f"rnn.{k}" for k, _ in model.rnn.named_parameters()})
 
 
 class InputChangedAfterUse(nn.Module):
@@ -183,8 +167,6 @@ def test_compiled_backend_on_the_wrong_device():
 
 
 def test_auto_picks_cpp_on_cpu_when_built():
-    from tangent_kernels.taps import resolve_backend
-
     assert resolve_backend("auto", torch.device("cpu")) == ("cpp" if CPP else "torch")
 
 
@@ -194,7 +176,7 @@ def test_cpp_backend_without_the_extension_names_info():
     import sys
 
     code = ("import torch, tangent_kernels as tk\n"
-            "try:\n    tk.taps.resolve_backend('cpp', torch.device('cpu'))\n"
+            "try:\n    tk.persample.resolve_backend('cpp', torch.device('cpu'))\n"
             "except ValueError as e:\n    print(e)\n")
     env = dict(__import__("os").environ, TANGENT_KERNELS_NO_EXT="1")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
@@ -237,7 +219,6 @@ def test_cpp_backend_writes_straight_into_the_feature_block(monkeypatch):
 @pytest.mark.gpu
 def test_auto_picks_the_cuda_kernels_on_a_gpu_when_built():
     from tangent_kernels import kernels
-    from tangent_kernels.taps import resolve_backend
 
     expected = "cuda" if tk.ops.has_sampled_kernels("cuda") else ("triton" if kernels.available() else "torch")
     assert resolve_backend("auto", torch.device("cuda")) == expected
