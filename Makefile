@@ -25,7 +25,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 # torch 2.14.1 is the CUDA 13.0 build (a local wheel on the project's machines): the
 # CUDA sources compile and link against it even with no GPU.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
-TOOLS := numpy tqdm safetensors scikit-learn matplotlib pytest ninja cmake "setuptools>=64" wheel
+TOOLS := numpy tqdm safetensors scikit-learn matplotlib pytest ninja cmake "setuptools>=64" wheel transformers==5.24.0 timm==1.0.31
 
 DEPS_STAMP := $(VENV)/.tangent-kernels-deps
 EXT_STAMP := build/.extension-built
@@ -42,7 +42,7 @@ build: extension cmake
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(DEPS_STAMP): pyproject.toml | $(PY)
+$(DEPS_STAMP): pyproject.toml Makefile | $(PY)
 	$(PIP) install $(TORCH_PINS) $(TOOLS)
 	touch $@
 
