@@ -22,7 +22,10 @@ __all__ = [
     "sampled_bias_grad",
     "sampled_conv_grad",
     "sampled_embedding_grad",
+    "embedding_row_plan",
+    "sampled_embedding_grad_by_rows",
     "sampled_linear_grad",
+    "dense_linear_wins",
     "sampled_scale_grad",
     "conv_patches",
     "conv_plan",
@@ -49,6 +52,11 @@ def _chunked(m: int, per_entry: int, fn: Callable[[slice], torch.Tensor], out: t
 _DENSE_FRACTION, _DENSE_FRACTION_PER_TOKEN = 0.002, 0.04
 
 
+def dense_linear_wins(tokens: int, m: int, n_in: int, n_out: int) -> bool:
+    """Whether forming a linear layer's dense per-sample gradients is cheaper on a CPU."""
+    return tokens > 1 and m >= (_DENSE_FRACTION + _DENSE_FRACTION_PER_TOKEN / tokens) * n_in * n_out
+
+
 def sampled_linear_grad(a: torch.Tensor, d: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """F[b, j] = sum_t d[b, t, rows[j]] * a[b, t, cols[j]].
 
@@ -57,14 +65,14 @@ def sampled_linear_grad(a: torch.Tensor, d: torch.Tensor, rows: torch.Tensor, co
     """
     batch, tokens, n_in, n_out = a.shape[0], a.shape[1], a.shape[2], d.shape[2]
     out = torch.empty(batch, rows.numel(), dtype=a.dtype, device=a.device)
-    if tokens > 1 and rows.numel() >= (_DENSE_FRACTION + _DENSE_FRACTION_PER_TOKEN / tokens) * n_in * n_out:
+    if dense_linear_wins(tokens, rows.numel(), n_in, n_out):
         # Densely sampled: the full per-sample gradient of a few samples at a time
         # (_CHUNK_ELEMENTS bounds it), of which only the sampled entries are kept.
         flat = rows * n_in + cols
         step = max(1, _CHUNK_ELEMENTS // max(n_in * n_out, 1))
         for start in range(0, batch, step):
             part = slice(start, min(start + step, batch))
-            out[part] = torch.bmm(d[part].transpose(1, 2), a[part]).flatten(1)[:, flat]
+            torch.index_select(torch.bmm(d[part].transpose(1, 2), a[part]).flatten(1), 1, flat, out=out[part])
         return out
     return _chunked(
         rows.numel(), batch * tokens,
@@ -156,3 +164,44 @@ def sampled_embedding_grad(tokens: torch.Tensor, d: torch.Tensor, rows: torch.Te
         return torch.einsum("btm,btm->bm", hits, d[:, :, cols[sl]])
 
     return _chunked(rows.numel(), batch * length, part, out)
+
+
+def embedding_row_plan(rows: torch.Tensor, cols: torch.Tensor, vocab: int, padding_idx: int | None = None):
+    """The sampled entries of an embedding table grouped by table row: (entry, col), both
+    int64 [vocab, k] with k the most entries any row holds; entry[v, i] is the index in
+    0 .. m-1 of row v's i-th sampled entry (-1 past the row's count, and everywhere on
+    ``padding_idx``, which gets no gradient), col[v, i] its column of the table."""
+    m = rows.numel()
+    counts = torch.bincount(rows, minlength=vocab)
+    width = max(int(counts.max()) if m else 0, 1)
+    order = torch.argsort(rows, stable=True)
+    sorted_rows = rows[order]
+    slot = torch.arange(m, device=rows.device) - (torch.cumsum(counts, 0) - counts)[sorted_rows]
+    entry = torch.full((vocab, width), -1, dtype=torch.int64, device=rows.device)
+    col = torch.zeros((vocab, width), dtype=torch.int64, device=rows.device)
+    entry[sorted_rows, slot] = order
+    col[sorted_rows, slot] = cols[order]
+    if padding_idx is not None:
+        entry[padding_idx] = -1
+    return entry, col
+
+
+def sampled_embedding_grad_by_rows(tokens: torch.Tensor, d: torch.Tensor, plan, m: int) -> torch.Tensor:
+    """``sampled_embedding_grad`` by the table rows the tokens hit: each token adds d at its
+    row's sampled entries (``embedding_row_plan``), so the cost is B x T x k instead of
+    B x T x m: a sample's gradient lives in the few rows its tokens select.
+
+    tokens: int [B, T], d: [B, T, E] -> [B, m].
+    """
+    entry, col = plan
+    batch, length = tokens.shape
+    width = entry.shape[1]
+    out = torch.zeros(batch, m + 1, dtype=d.dtype, device=d.device)  # column m collects the misses
+    step = max(1, _CHUNK_ELEMENTS // max(length * width, 1))
+    for start in range(0, batch, step):
+        part = slice(start, min(start + step, batch))
+        hit_entry, hit_col = entry[tokens[part]], col[tokens[part]]  # [b, T, k]
+        values = torch.gather(d[part], 2, hit_col)
+        out[part].scatter_add_(1, hit_entry.masked_fill(hit_entry < 0, m).reshape(hit_entry.shape[0], -1),
+                               values.reshape(values.shape[0], -1))
+    return out[:, :m]

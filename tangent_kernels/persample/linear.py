@@ -16,6 +16,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .. import sampled
 from .backends import COMPILED, linear_kernel, writes_in_place
 from .uses import NotCovered, Sink, Use, ViewPullback, register
 from .views import Geometry, SampledTensor
@@ -94,6 +95,10 @@ class LinearUse(Use):
         else:
             rows, cols = elements % n_out, elements // n_out
         backend = self.backend
+        if backend == "cpp" and sampled.dense_linear_wins(a3.shape[1], rows.numel(), n_in, n_out):
+            # Densely sampled with tokens: one batched matmul per chunk of samples beats the
+            # sampled dots on a CPU (the cost model in sampled.py), whichever kernel is asked.
+            backend = "torch"
         if backend == "triton" or (backend in COMPILED and self.transposed):
             a3, d3 = a3.contiguous(), d3.contiguous()
         if sink.dense is not None and sink.dense.applies(d3):

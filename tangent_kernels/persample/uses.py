@@ -107,7 +107,13 @@ class Sink:
     def add(self, st: SampledTensor, columns: torch.Tensor, values: torch.Tensor, unique: bool,
             rows: slice = slice(None)) -> None:
         values = values.to(self.out.dtype)
-        if self.overwrites(st, unique) and rows == slice(None):
+        span = st.span(columns)
+        if span is not None:
+            if self.overwrites(st, unique) and rows == slice(None):
+                self.out[:, span] = values
+            else:
+                self.out[rows, span] += values
+        elif self.overwrites(st, unique) and rows == slice(None):
             self.out[:, columns] = values
         else:
             self.out[rows].index_add_(1, columns, values)

@@ -41,6 +41,17 @@ class SampledTensor:
         self._hits: Dict[Geometry, Tuple[torch.Tensor, torch.Tensor, bool]] = {}
         # Index plans of the rules, keyed by what they depend on: made on the first batch only.
         self.cache: Dict[tuple, object] = {}
+        self._spans: Dict[int, tuple] = {}  # id(columns) -> (columns, slice or None)
+
+    def span(self, columns: torch.Tensor):
+        """``columns`` as a slice when they are consecutive and ascending (the usual case:
+        idx sorted), for a strided copy instead of a scatter; else None."""
+        entry = self._spans.get(id(columns))
+        if entry is None or entry[0] is not columns:
+            n = columns.numel()
+            consecutive = n > 0 and bool((columns == torch.arange(n, device=columns.device) + columns[0]).all())
+            entry = self._spans[id(columns)] = (columns, slice(int(columns[0]), int(columns[0]) + n) if consecutive else None)
+        return entry[1]
 
     @property
     def m(self) -> int:
