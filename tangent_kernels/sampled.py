@@ -50,6 +50,10 @@ def _chunked(m: int, per_entry: int, fn: Callable[[slice], torch.Tensor], out: t
 # 0.002 + 0.04 / T (T = 128: 0.2%; T = 4: 1.2%). On a small transformer (6% sampled, 64
 # tokens; docs/kernels.md) the torch backend went from 1.7 s to 0.5 s.
 _DENSE_FRACTION, _DENSE_FRACTION_PER_TOKEN = 0.002, 0.04
+# Dense per-sample gradients formed at once (elements): 16 MB in fp32 keeps the batched
+# matmul efficient (several samples per call) without adding a 128 MB temporary to the
+# batched pass's peak memory (measured 1.7x a training step's with 2**25 on a BERT).
+_DENSE_CHUNK_ELEMENTS = 1 << 22
 
 
 def dense_linear_wins(tokens: int, m: int, n_in: int, n_out: int) -> bool:
@@ -69,7 +73,7 @@ def sampled_linear_grad(a: torch.Tensor, d: torch.Tensor, rows: torch.Tensor, co
         # Densely sampled: the full per-sample gradient of a few samples at a time
         # (_CHUNK_ELEMENTS bounds it), of which only the sampled entries are kept.
         flat = rows * n_in + cols
-        step = max(1, _CHUNK_ELEMENTS // max(n_in * n_out, 1))
+        step = max(1, _DENSE_CHUNK_ELEMENTS // max(n_in * n_out, 1))
         for start in range(0, batch, step):
             part = slice(start, min(start + step, batch))
             torch.index_select(torch.bmm(d[part].transpose(1, 2), a[part]).flatten(1), 1, flat, out=out[part])
