@@ -2,6 +2,7 @@
 
     tangent-kernels gram --model my_models:resnet --data X.npy --params 500000 --out K.safetensors
     tangent-kernels solve --gram K.safetensors --labels y.npy --val-gram Kv.safetensors --val-labels yv.npy
+    tangent-kernels coverage --model my_models:resnet --data X.npy --params 500000
     tangent-kernels demo
     tangent-kernels info
 
@@ -174,16 +175,15 @@ def _parse_output(text: str):
         raise CommandError(f"--output must be 'first', 'sum' or an integer logit index; got {text!r}") from None
 
 
-def _gram(args: argparse.Namespace) -> int:
-    from .engine import gram
-    from .io import save_gram
+def _model_data_idx(args: argparse.Namespace):
+    """(model, X, X2 or None, idx, trainable parameter count) from gram/coverage's options."""
     from .params import subsample
 
     if args.batch_size < 1:
         raise CommandError(f"--batch-size must be >= 1; got {args.batch_size}")
     model = load_model(args.model, args.weights)
     x = load_array(args.data, "--data")
-    x2 = load_array(args.data2, "--data2") if args.data2 else None
+    x2 = load_array(args.data2, "--data2") if getattr(args, "data2", None) else None
     check_model_runs(model, x, "--data")
     if x2 is not None:
         check_model_runs(model, x2, "--data2")
@@ -194,6 +194,24 @@ def _gram(args: argparse.Namespace) -> int:
         idx = subsample(model, args.params, seed=args.seed)
     else:
         idx = None
+    return model, x, x2, idx, total
+
+
+def _coverage(args: argparse.Namespace) -> int:
+    from .persample.coverage import coverage
+
+    model, x, _, idx, _ = _model_data_idx(args)
+    report = coverage(model, x[: args.batch_size], idx, output=_parse_output(args.output),
+                      precision=args.precision, device=args.device)
+    print(report)
+    return 0
+
+
+def _gram(args: argparse.Namespace) -> int:
+    from .engine import gram
+    from .io import save_gram
+
+    model, x, x2, idx, total = _model_data_idx(args)
     start = time.perf_counter()
     K = gram(
         model, x.split(args.batch_size), idx, x2.split(args.batch_size) if x2 is not None else None,
@@ -330,6 +348,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", help="write a JSON report here")
     s.add_argument("--no-progress", action="store_true", help="no progress bar (it only shows on a terminal anyway)")
     s.set_defaults(run=_solve)
+
+    c = commands.add_parser("coverage", parents=[debug], help="which path each sampled parameter tensor takes",
+                            description="Run one batch of --data through the per-sample gradient machinery (no Gram) "
+                                        "and print, for every parameter tensor with sampled entries, the rules of its "
+                                        "uses or why it takes the generic per-sample path (tk.coverage).")
+    for action in g._actions:  # the model, data and sampling options of `gram`
+        if action.dest in ("model", "weights", "data", "params", "idx", "seed", "output", "precision", "device"):
+            c._add_action(action)
+    c.add_argument("--batch-size", type=int, default=16, help="samples in the batch examined (default 16)")
+    c.set_defaults(run=_coverage)
 
     demo_parser = commands.add_parser(
         "demo", parents=[debug], help="eNTK kernel regression on scikit-learn's digits", description=demo.__doc__,

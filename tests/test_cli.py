@@ -197,7 +197,7 @@ def test_help_lists_every_command(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for command in ("gram", "solve", "demo", "info"):
+    for command in ("gram", "solve", "coverage", "demo", "info"):
         assert command in out
 
 
@@ -212,3 +212,12 @@ def test_every_option_of_every_command_has_help():
         for action in sub._actions:
             if action.option_strings:
                 assert action.help, f"tangent-kernels {name} {action.option_strings[0]} has no help text"
+
+
+def test_coverage_prints_every_tensor_and_its_path(workdir, capsys):
+    assert main(["coverage", "--model", "factory.py:make", "--data", "X.npy", "--params", "40", "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    model = tk.cli.load_model("factory.py:make")
+    report = tk.coverage(model, torch.from_numpy(np.load("X.npy")[:16]).float(), tk.subsample(model, 40, seed=1))
+    assert out.strip() == str(report).strip()
+    assert "0.weight" in out and "linear" in out and "40 of 40 sampled entries on the batched path" in out
