@@ -81,11 +81,16 @@ pytest: $(EXT_STAMP)
 demo: $(EXT_STAMP)
 	$(PY) -m tangent_kernels demo
 
-# Each benchmark script in bench/, with BENCH_ARGS (e.g. BENCH_ARGS=--help).
+# Each benchmark script in bench/, with BENCH_ARGS (e.g. BENCH_ARGS=--help), then the
+# per-op microbenchmarks (pytest-benchmark). The baselines' packages are installed here,
+# not for `make test`: Opacus (bench_transformers.py) and pytest-benchmark.
+BENCH_TOOLS := opacus==1.6.0 pytest-benchmark
 bench: $(EXT_STAMP)
+	$(PIP) install -q $(BENCH_TOOLS)
 	@set -e; for script in bench/bench_*.py; do \
 	  echo "== $$script $(BENCH_ARGS)"; $(PY) $$script $(BENCH_ARGS); \
 	done
+	$(PY) -m pytest bench/ --benchmark-only -q
 
 clean:
 	rm -rf build dist *.egg-info tangent_kernels/_C*.so

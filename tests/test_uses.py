@@ -311,3 +311,18 @@ def test_coverage_report_lists_the_generic_tensors_and_why():
     text = str(report)
     assert "pre.0.weight" in text and "linear" in text and "generic: " in text
     assert "2 of 6 tensors" in text
+
+
+@pytest.mark.parametrize("sampled", [4, 60])
+def test_embedding_row_gather_and_kernels_agree_with_the_reference(sampled):
+    """Few sampled entries per table row: the rows are gathered; a handful in all: the
+    backends' sampled-dot kernels serve the lookup (embedding.py's cost rule)."""
+    torch.manual_seed(9)
+    model = Embeddings(vocab=13, d=6, length=5)
+    ids = torch.randint(0, 13, (6, 5))
+    names = [name for name, _ in model.named_parameters()]
+    table = names.index("tokens.weight")
+    offset = sum(p.numel() for p in list(model.parameters())[:table])
+    positions = torch.randperm(13 * 6)[:sampled] + offset
+    idx = tk.ParamIndex.from_positions(model, positions)
+    check(model, ids, idx)
