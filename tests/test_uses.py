@@ -313,8 +313,8 @@ def test_coverage_report_lists_the_generic_tensors_and_why():
     assert "2 of 6 tensors" in text
 
 
-@pytest.mark.parametrize("sampled", [4, 60])
-def test_embedding_row_gather_and_kernels_agree_with_the_reference(sampled):
+@pytest.mark.parametrize("sampled, by_rows", [(4, False), (78, True)])
+def test_embedding_row_gather_and_kernels_agree_with_the_reference(monkeypatch, sampled, by_rows):
     """Few sampled entries per table row: the rows are gathered; a handful in all: the
     backends' sampled-dot kernels serve the lookup (embedding.py's cost rule)."""
     torch.manual_seed(9)
@@ -325,4 +325,8 @@ def test_embedding_row_gather_and_kernels_agree_with_the_reference(sampled):
     offset = sum(p.numel() for p in list(model.parameters())[:table])
     positions = torch.randperm(13 * 6)[:sampled] + offset
     idx = tk.ParamIndex.from_positions(model, positions)
+    calls = []
+    real = tk.sampled.sampled_embedding_grad_by_rows
+    monkeypatch.setattr(tk.sampled, "sampled_embedding_grad_by_rows", lambda *a: calls.append(1) or real(*a))
     check(model, ids, idx)
+    assert bool(calls) == by_rows
