@@ -7,7 +7,8 @@ one row per sample: D expanded along the batch (stride 0, no copy) when D is sha
 the batch, or D itself detached when its rows already are the samples'. The batched
 backward then yields ds/dL, whose row b is sample b's gradient at D (autograd has
 already summed it over D's broadcast dims), and D's pullback turns it into sampled
-entries. Rows flattened batch-major ([B * T, d] + bias) are summed per sample.
+entries. Rows flattened batch-major into dim 0 ([B * T, d] + bias, Swin's
+[B * windows, H, N, N] + a relative-position bias) are summed per sample.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def _per_sample_leaf(mode, t: torch.Tensor, ndim: int, rows: int, concatenated: 
         raise NotCovered("a result without a batch dimension")
     shape = (1,) * (ndim - t.dim()) + tuple(t.shape)
     if shape[0] == 1 and not concatenated:
-        if not (rows == batch or (ndim == 2 and rows % batch == 0)):
+        if rows % batch:
             raise NotCovered(f"a result of {rows} rows for a batch of {batch} (its leading dimension is not the batch)")
         leaf = t.detach().reshape(shape).expand(rows, *shape[1:]).requires_grad_(True)
         return leaf, False

@@ -137,8 +137,9 @@ class FeatureExtractor:
             warnings.warn(
                 f"per-sample gradients from the batched pass differ from a per-sample evaluation by "
                 f"{error:.1e} (relative) on the first batch: the model seems to mix samples within a "
-                "batch (e.g. BatchNorm without running statistics), or, in fp32 and rarely, a ReLU "
-                "input rounded across zero; using the generic per-sample path (exact, slower)",
+                "batch (e.g. BatchNorm without running statistics), or lays out activations with the "
+                "batch not first (seq-first [T, B, d] with T a multiple of B), or, in fp32 and rarely, a "
+                "ReLU input rounded across zero; using the generic per-sample path (exact, slower)",
                 RuntimeWarning,
                 stacklevel=5,
             )
