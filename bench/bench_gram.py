@@ -156,11 +156,11 @@ def main() -> int:
           f"{torch.get_num_threads()} threads, commit {result['commit']}")
     print(f"  naive per-sample autograd loop  {t_naive:8.3f} s")
     if t_func is not None:
-        print(f"  torch.func path (no taps)       {t_func:8.3f} s   ({t_naive / t_func:.1f}x)")
+        print(f"  torch.func path (no batched pass){t_func:8.3f} s   ({t_naive / t_func:.1f}x)")
     if t_train is not None:
         print(f"  training step (floor)           {t_train:8.3f} s   ({t_naive / t_train:.1f}x)")
     for backend, t in t_backend.items():
-        print(f"  tk.gram (taps, backend={backend + ')':7s} {t:8.3f} s   ({t_naive / t:.1f}x)")
+        print(f"  tk.gram (batched, backend={backend + ')':7s} {t:8.3f} s   ({t_naive / t:.1f}x)")
     print(f"  max relative difference of K    {error:.1e}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

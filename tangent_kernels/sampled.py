@@ -1,12 +1,13 @@
 """Sampled per-sample weight gradients in plain torch (the "torch" backend).
 
 Each function computes only the sampled entries of every sample's weight gradient,
-from what a tap recorded in one batched forward/backward: the layer input ``a`` and
-``d = ds/dz`` at the layer output. Work and memory scale with the number of sampled
+from what a use recorded in one batched forward/backward (persample/): the op's input
+``a`` and ``d = ds/dz`` at its output. Work and memory scale with the number of sampled
 entries m times the positions a weight is applied at (tokens, pixels), chunked over m
-to bound memory; the one exception is a densely sampled linear layer with tokens, whose
-full per-sample gradients are formed a few samples at a time (bounded the same way)
-because one batched matmul is cheaper there than the gathers.
+to bound memory; the exceptions are a densely sampled linear layer with tokens, whose
+full per-sample gradients are formed a few samples at a time because one batched
+matmul is cheaper there than the gathers, and embedding tables, gathered by the rows
+the tokens select.
 
 Shapes: B samples, T tokens/positions, m sampled entries. Accumulation is in the
 dtype of the inputs (fp32 or fp64 here).
@@ -19,14 +20,12 @@ from typing import Callable, Sequence
 import torch
 
 __all__ = [
-    "sampled_bias_grad",
     "sampled_conv_grad",
     "sampled_embedding_grad",
     "embedding_row_plan",
     "sampled_embedding_grad_by_rows",
     "sampled_linear_grad",
     "dense_linear_wins",
-    "sampled_scale_grad",
     "conv_patches",
     "conv_plan",
 ]
@@ -82,20 +81,6 @@ def sampled_linear_grad(a: torch.Tensor, d: torch.Tensor, rows: torch.Tensor, co
         rows.numel(), batch * tokens,
         lambda part: torch.einsum("btm,btm->bm", d[:, :, rows[part]], a[:, :, cols[part]]), out,
     )
-
-
-def sampled_bias_grad(d: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
-    """F[b, j] = sum_t d[b, channels[j], t]; d: [B, C, T] -> [B, m]."""
-    return d.sum(dim=2)[:, channels]
-
-
-def sampled_scale_grad(d: torch.Tensor, x: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
-    """F[b, j] = sum_t d[b, channels[j], t] * x[b, channels[j], t]; d, x: [B, C, T] -> [B, m].
-
-    The affine weight of a norm layer (x = normalized input). Per channel the product
-    is summed once, then sampled: cost B x C x T, independent of m.
-    """
-    return torch.einsum("bct,bct->bc", d, x)[:, channels]
 
 
 def conv_patches(a_padded: torch.Tensor, kernel: Sequence[int], stride: Sequence[int], dilation: Sequence[int],
