@@ -330,3 +330,36 @@ def test_embedding_row_gather_and_kernels_agree_with_the_reference(monkeypatch, 
     monkeypatch.setattr(tk.sampled, "sampled_embedding_grad_by_rows", lambda *a: calls.append(1) or real(*a))
     check(model, ids, idx)
     assert bool(calls) == by_rows
+
+
+def test_a_rule_that_breaks_sends_its_tensors_to_the_generic_path(monkeypatch, caplog):
+    from tangent_kernels.persample import uses
+
+    def broken(mode, func, args, kwargs):
+        raise RuntimeError("an argument combination the rule did not foresee")
+
+    monkeypatch.setitem(uses._RULES, torch.einsum, broken)
+    torch.manual_seed(10)
+    model, x = FunctionalLinear(), torch.randn(4, 4, 5)
+    with caplog.at_level("WARNING", logger="tangent_kernels"):
+        report = tk.coverage(model, x)
+    assert [name for name, _ in report.generic] == ["w6"]
+    assert "the rule failed (RuntimeError: an argument combination" in report.generic[0][1]
+    assert "its parameters take the generic path" in caplog.text
+    with pytest.warns(RuntimeWarning, match="generic per-sample path"):
+        K = tk.gram(model, [x], precision="fp64", progress=False)
+    ref = tk.reference.gram_autograd(model, [x])
+    assert float((K - ref).norm() / ref.norm()) <= 1e-10
+
+
+def test_an_error_of_the_model_itself_is_raised_as_is():
+    class Wrong(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3, 4))
+
+        def forward(self, x):
+            return F.linear(x, self.w)  # x has 5 features: the model's own shape error
+
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        tk.gram(Wrong(), [torch.randn(2, 5)], progress=False)

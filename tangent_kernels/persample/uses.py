@@ -20,6 +20,7 @@ contributions of all uses of a parameter add up.
 from __future__ import annotations
 
 import inspect
+import logging
 import weakref
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -27,6 +28,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from .views import SampledTensor, geometry_of
+
+_log = logging.getLogger("tangent_kernels")
 
 __all__ = ["DATA", "Derived", "NotCovered", "Use", "UseMode", "Sink", "register", "register_derived",
            "ViewPullback", "AutogradPullback", "bind", "func_name"]
@@ -317,6 +320,12 @@ class UseMode(TorchFunctionMode):
                 return rule(self, func, args, kwargs)
             except NotCovered as reason:
                 why = f"{func_name(func)}: {reason.why}"
+            except Exception as error:  # noqa: BLE001 - see below
+                # A rule that breaks on a call it did not foresee must not stop the run: the
+                # op runs plainly below (re-raising the model's own error if the op itself
+                # failed) and the tensors take the generic path, which is exact.
+                why = f"{func_name(func)}: the rule failed ({type(error).__name__}: {str(error)[:200]})"
+                _log.warning("tangent_kernels: %s; its parameters take the generic path", why)
         for d in derived:
             for st in d.sampled:
                 self.uncovered.setdefault(st.name, why)
