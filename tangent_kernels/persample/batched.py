@@ -55,6 +55,7 @@ class BatchedPass:
         self.columns = torch.cat([st.columns for st in self.sampled]) if self.sampled else None
         # What the first batch saw: parameter name -> the rules of its uses.
         self.paths: Dict[str, List[str]] = {}
+        self.dead_tokens: Dict[str, bool] = {}
 
     def __call__(self, batch: ModelInputs, out: torch.Tensor) -> None:
         mode = UseMode(self.sampled, batch.size, self.backend)
@@ -87,7 +88,7 @@ class BatchedPass:
             else:
                 out[:, self.columns] = 0
             counts = Counter(st.name for use in uses for st in use.sampled)
-            sink = Sink(out, self.backend, counts, self.dense)
+            sink = Sink(out, self.backend, counts, self.dense, self.dead_tokens)
             for use, grad in zip(uses, grads):
                 if grad is not None:
                     use.contribute(grad, sink)

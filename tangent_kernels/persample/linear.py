@@ -81,6 +81,15 @@ class LinearUse(Use):
             a, d = a.transpose(-1, -2), d.transpose(-1, -2)
         n_in, n_out = a.shape[-1], d.shape[-1]
         a3, d3 = a.reshape(self.batch, -1, n_in), d.reshape(self.batch, -1, n_out)
+        if d3.shape[1] > 1 and sink.dead_tokens.get(self.key, True):
+            # Tokens whose output gradient is zero for every sample contribute nothing: an
+            # output head read at one token (a language model's last-token logit, a [CLS]
+            # classifier) then contracts one token instead of all of them. The check is a
+            # pass over d: a use whose first batch had no such token is not checked again.
+            live = d3.ne(0).any(dim=2).any(dim=0)
+            sink.dead_tokens[self.key] = not bool(live.all())
+            if sink.dead_tokens[self.key]:
+                a3, d3 = a3[:, live], d3[:, live]
         if self.weight is not None:
             self._weight(a3, d3, n_in, n_out, sink)
         if self.bias is not None:

@@ -100,8 +100,12 @@ def bind(func, args, kwargs, signature: Optional[inspect.Signature] = None) -> D
 class Sink:
     """Where contributions go for one batch: out [B, p], whose batched columns start at zero."""
 
-    def __init__(self, out: torch.Tensor, backend: str, use_counts: Dict[str, int], dense=None):
+    def __init__(self, out: torch.Tensor, backend: str, use_counts: Dict[str, int], dense=None,
+                 dead_tokens: Optional[Dict[str, bool]] = None):
         self.out, self.backend, self.use_counts, self.dense = out, backend, use_counts, dense
+        # use key -> whether its output gradient had tokens that are zero for every sample
+        # (kept across batches by the batched pass; linear.py).
+        self.dead_tokens = {} if dead_tokens is None else dead_tokens
 
     def overwrites(self, st: SampledTensor, unique: bool) -> bool:
         """Whether a contribution may be written instead of added (the only one for st)."""
