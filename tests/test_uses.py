@@ -363,3 +363,63 @@ def test_an_error_of_the_model_itself_is_raised_as_is():
 
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
         tk.gram(Wrong(), [torch.randn(2, 5)], progress=False)
+
+
+# --- ops without a rule: per-op vector-Jacobian products; custom autograd.Functions ---
+class NoRuleOps(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.prelu = nn.PReLU(4)
+        self.up = nn.ConvTranspose2d(4, 2, 3, stride=2)
+        self.lin = nn.Linear(2 * 13 * 13, 5)
+        self.bilinear = nn.Bilinear(5, 5, 3)
+
+    def forward(self, x):
+        h = self.up(self.prelu(self.conv(x)))
+        h = torch.tanh(self.lin(h.flatten(1)))
+        return self.bilinear(h, h)
+
+
+def test_ops_without_a_rule_are_differentiated_one_sample_at_a_time():
+    torch.manual_seed(11)
+    model, x = NoRuleOps(), torch.randn(5, 3, 8, 8)
+    check(model, x, backends=FAST)
+    found = paths(model, x)
+    assert all(found[name] == "per-op" for name in ("prelu.weight", "up.weight", "up.bias", "bilinear.weight",
+                                                      "bilinear.bias"))
+
+
+class MatmulFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return x @ w
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        return grad @ w.T, x.T @ grad
+
+
+class CustomFunction(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 3))
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.head(MatmulFunction.apply(x, self.w))
+
+
+def test_a_parameter_inside_a_custom_autograd_function_goes_generic():
+    # The Function's forward runs with gradients off: the use cannot be read back, and
+    # its gradient flows through a backward the mode does not see.
+    torch.manual_seed(12)
+    model, x = CustomFunction(), torch.randn(5, 4)
+    report = tk.coverage(model, x)
+    assert [name for name, _ in report.generic] == ["w"] and "gradients off" in report.generic[0][1]
+    with pytest.warns(RuntimeWarning):
+        K = tk.gram(model, [x], precision="fp64", progress=False)
+    ref = tk.reference.gram_autograd(model, [x])
+    assert float((K - ref).norm() / ref.norm()) <= 1e-10

@@ -22,19 +22,11 @@ from torch.func import functional_call
 from ..data import ModelInputs
 from ..outputs import OutputSpec, scalarize
 from ..params import TensorSlice
-from . import broadcast, conv, decompose, embedding, linear  # noqa: F401 - they register their rules
-from .uses import Sink, UseMode
+from . import broadcast, conv, decompose, embedding, fallback, linear  # noqa: F401 - they register their rules
+from .uses import Sink, Uncovered, UseMode
 from .views import SampledTensor
 
 __all__ = ["BatchedPass", "Uncovered"]
-
-
-class Uncovered(Exception):
-    """Parameter tensors that the batched pass cannot serve, each with the reason."""
-
-    def __init__(self, why: Dict[str, str]):
-        super().__init__("; ".join(f"{name}: {reason}" for name, reason in why.items()))
-        self.why = dict(why)
 
 
 class BatchedPass:
@@ -78,9 +70,10 @@ class BatchedPass:
                 name = f"{use.sampled[0].name} {use.label}"
                 use.key = f"{name} #{seen[name]}"
                 seen[name] += 1
-            grads = [None] * len(uses)
-            if uses and s.requires_grad:
-                grads = torch.autograd.grad(s.sum(), [use.target for use in uses], allow_unused=True)
+            targets = [target for use in uses for target in use.targets]
+            grads = [None] * len(targets)
+            if targets and s.requires_grad:
+                grads = torch.autograd.grad(s.sum(), targets, allow_unused=True)
         # The contractions read activations that autograd tracks: F must not join the graph.
         with torch.no_grad():
             if out.shape[1] == self.columns.numel():
@@ -89,9 +82,11 @@ class BatchedPass:
                 out[:, self.columns] = 0
             counts = Counter(st.name for use in uses for st in use.sampled)
             sink = Sink(out, self.backend, counts, self.dense, self.dead_tokens)
-            for use, grad in zip(uses, grads):
-                if grad is not None:
-                    use.contribute(grad, sink)
+            start = 0
+            for use in uses:
+                count = len(use.targets)
+                use.contribute_all(list(grads[start:start + count]), sink)
+                start += count
         if not self.paths:
             paths = {st.name: [] for st in self.sampled}
             for use in uses:

@@ -31,7 +31,7 @@ from .views import SampledTensor, geometry_of
 
 _log = logging.getLogger("tangent_kernels")
 
-__all__ = ["DATA", "Derived", "NotCovered", "Use", "UseMode", "Sink", "register", "register_derived",
+__all__ = ["DATA", "Derived", "NotCovered", "Uncovered", "Use", "UseMode", "Sink", "register", "register_derived",
            "ViewPullback", "AutogradPullback", "bind", "func_name"]
 
 
@@ -41,6 +41,14 @@ class _Data:
 
 
 DATA = _Data()
+
+
+class Uncovered(Exception):
+    """Parameter tensors that the batched pass cannot serve, each with the reason."""
+
+    def __init__(self, why: Dict[str, str]):
+        super().__init__("; ".join(f"{name}: {reason}" for name, reason in why.items()))
+        self.why = dict(why)
 
 
 class NotCovered(Exception):
@@ -139,6 +147,7 @@ class Use:
     def __init__(self, sampled: Sequence[SampledTensor], target, guarded: Sequence[torch.Tensor] = ()):
         self.sampled = tuple(sampled)
         self.target = target
+        self.targets = [target]  # a use with several outputs has several
         # Names this use across batches (uses come in the same order every forward):
         # "<first tensor> <label> #<k-th such use of it>"; set by the batched pass.
         self.key = ""
@@ -148,6 +157,11 @@ class Use:
 
     def changed_input(self) -> bool:
         return any(t._version != version for t, version in self._guarded)
+
+    def contribute_all(self, grads: List[Optional[torch.Tensor]], sink: Sink) -> None:
+        """The gradients at ``targets`` (None where nothing reached one) -> F."""
+        if grads[0] is not None:
+            self.contribute(grads[0], sink)
 
     def contribute(self, grad: torch.Tensor, sink: Sink) -> None:
         raise NotImplementedError
@@ -284,6 +298,11 @@ class UseMode(TorchFunctionMode):
     def add_use(self, use: Use) -> None:
         self.uses.append(use)
 
+    def uncover(self, derived: Sequence[Derived], why: str) -> None:
+        for d in derived:
+            for st in d.sampled:
+                self.uncovered.setdefault(st.name, why)
+
     def reenter(self, fn: Callable, *args, **kwargs):
         """Run ``fn`` with the mode active again (handlers run with it popped): for rules
         that rewrite one call as several, each of which the mode then sees."""
@@ -317,8 +336,24 @@ class UseMode(TorchFunctionMode):
             out = func(*args, **kwargs)
             self.mark_derived(out, derived)
             return out
+        if not torch.is_grad_enabled():
+            # Autograd records nothing here, so no use can be read back: inside a custom
+            # autograd.Function's forward the parameter's gradient flows through a backward
+            # the mode cannot see; under no_grad it is zero. The generic path gets both right.
+            why = f"{func_name(func)}: used with gradients off (a custom autograd.Function, or torch.no_grad)"
+            self.uncover(derived, why)
+            out = func(*args, **kwargs)
+            self.mark_data(out)
+            return out
         rule = _RULES.get(func)
         why = f"{func_name(func)} (no rule for this operation)"
+        if rule is None:
+            from .fallback import per_op
+
+            out, why = per_op(self, func, args, kwargs, derived)
+            if why is None:
+                return out
+            why = f"{func_name(func)} (no rule; {why})"
         if rule is not None:
             try:
                 return rule(self, func, args, kwargs)
@@ -330,9 +365,7 @@ class UseMode(TorchFunctionMode):
                 # failed) and the tensors take the generic path, which is exact.
                 why = f"{func_name(func)}: the rule failed ({type(error).__name__}: {str(error)[:200]})"
                 _log.warning("tangent_kernels: %s; its parameters take the generic path", why)
-        for d in derived:
-            for st in d.sampled:
-                self.uncovered.setdefault(st.name, why)
+        self.uncover(derived, why)
         out = func(*args, **kwargs)
         self.mark_data(out)
         return out
