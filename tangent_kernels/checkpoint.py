@@ -1,9 +1,12 @@
 """Resumable Gram computations: ``gram(..., checkpoint="dir")``.
 
 The folder holds
-- ``manifest.json``: what the run is (a hash of the model's weights, of ``idx``, the
-  output, precision, backend, loaders), the per-batch input fingerprints and row counts
-  of each finished loader batch, and how many rows of K are finished;
+- ``manifest.json``: what the run is (a hash of the model's weights and of its
+  structure, of ``idx``, the output, precision, backend, loaders), the per-batch input
+  fingerprints (a hash of every byte), row counts and data checksums of each finished
+  loader batch, and how many rows of K are finished with the checksum of each block;
+- ``.lock``: held (an OS file lock) by the one run that owns the folder; the OS
+  releases it when that process ends, however it ends;
 - ``<loader>.features`` / ``<loader>.scales``: the stored feature rows, appended batch
   by batch (raw bytes in the store dtype; fp32 scales for fp16);
 - ``K.bin``: K's finished rows (raw, row-major, K's dtype).
@@ -11,7 +14,9 @@ The folder holds
 Every update is ordered so that a crash at any instant leaves a consistent folder:
 data is appended and fsynced first, then the manifest is replaced atomically
 (temporary file, fsync, rename). Bytes past what the manifest records are ignored (and
-truncated on resume), so a half-written batch or row block is simply recomputed.
+truncated on resume), so a half-written batch or row block is simply recomputed. Data
+read back is checked against its recorded checksum: a damaged file raises
+``CheckpointCorrupt`` naming it, and is never returned.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -28,34 +34,49 @@ from torch import nn
 
 from .data import ModelInputs
 
-__all__ = ["Checkpoint", "CheckpointMismatch", "model_fingerprint", "tensor_fingerprint", "batch_fingerprint"]
+__all__ = ["Checkpoint", "CheckpointCorrupt", "CheckpointInUse", "CheckpointMismatch", "model_fingerprint",
+           "tensor_fingerprint", "batch_fingerprint"]
 
 _MANIFEST = "manifest.json"
-_VERSION = 1
-# Elements of each input tensor hashed per batch: enough to tell a shuffled or changed
-# batch from the recorded one, cheap next to a forward pass.
-_FINGERPRINT_ELEMENTS = 4096
+_LOCK = ".lock"
+# 2: checksums of every data block, full batch fingerprints, the model's structure.
+_VERSION = 2
 
 
 class CheckpointMismatch(ValueError):
     """A checkpoint folder that belongs to a different computation."""
 
 
+class CheckpointCorrupt(ValueError):
+    """A checkpoint file that is damaged, truncated or missing: never read as data."""
+
+
+class CheckpointInUse(RuntimeError):
+    """Another run holds the checkpoint folder."""
+
+
 def _hash_bytes(h, tensor: torch.Tensor) -> None:
     t = tensor.detach().to("cpu").contiguous()
     h.update(str((tuple(t.shape), str(t.dtype))).encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    # Every byte: one changed element must change the fingerprint (a strided sample
+    # missed a single changed value and resumed into a K off by 1e4). blake2b hashes
+    # ~1 GB/s, well under a forward pass per byte of input.
+    h.update(memoryview(t.view(torch.uint8).numpy()) if t.numel() else b"")
+
+
+def data_checksum(raw) -> str:
+    return hashlib.blake2b(raw, digest_size=16).hexdigest()
 
 
 def tensor_fingerprint(tensor: torch.Tensor) -> str:
-    h = hashlib.sha256()
+    h = hashlib.blake2b(digest_size=16)
     _hash_bytes(h, tensor)
     return h.hexdigest()[:32]
 
 
 def model_fingerprint(model: nn.Module) -> str:
     """Hash of every parameter and buffer (names, shapes, dtypes, values)."""
-    h = hashlib.sha256()
+    h = hashlib.blake2b(digest_size=16)
     for name, tensor in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers()):
         h.update(name.encode())
         _hash_bytes(h, tensor)
@@ -63,18 +84,15 @@ def model_fingerprint(model: nn.Module) -> str:
 
 
 def batch_fingerprint(batch: ModelInputs) -> str:
-    """A cheap hash of a batch: shapes, dtypes, and an evenly strided sample of each tensor."""
-    h = hashlib.sha256()
+    """A hash of a batch: every byte of every tensor, with shapes and dtypes."""
+    h = hashlib.blake2b(digest_size=16)
     for key, value in list(enumerate(batch.args)) + sorted(batch.kwargs.items()):
         h.update(str(key).encode())
         if isinstance(value, torch.Tensor):
-            flat = value.detach().reshape(-1)
-            stride = max(1, flat.numel() // _FINGERPRINT_ELEMENTS)
-            _hash_bytes(h, flat[::stride])
-            h.update(str(tuple(value.shape)).encode())
+            _hash_bytes(h, value)
         else:
             h.update(repr(value).encode())
-    return h.hexdigest()[:32]
+    return h.hexdigest()
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -98,31 +116,112 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _lock(folder: Path):
+    """An exclusive OS lock on ``folder/.lock`` for this process (released by the OS when
+    the process ends, so a lock left by a killed run is no obstacle); CheckpointInUse when
+    another process, or another open checkpoint in this one, holds it."""
+    path = folder / _LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if sys.platform == "win32":  # pragma: no cover - not a platform this project runs on
+            import msvcrt
+
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        try:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        except OSError:
+            holder = "unknown"
+        os.close(fd)
+        raise CheckpointInUse(
+            f"checkpoint {folder} is in use by another run (process {holder}): two runs writing one folder "
+            "would interleave their data. Wait for it to finish, or give this run another folder"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _unlock(fd) -> None:
+    try:
+        if sys.platform != "win32":
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
 class Checkpoint:
-    """One Gram computation's persistent state (see the module docstring)."""
+    """One Gram computation's persistent state (see the module docstring). Owns the folder
+    (an OS lock) until ``close()``."""
 
     def __init__(self, folder, identity: Dict[str, Any]):
+        if isinstance(folder, str) and not folder.strip():
+            raise ValueError("checkpoint='' is not a folder: give a folder path (it is created if missing), "
+                             "or checkpoint=None for no checkpoint")
         self.folder = Path(folder)
         if self.folder.exists() and not self.folder.is_dir():
             raise ValueError(f"checkpoint={str(folder)!r} is a file; give a folder path (it is created if missing)")
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.identity = identity
-        manifest_path = self.folder / _MANIFEST
-        if manifest_path.exists():
-            self.manifest = json.loads(manifest_path.read_text())
-            self._check_identity(self.manifest.get("identity", {}))
-            self.resumed = True
-        else:
-            self.manifest = {"version": _VERSION, "identity": identity, "loaders": {}, "k_rows_done": 0, "k_shape": None}
-            self._save()
-            self.resumed = False
+        self._lock_fd = _lock(self.folder)
+        try:
+            self.identity = identity
+            manifest_path = self.folder / _MANIFEST
+            if manifest_path.exists():
+                self.manifest = self._read_manifest(manifest_path)
+                self._check_identity(self.manifest.get("identity", {}))
+                self.resumed = True
+            else:
+                self.manifest = {"version": _VERSION, "identity": identity, "loaders": {}, "k_rows_done": 0,
+                                 "k_shape": None, "k_blocks": []}
+                self._save()
+                self.resumed = False
+        except BaseException:
+            self.close()
+            raise
 
-    def _check_identity(self, recorded: Dict[str, Any]) -> None:
-        if self.manifest.get("version") != _VERSION:
+    def close(self) -> None:
+        """Release the folder's lock (idempotent)."""
+        if self._lock_fd is not None:
+            _unlock(self._lock_fd)
+            self._lock_fd = None
+
+    def __del__(self):  # a forgotten close() must not hold the folder until exit
+        if getattr(self, "_lock_fd", None) is not None:
+            self.close()
+
+    def _corrupt(self, what: str, path: Path) -> CheckpointCorrupt:
+        return CheckpointCorrupt(f"checkpoint {self.folder}: {what} ({path.name}); delete the folder "
+                                 "to start over (its data cannot be trusted)")
+
+    def _read_manifest(self, path: Path) -> Dict[str, Any]:
+        try:
+            manifest = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError, OSError) as error:
+            raise self._corrupt(f"the manifest cannot be read ({type(error).__name__}: {error})", path) from None
+        if not isinstance(manifest, dict):
+            raise self._corrupt("the manifest is not a JSON object", path)
+        if manifest.get("version") != _VERSION:
             raise CheckpointMismatch(
-                f"checkpoint {self.folder} has format version {self.manifest.get('version')}, this version "
+                f"checkpoint {self.folder} has format version {manifest.get('version')}, this version "
                 f"writes {_VERSION}: delete the folder to start over"
             )
+        expected = {"identity": dict, "loaders": dict, "k_rows_done": int, "k_blocks": list}
+        for key, kind in expected.items():
+            if not isinstance(manifest.get(key), kind):
+                raise self._corrupt(f"the manifest's {key!r} is missing or malformed", path)
+        for name, loader in manifest["loaders"].items():
+            batches = loader.get("batches") if isinstance(loader, dict) else None
+            if not isinstance(batches, list) or not all(isinstance(b, list) and len(b) == 4 for b in batches):
+                raise self._corrupt(f"the manifest's record of {name!r} is malformed", path)
+        return manifest
+
+    def _check_identity(self, recorded: Dict[str, Any]) -> None:
         differs = [key for key in sorted(set(recorded) | set(self.identity)) if recorded.get(key) != self.identity.get(key)]
         if differs:
             details = "; ".join(f"{key}: checkpoint has {recorded.get(key)!r}, this call {self.identity.get(key)!r}" for key in differs)
@@ -139,7 +238,8 @@ class Checkpoint:
         return self.manifest["loaders"].setdefault(name, {"batches": [], "complete": False})
 
     def recorded_batches(self, name: str) -> List[Tuple[int, str]]:
-        return [tuple(b) for b in self._loader(name)["batches"]]
+        """(rows, input fingerprint) of each finished batch of loader ``name``."""
+        return [(int(b[0]), b[1]) for b in self._loader(name)["batches"]]
 
     def loader_complete(self, name: str) -> bool:
         return bool(self._loader(name)["complete"])
@@ -156,29 +256,50 @@ class Checkpoint:
                     handle.truncate(rows * width)
                     os.fsync(handle.fileno())
 
-    def read_features(self, name: str, start: int, stop: int, p: int, dtype: torch.dtype, scaled: bool):
-        """Recorded feature rows [start, stop) as a CPU tensor (and their scales)."""
+    def read_features(self, name: str, batch: int, start: int, stop: int, p: int, dtype: torch.dtype,
+                      scaled: bool):
+        """Recorded feature rows [start, stop) of batch ``batch`` as a CPU tensor (and their
+        scales), checked against the checksums recorded with them."""
         features_path, scales_path = self._paths(name)
         row_bytes = p * torch.empty((), dtype=dtype).element_size()
-        raw = np.fromfile(features_path, dtype=np.uint8, count=(stop - start) * row_bytes, offset=start * row_bytes)
+        _, _, features_sum, scales_sum = self._loader(name)["batches"][batch]
+        raw = self._read_checked(features_path, start * row_bytes, (stop - start) * row_bytes, features_sum,
+                                 f"feature rows {start}..{stop - 1} of {name}")
         block = torch.from_numpy(raw).view(dtype).view(stop - start, p)
         scales = None
         if scaled:
-            scales = torch.from_numpy(np.fromfile(scales_path, dtype=np.float32, count=stop - start, offset=start * 4))
+            raw = self._read_checked(scales_path, start * 4, (stop - start) * 4, scales_sum,
+                                     f"the fp16 scales of rows {start}..{stop - 1} of {name}")
+            scales = torch.from_numpy(raw).view(torch.float32)
         return block, scales
+
+    def _read_checked(self, path: Path, offset: int, count: int, checksum: str, what: str) -> np.ndarray:
+        if not path.is_file():
+            raise self._corrupt(f"{what}: the data file is missing", path)
+        raw = np.fromfile(path, dtype=np.uint8, count=count, offset=offset)
+        if raw.size != count:
+            raise self._corrupt(f"{what}: the data file is truncated ({raw.size} of {count} bytes)", path)
+        if data_checksum(raw) != checksum:
+            raise self._corrupt(f"{what}: the data do not match their checksum (the file was changed or damaged)",
+                                path)
+        return raw
 
     def record_batch(self, name: str, block: torch.Tensor, scales: Optional[torch.Tensor], fingerprint: str) -> None:
         features_path, scales_path = self._paths(name)
+        raw = block.detach().cpu().contiguous().view(torch.uint8).numpy().reshape(-1)
         with open(features_path, "ab") as handle:
-            handle.write(block.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            handle.write(raw.tobytes())
             handle.flush()
             os.fsync(handle.fileno())
+        scales_sum = None
         if scales is not None:
+            raw_scales = scales.detach().to(torch.float32).cpu().numpy().view(np.uint8).reshape(-1)
             with open(scales_path, "ab") as handle:
-                handle.write(scales.detach().to(torch.float32).cpu().numpy().tobytes())
+                handle.write(raw_scales.tobytes())
                 handle.flush()
                 os.fsync(handle.fileno())
-        self._loader(name)["batches"].append([int(block.shape[0]), fingerprint])
+            scales_sum = data_checksum(raw_scales)
+        self._loader(name)["batches"].append([int(block.shape[0]), fingerprint, data_checksum(raw), scales_sum])
         self._save()
 
     def complete_loader(self, name: str) -> None:
@@ -198,8 +319,19 @@ class Checkpoint:
         self._save()
 
     def read_k_rows(self, stop: int, shape: Tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+        """K's finished rows [0, stop), each recorded block checked against its checksum."""
         itemsize = torch.empty((), dtype=dtype).element_size()
-        raw = np.fromfile(self.folder / "K.bin", dtype=np.uint8, count=stop * shape[1] * itemsize)
+        row_bytes = shape[1] * itemsize
+        blocks = []
+        for start, end, checksum in self.manifest["k_blocks"]:
+            if end > stop:
+                break
+            blocks.append(self._read_checked(self.folder / "K.bin", start * row_bytes, (end - start) * row_bytes,
+                                             checksum, f"rows {start}..{end - 1} of K"))
+        raw = np.concatenate(blocks) if blocks else np.empty(0, dtype=np.uint8)
+        if raw.size != stop * row_bytes:
+            raise self._corrupt(f"the manifest records {stop} rows of K but checksums for {raw.size // max(row_bytes, 1)}",
+                                self.folder / _MANIFEST)
         return torch.from_numpy(raw).view(dtype).view(stop, shape[1])
 
     @property
@@ -214,13 +346,16 @@ class Checkpoint:
         inside the tile op: a resumed run continues with the tile size the interrupted
         one had reached (e.g. after an out-of-memory halving), so its K is bit-identical."""
         data = rows.detach().cpu().contiguous()
+        raw = data.view(torch.uint8).numpy().reshape(-1)
         path = self.folder / "K.bin"
         mode = "rb+" if path.exists() else "wb+"
         with open(path, mode) as handle:
             handle.seek(start * data.shape[1] * data.element_size())
-            handle.write(data.view(torch.uint8).numpy().tobytes())
+            handle.write(raw.tobytes())
             handle.flush()
             os.fsync(handle.fileno())
+        self.manifest["k_blocks"] = [b for b in self.manifest["k_blocks"] if b[1] <= start]
+        self.manifest["k_blocks"].append([start, start + data.shape[0], data_checksum(raw)])
         self.manifest["k_rows_done"] = start + data.shape[0]
         self.manifest["k_tile_rows"] = int(tile_rows)
         self._save()

@@ -21,6 +21,7 @@ from torch import nn
 
 from ._model import check_device, eval_mode, fp32_math, model_device
 from .checkpoint import Checkpoint, CheckpointMismatch, batch_fingerprint, model_fingerprint, tensor_fingerprint
+from .identity import callable_fingerprint, structure_fingerprint
 from .data import ModelInputs, iterate_inputs, loader_length
 from .ops import gram_tile_update
 from .outputs import OutputSpec, check_output_spec
@@ -244,6 +245,7 @@ def gram(
     store: str = "auto",
     max_memory: Optional[int] = None,
     cache_dir=None,
+    checkpoint_key: Optional[str] = None,
 ) -> torch.Tensor:
     """The eNTK Gram K[i, j] = <g(x_i), g(x_j)> over a loader, [n1, n2].
 
@@ -271,6 +273,9 @@ def gram(
         max_memory: bytes of features allowed on the device (default: half its free
             memory; half the available memory for a CPU device).
         cache_dir: folder for the "disk" store's file (default: the system's temp dir).
+        checkpoint_key: a name for the run, recorded in the checkpoint and required to
+            match on resume; needed to resume with an ``output`` callable whose code
+            cannot be fingerprinted (a builtin, a callable object holding arbitrary state).
     """
     index, output, precision, device, backend = _prepare(model, idx, output, precision, device, backend)
     store = check_store(store)
@@ -286,8 +291,17 @@ def gram(
     with eval_mode(model), fp32_math(precision.allow_tf32):
         ckpt = None
         if checkpoint is not None:
-            identity = _identity(model, index, output, precision, backend, cross=loader2 is not None)
+            identity, undecidable = _identity(model, index, output, precision, backend, loader2 is not None,
+                                              checkpoint_key)
             ckpt = Checkpoint(checkpoint, identity)
+            if ckpt.resumed and undecidable and checkpoint_key is None:
+                ckpt.close()
+                raise CheckpointMismatch(
+                    f"checkpoint {ckpt.folder}: output= is a callable whose computation cannot be fingerprinted "
+                    f"({identity['output']}), so resuming could mix two different outputs' features. Name the "
+                    "run with checkpoint_key='...' (the same key on every resume of it), or use a lambda or a "
+                    "plain function"
+                )
         stores = []
         try:
             made = []
@@ -312,6 +326,8 @@ def gram(
             events.close()
             for feature_store in stores:
                 feature_store.close()
+            if ckpt is not None:
+                ckpt.close()
 
 
 @dataclass(frozen=True)
@@ -360,19 +376,27 @@ class _Events:
         self.bar, self.bar_key = None, None
 
 
-def _identity(model: nn.Module, index: ParamIndex, output, precision: Precision, backend: str, cross: bool):
-    """What a checkpoint must agree on to be resumed by this call."""
+def _identity(model: nn.Module, index: ParamIndex, output, precision: Precision, backend: str, cross: bool,
+              key: Optional[str]):
+    """What a checkpoint must agree on to be resumed by this call; and whether the
+    output callable's fingerprint could not be decided."""
+    undecidable = False
     if callable(output) and not isinstance(output, str):
-        output = f"callable {getattr(output, '__module__', '?')}.{getattr(output, '__qualname__', type(output).__name__)}"
+        name = f"{getattr(output, '__module__', '?')}.{getattr(output, '__qualname__', type(output).__name__)}"
+        fingerprint = callable_fingerprint(output)
+        undecidable = fingerprint is None
+        output = f"callable {name} ({'code not decidable' if undecidable else fingerprint})"
     return {
         "model_weights": model_fingerprint(model),
+        "model_structure": structure_fingerprint(model),
+        "checkpoint_key": key,
         "idx": tensor_fingerprint(index.positions),
         "p": len(index),
         "output": output,
         "precision": precision.name,
         "backend": backend,
         "kernel": "cross K(X1, X2)" if cross else "symmetric K(X, X)",
-    }
+    }, undecidable
 
 
 def _features_with_backoff(per_sample: FeatureExtractor, batch: ModelInputs) -> torch.Tensor:
@@ -427,7 +451,7 @@ def _fill_store(model, loader, name, *, index, output, precision, device, inputs
                         "same data in the same order on resume (shuffle=False, same dataset), or delete "
                         "the checkpoint folder to start over"
                     )
-                stored, scales = ckpt.read_features(name, seen, seen + rows, p, precision.store, precision.scaled)
+                stored, scales = ckpt.read_features(name, b, seen, seen + rows, p, precision.store, precision.scaled)
                 feature_store.append(stored.to(device), scales)
             else:
                 if ckpt is not None and ckpt.loader_complete(name):

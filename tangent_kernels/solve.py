@@ -790,6 +790,9 @@ def _eigh(K: torch.Tensor, T: torch.Tensor, betas: List[float], cfg: _Config, cv
     B = len(betas)
     dt = K.dtype
     lam, U = torch.linalg.eigh(K)
+    largest = float(lam.max())
+    if float(lam.min()) < -_NEGATIVE_EIGENVALUE * max(largest, 0.0) or largest < 0:
+        raise _not_psd(float(lam.min()), largest)
     lam = lam.clamp_min(0)
     bt = torch.tensor(betas, dtype=dt, device=K.device)
     den = lam[:, None] + bt[None, :]  # [n, B]
@@ -930,16 +933,69 @@ def _cholesky(K: torch.Tensor, T: torch.Tensor, betas: List[float], cfg: _Config
 # ----------------------------------------------------------------------------- dispatch
 
 
+# An eigenvalue below -this * lambda_max is not rounding: K is not a Gram matrix (PSD).
+# fp32 K of n = 50,000 carries eigenvalue errors of ~n * 6e-8 * lambda_max = 3e-3 at worst.
+_NEGATIVE_EIGENVALUE = 1e-2
+
+
+def _not_psd(smallest: float, largest: float) -> ValueError:
+    return ValueError(
+        f"K is not positive semi-definite: its smallest eigenvalue is about {smallest:.3g} (largest "
+        f"{largest:.3g}); an eNTK Gram is PSD, so K is not one (a cross kernel K(X1, X2) passed as K, a K "
+        "edited or assembled from different runs?). Pass the Gram K(X, X) of one computation, or project "
+        "it onto the PSD cone yourself (e.g. clamp its eigenvalues at 0) if that is what you mean"
+    )
+
+
+def _check_psd_estimate(K: torch.Tensor, seed: int) -> None:
+    """For the iterative solvers: the extreme eigenvalues by subspace iteration (K and
+    lambda_max I - K), which a clearly indefinite K fails at once."""
+    gen = _generator(K.device, seed)
+    largest = _lambda_max(K, 20, gen)
+    if largest <= 0:
+        return
+    shifted = largest * torch.eye(K.shape[0], dtype=K.dtype, device=K.device) - K
+    smallest = largest - _lambda_max(shifted, 20, gen)
+    if smallest < -_NEGATIVE_EIGENVALUE * largest:
+        raise _not_psd(smallest, largest)
+
+
+def _check_beta_range(K: torch.Tensor, betas: List[float]) -> None:
+    # Squared norms of (K + beta I) x appear in every solver: past sqrt(max) they overflow.
+    limit = math.sqrt(torch.finfo(K.dtype).max)
+    huge = [b for b in betas if b > limit]
+    if huge:
+        raise ValueError(
+            f"beta = {huge[0]:g} is beyond what {str(K.dtype).replace('torch.', '')} arithmetic can solve with "
+            f"(limit {limit:.3g}; K's mean diagonal is {float(K.diagonal().double().mean()):.3g}): use betas within "
+            "a few orders of magnitude of K's scale (beta_scale='trace' makes them relative to it)"
+        )
+
+
 def _run(solver: str, K: torch.Tensor, T: torch.Tensor, betas: List[float], cfg: _Config,
          val: Optional[_Validation], cv: Optional[str], allow_tf32: bool) -> _Result:
+    _check_beta_range(K, betas)
     with fp32_math(allow_tf32), torch.no_grad():
-        if solver == "nesterov":
-            return _nesterov(K, T, betas, cfg, val)
         if solver == "cg":
-            return _cg(K, T, betas, cfg)
-        if solver == "eigh":
-            return _eigh(K, T, betas, cfg, cv)
-        return _cholesky(K, T, betas, cfg)
+            _check_psd_estimate(K, cfg.seed)
+        if solver == "nesterov":
+            result = _nesterov(K, T, betas, cfg, val)
+        elif solver == "cg":
+            result = _cg(K, T, betas, cfg)
+        elif solver == "eigh":
+            result = _eigh(K, T, betas, cfg, cv)
+        else:
+            result = _cholesky(K, T, betas, cfg)
+    finite = torch.isfinite(result.coefs.reshape(len(betas), -1)).all(dim=1).tolist()
+    if not all(finite):
+        bad = [b for b, ok in zip(betas, finite) if not ok]
+        scale = float(K.diagonal().double().mean())
+        raise ValueError(
+            f"the {solver} solution is not finite for beta = {', '.join(f'{b:g}' for b in bad[:4])}: a beta so far "
+            f"from K's scale (mean diagonal {scale:.3g}) overflows or underflows the arithmetic. Use betas within "
+            "a few orders of magnitude of that scale (beta_scale='trace' makes betas relative to it)"
+        )
+    return result
 
 
 def _warn_unconverged(solver: str, result: _Result, betas: List[float], tol: float, dtype: torch.dtype) -> None:
