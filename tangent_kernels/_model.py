@@ -119,6 +119,11 @@ def functional_state(
     ``trainable`` is keyed by the layout's names (tied parameters once, which
     functional_call's weight tying propagates to every alias); ``rest`` holds the
     frozen parameters and the buffers.
+
+    Buffers are always copied (a model that updates one in its forward, a step counter
+    or a cache, must not change the user's); parameters may share the user's memory (a
+    model's size), and a forward that writes one in place is refused where it happens
+    (persample.uses).
     """
 
     def copy(t: torch.Tensor) -> torch.Tensor:
@@ -130,5 +135,6 @@ def functional_state(
     for name, p in model.named_parameters():
         (trainable if name in trainable_names else rest)[name] = copy(p)
     for name, b in model.named_buffers():
-        rest[name] = copy(b)
+        buffer = copy(b)
+        rest[name] = buffer.clone() if buffer.data_ptr() == b.data_ptr() and b.numel() else buffer
     return trainable, rest

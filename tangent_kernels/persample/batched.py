@@ -18,6 +18,7 @@ from typing import Dict, List, Sequence
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
 from ..data import ModelInputs
 from ..outputs import OutputSpec, scalarize
@@ -48,15 +49,33 @@ class BatchedPass:
         # What the first batch saw: parameter name -> the rules of its uses.
         self.paths: Dict[str, List[str]] = {}
         self.dead_tokens: Dict[str, bool] = {}
+        self._module_names = {id(module): name or "(the model)" for name, module in model.named_modules()}
 
     def __call__(self, batch: ModelInputs, out: torch.Tensor) -> None:
         mode = UseMode(self.sampled, batch.size, self.backend)
-        for value in (*batch.args, *batch.kwargs.values()):
+        inputs = [value for value in (*batch.args, *batch.kwargs.values()) if isinstance(value, torch.Tensor)]
+        for value in inputs:
             if batch.is_batched(value):
                 mode.mark_data(value)
+        # Which module is running, for naming the one that writes its input in place.
+        stack: list = []
+        mode.watch_inputs(inputs, stack, self._module_names)
+        def entered(module, args) -> None:
+            stack.append(module)
+
+        def left(module, args, out) -> None:  # a forward hook that returns a value replaces the output
+            if stack:
+                stack.pop()
+
+        hooks = (register_module_forward_pre_hook(entered), register_module_forward_hook(left))
+        try:
+            with torch.enable_grad():
+                with mode:
+                    result = functional_call(self.model, self.state, batch.args, batch.kwargs)
+        finally:
+            for hook in hooks:
+                hook.remove()
         with torch.enable_grad():
-            with mode:
-                result = functional_call(self.model, self.state, batch.args, batch.kwargs)
             if mode.uncovered:
                 raise Uncovered(mode.uncovered)
             changed = {st.name: "its input was modified in place after the use" for use in mode.uses

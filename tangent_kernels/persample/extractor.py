@@ -77,6 +77,19 @@ class FeatureExtractor:
             self.verified = True
 
     def __call__(self, batch: ModelInputs) -> torch.Tensor:
+        tensors = [v for v in (*batch.args, *batch.kwargs.values()) if isinstance(v, torch.Tensor)]
+        versions = [t._version for t in tensors]
+        block = self._features(batch)
+        if any(t._version != v for t, v in zip(tensors, versions)):
+            # The batched pass names the op; the generic path (no interception) can only tell.
+            raise ValueError(
+                "the model wrote its input in place during its forward: tangent_kernels evaluates a batch more "
+                "than once and never changes the caller's data. Compute out of place in forward (e.g. "
+                "x = x * 2 instead of x.mul_(2), or x = x.clone() first)"
+            )
+        return block
+
+    def _features(self, batch: ModelInputs) -> torch.Tensor:
         block = torch.empty(batch.size, len(self.index), dtype=self.dtype, device=self.device)
         while self.batched is not None:
             try:

@@ -241,6 +241,16 @@ class Derived:
         self.pullback, self.sampled = pullback, tuple(sampled)
 
 
+_NOT_WRITES = {"requires_grad_", "retain_grad", "share_memory_"}
+
+
+def _writes_in_place(func) -> bool:
+    name = getattr(func, "__name__", "")
+    if name in _NOT_WRITES:
+        return False
+    return (name.endswith("_") and not name.endswith("__")) or name.startswith("__i") or name in ("__setitem__",)
+
+
 def tensors_in(value) -> List[torch.Tensor]:
     if isinstance(value, torch.Tensor):
         return [value]
@@ -309,6 +319,37 @@ class UseMode(TorchFunctionMode):
         with self:
             return fn(*args, **kwargs)
 
+    def watch_inputs(self, tensors: Sequence[torch.Tensor], module_stack: Optional[list] = None,
+                     module_names: Optional[Dict[int, str]] = None) -> None:
+        """The batch's own tensors: the model must not write them (nor their views)."""
+        # Their bases too: a loader's batch is often a view of the caller's whole tensor.
+        self._inputs = {id(t) for t in tensors} | {id(t._base) for t in tensors if t._base is not None}
+        self._module_stack, self._module_names = module_stack, module_names or {}
+
+    def _refuse_in_place_write(self, func, target) -> None:
+        if not isinstance(target, torch.Tensor):
+            return
+        where = ""
+        stack = getattr(self, "_module_stack", None)
+        if stack:
+            where = f" in module {self._module_names.get(id(stack[-1]), type(stack[-1]).__name__)!r}"
+        root = target if target._base is None else target._base
+        inputs = getattr(self, "_inputs", set())
+        if id(target) in inputs or id(root) in inputs:
+            raise ValueError(
+                f"the model writes its input in place ({func_name(func)}{where}): tangent_kernels evaluates a "
+                "batch more than once and never changes the caller's data. Compute out of place in forward "
+                "(e.g. x = x * 2 instead of x.mul_(2), or x = x.clone() first)"
+            )
+        derived = self.derived(target)
+        if derived is not None:
+            names = ", ".join(st.name for st in derived.sampled)
+            raise ValueError(
+                f"the model writes parameter {names} in place during its forward ({func_name(func)}{where}): "
+                "tangent_kernels never changes the model's parameters. Compute out of place, or evaluate a copy "
+                "of the model (copy.deepcopy)"
+            )
+
     # --- the interception ---
     def _scan(self, args, kwargs) -> Tuple[bool, List[Derived]]:
         data, derived = False, []
@@ -324,6 +365,8 @@ class UseMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         data, derived = self._scan(args, kwargs)
+        if args and (data or derived) and _writes_in_place(func):
+            self._refuse_in_place_write(func, args[0])
         if not derived:
             out = func(*args, **kwargs)
             if data:
