@@ -172,9 +172,40 @@ def _check_finite(block: torch.Tensor, first_position: int, name: str) -> None:
     )
 
 
-def _prepare(model, idx, output, precision, device, backend):
+def _check_model(model) -> None:
+    """What no per-sample eNTK can be computed of, said before any work."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(
+            f"model is a TorchScript module ({type(model).__name__}): its parameters cannot be swapped for the "
+            "per-sample computation. Pass the nn.Module it was made from (before torch.jit.script/trace)"
+        )
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    meta = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if meta:
+        raise ValueError(
+            f"the model has tensors on the meta device (no values), e.g. {meta[0]!r}: materialize and load its "
+            "weights first (model.to_empty(device='cpu') then load_state_dict)"
+        )
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and (module.running_mean is None
+                                                                    or module.running_var is None):
+            raise ValueError(
+                f"{type(module).__name__} {name or '(the model)'!r} has no running statistics "
+                "(track_running_stats=False): even in eval mode it normalizes with the statistics of the batch, "
+                "so one sample's output depends on the others and its per-sample eNTK is not defined. Use "
+                "track_running_stats=True (with running statistics from training), or GroupNorm/LayerNorm"
+            )
+
+
+def _check_inputs_callable(inputs) -> None:
+    if inputs is not None and not callable(inputs):
+        raise TypeError(f"inputs must be a callable batch -> model input (tensor, tuple of arguments or dict), "
+                        f"or None; got {type(inputs).__name__}")
+
+
+def _prepare(model, idx, output, precision, device, backend):
+    _check_model(model)
     index = resolve_idx(model, idx)
     output = check_output_spec(output)
     precision = _check_precision(precision)
@@ -220,6 +251,7 @@ def features(
     """
     index, output, precision, device, backend = _prepare(model, idx, output, precision, device, backend)
     progress = _check_progress(progress)
+    _check_inputs_callable(inputs)
     with eval_mode(model), fp32_math(precision.allow_tf32):
         blocks = _feature_blocks(model, loader, index, output, precision, device, inputs, progress, "loader", backend)
         # Each block is rounded to the store dtype as it arrives: no full-size copy in
@@ -278,6 +310,9 @@ def gram(
             cannot be fingerprinted (a builtin, a callable object holding arbitrary state).
     """
     index, output, precision, device, backend = _prepare(model, idx, output, precision, device, backend)
+    _check_inputs_callable(inputs)
+    if checkpoint_key is not None and not isinstance(checkpoint_key, str):
+        raise TypeError(f"checkpoint_key must be a str naming the run, got {type(checkpoint_key).__name__}")
     store = check_store(store)
     progress = _check_progress(progress)
     budget = check_max_memory(max_memory, device)
@@ -414,12 +449,31 @@ def _features_with_backoff(per_sample: FeatureExtractor, batch: ModelInputs) -> 
                           _features_with_backoff(per_sample, batch.slice(half, batch.size))])
 
 
-def _check_signature(expected, signature, name: str) -> None:
-    if expected is not None and signature != expected:
+def _describe(signature) -> str:
+    """A batch signature (data.ModelInputs.signature) as 'arg 0: 3x32x32 float32, ...'."""
+    def one(s):
+        if s[0] != "tensor":
+            return s[0]
+        return f"{'x'.join(map(str, s[2])) or 'scalar'} {str(s[1]).replace('torch.', '')}"
+
+    args, kwargs = signature
+    return "(" + ", ".join([f"arg {i}: {one(s)}" for i, s in enumerate(args)] + [f"{k}: {one(s)}" for k, s in kwargs]) + ")"
+
+
+def _check_signature(first, cross, signature, name: str, b: int) -> None:
+    """Batch b of loader ``name`` against its own first batch, and (for loader2) against
+    the first loader's: per-sample shapes and dtypes must agree."""
+    if first is not None and signature != first:
         raise ValueError(
-            f"{name} batches differ in structure from loader's: loader gives "
-            f"{expected}, {name} gives {signature} (per-sample shapes "
-            "and dtypes of the inputs must match for a cross kernel)"
+            f"batch {b} of {name} differs from its batch 0 in per-sample shape or dtype: batch 0 gives "
+            f"{_describe(first)}, batch {b} gives {_describe(signature)}. Every batch must hold the same kind of "
+            "input; if you passed (X, y) or [X, y] as the loader, note that the loader is iterated over batches: "
+            "pass [X], [(X, y)] or a DataLoader"
+        )
+    if cross is not None and signature != cross:
+        raise ValueError(
+            f"{name} (the second loader of a cross kernel K(X1, X2)) holds inputs of another per-sample shape or "
+            f"dtype than loader: loader gives {_describe(cross)}, {name} gives {_describe(signature)}"
         )
 
 
@@ -434,13 +488,13 @@ def _fill_store(model, loader, name, *, index, output, precision, device, inputs
     if ckpt is not None:
         ckpt.open_features(name, feature_store.row_bytes)
         recorded = ckpt.recorded_batches(name)
-    per_sample, signature, total = None, expected_signature, loader_length(loader)
+    per_sample, own, total = None, None, loader_length(loader)
     seen, batches = 0, 0
     try:
         for b, batch in enumerate(iterate_inputs(loader, inputs, name)):
             batches = b + 1
-            _check_signature(signature, batch.signature(), name)
-            signature = batch.signature() if signature is None else signature
+            _check_signature(own, expected_signature if b == 0 else None, batch.signature(), name, b)
+            own = batch.signature() if own is None else own
             fingerprint = batch_fingerprint(batch) if ckpt is not None else None
             if b < len(recorded):
                 rows, recorded_fingerprint = recorded[b]
@@ -480,7 +534,7 @@ def _fill_store(model, loader, name, *, index, output, precision, device, inputs
     except BaseException:
         feature_store.close()
         raise
-    return feature_store, signature
+    return feature_store, own
 
 
 def _check_out(out: torch.Tensor, shape: Tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
@@ -496,10 +550,17 @@ def _check_out_memory(out: torch.Tensor, dtype: torch.dtype) -> None:
     """What can be said of ``out`` before the loaders tell K's shape: fail before any work."""
     if out.dtype != dtype:
         raise ValueError(f"out must be a tensor of dtype {dtype} for this Gram (K's dtype for this precision); got {out.dtype}")
-    if any(stride == 0 and size > 1 for stride, size in zip(out.stride(), out.shape)):
+    if out.requires_grad:
+        raise ValueError("out requires grad: K is written into it in place, which autograd forbids for a tensor "
+                         "it tracks; pass a plain tensor (e.g. out.detach() or torch.empty(n1, n2))")
+    overlapping = any(stride == 0 and size > 1 for stride, size in zip(out.stride(), out.shape))
+    if not overlapping and out.numel():
+        # 0: no overlap; 1: overlap; 2: too hard to tell (exotic strides): refused as well.
+        overlapping = torch._debug_has_internal_overlap(out) != 0
+    if overlapping:
         raise ValueError(
-            f"out has a zero stride {tuple(out.stride())} (an expanded view): its rows share memory, so it "
-            f"cannot hold K; pass a tensor with memory of its own, e.g. torch.empty(n1, n2, dtype={dtype})"
+            f"out's elements overlap in memory (strides {tuple(out.stride())}, e.g. an expanded or as_strided "
+            f"view): it cannot hold K; pass a tensor with memory of its own, e.g. torch.empty(n1, n2, dtype={dtype})"
         )
 
 

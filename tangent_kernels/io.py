@@ -49,6 +49,8 @@ def save_gram(path: PathLike, K: torch.Tensor, meta: Optional[Dict[str, Any]] = 
         raise TypeError(f"K must be a torch.Tensor; got {type(K).__name__} (use torch.from_numpy for arrays)")
     if K.ndim != 2 or not K.is_floating_point():
         raise ValueError(f"K must be a 2-D floating-point tensor; got shape {tuple(K.shape)}, dtype {K.dtype}")
+    if meta is not None and not isinstance(meta, dict):
+        raise TypeError(f"meta must be a dict of JSON-serializable values (or None); got {type(meta).__name__}")
     meta = dict(meta or {})
     reserved = {"format", "shape", "dtype"} & set(meta)
     if reserved:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Union
 
+import numpy as np
 import torch
 
 __all__ = ["OutputError", "OutputSpec", "check_output_spec", "scalarize"]
@@ -38,6 +39,8 @@ def check_output_spec(output: OutputSpec) -> OutputSpec:
     """Fail early, before any model evaluation, on an output argument we cannot use."""
     if callable(output) and not isinstance(output, str):
         return output
+    if isinstance(output, np.integer):  # a logit index taken from a NumPy array
+        output = int(output)
     if isinstance(output, bool) or not isinstance(output, (str, int)):
         raise TypeError(
             f"output must be 'first', 'sum', an int logit index or a callable, got {output!r}"
@@ -76,12 +79,12 @@ def scalarize(out: Any, output: OutputSpec, batch_size: int) -> torch.Tensor:
                 f"(here B = {batch_size}), but returned {got}"
             )
         return s
-    logits = _unwrap(out)
+    logits = returned = _unwrap(out)
     if logits.dim() == 1:
         logits = logits.unsqueeze(1)
     if logits.dim() != 2 or logits.shape[0] != batch_size:
         raise OutputValueError(
-            f"model output has shape {tuple(logits.shape)} for a batch of {batch_size}; expected "
+            f"model output has shape {tuple(returned.shape)} for a batch of {batch_size}; expected "
             f"[B, k] or [B] with B = {batch_size}. For sequence outputs or other shapes, pass "
             "output=callable that maps the output to one scalar per sample (e.g. "
             "lambda out: out[:, -1, 0])"

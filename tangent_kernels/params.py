@@ -224,7 +224,14 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 
 def _smallest_keys(total: int, n: int, seed: int) -> np.ndarray:
     """Positions of the n smallest hash keys among 0..total-1 (a uniform n-subset)."""
+    # Every 64-bit word of the seed is folded in (seeds of any size differ; seeds below
+    # 2**64 keep the keys they always had).
     seed_key = _splitmix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))[0]
+    seed >>= 64
+    while seed:
+        word = np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64)
+        seed_key = _splitmix64(np.array([seed_key], dtype=np.uint64) ^ word)[0]
+        seed >>= 64
     best_pos = np.empty(0, dtype=np.int64)
     best_key = np.empty(0, dtype=np.uint64)
     # Chunked so that memory stays O(n + chunk) even for billion-parameter models.
@@ -266,5 +273,7 @@ def subsample(model: nn.Module, n: int, *, seed: int = 0) -> ParamIndex:
         )
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
     positions = torch.from_numpy(_smallest_keys(layout.total, n, int(seed)))
     return ParamIndex(layout, positions)

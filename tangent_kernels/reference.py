@@ -44,7 +44,8 @@ def features_autograd(
                 sample = batch.slice(b, b + 1)
                 out = functional_call(model, (trainable, rest), sample.args, sample.kwargs)
                 s = scalarize(out, output, 1)[0]
-                grads = torch.autograd.grad(s, leaves, allow_unused=True)
+                # An output that no parameter reaches has zero gradient (autograd would refuse it).
+                grads = torch.autograd.grad(s, leaves, allow_unused=True) if s.requires_grad else [None] * len(leaves)
                 flat = torch.cat(
                     [(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(leaves, grads)]
                 )

@@ -19,6 +19,7 @@ account every byte of features resident on the device, staging copies included.
 from __future__ import annotations
 
 import os
+import math
 import tempfile
 from pathlib import Path
 from typing import List, Optional, Union
@@ -55,8 +56,10 @@ def default_max_memory(device: torch.device) -> int:
 def check_max_memory(max_memory, device: torch.device) -> int:
     if max_memory is None:
         return default_max_memory(device)
-    if isinstance(max_memory, bool) or not isinstance(max_memory, (int, float)) or not max_memory > 0:
-        raise ValueError(f"max_memory must be a positive number of bytes (e.g. 8 * 2**30); got {max_memory!r}")
+    if isinstance(max_memory, bool) or not isinstance(max_memory, (int, float)) or not max_memory > 0 \
+            or not math.isfinite(max_memory):
+        raise ValueError(f"max_memory must be a positive, finite number of bytes (e.g. 8 * 2**30; None for the "
+                         f"default, half the free memory); got {max_memory!r}")
     return int(max_memory)
 
 
@@ -64,6 +67,23 @@ def check_store(store: str) -> str:
     if store not in STORES:
         raise ValueError(f"store must be one of {', '.join(STORES)}; got {store!r}")
     return store
+
+
+def _remove_stale_files(folder: Path) -> None:
+    """Delete disk-store files left by runs whose process no longer exists (kill -9)."""
+    for path in folder.glob("tangent_kernels_*_*.bin"):
+        pid = path.name.split("_")[2]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            try:
+                path.unlink()
+            except OSError:
+                pass
+        except (PermissionError, OSError):  # alive (another user's), or unknowable: leave it
+            continue
 
 
 class FeatureStore:
@@ -200,10 +220,14 @@ class FeatureStore:
             self._account(-self.device_bytes)
 
     def _open_file(self) -> None:
-        folder = Path(self.cache_dir) if self.cache_dir is not None else None
-        if folder is not None:
-            folder.mkdir(parents=True, exist_ok=True)
-        handle, path = tempfile.mkstemp(prefix=f"tangent_kernels_{self.name}_", suffix=".bin", dir=folder)
+        folder = Path(self.cache_dir) if self.cache_dir is not None else Path(tempfile.gettempdir())
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"cache_dir={str(folder)!r} is a file; give a folder for the disk store's file")
+        folder.mkdir(parents=True, exist_ok=True)
+        _remove_stale_files(folder)
+        # The pid in the name lets a later run remove the file of a run that was killed.
+        handle, path = tempfile.mkstemp(prefix=f"tangent_kernels_{os.getpid()}_{self.name}_", suffix=".bin",
+                                        dir=folder)
         os.close(handle)
         self._file = Path(path)
         self._handle = open(self._file, "wb+")

@@ -91,7 +91,7 @@ def test_bad_store_arguments():
     model, loader = _problem()
     with pytest.raises(ValueError, match="store must be one of auto, device, host, disk"):
         tk.gram(model, loader, store="gpu")
-    with pytest.raises(ValueError, match="max_memory must be a positive number of bytes"):
+    with pytest.raises(ValueError, match="max_memory must be a positive, finite number of bytes"):
         tk.gram(model, loader, max_memory=0)
     with pytest.raises(TypeError, match="callback must be callable"):
         tk.gram(model, loader, callback="print")
@@ -340,8 +340,11 @@ def test_out_may_be_any_strided_view_but_not_an_expanded_one():
     def never_called(event):
         raise AssertionError("work started before out was checked")
 
-    with pytest.raises(ValueError, match=r"out has a zero stride .*expanded view.*torch.empty\(n1, n2"):
+    with pytest.raises(ValueError, match=r"out's elements overlap in memory .*expanded.*torch.empty\(n1, n2"):
         tk.gram(model, loader, progress=False, out=torch.empty(1, N).expand(N, N), callback=never_called)
+    with pytest.raises(ValueError, match=r"out's elements overlap in memory \(strides \(1, 1\)"):
+        tk.gram(model, loader, progress=False, out=torch.empty(2 * N).as_strided((N, N), (1, 1)),
+                callback=never_called)
     with pytest.raises(ValueError, match=r"out must be a tensor of dtype torch.float64"):
         tk.gram(model, loader, progress=False, precision="fp64", out=torch.empty(N, N), callback=never_called)
 

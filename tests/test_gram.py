@@ -229,17 +229,14 @@ def test_models_vmap_cannot_batch_fall_back_to_the_loop(monkeypatch):
     assert rel_err(k, ref) <= TOLERANCE["fp64"]
 
 
-def test_models_that_mix_samples_are_evaluated_per_sample():
-    # BatchNorm without running statistics normalizes with batch statistics even in
-    # eval mode: a batched pass would mix samples. The per-sample definition holds.
-    torch.manual_seed(12)
+def test_batchnorm_without_running_statistics_is_refused():
+    # It normalizes with batch statistics even in eval mode: one sample's output depends
+    # on the others, so no per-sample eNTK exists (the batch of one it would take instead
+    # is another model).
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(),
                           nn.Flatten(), nn.Linear(4 * 10 * 10, 2))
-    x = cnn_input(5)
-    with pytest.warns(RuntimeWarning, match="mix samples within a batch"):
-        k = tk.gram(model, [x], precision="fp64", progress=False)
-    ref = tk.reference.gram_autograd(model, [x])
-    assert rel_err(k, ref) <= TOLERANCE["fp64"]
+    with pytest.raises(ValueError, match=r"BatchNorm2d '1' has no running statistics.*track_running_stats=True"):
+        tk.gram(model, [cnn_input(5)], precision="fp64", progress=False)
 
 
 def test_progress_false_prints_nothing(capsys):

@@ -21,13 +21,29 @@ from torch.func import functional_call
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
 from ..data import ModelInputs
-from ..outputs import OutputSpec, scalarize
+from ..outputs import OutputSpec, OutputValueError, scalarize
 from ..params import TensorSlice
 from . import broadcast, conv, decompose, embedding, fallback, linear  # noqa: F401 - they register their rules
 from .uses import Sink, Uncovered, UseMode
 from .views import SampledTensor
 
 __all__ = ["BatchedPass", "Uncovered"]
+
+
+def _tracked(result) -> bool:
+    """Whether any tensor of a model's result (a tensor, a tuple, a dict / ModelOutput) is
+    tracked by autograd."""
+    values = result.values() if isinstance(result, dict) else result if isinstance(result, (tuple, list)) else [result]
+    return any(isinstance(v, torch.Tensor) and v.requires_grad for v in values)
+
+
+def _starts(uses) -> List[int]:
+    """Where each use's gradients start in the flat list of all uses' targets."""
+    starts, at = [], 0
+    for use in uses:
+        starts.append(at)
+        at += len(use.targets)
+    return starts
 
 
 class BatchedPass:
@@ -48,6 +64,7 @@ class BatchedPass:
         self.columns = torch.cat([st.columns for st in self.sampled]) if self.sampled else None
         # What the first batch saw: parameter name -> the rules of its uses.
         self.paths: Dict[str, List[str]] = {}
+        self.reached: set = set()  # tensors some gradient reached on the first batch
         self.dead_tokens: Dict[str, bool] = {}
         self._module_names = {id(module): name or "(the model)" for name, module in model.named_modules()}
 
@@ -91,6 +108,13 @@ class BatchedPass:
                 seen[name] += 1
             targets = [target for use in uses for target in use.targets]
             grads = [None] * len(targets)
+            if not s.requires_grad and (mode.detached is not None or _tracked(result)):
+                where = (f"{mode.detached} in the forward" if mode.detached is not None
+                         else "output= (the model's output depends on them, the scalar it returned does not)")
+                raise OutputValueError(
+                    f"the output does not depend on the parameters: {where} cut it off the computation (e.g. "
+                    ".detach(), .item(), torch.no_grad()); return the output as computed"
+                )
             if targets and s.requires_grad:
                 grads = torch.autograd.grad(s.sum(), targets, allow_unused=True)
         # The contractions read activations that autograd tracks: F must not join the graph.
@@ -107,6 +131,8 @@ class BatchedPass:
                 use.contribute_all(list(grads[start:start + count]), sink)
                 start += count
         if not self.paths:
+            self.reached = {st.name for use, grad_start in zip(uses, _starts(uses)) for st in use.sampled
+                            if any(g is not None for g in grads[grad_start:grad_start + len(use.targets)])}
             paths = {st.name: [] for st in self.sampled}
             for use in uses:
                 label = use.label

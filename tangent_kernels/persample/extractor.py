@@ -109,6 +109,7 @@ class FeatureExtractor:
         return block
 
     def _warn_generic(self) -> None:
+        self._warn_unused()
         generic = self.generic_slices
         if not generic:
             return
@@ -122,6 +123,19 @@ class FeatureExtractor:
             RuntimeWarning,
             stacklevel=5,
         )
+
+    def _warn_unused(self) -> None:
+        if self.batched is None:
+            return
+        unused = [st.name for st in self.batched.sampled if st.name not in self.batched.reached]
+        if unused:
+            listed = ", ".join(unused[:8]) + (f", and {len(unused) - 8} more" if len(unused) > 8 else "")
+            warnings.warn(
+                f"the output does not depend on {len(unused)} sampled parameter tensor(s) on the first batch: "
+                f"{listed}; their features are zero (the exact gradient), so they add nothing to K",
+                RuntimeWarning,
+                stacklevel=5,
+            )
 
     def _verify(self, batch: ModelInputs, block: torch.Tensor) -> None:
         """Spot-check the first batch's first and last samples against the generic path.

@@ -126,7 +126,8 @@ class GenericPath:
             sample = batch.slice(b, b + 1)
             with torch.enable_grad():
                 s = self._scalar(leaves, sample.args, sample.kwargs)
-                grads = torch.autograd.grad(s, list(leaves.values()), allow_unused=True)
+                grads = (torch.autograd.grad(s, list(leaves.values()), allow_unused=True) if s.requires_grad
+                         else [None] * len(leaves))  # no parameter reaches the output: zero gradient
             # Gathered per sample: a full per-sample gradient never outlives its row.
             full = {name: (torch.zeros_like(t) if g is None else g).unsqueeze(0)
                     for (name, t), g in zip(leaves.items(), grads)}

@@ -251,6 +251,14 @@ def _writes_in_place(func) -> bool:
     return (name.endswith("_") and not name.endswith("__")) or name.startswith("__i") or name in ("__setitem__",)
 
 
+def _detaches(func, args, out) -> bool:
+    """Whether a data op returned tensors cut off the graph of inputs that autograd tracks."""
+    if not any(t.requires_grad for value in args for t in tensors_in(value)):
+        return False
+    results = tensors_in(out)
+    return bool(results) and not any(t.requires_grad for t in results) and any(t.is_floating_point() for t in results)
+
+
 def tensors_in(value) -> List[torch.Tensor]:
     if isinstance(value, torch.Tensor):
         return [value]
@@ -269,6 +277,8 @@ class UseMode(TorchFunctionMode):
         self._kinds: Dict[int, Tuple[weakref.ref, Any]] = {}
         self.uses: List[Use] = []
         self.uncovered: Dict[str, str] = {}
+        # The first op that cut data tracked by autograd off its graph (detach, no_grad).
+        self.detached: Optional[str] = None
         for st in sampled:
             self.set_kind(st.leaf, Derived(ViewPullback(st, st.leaf), (st,)))
 
@@ -371,6 +381,8 @@ class UseMode(TorchFunctionMode):
             out = func(*args, **kwargs)
             if data:
                 self.mark_data(out)
+                if self.detached is None and _detaches(func, args, out):
+                    self.detached = func_name(func) if torch.is_grad_enabled() else "an op under torch.no_grad"
             return out
         if not data:
             rule = _DERIVED_RULES.get(func)
