@@ -555,8 +555,19 @@ def _check_out_memory(out: torch.Tensor, dtype: torch.dtype) -> None:
                          "it tracks; pass a plain tensor (e.g. out.detach() or torch.empty(n1, n2))")
     overlapping = any(stride == 0 and size > 1 for stride, size in zip(out.stride(), out.shape))
     if not overlapping and out.numel():
-        # 0: no overlap; 1: overlap; 2: too hard to tell (exotic strides): refused as well.
-        overlapping = torch._debug_has_internal_overlap(out) != 0
+        # torch says 0 (no overlap), 1 (overlap) or 2 (cannot tell: any non-contiguous
+        # layout). For 2, dims sorted by stride must nest (each stride at least the extent
+        # of the dims below it), which every slice, transpose and step of a tensor does.
+        verdict = torch._debug_has_internal_overlap(out)
+        if verdict == 2:
+            dims = sorted((stride, size) for stride, size in zip(out.stride(), out.shape) if size > 1)
+            extent = 1
+            for stride, size in dims:
+                if stride < extent:
+                    verdict = 1
+                    break
+                extent = stride * size
+        overlapping = verdict == 1
     if overlapping:
         raise ValueError(
             f"out's elements overlap in memory (strides {tuple(out.stride())}, e.g. an expanded or as_strided "
