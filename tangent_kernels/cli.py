@@ -15,6 +15,7 @@ import argparse
 import importlib
 import importlib.util
 import json
+import os
 import platform
 import sys
 import time
@@ -58,6 +59,8 @@ def load_model(spec: str, weights: Optional[str] = None):
         sys.path.insert(0, str(path.parent.resolve()))
         try:
             module_spec.loader.exec_module(module)
+        except Exception as error:  # a SyntaxError, an import or any error of the file's own code
+            raise CommandError(f"--model: running {where} failed: {type(error).__name__}: {_one_line(error)}") from error
         finally:
             sys.path.pop(0)
     else:
@@ -66,14 +69,25 @@ def load_model(spec: str, weights: Optional[str] = None):
             module = importlib.import_module(where)
         except ModuleNotFoundError as error:
             raise CommandError(f"--model: cannot import module {where!r} ({error}); is it on PYTHONPATH?") from None
+        except Exception as error:
+            raise CommandError(f"--model: importing {where!r} failed: {type(error).__name__}: {_one_line(error)}") from error
         finally:
             sys.path.pop(0)
     if not hasattr(module, attr):
         raise CommandError(f"--model: module {where!r} has no attribute {attr!r}")
     obj = getattr(module, attr)
-    model = obj if isinstance(obj, nn.Module) else obj() if callable(obj) else None
-    if not isinstance(model, nn.Module):
-        raise CommandError(f"--model: {spec} must be an nn.Module or a function returning one; got {type(model).__name__}")
+    if isinstance(obj, nn.Module):
+        model = obj
+    elif callable(obj):
+        try:
+            model = obj()
+        except Exception as error:
+            raise CommandError(f"--model: calling {spec}() failed: {type(error).__name__}: {_one_line(error)}") from error
+        if not isinstance(model, nn.Module):
+            raise CommandError(f"--model: {spec}() returned a {type(model).__name__}, not an nn.Module")
+    else:
+        raise CommandError(f"--model: {spec} is a {type(obj).__name__}, not an nn.Module or a function "
+                           "returning one")
     if weights is not None:
         if not Path(weights).is_file():
             raise CommandError(f"--weights: no file {weights}")
@@ -188,6 +202,11 @@ def _model_data_idx(args: argparse.Namespace):
     if x2 is not None:
         check_model_runs(model, x2, "--data2")
     total = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if args.idx and args.params is not None:
+        raise CommandError("--idx and --params both choose the parameters: give one of them")
+    if args.params is not None and not 1 <= args.params <= total:
+        raise CommandError(f"--params {args.params}: the model has {total:,} trainable parameters; give 1 .. {total} "
+                           "(or leave it out for all)")
     if args.idx:
         idx = load_array(args.idx, "--idx")
     elif args.params is not None and args.params < total:
@@ -195,6 +214,21 @@ def _model_data_idx(args: argparse.Namespace):
     else:
         idx = None
     return model, x, x2, idx, total
+
+
+_K_SUFFIXES = (".safetensors", ".npy", ".pt")
+
+
+def _check_writable(path: str, what: str, suffixes=None) -> None:
+    """Fail before the computation on an output path that cannot be written."""
+    target = Path(path)
+    if suffixes is not None and target.suffix not in suffixes:
+        raise CommandError(f"{what} {path}: write K as {', '.join(suffixes)} (the suffix says the format)")
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise CommandError(f"{what} {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise CommandError(f"{what} {path}: not writable")
 
 
 def _coverage(args: argparse.Namespace) -> int:
@@ -211,6 +245,7 @@ def _gram(args: argparse.Namespace) -> int:
     from .engine import gram
     from .io import save_gram
 
+    _check_writable(args.out, "--out", _K_SUFFIXES)
     model, x, x2, idx, total = _model_data_idx(args)
     start = time.perf_counter()
     K = gram(
@@ -225,7 +260,16 @@ def _gram(args: argparse.Namespace) -> int:
         "params": p, "params_total": total, "seed": args.seed, "idx": args.idx, "output": args.output,
         "precision": args.precision, "device": str(K.device), "seconds": round(seconds, 3), **_environment(),
     }
-    save_gram(args.out, K, meta)
+    if args.out.endswith(".safetensors"):
+        save_gram(args.out, K, meta)
+    elif args.out.endswith(".npy"):
+        import numpy as np
+
+        np.save(args.out, K.cpu().numpy())
+    else:
+        import torch
+
+        torch.save(K.cpu(), args.out)
     kind = "K(X, X)" if x2 is None else "K(X1, X2)"
     print(f"{kind} {tuple(K.shape)} {str(K.dtype).replace('torch.', '')}, p = {p:,} of {total:,} parameters, "
           f"{seconds:.1f} s -> {args.out}")
@@ -249,6 +293,9 @@ def _solve(args: argparse.Namespace) -> int:
 
     from .solve import ConvergenceWarning, KernelRidge
 
+    for path, what in ((args.coef, "--coef"), (args.json, "--json")):
+        if path:
+            _check_writable(path, what)
     K = load_kernel(args.gram, "--gram")
     y = load_array(args.labels, "--labels")
     if (args.val_gram is None) != (args.val_labels is None):
@@ -324,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the model's)")
     g.add_argument("--checkpoint", help="folder to checkpoint into and resume from")
     g.add_argument("--max-memory", type=int, help="bytes of features allowed on the device")
-    g.add_argument("--out", required=True, help="where to save K (.safetensors)")
+    g.add_argument("--out", required=True, help="where to save K: .safetensors (with metadata, for `solve`), .npy or .pt")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (it only shows on a terminal anyway)")
     g.set_defaults(run=_gram)
 

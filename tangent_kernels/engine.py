@@ -498,12 +498,17 @@ def _fill_store(model, loader, name, *, index, output, precision, device, inputs
             fingerprint = batch_fingerprint(batch) if ckpt is not None else None
             if b < len(recorded):
                 rows, recorded_fingerprint = recorded[b]
-                if rows != batch.size or fingerprint != recorded_fingerprint:
+                if rows != batch.size:
                     raise CheckpointMismatch(
-                        f"{name} batch {b} differs from the one checkpointed in {ckpt.folder} "
-                        f"({batch.size} vs {rows} samples, or other values): the loader must yield the "
-                        "same data in the same order on resume (shuffle=False, same dataset), or delete "
-                        "the checkpoint folder to start over"
+                        f"{name} batch {b} has {batch.size} samples, the one checkpointed in {ckpt.folder} had "
+                        f"{rows}: the batches must be cut the same way on resume (the same batch size: "
+                        "DataLoader(batch_size=...), --batch-size), or delete the checkpoint folder to start over"
+                    )
+                if fingerprint != recorded_fingerprint:
+                    raise CheckpointMismatch(
+                        f"{name} batch {b} holds other values than the one checkpointed in {ckpt.folder}: the "
+                        "loader must yield the same data in the same order on resume (shuffle=False, the same "
+                        "dataset and transforms), or delete the checkpoint folder to start over"
                     )
                 stored, scales = ckpt.read_features(name, b, seen, seen + rows, p, precision.store, precision.scaled)
                 feature_store.append(stored.to(device), scales)

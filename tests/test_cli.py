@@ -128,14 +128,14 @@ def test_gram_loads_weights(workdir):
 
 @pytest.mark.parametrize("argv, message", [
     (["gram", "--model", "factory.py:nope", "--data", "X.npy", "--out", "K.safetensors"], "has no attribute 'nope'"),
-    (["gram", "--model", "factory.py:not_a_model", "--data", "X.npy", "--out", "K.safetensors"], "must be an nn.Module"),
+    (["gram", "--model", "factory.py:not_a_model", "--data", "X.npy", "--out", "K.safetensors"], "factory.py:not_a_model is a int, not an nn.Module"),
     (["gram", "--model", "missing.py:make", "--data", "X.npy", "--out", "K.safetensors"], "no file missing.py"),
     (["gram", "--model", "no_such_module:make", "--data", "X.npy", "--out", "K.safetensors"], "cannot import module 'no_such_module'"),
     (["gram", "--model", "factory", "--data", "X.npy", "--out", "K.safetensors"], "must be 'module:factory'"),
     (["gram", "--model", "factory.py:make", "--data", "nothing.npy", "--out", "K.safetensors"], "--data: no file nothing.npy"),
     (["gram", "--model", "factory.py:make", "--data", "factory.py", "--out", "K.safetensors"], "must be a .npy or .pt file"),
     (["gram", "--model", "factory.py:make", "--data", "X.npy", "--output", "last", "--out", "K.safetensors"], "--output must be"),
-    (["gram", "--model", "factory.py:make", "--data", "X.npy", "--params", "1000", "--idx", "y.npy", "--out", "K.safetensors"], None),
+    (["gram", "--model", "factory.py:make", "--data", "X.npy", "--params", "1000", "--idx", "y.npy", "--out", "K.safetensors"], "--idx and --params both choose the parameters"),
     (["solve", "--gram", "K.safetensors", "--labels", "y.npy"], "no Gram file"),
     (["solve", "--gram", "X.npy", "--labels", "y.npy"], "must be a square"),
     (["solve", "--gram", "X.npy", "--labels", "y.npy", "--val-gram", "X.npy"], "go together"),

@@ -252,9 +252,9 @@ def test_changed_or_reordered_data_is_refused(tmp_path):
     tk.gram(model, loader, progress=False, checkpoint=tmp_path)
     changed = [b.clone() for b in loader]
     changed[2][1, 3] += 0.5
-    with pytest.raises(CheckpointMismatch, match="loader batch 2 differs"):
+    with pytest.raises(CheckpointMismatch, match="loader batch 2 holds other values than the one checkpointed"):
         tk.gram(model, changed, progress=False, checkpoint=tmp_path)
-    with pytest.raises(CheckpointMismatch, match="loader batch 0 differs"):
+    with pytest.raises(CheckpointMismatch, match="loader batch 0 (holds other values|has [0-9]+ samples)"):
         tk.gram(model, loader[::-1], progress=False, checkpoint=tmp_path)
     with pytest.raises(CheckpointMismatch, match="yields 4 batches but 5 were checkpointed"):
         tk.gram(model, loader[:4], progress=False, checkpoint=tmp_path)
