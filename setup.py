@@ -105,7 +105,9 @@ def _cuda_wanted() -> bool:
     if problem is None:
         return True
     if setting == "1":
-        sys.exit(f"tangent_kernels: TANGENT_KERNELS_CUDA=1 but the CUDA kernels cannot be built: {problem}.")
+        sys.exit(f"tangent_kernels: TANGENT_KERNELS_CUDA=1 but the CUDA kernels cannot be built: {problem}. "
+                 "On a machine without the CUDA toolkit, build the CPU kernels only: `make test CUDA=0`, or "
+                 "TANGENT_KERNELS_CUDA=0 pip install --no-build-isolation .")
     _log(f"building the CPU kernels only: {problem} (TANGENT_KERNELS_CUDA=1 makes this an error)")
     return False
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import math
 import platform
@@ -434,6 +435,10 @@ def main(args: argparse.Namespace) -> int:
     from . import __version__
 
     start = time.perf_counter()
+    missing = [name for name in ("sklearn", "matplotlib") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(f"the demo needs {' and '.join(missing)} (scikit-learn's digits, the figures): "
+                          "pip install 'tangent-kernels[demo]'")
     if args.params < 1:
         raise ValueError(f"--params must be >= 1; got {args.params}")
     cfg = Config.quick(args.params) if args.quick else Config(params=args.params)
