@@ -9,7 +9,7 @@
 
 from . import analysis, reference
 from ._ext import info
-from .checkpoint import CheckpointMismatch
+from .checkpoint import CheckpointCorrupt, CheckpointInUse, CheckpointMismatch
 from .engine import ProgressEvent, features, gram
 from .io import load_gram, save_gram
 from .params import ParamIndex, subsample
@@ -19,6 +19,8 @@ from .solve import ConvergenceWarning, KernelRidge, NotFittedError, solve
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointCorrupt",
+    "CheckpointInUse",
     "CheckpointMismatch",
     "ConvergenceWarning",
     "CoverageReport",

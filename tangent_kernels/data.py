@@ -45,6 +45,9 @@ class ModelInputs:
         def move(v):
             if not isinstance(v, torch.Tensor):
                 return v
+            if v.is_meta:
+                raise ValueError("an input batch holds tensors on the meta device (no values): load the data onto "
+                                 "a real device (cpu, cuda) before computing its eNTK")
             dtype = float_dtype if (float_dtype is not None and v.is_floating_point()) else v.dtype
             return v.to(device=device, dtype=dtype)
 

@@ -141,3 +141,8 @@ def subprocess_pid_that_has_exited() -> int:
 
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     return int(done.stdout)
+
+
+def test_inputs_on_the_meta_device_are_refused():
+    with pytest.raises(ValueError, match="meta device"):
+        tk.gram(_mlp(), [torch.empty(3, 4, device="meta")], progress=False, device="cpu")

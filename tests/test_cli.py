@@ -221,3 +221,29 @@ def test_coverage_prints_every_tensor_and_its_path(workdir, capsys):
     report = tk.coverage(model, torch.from_numpy(np.load("X.npy")[:16]).float(), tk.subsample(model, 40, seed=1))
     assert out.strip() == str(report).strip()
     assert "0.weight" in out and "linear" in out and "40 of 40 sampled entries on the batched path" in out
+
+
+@pytest.mark.parametrize("setup, argv, message", [
+    ("raise RuntimeError('no weights here')", ["--model", "bad.py:make"], "--model: running bad.py failed: RuntimeError"),
+    ("def make(:\n    pass", ["--model", "bad.py:make"], "--model: running bad.py failed: SyntaxError"),
+    ("def make():\n    raise ValueError('bad config')", ["--model", "bad.py:make"],
+     "--model: calling bad.py:make() failed: ValueError: bad config"),
+    ("def make():\n    return None", ["--model", "bad.py:make"], "--model: bad.py:make() returned a NoneType, not an nn.Module"),
+    ("", ["--model", "factory.py:make", "--params", "100000"], "--params 100000: the model has 147 trainable parameters"),
+    ("", ["--model", "factory.py:make", "--out", "K.txt"], "--out K.txt: write K as .safetensors, .npy, .pt"),
+    ("", ["--model", "factory.py:make", "--out", "no_such_folder/K.safetensors"], "the folder no_such_folder does not exist"),
+])
+def test_model_and_output_problems_are_one_line_before_any_work(workdir, capsys, setup, argv, message):
+    (workdir / "bad.py").write_text(setup)
+    args = ["gram", "--data", "X.npy", "--out", "K.safetensors", *argv]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and message in err, err
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".pt"])
+def test_gram_out_writes_the_format_its_suffix_names(workdir, suffix):
+    assert main(["gram", "--model", "factory.py:make", "--data", "X.npy", "--no-progress", "--out", f"K{suffix}"]) == 0
+    K = np.load(f"K{suffix}") if suffix == ".npy" else torch.load(f"K{suffix}").numpy()
+    ref = tk.gram(tk.cli.load_model("factory.py:make"), [torch.from_numpy(np.load("X.npy")).float()], progress=False)
+    assert np.array_equal(K, ref.numpy())
