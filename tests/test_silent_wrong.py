@@ -241,3 +241,18 @@ def test_a_beta_beyond_the_dtype_is_refused(solver):
     g = torch.randn(30, 8, generator=torch.Generator().manual_seed(4))
     with pytest.raises(ValueError, match=r"beta = 1e\+300 is beyond what float32 arithmetic can solve"):
         tk.solve(g @ g.T, torch.randn(30), 1e300, solver=solver)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.int64, torch.uint8])
+def test_the_device_checksum_sees_every_single_change(dtype):
+    """The on-device fingerprint of CUDA batches (run here on CPU tensors: same code)."""
+    from tangent_kernels.checkpoint import device_checksum
+
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(7, 33, generator=gen) * 100).to(dtype)
+    base = device_checksum(x)
+    assert device_checksum(x.clone()) == base
+    for position in [0, 1, 77, 230]:
+        changed = x.clone().reshape(-1)
+        changed[position] = changed[position] + 1 if dtype != torch.uint8 else (int(changed[position]) + 1) % 256
+        assert device_checksum(changed.reshape(7, 33)) != base
