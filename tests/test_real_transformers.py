@@ -66,8 +66,37 @@ def _timm_vit():
     return model, torch.randn(5, 3, 32, 32), "first"
 
 
+def _roberta():  # position ids computed from the data, a gather with keyword arguments
+    config = transformers.RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                        intermediate_size=48, max_position_embeddings=20, pad_token_id=1)
+    ids, mask = _text_batch()
+    return transformers.RobertaForSequenceClassification(config), {"input_ids": ids, "attention_mask": mask}, "first"
+
+
+def _albert():  # one layer's weights shared by every layer
+    config = transformers.AlbertConfig(vocab_size=100, embedding_size=16, hidden_size=32, num_hidden_layers=3,
+                                       num_attention_heads=2, intermediate_size=48, max_position_embeddings=16)
+    ids, mask = _text_batch()
+    return transformers.AlbertForSequenceClassification(config), {"input_ids": ids, "attention_mask": mask}, "first"
+
+
+def _timm_swin():  # windows flattened into the batch dim, a relative-position bias table
+    timm = pytest.importorskip("timm", reason="timm is one of the test tools (Makefile TOOLS)")
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=56, embed_dim=16,
+                              depths=(1, 1), num_heads=(1, 2), num_classes=3)
+    return model, torch.randn(5, 3, 56, 56), "first"
+
+
+def _timm_deit_distilled():  # class and distillation tokens
+    timm = pytest.importorskip("timm", reason="timm is one of the test tools (Makefile TOOLS)")
+    model = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                              embed_dim=32, depth=2, num_heads=2, num_classes=3)
+    return model, torch.randn(5, 3, 32, 32), "first"
+
+
 MODELS = {"bert": _bert, "gpt2-tied": _gpt2, "llama-tied": _llama, "t5-encoder": _t5,
-          "torchvision-vit": _torchvision_vit, "timm-vit": _timm_vit}
+          "torchvision-vit": _torchvision_vit, "timm-vit": _timm_vit, "roberta": _roberta, "albert-shared": _albert,
+          "timm-swin": _timm_swin, "timm-deit-distilled": _timm_deit_distilled}
 
 
 @pytest.mark.parametrize("name", list(MODELS))

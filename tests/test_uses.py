@@ -423,3 +423,27 @@ def test_a_parameter_inside_a_custom_autograd_function_goes_generic():
         K = tk.gram(model, [x], precision="fp64", progress=False)
     ref = tk.reference.gram_autograd(model, [x])
     assert float((K - ref).norm() / ref.norm()) <= 1e-10
+
+
+class SequenceFirst(nn.Module):
+    """Activations laid out [T, B, d] (nn.TransformerEncoderLayer's default), with a
+    position embedding [T, 1, d] added and token ids [T, B]."""
+
+    def __init__(self, length):
+        super().__init__()
+        self.embed = nn.Embedding(11, 16)
+        self.pos = nn.Parameter(torch.randn(length, 1, 16) / 4)
+        self.encoder = nn.TransformerEncoderLayer(16, 2, 24, dropout=0.0)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, ids):  # [B, T]
+        h = self.embed(ids.transpose(0, 1)) + self.pos
+        return self.head(self.encoder(h).mean(0))
+
+
+@pytest.mark.parametrize("length", [5, 8])  # 8: a multiple of the batch of 4
+def test_sequence_first_layouts_are_batched(length):
+    torch.manual_seed(13)
+    model, ids = SequenceFirst(length), torch.randint(0, 11, (8, length))
+    check(model, ids, backends=FAST, at=4)
+    assert tk.coverage(model, ids).generic == []

@@ -65,13 +65,17 @@ def _contract(backend, st, geometry, tokens, d, padding_idx, sink: Sink) -> None
 class EmbeddingUse(Use):
     label = "embedding"
 
-    def __init__(self, mode, tokens, z, weight, padding_idx):
+    def __init__(self, mode, tokens, z, weight, padding_idx, samples_dim=0):
         super().__init__([weight.st], torch.autograd.graph.get_gradient_edge(z), guarded=[tokens])
         self.batch, self.backend = mode.batch_size, mode.backend
         self.tokens, self.weight, self.padding_idx = tokens, weight, padding_idx
+        self.samples_dim = samples_dim  # 1: sequence first [T, B]
 
     def contribute(self, d: torch.Tensor, sink: Sink) -> None:
-        tokens = self.tokens.reshape(self.batch, -1)
+        tokens = self.tokens
+        if self.samples_dim:
+            tokens, d = tokens.movedim(1, 0), d.movedim(1, 0)
+        tokens = tokens.reshape(self.batch, -1)
         _contract(self.backend, self.weight.st, self.weight.geometry, tokens,
                   d.reshape(self.batch, tokens.shape[1], -1), self.padding_idx, sink)
 
@@ -99,13 +103,15 @@ def embedding(mode, func, args, kwargs):
     tokens, table, weight, padding_idx = _arguments(mode, func, args, kwargs)
     if weight is None:
         raise NotCovered("data as the embedding table")
-    if tokens.dim() == 0 or not (tokens.shape[0] == mode.batch_size
-                                 or (tokens.dim() == 1 and tokens.numel() % mode.batch_size == 0)):
-        raise NotCovered(f"indices of shape {list(tokens.shape)} without a leading batch dimension")
+    where = mode.samples_dim(tokens) if tokens.dim() else None
+    if where is None:
+        raise NotCovered(f"indices of shape {list(tokens.shape)} without a batch dimension first or second")
+    if where not in (0, 1):
+        raise NotCovered(f"indices with the batch on dim {where}")
     z = func(*args, **kwargs)
-    mode.mark_data(z)
+    mode.mark_data(z, where)
     if z.requires_grad:
-        mode.add_use(EmbeddingUse(mode, tokens, z, weight, padding_idx))
+        mode.add_use(EmbeddingUse(mode, tokens, z, weight, padding_idx, where))
     return z
 
 

@@ -79,7 +79,7 @@ def per_op(mode, func, args, kwargs, derived_inputs):
     operands = []
     for value in (*args, *kwargs.values()):
         for t in tensors_in(value):
-            if mode.is_data(t) and (t.dim() == 0 or t.shape[0] != batch):
+            if mode.is_data(t) and (t.dim() == 0 or t.shape[0] != batch or mode.samples_dim(t) != 0):
                 return None, f"a data argument of shape {list(t.shape)} without the batch on dim 0"
             derived = mode.derived(t)
             if derived is not None and all(t is not other for _, other, _ in operands):

@@ -29,15 +29,13 @@ class Operand(NamedTuple):
     geometry: Geometry
 
 
-def _rows(mode, a: torch.Tensor, what: str) -> None:
-    batch = mode.batch_size
-    # Rows flattened batch-major into dim 0 ([B * T, I] rows, Swin's [B * windows, N, C])
-    # group by sample as a.reshape(B, -1, I); a layout that puts the batch elsewhere with
-    # a leading size that happens to divide (seq-first [T, B, I]) is what the spot check
-    # against a per-sample evaluation catches.
-    if a.dim() < 2 or a.shape[0] % batch:
-        raise NotCovered(f"{what} of shape {list(a.shape)} has no leading batch dimension of size {batch} "
-                         "(nor batch-major flattened rows)")
+def _rows(mode, a: torch.Tensor, what: str) -> int:
+    """The dim of ``a`` that holds the samples (0 or 1), or NotCovered."""
+    where = mode.samples_dim(a) if a.dim() >= 2 else None
+    if where is None or where >= a.dim() - 1:  # the last dim holds the features
+        raise NotCovered(f"{what} of shape {list(a.shape)} has no batch dimension of size {mode.batch_size} "
+                         "first (nor batch-major flattened rows, nor sequence first)")
+    return where
 
 
 def _view_of_parameter(mode, t, what: str, dims: int, batched: bool = False):
@@ -68,15 +66,19 @@ class LinearUse(Use):
 
     label = "linear"
 
-    def __init__(self, mode, a, z, weight, layout, bias=None, scale=1.0, bias_scale=1.0, transposed=False):
+    def __init__(self, mode, a, z, weight, layout, bias=None, scale=1.0, bias_scale=1.0, transposed=False,
+                 samples_dim=0):
         sampled = [p.st for p in (weight, bias) if p is not None]
         super().__init__(sampled, torch.autograd.graph.get_gradient_edge(z), guarded=[a])
         self.batch, self.backend = mode.batch_size, mode.backend
         self.a, self.weight, self.layout, self.bias = a, weight, layout, bias
         self.scale, self.bias_scale, self.transposed = scale, bias_scale, transposed
+        self.samples_dim = samples_dim  # 1: sequence first [T, B, ...]
 
     def contribute(self, d: torch.Tensor, sink: Sink) -> None:
         a = self.a
+        if self.samples_dim:
+            a, d = a.movedim(self.samples_dim, 0), d.movedim(self.samples_dim, 0)
         if self.transposed:
             a, d = a.transpose(-1, -2), d.transpose(-1, -2)
         n_in, n_out = a.shape[-1], d.shape[-1]
@@ -130,7 +132,7 @@ class LinearUse(Use):
 
 
 def _record(mode, z, **use) -> torch.Tensor:
-    mode.mark_data(z)
+    mode.mark_data(z, use.get("samples_dim", 0))
     if z.requires_grad:
         mode.add_use(LinearUse(mode, z=z, **use))
     return z
@@ -143,10 +145,10 @@ def linear(mode, func, args, kwargs):
     x, weight, bias = given.get("input"), given.get("weight"), given.get("bias")
     if not mode.is_data(x):
         raise NotCovered("a parameter as the input of F.linear")
-    _rows(mode, x, "the input")
+    where = _rows(mode, x, "the input")
     w = _view_of_parameter(mode, weight, "weight", 2)
     b = _view_of_parameter(mode, bias, "bias", 1)
-    return _record(mode, func(*args, **kwargs), a=x, weight=w, layout="oi", bias=b)
+    return _record(mode, func(*args, **kwargs), a=x, weight=w, layout="oi", bias=b, samples_dim=where)
 
 
 @register(torch.addmm, torch.Tensor.addmm)
@@ -157,7 +159,8 @@ def addmm(mode, func, args, kwargs):
     beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
     if not mode.is_data(mat1) or mode.derived(bias) is not None and bias.dim() == 2 and bias.shape[0] != 1:
         raise NotCovered("a parameter as mat1, or a bias that is not broadcast over rows")
-    _rows(mode, mat1, "mat1")
+    if _rows(mode, mat1, "mat1") != 0:
+        raise NotCovered("mat1's rows are not grouped by sample")
     w = _view_of_parameter(mode, mat2, "mat2", 2)
     b = _view_of_parameter(mode, bias, "bias", bias.dim() if isinstance(bias, torch.Tensor) else 1)
     return _record(mode, func(*args, **kwargs), a=mat1, weight=w, layout="io", bias=b, scale=alpha, bias_scale=beta)
@@ -170,11 +173,13 @@ def matmul(mode, func, args, kwargs):
         raise NotCovered("matmul with out=")
     left, right = args if func is not torch.Tensor.__rmatmul__ else args[::-1]
     if mode.is_data(left) and mode.derived(right) is not None:
-        _rows(mode, left, "the left operand")
+        where = _rows(mode, left, "the left operand")
         w = _view_of_parameter(mode, right, "right operand", 2, batched=True)
-        return _record(mode, func(*args, **kwargs), a=left, weight=w, layout="io")
+        if where and right.dim() != 2:
+            raise NotCovered("a batched parameter operand with the data sequence first")
+        return _record(mode, func(*args, **kwargs), a=left, weight=w, layout="io", samples_dim=where)
     if mode.derived(left) is not None and mode.is_data(right):
-        if right.dim() < 3 or right.shape[0] != mode.batch_size:
+        if right.dim() < 3 or right.shape[0] != mode.batch_size or mode.samples_dim(right) != 0:
             raise NotCovered(f"a parameter times data of shape {list(right.shape)} (no leading batch dimension)")
         w = _view_of_parameter(mode, left, "left operand", 2)
         return _record(mode, func(*args, **kwargs), a=right, weight=w, layout="oi", transposed=True)
@@ -215,6 +220,8 @@ def einsum(mode, func, args, kwargs):
         x, w = w, x
     if not mode.is_data(x) or mode.derived(w) is None:
         raise NotCovered("one operand must be data, the other a parameter")
+    if mode.samples_dim(x) != 0:
+        raise NotCovered("an einsum whose data does not have the batch first")
     spec = equation.replace(" ", "")
     if "->" not in spec or "." in spec:
         raise NotCovered("an einsum without an explicit output or with an ellipsis")

@@ -36,11 +36,20 @@ __all__ = ["DATA", "Derived", "NotCovered", "Uncovered", "Use", "UseMode", "Sink
 
 
 class _Data:
+    """A data tensor's kind, with the dim that holds its samples (None: not known; the
+    rules then read it from the shape, uses.batch_dim)."""
+
+    __slots__ = ("dim",)
+
+    def __init__(self, dim: Optional[int]):
+        self.dim = dim
+
     def __repr__(self):
-        return "DATA"
+        return f"DATA(samples on dim {self.dim})"
 
 
-DATA = _Data()
+DATA = _Data(0)  # the usual case: batch first
+_DATA_AT = {None: _Data(None), 0: DATA, **{d: _Data(d) for d in range(1, 8)}}
 
 
 class Uncovered(Exception):
@@ -242,6 +251,7 @@ class Derived:
 
 
 _NOT_WRITES = {"requires_grad_", "retain_grad", "share_memory_"}
+_SWAPS = {"transpose", "swapaxes", "swapdims"}
 
 
 def _writes_in_place(func) -> bool:
@@ -257,6 +267,23 @@ def _detaches(func, args, out) -> bool:
         return False
     results = tensors_in(out)
     return bool(results) and not any(t.requires_grad for t in results) and any(t.is_floating_point() for t in results)
+
+
+def batch_dim(batch: int, shape) -> Optional[int]:
+    """Where the samples of a data tensor of ``shape`` are, read from the shape: 0 (batch
+    first: dim 0 is B), 1 (sequence first: [T, B, ...]), 0 again for rows flattened
+    batch-major into dim 0 ([B * T, d], Swin's [B * windows, N, C]), else None.
+
+    The shape can mislead (windows flattened into dim 0 with N = B windows' tokens read
+    as sequence first); the spot check against a per-sample evaluation catches that, as
+    it guards every rule."""
+    if len(shape) >= 1 and shape[0] == batch:
+        return 0
+    if len(shape) >= 2 and shape[1] == batch:
+        return 1
+    if len(shape) >= 1 and shape[0] > 0 and shape[0] % batch == 0:
+        return 0
+    return None
 
 
 def tensors_in(value) -> List[torch.Tensor]:
@@ -279,6 +306,10 @@ class UseMode(TorchFunctionMode):
         self.uncovered: Dict[str, str] = {}
         # The first op that cut data tracked by autograd off its graph (detach, no_grad).
         self.detached: Optional[str] = None
+        # The batch's own tensors (and their bases), and which module is running (watch_inputs).
+        self._inputs: set = set()
+        self._module_stack: Optional[list] = None
+        self._module_names: Dict[int, str] = {}
         for st in sampled:
             self.set_kind(st.leaf, Derived(ViewPullback(st, st.leaf), (st,)))
 
@@ -297,11 +328,56 @@ class UseMode(TorchFunctionMode):
         return kind if isinstance(kind, Derived) else None
 
     def is_data(self, t) -> bool:
-        return self.kind(t) is DATA
+        return isinstance(self.kind(t), _Data)
 
-    def mark_data(self, value) -> None:
+    def tracked_dim(self, t) -> Optional[int]:
+        """The dim of data tensor t that holds the samples as tracked through transposes
+        and ops that keep it (None where a reshape or reduction lost it)."""
+        kind = self.kind(t)
+        if isinstance(kind, _Data) and kind.dim is not None and kind.dim < t.dim() \
+                and t.shape[kind.dim] == self.batch_size:
+            return kind.dim
+        return None
+
+    def samples_dim(self, t) -> Optional[int]:
+        """The tracked dim of t's samples, else the one its shape suggests (batch_dim)."""
+        tracked = self.tracked_dim(t)
+        return tracked if tracked is not None else batch_dim(self.batch_size, t.shape)
+
+    def mark_data(self, value, dim: Optional[int] = 0) -> None:
+        kind = _DATA_AT.get(dim, _DATA_AT[None])
         for t in tensors_in(value):
-            self.set_kind(t, DATA)
+            self.set_kind(t, kind)
+
+    def _propagate(self, func, args, kwargs, out) -> None:
+        """Mark a data op's results, carrying the samples' dim through transposes and
+        through ops that keep the input's layout. Never fails the user's op: where the
+        dim cannot be followed, it is marked unknown (read from the shape later)."""
+        try:
+            dim = self._follow(func, args, kwargs, out)
+        except Exception:  # noqa: BLE001 - an argument form not foreseen here
+            dim = None
+        self.mark_data(out, dim)
+
+    def _follow(self, func, args, kwargs, out) -> Optional[int]:
+        source = next((t for value in (*args, *kwargs.values()) for t in tensors_in(value) if self.is_data(t)), None)
+        dim = self.kind(source).dim if source is not None else 0
+        results = tensors_in(out)
+        if dim is not None and results:
+            name = getattr(func, "__name__", "")
+            first = results[0]
+            if name in _SWAPS and len(args) >= 3 and all(isinstance(a, int) for a in args[1:3]):
+                a, b = (d % source.dim() for d in args[1:3])
+                dim = b if dim == a else a if dim == b else dim
+            elif name == "permute" and len(args) >= 2:
+                order = list(args[1]) if isinstance(args[1], (list, tuple)) else list(args[1:])
+                order = [d % source.dim() for d in order]
+                dim = order.index(dim) if dim in order else None
+            elif name in ("t", "T") and source.dim() == 2:
+                dim = 1 - dim
+            elif not (first.dim() == source.dim() and first.shape[dim] == source.shape[dim]):
+                dim = None  # reshaped, reduced, ...: read from the shape where it is needed
+        return dim
 
     def mark_derived(self, value, derived_inputs: Sequence[Derived]) -> None:
         sampled = {id(st): st for d in derived_inputs for st in d.sampled}
@@ -340,12 +416,11 @@ class UseMode(TorchFunctionMode):
         if not isinstance(target, torch.Tensor):
             return
         where = ""
-        stack = getattr(self, "_module_stack", None)
+        stack = self._module_stack
         if stack:
             where = f" in module {self._module_names.get(id(stack[-1]), type(stack[-1]).__name__)!r}"
         root = target if target._base is None else target._base
-        inputs = getattr(self, "_inputs", set())
-        if id(target) in inputs or id(root) in inputs:
+        if id(target) in self._inputs or id(root) in self._inputs:
             raise ValueError(
                 f"the model writes its input in place ({func_name(func)}{where}): tangent_kernels evaluates a "
                 "batch more than once and never changes the caller's data. Compute out of place in forward "
@@ -366,7 +441,7 @@ class UseMode(TorchFunctionMode):
         for value in (*args, *kwargs.values()):
             for t in tensors_in(value):
                 kind = self.kind(t)
-                if kind is DATA:
+                if isinstance(kind, _Data):
                     data = True
                 elif kind is not None:
                     derived.append(kind)
@@ -380,7 +455,7 @@ class UseMode(TorchFunctionMode):
         if not derived:
             out = func(*args, **kwargs)
             if data:
-                self.mark_data(out)
+                self._propagate(func, args, kwargs, out)
                 if self.detached is None and _detaches(func, args, out):
                     self.detached = func_name(func) if torch.is_grad_enabled() else "an op under torch.no_grad"
             return out
