@@ -157,14 +157,39 @@ def func_gram(model, loader, idx, output):
         persample_extractor.BATCHED = True
 
 
+DEVICE = torch.device("cpu")
+
+
+def _sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def timed(fn, repeats):
     fn()  # warm-up
     times, result = [], None
     for _ in range(repeats):
+        _sync()
         start = time.perf_counter()
         result = fn()
+        _sync()
         times.append(time.perf_counter() - start)
     return times, result
+
+
+def to_device(data):
+    if isinstance(data, dict):
+        return {k: v.to(DEVICE) for k, v in data.items()}
+    return data.to(DEVICE)
+
+
+def cuda_peak_mb(fn) -> float:
+    torch.cuda.synchronize(DEVICE)
+    base = torch.cuda.memory_allocated(DEVICE)
+    torch.cuda.reset_peak_memory_stats(DEVICE)
+    fn()
+    torch.cuda.synchronize(DEVICE)
+    return (torch.cuda.max_memory_allocated(DEVICE) - base) / 2**20
 
 
 def _peak_rss_mb() -> float:
@@ -218,23 +243,28 @@ def main() -> int:
     parser.add_argument("--max-step-ratio", type=float, default=2.5)
     parser.add_argument("--min-speedup", type=float, default=1.2)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (peak memory: torch.cuda's allocator there)")
     parser.add_argument("--memory-probe", nargs=2, metavar=("MODEL", "WHAT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_probe:
         memory_probe(*args.memory_probe, args.batch, args.params)
         return 0
+    global DEVICE
+    DEVICE = torch.device(args.device)
     torch.manual_seed(0)
     report = {"device": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "commit": commit(), "n": args.n, "p": args.params, "models": {}}
     failures = []
-    print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, commit {report['commit']}, "
+    where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    report["device"] = where
+    print(f"{where}, torch {torch.__version__}, commit {report['commit']}, "
           f"n = {args.n}, p = {args.params}, batches of {args.batch}, fp32")
     for name in args.models:
         model, data, output = MODELS[name](args.n)
-        model.eval()
-        loader = batches(data, args.batch)
+        model = model.eval().to(DEVICE)
+        loader = [to_device(b) for b in batches(data, args.batch)]
         idx = tk.subsample(model, args.params, seed=0)
-        positions = idx.positions
+        positions = idx.positions.to(DEVICE)
         result = {}
         t_step, _ = timed(lambda: training_step(model, loader, output), args.repeats)
         t_tk, k = timed(lambda: tk.gram(model, loader, idx, output=output, progress=False), args.repeats)
@@ -247,7 +277,11 @@ def main() -> int:
             opacus_error = float((k_opacus.double() - k_naive.double()).norm() / k_naive.double().norm())
         except Exception as failure:  # noqa: BLE001 - a baseline that cannot run this model is reported
             t_opacus, opacus_error = None, f"{type(failure).__name__}: {str(failure).splitlines()[0][:120]}"
-        mem_step, mem_tk = peak_memory_mb(name, args.batch, args.params)
+        if DEVICE.type == "cuda":
+            mem_step = cuda_peak_mb(lambda: training_step(model, loader[:1], output))
+            mem_tk = cuda_peak_mb(lambda: tk.features(model, loader[:1], idx, output=output, progress=False))
+        else:
+            mem_step, mem_tk = peak_memory_mb(name, args.batch, args.params)
         med = statistics.median
         step_ratio = med(t_tk) / med(t_step)
         result = {"train_step_s": t_step, "tk_s": t_tk, "naive_s": t_naive, "func_s": t_func,

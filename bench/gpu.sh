@@ -2,7 +2,8 @@
 # Everything a lent GPU machine should run, in one go (its python3 already holds torch,
 # triton, pytest and torchvision): build the extension for Hopper, the GPU tests, then the
 # benchmarks. Logs go to $OUT (or ./gpu-out). Usage: bash bench/gpu.sh [stage ...]
-# with stages build, test, testall, gram, engine, resnet50, tf32, profile, solve (default: build test gram engine).
+# with stages build, test, testall, gram, engine, resnet50, tf32, profile, solve, transformers
+# (default: build test gram engine).
 set -u
 # resnet50's asserted margin over the naive loop: 9.5x-10.1x bf16 and 12.3x tf32 were
 # measured on an H100 (bench/RESULTS.md), with the naive loop's time varying by host.
@@ -27,6 +28,8 @@ for stage in $stages; do case $stage in
           --params 500000 --n "${N50:-2048}" --batch-size 64 --precision tf32 --repeats 1 --train-step \
           --backend cuda --skip func --margin "${MARGIN50:-8}" --json "$OUT/tf32.json" ;;
   profile) TAIL=40 run profile python3 bench/profile_gram.py --device cuda --backend cuda ;;
+  transformers) run transformers python3 bench/bench_transformers.py --device cuda --n "${NTRANS:-2048}" \
+                  --batch 256 --repeats 3 --max-step-ratio "${MAX_STEP:-2.5}" --json "$OUT/transformers.json" ;;
   solve) run solve python3 bench/bench_solve.py --device cuda --n "${NSOLVE:-50000}" --betas 10 --json "$OUT/solve.json" ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac; done
