@@ -447,3 +447,25 @@ def test_sequence_first_layouts_are_batched(length):
     model, ids = SequenceFirst(length), torch.randint(0, 11, (8, length))
     check(model, ids, backends=FAST, at=4)
     assert tk.coverage(model, ids).generic == []
+
+
+@pytest.mark.parametrize("layout", ["linear", "addmm"])
+def test_a_whole_weight_is_one_batched_product(monkeypatch, layout):
+    """idx=None: every entry of a weight sampled, written by one bmm into F (no kernel)."""
+    calls = []
+    monkeypatch.setattr(tk.ops, "sampled_linear_grad", lambda *a, **k: calls.append(1))
+    torch.manual_seed(14)
+    model = (nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3), nn.Flatten()) if layout == "linear"
+             else FlatRowsSmall())
+    x = torch.randn(6, 4, 5)
+    check(model, x, backends=["torch"] + CPP)
+    assert calls == []
+
+
+class FlatRowsSmall(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.randn(5, 3) / 2), nn.Parameter(torch.randn(3))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.reshape(-1, 5), self.weight).reshape(x.shape[0], -1)
