@@ -15,7 +15,72 @@ from torch import nn
 
 from .params import ParamLayout
 
-__all__ = ["check_device", "eval_mode", "fp32_math", "functional_state", "matmul_allows_tf32", "model_device"]
+__all__ = ["check_device", "eval_mode", "evaluate", "fp32_math", "functional_state", "matmul_allows_tf32",
+           "model_device", "module_attributes_kept"]
+
+# nn.Module's own bookkeeping, which functional_call and hooks manage themselves.
+_MODULE_INTERNALS = frozenset({"_parameters", "_buffers", "_modules", "training", "_non_persistent_buffers_set"})
+
+
+@contextmanager
+def module_attributes_kept(model: nn.Module):
+    """Every module's plain attributes as they were, after each evaluation of the model.
+
+    Some models cache tensors computed from their parameters in a plain attribute during
+    an eval-mode forward (timm's LeViT keeps ``attention_biases[:, idxs]`` in a dict). With
+    the parameters swapped for the per-sample computation, such a cache would hold the
+    swapped tensors: stale values and autograd graphs for every later evaluation, and a
+    changed model for the caller. So attributes added are removed, attributes rebound are
+    set back, and dicts, lists and sets are given back their contents.
+    """
+    saved = []
+    for module in model.modules():
+        state = {}
+        for key, value in vars(module).items():
+            if key in _MODULE_INTERNALS or key.startswith("_forward") or key.startswith("_backward") \
+                    or key.endswith("hooks"):
+                continue
+            contents = dict(value) if isinstance(value, dict) else list(value) if isinstance(value, (list, set)) else None
+            state[key] = (value, contents)
+        saved.append((module, state))
+    try:
+        yield
+    finally:
+        for module, state in saved:
+            attributes = vars(module)
+            for key in [k for k in attributes if k not in state and not (
+                    k in _MODULE_INTERNALS or k.startswith("_forward") or k.startswith("_backward") or k.endswith("hooks"))]:
+                del attributes[key]
+            for key, (value, contents) in state.items():
+                if attributes.get(key) is not value:
+                    attributes[key] = value
+                if contents is None or _same_contents(value, contents):
+                    continue
+                if isinstance(value, dict):
+                    value.clear()
+                    value.update(contents)
+                elif isinstance(value, list):
+                    value[:] = contents
+                else:
+                    value.clear()
+                    value.update(contents)
+
+
+def evaluate(model: nn.Module, state, args, kwargs):
+    """``functional_call(model, state, args, kwargs)`` with every module's plain attributes
+    kept (``module_attributes_kept``): each evaluation sees the model as the caller left it."""
+    from torch.func import functional_call
+
+    with module_attributes_kept(model):
+        return functional_call(model, state, args, kwargs)
+
+
+def _same_contents(value, contents) -> bool:
+    """By identity: == on tensors is elementwise."""
+    if isinstance(value, dict):
+        return value.keys() == contents.keys() and all(value[k] is contents[k] for k in value)
+    items = list(value)
+    return len(items) == len(contents) and all(a is b for a, b in zip(items, contents))
 
 
 @contextmanager

@@ -11,9 +11,9 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
-from ._model import eval_mode, functional_state, model_device
+
+from ._model import eval_mode, evaluate, functional_state, model_device
 from .data import iterate_inputs
 from .outputs import OutputSpec, check_output_spec, scalarize
 from .params import resolve_idx
@@ -42,7 +42,7 @@ def features_autograd(
             batch = batch.to(device, torch.float64)
             for b in range(batch.size):
                 sample = batch.slice(b, b + 1)
-                out = functional_call(model, (trainable, rest), sample.args, sample.kwargs)
+                out = evaluate(model, (trainable, rest), sample.args, sample.kwargs)
                 s = scalarize(out, output, 1)[0]
                 # An output that no parameter reaches has zero gradient (autograd would refuse it).
                 grads = torch.autograd.grad(s, leaves, allow_unused=True) if s.requires_grad else [None] * len(leaves)

@@ -469,3 +469,44 @@ class FlatRowsSmall(nn.Module):
 
     def forward(self, x):
         return torch.addmm(self.bias, x.reshape(-1, 5), self.weight).reshape(x.shape[0], -1)
+
+
+class CachesItsBias(nn.Module):
+    """Caches a tensor computed from a parameter in a plain dict attribute in eval mode
+    (as timm's LeViT does with its attention biases)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.table = nn.Parameter(torch.randn(5))
+        self.register_buffer("index", torch.tensor([0, 3, 4]))
+        self.cache = {}
+
+    def forward(self, x):
+        if not self.training:
+            if "bias" not in self.cache:
+                self.cache["bias"] = self.table[self.index]
+            bias = self.cache["bias"]
+        else:
+            bias = self.table[self.index]
+        return self.lin(x) + bias
+
+
+def test_attributes_a_forward_caches_are_kept_as_they_were():
+    torch.manual_seed(15)
+    model, x = CachesItsBias().eval(), torch.randn(6, 4)
+    check(model, x, backends=FAST)
+    assert model.cache == {}
+
+
+def test_after_a_failed_spot_check_the_generic_path_is_the_exact_loop():
+    torch.manual_seed(16)
+    model, x = MixesSamples(), torch.randn(6, 4)
+    from tangent_kernels.data import to_inputs
+    from tangent_kernels.persample.extractor import FeatureExtractor
+
+    extractor = FeatureExtractor(model, tk.params.resolve_idx(model, None), "first", torch.float64,
+                                 torch.device("cpu"))
+    with pytest.warns(RuntimeWarning, match="mix samples"):
+        extractor(to_inputs(x.double()))
+    assert extractor.batched is None and extractor.generic.strategy == "loop"

@@ -17,7 +17,7 @@ from typing import Dict, List, Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call
+from .._model import evaluate
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
 from ..data import ModelInputs
@@ -88,7 +88,7 @@ class BatchedPass:
         try:
             with torch.enable_grad():
                 with mode:
-                    result = functional_call(self.model, self.state, batch.args, batch.kwargs)
+                    result = evaluate(self.model, self.state, batch.args, batch.kwargs)
         finally:
             for hook in hooks:
                 hook.remove()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -55,6 +55,9 @@ class FeatureExtractor:
             self.generic_why = {piece.name: "the batched pass is switched off" for piece in index.tensor_slices}
         self.verified = False
         self._warned = not BATCHED
+        # After a failed spot check the generic path runs the exact per-sample loop only:
+        # vmap itself was seen to differ from the loop on some models (timm's LeViT: 6%).
+        self._generic_strategy: Optional[str] = None
         self._build()
 
     @property
@@ -71,8 +74,8 @@ class FeatureExtractor:
         self.batched = (BatchedPass(self.model, batched, self.state, self.output, self.device, self.backend, self.dense)
                         if batched else None)
         generic = self.generic_slices
-        self.generic = (GenericPath(self.model, self.index.layout, generic, self.output, self.dtype, self.device)
-                        if generic else None)
+        self.generic = (GenericPath(self.model, self.index.layout, generic, self.output, self.dtype, self.device,
+                                    strategy=self._generic_strategy) if generic else None)
         if self.batched is None:
             self.verified = True
 
@@ -173,5 +176,6 @@ class FeatureExtractor:
             self.generic_why.update({piece.name: _MIXES_SAMPLES for piece in self.index.tensor_slices
                                      if piece.name not in self.generic_why})
             self._warned = True  # this warning says it already
+            self._generic_strategy = "loop"
             self._build()
             self.generic(batch, block)

@@ -14,9 +14,9 @@ from typing import Dict, List, Optional
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
-from .._model import functional_state
+from .._model import evaluate, functional_state
 from ..data import ModelInputs
 from ..outputs import OutputError, OutputSpec, scalarize
 from ..params import ParamLayout, TensorSlice
@@ -100,7 +100,7 @@ class GenericPath:
         return time.perf_counter()
 
     def _scalar(self, params, args, kwargs) -> torch.Tensor:
-        out = functional_call(self.model, (params, self.rest), args, kwargs)
+        out = evaluate(self.model, (params, self.rest), args, kwargs)
         return scalarize(out, self.output, 1)[0]
 
     def _vmap(self, batch: ModelInputs) -> Dict[str, torch.Tensor]:
