@@ -140,6 +140,22 @@ class FeatureExtractor:
                 stacklevel=5,
             )
 
+    def _fp64_disagreement(self, batch: ModelInputs) -> float:
+        """The spot check again in float64, on the batch's first few samples."""
+        sub = batch.slice(0, min(batch.size, 4)).to(self.device, torch.float64)
+        exact = FeatureExtractor(self.model, self.index, self.output, torch.float64, self.device, self.backend)
+        exact.generic_why = dict(self.generic_why)
+        exact._build()
+        exact.verified = exact._warned = True
+        block = exact._features(sub)
+        check = GenericPath(self.model, self.index.layout, self.index.tensor_slices, self.output, torch.float64,
+                            self.device, strategy="loop")
+        rows = sorted({0, sub.size - 1})
+        expected = torch.empty(len(rows), len(self.index), dtype=torch.float64, device=self.device)
+        for k, row in enumerate(rows):
+            check(sub.slice(row, row + 1), expected[k:k + 1])
+        return float((block[rows] - expected).norm() / expected.norm().clamp_min(torch.finfo(torch.float64).tiny))
+
     def _verify(self, batch: ModelInputs, block: torch.Tensor) -> None:
         """Spot-check the first batch's first and last samples against the generic path.
 
@@ -163,6 +179,14 @@ class FeatureExtractor:
                 if self.generic is not None:
                     self.generic(batch, batched)
         error = float((batched[rows] - expected).norm() / expected.norm().clamp_min(torch.finfo(self.dtype).tiny))
+        if error > self.tolerance and self.dtype == torch.float32 and self.batched is not None:
+            # fp32 roundings differ between a batch and one sample (other convolution
+            # algorithms), and a ReLU input within an ulp of 0 flips: on a random DenseNet-121
+            # that alone exceeded the tolerance. Whether samples interact is asked in fp64.
+            fp64_error = self._fp64_disagreement(batch)
+            _log.debug("spot check: fp32 %.1e, fp64 %.1e", error, fp64_error)
+            if fp64_error <= _VERIFY_TOLERANCE[torch.float64]:
+                return
         if error > self.tolerance:
             warnings.warn(
                 f"per-sample gradients from the batched pass differ from a per-sample evaluation by "
