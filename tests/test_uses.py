@@ -510,3 +510,21 @@ def test_after_a_failed_spot_check_the_generic_path_is_the_exact_loop():
     with pytest.warns(RuntimeWarning, match="mix samples"):
         extractor(to_inputs(x.double()))
     assert extractor.batched is None and extractor.generic.strategy == "loop"
+
+
+def test_an_fp32_spot_check_failed_by_rounding_alone_keeps_the_batched_pass(monkeypatch):
+    from tangent_kernels.persample import extractor
+
+    # Every fp32 rounding now "fails": only the float64 recheck can tell rounding from mixing.
+    monkeypatch.setitem(extractor._VERIFY_TOLERANCE, torch.float32, 0.0)
+    torch.manual_seed(17)
+    model, x = FunctionalLinear(), torch.randn(6, 4, 5)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        K = tk.gram(model, [x], progress=False)
+    ref = tk.reference.gram_autograd(model, [x])
+    assert float((K.double() - ref).norm() / ref.norm()) <= 1e-5
+    with pytest.warns(RuntimeWarning, match="mix samples"):
+        tk.gram(MixesSamples(), [torch.randn(6, 4)], progress=False)
