@@ -126,22 +126,46 @@ def test_a_raw_parameter_in_an_elementwise_op_is_batched():
 
 
 class Recurrent(nn.Module):
-    """nn.LSTM: no rule covers its fused op, so its tensors (alone) take the generic path."""
+    """nn.LSTM / GRU / RNN: no rule knows their fused ops; the per-op fallback evaluates
+    each op alone one sample at a time (batch first or not, stacked layers)."""
 
-    def __init__(self):
+    def __init__(self, cell, batch_first):
         super().__init__()
-        self.rnn = nn.LSTM(3, 4, batch_first=True)
+        self.rnn = cell(3, 4, num_layers=2, batch_first=batch_first)
         self.head = nn.Linear(4, 2)
 
     def forward(self, x):
-        return self.head(self.rnn(x)[0][:, -1])
+        if not self.rnn.batch_first:
+            x = x.transpose(0, 1)
+        out = self.rnn(x)[0]
+        return self.head((out if self.rnn.batch_first else out.transpose(0, 1))[:, -1])
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU, nn.RNN])
+def test_recurrent_cells_are_differentiated_per_op(cell, batch_first):
+    torch.manual_seed(6)
+    check(Recurrent(cell, batch_first), torch.randn(6, 5, 3), backends=["torch"] + CPP)
+
+
+class SumsOverTheBatch(nn.Module):
+    """A parameter meets data in an op whose result has no batch dim: nothing batched can
+    serve it, so it (alone) takes the generic path. (The sum over the batch adds the same
+    number to every sample's output: the head's per-sample gradients do not see it.)"""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 3))
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(x) + torch.einsum("bi,ij->j", x, self.w).sum()
 
 
 def test_uncovered_parameters_go_generic_alone():
     torch.manual_seed(6)
-    model = Recurrent()
-    with pytest.warns(RuntimeWarning, match=r"4 parameter tensor\(s\) .* generic per-sample path.*rnn.weight_ih_l0"):
-        check(model, torch.randn(6, 5, 3), generic={f"rnn.{k}" for k, _ in model.rnn.named_parameters()})
+    with pytest.warns(RuntimeWarning, match=r"1 parameter tensor\(s\) .* generic per-sample path.*w \(.*einsum"):
+        check(SumsOverTheBatch(), torch.randn(6, 4), generic={"w"})
 
 
 class InputChangedAfterUse(nn.Module):

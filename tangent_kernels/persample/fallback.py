@@ -1,9 +1,10 @@
 """Any other op that mixes data with parameters: per-sample vector-Jacobian products of
 that op alone.
 
-An op no rule knows (``F.prelu``, ``F.conv_transpose2d``, ``F.bilinear``, a library's
-own fused op) is still a use when it is *batch-separable* as far as its arguments show:
-every data argument and every tensor it returns has the batch on dim 0. Its outputs'
+An op no rule knows (``F.prelu``, ``F.conv_transpose2d``, ``F.bilinear``, an LSTM's fused
+op, a library's own) is still a use when it is *batch-separable* as far as its arguments
+show: every data argument and every tensor it returns has one slice per sample (on dim 0,
+or on dim 1 as an LSTM's hidden states [layers, B, hidden]). Its outputs'
 gradients come from the batched backward like any use's; the per-sample gradients of its
 parameter operands are then taken by evaluating the op again on one sample at a time
 (``[b:b+1]`` of each data argument) and differentiating it alone with that sample's
@@ -18,7 +19,7 @@ from typing import List, Optional
 
 import torch
 
-from .uses import Sink, Uncovered, Use, func_name, tensors_in
+from .uses import Sink, Uncovered, Use, batch_dim, func_name, tensors_in
 
 __all__ = ["per_op"]
 
@@ -34,14 +35,16 @@ def _rebuild(value, replace):
 class OpUse(Use):
     label = "per-op"
 
-    def __init__(self, mode, func, args, kwargs, outputs: List[torch.Tensor], operands):
+    def __init__(self, mode, func, args, kwargs, outputs, operands, sliced):
+        """outputs: [(tensor, samples dim)] of the results autograd tracks; operands:
+        [(derived, tensor, aligned)]; sliced: id(argument tensor) -> its samples dim."""
         sampled = {id(st): st for derived, _, _ in operands for st in derived.sampled}
         data = [t for value in (*args, *kwargs.values()) for t in tensors_in(value) if mode.is_data(t)]
         super().__init__(list(sampled.values()), None, guarded=data)
-        self.targets = [torch.autograd.graph.get_gradient_edge(t) for t in outputs]
+        self.targets = [torch.autograd.graph.get_gradient_edge(t) for t, _ in outputs]
+        self.output_dims = [dim for _, dim in outputs]
         self.func, self.args, self.kwargs, self.batch = func, args, kwargs, mode.batch_size
-        self.operands = operands  # [(derived, tensor, aligned)]
-        self._data = {id(t) for t in data}
+        self.operands, self.sliced = operands, sliced
 
     def contribute_all(self, grads: List[Optional[torch.Tensor]], sink: Sink) -> None:
         if all(g is None for g in grads):
@@ -54,14 +57,17 @@ class OpUse(Use):
                           for _, t, aligned in self.operands]
 
                 def one_sample(t):
-                    if id(t) in self._data:
-                        return t[b:b + 1]
-                    return leaves[positions[id(t)]] if id(t) in positions else t
+                    if id(t) in positions:
+                        return leaves[positions[id(t)]]
+                    dim = self.sliced.get(id(t))
+                    return t if dim is None else t.narrow(dim, b, 1)
 
                 with torch.enable_grad():
                     out = self.func(*[_rebuild(a, one_sample) for a in self.args],
                                     **{k: _rebuild(v, one_sample) for k, v in self.kwargs.items()})
-                pairs = [(o, g[b:b + 1]) for o, g in zip(tensors_in(out), grads) if g is not None and o.requires_grad]
+                results = [t for t in tensors_in(out) if t.requires_grad]
+                pairs = [(o, g.narrow(dim, b, 1)) for o, g, dim in zip(results, grads, self.output_dims)
+                         if g is not None]
                 found = torch.autograd.grad([o for o, _ in pairs], leaves, [g for _, g in pairs], allow_unused=True)
                 for i, (leaf, g) in enumerate(zip(leaves, found)):
                     per_sample[i].append(torch.zeros_like(leaf) if g is None else g)
@@ -73,25 +79,43 @@ class OpUse(Use):
             derived.pullback.contribute(grad if aligned else grad.reshape(self.batch, *tensor.shape), aligned, sink)
 
 
+def _samples_dim_exactly(batch: int, shape) -> Optional[int]:
+    """0 or 1 where that dim is exactly B (no flattened rows: a sample must be a slice)."""
+    dim = batch_dim(batch, shape)
+    return dim if dim is not None and shape[dim] == batch else None
+
+
 def per_op(mode, func, args, kwargs, derived_inputs):
-    """The op as a per-op use, or None (the caller reports why) when it is not batch-separable."""
+    """Record the op as a per-op use and return (its result, None); or (None, why) when
+    its arguments do not show one slice per sample (nothing was run then)."""
     batch = mode.batch_size
-    operands = []
+    operands, sliced = [], {}
     for value in (*args, *kwargs.values()):
         for t in tensors_in(value):
-            if mode.is_data(t) and (t.dim() == 0 or t.shape[0] != batch or mode.samples_dim(t) != 0):
-                return None, f"a data argument of shape {list(t.shape)} without the batch on dim 0"
             derived = mode.derived(t)
-            if derived is not None and all(t is not other for _, other, _ in operands):
-                aligned = t.dim() > 0 and t.shape[0] == batch and derived.pullback.per_sample_ok() is None
-                operands.append((derived, t, aligned))
+            if derived is not None:
+                if all(t is not other for _, other, _ in operands):
+                    aligned = t.dim() > 0 and t.shape[0] == batch and derived.pullback.per_sample_ok() is None
+                    operands.append((derived, t, aligned))
+                continue
+            # Data by their tracked dim; constants with a dim of exactly B (an LSTM's zero
+            # initial state [layers, B, hidden]) are taken to be per sample as well; the
+            # spot check guards that reading as it guards every rule.
+            dim = mode.samples_dim(t) if mode.is_data(t) else _samples_dim_exactly(batch, t.shape)
+            if mode.is_data(t) and (dim is None or t.shape[dim] != batch):
+                return None, f"a data argument of shape {list(t.shape)} without one slice per sample"
+            if dim is not None:
+                sliced[id(t)] = dim
     out = func(*args, **kwargs)
-    mode.mark_data(out)
-    outputs = [t for t in tensors_in(out) if t.requires_grad]
+    results = tensors_in(out)
+    dims = [_samples_dim_exactly(batch, t.shape) if t.dim() else None for t in results]
+    for t, dim in zip(results, dims):
+        mode.mark_data(t, dim)
+    outputs = [(t, dim) for t, dim in zip(results, dims) if t.requires_grad]
     if not outputs:
         return out, None
-    if any(t.dim() == 0 or t.shape[0] != batch for t in tensors_in(out)):
-        mode.uncover(derived_inputs, f"{func_name(func)} (no rule; its results do not have the batch on dim 0)")
+    if any(dim is None for _, dim in outputs):
+        mode.uncover(derived_inputs, f"{func_name(func)} (no rule; a result without one slice per sample)")
         return out, None
-    mode.add_use(OpUse(mode, func, args, kwargs, outputs, operands))
+    mode.add_use(OpUse(mode, func, args, kwargs, outputs, operands, sliced))
     return out, None
