@@ -256,3 +256,22 @@ def test_the_device_checksum_sees_every_single_change(dtype):
         changed = x.clone().reshape(-1)
         changed[position] = changed[position] + 1 if dtype != torch.uint8 else (int(changed[position]) + 1) % 256
         assert device_checksum(changed.reshape(7, 33)) != base
+
+
+def test_a_write_through_data_or_detach_of_a_parameter_is_refused():
+    for alias in ("data", "detach"):
+        class Aliases(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.lin = nn.Linear(6, 3)
+
+            def forward(self, x, _alias=alias):
+                target = self.lin.weight.data if _alias == "data" else self.lin.weight.detach()
+                target.mul_(2)
+                return self.lin(x)
+
+        model = Aliases()
+        before = model.lin.weight.clone()
+        with pytest.raises(ValueError, match=r"writes parameter lin.weight in place"):
+            tk.gram(model, _loader(), progress=False)
+        assert torch.equal(model.lin.weight, before)

@@ -67,6 +67,8 @@ class BatchedPass:
         self.reached: set = set()  # tensors some gradient reached on the first batch
         self.dead_tokens: Dict[str, bool] = {}
         self._module_names = {id(module): name or "(the model)" for name, module in model.named_modules()}
+        # The caller's parameters (the state shares their memory where dtype and device agree).
+        self._parameters = {name: p for name, p in model.named_parameters()}
 
     def __call__(self, batch: ModelInputs, out: torch.Tensor) -> None:
         mode = UseMode(self.sampled, batch.size, self.backend)
@@ -76,7 +78,7 @@ class BatchedPass:
                 mode.mark_data(value)
         # Which module is running, for naming the one that writes its input in place.
         stack: list = []
-        mode.watch_inputs(inputs, stack, self._module_names)
+        mode.watch_inputs(inputs, stack, self._module_names, self._parameters)
         def entered(module, args) -> None:
             stack.append(module)
 

@@ -251,6 +251,11 @@ class Derived:
 
 
 _NOT_WRITES = {"requires_grad_", "retain_grad", "share_memory_"}
+
+
+def _storage(t: torch.Tensor) -> int:
+    """The address of a tensor's memory: the same for its views and aliases."""
+    return t.untyped_storage().data_ptr()
 _SWAPS = {"transpose", "swapaxes", "swapdims"}
 
 
@@ -308,6 +313,7 @@ class UseMode(TorchFunctionMode):
         self.detached: Optional[str] = None
         # The batch's own tensors (and their bases), and which module is running (watch_inputs).
         self._inputs: set = set()
+        self._parameters: Dict[int, str] = {}
         self._module_stack: Optional[list] = None
         self._module_names: Dict[int, str] = {}
         for st in sampled:
@@ -406,10 +412,13 @@ class UseMode(TorchFunctionMode):
             return fn(*args, **kwargs)
 
     def watch_inputs(self, tensors: Sequence[torch.Tensor], module_stack: Optional[list] = None,
-                     module_names: Optional[Dict[int, str]] = None) -> None:
-        """The batch's own tensors: the model must not write them (nor their views)."""
-        # Their bases too: a loader's batch is often a view of the caller's whole tensor.
-        self._inputs = {id(t) for t in tensors} | {id(t._base) for t in tensors if t._base is not None}
+                     module_names: Optional[Dict[int, str]] = None,
+                     parameters: Optional[Dict[str, torch.Tensor]] = None) -> None:
+        """The batch's own tensors and the model's parameters: the forward must not write
+        them, nor any view or alias of them (``.data``, ``.detach()``): they share memory
+        with the caller's."""
+        self._inputs = {_storage(t) for t in tensors if t.numel()}
+        self._parameters = {_storage(t): name for name, t in (parameters or {}).items() if t.numel()}
         self._module_stack, self._module_names = module_stack, module_names or {}
 
     def _refuse_in_place_write(self, func, target) -> None:
@@ -419,16 +428,16 @@ class UseMode(TorchFunctionMode):
         stack = self._module_stack
         if stack:
             where = f" in module {self._module_names.get(id(stack[-1]), type(stack[-1]).__name__)!r}"
-        root = target if target._base is None else target._base
-        if id(target) in self._inputs or id(root) in self._inputs:
+        storage = _storage(target) if target.numel() else None
+        if storage in self._inputs:
             raise ValueError(
                 f"the model writes its input in place ({func_name(func)}{where}): tangent_kernels evaluates a "
                 "batch more than once and never changes the caller's data. Compute out of place in forward "
                 "(e.g. x = x * 2 instead of x.mul_(2), or x = x.clone() first)"
             )
         derived = self.derived(target)
-        if derived is not None:
-            names = ", ".join(st.name for st in derived.sampled)
+        if derived is not None or storage in self._parameters:
+            names = ", ".join(st.name for st in derived.sampled) if derived is not None else self._parameters[storage]
             raise ValueError(
                 f"the model writes parameter {names} in place during its forward ({func_name(func)}{where}): "
                 "tangent_kernels never changes the model's parameters. Compute out of place, or evaluate a copy "
@@ -450,7 +459,7 @@ class UseMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         data, derived = self._scan(args, kwargs)
-        if args and (data or derived) and _writes_in_place(func):
+        if args and _writes_in_place(func):
             self._refuse_in_place_write(func, args[0])
         if not derived:
             out = func(*args, **kwargs)
