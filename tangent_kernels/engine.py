@@ -24,7 +24,7 @@ from .checkpoint import Checkpoint, CheckpointMismatch, batch_fingerprint, model
 from .identity import callable_fingerprint, structure_fingerprint
 from .data import ModelInputs, iterate_inputs, loader_length
 from .ops import gram_tile_update
-from .outputs import OutputSpec, check_output_spec
+from .outputs import OutputSpec, check_output_spec, is_multi
 from .params import ParamIndex, resolve_idx
 from .store import FeatureStore, check_max_memory, check_store
 from .persample import FeatureExtractor, resolve_backend
@@ -78,13 +78,16 @@ def _check_precision(precision: str) -> Precision:
 
 def _fp16_scales(block: torch.Tensor) -> torch.Tensor:
     """Per-row powers of two mapping each row's largest magnitude into [2**13, 2**14)."""
-    peak = block.abs().amax(dim=1).to(torch.float32)
+    peak = block.abs().amax(dim=-1).to(torch.float32)
     exponent = torch.where(peak > 0, torch.floor(torch.log2(peak)), torch.full_like(peak, _FP16_TARGET_EXPONENT - 1))
     return torch.exp2(_FP16_TARGET_EXPONENT - 1 - exponent)
 
 
 def _to_store(block: torch.Tensor, precision: Precision, scale_rows: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(features in the store dtype, per-row scales or None); ``features = stored / scales``."""
+    """(features in the store dtype, per-row scales or None); ``features = stored / scales``.
+    A block [B, k, p] (every logit) is taken as B * k rows."""
+    if block.dim() == 3 and scale_rows:
+        block = block.reshape(-1, block.shape[-1])
     if not (precision.scaled and scale_rows):
         stored = block.to(precision.store)
         if precision.store == torch.float16 and not bool(torch.isfinite(stored).all()):
@@ -159,6 +162,7 @@ def _check_finite(block: torch.Tensor, first_position: int, name: str) -> None:
     # One reduction pass first: a row with an inf or nan sums to inf or nan. isfinite on
     # the whole block is four elementwise passes (6% of a CPU gram of resnet18), and is
     # needed only when a sum is not finite (then it tells overflow of finite values apart).
+    block = block.reshape(block.shape[0], -1)  # [B, k, p] (every logit): a sample's row is all of them
     if bool(torch.isfinite(block.sum(dim=1)).all()):
         return
     finite = torch.isfinite(block).all(dim=1)
@@ -261,10 +265,11 @@ def features(
         total = loader_length(loader)
         if total is None:
             return torch.cat([_to_store(block, precision, scale_rows=False)[0] for block in blocks])
-        result = torch.empty(total, len(index), dtype=precision.store, device=device)
-        seen = 0
+        result, seen = None, 0
         for block in blocks:
             stored = _to_store(block, precision, scale_rows=False)[0]
+            if result is None:  # [n, p], or [n, k, p] for every logit
+                result = torch.empty((total, *stored.shape[1:]), dtype=precision.store, device=device)
             if seen + stored.shape[0] > total:
                 raise ValueError(f"the loader yields more than the {total} samples it announced")
             result[seen:seen + stored.shape[0]] = stored
@@ -335,6 +340,8 @@ def gram(
         raise TypeError(f"callback must be callable (it receives a ProgressEvent); got {type(callback).__name__}")
     if out is not None and not isinstance(out, torch.Tensor):
         raise TypeError(f"out must be a torch.Tensor [n1, n2] of dtype {precision.k}; got {type(out).__name__}")
+    if out is not None and is_multi(output):
+        raise ValueError(f"out= holds a [n1, n2] K; output={output!r} returns K with an output axis: leave out=None")
     if out is not None:
         _check_out_memory(out, precision.k)
     events = _Events(callback, progress)
@@ -371,7 +378,8 @@ def gram(
             if loader2 is not None:
                 second, _ = _fill_store(model, loader2, "loader2", expected_signature=signature, **fill)
                 stores.append(second)
-            return _blocked_gram(first, second, loader2 is None, precision.k, device, out, ckpt, events, budget)
+            k = _blocked_gram(first, second, loader2 is None, precision.k, device, out, ckpt, events, budget)
+            return _output_axes(k, output, first.samples, second.samples) if is_multi(output) else k
         finally:
             events.close()
             for feature_store in stores:
@@ -449,6 +457,17 @@ def _identity(model: nn.Module, index: ParamIndex, output, precision: Precision,
     }, undecidable
 
 
+def _output_axes(k: torch.Tensor, output: str, n1: int, n2: int) -> torch.Tensor:
+    """K over (sample, logit) rows [n1 * k, n2 * k] -> [n1, n2, k, k], its trace over the
+    logits [n1, n2] or its diagonal [n1, n2, k]."""
+    outputs = k.shape[0] // n1
+    full = k.view(n1, outputs, n2, outputs).permute(0, 2, 1, 3)
+    if output == "full":
+        return full.contiguous()
+    diagonal = full.diagonal(dim1=2, dim2=3)  # [n1, n2, k]
+    return diagonal.sum(dim=-1) if output == "trace" else diagonal.contiguous()
+
+
 def _features_with_backoff(per_sample: FeatureExtractor, batch: ModelInputs) -> torch.Tensor:
     """Features of a batch; on CUDA out-of-memory, of its halves (recursively)."""
     try:
@@ -498,12 +517,13 @@ def _fill_store(model, loader, name, *, index, output, precision, device, inputs
     checkpoint where it has them); returns (store, first batch's signature)."""
     p = len(index)
     feature_store = FeatureStore(p, precision.store, device, kind=kind, max_memory=budget, cache_dir=cache_dir,
-                                 scaled=precision.scaled, expected_rows=loader_length(loader), name=name)
+                                 scaled=precision.scaled, expected_rows=None if is_multi(output) else loader_length(loader), name=name)
     recorded = []
     if ckpt is not None:
         ckpt.open_features(name, feature_store.row_bytes)
         recorded = ckpt.recorded_batches(name)
     per_sample, own, total = None, None, loader_length(loader)
+    multi, rows_per_sample, stored_rows = is_multi(output), None, 0
     seen, batches = 0, 0
     try:
         for b, batch in enumerate(iterate_inputs(loader, inputs, name)):
@@ -513,7 +533,10 @@ def _fill_store(model, loader, name, *, index, output, precision, device, inputs
             fingerprint = batch_fingerprint(batch) if ckpt is not None else None
             if b < len(recorded):
                 rows, recorded_fingerprint = recorded[b]
-                if rows != batch.size:
+                # Every logit (output="full"...) stores k rows per sample.
+                if multi and rows % batch.size == 0 and rows_per_sample in (None, rows // batch.size):
+                    rows_per_sample = rows // batch.size
+                elif multi or rows != batch.size:
                     raise CheckpointMismatch(
                         f"{name} batch {b} has {batch.size} samples, the one checkpointed in {ckpt.folder} had "
                         f"{rows}: the batches must be cut the same way on resume (the same batch size: "
@@ -525,8 +548,10 @@ def _fill_store(model, loader, name, *, index, output, precision, device, inputs
                         "loader must yield the same data in the same order on resume (shuffle=False, the same "
                         "dataset and transforms), or delete the checkpoint folder to start over"
                     )
-                stored, scales = ckpt.read_features(name, b, seen, seen + rows, p, precision.store, precision.scaled)
+                stored, scales = ckpt.read_features(name, b, stored_rows, stored_rows + rows, p, precision.store,
+                                                    precision.scaled)
                 feature_store.append(stored.to(device), scales)
+                stored_rows += rows
             else:
                 if ckpt is not None and ckpt.loader_complete(name):
                     raise CheckpointMismatch(
@@ -539,6 +564,7 @@ def _fill_store(model, loader, name, *, index, output, precision, device, inputs
                 _check_finite(block, seen, name)
                 stored, scales = _to_store(block, precision, scale_rows=True)
                 feature_store.append(stored, scales)
+                stored_rows += stored.shape[0]
                 if ckpt is not None:
                     ckpt.record_batch(name, stored, scales, fingerprint)
             seen += batch.size
@@ -551,6 +577,7 @@ def _fill_store(model, loader, name, *, index, output, precision, device, inputs
                 )
             if not ckpt.loader_complete(name):
                 ckpt.complete_loader(name)
+        feature_store.samples = seen
     except BaseException:
         feature_store.close()
         raise

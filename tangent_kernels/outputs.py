@@ -4,7 +4,9 @@
 - ``"first"``: logit 0, the seed's one-output reduction;
 - ``"sum"``: the sum of the k logits divided by sqrt(k), the pseudo-NTK (pNTK);
 - an int j: logit j;
-- a callable mapping the model's (unwrapped) output to a [B] tensor.
+- a callable mapping the model's (unwrapped) output to a [B] tensor;
+- ``"full"``, ``"trace"``, ``"diagonal"``: every logit, for the k x k eNTK
+  ([n1, n2, k, k]), its trace over outputs ([n1, n2]) or its diagonal ([n1, n2, k]).
 
 Model outputs may be a tensor [B, k] or [B], or an object / dict holding ``logits``
 (Hugging Face ``ModelOutput`` and the like).
@@ -18,7 +20,14 @@ from typing import Any, Callable, Union
 import numpy as np
 import torch
 
-__all__ = ["OutputError", "OutputSpec", "check_output_spec", "scalarize"]
+__all__ = ["MULTI_OUTPUTS", "OutputError", "OutputSpec", "check_output_spec", "is_multi", "logits_of", "scalarize"]
+
+# The outputs that keep every logit: the kernel gets an output axis (engine.gram).
+MULTI_OUTPUTS = ("full", "trace", "diagonal")
+
+
+def is_multi(output) -> bool:
+    return isinstance(output, str) and output in MULTI_OUTPUTS
 
 OutputSpec = Union[str, int, Callable[[Any], torch.Tensor]]
 
@@ -45,10 +54,11 @@ def check_output_spec(output: OutputSpec) -> OutputSpec:
         raise TypeError(
             f"output must be 'first', 'sum', an int logit index or a callable, got {output!r}"
         )
-    if isinstance(output, str) and output not in ("first", "sum"):
+    if isinstance(output, str) and output not in ("first", "sum") + MULTI_OUTPUTS:
         raise ValueError(
             f"unknown output {output!r}: use 'first' (logit 0), 'sum' (pNTK: sum of logits / "
-            "sqrt(k)), an int logit index, or a callable returning a [B] tensor"
+            "sqrt(k)), an int logit index, a callable returning a [B] tensor, or 'full' / 'trace' / "
+            "'diagonal' for every logit (the k x k eNTK, its trace, its diagonal)"
         )
     return output
 
@@ -66,6 +76,19 @@ def _unwrap(out: Any) -> torch.Tensor:
         "return a tensor [B, k] or [B], or an object/dict with a 'logits' tensor, or pass "
         "output=callable mapping the model's output to a [B] tensor"
     )
+
+
+def logits_of(out: Any, batch_size: int) -> torch.Tensor:
+    """The model's logits for a batch, [batch_size, k] (a [B] output is k = 1)."""
+    logits = returned = _unwrap(out)
+    if logits.dim() == 1:
+        logits = logits.unsqueeze(1)
+    if logits.dim() != 2 or logits.shape[0] != batch_size:
+        raise OutputValueError(
+            f"model output has shape {tuple(returned.shape)} for a batch of {batch_size}; output='full', "
+            f"'trace' and 'diagonal' need logits [B, k] or [B] with B = {batch_size}"
+        )
+    return logits
 
 
 def scalarize(out: Any, output: OutputSpec, batch_size: int) -> torch.Tensor:

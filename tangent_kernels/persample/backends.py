@@ -73,7 +73,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 def writes_in_place(backend: str, out: torch.Tensor, like: torch.Tensor) -> bool:
     """Whether a compiled op can write straight into ``out`` (a 2-D float block on the
     operands' device)."""
-    return (backend in COMPILED and out.dim() == 2 and out.device == like.device
+    return (backend in COMPILED and out.dim() == 2 and out.device == like.device and out.is_contiguous()
             and out.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64))
 
 

@@ -21,7 +21,7 @@ from .._model import evaluate
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
 from ..data import ModelInputs
-from ..outputs import OutputSpec, OutputValueError, scalarize
+from ..outputs import OutputSpec, OutputValueError, logits_of, scalarize
 from ..params import TensorSlice
 from . import broadcast, conv, decompose, embedding, fallback, linear  # noqa: F401 - they register their rules
 from .uses import Sink, Uncovered, UseMode
@@ -71,6 +71,8 @@ class BatchedPass:
         self._parameters = {name: p for name, p in model.named_parameters()}
 
     def __call__(self, batch: ModelInputs, out: torch.Tensor) -> None:
+        """out [B, p] (one scalar output) or [B, k, p] (every logit: output "full" and kin):
+        the sampled per-sample gradients, from one forward and one backward per output."""
         mode = UseMode(self.sampled, batch.size, self.backend)
         inputs = [value for value in (*batch.args, *batch.kwargs.values()) if isinstance(value, torch.Tensor)]
         for value in inputs:
@@ -101,7 +103,15 @@ class BatchedPass:
                        if use.changed_input() for st in use.sampled}
             if changed:
                 raise Uncovered(changed)
-            s = scalarize(result, self.output, batch.size)
+            if out.dim() == 3:  # every logit: one backward per output over the one forward
+                logits = logits_of(result, batch.size)
+                if logits.shape[1] != out.shape[1]:
+                    raise OutputValueError(f"the model returned {logits.shape[1]} outputs for this batch, "
+                                           f"{out.shape[1]} for the first")
+                scalars = [logits[:, a] for a in range(out.shape[1])]
+            else:
+                scalars = [scalarize(result, self.output, batch.size)]
+            s = scalars[0]
             uses = mode.uses
             seen = Counter()
             for use in uses:
@@ -109,7 +119,6 @@ class BatchedPass:
                 use.key = f"{name} #{seen[name]}"
                 seen[name] += 1
             targets = [target for use in uses for target in use.targets]
-            grads = [None] * len(targets)
             if not s.requires_grad and (mode.detached is not None or _tracked(result)):
                 where = (f"{mode.detached} in the forward" if mode.detached is not None
                          else "output= (the model's output depends on them, the scalar it returned does not)")
@@ -117,24 +126,28 @@ class BatchedPass:
                     f"the output does not depend on the parameters: {where} cut it off the computation (e.g. "
                     ".detach(), .item(), torch.no_grad()); return the output as computed"
                 )
-            if targets and s.requires_grad:
-                grads = torch.autograd.grad(s.sum(), targets, allow_unused=True)
-        # The contractions read activations that autograd tracks: F must not join the graph.
-        with torch.no_grad():
-            if out.shape[1] == self.columns.numel():
-                out.zero_()
-            else:
-                out[:, self.columns] = 0
             counts = Counter(st.name for use in uses for st in use.sampled)
-            sink = Sink(out, self.backend, counts, self.dense, self.dead_tokens)
-            start = 0
-            for use in uses:
-                count = len(use.targets)
-                use.contribute_all(list(grads[start:start + count]), sink)
-                start += count
+            reached = set()
+            for a, scalar in enumerate(scalars):
+                grads = [None] * len(targets)
+                if targets and scalar.requires_grad:
+                    grads = torch.autograd.grad(scalar.sum(), targets, allow_unused=True,
+                                                retain_graph=a < len(scalars) - 1)
+                block = out if out.dim() == 2 else out[:, a]
+                # The contractions read activations that autograd tracks: F must not join the graph.
+                with torch.no_grad():
+                    if block.shape[1] == self.columns.numel():
+                        block.zero_()
+                    else:
+                        block[:, self.columns] = 0
+                    sink = Sink(block, self.backend, counts, self.dense, self.dead_tokens)
+                    for use, grad_start in zip(uses, _starts(uses)):
+                        use_grads = list(grads[grad_start:grad_start + len(use.targets)])
+                        use.contribute_all(use_grads, sink)
+                        if any(g is not None for g in use_grads):
+                            reached.update(st.name for st in use.sampled)
         if not self.paths:
-            self.reached = {st.name for use, grad_start in zip(uses, _starts(uses)) for st in use.sampled
-                            if any(g is not None for g in grads[grad_start:grad_start + len(use.targets)])}
+            self.reached = reached
             paths = {st.name: [] for st in self.sampled}
             for use in uses:
                 label = use.label

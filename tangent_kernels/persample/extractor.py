@@ -11,9 +11,9 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from .._model import fp32_math, functional_state
+from .._model import evaluate, fp32_math, functional_state
 from ..data import ModelInputs
-from ..outputs import OutputSpec
+from ..outputs import OutputSpec, is_multi, logits_of
 from ..params import ParamIndex, TensorSlice
 from .batched import BatchedPass, Uncovered
 from .dense import DenseStrategy
@@ -58,7 +58,23 @@ class FeatureExtractor:
         # After a failed spot check the generic path runs the exact per-sample loop only:
         # vmap itself was seen to differ from the loop on some models (timm's LeViT: 6%).
         self._generic_strategy: Optional[str] = None
+        # output "full" / "trace" / "diagonal": every logit, one scalar output per logit,
+        # blocks [B, k, p]; k is read from the model on the first batch.
+        self.multi = is_multi(output)
+        self.k: Optional[int] = None
         self._build()
+
+    @property
+    def scalar_outputs(self) -> list:
+        """The scalar outputs whose gradients each batch gives: [output], or 0 .. k-1."""
+        return list(range(self.k or 0)) if self.multi else [self.output]
+
+    @property
+    def generic(self) -> Optional[GenericPath]:
+        return self.generics[0] if self.generics else None
+
+    def _view(self, block: torch.Tensor, a: int) -> torch.Tensor:
+        return block[:, a] if self.multi else block
 
     @property
     def generic_slices(self) -> List[TensorSlice]:
@@ -74,8 +90,9 @@ class FeatureExtractor:
         self.batched = (BatchedPass(self.model, batched, self.state, self.output, self.device, self.backend, self.dense)
                         if batched else None)
         generic = self.generic_slices
-        self.generic = (GenericPath(self.model, self.index.layout, generic, self.output, self.dtype, self.device,
-                                    strategy=self._generic_strategy) if generic else None)
+        self.generics = [GenericPath(self.model, self.index.layout, generic, output, self.dtype, self.device,
+                                     strategy=self._generic_strategy)
+                         for output in self.scalar_outputs] if generic else []
         if self.batched is None:
             self.verified = True
 
@@ -92,8 +109,19 @@ class FeatureExtractor:
             )
         return block
 
+    def _count_outputs(self, batch: ModelInputs) -> int:
+        """k, the number of logits, from one sample of the first batch."""
+        with torch.no_grad():
+            result = evaluate(self.model, functional_state(self.model, self.index.layout, self.dtype, self.device),
+                              batch.slice(0, 1).args, batch.slice(0, 1).kwargs)
+        return int(logits_of(result, 1).shape[1])
+
     def _features(self, batch: ModelInputs) -> torch.Tensor:
-        block = torch.empty(batch.size, len(self.index), dtype=self.dtype, device=self.device)
+        if self.multi and self.k is None:
+            self.k = self._count_outputs(batch)
+            self._build()
+        shape = (batch.size, self.k, len(self.index)) if self.multi else (batch.size, len(self.index))
+        block = torch.empty(shape, dtype=self.dtype, device=self.device)
         while self.batched is not None:
             try:
                 self.batched(batch, block)
@@ -102,8 +130,8 @@ class FeatureExtractor:
                 _log.debug("generic path for %s", misfit)
                 self.generic_why.update(misfit.why)
                 self._build()
-        if self.generic is not None:
-            self.generic(batch, block)
+        for a, generic in enumerate(self.generics):
+            generic(batch, self._view(block, a))
         if not self.verified:
             self._verify(batch, block)
         if not self._warned:
@@ -144,17 +172,24 @@ class FeatureExtractor:
         """The spot check again in float64, on the batch's first few samples."""
         sub = batch.slice(0, min(batch.size, 4)).to(self.device, torch.float64)
         exact = FeatureExtractor(self.model, self.index, self.output, torch.float64, self.device, self.backend)
-        exact.generic_why = dict(self.generic_why)
+        exact.generic_why, exact.k = dict(self.generic_why), self.k
         exact._build()
         exact.verified = exact._warned = True
         block = exact._features(sub)
-        check = GenericPath(self.model, self.index.layout, self.index.tensor_slices, self.output, torch.float64,
-                            self.device, strategy="loop")
         rows = sorted({0, sub.size - 1})
-        expected = torch.empty(len(rows), len(self.index), dtype=torch.float64, device=self.device)
-        for k, row in enumerate(rows):
-            check(sub.slice(row, row + 1), expected[k:k + 1])
+        expected = exact._per_sample(sub, rows)
         return float((block[rows] - expected).norm() / expected.norm().clamp_min(torch.finfo(torch.float64).tiny))
+
+    def _per_sample(self, batch: ModelInputs, rows: List[int]) -> torch.Tensor:
+        """The features of ``rows`` of the batch, each sample evaluated alone (the definition)."""
+        shape = (len(rows), self.k, len(self.index)) if self.multi else (len(rows), len(self.index))
+        expected = torch.empty(shape, dtype=self.dtype, device=self.device)
+        for a, output in enumerate(self.scalar_outputs):
+            check = GenericPath(self.model, self.index.layout, self.index.tensor_slices, output, self.dtype,
+                                self.device, strategy="loop")
+            for k, row in enumerate(rows):
+                check(batch.slice(row, row + 1), self._view(expected, a)[k:k + 1])
+        return expected
 
     def _verify(self, batch: ModelInputs, block: torch.Tensor) -> None:
         """Spot-check the first batch's first and last samples against the generic path.
@@ -165,19 +200,15 @@ class FeatureExtractor:
         alone. It guards every rule of the batched pass as well.
         """
         self.verified = True
-        check = GenericPath(self.model, self.index.layout, self.index.tensor_slices, self.output,
-                            self.dtype, self.device, strategy="loop")
         rows = sorted({0, batch.size - 1})
-        expected = torch.empty(len(rows), len(self.index), dtype=self.dtype, device=self.device)
         with fp32_math(allow_tf32=False) if self.verify_in_ieee else contextlib.nullcontext():
-            for k, row in enumerate(rows):
-                check(batch.slice(row, row + 1), expected[k : k + 1])
+            expected = self._per_sample(batch, rows)
             batched = block
             if self.verify_in_ieee:
                 batched = torch.empty_like(block)
                 self.batched(batch, batched)
-                if self.generic is not None:
-                    self.generic(batch, batched)
+                for a, generic in enumerate(self.generics):
+                    generic(batch, self._view(batched, a))
         error = float((batched[rows] - expected).norm() / expected.norm().clamp_min(torch.finfo(self.dtype).tiny))
         if error > self.tolerance and self.dtype == torch.float32 and self.batched is not None:
             # fp32 roundings differ between a batch and one sample (other convolution
@@ -202,4 +233,5 @@ class FeatureExtractor:
             self._warned = True  # this warning says it already
             self._generic_strategy = "loop"
             self._build()
-            self.generic(batch, block)
+            for a, generic in enumerate(self.generics):
+                generic(batch, self._view(block, a))
