@@ -457,6 +457,21 @@ def _identity(model: nn.Module, index: ParamIndex, output, precision: Precision,
     }, undecidable
 
 
+def _check_k_fits(rows: int, cols: int, dtype: torch.dtype, device: torch.device, n1: int, n2: int) -> None:
+    """A clear error, before the Gram phase, for a K larger than the memory there is."""
+    from .store import available_host_bytes
+
+    need = rows * cols * torch.empty((), dtype=dtype).element_size()
+    have = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_host_bytes()
+    if need > have:
+        shape = f"[{n1}, {n2}, {rows // n1}, {cols // n2}]" if rows != n1 else f"[{rows}, {cols}]"
+        raise MemoryError(
+            f"K {shape} needs {need / 2**30:.2f} GiB of {device} memory and {have / 2**30:.2f} GiB are free: use "
+            "fewer samples, output='trace' or 'diagonal' (which still form the full kernel for now) on a larger "
+            "device, or pass out= (a preallocated tensor, e.g. a memory-mapped one) for a one-output K"
+        )
+
+
 def _output_axes(k: torch.Tensor, output: str, n1: int, n2: int) -> torch.Tensor:
     """K over (sample, logit) rows [n1 * k, n2 * k] -> [n1, n2, k, k], its trace over the
     logits [n1, n2] or its diagonal [n1, n2, k]."""
@@ -629,6 +644,8 @@ def _blocked_gram(first: FeatureStore, second: FeatureStore, symmetric: bool, k_
     symmetric), each finished block checkpointed; on CUDA out-of-memory the tile size
     halves and the block is recomputed (tiles are overwritten, never accumulated twice)."""
     n1, n2 = first.n, second.n
+    if out is None:
+        _check_k_fits(n1, n2, k_dtype, device, first.samples, second.samples)
     k = _check_out(out, (n1, n2), k_dtype) if out is not None else torch.empty(n1, n2, dtype=k_dtype, device=device)
     done = 0
     if ckpt is not None:

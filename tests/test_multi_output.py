@@ -103,3 +103,11 @@ def test_resume_of_a_full_kernel_is_bit_identical(tmp_path):
 def test_out_is_refused_for_an_output_axis():
     with pytest.raises(ValueError, match=r"out= holds a \[n1, n2\] K; output='full'"):
         tk.gram(mlp(3), [torch.randn(3, 6)], output="full", out=torch.empty(3, 3), progress=False)
+
+
+def test_a_kernel_larger_than_memory_is_a_clear_error(monkeypatch):
+    from tangent_kernels import store
+
+    monkeypatch.setattr(store, "available_host_bytes", lambda: 1000)
+    with pytest.raises(MemoryError, match=r"K \[6, 6, 3, 3\] needs 0.00 GiB of cpu memory"):
+        tk.gram(mlp(3), [torch.randn(6, 6)], output="full", progress=False, max_memory=2**20)
