@@ -1,0 +1,85 @@
+"""PyTorch's "Neural Tangent Kernels" tutorial (torch.func), with one import changed.
+
+Before::
+
+    def fnet_single(params, x):
+        return functional_call(net, params, (x.unsqueeze(0),)).squeeze(0)
+
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    result = empirical_ntk_jacobian_contraction(fnet_single, params, x_train, x_test, "trace")
+
+After::
+
+    from tangent_kernels.compat.torch_func import empirical_ntk_jacobian_contraction
+
+(the same lines). Layouts as in the tutorial: ``compute="full"`` [N1, N2, O, O],
+``"trace"`` [N1, N2] (a sum over the outputs), ``"diagonal"`` [N1, N2, O]. When
+``fnet_single`` closes over (or reads as a global) the one ``nn.Module`` whose parameters
+``params`` names, as the tutorial's does, the kernel is computed by ``tk.gram`` on that
+module at ``params`` (the caller's module is not touched); otherwise by the tutorial's
+own torch.func computation (exact, not faster). ``empirical_ntk(net, x1, x2, compute)``
+is the same on a module directly.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from ._module import module_at, module_behind
+
+__all__ = ["empirical_ntk", "empirical_ntk_jacobian_contraction", "empirical_ntk_ntk_vps"]
+
+_COMPUTE = ("full", "trace", "diagonal")
+
+
+def _check_compute(compute: str) -> None:
+    if compute not in _COMPUTE:
+        raise ValueError(f"compute must be one of {_COMPUTE} (the tutorial's), got {compute!r}")
+
+
+def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor, compute: str = "full", *,
+                  batch_size: Optional[int] = None, **gram_kwargs) -> torch.Tensor:
+    """The eNTK of ``model`` over all its trainable parameters between x1 [N1, ...] and
+    x2 [N2, ...], in the tutorial's layout for ``compute``. float64 parameters compute in
+    float64, others in float32; ``gram_kwargs`` go to ``tk.gram`` (idx=, backend=, ...)."""
+    from .. import engine
+
+    _check_compute(compute)
+    precision = "fp64" if any(p.dtype == torch.float64 for p in model.parameters()) else "fp32"
+    gram_kwargs.setdefault("precision", precision)
+    gram_kwargs.setdefault("progress", False)
+    split = (lambda x: [x]) if batch_size is None else (lambda x: list(x.split(batch_size)))
+    second = None if x2 is x1 else split(x2)
+    return engine.gram(model, split(x1), gram_kwargs.pop("idx", None), second, output=compute, **gram_kwargs)
+
+
+def _tutorial(fnet_single, params: Dict[str, torch.Tensor], x1, x2, compute: str) -> torch.Tensor:
+    """The tutorial's Jacobian contraction itself (for a fnet_single whose module is unknown)."""
+    from torch.func import jacrev, vmap
+
+    def jacobians(x):
+        jac = vmap(jacrev(fnet_single), (None, 0))(params, x)
+        return [j.flatten(2) for j in jac.values()]
+
+    equation = {"full": "Naf,Mbf->NMab", "trace": "Naf,Maf->NM", "diagonal": "Naf,Maf->NMa"}[compute]
+    return sum(torch.einsum(equation, j1, j2) for j1, j2 in zip(jacobians(x1), jacobians(x2)))
+
+
+def empirical_ntk_jacobian_contraction(fnet_single, params: Dict[str, torch.Tensor], x1: torch.Tensor,
+                                       x2: torch.Tensor, compute: str = "full") -> torch.Tensor:
+    """The tutorial's ``empirical_ntk_jacobian_contraction``, same signature and layout."""
+    _check_compute(compute)
+    module = module_behind(fnet_single, params)
+    if module is None:
+        return _tutorial(fnet_single, params, x1, x2, compute)
+    return empirical_ntk(module_at(module, params), x1, x2, compute)
+
+
+def empirical_ntk_ntk_vps(func, params: Dict[str, torch.Tensor], x1: torch.Tensor, x2: torch.Tensor,
+                          compute: str = "full") -> torch.Tensor:
+    """The tutorial's ``empirical_ntk_ntk_vps`` (NTK-vector products), same signature and
+    layout; the same kernel, computed as ``empirical_ntk_jacobian_contraction`` does."""
+    return empirical_ntk_jacobian_contraction(func, params, x1, x2, compute)
