@@ -21,6 +21,12 @@ from .uses import NotCovered, Sink, Use, register
 __all__ = ["ConvUse"]
 
 _NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+# Sampled fraction of a convolution weight from which, on a CPU, the whole per-sample
+# gradients (one convolution backward, batch as groups) are formed and gathered instead of
+# the sampled dots: the backward costs ~the whole weight at oneDNN speed, the dots ~8 ns per
+# sampled entry and position (docs/persample.md). resnet18 at 32x32, idx=None, k = 10:
+# 48.5 s -> see bench/bench_compat.py.
+_DENSE_CONV_FRACTION = 0.1
 _DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
 
 
@@ -83,13 +89,34 @@ class ConvUse(Use):
                 cache[key] = ((out_channel, in_channel, torch.stack(torch.unravel_index(flat, kernel), dim=1)), None)
         return cache[key]
 
+    def _dense_per_sample(self, a_pad: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """[B, O * C/g * prod(k)]: every sample's whole weight gradient at once, by one
+        convolution backward with the batch as groups (per sample a is convolved with its
+        own d only)."""
+        size = self.weight.geometry[0]
+        batch, ndim = d.shape[0], d.dim() - 2
+        weight_grad = (torch.nn.grad.conv1d_weight, torch.nn.grad.conv2d_weight, torch.nn.grad.conv3d_weight)[ndim - 1]
+        grads = weight_grad(a_pad.reshape(1, -1, *a_pad.shape[2:]), (batch * size[0], *size[1:]),
+                            d.reshape(1, -1, *d.shape[2:]), stride=self.stride, padding=0, dilation=self.dilation,
+                            groups=batch * self.groups)
+        return grads.reshape(batch, -1)
+
     def _weight(self, d: torch.Tensor, sink: Sink) -> None:
         st = self.weight.st
         elements, columns, unique = st.hits(self.weight.geometry)
         if not elements.numel():
             return
-        plan, order = self._plan(elements)
         a_pad = F.pad(self.a, self.pads) if any(self.pads) else self.a
+        numel = math.prod(self.weight.geometry[0])
+        if d.device.type == "cpu" and elements.numel() >= _DENSE_CONV_FRACTION * numel:
+            # Densely sampled on a CPU: the whole per-sample gradients by the convolution
+            # backward (oneDNN) beat the sampled dots, then only the sampled entries are kept.
+            dense = self._dense_per_sample(a_pad, d.contiguous())
+            whole = elements.numel() == numel and bool(
+                (elements == torch.arange(numel, device=elements.device)).all())
+            sink.add(st, columns, dense if whole else dense.index_select(1, elements), unique)
+            return
+        plan, order = self._plan(elements)
         backend = self.backend
         if self.groups == 1 and backend != "torch" and sink.dense is not None and sink.dense.applies(d):
             values = sink.dense.values(self.key, (*plan, tuple(self.weight.geometry[0][2:])),

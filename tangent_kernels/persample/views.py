@@ -36,8 +36,11 @@ class SampledTensor:
 
     def __init__(self, name: str, leaf: torch.Tensor, local: torch.Tensor, columns: torch.Tensor):
         self.name, self.leaf, self.local, self.columns = name, leaf, local, columns
-        order = torch.argsort(local)
-        self._sorted_local, self._sorted_columns = local[order], columns[order]
+        if local.numel() < 2 or bool((local[1:] >= local[:-1]).all()):  # sorted already (idx=None): no sort
+            self._sorted_local, self._sorted_columns = local, columns
+        else:
+            order = torch.argsort(local)
+            self._sorted_local, self._sorted_columns = local[order], columns[order]
         self._hits: Dict[Geometry, Tuple[torch.Tensor, torch.Tensor, bool]] = {}
         # Index plans of the rules, keyed by what they depend on: made on the first batch only.
         self.cache: Dict[tuple, object] = {}
