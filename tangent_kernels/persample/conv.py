@@ -108,7 +108,9 @@ class ConvUse(Use):
             return
         a_pad = F.pad(self.a, self.pads) if any(self.pads) else self.a
         numel = math.prod(self.weight.geometry[0])
-        if d.device.type == "cpu" and elements.numel() >= _DENSE_CONV_FRACTION * numel:
+        dense_strategy = (self.groups == 1 and self.backend != "torch" and sink.dense is not None
+                          and sink.dense.applies(d))
+        if d.device.type == "cpu" and elements.numel() >= _DENSE_CONV_FRACTION * numel and not dense_strategy:
             # Densely sampled on a CPU: the whole per-sample gradients by the convolution
             # backward (oneDNN) beat the sampled dots, then only the sampled entries are kept.
             dense = self._dense_per_sample(a_pad, d.contiguous())
@@ -118,7 +120,7 @@ class ConvUse(Use):
             return
         plan, order = self._plan(elements)
         backend = self.backend
-        if self.groups == 1 and backend != "torch" and sink.dense is not None and sink.dense.applies(d):
+        if dense_strategy:
             values = sink.dense.values(self.key, (*plan, tuple(self.weight.geometry[0][2:])),
                                        lambda: (a_pad, d, self.stride, self.dilation),
                                        lambda: self._sparse(a_pad, d, plan))
