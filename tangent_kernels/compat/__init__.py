@@ -4,3 +4,7 @@ core knows about them. Done: ``torch_func`` (PyTorch's "Neural Tangent Kernels" 
 and ``neural_tangents`` (its ``empirical_ntk_fn`` conventions, for PyTorch models). Not
 done yet: TRAK, laplace-torch and LM-Kernel-FT adapters (docs/compat.md).
 """
+
+from . import neural_tangents, torch_func
+
+__all__ = ["neural_tangents", "torch_func"]
