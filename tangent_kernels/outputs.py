@@ -78,15 +78,19 @@ def _unwrap(out: Any) -> torch.Tensor:
     )
 
 
-def logits_of(out: Any, batch_size: int) -> torch.Tensor:
+_SHAPE_HINT = ("For sequence outputs or other shapes, pass output=callable that maps the output to one "
+               "scalar per sample (e.g. lambda out: out[:, -1, 0])")
+
+
+def logits_of(out: Any, batch_size: int, hint: str = "output='full', 'trace' and 'diagonal' read every logit") -> torch.Tensor:
     """The model's logits for a batch, [batch_size, k] (a [B] output is k = 1)."""
     logits = returned = _unwrap(out)
     if logits.dim() == 1:
         logits = logits.unsqueeze(1)
     if logits.dim() != 2 or logits.shape[0] != batch_size:
         raise OutputValueError(
-            f"model output has shape {tuple(returned.shape)} for a batch of {batch_size}; output='full', "
-            f"'trace' and 'diagonal' need logits [B, k] or [B] with B = {batch_size}"
+            f"model output has shape {tuple(returned.shape)} for a batch of {batch_size}; expected "
+            f"[B, k] or [B] with B = {batch_size}. {hint}"
         )
     return logits
 
@@ -102,16 +106,7 @@ def scalarize(out: Any, output: OutputSpec, batch_size: int) -> torch.Tensor:
                 f"(here B = {batch_size}), but returned {got}"
             )
         return s
-    logits = returned = _unwrap(out)
-    if logits.dim() == 1:
-        logits = logits.unsqueeze(1)
-    if logits.dim() != 2 or logits.shape[0] != batch_size:
-        raise OutputValueError(
-            f"model output has shape {tuple(returned.shape)} for a batch of {batch_size}; expected "
-            f"[B, k] or [B] with B = {batch_size}. For sequence outputs or other shapes, pass "
-            "output=callable that maps the output to one scalar per sample (e.g. "
-            "lambda out: out[:, -1, 0])"
-        )
+    logits = logits_of(out, batch_size, _SHAPE_HINT)
     k = logits.shape[1]
     if output == "first":
         return logits[:, 0]
