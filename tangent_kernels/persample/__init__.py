@@ -4,7 +4,8 @@
   every use of a sampled parameter, whatever module or library made the call;
 - one file per rule family: ``linear.py``, ``conv.py``, ``embedding.py``,
   ``broadcast.py`` (parameters in elementwise ops and concatenations), ``decompose.py``
-  (norms and multi-head attention rewritten as those primitives);
+  (norms and multi-head attention rewritten as those primitives), ``fallback.py`` (any
+  other batch-separable op, differentiated alone one sample at a time);
 - ``views.py``: which sampled entries a view of a parameter holds;
 - ``batched.py``: one forward and one backward per batch over all of them;
 - ``generic.py``: the torch.func path for what no rule covers;
