@@ -526,3 +526,25 @@ def test_an_fp32_spot_check_failed_by_rounding_alone_keeps_the_batched_pass(monk
     assert float((K.double() - ref).norm() / ref.norm()) <= 1e-5
     with pytest.warns(RuntimeWarning, match="mix samples"):
         tk.gram(MixesSamples(), [torch.randn(6, 4)], progress=False)
+
+
+class CatBias(nn.Module):
+    """A linear bias assembled from parameters (BEiT: cat of q bias, zeros, v bias)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 6, bias=False)
+        self.q_bias, self.v_bias = nn.Parameter(torch.randn(2)), nn.Parameter(torch.randn(2))
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        bias = torch.cat([self.q_bias, torch.zeros(2), self.v_bias])
+        return self.head(torch.tanh(F.linear(x, self.lin.weight, bias)))
+
+
+def test_a_bias_computed_from_parameters_is_batched():
+    torch.manual_seed(18)
+    model, x = CatBias(), torch.randn(6, 4)
+    check(model, x, backends=FAST)
+    found = paths(model, x)
+    assert found["q_bias"] == found["v_bias"] == found["lin.weight"] == "linear"

@@ -57,6 +57,20 @@ def _view_of_parameter(mode, t, what: str, dims: int, batched: bool = False):
     return derived.pullback
 
 
+def _bias(mode, bias):
+    """(a view operand or the Derived of a bias computed from parameters, its shape)."""
+    derived = mode.derived(bias)
+    if derived is None:
+        return None, None
+    if bias.dim() != 1:
+        raise NotCovered(f"a {bias.dim()}-D bias")
+    if isinstance(derived.pullback, ViewPullback):
+        return derived.pullback, None
+    if derived.pullback.per_sample_ok() is not None:
+        raise NotCovered("a bias whose pullback cannot take per-sample gradients")
+    return derived, tuple(bias.shape)
+
+
 class LinearUse(Use):
     """y = a @ M (+ bias): the sampled entries of M's and the bias' per-sample gradients.
 
@@ -67,13 +81,16 @@ class LinearUse(Use):
     label = "linear"
 
     def __init__(self, mode, a, z, weight, layout, bias=None, scale=1.0, bias_scale=1.0, transposed=False,
-                 samples_dim=0):
-        sampled = [p.st for p in (weight, bias) if p is not None]
+                 samples_dim=0, bias_shape=None):
+        sampled = [weight.st] if weight is not None else []
+        if bias is not None:
+            sampled += [bias.st] if isinstance(bias, (ViewPullback, Operand)) else list(bias.sampled)
         super().__init__(sampled, torch.autograd.graph.get_gradient_edge(z), guarded=[a])
         self.batch, self.backend = mode.batch_size, mode.backend
         self.a, self.weight, self.layout, self.bias = a, weight, layout, bias
         self.scale, self.bias_scale, self.transposed = scale, bias_scale, transposed
         self.samples_dim = samples_dim  # 1: sequence first [T, B, ...]
+        self.bias_shape = bias_shape  # of a bias computed from parameters
 
     def contribute(self, d: torch.Tensor, sink: Sink) -> None:
         a = self.a
@@ -94,7 +111,12 @@ class LinearUse(Use):
                 a3, d3 = a3[:, live], d3[:, live]
         if self.weight is not None:
             self._weight(a3, d3, n_in, n_out, sink)
-        if self.bias is not None:
+        if self.bias is not None and not isinstance(self.bias, (ViewPullback, Operand)):
+            # A bias computed from parameters (BEiT's cat of q, zero and v biases): its
+            # per-sample gradient [B, O] goes through its own pullback.
+            per_sample = d3.sum(dim=1) * self.bias_scale
+            self.bias.pullback.contribute(per_sample.reshape(self.batch, *self.bias_shape), False, sink)
+        elif self.bias is not None:
             elements, columns, unique = self.bias.st.hits(self.bias.geometry)
             if elements.numel():
                 values = d3.sum(dim=1)[:, elements % n_out]
@@ -169,8 +191,9 @@ def linear(mode, func, args, kwargs):
         raise NotCovered("a parameter as the input of F.linear")
     where = _rows(mode, x, "the input")
     w = _view_of_parameter(mode, weight, "weight", 2)
-    b = _view_of_parameter(mode, bias, "bias", 1)
-    return _record(mode, func(*args, **kwargs), a=x, weight=w, layout="oi", bias=b, samples_dim=where)
+    b, bias_shape = _bias(mode, bias)
+    return _record(mode, func(*args, **kwargs), a=x, weight=w, layout="oi", bias=b, samples_dim=where,
+                   bias_shape=bias_shape)
 
 
 @register(torch.addmm, torch.Tensor.addmm)
