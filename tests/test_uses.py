@@ -548,3 +548,25 @@ def test_a_bias_computed_from_parameters_is_batched():
     check(model, x, backends=FAST)
     found = paths(model, x)
     assert found["q_bias"] == found["v_bias"] == found["lin.weight"] == "linear"
+
+
+class LowRank(nn.Module):
+    """Weights computed from parameters: a LoRA-style W + B @ A, and weight normalization."""
+
+    def __init__(self):
+        super().__init__()
+        self.base = nn.Linear(5, 6)
+        self.lora_a, self.lora_b = nn.Parameter(torch.randn(2, 5) / 3), nn.Parameter(torch.randn(6, 2) / 3)
+        self.normed = nn.utils.parametrizations.weight_norm(nn.Linear(6, 3))
+
+    def forward(self, x):
+        h = torch.tanh(F.linear(x, self.base.weight + self.lora_b @ self.lora_a, self.base.bias))
+        return self.normed(h)
+
+
+def test_weights_computed_from_parameters_are_batched():
+    torch.manual_seed(19)
+    model, x = LowRank(), torch.randn(6, 5)
+    check(model, x, backends=FAST)
+    report = tk.coverage(model, x)
+    assert report.generic == [], str(report)

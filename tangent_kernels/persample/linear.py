@@ -29,6 +29,11 @@ class Operand(NamedTuple):
     geometry: Geometry
 
 
+class ComputedWeight(NamedTuple):
+    derived: object  # uses.Derived
+    shape: tuple
+
+
 def _rows(mode, a: torch.Tensor, what: str) -> int:
     """The dim of ``a`` that holds the samples (0 or 1), or NotCovered."""
     where = mode.samples_dim(a) if a.dim() >= 2 else None
@@ -48,6 +53,10 @@ def _view_of_parameter(mode, t, what: str, dims: int, batched: bool = False):
     if derived is None:
         return None
     if not isinstance(derived.pullback, ViewPullback):
+        # A weight computed from parameters (LoRA's B @ A, weight normalization): its
+        # dense per-sample gradients go through its own pullback.
+        if t.dim() == dims == 2 and derived.pullback.per_sample_ok() is None:
+            return ComputedWeight(derived, tuple(t.shape))
         raise NotCovered(f"the {what} is computed from parameters, not a view of one")
     if batched and t.dim() == dims + 1 and t.shape[0] == mode.batch_size and t.stride(0) == 0:
         size, stride, offset = derived.pullback.geometry
@@ -82,7 +91,8 @@ class LinearUse(Use):
 
     def __init__(self, mode, a, z, weight, layout, bias=None, scale=1.0, bias_scale=1.0, transposed=False,
                  samples_dim=0, bias_shape=None):
-        sampled = [weight.st] if weight is not None else []
+        sampled = ([] if weight is None else list(weight.derived.sampled) if isinstance(weight, ComputedWeight)
+                   else [weight.st])
         if bias is not None:
             sampled += [bias.st] if isinstance(bias, (ViewPullback, Operand)) else list(bias.sampled)
         super().__init__(sampled, torch.autograd.graph.get_gradient_edge(z), guarded=[a])
@@ -132,6 +142,10 @@ class LinearUse(Use):
         return cache[key]
 
     def _weight(self, a3, d3, n_in, n_out, sink: Sink) -> None:
+        if isinstance(self.weight, ComputedWeight):
+            product = torch.bmm(d3.transpose(1, 2), a3) if self.layout == "oi" else torch.bmm(a3.transpose(1, 2), d3)
+            self.weight.derived.pullback.contribute(product * self.scale if self.scale != 1 else product, False, sink)
+            return
         st = self.weight.st
         elements, columns, unique = st.hits(self.weight.geometry)
         if not elements.numel():
