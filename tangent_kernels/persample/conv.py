@@ -114,8 +114,7 @@ class ConvUse(Use):
             # Densely sampled on a CPU: the whole per-sample gradients by the convolution
             # backward (oneDNN) beat the sampled dots, then only the sampled entries are kept.
             dense = self._dense_per_sample(a_pad, d.contiguous())
-            whole = elements.numel() == numel and bool(
-                (elements == torch.arange(numel, device=elements.device)).all())
+            whole = st.whole(self.weight.geometry)
             sink.add(st, columns, dense if whole else dense.index_select(1, elements), unique)
             return
         plan, order = self._plan(elements)

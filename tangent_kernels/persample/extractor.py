@@ -111,9 +111,9 @@ class FeatureExtractor:
 
     def _count_outputs(self, batch: ModelInputs) -> int:
         """k, the number of logits, from one sample of the first batch."""
+        sample = batch.slice(0, 1)
         with torch.no_grad():
-            result = evaluate(self.model, functional_state(self.model, self.index.layout, self.dtype, self.device),
-                              batch.slice(0, 1).args, batch.slice(0, 1).kwargs)
+            result = evaluate(self.model, self.state, sample.args, sample.kwargs)
         return int(logits_of(result, 1).shape[1])
 
     def _features(self, batch: ModelInputs) -> torch.Tensor:

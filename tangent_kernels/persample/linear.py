@@ -132,15 +132,6 @@ class LinearUse(Use):
                 values = d3.sum(dim=1)[:, elements % n_out]
                 sink.add(self.bias.st, columns, values * self.bias_scale if self.bias_scale != 1 else values, unique)
 
-    def _whole(self, elements: torch.Tensor, n_in: int, n_out: int) -> bool:
-        """Whether every entry of the weight is sampled, in its own order (idx=None)."""
-        key = ("whole", self.weight.geometry)
-        cache = self.weight.st.cache
-        if key not in cache:
-            cache[key] = elements.numel() == n_in * n_out and bool(
-                (elements == torch.arange(elements.numel(), device=elements.device)).all())
-        return cache[key]
-
     def _weight(self, a3, d3, n_in, n_out, sink: Sink) -> None:
         if isinstance(self.weight, ComputedWeight):
             product = torch.bmm(d3.transpose(1, 2), a3) if self.layout == "oi" else torch.bmm(a3.transpose(1, 2), d3)
@@ -152,7 +143,7 @@ class LinearUse(Use):
             return
         span = st.span(columns)
         if (span is not None and self.scale == 1 and sink.overwrites(st, unique) and sink.out.dtype == d3.dtype
-                and d3.device == sink.out.device and self._whole(elements, n_in, n_out)):
+                and d3.device == sink.out.device and st.whole(self.weight.geometry)):
             # The whole weight sampled (idx=None): each sample's gradient, one batched
             # product, written straight into its columns of F; nothing to gather.
             block = sink.out[:, span].unflatten(1, (n_out, n_in) if self.layout == "oi" else (n_in, n_out))

@@ -56,6 +56,17 @@ class SampledTensor:
             entry = self._spans[id(columns)] = (columns, slice(int(columns[0]), int(columns[0]) + n) if consecutive else None)
         return entry[1]
 
+    def whole(self, geometry: Geometry) -> bool:
+        """Whether a view with ``geometry`` has every element sampled, in its own order
+        (idx=None): its gradient then needs no gather."""
+        key = ("whole", geometry)
+        if key not in self.cache:
+            elements = self.hits(geometry)[0]
+            numel = math.prod(geometry[0])
+            self.cache[key] = elements.numel() == numel and bool(
+                (elements == torch.arange(numel, device=elements.device)).all())
+        return self.cache[key]
+
     @property
     def m(self) -> int:
         return self.local.numel()
