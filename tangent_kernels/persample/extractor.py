@@ -91,7 +91,7 @@ class FeatureExtractor:
                         if batched else None)
         generic = self.generic_slices
         self.generics = [GenericPath(self.model, self.index.layout, generic, output, self.dtype, self.device,
-                                     strategy=self._generic_strategy)
+                                     strategy=self._generic_strategy, state=self.state)
                          for output in self.scalar_outputs] if generic else []
         if self.batched is None:
             self.verified = True
@@ -195,7 +195,7 @@ class FeatureExtractor:
         expected = torch.empty(shape, dtype=self.dtype, device=self.device)
         for a, output in enumerate([self.scalar_outputs[c] for c in checked]):
             check = GenericPath(self.model, self.index.layout, self.index.tensor_slices, output, self.dtype,
-                                self.device, strategy="loop")
+                                self.device, strategy="loop", state=self.state)
             for k, row in enumerate(rows):
                 check(batch.slice(row, row + 1), self._view(expected, a)[k:k + 1])
         return expected

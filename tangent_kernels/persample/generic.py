@@ -35,13 +35,18 @@ class GenericPath:
     the columns of ``slices`` only (any model, any layer)."""
 
     def __init__(self, model: nn.Module, layout: ParamLayout, slices: List[TensorSlice], output: OutputSpec,
-                 dtype, device, strategy: Optional[str] = None):
+                 dtype, device, strategy: Optional[str] = None, state=None):
+        """state: a ``functional_state`` of the model to share (its dicts are copied, its
+        tensors not), instead of a copy of the model's state of its own."""
         self.model = model
         self.output = output
         self.dtype, self.device = dtype, device
         self.slices = [(s.name, s.local.to(device), s.columns.to(device)) for s in slices]
         self.names = [s.name for s in slices]
-        trainable, self.rest = functional_state(model, layout, dtype, device)
+        if state is None:
+            trainable, self.rest = functional_state(model, layout, dtype, device)
+        else:
+            trainable, self.rest = dict(state[0]), dict(state[1])
         self.touched = {name: trainable.pop(name) for name in self.names}
         # Untouched trainable tensors are constants here: no gradient is asked of them.
         self.rest.update(trainable)
