@@ -25,7 +25,9 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 # torch 2.14.1 is the CUDA 13.0 build (a local wheel on the project's machines): the
 # CUDA sources compile and link against it even with no GPU.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
-TOOLS := numpy tqdm safetensors scikit-learn matplotlib pytest ninja cmake "setuptools>=64" wheel transformers==5.24.0 timm==1.0.31
+# traker and laplace-torch: the compat adapters are tested against the real libraries
+# (pure Python wheels, about 3 s to install with their dependencies).
+TOOLS := numpy tqdm safetensors scikit-learn matplotlib pytest ninja cmake "setuptools>=64" wheel transformers==5.24.0 timm==1.0.31 traker==0.3.2 laplace-torch==0.3
 
 DEPS_STAMP := $(VENV)/.tangent-kernels-deps
 EXT_STAMP := build/.extension-built

@@ -1,0 +1,65 @@
+"""Per-sample gradient features one batch at a time, for the adapters whose host library
+hands them batches (TRAK's featurize, laplace-torch's jacobians): one FeatureExtractor
+kept across calls, so the first-batch decisions (which rule serves each tensor, the spot
+check against a per-sample evaluation) are made once, not on every batch as one
+``tk.features`` call per batch would."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .._model import eval_mode, fp32_math, model_device
+from ..data import ModelInputs, _batch_size, to_inputs
+from ..params import ParamIndex, resolve_idx
+from ..persample import FeatureExtractor, resolve_backend
+
+__all__ = ["BatchFeatures", "compute_dtype", "index_on"]
+
+
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """float64 when the model holds float64 parameters (the reference precision the
+    adapted libraries' tests use), else float32."""
+    return torch.float64 if any(p.dtype == torch.float64 for p in model.parameters()) else torch.float32
+
+
+def index_on(model: nn.Module, idx, like: Optional[nn.Module] = None) -> ParamIndex:
+    """``idx`` (None, positions or a ParamIndex of ``like``) as a ParamIndex of ``model``,
+    which must have ``like``'s parameters in the same order (a wrapper around it)."""
+    if like is not None and isinstance(idx, ParamIndex):
+        idx = resolve_idx(like, idx).positions
+    return resolve_idx(model, idx)
+
+
+class BatchFeatures:
+    """``self(batch)``: F [B, p] (or [B, k, p] for ``output="full"``) of one batch, in
+    the model's compute dtype, on the model's device; the model is left as it was."""
+
+    def __init__(self, model: nn.Module, index: ParamIndex, output, *, backend: str = "auto",
+                 dtype: Optional[torch.dtype] = None):
+        from ..engine import _check_model
+
+        _check_model(model)
+        self.model, self.index = model, index
+        self.dtype = compute_dtype(model) if dtype is None else dtype
+        self.device = model_device(model)
+        self.extractor = FeatureExtractor(model, index, output, self.dtype, self.device,
+                                          resolve_backend(backend, self.device))
+
+    def __call__(self, batch: Any = None, *, args: Tuple = (), kwargs: Optional[Dict[str, Any]] = None) -> torch.Tensor:
+        """Features of ``batch`` (a tensor or dict, read as tk.features reads a loader's
+        batch), or of the model call ``model(*args, **kwargs)``."""
+        from ..engine import _check_finite
+
+        if batch is not None:
+            inputs = to_inputs(batch)
+        else:
+            kwargs = dict(kwargs or {})
+            inputs = ModelInputs(tuple(args), kwargs, _batch_size(tuple(args), kwargs))
+        inputs = inputs.to(self.device, self.dtype)
+        with eval_mode(self.model), fp32_math(False):
+            block = self.extractor(inputs)
+        _check_finite(block, 0, "the batch")
+        return block
