@@ -7,14 +7,14 @@
     kr = tk.KernelRidge(betas="auto").fit(K, y) # kernel ridge regression on K
 """
 
-from . import analysis, reference
+from . import analysis, distributed, reference
 from ._ext import info
 from .checkpoint import CheckpointCorrupt, CheckpointInUse, CheckpointMismatch
 from .engine import ProgressEvent, features, gram
 from .io import load_gram, save_gram
 from .params import ParamIndex, subsample
 from .persample.coverage import CoverageReport, coverage
-from .solve import ConvergenceWarning, KernelRidge, NotFittedError, solve
+from .solve import ConvergenceWarning, KernelRidge, NotFittedError, solve  # the shim module first: tk.solve stays the function
 
 __version__ = "0.1.0"
 
@@ -29,6 +29,7 @@ __all__ = [
     "ParamIndex",
     "ProgressEvent",
     "analysis",
+    "distributed",
     "coverage",
     "features",
     "gram",

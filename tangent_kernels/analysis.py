@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import torch
 
-from .solve import _check_kernel, _check_targets, _label_count
+from .solvers._checks import _check_kernel, _check_targets, _label_count
 
 __all__ = ["Spectrum", "spectrum", "alignment", "degrees_of_freedom"]
 

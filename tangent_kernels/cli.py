@@ -291,7 +291,7 @@ def _parse_betas(values: List[str]) -> Any:
 def _solve(args: argparse.Namespace) -> int:
     import torch
 
-    from .solve import ConvergenceWarning, KernelRidge
+    from .solvers import ConvergenceWarning, KernelRidge
 
     for path, what in ((args.coef, "--coef"), (args.json, "--json")):
         if path:
@@ -342,7 +342,7 @@ def _solve(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__, demo
     from .engine import PRECISIONS
-    from .solve import SOLVERS
+    from .solvers import SOLVERS
 
     parser = argparse.ArgumentParser(
         prog="tangent-kernels", description="Empirical neural tangent kernels for PyTorch models.",

@@ -50,7 +50,7 @@ from torch import nn
 from .analysis import alignment, spectrum
 from .engine import gram
 from .params import subsample
-from .solve import ConvergenceWarning, KernelRidge, solve
+from .solvers import ConvergenceWarning, KernelRidge, solve
 
 ROTATIONS = 4  # the pretext task: which of 0/90/180/270 degrees an image was turned
 

@@ -1,0 +1,147 @@
+"""``solve``: the functional entry point, and the dispatch every caller goes through."""
+
+from __future__ import annotations
+
+import warnings
+from typing import List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .._model import fp32_math
+from ._checks import (_beta_scale, _check_beta_range, _check_betas, _check_kernel, _check_options,
+                      _check_psd_estimate, _check_targets, _label_count, _out_dtype, Array)
+from ._common import ConvergenceWarning, _Config, _Result
+from ._metrics import _Validation
+from .cg import _cg
+from .cholesky import _cholesky
+from .eigh import _eigh
+from .nesterov import _nesterov
+
+
+
+
+def _run(solver: str, K: torch.Tensor, T: torch.Tensor, betas: List[float], cfg: _Config,
+         val: Optional[_Validation], cv: Optional[str], allow_tf32: bool) -> _Result:
+    _check_beta_range(K, betas)
+    with fp32_math(allow_tf32), torch.no_grad():
+        if solver == "cg":
+            _check_psd_estimate(K, cfg.seed)
+        if solver == "nesterov":
+            result = _nesterov(K, T, betas, cfg, val)
+        elif solver == "cg":
+            result = _cg(K, T, betas, cfg)
+        elif solver == "eigh":
+            result = _eigh(K, T, betas, cfg, cv)
+        else:
+            result = _cholesky(K, T, betas, cfg)
+    finite = torch.isfinite(result.coefs.reshape(len(betas), -1)).all(dim=1).tolist()
+    if not all(finite):
+        bad = [b for b, ok in zip(betas, finite) if not ok]
+        scale = float(K.diagonal().double().mean())
+        raise ValueError(
+            f"the {solver} solution is not finite for beta = {', '.join(f'{b:g}' for b in bad[:4])}: a beta so far "
+            f"from K's scale (mean diagonal {scale:.3g}) overflows or underflows the arithmetic. Use betas within "
+            "a few orders of magnitude of that scale (beta_scale='trace' makes betas relative to it)"
+        )
+    return result
+
+
+def _warn_unconverged(solver: str, result: _Result, betas: List[float], tol: float, dtype: torch.dtype) -> None:
+    bad = [(b, r) for b, r, c in zip(betas, result.residual, result.converged) if not c]
+    if not bad:
+        return
+    listed = ", ".join(f"beta={b:g}: {r:.2e}" for b, r in bad[:4]) + (", ..." if len(bad) > 4 else "")
+    if solver in ("eigh", "cholesky"):
+        what, fix = "ended", "keep refine on (the default) or pass float64 K"
+    else:
+        what, fix = "stopped", "raise max_iter, use solver='cholesky'/'eigh', or pass float64 K"
+    warnings.warn(
+        f"{solver} {what} above tol={tol:g} for {len(bad)} of {len(betas)} beta(s) (relative "
+        f"residual {listed}); {fix}."
+        + (" float32 cannot take the relative residual much below 6e-8 * cond(K + beta I)."
+           if dtype == torch.float32 else ""),
+        ConvergenceWarning,
+        stacklevel=3,
+    )
+
+
+def solve(
+    K: Array,
+    Y: Array,
+    beta: Union[float, Sequence[float], Array],
+    solver: str = "nesterov",
+    *,
+    max_iter: int = 1000,
+    tol: float = 1e-6,
+    eval_every: int = 10,
+    beta_scale: Optional[str] = None,
+    precond_rank: Optional[int] = None,
+    precond_power: int = 1,
+    refine: Optional[bool] = None,
+    factor_dtype: torch.dtype = torch.float32,
+    dtype: Optional[torch.dtype] = None,
+    n_classes: Optional[int] = None,
+    sym_tol: Optional[float] = None,
+    allow_tf32: bool = False,
+    seed: int = 0,
+    progress: Optional[bool] = False,
+    return_info: bool = False,
+):
+    """Dual coefficients alpha with (K + beta I) alpha = Y, for one beta or many at once.
+
+    Args:
+        K: [n, n] symmetric PSD training Gram matrix (tensor or numpy array).
+        Y: integer labels [n] (one-hot targets [n, C], C = max label + 1 or ``n_classes``),
+            or real targets [n] (treated as [n, 1]) or [n, m].
+        beta: a number >= 0 or a sequence of them (absolute, scikit-learn's ``alpha``;
+            multiplied by mean diag(K) when ``beta_scale="trace"``).
+        solver: ``"nesterov"``, ``"cg"``, ``"eigh"`` or ``"cholesky"`` (see the module docs).
+        max_iter, tol, eval_every: iterative solvers stop when ||(K + beta I) alpha - Y||_F
+            <= tol * ||Y||_F per beta (checked every ``eval_every`` steps for nesterov,
+            every step for cg), else at ``max_iter``. eigh and cholesky are exact: they return
+            the result dtype's precision, and ``tol`` only decides ``converged``.
+        precond_rank, precond_power: cg's Nystrom preconditioner rank (None/0: none) and
+            subspace iterations of its sketch.
+        refine: fp64 iterative refinement (default: always for cholesky, for eigh when the
+            working dtype is float32; never for the iterative solvers).
+        factor_dtype: dtype of cholesky's factors.
+        dtype: dtype of the result (default: K's working dtype, see the module docs).
+        sym_tol: tolerance on ||K - K.T||_F / ||K||_F (default 1e-4; math.inf skips the check).
+        allow_tf32: let fp32 GEMMs on CUDA use TF32 (faster, ~1e-3 relative error).
+        seed: seed of the random sketches (power iteration, Nystrom).
+        progress: tqdm bar: False (default) none, True or None on a terminal, "always"
+            also when stderr is not a terminal.
+        return_info: also return a dict with per-beta ``n_iter``, ``converged``,
+            ``residual``, ``history`` and solver extras.
+
+    Returns:
+        alpha [n, m] for a scalar beta, [len(beta), n, m] for a sequence, on K's device
+        (and ``info`` when ``return_info``). Warns ``ConvergenceWarning`` for a beta left
+        above ``tol``.
+    """
+    _check_options(solver, max_iter, tol, eval_every, precond_rank)
+    scalar = isinstance(beta, (int, float, np.integer, np.floating)) or (
+        isinstance(beta, (torch.Tensor, np.ndarray)) and beta.ndim == 0
+    )
+    betas = _check_betas(beta, "beta")
+    K = _check_kernel(K, sym_tol)
+    n = K.shape[0]
+    count = _label_count(Y, "Y")
+    targets = _check_targets(Y, n, "Y", "K", K.dtype, K.device,
+                             n_classes if n_classes is not None else count)
+    scale = _beta_scale(K, beta_scale)
+    cfg = _Config(max_iter=int(max_iter), tol=float(tol), eval_every=int(eval_every), early_stopping=False,
+                  precond_rank=precond_rank, precond_power=precond_power, refine=refine,
+                  factor_dtype=factor_dtype, seed=seed, progress=progress,
+                  out_eps=float(torch.finfo(_out_dtype(dtype, K.dtype)).eps))
+    result = _run(solver, K, targets.values, [b * scale for b in betas], cfg, None, None, allow_tf32)
+    _warn_unconverged(solver, result, betas, tol, _out_dtype(dtype, K.dtype))
+    alpha = result.coefs.to(_out_dtype(dtype, K.dtype))
+    if scalar:
+        alpha = alpha[0]
+    if return_info:
+        info = {"n_iter": result.n_iter, "converged": result.converged, "residual": result.residual,
+                "history": result.history, **result.extra}
+        return alpha, info
+    return alpha
