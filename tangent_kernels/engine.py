@@ -298,6 +298,9 @@ def gram(
     max_memory: Optional[int] = None,
     cache_dir=None,
     checkpoint_key: Optional[str] = None,
+    group=None,
+    shard: bool = False,
+    gather: str = "all",
 ) -> torch.Tensor:
     """The eNTK Gram K[i, j] = <g(x_i), g(x_j)> over a loader, [n1, n2].
 
@@ -328,7 +331,21 @@ def gram(
         checkpoint_key: a name for the run, recorded in the checkpoint and required to
             match on resume; needed to resume with an ``output`` callable whose code
             cannot be fingerprinted (a builtin, a callable object holding arbitrary state).
+        group, shard, gather: under torch.distributed (a process group with several ranks
+            initialized, or ``group=``) the work is split over the ranks and every rank
+            must call ``gram``; ``group=False`` keeps it in this process. ``shard=True``:
+            each rank passes its own samples; ``gather``: "all", "rank0" or "rows" (a
+            ``tk.distributed.KShard``). See :func:`tangent_kernels.distributed.driver.gram`.
     """
+    from .distributed import active_group  # the distributed path, when a process group asks for it
+
+    if (split := active_group(group, shard, gather)) is not False:
+        from .distributed.driver import gram as distributed_gram
+
+        return distributed_gram(model, loader, idx, loader2, group=split, shard=shard, gather=gather, output=output,
+                                precision=precision, device=device, progress=progress, inputs=inputs, backend=backend,
+                                out=out, callback=callback, checkpoint=checkpoint, store=store, max_memory=max_memory,
+                                cache_dir=cache_dir, checkpoint_key=checkpoint_key)
     index, output, precision, device, backend = _prepare(model, idx, output, precision, device, backend)
     _check_inputs_callable(inputs)
     if checkpoint_key is not None and not isinstance(checkpoint_key, str):

@@ -1,0 +1,404 @@
+"""The Gram on a torch.distributed group: ``tk.gram`` when a process group is up.
+
+Phases (each ends with every rank's status exchanged, so one rank's error stops all):
+1. arguments: every rank's fingerprints of the model, idx, output, precision, backend
+   and loader layout are compared with rank 0's;
+2. features: each rank computes its share of the samples into a feature store (the
+   engine's own ``_fill_store``: stores, precisions, per-rank checkpoints);
+3. gram: the shards of the column features visit every rank (a ring of point-to-point
+   passes, or one all_gather) and each rank computes its blocks of K (schedule.py)
+   with the engine's ``_blocked_gram`` (tiles, out-of-memory halving, checkpointed
+   row blocks); for K(X, X) the blocks a rank computed for another's rows are sent there;
+4. K is returned as asked: every rank (``gather="all"``), rank 0, or row shards (KShard).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from pathlib import Path
+from typing import Any, Callable, List, Optional, Sequence
+
+import torch
+
+from .. import engine
+from ..checkpoint import Checkpoint, CheckpointMismatch
+from ..data import loader_length
+from ..outputs import is_multi
+from ..store import FeatureStore, check_max_memory, check_store
+from .exchange import Comm
+from .schedule import RankBatches, Task, count_batches, cross_tasks, ring_steps, split_batches, symmetric_tasks
+from .shard import KShard
+
+__all__ = ["gram", "GATHERS", "EXCHANGES"]
+
+GATHERS = ("all", "rank0", "rows")
+EXCHANGES = ("auto", "ring", "allgather")
+# "auto" gathers every shard at once while all the features fit in a quarter of the
+# feature budget (bench/bench_distributed.py: one collective beats W // 2 latency-bound
+# passes at small n); beyond, the ring holds only two visiting shards at a time.
+_ALLGATHER_SHARE = 0.25
+
+
+def gram(model, loader, idx=None, loader2=None, *, group=None, shard: bool = False, gather: str = "all",
+         exchange: str = "auto", timeout: Optional[float] = None, output="first", precision: str = "fp32",
+         device=None, progress=True, inputs=None, backend: str = "auto", out=None, callback=None,
+         checkpoint=None, store: str = "auto", max_memory=None, cache_dir=None, checkpoint_key=None):
+    """The eNTK Gram over a process group; the arguments of :func:`tangent_kernels.gram`, plus
+
+    group: the process group (None: the default one).
+    shard: False (default): every rank passes the same loader and its batches are
+        assigned to ranks in contiguous ranges (K's order is the loader's). True: each
+        rank passes its own samples (K's order: rank 0's, then rank 1's, ...).
+    gather: "all" (K on every rank), "rank0" (K on rank 0, None elsewhere) or "rows"
+        (a :class:`KShard` per rank: its contiguous rows of K and their offsets).
+    exchange: how feature shards travel: "ring" (W // 2 point-to-point passes for
+        K(X, X), overlapped with the tiles; two shards in memory), "allgather" (one
+        collective; every shard in memory), "auto" (allgather while it fits).
+    timeout: seconds a rank waits for the others at a phase boundary (None: the
+        group's timeout); the error names the phase and, on gloo, the missing ranks.
+
+    Exact to the bit against one process where every rank's shard is a multiple of
+    2 x 1024 rows (the tiles then coincide); otherwise within fp32 rounding (the same
+    products, summed in other tile shapes). Not yet: ``out=``, the every-logit
+    outputs ("full", "trace", "diagonal").
+    """
+    comm = Comm(group, timeout, device=_comm_device(device, model))
+    error, plan = None, None
+    try:
+        plan = _Plan(comm, model, loader, idx, loader2, shard, gather, exchange, output, precision, device, progress,
+                     inputs, backend, out, callback, checkpoint, store, max_memory, cache_dir, checkpoint_key)
+    except Exception as caught:  # told to every rank below, so none waits for a rank that stopped
+        error = caught
+    comm.settle("arguments", error)
+    comm.agree("arguments", plan.record)
+    with engine.eval_mode(model), engine.fp32_math(plan.precision.allow_tf32):
+        return plan.run(model)
+
+
+def _comm_device(device, model) -> Optional[torch.device]:
+    if device is not None:
+        return torch.device(device)
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return None
+
+
+class _Plan:
+    """One rank's share of the run, checked before any work."""
+
+    def __init__(self, comm: Comm, model, loader, idx, loader2, shard, gather, exchange, output, precision, device,
+                 progress, inputs, backend, out, callback, checkpoint, store, max_memory, cache_dir, checkpoint_key):
+        self.comm = comm
+        index, output, precision, device, backend = engine._prepare(model, idx, output, precision, device, backend)
+        engine._check_inputs_callable(inputs)
+        if gather not in GATHERS:
+            raise ValueError(f"gather must be one of {', '.join(GATHERS)}; got {gather!r}")
+        if exchange not in EXCHANGES:
+            raise ValueError(f"exchange must be one of {', '.join(EXCHANGES)}; got {exchange!r}")
+        if not isinstance(shard, bool):
+            raise TypeError(f"shard must be True (each rank passes its own samples) or False; got {shard!r}")
+        if out is not None:
+            raise ValueError("out= is not supported by the distributed Gram yet: K is assembled from the ranks' "
+                             "shards; use gather='rows' for a K per rank that is not whole")
+        if is_multi(output):
+            raise ValueError(f"output={output!r} (every logit) is not supported by the distributed Gram yet: "
+                             "use one scalar output ('first', 'sum', a logit index, a callable), or one process")
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be callable (it receives a ProgressEvent); got {type(callback).__name__}")
+        if checkpoint_key is not None and not isinstance(checkpoint_key, str):
+            raise TypeError(f"checkpoint_key must be a str naming the run, got {type(checkpoint_key).__name__}")
+        self.index, self.output, self.precision, self.device, self.backend = index, output, precision, device, backend
+        self.gather, self.exchange, self.shard, self.inputs = gather, exchange, shard, inputs
+        self.store, self.budget, self.cache_dir = check_store(store), check_max_memory(max_memory, device), cache_dir
+        progress = engine._check_progress(progress)
+        self.events = engine._Events(callback, progress if comm.rank == 0 else False)
+        self.symmetric = loader2 is None
+        self.loaders = [self._share(loader, "loader")] + ([] if self.symmetric else [self._share(loader2, "loader2")])
+        self.checkpoint, self.checkpoint_key = checkpoint, checkpoint_key
+        self.identity, self.undecidable = engine._identity(model, index, output, precision, backend,
+                                                            not self.symmetric, checkpoint_key)
+        self.record = dict(self.identity, world_size=comm.world, shard=shard, gather=gather, exchange=exchange,
+                           checkpoint=checkpoint is not None,
+                           batches=None if shard else [n for _, n, _ in self.loaders])
+
+    def _share(self, loader, name: str):
+        """(this rank's loader, the batches announced, the samples announced or None)."""
+        rank, world = self.comm.rank, self.comm.world
+        if self.shard:
+            return loader, None, loader_length(loader)
+        if isinstance(loader, torch.Tensor):  # one batch: its samples are split instead
+            if loader.dim() == 0 or loader.shape[0] < world:
+                raise ValueError(f"{name} is one tensor of {loader.shape[0] if loader.dim() else 0} samples, fewer "
+                                 f"than the {world} ranks: every rank needs at least one sample")
+            loader = list(torch.tensor_split(loader, world))
+        n_batches = count_batches(loader, rank)
+        if n_batches < world:
+            raise ValueError(f"{name} has {n_batches} batches for {world} ranks: every rank needs at least one "
+                             "batch; use smaller batches (DataLoader(batch_size=...)) or fewer ranks")
+        start, stop = split_batches(n_batches, world)[rank]
+        return RankBatches(loader, start, stop, n_batches, rank, rank == world - 1), n_batches, loader_length(loader)
+
+    # ------------------------------------------------------------------ the run
+    def run(self, model):
+        comm, stores, ckpt, error = self.comm, [], None, None
+        try:
+            try:
+                ckpt = self._open_checkpoint()
+                stores = self._features(model, ckpt)
+            except Exception as caught:
+                error = caught
+            comm.settle("features", error)
+            sizes = [comm.all_objects(s.samples) for s in stores]
+            announced = [a for _, _, a in self.loaders]
+            for name, sizes_l, total in zip(("loader", "loader2"), sizes, announced):
+                if not self.shard and total is not None and sum(sizes_l) != total:
+                    raise ValueError(f"{name} yields {sum(sizes_l)} samples over the ranks ({sizes_l}) but "
+                                     f"announced {total} (len(dataset)): its batches changed between ranks")
+            rows = self._gram(stores, sizes, ckpt)
+            return self._gathered(rows, sizes)
+        finally:
+            self.events.close()
+            for feature_store in stores:
+                feature_store.close()
+            if ckpt is not None:
+                ckpt.close()
+
+    def _open_checkpoint(self) -> Optional[Checkpoint]:
+        if self.checkpoint is None:
+            return None
+        rank, world = self.comm.rank, self.comm.world
+        folder = Path(self.checkpoint)
+        if (folder / "manifest.json").exists():
+            raise CheckpointMismatch(f"checkpoint {folder} was made by a single-process run: it cannot be resumed "
+                                     "by a distributed one; use another folder, or delete this one to start over")
+        others = sorted({int(m.group(1)) for p in (folder.glob("rank-*-of-*") if folder.is_dir() else [])
+                         if (m := re.fullmatch(r"rank-\d+-of-(\d+)", p.name)) and int(m.group(1)) != world})
+        if others:
+            raise CheckpointMismatch(
+                f"checkpoint {folder} was made by a run on {others[0]} ranks, this one has {world}: its features "
+                f"and blocks of K are split by rank, and a new split would assign other samples to each rank. "
+                f"Relaunch with {others[0]} ranks (torchrun --nproc-per-node={others[0]}) to resume, or delete the "
+                "folder to start over"
+            )
+        identity = dict(self.identity, rank=rank, world_size=world, shard=self.shard)
+        ckpt = Checkpoint(folder / f"rank-{rank}-of-{world}", identity)
+        if ckpt.resumed and self.undecidable and self.checkpoint_key is None:
+            ckpt.close()
+            raise CheckpointMismatch(f"checkpoint {folder}: output= is a callable whose computation cannot be "
+                                     "fingerprinted; name the run with checkpoint_key='...' to resume it")
+        return ckpt
+
+    def _features(self, model, ckpt) -> List[FeatureStore]:
+        made = []
+
+        def extractor():
+            if not made:
+                made.append(engine._new_extractor(model, self.index, self.output, self.precision, self.device,
+                                                  self.backend))
+            return made[0]
+
+        fill = dict(index=self.index, output=self.output, precision=self.precision, device=self.device,
+                    inputs=self.inputs, backend=self.backend, kind=self.store, budget=self.budget,
+                    cache_dir=self.cache_dir, ckpt=ckpt, events=self.events, extractor=extractor)
+        stores, signature = [], None
+        try:
+            for (loader, _, announced), name in zip(self.loaders, ("loader", "loader2")):
+                feature_store, own = engine._fill_store(model, loader, name, expected_signature=signature, **fill)
+                stores.append(feature_store)
+                signature = signature or own
+                if self.shard and announced is not None and feature_store.samples != announced:
+                    raise ValueError(f"rank {self.comm.rank}: {name} yields {feature_store.samples} samples but "
+                                     f"announced {announced} (len(dataset)); fix the dataset's __len__")
+        except BaseException:
+            for feature_store in stores:
+                feature_store.close()
+            raise
+        signatures = self.comm.all_objects(engine._describe(signature))
+        if len(set(signatures)) > 1:
+            for feature_store in stores:
+                feature_store.close()
+            raise ValueError(f"the ranks' loaders hold inputs of different per-sample shapes or dtypes: "
+                             f"{'; '.join(f'rank {r}: {s}' for r, s in enumerate(signatures))}")
+        return stores
+
+    # ------------------------------------------------------------------ K
+    def _gram(self, stores: List[FeatureStore], sizes: List[List[int]], ckpt) -> torch.Tensor:
+        comm, rank, world = self.comm, self.comm.rank, self.comm.world
+        own_rows, own_cols = stores[0], stores[-1]
+        row_sizes, col_sizes = sizes[0], sizes[-1]
+        col_offsets = _offsets(col_sizes)
+        tile_rows = engine._TILE_ROWS
+        tasks = (symmetric_tasks(rank, world, row_sizes, tile_rows) if self.symmetric
+                 else cross_tasks(rank, world, row_sizes))
+        rows = torch.empty(row_sizes[rank], col_offsets[-1], dtype=self.precision.k, device=self.device)
+        progress = _TaskProgress(self.events, sum(t.row_stop - t.row_start for t in tasks))
+        payload = _pack(own_cols, comm.device)
+        blocks = []  # (task, block) computed here for another rank's rows
+        exchange = self.exchange
+        if exchange == "auto":
+            exchange = "allgather" if sum(col_sizes) * own_cols.row_bytes <= _ALLGATHER_SHARE * self.budget else "ring"
+        with comm.phase("gram: feature exchange"):
+            gathered = comm.all_gather_rows(payload, col_sizes) if exchange == "allgather" else None
+            held, shift = payload, None
+            for step in range(ring_steps(world, self.symmetric)):
+                source = (rank - step) % world
+                if gathered is not None:
+                    held = gathered[source]
+                elif step + 1 < ring_steps(world, self.symmetric):
+                    shift = comm.ring_shift(held, col_sizes[(source - 1) % world])
+                visiting = own_cols if step == 0 else _unpack(held, own_cols, self)
+                try:
+                    for task in (t for t in tasks if t.step == step):
+                        block = self._task(task, own_rows, visiting, held, rows, col_offsets, ckpt, progress)
+                        if block is not None:
+                            blocks.append((task, block))
+                finally:
+                    if visiting is not own_cols:
+                        visiting.close()
+                if shift is not None:
+                    held, shift = _wait(shift, comm.timeout), None
+        if self.symmetric and world > 1:
+            with comm.phase("gram: blocks to their rows"):
+                self._swap(blocks, rows, row_sizes, col_offsets, tile_rows)
+        comm.settle("gram", None)
+        return rows
+
+    def _task(self, task: Task, own: FeatureStore, visiting: FeatureStore, visiting_payload, rows, col_offsets,
+              ckpt, progress) -> Optional[torch.Tensor]:
+        """Compute one block; returns it when it belongs (also) to another rank's rows."""
+        rank = self.comm.rank
+        task_ckpt = None
+        if ckpt is not None:
+            task_ckpt = Checkpoint(ckpt.folder / task.key, dict(ckpt.identity, block=task.key))
+        try:
+            c0, c1 = col_offsets[task.col_shard], col_offsets[task.col_shard + 1]
+            budget, k_dtype = self.budget, self.precision.k
+            if task.diagonal:
+                engine._blocked_gram(own, own, True, k_dtype, self.device, rows[:, c0:c1], task_ckpt, progress.of(task), budget)
+                return None
+            if task.row_shard == rank:  # own rows, visiting columns: straight into this rank's rows
+                first = own if task.row_start == 0 else _rows_store(own, task, self)
+                try:
+                    out = rows[task.row_start:task.row_stop, c0:c1]
+                    engine._blocked_gram(first, visiting, False, k_dtype, self.device, out, task_ckpt, progress.of(task), budget)
+                finally:
+                    if first is not own:
+                        first.close()
+                return out if self.symmetric else None
+            # K(X, X): the visiting (later) shard's rows against this rank's: a block of the
+            # visiting rank's rows, whose transpose is this rank's.
+            first = _unpack(visiting_payload[task.row_start:task.row_stop], own, self)
+            try:
+                block = torch.empty(task.row_stop - task.row_start, own.n, dtype=k_dtype, device=self.device)
+                engine._blocked_gram(first, own, False, k_dtype, self.device, block, task_ckpt, progress.of(task), budget)
+            finally:
+                first.close()
+            r0 = col_offsets[task.row_shard] + task.row_start
+            rows[:, r0:r0 + block.shape[0]].copy_(block.T)
+            return block
+        finally:
+            if task_ckpt is not None:
+                task_ckpt.close()
+
+    def _swap(self, blocks, rows, sizes, offsets, tile_rows) -> None:
+        """Each block computed for a pair of ranks goes to the other rank of the pair."""
+        comm, rank = self.comm, self.comm.rank
+        sends = [(t.col_shard if t.row_shard == rank else t.row_shard, b.to(comm.device)) for t, b in blocks]
+        expected = [t for other in range(comm.world) if other != rank
+                    for t in symmetric_tasks(other, comm.world, sizes, tile_rows)
+                    if not t.diagonal and rank in (t.row_shard, t.col_shard)]
+        recvs = []
+        for t in expected:
+            other = t.col_shard if t.row_shard == rank else t.row_shard
+            recvs.append((other, torch.empty(t.row_stop - t.row_start, sizes[t.col_shard], dtype=rows.dtype,
+                                             device=comm.device), t))
+        comm.swap(sends, [(src, buf) for src, buf, _ in recvs])
+        for _, block, t in recvs:
+            block = block.to(rows.device)
+            if t.row_shard == rank:
+                rows[t.row_start:t.row_stop, offsets[t.col_shard]:offsets[t.col_shard + 1]].copy_(block)
+            else:
+                r0 = offsets[t.row_shard] + t.row_start
+                rows[:, r0:r0 + block.shape[0]].copy_(block.T)
+
+    def _gathered(self, rows: torch.Tensor, sizes: List[List[int]]):
+        comm, row_sizes = self.comm, sizes[0]
+        offsets = tuple(_offsets(row_sizes))
+        shape = (offsets[-1], rows.shape[1])
+        if self.gather == "rows":
+            return KShard(rows, offsets[comm.rank], shape, offsets, comm.rank, comm.world, self.symmetric, comm.group)
+        with comm.phase(f"gather K ({self.gather})"):
+            k = comm.gather_row_shards(rows.to(comm.device), row_sizes, None if self.gather == "all" else 0)
+        return None if k is None else k.to(self.device)
+
+
+def _offsets(sizes: Sequence[int]) -> List[int]:
+    out = [0]
+    for s in sizes:
+        out.append(out[-1] + s)
+    return out
+
+
+def _wait(shift, timeout: Optional[float]) -> torch.Tensor:
+    return shift.wait(timeout)
+
+
+def _pack(feature_store: FeatureStore, device: torch.device, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
+    """A store's rows [start, stop) as bytes [rows, row_bytes (+ 4 for the fp16 scale)] on
+    the comm device, copied one tile at a time (a host or disk store is never staged whole)."""
+    stop = feature_store.n if stop is None else stop
+    width = feature_store.row_bytes + (4 if feature_store.scaled else 0)
+    payload = torch.empty(stop - start, width, dtype=torch.uint8, device=device)
+    step = engine._TILE_ROWS
+    for i0 in range(start, stop, step):
+        i1 = min(i0 + step, stop)
+        block = feature_store.rows(i0, i1)
+        try:
+            payload[i0 - start:i1 - start, :feature_store.row_bytes].copy_(
+                block.contiguous().view(torch.uint8).reshape(i1 - i0, -1))
+        finally:
+            feature_store.release(block)
+        if feature_store.scaled:
+            payload[i0 - start:i1 - start, feature_store.row_bytes:].copy_(
+                feature_store.scales(i0, i1).contiguous().view(torch.uint8).reshape(i1 - i0, 4))
+    return payload
+
+
+def _unpack(payload: torch.Tensor, like: FeatureStore, plan: _Plan) -> FeatureStore:
+    """A feature store holding the rows of a received payload."""
+    n = payload.shape[0]
+    feature_store = FeatureStore(like.p, like.dtype, plan.device, kind=plan.store, max_memory=plan.budget,
+                                 cache_dir=plan.cache_dir, scaled=like.scaled, expected_rows=n, name="visiting")
+    try:
+        if n:
+            features = payload[:, :like.row_bytes].contiguous().view(like.dtype).to(plan.device)
+            scales = payload[:, like.row_bytes:].contiguous().view(torch.float32).reshape(n) if like.scaled else None
+            feature_store.append(features, scales)
+        feature_store.samples = n
+    except BaseException:
+        feature_store.close()
+        raise
+    return feature_store
+
+
+def _rows_store(feature_store: FeatureStore, task: Task, plan: _Plan) -> FeatureStore:
+    """The rows [row_start, row_stop) of a store, as a store of their own."""
+    return _unpack(_pack(feature_store, plan.comm.device, task.row_start, task.row_stop), feature_store, plan)
+
+
+class _TaskProgress:
+    """The engine's per-block progress events, summed over this rank's blocks."""
+
+    def __init__(self, events, total: int):
+        self.events, self.total, self.done = events, total, 0
+
+    def of(self, task: Task) -> Callable:
+        base = self.done
+        self.done += task.row_stop - task.row_start
+
+        def event(phase, loader, done, total, resumed):
+            self.events("gram", None, base + done, self.total, resumed)
+
+        return event

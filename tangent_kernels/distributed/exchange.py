@@ -1,0 +1,201 @@
+"""Everything that crosses between ranks, on torch.distributed (gloo, NCCL, ...).
+
+A :class:`Comm` wraps the process group with the phase names and the errors: a failed
+or timed-out collective is re-raised naming this rank and the phase; at every phase
+boundary the ranks first meet at a barrier (gloo: ``monitored_barrier``, which names
+the ranks that did not arrive) and then exchange their status, so an exception on one
+rank stops every rank with a message naming the rank that failed, instead of leaving
+the others blocked in the next collective until the group's timeout.
+
+Tensors travel as raw bytes (uint8 views): every backend moves uint8, whatever the
+feature dtype (gloo has no bfloat16 on every build). Shards of unequal sizes are padded
+to the largest for collectives that need equal sizes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["Comm", "DistributedError", "DistributedMismatch", "DistributedTimeout", "RankFailed"]
+
+
+class DistributedError(RuntimeError):
+    """A distributed Gram or solve could not proceed (a collective failed)."""
+
+
+class DistributedTimeout(DistributedError):
+    """A rank did not reach a phase (or a collective) in time."""
+
+
+class RankFailed(DistributedError):
+    """Another rank raised an error; this rank stopped with it."""
+
+
+class DistributedMismatch(ValueError):
+    """Ranks were called with arguments that disagree."""
+
+
+def _is_timeout(error: BaseException) -> bool:
+    text = str(error).lower()
+    return "timed out" in text or "timeout" in text or "failed to pass monitoredbarrier" in text
+
+
+class Comm:
+    """One process group, seen from this rank."""
+
+    def __init__(self, group=None, timeout: Optional[float] = None, device: Optional[torch.device] = None):
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+        self.backend = str(dist.get_backend(group))
+        # NCCL moves CUDA tensors only; gloo (and the others) host tensors.
+        self.device = device if self.backend == "nccl" else torch.device("cpu")
+        if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+            raise ValueError(f"timeout must be a positive number of seconds (or None: the process group's); got {timeout!r}")
+        self.timeout = timeout
+
+    def global_rank(self, rank: int) -> int:
+        return rank if self.group is None else dist.get_global_rank(self.group, rank)
+
+    # ------------------------------------------------------------------ errors
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        """Collectives inside fail with the rank and phase in their message."""
+        try:
+            yield
+        except (DistributedError, DistributedMismatch):
+            raise
+        except RuntimeError as error:
+            kind = DistributedTimeout if _is_timeout(error) else DistributedError
+            raise kind(
+                f"rank {self.rank} of {self.world}, phase {name!r}: a collective failed ({type(error).__name__}: "
+                f"{' '.join(str(error).split())}). Another rank probably failed or is stuck before this phase: "
+                "see that rank's own error; a slow rank needs a longer timeout (timeout= seconds, or "
+                "init_process_group(timeout=...))"
+            ) from error
+
+    def settle(self, phase: str, error: Optional[BaseException]) -> None:
+        """Every rank at the end of ``phase``: raise on all of them if any failed there."""
+        with self.phase(phase):
+            if self.backend == "gloo":
+                kwargs = {} if self.timeout is None else {"timeout": datetime.timedelta(seconds=self.timeout)}
+                try:
+                    dist.monitored_barrier(group=self.group, wait_all_ranks=True, **kwargs)
+                except RuntimeError as barrier_error:
+                    if error is not None:
+                        raise error
+                    raise DistributedTimeout(
+                        f"rank {self.rank} of {self.world}: not every rank reached the end of phase {phase!r} within "
+                        f"{self.timeout if self.timeout is not None else 'the process group'}'s timeout "
+                        f"({' '.join(str(barrier_error).split())}). The ranks named there are stuck or dead in "
+                        f"{phase!r} (a loader that blocks, an infinite loop, a killed process); a slow rank needs "
+                        "a longer timeout= (seconds)"
+                    ) from barrier_error
+            else:
+                dist.barrier(group=self.group)
+            status = None if error is None else f"{type(error).__name__}: {error}"
+            statuses = self.all_objects(status)
+        if error is not None:
+            raise error
+        failed = [(r, s) for r, s in enumerate(statuses) if s is not None]
+        if failed:
+            rank, message = failed[0]
+            others = f" (ranks {', '.join(str(r) for r, _ in failed)} failed)" if len(failed) > 1 else ""
+            raise RankFailed(f"rank {rank} failed in phase {phase!r}{others}: {message}")
+
+    # ------------------------------------------------------------------ objects
+    def all_objects(self, value: Any) -> List[Any]:
+        gathered: List[Any] = [None] * self.world
+        dist.all_gather_object(gathered, value, group=self.group)
+        return gathered
+
+    def agree(self, phase: str, record: Dict[str, Any]) -> None:
+        """Refuse (on every rank) when any rank's ``record`` differs from rank 0's."""
+        with self.phase(phase):
+            records = self.all_objects(record)
+        problems = []
+        for r, other in enumerate(records[1:], start=1):
+            for key in sorted(set(records[0]) | set(other)):
+                if records[0].get(key) != other.get(key):
+                    problems.append(f"{key}: rank 0 has {records[0].get(key)!r}, rank {r} has {other.get(key)!r}")
+        if problems:
+            raise DistributedMismatch(
+                f"the ranks were called with different arguments ({'; '.join(problems[:6])}"
+                f"{'; ...' if len(problems) > 6 else ''}). Every rank must pass the same model (weights), idx, "
+                "output, precision, backend and loader layout: build them the same way on every rank (the same "
+                "seed for tk.subsample, the same checkpoint loaded before the call)"
+            )
+
+    # ------------------------------------------------------------------ tensors
+    def _bytes(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.detach().contiguous().view(torch.uint8).reshape(tensor.shape[0], -1).to(self.device)
+
+    def all_gather_rows(self, payload: torch.Tensor, sizes: Sequence[int]) -> List[torch.Tensor]:
+        """Every rank's payload [sizes[r], width] (uint8), on every rank."""
+        width, most = payload.shape[1], max(sizes)
+        padded = torch.zeros(most, width, dtype=torch.uint8, device=self.device)
+        padded[: payload.shape[0]].copy_(payload)
+        gathered = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(gathered, padded, group=self.group)
+        return [g[:n] for g, n in zip(gathered, sizes)]
+
+    def ring_shift(self, payload: torch.Tensor, incoming_rows: int) -> "_Shift":
+        """Send ``payload`` to the next rank and receive the previous rank's (``incoming_rows``
+        rows of the same width), asynchronously: wait() returns the received tensor."""
+        received = torch.empty(incoming_rows, payload.shape[1], dtype=torch.uint8, device=self.device)
+        nxt, prev = (self.rank + 1) % self.world, (self.rank - 1) % self.world
+        ops = [dist.P2POp(dist.isend, payload, self.global_rank(nxt), self.group),
+               dist.P2POp(dist.irecv, received, self.global_rank(prev), self.group)]
+        return _Shift(dist.batch_isend_irecv(ops), received)
+
+    def swap(self, sends: Sequence[Tuple[int, torch.Tensor]], recvs: Sequence[Tuple[int, torch.Tensor]]) -> None:
+        """Point-to-point transfers posted at once (each pair of ranks exchanges at most one
+        tensor each way), then waited for."""
+        ops = [dist.P2POp(dist.isend, t.contiguous(), self.global_rank(dst), self.group) for dst, t in sends]
+        ops += [dist.P2POp(dist.irecv, t, self.global_rank(src), self.group) for src, t in recvs]
+        if ops:
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+
+    def gather_row_shards(self, rows: torch.Tensor, sizes: Sequence[int], dst: Optional[int]) -> Optional[torch.Tensor]:
+        """The row shards [sizes[r], m] stacked into [sum(sizes), m]: on every rank
+        (dst=None) or on rank ``dst`` only (None elsewhere)."""
+        most, m = max(sizes), rows.shape[1]
+        padded = torch.zeros(most, m, dtype=rows.dtype, device=self.device)
+        padded[: rows.shape[0]].copy_(rows)
+        if dst is None:
+            gathered = [torch.empty_like(padded) for _ in range(self.world)]
+            dist.all_gather(gathered, padded, group=self.group)
+        else:
+            gathered = [torch.empty_like(padded) for _ in range(self.world)] if self.rank == dst else None
+            dist.gather(padded, gathered, dst=self.global_rank(dst), group=self.group)
+            if self.rank != dst:
+                return None
+        return torch.cat([g[:n] for g, n in zip(gathered, sizes)])
+
+    def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks, in place (on the comm device; copied back if it lives elsewhere)."""
+        if tensor.device == self.device:
+            dist.all_reduce(tensor, group=self.group)
+            return tensor
+        moved = tensor.to(self.device)
+        dist.all_reduce(moved, group=self.group)
+        return tensor.copy_(moved)
+
+
+class _Shift:
+    def __init__(self, works, received: torch.Tensor):
+        self.works, self.received = works, received
+
+    def wait(self, timeout: Optional[float] = None) -> torch.Tensor:
+        for work in self.works:
+            if timeout is None:
+                work.wait()
+            else:
+                work.wait(datetime.timedelta(seconds=timeout))
+        return self.received
