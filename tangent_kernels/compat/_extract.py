@@ -12,11 +12,38 @@ import torch
 from torch import nn
 
 from .._model import eval_mode, fp32_math, model_device
+from ..outputs import logits_of
 from ..data import ModelInputs, _batch_size, to_inputs
 from ..params import ParamIndex, resolve_idx
 from ..persample import FeatureExtractor, resolve_backend
 
-__all__ = ["BatchFeatures", "compute_dtype", "index_on"]
+__all__ = ["BatchFeatures", "DictArgument", "WeightedLogits", "compute_dtype", "index_on"]
+
+
+class WeightedLogits(nn.Module):
+    """model -> <w_b, f(x_b)> per sample. For w held fixed its gradient is J(x_b)^T w_b:
+    the gradient of any function of the logits (a margin, a loss) at one backward pass,
+    with w its derivative with respect to the logits."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, weights: torch.Tensor, **kwargs) -> torch.Tensor:
+        logits = logits_of(self.model(*args, **kwargs), weights.shape[0])
+        return (logits * weights).sum(dim=1)
+
+
+class DictArgument(nn.Module):
+    """model(x) for a model that takes one dict of tensors, called with x's items as
+    keyword arguments, so that the batch's tensors can be sliced per sample."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **items):
+        return self.model(items)
 
 
 def compute_dtype(model: nn.Module) -> torch.dtype:

@@ -49,7 +49,7 @@ from torch import nn
 from .._model import eval_mode
 from ..outputs import logits_of
 from ..params import ParamIndex, resolve_idx
-from ._extract import BatchFeatures, index_on
+from ._extract import BatchFeatures, WeightedLogits, index_on
 
 try:  # TRAK's interface when it is installed; the adapter's contract is the same without it
     from trak.gradient_computers import AbstractGradientComputer as _GradientBase
@@ -58,18 +58,6 @@ except ImportError:  # pragma: no cover - traker is in the project's test tools
     _GradientBase = _ProjectorBase = object
 
 __all__ = ["GradientComputer", "SubsampleProjector"]
-
-
-class _Weighted(nn.Module):
-    """model -> <w_b, f(x_b)> per sample: its gradient is J(x_b)^T w_b for fixed w."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, *args, tk_weights: torch.Tensor, **kwargs) -> torch.Tensor:
-        logits = logits_of(self.model(*args, **kwargs), tk_weights.shape[0])
-        return (logits * tk_weights).sum(dim=1)
 
 
 def _task_name(task) -> str:
@@ -116,7 +104,7 @@ class GradientComputer(_GradientBase):
         self.model = model
         self.func_weights = dict(model.named_parameters())
         self.func_buffers = dict(model.named_buffers())
-        wrapped = _Weighted(model)
+        wrapped = WeightedLogits(model)
         self._features = BatchFeatures(wrapped, index_on(wrapped, self.index.positions), "first",
                                        backend=self.backend)
 
@@ -127,7 +115,7 @@ class GradientComputer(_GradientBase):
         with torch.no_grad(), eval_mode(self.model):
             logits = logits_of(self.model(*args, **kwargs), _size(batch))
         weights = self.output_weights(logits.detach(), batch)
-        grads = self._features(args=args, kwargs={**kwargs, "tk_weights": weights})
+        grads = self._features(args=args, kwargs={**kwargs, "weights": weights})
         return grads if self.names is None else self._as_dict(grads)
 
     def compute_loss_grad(self, batch: Sequence[torch.Tensor]) -> torch.Tensor:
