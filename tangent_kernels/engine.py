@@ -28,6 +28,8 @@ from .outputs import OutputSpec, check_output_spec, is_multi
 from .params import ParamIndex, resolve_idx
 from .store import FeatureStore, check_max_memory, check_store
 from .persample import FeatureExtractor, resolve_backend
+from .structured import check_structured
+from .structured.stores import FactorStores, record_plan, recorded_plan, structured_rows
 
 __all__ = ["features", "gram", "PRECISIONS", "ProgressEvent"]
 
@@ -153,9 +155,11 @@ def _feature_blocks(
             bar.close()
 
 
-def _new_extractor(model, index, output, precision: Precision, device, backend: str) -> FeatureExtractor:
+def _new_extractor(model, index, output, precision: Precision, device, backend: str,
+                   structured: str = "never") -> FeatureExtractor:
     return FeatureExtractor(model, index, output, precision.compute, device, backend,
-                            verify_in_ieee=precision.allow_tf32 and torch.device(device).type == "cuda")
+                            verify_in_ieee=precision.allow_tf32 and torch.device(device).type == "cuda",
+                            structured=structured)
 
 
 def _check_finite(block: torch.Tensor, first_position: int, name: str) -> None:
@@ -301,6 +305,7 @@ def gram(
     group=None,
     shard: bool = False,
     gather: str = "all",
+    structured: str = "auto",
 ) -> torch.Tensor:
     """The eNTK Gram K[i, j] = <g(x_i), g(x_j)> over a loader, [n1, n2].
 
@@ -331,6 +336,12 @@ def gram(
         checkpoint_key: a name for the run, recorded in the checkpoint and required to
             match on resume; needed to resume with an ``output`` callable whose code
             cannot be fingerprinted (a builtin, a callable object holding arbitrary state).
+        structured: "auto" (default): fully sampled linear weights contribute to K from
+            their inputs and output gradients, without features, where the cost model
+            (measured rates) says it is cheaper (docs/structured.md); "never": features
+            for every tensor; "always": the structured Gram wherever it is exact.
+            ``tk.coverage`` shows the choice per tensor; a resumed checkpoint keeps the
+            choice it was made with. (The distributed path takes features for now.)
         group, shard, gather: under torch.distributed (a process group with several ranks
             initialized, or ``group=``) the work is split over the ranks and every rank
             must call ``gram``; ``group=False`` keeps it in this process. ``shard=True``:
@@ -348,6 +359,7 @@ def gram(
                                 cache_dir=cache_dir, checkpoint_key=checkpoint_key)
     index, output, precision, device, backend = _prepare(model, idx, output, precision, device, backend)
     _check_inputs_callable(inputs)
+    structured = check_structured(structured)
     if checkpoint_key is not None and not isinstance(checkpoint_key, str):
         raise TypeError(f"checkpoint_key must be a str naming the run, got {type(checkpoint_key).__name__}")
     store = check_store(store)
@@ -383,7 +395,7 @@ def gram(
             def extractor() -> FeatureExtractor:
                 # One for both loaders: the first batch's decisions (paths, check) hold for both.
                 if not made:
-                    made.append(_new_extractor(model, index, output, precision, device, backend))
+                    made.append(_new_extractor(model, index, output, precision, device, backend, structured))
                 return made[0]
 
             fill = dict(index=index, output=output, precision=precision, device=device, inputs=inputs,
@@ -395,12 +407,15 @@ def gram(
             if loader2 is not None:
                 second, _ = _fill_store(model, loader2, "loader2", expected_signature=signature, **fill)
                 stores.append(second)
-            k = _blocked_gram(first, second, loader2 is None, precision.k, device, out, ckpt, events, budget)
+            k = _blocked_gram(first, second, loader2 is None, precision.k, device, out, ckpt, events, budget,
+                              terms=(first.structured, second.structured) if first.structured else None)
             return _output_axes(k, output, first.samples, second.samples) if is_multi(output) else k
         finally:
             events.close()
             for feature_store in stores:
                 feature_store.close()
+                if getattr(feature_store, "structured", None) is not None:
+                    feature_store.structured.close()
             if ckpt is not None:
                 ckpt.close()
 
@@ -500,21 +515,6 @@ def _output_axes(k: torch.Tensor, output: str, n1: int, n2: int) -> torch.Tensor
     return diagonal.sum(dim=-1) if output == "trace" else diagonal.contiguous()
 
 
-def _features_with_backoff(per_sample: FeatureExtractor, batch: ModelInputs) -> torch.Tensor:
-    """Features of a batch; on CUDA out-of-memory, of its halves (recursively)."""
-    try:
-        return per_sample(batch)
-    except torch.cuda.OutOfMemoryError:
-        if batch.size == 1:
-            raise
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        half = batch.size // 2
-        _log.info("out of memory on a batch of %d samples: retrying in halves", batch.size)
-        return torch.cat([_features_with_backoff(per_sample, batch.slice(0, half)),
-                          _features_with_backoff(per_sample, batch.slice(half, batch.size))])
-
-
 def _describe(signature) -> str:
     """A batch signature (data.ModelInputs.signature) as 'arg 0: 3x32x32 float32, ...'."""
     def one(s):
@@ -546,15 +546,26 @@ def _check_signature(first, cross, signature, name: str, b: int) -> None:
 def _fill_store(model, loader, name, *, index, output, precision, device, inputs, backend, kind, budget,
                 cache_dir, ckpt, events, extractor, expected_signature=None):
     """Features of every sample of ``loader`` into a FeatureStore (read back from the
-    checkpoint where it has them); returns (store, first batch's signature)."""
-    p = len(index)
-    feature_store = FeatureStore(p, precision.store, device, kind=kind, max_memory=budget, cache_dir=cache_dir,
-                                 scaled=precision.scaled, expected_rows=None if is_multi(output) else loader_length(loader), name=name)
-    recorded = []
-    if ckpt is not None:
-        ckpt.open_features(name, feature_store.row_bytes)
-        recorded = ckpt.recorded_batches(name)
-    per_sample, own, total = None, None, loader_length(loader)
+    checkpoint where it has them); returns (store, first batch's signature). The store's
+    ``structured`` holds the structured tensors' factors (FactorStores), or None; both
+    are sized once the extractor's plan is known, on the first batch."""
+    total = loader_length(loader)
+    recorded = ckpt.recorded_batches(name) if ckpt is not None else []
+    forced = recorded_plan(ckpt)
+    feature_store, factors = None, None
+
+    def open_stores(per_sample: FeatureExtractor):
+        nonlocal feature_store, factors
+        per_sample.commit()
+        feature_store, factors = _open_stores(per_sample, name, precision, device, kind, budget, cache_dir,
+                                              None if is_multi(output) else total)
+        if ckpt is not None:
+            record_plan(ckpt, per_sample.structured_names)
+            ckpt.open_features(name, feature_store.row_bytes)
+            if factors is not None:
+                factors.open(ckpt, len(recorded))
+
+    per_sample, own = None, None
     multi, rows_per_sample, stored_rows = is_multi(output), None, 0
     seen, batches = 0, 0
     try:
@@ -563,6 +574,11 @@ def _fill_store(model, loader, name, *, index, output, precision, device, inputs
             _check_signature(own, expected_signature if b == 0 else None, batch.signature(), name, b)
             own = batch.signature() if own is None else own
             fingerprint = batch_fingerprint(batch) if ckpt is not None else None
+            if feature_store is None:
+                per_sample = extractor() if per_sample is None else per_sample
+                per_sample.plan_for(batch.to(device, precision.compute), forced)
+                if b < len(recorded):
+                    open_stores(per_sample)
             if b < len(recorded):
                 rows, recorded_fingerprint = recorded[b]
                 # Every logit (output="full"...) stores k rows per sample.
@@ -580,9 +596,11 @@ def _fill_store(model, loader, name, *, index, output, precision, device, inputs
                         "loader must yield the same data in the same order on resume (shuffle=False, the same "
                         "dataset and transforms), or delete the checkpoint folder to start over"
                     )
-                stored, scales = ckpt.read_features(name, b, stored_rows, stored_rows + rows, p, precision.store,
-                                                    precision.scaled)
+                stored, scales = ckpt.read_features(name, b, stored_rows, stored_rows + rows, feature_store.p,
+                                                    precision.store, precision.scaled)
                 feature_store.append(stored.to(device), scales)
+                if factors is not None:
+                    factors.restore(ckpt, b, batch.size)
                 stored_rows += rows
             else:
                 if ckpt is not None and ckpt.loader_complete(name):
@@ -592,8 +610,13 @@ def _fill_store(model, loader, name, *, index, output, precision, device, inputs
                     )
                 if per_sample is None:
                     per_sample = extractor()
-                block = _features_with_backoff(per_sample, batch.to(device, precision.compute))
+                block, batch_factors = _features_with_backoff(per_sample, batch.to(device, precision.compute))
+                if feature_store is None:
+                    open_stores(per_sample)
                 _check_finite(block, seen, name)
+                if factors is not None:  # recorded before the features, whose record commits the batch
+                    factors.append(batch_factors, lambda rows: _to_store(rows, precision, scale_rows=True),
+                                   _check_finite, seen, ckpt, fingerprint)
                 stored, scales = _to_store(block, precision, scale_rows=True)
                 feature_store.append(stored, scales)
                 stored_rows += stored.shape[0]
@@ -601,6 +624,9 @@ def _fill_store(model, loader, name, *, index, output, precision, device, inputs
                     ckpt.record_batch(name, stored, scales, fingerprint)
             seen += batch.size
             events("features", name, seen, total, resumed=b < len(recorded))
+        if feature_store is None:  # an empty loader
+            feature_store = FeatureStore(len(index), precision.store, device, kind=kind, max_memory=budget,
+                                         cache_dir=cache_dir, scaled=precision.scaled, name=name)
         if ckpt is not None:
             if batches < len(recorded):
                 raise CheckpointMismatch(
@@ -610,10 +636,51 @@ def _fill_store(model, loader, name, *, index, output, precision, device, inputs
             if not ckpt.loader_complete(name):
                 ckpt.complete_loader(name)
         feature_store.samples = seen
+        feature_store.structured = factors
     except BaseException:
-        feature_store.close()
+        for opened in (feature_store, factors):
+            if opened is not None:
+                opened.close()
         raise
     return feature_store, own
+
+
+def _open_stores(per_sample: FeatureExtractor, name: str, precision: Precision, device, kind: str, budget: int,
+                 cache_dir, expected_rows: Optional[int]):
+    """(FeatureStore of the plan's feature columns, FactorStores or None): the budget
+    shared in proportion to the bytes each holds per sample."""
+    outputs = per_sample.k if per_sample.multi else 1
+    p = len(per_sample.feature_index)
+    choices = [per_sample.plan.choices[n] for n in per_sample.structured_names]
+    feature_bytes = p * outputs * torch.empty((), dtype=precision.store).element_size()
+    factor_bytes = FactorStores.row_bytes_of(choices, outputs, precision.store)
+    share = feature_bytes / max(feature_bytes + factor_bytes, 1)
+    feature_store = FeatureStore(p, precision.store, device, kind=kind, max_memory=max(1, int(budget * share)),
+                                 cache_dir=cache_dir, scaled=precision.scaled, expected_rows=expected_rows, name=name)
+    factors = None
+    if choices:
+        factors = FactorStores(choices, outputs, precision.store, device, kind=kind,
+                               budget=max(1, int(budget * (1 - share))), cache_dir=cache_dir,
+                               scaled=precision.scaled, expected_rows=expected_rows, name=name)
+    return feature_store, factors
+
+
+def _features_with_backoff(per_sample: FeatureExtractor, batch: ModelInputs):
+    """(features, structured factors) of a batch (FeatureExtractor.extract); on CUDA
+    out-of-memory, of its halves (recursively)."""
+    try:
+        block = per_sample(batch)
+        return block, per_sample.factors
+    except torch.cuda.OutOfMemoryError:
+        if batch.size == 1:
+            raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        half = batch.size // 2
+        _log.info("out of memory on a batch of %d samples: retrying in halves", batch.size)
+        (a, fa), (b, fb) = (_features_with_backoff(per_sample, batch.slice(0, half)),
+                            _features_with_backoff(per_sample, batch.slice(half, batch.size)))
+        return torch.cat([a, b]), {n: (torch.cat([fa[n][0], fb[n][0]]), torch.cat([fa[n][1], fb[n][1]])) for n in fa}
 
 
 def _check_out(out: torch.Tensor, shape: Tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
@@ -656,10 +723,11 @@ def _check_out_memory(out: torch.Tensor, dtype: torch.dtype) -> None:
 
 def _blocked_gram(first: FeatureStore, second: FeatureStore, symmetric: bool, k_dtype: torch.dtype,
                   device: torch.device, out: Optional[torch.Tensor], ckpt: Optional[Checkpoint], events,
-                  budget: int) -> torch.Tensor:
+                  budget: int, terms: Optional[Tuple[FactorStores, FactorStores]] = None) -> torch.Tensor:
     """K from two feature stores, one row block at a time (lower triangle only when
     symmetric), each finished block checkpointed; on CUDA out-of-memory the tile size
-    halves and the block is recomputed (tiles are overwritten, never accumulated twice)."""
+    halves and the block is recomputed (tiles are overwritten, never accumulated twice).
+    terms: the two sides' structured factors, whose contributions join each tile."""
     n1, n2 = first.n, second.n
     if out is None:
         _check_k_fits(n1, n2, k_dtype, device, first.samples, second.samples)
@@ -678,7 +746,9 @@ def _blocked_gram(first: FeatureStore, second: FeatureStore, symmetric: bool, k_
         # A's block, B's block, and on CUDA the next B block already in flight (_staged_blocks).
         in_flight = 2 if _overlaps_copies(second, device) else 1
         per_row = first.row_bytes + in_flight * second.row_bytes
-        tile_rows = max(1, min(tile_rows, (budget - resident) // per_row))
+        if terms is not None:
+            per_row += terms[0].staged_row_bytes + in_flight * terms[1].staged_row_bytes
+        tile_rows = max(1, min(tile_rows, (budget - resident) // max(per_row, 1)))
     if ckpt is not None and ckpt.k_tile_rows:
         # Continue with the interrupted run's tiles (smaller after an out-of-memory
         # halving): the same tile shapes give the same bits. A smaller budget than
@@ -688,7 +758,7 @@ def _blocked_gram(first: FeatureStore, second: FeatureStore, symmetric: bool, k_
     while i0 < n1:
         i1 = min(i0 + tile_rows, n1)
         try:
-            _row_block(k, first, second, i0, i1, tile_rows, symmetric, device)
+            _row_block(k, first, second, i0, i1, tile_rows, symmetric, device, terms)
         except torch.cuda.OutOfMemoryError:
             if tile_rows == 1:
                 raise
@@ -707,7 +777,8 @@ def _blocked_gram(first: FeatureStore, second: FeatureStore, symmetric: bool, k_
 
 
 def _row_block(k: torch.Tensor, first: FeatureStore, second: FeatureStore, i0: int, i1: int, tile_rows: int,
-               symmetric: bool, device: torch.device) -> None:
+               symmetric: bool, device: torch.device,
+               terms: Optional[Tuple[FactorStores, FactorStores]] = None) -> None:
     a, a_scales = first.rows(i0, i1), first.scales(i0, i1)
     try:
         stop = i1 if symmetric else second.n
@@ -719,13 +790,41 @@ def _row_block(k: torch.Tensor, first: FeatureStore, second: FeatureStore, i0: i
                 on_device = k.device == device
                 tile = k[i0:i1, j0:j1] if on_device else torch.empty(i1 - i0, j1 - j0, dtype=k.dtype, device=device)
                 tile.zero_()
-                gram_tile_update(tile, a, b, i0, j0, lower=symmetric and j1 > i0)
-                if a_scales is not None:
-                    tile.mul_((1.0 / a_scales[:, None]) * (1.0 / second.scales(j0, j1)[None, :]))
+                lower = symmetric and j1 > i0
+                if k.dtype == torch.float32 and (a.shape[1] > _P_CHUNK or terms is not None):
+                    tile.copy_(_accumulated_tile(a, b, a_scales, second, i0, i1, j0, j1, lower, terms))
+                else:
+                    gram_tile_update(tile, a, b, i0, j0, lower=lower)
+                    if a_scales is not None:
+                        tile.mul_((1.0 / a_scales[:, None]) * (1.0 / second.scales(j0, j1)[None, :]))
+                    if terms is not None:
+                        tile.add_(structured_rows(*terms, i0, i1, j0, j1, k.dtype))
                 if not on_device:
                     k[i0:i1, j0:j1].copy_(tile)
     finally:
         first.release(a)
+
+
+# Columns of one fp32 partial product of a tile: long reductions over p are summed in
+# fp64 from fp32 partial GEMMs of this many columns. One fp32 GEMM over all of
+# resnet18's 11.2M columns was off by 2.1e-4 (relative); 64k-column chunks, 9.6e-7.
+_P_CHUNK = 1 << 16
+
+
+def _accumulated_tile(a, b, a_scales, second: FeatureStore, i0, i1, j0, j1, lower: bool, terms) -> torch.Tensor:
+    """An fp32 K's tile summed in fp64: fp32 partial products over column chunks of the
+    features, and each structured tensor's fp32 contribution."""
+    total = torch.zeros(i1 - i0, j1 - j0, dtype=torch.float64, device=a.device)
+    part = torch.empty(i1 - i0, j1 - j0, dtype=torch.float32, device=a.device)
+    for c0 in range(0, a.shape[1], _P_CHUNK):
+        part.zero_()
+        gram_tile_update(part, a[:, c0:c0 + _P_CHUNK], b[:, c0:c0 + _P_CHUNK], i0, j0, lower=lower)
+        if a_scales is not None:
+            part.mul_((1.0 / a_scales[:, None]) * (1.0 / second.scales(j0, j1)[None, :]))
+        total.add_(part)
+    if terms is not None:
+        total.add_(structured_rows(*terms, i0, i1, j0, j1, torch.float32))
+    return total
 
 
 def _overlaps_copies(feature_store: FeatureStore, device: torch.device) -> bool:

@@ -181,7 +181,7 @@ class FeatureStore:
         if self.kind == "device":
             # Never past the budget, and while possible leave room for the old buffer,
             # which is held until its rows are copied.
-            budget_rows = self.max_memory // self.row_bytes
+            budget_rows = self.max_memory // max(self.row_bytes, 1)  # a store of 0 columns (every tensor structured)
             room = budget_rows - capacity if rows <= budget_rows - capacity else budget_rows
             new_capacity = max(rows, min(new_capacity, room))
         old = self._memory

@@ -13,7 +13,7 @@ formed except by the autograd pullback of small derived tensors.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -24,6 +24,7 @@ from ..data import ModelInputs
 from ..outputs import OutputSpec, OutputValueError, logits_of, scalarize
 from ..params import TensorSlice
 from . import broadcast, conv, decompose, embedding, fallback, linear  # noqa: F401 - they register their rules
+from .factors import FactorSink
 from .uses import Sink, Uncovered, UseMode
 from .views import SampledTensor
 
@@ -50,18 +51,23 @@ class BatchedPass:
     """F[:, columns] of the given tensors for one batch at a time (``Uncovered`` on misfit)."""
 
     def __init__(self, model: nn.Module, slices: Sequence[TensorSlice], state, output: OutputSpec,
-                 device: torch.device, backend: str, dense=None):
+                 device: torch.device, backend: str, dense=None, structured: Sequence[TensorSlice] = (),
+                 choices: Optional[Dict[str, object]] = None):
+        """structured: slices of tensors whose uses hand factors (``choices``: their
+        structured.plan.Choice) instead of features; their columns are not in ``out``."""
         self.model, self.output, self.backend, self.dense = model, output, backend, dense
+        self.choices = dict(choices or {})
         trainable, rest = state
         self.sampled: List[SampledTensor] = []
         leaves = {}
-        for piece in slices:
+        for piece in list(slices) + list(structured):
             tensor = trainable[piece.name]
             leaf = (tensor if tensor.is_contiguous() else tensor.contiguous()).detach().requires_grad_(True)
             leaves[piece.name] = leaf
             self.sampled.append(SampledTensor(piece.name, leaf, piece.local.to(device), piece.columns.to(device)))
         self.state = ({**trainable, **leaves}, rest)
-        self.columns = torch.cat([st.columns for st in self.sampled]) if self.sampled else None
+        featured = [st.columns for st in self.sampled if st.name not in self.choices]
+        self.columns = torch.cat(featured) if featured else torch.empty(0, dtype=torch.int64, device=device)
         # What the first batch saw: parameter name -> the rules of its uses.
         self.paths: Dict[str, List[str]] = {}
         self.reached: set = set()  # tensors some gradient reached on the first batch
@@ -70,9 +76,12 @@ class BatchedPass:
         # The caller's parameters (the state shares their memory where dtype and device agree).
         self._parameters = {name: p for name, p in model.named_parameters()}
 
-    def __call__(self, batch: ModelInputs, out: torch.Tensor) -> None:
-        """out [B, p] (one scalar output) or [B, k, p] (every logit: output "full" and kin):
-        the sampled per-sample gradients, from one forward and one backward per output."""
+    def probe(self, batch: ModelInputs) -> Tuple[list, Dict[str, str]]:
+        """The forward alone: (its uses, the tensors no rule covers with why), for the plan."""
+        mode, _ = self._forward(batch)
+        return mode.uses, dict(mode.uncovered)
+
+    def _forward(self, batch: ModelInputs):
         mode = UseMode(self.sampled, batch.size, self.backend)
         inputs = [value for value in (*batch.args, *batch.kwargs.values()) if isinstance(value, torch.Tensor)]
         for value in inputs:
@@ -96,6 +105,13 @@ class BatchedPass:
         finally:
             for hook in hooks:
                 hook.remove()
+        return mode, result
+
+    def __call__(self, batch: ModelInputs, out: torch.Tensor) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+        """out [B, p] (one scalar output) or [B, k, p] (every logit: output "full" and kin):
+        the sampled per-sample gradients, from one forward and one backward per output.
+        Returns the structured tensors' factors (persample.factors.FactorSink.finish)."""
+        mode, result = self._forward(batch)
         with torch.enable_grad():
             if mode.uncovered:
                 raise Uncovered(mode.uncovered)
@@ -127,8 +143,17 @@ class BatchedPass:
                     ".detach(), .item(), torch.no_grad()); return the output as computed"
                 )
             counts = Counter(st.name for use in uses for st in use.sampled)
+            factors = None
+            if self.choices:
+                factors = FactorSink(self.choices, len(scalars), out.dim() == 3)
+                for use in uses:
+                    for st in use.sampled:
+                        if st.name in self.choices:
+                            factors.register(st.name, use.key, use.factor_form(st))
             reached = set()
             for a, scalar in enumerate(scalars):
+                if factors is not None:
+                    factors.output = a
                 grads = [None] * len(targets)
                 if targets and scalar.requires_grad:
                     grads = torch.autograd.grad(scalar.sum(), targets, allow_unused=True,
@@ -140,7 +165,7 @@ class BatchedPass:
                         block.zero_()
                     else:
                         block[:, self.columns] = 0
-                    sink = Sink(block, self.backend, counts, self.dense, self.dead_tokens)
+                    sink = Sink(block, self.backend, counts, self.dense, self.dead_tokens, factors)
                     for use, grad_start in zip(uses, _starts(uses)):
                         use_grads = list(grads[grad_start:grad_start + len(use.targets)])
                         use.contribute_all(use_grads, sink)
@@ -157,3 +182,4 @@ class BatchedPass:
                     if label not in paths[st.name]:
                         paths[st.name].append(label)
             self.paths = paths
+        return factors.finish(batch.size, out) if factors is not None else {}

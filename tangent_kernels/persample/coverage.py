@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -18,10 +18,15 @@ class CoverageReport:
     entries; path is the rules of its uses ("linear", "embedding", "conv", "broadcast
     (view)", ...), "unused" when no use of it reached the output, or "generic: <why>".
     generic: [(tensor, why)] of the tensors on the generic per-sample path (empty when the
-    whole model runs batched)."""
+    whole model runs batched). gram: tensor -> how tk.gram forms its part of K, "Gram:
+    structured (...)" (from its inputs and output gradients, no features) or "Gram:
+    features (...)", with the cost model's estimate or why the structured form does not
+    apply. structured: the tensors whose part of K is structured."""
 
     rows: List[Tuple[str, int, str]] = field(default_factory=list)
     generic: List[Tuple[str, str]] = field(default_factory=list)
+    gram: Dict[str, str] = field(default_factory=dict)
+    structured: List[str] = field(default_factory=list)
 
     @property
     def batched_entries(self) -> int:
@@ -30,7 +35,8 @@ class CoverageReport:
     def __str__(self) -> str:
         width = max([len("parameter tensor")] + [len(name) for name, _, _ in self.rows])
         lines = [f"{'parameter tensor':<{width}}  {'sampled':>9}  path", f"{'-' * width}  {'-' * 9}  ----"]
-        lines += [f"{name:<{width}}  {entries:>9}  {path}" for name, entries, path in self.rows]
+        lines += [f"{name:<{width}}  {entries:>9}  {path}" + (f"; {self.gram[name]}" if name in self.gram else "")
+                  for name, entries, path in self.rows]
         total = sum(entries for _, entries, _ in self.rows)
         lines.append(f"{len(self.rows) - len(self.generic)} of {len(self.rows)} tensors, {self.batched_entries} of "
                      f"{total} sampled entries on the batched path")
@@ -40,10 +46,14 @@ class CoverageReport:
 
 
 def coverage(model: nn.Module, batch: Any, idx=None, output="first", *, inputs: Optional[Callable] = None,
-             precision: str = "fp32", device=None, backend: str = "auto") -> CoverageReport:
+             precision: str = "fp32", device=None, backend: str = "auto",
+             structured: str = "auto") -> CoverageReport:
     """Run one batch through the per-sample gradient machinery (no Gram) and report the
     path of every parameter tensor with sampled entries. Arguments as in ``tk.gram``;
     ``batch`` is one loader batch (a tensor, a tuple with the input first, a dict)."""
+    from ..structured import check_structured
+
+    structured = check_structured(structured)
     from .. import engine
     from .._model import eval_mode, fp32_math
     from ..data import to_inputs
@@ -52,8 +62,8 @@ def coverage(model: nn.Module, batch: Any, idx=None, output="first", *, inputs: 
     model_inputs = to_inputs(batch, inputs)
     with eval_mode(model), fp32_math(precision.allow_tf32), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*generic per-sample path.*")
-        extractor = engine._new_extractor(model, index, output, precision, device, backend)
-        extractor(model_inputs.to(device, precision.compute))
+        extractor = engine._new_extractor(model, index, output, precision, device, backend, structured)
+        extractor.extract(model_inputs.to(device, precision.compute))
     report = CoverageReport()
     paths = extractor.paths
     for piece in index.tensor_slices:
@@ -63,5 +73,9 @@ def coverage(model: nn.Module, batch: Any, idx=None, output="first", *, inputs: 
             report.generic.append((piece.name, why))
         else:
             path = ", ".join(paths.get(piece.name, [])) or "unused (no use of it reaches the output)"
+            gram_path = extractor.plan.describe(piece.name) if extractor.plan is not None else None
+            if gram_path is not None:
+                report.gram[piece.name] = gram_path
         report.rows.append((piece.name, int(piece.local.numel()), path))
+    report.structured = list(extractor.structured_names)
     return report

@@ -17,6 +17,8 @@ from ..outputs import OutputSpec, is_multi, logits_of
 from ..params import ParamIndex, TensorSlice
 from .batched import BatchedPass, Uncovered
 from .dense import DenseStrategy
+from ..structured.plan import Plan, decide
+from .factors import per_sample_gradients
 from .generic import GenericPath
 
 __all__ = ["FeatureExtractor", "BATCHED"]
@@ -37,8 +39,16 @@ class FeatureExtractor:
     """Per-sample gradient features of one model, output and idx, batch after batch."""
 
     def __init__(self, model: nn.Module, index: ParamIndex, output: OutputSpec, dtype, device, backend: str = "torch",
-                 verify_in_ieee: bool = False, dense=None):
+                 verify_in_ieee: bool = False, dense=None, structured: str = "never"):
         self.model, self.index, self.output, self.dtype, self.device = model, index, output, dtype, device
+        # The structured Gram (structured/): which tensors hand factors instead of features,
+        # decided by plan_for on the first batch; blocks then hold feature_index's columns.
+        self.structured_mode = structured
+        self.plan: Optional[Plan] = None
+        self.feature_index = index
+        self.kept: Optional[torch.Tensor] = None  # full-index column of each feature column
+        self.committed = False
+        self.factors: Dict[str, tuple] = {}  # of the last batch
         self.backend = backend
         self.dense = DenseStrategy(backend) if dense is None else dense
         self.tolerance = _VERIFY_TOLERANCE[dtype]
@@ -78,7 +88,11 @@ class FeatureExtractor:
 
     @property
     def generic_slices(self) -> List[TensorSlice]:
-        return [piece for piece in self.index.tensor_slices if piece.name in self.generic_why]
+        return [piece for piece in self.feature_index.tensor_slices if piece.name in self.generic_why]
+
+    @property
+    def structured_names(self) -> List[str]:
+        return self.plan.structured if self.plan is not None else []
 
     @property
     def paths(self) -> Dict[str, List[str]]:
@@ -86,9 +100,12 @@ class FeatureExtractor:
         return self.batched.paths if self.batched is not None else {}
 
     def _build(self) -> None:
-        batched = [piece for piece in self.index.tensor_slices if piece.name not in self.generic_why]
-        self.batched = (BatchedPass(self.model, batched, self.state, self.output, self.device, self.backend, self.dense)
-                        if batched else None)
+        names = set(self.structured_names)
+        batched = [piece for piece in self.feature_index.tensor_slices if piece.name not in self.generic_why]
+        structured = [piece for piece in self.index.tensor_slices if piece.name in names]
+        choices = {name: self.plan.choices[name] for name in names}
+        self.batched = (BatchedPass(self.model, batched, self.state, self.output, self.device, self.backend, self.dense,
+                                    structured, choices) if batched or structured else None)
         generic = self.generic_slices
         self.generics = [GenericPath(self.model, self.index.layout, generic, output, self.dtype, self.device,
                                      strategy=self._generic_strategy, state=self.state)
@@ -96,10 +113,61 @@ class FeatureExtractor:
         if self.batched is None:
             self.verified = True
 
+    def plan_for(self, batch: ModelInputs, forced: Optional[List[str]] = None) -> Plan:
+        """Decide (once) which tensors take the structured Gram, from a forward of the
+        batch's first two samples; ``forced``: exactly these (a checkpointed run's)."""
+        if self.plan is not None:
+            return self.plan
+        if self.multi and self.k is None:
+            self.k = self._count_outputs(batch)
+        plan = Plan()
+        if self.batched is not None and (self.structured_mode != "never" or forced):
+            probe = BatchedPass(self.model, [p for p in self.index.tensor_slices if p.name not in self.generic_why],
+                                self.state, self.output, self.device, self.backend, self.dense)
+            uses, uncovered = probe.probe(batch.slice(0, min(batch.size, 2)))
+            excluded = {**{name: f"generic: {why}" for name, why in self.generic_why.items()},
+                        **{name: f"generic: {why}" for name, why in uncovered.items()}}
+            plan = decide(uses, probe.sampled, excluded, self.k or 1, self.structured_mode, self.device, self.dtype,
+                          forced)
+        self._set_plan(plan)
+        return plan
+
+    def _set_plan(self, plan: Plan) -> None:
+        self.plan = plan
+        names = set(plan.structured)
+        keep = torch.cat([piece.columns for piece in self.index.tensor_slices if piece.name not in names]
+                         or [torch.empty(0, dtype=torch.int64)])
+        self.kept = torch.sort(keep).values
+        self.feature_index = (ParamIndex(self.index.layout, self.index.positions[self.kept]) if names
+                              else self.index)
+        self._build()
+
+    def _drop_structured(self, names, why: str) -> None:
+        """Send structured tensors back to the features (before the plan is committed)."""
+        if self.committed:
+            raise RuntimeError(
+                f"the structured Gram was chosen for {', '.join(sorted(names))} on the first batch, but on this "
+                f"batch {why}; pass structured='never' to gram() (features for every tensor), or delete the "
+                "checkpoint folder if this is a resumed run")
+        self.plan.drop(names, why)
+        self._set_plan(self.plan)
+
+    def commit(self) -> None:
+        """The plan is final from here on (the engine sized its stores by it)."""
+        self.committed = True
+
+    def extract(self, batch: ModelInputs):
+        """(block [B, p'] or [B, k, p'] of feature_index's columns, {tensor: factors})."""
+        block = self(batch)
+        return block, self.factors
+
     def __call__(self, batch: ModelInputs) -> torch.Tensor:
+        """The block of feature_index's columns; the structured tensors' factors of the
+        same batch are left in ``self.factors`` (see extract)."""
+        self.factors = {}
         tensors = [v for v in (*batch.args, *batch.kwargs.values()) if isinstance(v, torch.Tensor)]
         versions = [t._version for t in tensors]
-        block = self._features(batch)
+        block, self.factors = self._features(batch)
         if any(t._version != v for t, v in zip(tensors, versions)):
             # The batched pass names the op; the generic path (no interception) can only tell.
             raise ValueError(
@@ -116,28 +184,51 @@ class FeatureExtractor:
             result = evaluate(self.model, self.state, sample.args, sample.kwargs)
         return int(logits_of(result, 1).shape[1])
 
-    def _features(self, batch: ModelInputs) -> torch.Tensor:
+    def _features(self, batch: ModelInputs):
+        if self.plan is None:
+            self.plan_for(batch)
         if self.multi and self.k is None:
             self.k = self._count_outputs(batch)
             self._build()
-        shape = (batch.size, self.k, len(self.index)) if self.multi else (batch.size, len(self.index))
+        p = len(self.feature_index)
+        shape = (batch.size, self.k, p) if self.multi else (batch.size, p)
         block = torch.empty(shape, dtype=self.dtype, device=self.device)
+        factors = {}
         while self.batched is not None:
             try:
-                self.batched(batch, block)
+                factors = self.batched(batch, block)
                 break
             except Uncovered as misfit:
                 _log.debug("generic path for %s", misfit)
+                lost = set(misfit.why) & set(self.structured_names)
+                if lost:  # back to features first: the generic path cannot hand factors
+                    self._drop_structured(lost, "; ".join(misfit.why[name] for name in lost))
+                    return self._features(batch)
                 self.generic_why.update(misfit.why)
                 self._build()
         for a, generic in enumerate(self.generics):
             generic(batch, self._view(block, a))
-        if not self.verified:
-            self._verify(batch, block)
+        if not self.verified and not self._verify(batch, block, factors):
+            return self._features(batch)
         if not self._warned:
             self._warned = True
             self._warn_generic()
-        return block
+        return block, factors
+
+    def full_rows(self, block: torch.Tensor, factors, rows: List[int]) -> torch.Tensor:
+        """Rows of the block in the full index's columns, the structured tensors' from
+        their factors: [rows, p] (or [rows, k, p])."""
+        if not factors:
+            return block[rows]
+        shape = (len(rows), self.k, len(self.index)) if self.multi else (len(rows), len(self.index))
+        full = block.new_zeros(shape)
+        full[..., self.kept.to(block.device)] = block[rows]
+        slices = {piece.name: piece for piece in self.index.tensor_slices}
+        for name, (x, g) in factors.items():
+            piece = slices[name]
+            grads = per_sample_gradients(x[rows], g[rows], self.plan.choices[name].axis)
+            full[..., piece.columns.to(block.device)] = grads[..., piece.local.to(block.device)].to(block.dtype)
+        return full
 
     def _warn_generic(self) -> None:
         self._warn_unused()
@@ -175,7 +266,7 @@ class FeatureExtractor:
         exact.generic_why, exact.k = dict(self.generic_why), self.k
         exact._build()
         exact.verified = exact._warned = True
-        block = exact._features(sub)
+        block = exact._features(sub)[0]
         rows = sorted({0, sub.size - 1})
         expected = exact._per_sample(sub, rows)
         got = block[rows][:, self._checked_outputs()] if self.multi else block[rows]
@@ -200,7 +291,7 @@ class FeatureExtractor:
                 check(batch.slice(row, row + 1), self._view(expected, a)[k:k + 1])
         return expected
 
-    def _verify(self, batch: ModelInputs, block: torch.Tensor) -> None:
+    def _verify(self, batch: ModelInputs, block: torch.Tensor, factors) -> bool:
         """Spot-check the first batch's first and last samples against the generic path.
 
         A batched pass is exact only if samples do not interact; a model that mixes
@@ -215,10 +306,11 @@ class FeatureExtractor:
             batched = block
             if self.verify_in_ieee:
                 batched = torch.empty_like(block)
-                self.batched(batch, batched)
+                factors = self.batched(batch, batched)
                 for a, generic in enumerate(self.generics):
                     generic(batch, self._view(batched, a))
-        got = batched[rows][:, self._checked_outputs()] if self.multi else batched[rows]
+        got = self.full_rows(batched, factors, rows)
+        got = got[:, self._checked_outputs()] if self.multi else got
         error = float((got - expected).norm() / expected.norm().clamp_min(torch.finfo(self.dtype).tiny))
         if error > self.tolerance and self.dtype == torch.float32 and self.batched is not None:
             # fp32 roundings differ between a batch and one sample (other convolution
@@ -231,7 +323,7 @@ class FeatureExtractor:
                 fp64_error = float("inf")
             _log.debug("spot check: fp32 %.1e, fp64 %.1e", error, fp64_error)
             if fp64_error <= _VERIFY_TOLERANCE[torch.float64]:
-                return
+                return True
         if error > self.tolerance:
             warnings.warn(
                 f"per-sample gradients from the batched pass differ from a per-sample evaluation by "
@@ -246,6 +338,10 @@ class FeatureExtractor:
                                      if piece.name not in self.generic_why})
             self._warned = True  # this warning says it already
             self._generic_strategy = "loop"
+            if self.structured_names:  # the generic path gives features: recompute the batch with them
+                self._drop_structured(set(self.structured_names), "the spot check failed")
+                return False
             self._build()
             for a, generic in enumerate(self.generics):
                 generic(batch, self._view(block, a))
+        return True

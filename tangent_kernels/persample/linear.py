@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import sampled
+from ..structured.plan import FactorForm
 from .backends import COMPILED, linear_kernel, writes_in_place
 from .uses import NotCovered, Sink, Use, ViewPullback, register
 from .views import Geometry, SampledTensor
@@ -110,6 +111,12 @@ class LinearUse(Use):
             a, d = a.transpose(-1, -2), d.transpose(-1, -2)
         n_in, n_out = a.shape[-1], d.shape[-1]
         a3, d3 = a.reshape(self.batch, -1, n_in), d.reshape(self.batch, -1, n_out)
+        weight = self.weight
+        if sink.factors is not None and self._structured_weight() in sink.factors.names:
+            # Its Gram comes from the factors (structured/): no features. Every token is
+            # kept, dead or not, so that the factors have the same width every batch.
+            sink.factors.add(weight.st.name, self.key, a3, d3 * self.scale if self.scale != 1 else d3)
+            weight = None
         if d3.shape[1] > 1 and sink.dead_tokens.get(self.key, True):
             # Tokens whose output gradient is zero for every sample contribute nothing: an
             # output head read at one token (a language model's last-token logit, a [CLS]
@@ -119,7 +126,7 @@ class LinearUse(Use):
             sink.dead_tokens[self.key] = not bool(live.all())
             if sink.dead_tokens[self.key]:
                 a3, d3 = a3[:, live], d3[:, live]
-        if self.weight is not None:
+        if weight is not None:
             self._weight(a3, d3, n_in, n_out, sink)
         if self.bias is not None and not isinstance(self.bias, (ViewPullback, Operand)):
             # A bias computed from parameters (BEiT's cat of q, zero and v biases): its
@@ -131,6 +138,27 @@ class LinearUse(Use):
             if elements.numel():
                 values = d3.sum(dim=1)[:, elements % n_out]
                 sink.add(self.bias.st, columns, values * self.bias_scale if self.bias_scale != 1 else values, unique)
+
+    def _structured_weight(self):
+        w = self.weight
+        return None if w is None or isinstance(w, ComputedWeight) else w.st.name
+
+    def factor_form(self, st: SampledTensor):
+        """The weight, when it is the whole 2-D leaf or its transpose (any tokens)."""
+        w = self.weight
+        if w is None or isinstance(w, ComputedWeight) or w.st is not st or st.leaf.dim() != 2:
+            return None
+        if self.bias is not None and isinstance(self.bias, (ViewPullback, Operand)) and self.bias.st is st:
+            return None
+        size, stride, offset = w.geometry
+        leaf = st.leaf
+        same = tuple(size) == tuple(leaf.shape) and tuple(stride) == tuple(leaf.stride())
+        flipped = tuple(size) == tuple(leaf.shape)[::-1] and tuple(stride) == tuple(leaf.stride())[::-1]
+        if offset != 0 or not (same or flipped):
+            return None
+        input_axis = 1 if self.layout == "oi" else 0  # of the view: where the use's input sits
+        n_in, n_out = size[input_axis], size[1 - input_axis]
+        return FactorForm(input_axis if same else 1 - input_axis, n_in, n_out, self.a.numel() // (self.batch * n_in))
 
     def _weight(self, a3, d3, n_in, n_out, sink: Sink) -> None:
         if isinstance(self.weight, ComputedWeight):

@@ -118,8 +118,9 @@ class Sink:
     """Where contributions go for one batch: out [B, p], whose batched columns start at zero."""
 
     def __init__(self, out: torch.Tensor, backend: str, use_counts: Dict[str, int], dense=None,
-                 dead_tokens: Optional[Dict[str, bool]] = None):
+                 dead_tokens: Optional[Dict[str, bool]] = None, factors=None):
         self.out, self.backend, self.use_counts, self.dense = out, backend, use_counts, dense
+        self.factors = factors  # factors.FactorSink of the structured tensors, or None
         # use key -> whether its output gradient had tokens that are zero for every sample
         # (kept across batches by the batched pass; linear.py).
         self.dead_tokens = {} if dead_tokens is None else dead_tokens
@@ -174,6 +175,11 @@ class Use:
 
     def contribute(self, grad: torch.Tensor, sink: Sink) -> None:
         raise NotImplementedError
+
+    def factor_form(self, st: SampledTensor):
+        """A ``structured.FactorForm`` when this use hands st's per-sample gradient as
+        factors (structured Gram), else None: features only."""
+        return None
 
 
 class ViewPullback:

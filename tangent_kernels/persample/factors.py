@@ -1,0 +1,73 @@
+"""Factors of the structured tensors for one batch (structured/ says why they suffice).
+
+Uses of a structured tensor hand (x, g) here instead of writing features: x [B, T_u, X]
+the use's input, g [B, T_u, G] the gradient at its output (times the use's scale). The
+uses' tokens are concatenated in forward order; x is recorded once (it does not depend
+on the output), g once per output.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import torch
+
+from .uses import Uncovered
+
+__all__ = ["FactorSink", "per_sample_gradients"]
+
+
+class FactorSink:
+    def __init__(self, choices: Dict[str, object], outputs: int, multi: bool):
+        self.choices, self.outputs, self.multi = choices, outputs, multi
+        self.names = set(choices)
+        self.output = 0  # which output the backward in progress is for (set by the batched pass)
+        self._order: Dict[str, List[Tuple[str, object]]] = {name: [] for name in choices}
+        self._x: Dict[Tuple[str, str], torch.Tensor] = {}
+        self._g: Dict[Tuple[str, str, int], torch.Tensor] = {}
+
+    def register(self, name: str, key: str, form) -> None:
+        """A use of a structured tensor in this forward (before any backward)."""
+        choice = self.choices[name]
+        if form is None or (form.axis, form.x_dim, form.g_dim) != (choice.axis, choice.x_dim, choice.g_dim):
+            raise Uncovered({name: "a use whose factors differ from the first batch's (the structured Gram "
+                                   "needs the same uses every batch)"})
+        self._order[name].append((key, form))
+
+    def add(self, name: str, key: str, x: torch.Tensor, g: torch.Tensor) -> None:
+        # Detached: the activations are tracked by autograd, and the factors outlive the pass.
+        if (name, key) not in self._x:
+            self._x[(name, key)] = x.detach()
+        self._g[(name, key, self.output)] = g.detach()
+
+    def finish(self, batch: int, like: torch.Tensor) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+        """name -> (x [B, T, X], g [B, T, G], or [B, k, T, G] for every logit); zeros where
+        no gradient reached a use (its contribution is zero)."""
+        result = {}
+        for name, uses in self._order.items():
+            choice = self.choices[name]
+            if sum(form.tokens for _, form in uses) != choice.tokens:
+                raise Uncovered({name: f"its uses have {sum(f.tokens for _, f in uses)} tokens in all on this "
+                                       f"batch, {choice.tokens} on the first (the structured Gram needs the same)"})
+            xs, gs = [], [[] for _ in range(self.outputs)]
+            for key, form in uses:
+                x = self._x.get((name, key))
+                xs.append(x if x is not None else like.new_zeros(batch, form.tokens, form.x_dim))
+                for a in range(self.outputs):
+                    g = self._g.get((name, key, a))
+                    gs[a].append(g if g is not None else like.new_zeros(batch, form.tokens, form.g_dim))
+            x = torch.cat(xs, dim=1).to(like.dtype)
+            per_output = [torch.cat(g, dim=1).to(like.dtype) for g in gs]
+            result[name] = (x, torch.stack(per_output, dim=1) if self.multi else per_output[0])
+        return result
+
+
+def per_sample_gradients(x: torch.Tensor, g: torch.Tensor, axis: int) -> torch.Tensor:
+    """The flat per-sample gradients the factors stand for: [R, numel] (or [R, k, numel]
+    for g [R, k, T, G]), in the leaf's row-major order (x on leaf axis ``axis``)."""
+    multi = g.dim() == 4
+    if axis == 1:  # leaf [G, X]
+        grad = torch.einsum("batg,btx->bagx" if multi else "btg,btx->bgx", g, x)
+    else:  # leaf [X, G]
+        grad = torch.einsum("btx,batg->baxg" if multi else "btx,btg->bxg", x, g)
+    return grad.flatten(-2)

@@ -1,0 +1,82 @@
+"""One tensor's structured contribution to a tile of K, from stored factors (pure).
+
+Rows of K are (sample, output) pairs, output fastest: x holds one row per sample, g one
+per (sample, output). For samples i, j and outputs a, b:
+
+    K[(i, a), (j, b)] = sum_{t, t'} (x_it . x_jt') (g_iat . g_jbt')
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+__all__ = ["structured_tile"]
+
+# Elements of the largest per-chunk Gram of token pairs formed at once: [Si k T, Sj k T'].
+_PAIR_ELEMENTS = 1 << 23
+
+
+def _gram(u: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # 16-bit factors are upcast: their products are exact in fp32 and the sums run in fp32,
+    # as the feature path's 16-bit tiles do.
+    return u.to(dtype) @ v.to(dtype).T
+
+
+def structured_tile(x_i: torch.Tensor, g_i: torch.Tensor, x_j: torch.Tensor, g_j: torch.Tensor, tokens: int,
+                    outputs: int, dtype: torch.dtype, scales=None) -> torch.Tensor:
+    """[Si k, Sj k] in ``dtype``.
+
+    x_i: [Si, T * X], g_i: [Si * k, T * G] (rows as stored); x_j, g_j likewise for the
+    columns. scales: None, or the fp16 scales (sx_i, sg_i, sx_j, sg_j) of those rows
+    (stored = true * scale).
+    """
+    si, sj, k = x_i.shape[0], x_j.shape[0], outputs
+    out = torch.empty(si * k, sj * k, dtype=dtype, device=x_i.device)
+    if si == 0 or sj == 0:
+        return out
+    # Chunks of samples keep the token-pair Grams within _PAIR_ELEMENTS.
+    per_sample = k * tokens
+    step = max(1, int((_PAIR_ELEMENTS ** 0.5) // per_sample))
+    for i0 in range(0, si, step):
+        i1 = min(i0 + step, si)
+        for j0 in range(0, sj, step):
+            j1 = min(j0 + step, sj)
+            block = _block(x_i[i0:i1], g_i[i0 * k:i1 * k], x_j[j0:j1], g_j[j0 * k:j1 * k], tokens, k, dtype,
+                           *_slices(scales, i0, i1, j0, j1, k))
+            out[i0 * k:i1 * k, j0 * k:j1 * k] = block
+    return out
+
+
+def _slices(scales, i0, i1, j0, j1, k):
+    if scales is None:
+        return (None,) * 4
+    sx_i, sg_i, sx_j, sg_j = scales
+    return sx_i[i0:i1], sg_i[i0 * k:i1 * k], sx_j[j0:j1], sg_j[j0 * k:j1 * k]
+
+
+def _block(x_i, g_i, x_j, g_j, tokens, k, dtype, sx_i, sg_i, sx_j, sg_j) -> torch.Tensor:
+    si, sj = x_i.shape[0], x_j.shape[0]
+    if tokens == 1:
+        gx = _scaled(_gram(x_i, x_j, dtype), sx_i, sx_j)  # [Si, Sj]
+        gg = _scaled(_gram(g_i, g_j, dtype), sg_i, sg_j)  # [Si k, Sj k]
+        if k == 1:
+            return gx.mul_(gg) if gx.dtype == gg.dtype else gx * gg
+        return (gg.view(si, k, sj, k) * gx[:, None, :, None]).view(si * k, sj * k)
+    x_dim, g_dim = x_i.shape[1] // tokens, g_i.shape[1] // tokens
+    gx = _gram(x_i.reshape(si * tokens, x_dim), x_j.reshape(sj * tokens, x_dim), dtype).view(si, tokens, sj, tokens)
+    gg = _gram(g_i.reshape(si * k * tokens, g_dim), g_j.reshape(sj * k * tokens, g_dim), dtype)
+    gg = gg.view(si, k, tokens, sj, k, tokens)
+    if sx_i is not None:
+        gx = gx / (sx_i.to(dtype).view(si, 1, 1, 1) * sx_j.to(dtype).view(1, 1, sj, 1))
+        gg = gg / (sg_i.to(dtype).view(si, k, 1, 1, 1, 1) * sg_j.to(dtype).view(1, 1, 1, sj, k, 1))
+    if k == 1:
+        return (gx * gg.view(si, tokens, sj, tokens)).sum(dim=(1, 3))
+    return torch.einsum("itjs,iatjbs->iajb", gx, gg).reshape(si * k, sj * k)
+
+
+def _scaled(gram: torch.Tensor, rows: Optional[torch.Tensor], cols: Optional[torch.Tensor]) -> torch.Tensor:
+    if rows is None:
+        return gram
+    return gram / (rows.to(gram.dtype)[:, None] * cols.to(gram.dtype)[None, :])

@@ -1,0 +1,185 @@
+"""Which sampled tensors take the structured Gram, and the cost model that decides it.
+
+A tensor is *eligible* when every entry of it is sampled and every use of it in the
+forward hands its per-sample gradient as factors (``Use.factor_form``: a whole 2-D
+weight of a linear map, possibly transposed, possibly used several times with the input
+on the same axis). Its uses' tokens are then concatenated: T = sum of the uses' tokens.
+
+Cost per pair of rows of K (k outputs per sample share the inputs' Gram):
+- features: X G multiply-adds in the Gram GEMM (forming the features, T X G per row, is
+  left out: it is amortized over the n rows it meets);
+- structured: T^2 (G + X / k^2) multiply-adds in the two factor GEMMs, plus T^2
+  elementwise multiply-adds for the product of the two Grams and the sum over (t, t').
+The two kinds of work run at different rates (a GEMM near peak, the elementwise product
+at memory speed), measured once per process on the device and dtype at hand.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+__all__ = ["STRUCTURED_MODES", "Choice", "FactorForm", "Plan", "check_structured", "decide", "measured_rates"]
+
+STRUCTURED_MODES = ("auto", "never", "always")
+
+
+def check_structured(mode) -> str:
+    if mode not in STRUCTURED_MODES:
+        raise ValueError(f"structured must be one of {', '.join(map(repr, STRUCTURED_MODES))} ('auto': the cheaper of "
+                         f"features and the structured Gram per tensor; 'never': features only; 'always': the "
+                         f"structured Gram wherever it is exact); got {mode!r}")
+    return mode
+
+
+@dataclass(frozen=True)
+class FactorForm:
+    """One use's per-sample gradient of a whole 2-D tensor: sum_t x_t (x) g_t, with the
+    input factor x [B, tokens, x_dim] on leaf axis ``axis`` and the output gradient
+    g [B, tokens, g_dim] on the other."""
+
+    axis: int
+    x_dim: int
+    g_dim: int
+    tokens: int
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The decision for one eligible tensor; costs are seconds per pair of rows of K."""
+
+    name: str
+    axis: int
+    x_dim: int
+    g_dim: int
+    tokens: int  # summed over its uses
+    uses: int
+    features_cost: float
+    structured_cost: float
+    structured: bool
+
+    def describe(self) -> str:
+        ratio = self.features_cost / self.structured_cost if self.structured_cost else float("inf")
+        shape = f"T={self.tokens}, in={self.x_dim}, out={self.g_dim}" + (f", {self.uses} uses" if self.uses > 1 else "")
+        if self.structured:
+            return f"Gram: structured ({shape}; est. {ratio:.3g}x cheaper than features)"
+        return f"Gram: features ({shape}; structured est. {1 / ratio:.3g}x costlier)" if ratio else \
+            f"Gram: features ({shape})"
+
+
+@dataclass
+class Plan:
+    """choices: eligible tensors (structured or not); ineligible: tensor -> why not."""
+
+    choices: Dict[str, Choice] = field(default_factory=dict)
+    ineligible: Dict[str, str] = field(default_factory=dict)
+
+    @property
+    def structured(self) -> List[str]:
+        return [name for name, c in self.choices.items() if c.structured]
+
+    def drop(self, names, why: str) -> None:
+        for name in names:
+            if name in self.choices:
+                del self.choices[name]
+                self.ineligible[name] = why
+
+    def describe(self, name: str) -> Optional[str]:
+        if name in self.choices:
+            return self.choices[name].describe()
+        return f"Gram: features ({self.ineligible[name]})" if name in self.ineligible else None
+
+
+_RATES: Dict[Tuple[str, torch.dtype], Tuple[float, float]] = {}
+
+
+def _best_seconds(fn, device: torch.device, repeats: int = 3) -> float:
+    fn()  # warm-up: first-call allocation and thread start-up
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return max(best, 1e-9)
+
+
+def measured_rates(device: torch.device, dtype: torch.dtype) -> Tuple[float, float]:
+    """(GEMM multiply-adds per second, elementwise multiply-adds per second) on
+    ``device`` in ``dtype``, measured once per process at shapes like a Gram tile's
+    (a few milliseconds on a CPU)."""
+    key = (str(device), dtype)
+    if key not in _RATES:
+        m, d = 512, 512
+        a, b = torch.randn(m, d, device=device, dtype=dtype), torch.randn(m, d, device=device, dtype=dtype)
+        gemm = m * m * d / _best_seconds(lambda: a @ b.T, device)
+        x, y = torch.randn(m, m * 4, device=device, dtype=dtype), torch.randn(m, m * 4, device=device, dtype=dtype)
+        # The product of two Gram blocks summed over token pairs: read both, multiply, reduce.
+        elementwise = x.numel() / _best_seconds(lambda: (x * y).view(m, m, 4).sum(-1), device)
+        _RATES[key] = (gemm, elementwise)
+    return _RATES[key]
+
+
+def _costs(x_dim: int, g_dim: int, tokens: int, outputs: int, rates) -> Tuple[float, float]:
+    gemm, elementwise = rates
+    features = x_dim * g_dim / gemm
+    pairs = tokens * tokens
+    structured = pairs * (g_dim + x_dim / outputs ** 2) / gemm + pairs / elementwise
+    return features, structured
+
+
+def decide(uses: Sequence, sampled: Sequence, excluded: Dict[str, str], outputs: int, mode: str,
+           device: torch.device, dtype: torch.dtype, forced: Optional[Sequence[str]] = None) -> Plan:
+    """The plan for the sampled tensors (``views.SampledTensor``) of one forward's ``uses``.
+
+    excluded: tensors already on another path (generic), with why. forced: exactly these
+    tensors structured (a checkpointed run's plan), each still checked for eligibility.
+    """
+    plan = Plan()
+    if mode == "never" and forced is None:
+        return plan
+    rates = measured_rates(device, dtype)
+    for st in sampled:
+        if st.name in excluded:
+            plan.ineligible[st.name] = excluded[st.name]
+            continue
+        if st.leaf.dim() != 2:
+            # A bias or norm scale: its features (n O) cost what a structured form would.
+            plan.ineligible[st.name] = f"{st.leaf.dim()}-D (its features are as cheap)"
+            continue
+        if st.m != st.leaf.numel():
+            # A subset of entries breaks the outer-product form: the Gram of a uniform
+            # subsample is not a product of two small Grams (exact only as features).
+            plan.ineligible[st.name] = "partially sampled"
+            continue
+        touching = [use for use in uses if any(other is st for other in use.sampled)]
+        forms = [use.factor_form(st) for use in touching]
+        if not touching:
+            plan.ineligible[st.name] = "no use reaches it"
+            continue
+        if any(form is None for form in forms):
+            labels = sorted({use.label for use, form in zip(touching, forms) if form is None})
+            plan.ineligible[st.name] = f"a use without factors ({', '.join(labels)})"
+            continue
+        if len({(f.axis, f.x_dim, f.g_dim) for f in forms}) != 1:
+            plan.ineligible[st.name] = "uses with the input on different axes"
+            continue
+        first = forms[0]
+        tokens = sum(f.tokens for f in forms)
+        features, structured = _costs(first.x_dim, first.g_dim, tokens, outputs, rates)
+        take = st.name in forced if forced is not None else (mode == "always" or structured < features)
+        plan.choices[st.name] = Choice(st.name, first.axis, first.x_dim, first.g_dim, tokens, len(forms),
+                                       features, structured, take)
+    if forced is not None:
+        missing = [name for name in forced if name not in plan.choices]
+        if missing:
+            why = "; ".join(f"{name}: {plan.ineligible.get(name, 'not sampled')}" for name in missing)
+            raise ValueError(f"the checkpointed run took the structured Gram for {', '.join(missing)}, which this "
+                             f"model cannot ({why}): delete the checkpoint folder to start over")
+    return plan
