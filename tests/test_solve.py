@@ -268,7 +268,7 @@ def val_mse(Kv, yv, alpha):
 
 def test_early_stopping_keeps_best_validation_iterate():
     K, Kv, y, yv = noisy_interpolation_problem(seed=13)
-    kw = dict(betas=0.0, max_iter=3000, eval_every=10, tol=1e-12)
+    kw = dict(betas=0.0, solver="nesterov", max_iter=3000, eval_every=10, tol=1e-12)
     kr = KernelRidge(early_stopping=True, **kw).fit(K, y, Kv, yv)
     h = kr.history_[0]
     losses = h["val_loss"]
@@ -285,7 +285,7 @@ def test_early_stopping_keeps_best_validation_iterate():
 
 def test_patience_stops_early():
     K, Kv, y, yv = noisy_interpolation_problem(seed=14)
-    kr = KernelRidge(betas=0.0, max_iter=3000, patience=5, tol=1e-12).fit(K, y, Kv, yv)
+    kr = KernelRidge(betas=0.0, solver="nesterov", max_iter=3000, patience=5, tol=1e-12).fit(K, y, Kv, yv)
     h = kr.history_[0]
     assert kr.n_iter_[0] == h["iteration"][-1] == h["best_iteration"] + 5 * 10
 
@@ -298,7 +298,7 @@ def test_beta_zero_with_early_stopping_on_labels():
     labels = (F[:, :3] + 0.3 * torch.randn(90, 3, generator=g, dtype=torch.float64)).argmax(1)
     K_all = F @ F.T
     K, Kv = K_all[:60, :60], K_all[60:, :60]
-    kr = KernelRidge(betas=[0.0], max_iter=500).fit(K, labels[:60], Kv, labels[60:])
+    kr = KernelRidge(betas=[0.0], solver="nesterov", max_iter=500).fit(K, labels[:60], Kv, labels[60:])
     assert torch.isfinite(kr.dual_coef_).all()
     acc = kr.history_[0]["val_accuracy"]
     assert kr.scores_[0]["accuracy"] == max(acc) >= 0.6
@@ -493,11 +493,12 @@ def test_bad_validation_data(kwargs, error, match):
         (dict(betas=(0.1, math.nan)), ValueError, r"betas must be finite and >= 0.*got nan"),
         (dict(betas=()), ValueError, r"betas is empty"),
         (dict(betas="grid"), ValueError, r"betas must be numbers or 'auto'; got 'grid'"),
-        (dict(solver="lsqr"), ValueError, r"unknown solver 'lsqr'; choose one of 'nesterov', 'cg', 'eigh', 'cholesky'"),
+        (dict(solver="lsqr"), ValueError, r"unknown solver 'lsqr'; choose one of 'auto', 'krylov', 'cg', 'cholesky', 'eigh', 'nesterov'"),
         (dict(max_iter=0), ValueError, r"max_iter must be a positive integer; got 0"),
         (dict(tol=-1e-3), ValueError, r"tol must be a finite number >= 0"),
         (dict(eval_every=0), ValueError, r"eval_every must be a positive integer"),
-        (dict(precond_rank=8), ValueError, r"precond_rank applies to solver='cg' only"),
+        (dict(precond_rank=8, solver="eigh"), ValueError, r"precond_rank applies to solver='cg' and 'nesterov' only"),
+        (dict(precond="nystrom"), ValueError, r"precond must be 'cholesky' or None"),
         (dict(beta_scale="max"), ValueError, r"beta_scale must be None or 'trace'"),
         (dict(cv="kfold", solver="eigh"), ValueError, r"cv must be 'loo' or 'gcv'"),
     ],

@@ -13,7 +13,7 @@ import torch
 from ._common import _generator, _lambda_max, _working_dtype
 
 
-SOLVERS = ("nesterov", "cg", "eigh", "cholesky")
+SOLVERS = ("auto", "krylov", "cg", "cholesky", "eigh", "nesterov")
 
 # Default tolerance for the symmetry check, ||K - K.T||_F / ||K||_F. It catches a wrong matrix
 # (a cross kernel, a transposed block), not rounding: G @ G.T in fp32 from BLAS is
@@ -205,7 +205,8 @@ def _check_betas(betas: Any, name: str = "betas") -> List[float]:
     return out
 
 
-def _check_options(solver: str, max_iter: int, tol: float, eval_every: int, precond_rank: Optional[int]) -> None:
+def _check_options(solver: str, max_iter: int, tol: float, eval_every: int, precond_rank: Optional[int],
+                   precond: Optional[str] = "cholesky") -> None:
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(map(repr, SOLVERS))}")
     if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
@@ -215,10 +216,12 @@ def _check_options(solver: str, max_iter: int, tol: float, eval_every: int, prec
     if isinstance(eval_every, bool) or not isinstance(eval_every, (int, np.integer)) or eval_every < 1:
         raise ValueError(f"eval_every must be a positive integer; got {eval_every!r}")
     if precond_rank is not None:
-        if solver != "cg":
-            raise ValueError(f"precond_rank applies to solver='cg' only; got solver={solver!r}")
+        if solver not in ("cg", "nesterov", "auto"):
+            raise ValueError(f"precond_rank applies to solver='cg' and 'nesterov' only; got solver={solver!r}")
         if isinstance(precond_rank, bool) or not isinstance(precond_rank, (int, np.integer)) or precond_rank < 0:
             raise ValueError(f"precond_rank must be a non-negative integer or None; got {precond_rank!r}")
+    if precond not in ("cholesky", None):
+        raise ValueError(f"precond must be 'cholesky' or None (krylov's preconditioner); got {precond!r}")
 
 
 # ----------------------------------------------------------------------------- dispatch

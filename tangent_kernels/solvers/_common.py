@@ -65,6 +65,7 @@ class _Config:
     max_refine: int = 10
     out_eps: float = float(torch.finfo(torch.float64).eps)  # precision the result is returned in
     factor_dtype: torch.dtype = torch.float32
+    krylov_precond: Optional[str] = "cholesky"
     seed: int = 0
     progress: Optional[bool] = False
 

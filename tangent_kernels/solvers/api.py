@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import warnings
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -11,11 +13,13 @@ import torch
 from .._model import fp32_math
 from ._checks import (_beta_scale, _check_beta_range, _check_betas, _check_kernel, _check_options,
                       _check_psd_estimate, _check_targets, _label_count, _out_dtype, Array)
+from .auto import choose
 from ._common import ConvergenceWarning, _Config, _Result
 from ._metrics import _Validation
 from .cg import _cg
 from .cholesky import _cholesky
 from .eigh import _eigh
+from .krylov import _krylov
 from .nesterov import _nesterov
 
 
@@ -31,10 +35,15 @@ def _run(solver: str, K: torch.Tensor, T: torch.Tensor, betas: List[float], cfg:
             result = _nesterov(K, T, betas, cfg, val)
         elif solver == "cg":
             result = _cg(K, T, betas, cfg)
+        elif solver == "krylov":
+            result = _krylov(K, T, betas, cfg)
         elif solver == "eigh":
             result = _eigh(K, T, betas, cfg, cv)
-        else:
+        elif solver == "cholesky":
             result = _cholesky(K, T, betas, cfg)
+        else:
+            raise AssertionError(f"solver {solver!r} reached the dispatch unresolved")
+    result.extra["solver"] = solver
     finite = torch.isfinite(result.coefs.reshape(len(betas), -1)).all(dim=1).tolist()
     if not all(finite):
         bad = [b for b, ok in zip(betas, finite) if not ok]
@@ -45,6 +54,17 @@ def _run(solver: str, K: torch.Tensor, T: torch.Tensor, betas: List[float], cfg:
             "a few orders of magnitude of that scale (beta_scale='trace' makes betas relative to it)"
         )
     return result
+
+
+def _resolve(solver: str, K: torch.Tensor, n_betas: int, cfg: _Config,
+             needs_loo: bool) -> Tuple[str, _Config, Optional[str]]:
+    """"auto" -> a concrete solver, its config and the reason (None when the user chose)."""
+    if solver != "auto":
+        return solver, cfg, None
+    chosen, options, reason = choose(K.shape[0], n_betas, K.device, K.dtype, needs_loo)
+    if cfg.precond_rank is not None and chosen in ("cg", "nesterov"):
+        options = {}  # the user's rank wins
+    return chosen, dataclasses.replace(cfg, **options), reason
 
 
 def _warn_unconverged(solver: str, result: _Result, betas: List[float], tol: float, dtype: torch.dtype) -> None:
@@ -70,7 +90,7 @@ def solve(
     K: Array,
     Y: Array,
     beta: Union[float, Sequence[float], Array],
-    solver: str = "nesterov",
+    solver: str = "auto",
     *,
     max_iter: int = 1000,
     tol: float = 1e-6,
@@ -80,6 +100,7 @@ def solve(
     precond_power: int = 1,
     refine: Optional[bool] = None,
     factor_dtype: torch.dtype = torch.float32,
+    precond: Optional[str] = "cholesky",
     dtype: Optional[torch.dtype] = None,
     n_classes: Optional[int] = None,
     sym_tol: Optional[float] = None,
@@ -96,16 +117,21 @@ def solve(
             or real targets [n] (treated as [n, 1]) or [n, m].
         beta: a number >= 0 or a sequence of them (absolute, scikit-learn's ``alpha``;
             multiplied by mean diag(K) when ``beta_scale="trace"``).
-        solver: ``"nesterov"``, ``"cg"``, ``"eigh"`` or ``"cholesky"`` (see the module docs).
+        solver: ``"auto"`` (default: chosen by n, memory and the measured table, reported as
+            ``info["solver"]``), ``"krylov"``, ``"cg"``, ``"cholesky"``, ``"eigh"`` or
+            ``"nesterov"`` (docs/solvers.md says which when).
         max_iter, tol, eval_every: iterative solvers stop when ||(K + beta I) alpha - Y||_F
             <= tol * ||Y||_F per beta (checked every ``eval_every`` steps for nesterov,
             every step for cg), else at ``max_iter``. eigh and cholesky are exact: they return
             the result dtype's precision, and ``tol`` only decides ``converged``.
-        precond_rank, precond_power: cg's Nystrom preconditioner rank (None/0: none) and
-            subspace iterations of its sketch.
+        precond_rank, precond_power: the Nystrom preconditioner's rank (None/0: none) and
+            subspace iterations of its sketch, for cg and nesterov (one sketch, every beta).
+        precond: krylov's preconditioner: ``"cholesky"`` (one factor per group of betas) or
+            None (no factor: the plain Krylov space shared by every beta, multi-shift style).
         refine: fp64 iterative refinement (default: always for cholesky, for eigh when the
             working dtype is float32; never for the iterative solvers).
-        factor_dtype: dtype of cholesky's factors.
+        factor_dtype: dtype of cholesky's and krylov's factors (krylov uses float64 below
+            tol = 1e-4, where a float32 factor's rounding would stall it).
         dtype: dtype of the result (default: K's working dtype, see the module docs).
         sym_tol: tolerance on ||K - K.T||_F / ||K||_F (default 1e-4; math.inf skips the check).
         allow_tf32: let fp32 GEMMs on CUDA use TF32 (faster, ~1e-3 relative error).
@@ -120,7 +146,7 @@ def solve(
         (and ``info`` when ``return_info``). Warns ``ConvergenceWarning`` for a beta left
         above ``tol``.
     """
-    _check_options(solver, max_iter, tol, eval_every, precond_rank)
+    _check_options(solver, max_iter, tol, eval_every, precond_rank, precond)
     scalar = isinstance(beta, (int, float, np.integer, np.floating)) or (
         isinstance(beta, (torch.Tensor, np.ndarray)) and beta.ndim == 0
     )
@@ -133,9 +159,11 @@ def solve(
     scale = _beta_scale(K, beta_scale)
     cfg = _Config(max_iter=int(max_iter), tol=float(tol), eval_every=int(eval_every), early_stopping=False,
                   precond_rank=precond_rank, precond_power=precond_power, refine=refine,
-                  factor_dtype=factor_dtype, seed=seed, progress=progress,
+                  factor_dtype=factor_dtype, krylov_precond=precond, seed=seed, progress=progress,
                   out_eps=float(torch.finfo(_out_dtype(dtype, K.dtype)).eps))
+    solver, cfg, reason = _resolve(solver, K, len(betas), cfg, needs_loo=False)
     result = _run(solver, K, targets.values, [b * scale for b in betas], cfg, None, None, allow_tf32)
+    result.extra["solver_reason"] = reason
     _warn_unconverged(solver, result, betas, tol, _out_dtype(dtype, K.dtype))
     alpha = result.coefs.to(_out_dtype(dtype, K.dtype))
     if scalar:

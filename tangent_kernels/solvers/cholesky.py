@@ -21,6 +21,32 @@ def _cholesky_apply(L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(L.mT, Z, upper=True)
 
 
+class _Factorizer:
+    """Cholesky factors of K + beta I in one reused n x n workspace per dtype."""
+
+    def __init__(self, K: torch.Tensor):
+        self.K = K
+        self.work: Dict[torch.dtype, torch.Tensor] = {}
+
+    def factor(self, beta: float, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """Lower factor L of K + beta I in ``dtype`` (overwriting the previous one of that
+        dtype), or None where the factorization breaks down (not PD at that precision)."""
+        K, n = self.K, self.K.shape[0]
+        A = self.work.get(dtype)
+        if A is None:
+            # Column-major, the layout LAPACK/cuSOLVER factor in: cholesky_ex then writes L
+            # over A in place instead of into a second n x n buffer.
+            A = self.work[dtype] = torch.empty(n, n, dtype=dtype, device=K.device).mT
+        # K.mT has A's memory order, so this is a straight copy (a transposing one measured
+        # as slow as the fp32 factorization, n = 4096 CPU). The factor thus reads K's upper
+        # triangle; refinement uses all of K, so it converges to the solution for K itself.
+        A.copy_(K.mT)
+        A.diagonal().add_(beta)
+        info = torch.empty((), dtype=torch.int32, device=K.device)
+        torch.linalg.cholesky_ex(A, out=(A, info))
+        return A if int(info) == 0 else None
+
+
 def _cholesky(K: torch.Tensor, T: torch.Tensor, betas: List[float], cfg: _Config) -> _Result:
     """Per beta: factor K + beta I in ``factor_dtype`` (fp32), then fp64 iterative refinement.
 
@@ -39,22 +65,8 @@ def _cholesky(K: torch.Tensor, T: torch.Tensor, betas: List[float], cfg: _Config
     n_iter, converged, residual = [0] * B, [False] * B, [math.nan] * B
     history = [_new_history(b, False, False) for b in betas]
     factor_dtypes: List[str] = []
-    work: Dict[torch.dtype, torch.Tensor] = {}
-
-    def factor(beta: float, fdt: torch.dtype) -> Optional[torch.Tensor]:
-        A = work.get(fdt)
-        if A is None:
-            # Column-major, the layout LAPACK/cuSOLVER factor in: cholesky_ex then writes L
-            # over A in place instead of into a second n x n buffer.
-            A = work[fdt] = torch.empty(n, n, dtype=fdt, device=K.device).mT
-        # K.mT has A's memory order, so this is a straight copy (a transposing one measured
-        # as slow as the fp32 factorization, n = 4096 CPU). The factor thus reads K's upper
-        # triangle; refinement uses all of K, so it converges to the solution for K itself.
-        A.copy_(K.mT)
-        A.diagonal().add_(beta)
-        info = torch.empty((), dtype=torch.int32, device=K.device)
-        torch.linalg.cholesky_ex(A, out=(A, info))
-        return A if int(info) == 0 else None
+    factors = _Factorizer(K)
+    factor, work = factors.factor, factors.work
 
     bar = _bar(B, "cholesky", cfg.progress)
     try:

@@ -16,7 +16,7 @@ from ._checks import (_beta_scale, _check_betas, _check_cross, _check_kernel, _c
                       _check_targets, _label_count, _out_dtype, _Targets, Array)
 from ._common import _Config, _Result
 from ._metrics import _key, _metrics, _Validation
-from .api import _run, _warn_unconverged
+from .api import _resolve, _run, _warn_unconverged
 
 
 # Telescopic search ("auto"): decades of beta relative to mean diag(K), then a finer grid.
@@ -42,7 +42,10 @@ class KernelRidge:
             mean diag(K) with ``beta_scale="trace"``), or ``"auto"``: the telescopic search,
             decades 1e-6 .. 1e2 relative to mean diag(K), then ``auto_rounds - 1`` finer grids
             (quarter, then sixteenth decades) around the best validation/LOO score.
-        solver: ``"nesterov"`` (default, the seed's), ``"cg"``, ``"eigh"``, ``"cholesky"``.
+        solver: ``"auto"`` (default: ``eigh`` for model selection without validation data,
+            else ``krylov``, or ``cg`` + Nystrom where a factor does not fit; the choice is in
+            ``solver_`` and ``solver_reason_``), ``"krylov"``, ``"cg"``, ``"cholesky"``,
+            ``"eigh"``, ``"nesterov"`` (the seed's; ``precond_rank=`` preconditions it).
         max_iter, tol: iterative solvers' budget and relative-residual target (see ``solve``).
         early_stopping: with validation data, nesterov keeps each beta's iterate with the best
             validation score (accuracy, ties broken by loss; loss for regression) instead of
@@ -68,13 +71,14 @@ class KernelRidge:
         validation metrics are in ``scores_``), scores_ (per beta: the selection metrics and
         their ``source``),
         cv_predictions_ ([len(betas_), n, m] leave-one-out scores, eigh without validation),
-        fit_time_ (seconds), n_classes_ (labels) or None, n_train_.
+        fit_time_ (seconds), n_classes_ (labels) or None, n_train_, solver_ (the solver
+        that ran) and solver_reason_ (why, for ``solver="auto"``).
     """
 
     def __init__(
         self,
         betas: Union[str, float, Sequence[float]] = (1e-3, 1e-2, 1e-1),
-        solver: str = "nesterov",
+        solver: str = "auto",
         max_iter: int = 1000,
         tol: float = 1e-6,
         early_stopping: bool = True,
@@ -89,6 +93,7 @@ class KernelRidge:
         precond_power: int = 1,
         refine: Optional[bool] = None,
         factor_dtype: torch.dtype = torch.float32,
+        precond: Optional[str] = "cholesky",
         dtype: Optional[torch.dtype] = None,
         n_classes: Optional[int] = None,
         sym_tol: Optional[float] = None,
@@ -96,7 +101,7 @@ class KernelRidge:
         seed: int = 0,
         progress: Optional[bool] = False,
     ):
-        _check_options(solver, max_iter, tol, eval_every, precond_rank)
+        _check_options(solver, max_iter, tol, eval_every, precond_rank, precond)
         if isinstance(betas, str):
             if betas != "auto":
                 raise ValueError(f"betas must be numbers or 'auto'; got {betas!r}")
@@ -128,7 +133,7 @@ class KernelRidge:
         self._cfg = _Config(max_iter=int(max_iter), tol=float(tol), eval_every=int(eval_every),
                             early_stopping=bool(early_stopping), patience=patience,
                             precond_rank=precond_rank, precond_power=precond_power, refine=refine,
-                            factor_dtype=factor_dtype, seed=seed, progress=progress)
+                            factor_dtype=factor_dtype, krylov_precond=precond, seed=seed, progress=progress)
 
     def __repr__(self) -> str:
         return (f"KernelRidge(betas={self.betas!r}, solver={self.solver!r}, max_iter={self.max_iter}, "
@@ -172,16 +177,19 @@ class KernelRidge:
             raise ValueError("f0_val given without K_val / Y_val")
 
         auto = isinstance(self.betas, str)
-        if val is None and self.solver != "eigh" and (auto or len(self.betas) > 1):
+        needs_loo = val is None and (auto or len(self.betas) > 1)
+        n_betas = 9 if auto else len(self.betas)  # the telescopic search's first round
+        solver, cfg, reason = _resolve(self.solver, K, n_betas, self._cfg, needs_loo)
+        if val is None and solver != "eigh" and (auto or len(self.betas) > 1):
             what = "betas='auto'" if auto else f"{len(self.betas)} betas"
             raise ValueError(
                 f"choosing among {what} needs validation data: pass K_val and Y_val, use "
                 "solver='eigh' (exact leave-one-out scores), or give a single beta"
             )
-        cv = self.cv if (val is None and self.solver == "eigh") else None
+        cv = self.cv if (val is None and solver == "eigh") else None
         scale = _beta_scale(K, self.beta_scale)
         out_dtype = _out_dtype(self.dtype, dt)
-        cfg = dataclasses.replace(self._cfg, out_eps=float(torch.finfo(out_dtype).eps))
+        cfg = dataclasses.replace(cfg, out_eps=float(torch.finfo(out_dtype).eps))
 
         if auto:
             grid_scale = float(K.diagonal().mean())
@@ -206,7 +214,7 @@ class KernelRidge:
             if not user:
                 break
             tried.update(float(f"{b:.9g}") for b in user)
-            result = _run(self.solver, K, fitted, [b * scale for b in user], cfg, val, cv, self.allow_tf32)
+            result = _run(solver, K, fitted, [b * scale for b in user], cfg, val, cv, self.allow_tf32)
             runs.extend((b, result, i) for i, b in enumerate(user))
 
         runs.sort(key=lambda r: r[0])
@@ -231,8 +239,10 @@ class KernelRidge:
         self.n_outputs_ = m
         self._uses_f0 = f0 is not None
         if val is None:  # with validation data, stopping early is the point, not a failure
-            _warn_unconverged(self.solver, _Result(self.dual_coefs_, self.n_iter_, self.converged_,
+            _warn_unconverged(solver, _Result(self.dual_coefs_, self.n_iter_, self.converged_,
                                                    self.residual_, []), self.betas_, self.tol, out_dtype)
+        self.solver_ = solver
+        self.solver_reason_ = reason if reason is not None else "chosen by the caller"
         self.fit_time_ = time.perf_counter() - start
         return self
 

@@ -1,0 +1,52 @@
+"""``solver="auto"``: which solver a kernel problem gets, from the measured table.
+
+The table is docs/solvers.md's (bench/bench_solve.py). In short:
+
+- model selection without validation data (several betas, no ``K_val``): ``eigh``, the
+  only solver with exact leave-one-out scores;
+- otherwise ``krylov``: one fp32 Cholesky factor serves every beta (measured at n = 8192
+  on CPU, 10 betas x 10 classes to 1e-3: 1.1-1.5x the time of one plain fp32 Cholesky
+  solve of one beta; per-beta ``cholesky`` 10x, Nystrom-preconditioned ``cg`` 2.5-3.5x);
+- ``cg`` with a Nystrom sketch when a second n x n matrix (the factor) does not fit
+  beside K in the memory of K's device: it needs only n x rank.
+
+The choice is returned with its reason, which ``solve(..., return_info=True)`` reports
+as ``info["solver"]`` / ``info["solver_reason"]`` and ``KernelRidge`` as ``solver_``.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+
+from ..store import available_host_bytes
+
+# The factor and its working copies must fit in this share of the free memory.
+_FACTOR_MEMORY_SHARE = 0.8
+# Nystrom rank of the fallback: ~ the spectrum's knee on eNTKs (docs/solvers.md), capped by n.
+_FALLBACK_RANK = 2000
+
+
+def _free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    return available_host_bytes()
+
+
+def choose(n: int, n_betas: int, device: torch.device, dtype: torch.dtype,
+           needs_loo: bool) -> Tuple[str, Dict[str, int], str]:
+    """-> (solver, extra options for it, a one-line reason)."""
+    if needs_loo:
+        return "eigh", {}, "several betas and no validation data: eigh's exact leave-one-out scores choose beta"
+    factor_bytes = n * n * 4  # one float32 factor; K itself is already resident
+    if factor_bytes > _FACTOR_MEMORY_SHARE * _free_bytes(device):
+        rank = min(_FALLBACK_RANK, max(1, n // 4))
+        return "cg", {"precond_rank": rank}, (
+            f"a float32 factor of K ({factor_bytes / 2**30:.1f} GiB) does not fit in the free memory of {device}: "
+            f"cg with a rank-{rank} Nystrom preconditioner"
+        )
+    return "krylov", {}, (
+        f"one float32 Cholesky factor shared by all {n_betas} beta(s) through one Krylov space "
+        "(the fastest solver measured, docs/solvers.md)"
+    )

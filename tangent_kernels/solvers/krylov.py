@@ -1,0 +1,244 @@
+"""One Cholesky factor, every beta: a block Krylov space shared by all betas.
+
+For a central beta b0, M = K + b0 I = L L^T (one fp32 factorization). For any other beta,
+M^{-1} (K + beta I) = I + (beta - b0) M^{-1}, so the Krylov spaces of every preconditioned
+system are the same space, span{M^{-1} Y, M^{-2} Y, ...}: one block of m columns (the
+targets) per step serves every beta, where per-beta preconditioned CG would carry
+betas x m columns. In that space each beta takes its Galerkin solution (what CG would
+return there, optimal in the (K + beta I)-norm), and its residual is computed explicitly
+from K V, so it is the residual of K itself, not of the recursion.
+
+How fast it converges: the preconditioned operator's eigenvalues are
+(lambda + beta) / (lambda + b0), all between 1 and beta / b0, so its condition number is
+at most max(beta / b0, b0 / beta) whatever K's spectrum: with b0 inside a range of three
+decades, <= 100, and ~ sqrt(32) ln(2 / tol) / 2 ~ 20 steps to 1e-3
+(measured: 15 at n = 4096 and 8192). Betas spread over more than ``_CLUSTER_DECADES``
+decades are split into groups with a factor each (a factor costs n^3 / 3; a wider group
+costs more steps, ~ range^(1/4)).
+
+Precision: the factor only shapes the space and every residual is computed from K itself,
+so a factor's rounding never biases the answer; but a float32 factor's backward error
+E ~ eps ||K|| breaks the shift invariance by E / beta, which stalls small betas near the
+residual of one float32 Cholesky solve (1e-4 here). So the factor is ``factor_dtype``
+(float32) when tol >= ``_FP32_FLOOR`` and float64 below, and a group that stalls above
+tol with a float32 factor is solved again with a float64 one. The basis V, K V and
+the residuals are in the working dtype, and in float64 when ``tol`` asks for more than
+float32 products can certify (``_FP32_FLOOR``); small projected systems are fp64.
+``precond=None`` uses no factor: the unpreconditioned space span{Y, K Y, ...}, shared by
+every beta because shifts leave Krylov spaces unchanged (multi-shift CG's idea), which
+is cheap per step and slow for small betas.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, List, Optional
+
+import torch
+
+from ._common import _Config, _Result, _bar, _matmul_fp64
+from ._metrics import _new_history, _record
+from .cholesky import _cholesky_apply, _Factorizer
+
+# A group of betas spans at most this many decades around its factor's b0 (measured at
+# n = 8192, CPU, 10 betas over 3 decades: 15 steps; steps grow as range^(1/4)).
+_CLUSTER_DECADES = 3.0
+# Where b0 sits between a group's smallest and largest beta (log scale). At the middle,
+# the largest beta took 17 steps and the smallest 6 (n = 4096, 3 decades); at 2/3, 12 and
+# 10: the relative residual of a large beta converges more slowly for the same ratio.
+_CENTER_WEIGHT = 2 / 3
+# Below this relative residual float32 products K @ V cannot certify the residual
+# (their rounding is ~1e-5 of ||K|| ||x|| on eNTK spectra): the basis is float64 then.
+_FP32_FLOOR = 1e-4
+# A beta whose residual fell less than this factor over _STALL_STEPS steps has reached
+# what its precision allows.
+_STALL_FACTOR = 0.9
+_STALL_STEPS = 4
+
+
+def _groups(betas: List[float]) -> List[List[int]]:
+    """Indices of betas in groups spanning <= _CLUSTER_DECADES decades each (zeros join
+    the smallest positive beta's group)."""
+    order = sorted(range(len(betas)), key=lambda j: betas[j])
+    groups: List[List[int]] = []
+    low = None
+    for j in order:
+        b = betas[j]
+        if groups and (b == 0 or low is None or low == 0 or math.log10(b / low) <= _CLUSTER_DECADES):
+            groups[-1].append(j)
+            if low == 0 and b > 0:
+                low = b
+            continue
+        groups.append([j])
+        low = b
+    return groups
+
+
+def _center(betas: List[float], scale: float) -> float:
+    """b0: two thirds of the way up a group's positive betas on a log scale (a group of zeros: a tiny
+    positive shift relative to K's scale, so that M is positive definite)."""
+    positive = [b for b in betas if b > 0]
+    if not positive:
+        return 1e-6 * scale
+    return min(positive) ** (1 - _CENTER_WEIGHT) * max(positive) ** _CENTER_WEIGHT
+
+
+def _krylov(K: torch.Tensor, T: torch.Tensor, betas: List[float], cfg: _Config) -> _Result:
+    n, m = T.shape
+    B = len(betas)
+    dt = K.dtype
+    out = T.new_zeros(B, n, m)
+    history = [_new_history(b, False, False) for b in betas]
+    n_iter, converged, residual = [0] * B, [False] * B, [math.nan] * B
+    if float(T.norm()) == 0:
+        for j in range(B):
+            converged[j], residual[j] = True, 0.0
+        return _Result(out, n_iter, converged, residual, history, {"factors": 0})
+
+    basis_dtype = torch.float64 if (dt == torch.float64 or cfg.tol < _FP32_FLOOR) else dt
+    scale = float(K.diagonal().double().mean().clamp_min(torch.finfo(torch.float64).tiny))
+    factors = _Factorizer(K) if cfg.krylov_precond == "cholesky" else None
+    centers: List[float] = []
+    factor_dtypes: List[str] = []
+    bar = _bar(cfg.max_iter, "krylov", cfg.progress)
+    try:
+        for group in _groups(betas):
+            gb = [betas[j] for j in group]
+            apply = None
+            factor_dtype = torch.float64 if cfg.tol < _FP32_FLOOR else cfg.factor_dtype
+            if factors is not None:
+                b0 = _center(gb, scale)
+                apply = _preconditioner(factors, b0, factor_dtype, n)
+                centers.append(b0)
+            X, its, res, train = _solve_group(K, T, gb, apply, basis_dtype, cfg, bar)
+            if factors is not None and factor_dtype != torch.float64 and max(res) > cfg.tol:
+                # A float32 factor's backward error E (~ eps ||K||) breaks the shift
+                # invariance by E / beta: the space stalls near one float32 Cholesky
+                # solve's residual. A float64 factor moves that floor below any tol.
+                factors.work.pop(factor_dtype, None)
+                apply = _preconditioner(factors, b0, torch.float64, n)
+                X2, its2, res2, train2 = _solve_group(K, T, gb, apply, basis_dtype, cfg, bar)
+                better = [r2 < r for r, r2 in zip(res, res2)]
+                X = torch.stack([x2 if b else x for x, x2, b in zip(X, X2, better)])
+                its = [i + i2 for i, i2 in zip(its, its2)]
+                res = [min(r, r2) for r, r2 in zip(res, res2)]
+                train = [t2 if b else t for t, t2, b in zip(train, train2, better)]
+                factor_dtype = torch.float64
+            factor_dtypes.append(str(factor_dtype).replace("torch.", ""))
+            for i, j in enumerate(group):
+                out[j] = X[i].to(dt)
+                n_iter[j], residual[j], converged[j] = its[i], res[i], res[i] <= cfg.tol
+                _record(history[j], its[i], train[i], res[i], None, 0)
+    finally:
+        bar.close()
+    return _Result(out, n_iter, converged, residual, history,
+                   {"factors": len(centers), "centers": centers, "factor_dtypes": factor_dtypes, "basis_dtype": str(basis_dtype).replace("torch.", "")})
+
+
+def _preconditioner(factors: _Factorizer, b0: float, factor_dtype: torch.dtype,
+                    n: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """R [n, c] -> (K + b0 I)^{-1} R from one factor; b0 grows where the factorization
+    breaks down at ``factor_dtype`` (the space only has to be good, not exact)."""
+    L = None
+    for _ in range(8):
+        L = factors.factor(b0, factor_dtype)
+        if L is not None:
+            break
+        b0 *= 10
+    if L is None:
+        L = factors.factor(b0, torch.float64)
+    if L is None:
+        raise ValueError(
+            "K + beta I could not be factored for any tested beta (K is not PSD at this precision); "
+            "check K, or use solver='eigh'"
+        )
+
+    def apply(R: torch.Tensor) -> torch.Tensor:
+        return _cholesky_apply(L, R)
+
+    return apply
+
+
+def _solve_group(K: torch.Tensor, T: torch.Tensor, betas: List[float],
+                 apply: Optional[Callable[[torch.Tensor], torch.Tensor]], bdt: torch.dtype,
+                 cfg: _Config, bar) -> tuple:
+    """The shared space for one group of betas -> (X [a, n, m] fp64, steps, relative
+    residuals, train MSE of K x against T), per beta at its best step."""
+    n, m = T.shape
+    a = len(betas)
+    dev = K.device
+    Y = T.to(bdt)
+    Y64 = T.double()
+    tnorm = float(Y64.norm())
+    bt = torch.tensor(betas, dtype=torch.float64, device=dev)
+
+    def matmul(V: torch.Tensor) -> torch.Tensor:
+        if bdt == torch.float64 and K.dtype != torch.float64:
+            return _matmul_fp64(K, V)
+        return K @ V.to(K.dtype)
+
+    def precondition(R: torch.Tensor) -> torch.Tensor:
+        return R if apply is None else apply(R).to(bdt)
+
+    Vs: List[torch.Tensor] = []
+    Ws: List[torch.Tensor] = []
+    # Projected quantities in fp64, grown by one block per step: V^T W and V^T Y.
+    VW = torch.zeros(0, 0, dtype=torch.float64, device=dev)
+    VY = torch.zeros(0, m, dtype=torch.float64, device=dev)
+    X = torch.zeros(a, n, m, dtype=torch.float64, device=dev)
+    res = [math.inf] * a
+    train = [math.nan] * a
+    steps = [0] * a
+    active = list(range(a))
+    recent: List[List[float]] = [[] for _ in range(a)]
+    block = precondition(Y)
+    # The basis may hold at most this many columns: beyond, memory (2 n x columns) would
+    # rival K's own and the projected systems grow cubic; the betas left stop unconverged.
+    max_columns = max(4 * m, min(n, cfg.max_iter * m))
+    for step in range(1, cfg.max_iter + 1):
+        for _ in range(2):  # block classical Gram-Schmidt, twice is enough
+            for V in Vs:
+                block = block - V @ (V.T @ block)
+        Q, R = torch.linalg.qr(block)
+        # Directions already in the space (targets of rank < m, or an exhausted space).
+        keep = R.diagonal().abs() > 1e-10 * R.diagonal().abs().max().clamp_min(torch.finfo(bdt).tiny)
+        if step > 1:
+            keep &= R.diagonal().abs() > torch.finfo(bdt).eps * 64
+        Q = Q[:, keep]
+        if Q.shape[1] == 0:
+            break
+        W = matmul(Q)
+        Vs.append(Q)
+        Ws.append(W)
+        V_all = torch.cat(Vs, dim=1)
+        W_all = torch.cat(Ws, dim=1)
+        c = V_all.shape[1]
+        Q64, W64 = Q.double(), W.double()
+        VW = torch.cat([torch.cat([VW, V_all[:, : c - Q.shape[1]].double().T @ W64], dim=1),
+                        Q64.T @ W_all.double()], dim=0)
+        VY = torch.cat([VY, Q64.T @ Y64], dim=0)
+        H0 = (VW + VW.T) / 2  # V^T K V; V^T V = I to the basis dtype's rounding
+        eye = torch.eye(c, dtype=torch.float64, device=dev)
+        V64, WY = V_all.double(), W_all.double()
+        for i in list(active):
+            H = H0 + bt[i] * eye
+            C, info = torch.linalg.cholesky_ex(H)
+            z = (torch.cholesky_solve(VY, C) if int(info) == 0 else torch.linalg.lstsq(H, VY).solution)
+            x = V64 @ z
+            fit = WY @ z - Y64  # K x - T, from K V: the residual of K itself
+            rel = float((fit + bt[i] * x).norm()) / tnorm
+            steps[i] = step
+            if rel < res[i]:
+                res[i], train[i] = rel, float(fit.pow(2).mean())
+                X[i] = x
+            recent[i].append(rel)
+            stalled = (len(recent[i]) > _STALL_STEPS
+                       and min(recent[i][-_STALL_STEPS:]) > _STALL_FACTOR * recent[i][-_STALL_STEPS - 1])
+            if res[i] <= cfg.tol or stalled:
+                active.remove(i)
+        bar.update(1)
+        bar.set_postfix_str(f"residual {max(res):.2e}, {len(active)} betas running")
+        if not active or c + m > max_columns:
+            break
+        block = precondition(Ws[-1] if apply is None else Q)
+    return X, steps, res, train
