@@ -149,7 +149,11 @@ class _Plan:
                 stores = self._features(model, ckpt)
             except Exception as caught:
                 error = caught
-            comm.settle("features", error)
+            comm.settle("features", error)  # no collective before it: a rank that failed is not in them
+            signatures = comm.all_objects(self.signature)
+            if len(set(signatures)) > 1:
+                raise ValueError(f"the ranks' loaders hold inputs of different per-sample shapes or dtypes: "
+                                 f"{'; '.join(f'rank {r}: {s}' for r, s in enumerate(signatures))}")
             sizes = [comm.all_objects(s.samples) for s in stores]
             announced = [a for _, _, a in self.loaders]
             for name, sizes_l, total in zip(("loader", "loader2"), sizes, announced):
@@ -215,12 +219,7 @@ class _Plan:
             for feature_store in stores:
                 feature_store.close()
             raise
-        signatures = self.comm.all_objects(engine._describe(signature))
-        if len(set(signatures)) > 1:
-            for feature_store in stores:
-                feature_store.close()
-            raise ValueError(f"the ranks' loaders hold inputs of different per-sample shapes or dtypes: "
-                             f"{'; '.join(f'rank {r}: {s}' for r, s in enumerate(signatures))}")
+        self.signature = engine._describe(signature)
         return stores
 
     # ------------------------------------------------------------------ K

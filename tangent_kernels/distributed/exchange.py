@@ -91,7 +91,7 @@ class Comm:
                         raise error
                     raise DistributedTimeout(
                         f"rank {self.rank} of {self.world}: not every rank reached the end of phase {phase!r} within "
-                        f"{self.timeout if self.timeout is not None else 'the process group'}'s timeout "
+                        f"{f'{self.timeout:g} s' if self.timeout is not None else 'the process group timeout'} "
                         f"({' '.join(str(barrier_error).split())}). The ranks named there are stuck or dead in "
                         f"{phase!r} (a loader that blocks, an infinite loop, a killed process); a slow rank needs "
                         "a longer timeout= (seconds)"

@@ -1,0 +1,315 @@
+"""tk.gram on a torch.distributed group: gloo on 2 and 3 CPU processes against one process.
+
+Every rank runs a whole scenario in one spawn (starting W interpreters costs seconds);
+the parent asserts on what each rank returned. With tiles of 4 rows and shards that are
+multiples of 8 rows, the ranks' tiles are a single process's, so K must be bit-identical;
+where shards cut tiles (cross kernels, uneven shares) K must agree to fp32 rounding.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import tangent_kernels as tk
+from tangent_kernels import reference
+from tangent_kernels.distributed.schedule import cross_tasks, split_rows, symmetric_tasks, work
+
+from _distributed import TILE_ROWS, spawn
+from _models import mlp
+
+FP32 = dict(rtol=1e-5, atol=1e-6)
+
+
+def _problem():
+    torch.manual_seed(0)
+    model = mlp()
+    X = torch.randn(40, 6)
+    X2 = torch.randn(13, 6)
+    return model, X, list(X.split(8)), list(X2.split(5))
+
+
+def _uneven(rank: int, world: int):
+    """Rank r's own samples (5 + 3 r of them) of one fixed set, and the whole set."""
+    sizes = [5 + 3 * r for r in range(world)]
+    X = torch.randn(sum(sizes), 6, generator=torch.Generator().manual_seed(2))
+    start = sum(sizes[:rank])
+    return X[start:start + sizes[rank]], X
+
+
+def _shard(k):
+    return dict(rows=k.rows, row_start=k.row_start, row_stop=k.row_stop, shape=k.shape, offsets=k.row_offsets,
+                symmetric=k.symmetric)
+
+
+# ----------------------------------------------------------------------------- scenarios (run on every rank)
+
+
+def main_scenario(rank: int, world: int):
+    model, X, batches, batches2 = _problem()
+    out = {}
+    for exchange in ("ring", "allgather"):
+        for gather in ("all", "rank0", "rows"):
+            k = tk.distributed.gram(model, batches, gather=gather, exchange=exchange, progress=False)
+            out[f"sym-{exchange}-{gather}"] = _shard(k) if gather == "rows" else k
+        out[f"cross-{exchange}"] = tk.distributed.gram(model, batches, loader2=batches2, exchange=exchange,
+                                                       progress=False)
+        out[f"cross-{exchange}-rows"] = _shard(tk.distributed.gram(model, batches, loader2=batches2,
+                                                                   exchange=exchange, gather="rows", progress=False))
+    shard = tk.gram(model, batches, gather="rows", progress=False)
+    out["rows-gathered"] = shard.gather()
+    out["rows-gathered-to-1"] = shard.gather(dst=1)
+    out["dataloader"] = tk.gram(model, DataLoader(TensorDataset(X), batch_size=8), progress=False)
+    own, everything = _uneven(rank, world)
+    out["uneven"] = tk.gram(model, [own[:3], own[3:]], shard=True, progress=False)
+    out["fp16"] = tk.gram(model, batches, precision="fp16", progress=False)
+    out["fp64"] = tk.gram(model, batches, precision="fp64", progress=False)
+    if rank == 0:  # one process's K, with the same tiles
+        out["single"] = tk.gram(model, batches, group=False, progress=False)
+        out["single-cross"] = tk.gram(model, batches, loader2=batches2, group=False, progress=False)
+        out["single-uneven"] = tk.gram(model, [everything], group=False, progress=False)
+        out["single-fp16"] = tk.gram(model, batches, precision="fp16", group=False, progress=False)
+    return out
+
+
+class _Announcing:
+    """A loader whose dataset's len() says ``announced`` samples (an IterableDataset's often errs)."""
+
+    def __init__(self, batches, announced):
+        self.batches, self.dataset = batches, range(announced)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+class _IterLoader:
+    """A loader whose len() says 5 batches and that yields ``yields`` of them."""
+
+    def __init__(self, batches, yields):
+        self.batches, self.yields = batches, yields
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        return iter(self.batches[:self.yields])
+
+
+def _error_of(fn):
+    try:
+        fn()
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def errors_scenario(rank: int, world: int):
+    model, X, batches, _ = _problem()
+    other = mlp()
+    out = {}
+    out["idx"] = _error_of(lambda: tk.gram(model, batches, tk.subsample(model, 50, seed=rank), progress=False))
+    out["weights"] = _error_of(lambda: tk.gram(model if rank == 0 else other, batches, progress=False))
+    out["precision"] = _error_of(lambda: tk.gram(model, batches, precision="fp32" if rank == 0 else "fp64",
+                                                 progress=False))
+    out["batches"] = _error_of(lambda: tk.gram(model, batches if rank == 0 else batches[:4], progress=False))
+    out["gather"] = _error_of(lambda: tk.gram(model, batches, gather="everyone", progress=False))
+    # rank 1's dataset announces one sample more than it has
+    own = X[rank * 10:rank * 10 + 10]
+    out["announced"] = _error_of(lambda: tk.gram(model, _Announcing(list(own.split(4)), 10 + rank), shard=True,
+                                                 progress=False))
+    out["short-loader"] = _error_of(lambda: tk.gram(model, _IterLoader(batches, 3), progress=False))
+    # after all those, the group still works
+    out["after"] = tk.gram(model, batches, progress=False)
+    return out
+
+
+def timeout_scenario(rank: int, world: int):
+    model, _, batches, _ = _problem()
+
+    def slow():  # rank 1 is stuck in its loader well past the timeout
+        for b, batch in enumerate(batches):
+            if rank == 1 and b == 0:
+                time.sleep(5)
+            yield batch
+
+    class Slow:
+        def __len__(self):
+            return len(batches)
+
+        def __iter__(self):
+            return slow()
+
+    return {"error": _error_of(lambda: tk.distributed.gram(model, Slow(), timeout=1.5, progress=False))}
+
+
+def kill_scenario(rank: int, world: int, folder: str, phase: str, victim: int):
+    """Rank ``victim`` kills itself (SIGKILL) at its second event of ``phase``."""
+    model, _, batches, _ = _problem()
+    seen = []
+
+    def callback(event):
+        if rank == victim and event.phase == phase:
+            seen.append(event)
+            if len(seen) == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    return {"error": _error_of(lambda: tk.gram(model, batches, checkpoint=folder, callback=callback,
+                                               progress=False))}
+
+
+def resume_scenario(rank: int, world: int, folder: str):
+    model, _, batches, _ = _problem()
+    resumed = []
+    k = tk.gram(model, batches, checkpoint=folder, callback=lambda e: resumed.append(e.resumed), progress=False)
+    return {"k": k, "resumed": sum(resumed), "fresh": tk.gram(model, batches, progress=False)}
+
+
+def refused_scenario(rank: int, world: int, folder: str):
+    model, _, batches, _ = _problem()
+    return {"error": _error_of(lambda: tk.gram(model, batches, checkpoint=folder, progress=False))}
+
+
+# ----------------------------------------------------------------------------- the schedule (no processes)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 5, 8])
+def test_schedule_covers_the_lower_triangle_once_and_balances(world):
+    sizes = [16] * world
+    counted = torch.zeros(16 * world, 16 * world, dtype=torch.int64)
+    offsets = [16 * r for r in range(world + 1)]
+    per_rank = []
+    for rank in range(world):
+        tasks = symmetric_tasks(rank, world, sizes, TILE_ROWS)
+        per_rank.append(work(tasks, sizes))
+        for t in tasks:
+            assert rank in (t.row_shard, t.col_shard)  # computed from the rank's own shard and the visiting one
+            r0 = offsets[t.row_shard] + t.row_start
+            block = counted[r0:offsets[t.row_shard] + t.row_stop, offsets[t.col_shard]:offsets[t.col_shard + 1]]
+            block += torch.ones_like(block).tril(r0 - offsets[t.col_shard]) if t.diagonal else 1
+    assert torch.equal(counted, torch.ones_like(counted).tril())  # every lower entry exactly once
+    assert max(per_rank) == min(per_rank)
+
+
+def test_cross_schedule_covers_every_block_once():
+    world, rows = 3, [4, 6, 5]
+    blocks = sorted((t.row_shard, t.col_shard) for r in range(world) for t in cross_tasks(r, world, rows))
+    assert blocks == [(a, b) for a in range(world) for b in range(world)]
+
+
+def test_split_rows_falls_on_tiles():
+    assert split_rows(24, 4) == 12 and split_rows(4096, 1024) == 2048 and split_rows(3000, 1024) == 1024
+    assert split_rows(5, 4) == 2  # shorter than two tiles: the middle
+
+
+# ----------------------------------------------------------------------------- on 2 and 3 processes
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["2-ranks", "3-ranks"])
+def main_run(request, tmp_path_factory):
+    world = request.param
+    results = spawn(world, main_scenario, tmp_path_factory.mktemp(f"dist{world}"))
+    for r, result in enumerate(results):
+        assert result is not None and "error" not in result, f"rank {r}: {result}"
+    return world, results
+
+
+@pytest.mark.parametrize("exchange", ["ring", "allgather"])
+def test_symmetric_K_is_the_single_process_K_in_every_gather_mode(main_run, exchange):
+    world, results = main_run
+    single = results[0]["single"]
+    for r in range(world):
+        assert torch.equal(results[r][f"sym-{exchange}-all"], single), f"rank {r}"
+    assert torch.equal(results[0][f"sym-{exchange}-rank0"], single)
+    assert all(results[r][f"sym-{exchange}-rank0"] is None for r in range(1, world))
+    shards = [results[r][f"sym-{exchange}-rows"] for r in range(world)]
+    assert [s["row_start"] for s in shards] == list(shards[0]["offsets"][:-1])
+    assert shards[-1]["offsets"][-1] == 40 and all(s["shape"] == (40, 40) and s["symmetric"] for s in shards)
+    assert torch.equal(torch.cat([s["rows"] for s in shards]), single)
+
+
+def test_row_shards_gather_back(main_run):
+    world, results = main_run
+    single = results[0]["single"]
+    for r in range(world):
+        assert torch.equal(results[r]["rows-gathered"], single)
+        assert (results[r]["rows-gathered-to-1"] is None) == (r != 1)
+    assert torch.equal(results[1]["rows-gathered-to-1"], single)
+
+
+@pytest.mark.parametrize("exchange", ["ring", "allgather"])
+def test_cross_kernel(main_run, exchange):
+    world, results = main_run
+    single = results[0]["single-cross"]
+    assert single.shape == (40, 13)
+    for r in range(world):
+        torch.testing.assert_close(results[r][f"cross-{exchange}"], single, **FP32)
+    shards = [results[r][f"cross-{exchange}-rows"] for r in range(world)]
+    assert not shards[0]["symmetric"] and shards[0]["shape"] == (40, 13)
+    torch.testing.assert_close(torch.cat([s["rows"] for s in shards]), single, **FP32)
+
+
+def test_dataloader_fp16_and_fp64(main_run):
+    world, results = main_run
+    model, _, batches, _ = _problem()
+    for r in range(world):
+        assert torch.equal(results[r]["dataloader"], results[0]["single"])
+        torch.testing.assert_close(results[r]["fp16"], results[0]["single-fp16"], **FP32)
+        assert results[r]["fp64"].dtype == torch.float64
+    # fp64 against the float64 per-sample autograd loop, independent of the engine
+    torch.testing.assert_close(results[0]["fp64"], reference.gram_autograd(model, batches), rtol=1e-10, atol=1e-12)
+
+
+def test_uneven_shares_with_shard_true(main_run):
+    world, results = main_run
+    single = results[0]["single-uneven"]
+    assert single.shape[0] == sum(5 + 3 * r for r in range(world))
+    for r in range(world):
+        torch.testing.assert_close(results[r]["uneven"], single, **FP32)
+        assert torch.equal(results[r]["uneven"], results[r]["uneven"].T)  # exactly symmetric
+
+
+def test_clear_errors(tmp_path):
+    results = spawn(2, errors_scenario, tmp_path)
+    for r, result in enumerate(results):
+        assert result is not None and "error" not in result, f"rank {r}: {result}"
+        assert "DistributedMismatch" in result["idx"] and "idx" in result["idx"]
+        assert "model_weights" in result["weights"] and "rank 1" in result["weights"]
+        assert "precision: rank 0 has 'fp32', rank 1 has 'fp64'" in result["precision"]
+        assert "batches: rank 0 has [5], rank 1 has [4]" in result["batches"]
+        assert "gather must be one of" in result["gather"]
+        assert "rank 2" not in result["short-loader"] and "yields 3 batches but announced 5" in result["short-loader"]
+        assert result["after"].shape == (40, 40)
+    assert "rank 1: loader yields 10 samples but announced 11" in results[1]["announced"]
+    assert "RankFailed: rank 1 failed in phase 'features'" in results[0]["announced"]
+
+
+def test_a_stuck_rank_is_named_with_its_phase(tmp_path):
+    results = spawn(2, timeout_scenario, tmp_path, pg_timeout=10)
+    message = results[0]["error"]
+    assert "DistributedTimeout" in message and "'features'" in message and "1" in message, message
+
+
+# ----------------------------------------------------------------------------- checkpoints per rank
+
+
+@pytest.mark.parametrize("phase,victim", [("gram", 1), ("features", 0)])
+def test_sigkill_of_a_rank_then_relaunch_resumes_to_the_same_bits(tmp_path, phase, victim):
+    folder = str(tmp_path / "ckpt")
+    killed = spawn(2, kill_scenario, tmp_path, folder, phase, victim, pg_timeout=5)
+    assert killed[victim] is None  # it died without a result
+    survivor = killed[1 - victim]
+    assert survivor is not None and survivor["error"] is not None  # the other rank stopped with an error
+    resumed = spawn(2, resume_scenario, tmp_path, folder)
+    for r in range(2):
+        assert resumed[r] is not None and "error" not in resumed[r], resumed[r]
+        assert resumed[r]["resumed"] > 0  # finished work was read back, not recomputed
+        assert torch.equal(resumed[r]["k"], resumed[r]["fresh"])
+    if phase == "gram":  # a relaunch on another number of ranks: refused, saying why (tested once)
+        refused = spawn(3, refused_scenario, tmp_path, folder)
+        for r in range(3):
+            assert "CheckpointMismatch" in refused[r]["error"] and "on 2 ranks, this one has 3" in refused[r]["error"]
