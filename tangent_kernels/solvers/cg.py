@@ -8,7 +8,7 @@ from typing import List
 
 import torch
 
-from ._common import _Config, _Result, _bar, _generator
+from ._common import _Config, _Result, _bar, _generator, _matmul_fp64
 from ._metrics import _new_history, _record
 from .nystrom import _Nystrom
 
@@ -74,8 +74,14 @@ def _cg(K: torch.Tensor, T: torch.Tensor, betas: List[float], cfg: _Config) -> _
             if check:
                 sel = torch.tensor(check, device=dev)
                 Xc = X[:, sel]
-                true = T[:, None, :] - (K @ Xc.reshape(n, -1)).view(n, len(check), m) - b3[:, sel] * Xc
+                # The residual that certifies convergence (and restarts CG) is formed in fp64:
+                # in fp32 its own rounding, ~eps ||K|| ||x||, is what stalled fp32 CG above
+                # 1e-3 at n = 50,000 (bench/RESULTS.md); the recursion stays in fp32.
+                Xc64 = Xc.double()
+                true = (T.double()[:, None, :] - _matmul_fp64(K, Xc64.reshape(n, -1)).view(n, len(check), m)
+                        - b3[:, sel].double() * Xc64)
                 true_res = (true.pow(2).sum(dim=(0, 2)).sqrt() / tnorm).tolist()
+                true = true.to(dt)
                 for c_i, i in enumerate(check):
                     j = active[i]
                     stalled = true_res[c_i] > 0.5 * last_true[j]

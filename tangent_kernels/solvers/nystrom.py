@@ -58,3 +58,32 @@ class _Nystrom:
         n, a, m = R.shape
         W = (self.U.T @ R.reshape(n, a * m)).view(-1, a, m) * scales[:, :, None]
         return R + (self.U @ W.view(-1, a * m)).view(n, a, m)
+
+    def apply_sqrt(self, R: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """P^{-1/2} R (the symmetric square root; same eigenvectors) for R [n, a, c]."""
+        n, a, c = R.shape
+        roots = (1 + scales).clamp_min(0).sqrt() - 1
+        W = (self.U.T @ R.reshape(n, a * c)).view(-1, a, c) * roots[:, :, None]
+        return R + (self.U @ W.view(-1, a * c)).view(n, a, c)
+
+    def lambda_max(self, K: torch.Tensor, betas: torch.Tensor, scales: torch.Tensor, iters: int,
+                   gen: torch.Generator) -> torch.Tensor:
+        """Per beta, the largest eigenvalue of P^{-1} (K + beta I) -> [a], by power iteration
+        on the symmetric P^{-1/2} (K + beta I) P^{-1/2} with 2 vectors per beta (a Ritz
+        value: a lower bound, which the caller pads). The sketch alone would only bound it
+        by lam_r + beta if U were exact eigenvectors; a random sketch is not."""
+        n, a = K.shape[0], betas.numel()
+        V = torch.randn(n, a, 2, generator=gen, device=K.device, dtype=K.dtype)
+
+        def op(V: torch.Tensor) -> torch.Tensor:
+            Z = self.apply_sqrt(V, scales)
+            Z = (K @ Z.reshape(n, -1)).view(n, a, 2) + betas.view(1, a, 1) * Z
+            return self.apply_sqrt(Z, scales)
+
+        est = torch.zeros(a, dtype=K.dtype, device=K.device)
+        for _ in range(iters):
+            V = V / V.norm(dim=0, keepdim=True).clamp_min(torch.finfo(K.dtype).tiny)
+            SV = op(V)
+            est = (V * SV).sum(dim=0).max(dim=1).values  # Rayleigh quotients of unit vectors
+            V = SV
+        return est
