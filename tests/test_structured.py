@@ -55,6 +55,22 @@ class Tokens(nn.Module):
         return self.head(self.inner(x))[:, -1]
 
 
+class Convs(nn.Module):
+    """A 1-D convolution (stride, zero padding), a 2-D one (dilation, reflect padding, no
+    bias) on its output seen as an image, and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(2, 4, 3, stride=2, padding=1)
+        self.c2 = nn.Conv2d(1, 3, (2, 3), dilation=(1, 2), padding=1, padding_mode="reflect", bias=False)
+        self.head = nn.Linear(3 * 6 * 2, 2)
+
+    def forward(self, x):  # [B, 2, 9]
+        h = torch.tanh(self.c1(x))  # [B, 4, 5]
+        h = torch.tanh(self.c2(h.transpose(1, 2)[:, None]))  # [B, 3, 6, 2]
+        return self.head(h.flatten(1))
+
+
 # model, input, the tensors "always" must make structured
 CASES = {
     "mlp": (lambda: mlp(3), lambda n: torch.randn(n, 6), ["0.weight", "2.weight", "4.weight"]),
@@ -65,8 +81,9 @@ CASES = {
     "transformer": (TinyTransformer, lambda n: torch.randn(n, 4, 16),
                     ["encoder.linear1.weight", "encoder.linear2.weight", "encoder.self_attn.out_proj.weight",
                      "encoder.self_attn.in_proj_weight", "head.weight"]),
-    # convolutions take features, the dense head the structured form.
-    "cnn": (lambda: cnn(4), cnn_input, ["7.weight"]),
+    # grouped convolutions take features; the ungrouped one, unfolded, and the head do not.
+    "cnn": (lambda: cnn(4), cnn_input, ["0.weight", "7.weight"]),
+    "convs": (lambda: Convs(), lambda n: torch.randn(n, 2, 9), ["c1.weight", "c2.weight", "head.weight"]),
 }
 
 
@@ -91,7 +108,7 @@ def test_structured_equals_the_reference_and_the_features(name):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("name", ["mlp", "uses", "tokens"])
+@pytest.mark.parametrize("name", ["mlp", "uses", "tokens", "convs"])
 def test_precisions(name, precision):
     model, x, _ = _case(name, 9, 1)
     loader = [x[:5], x[5:]]
@@ -101,7 +118,7 @@ def test_precisions(name, precision):
     assert rel_err(K, ref) <= TOLERANCE[precision], precision
 
 
-@pytest.mark.parametrize("name", ["mlp", "uses", "tokens"])
+@pytest.mark.parametrize("name", ["mlp", "uses", "tokens", "convs"])
 def test_cross_kernels(name):
     model, x, _ = _case(name, 9, 2)
     x1, x2 = x[:6], x[6:]
@@ -118,7 +135,7 @@ def _every_logit(model, x, outputs):
     return {"full": full, "trace": full.diagonal(dim1=2, dim2=3).sum(-1), "diagonal": full.diagonal(dim1=2, dim2=3)}
 
 
-@pytest.mark.parametrize("name", ["mlp", "uses", "tokens"])
+@pytest.mark.parametrize("name", ["mlp", "uses", "tokens", "convs"])
 def test_every_logit(name, monkeypatch):
     # Tiles of 4 rows over 7 samples x k logits: tile borders cut through a sample's logits.
     monkeypatch.setattr(engine, "_TILE_ROWS", 4)

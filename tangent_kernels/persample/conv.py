@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import sampled
+from ..structured.plan import FactorForm
 from .backends import COMPILED, conv_kernel, writes_in_place
 from .linear import _view_of_parameter
 from .uses import NotCovered, Sink, Use, register
@@ -62,14 +63,44 @@ class ConvUse(Use):
         self.backend = mode.backend
         self.a, self.weight, self.bias = a, weight, bias
         self.stride, self.pads, self.dilation, self.groups = stride, pads, dilation, groups
+        self.positions = math.prod(z.shape[2:])
+
+    def factor_form(self, st):
+        """The whole weight of an ungrouped 1-D/2-D convolution, as a linear map of the
+        unfolded input: [O, C * prod(k)] over the output positions as tokens."""
+        w = self.weight
+        if w is None or w.st is not st or self.groups != 1 or st.leaf.dim() not in (3, 4):
+            return None
+        size, stride, offset = w.geometry
+        if offset != 0 or tuple(size) != tuple(st.leaf.shape) or tuple(stride) != tuple(st.leaf.stride()):
+            return None
+        return FactorForm(1, math.prod(size[1:]), size[0], self.positions)
+
+    def _factors(self, d: torch.Tensor):
+        """(x [B, L, C * prod(k)], g [B, L, O]): F.unfold's patch order (c, k...) is the
+        weight's own, so the factors' outer products are its gradient in place."""
+        a_pad = F.pad(self.a, self.pads) if any(self.pads) else self.a
+        kernel = tuple(self.weight.geometry[0][2:])
+        stride, dilation = self.stride, self.dilation
+        if a_pad.dim() == 3:  # 1-D: a 2-D convolution of height 1
+            a_pad, kernel, stride, dilation = a_pad.unsqueeze(2), (1, *kernel), (1, *stride), (1, *dilation)
+        patches = F.unfold(a_pad, kernel, dilation=dilation, stride=stride)
+        return patches.transpose(1, 2), d.reshape(d.shape[0], d.shape[1], -1).transpose(1, 2)
 
     def contribute(self, d: torch.Tensor, sink: Sink) -> None:
+        if (self.weight is not None and sink.factors is not None and self.weight.st.name in sink.factors.names):
+            sink.factors.add(self.weight.st.name, self.key, *self._factors(d))
+            self._bias(d, sink)
+            return
+        self._bias(d, sink)
+        if self.weight is not None:
+            self._weight(d, sink)
+
+    def _bias(self, d: torch.Tensor, sink: Sink) -> None:
         if self.bias is not None:
             elements, columns, unique = self.bias.st.hits(self.bias.geometry)
             if elements.numel():
                 sink.add(self.bias.st, columns, d.reshape(d.shape[0], d.shape[1], -1).sum(dim=2)[:, elements], unique)
-        if self.weight is not None:
-            self._weight(d, sink)
 
     def _plan(self, elements: torch.Tensor):
         size = self.weight.geometry[0]

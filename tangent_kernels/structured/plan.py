@@ -3,7 +3,9 @@
 A tensor is *eligible* when every entry of it is sampled and every use of it in the
 forward hands its per-sample gradient as factors (``Use.factor_form``: a whole 2-D
 weight of a linear map, possibly transposed, possibly used several times with the input
-on the same axis). Its uses' tokens are then concatenated: T = sum of the uses' tokens.
+on the same axis; the whole weight of an ungrouped 1-D/2-D convolution, as a linear map
+of its unfolded input with the output positions as tokens). Its uses' tokens are then
+concatenated: T = sum of the uses' tokens.
 
 Cost per pair of rows of K (k outputs per sample share the inputs' Gram):
 - features: X G multiply-adds in the Gram GEMM (forming the features, T X G per row, is
@@ -62,12 +64,12 @@ class Choice:
     structured: bool
 
     def describe(self) -> str:
-        ratio = self.features_cost / self.structured_cost if self.structured_cost else float("inf")
+        ratio = self.features_cost / self.structured_cost  # > 1: the structured form is cheaper
         shape = f"T={self.tokens}, in={self.x_dim}, out={self.g_dim}" + (f", {self.uses} uses" if self.uses > 1 else "")
+        estimate = f"{ratio:.3g}x cheaper" if ratio >= 1 else f"{1 / ratio:.3g}x costlier"
         if self.structured:
-            return f"Gram: structured ({shape}; est. {ratio:.3g}x cheaper than features)"
-        return f"Gram: features ({shape}; structured est. {1 / ratio:.3g}x costlier)" if ratio else \
-            f"Gram: features ({shape})"
+            return f"Gram: structured ({shape}; est. {estimate} than features)"
+        return f"Gram: features ({shape}; structured est. {estimate})"
 
 
 @dataclass
@@ -149,7 +151,7 @@ def decide(uses: Sequence, sampled: Sequence, excluded: Dict[str, str], outputs:
         if st.name in excluded:
             plan.ineligible[st.name] = excluded[st.name]
             continue
-        if st.leaf.dim() != 2:
+        if st.leaf.dim() < 2:
             # A bias or norm scale: its features (n O) cost what a structured form would.
             plan.ineligible[st.name] = f"{st.leaf.dim()}-D (its features are as cheap)"
             continue
