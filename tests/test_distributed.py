@@ -69,6 +69,14 @@ def main_scenario(rank: int, world: int):
     out["uneven"] = tk.gram(model, [own[:3], own[3:]], shard=True, progress=False)
     out["fp16"] = tk.gram(model, batches, precision="fp16", progress=False)
     out["fp64"] = tk.gram(model, batches, precision="fp64", progress=False)
+    scale = float(shard.gather().diagonal().mean())
+    targets = torch.randn(40, 2, generator=torch.Generator().manual_seed(3))
+    betas = [0.1 * scale, scale]
+    for solver in ("cg", "nesterov"):
+        solution = tk.distributed.solve(shard, targets, betas, solver=solver, tol=1e-5, max_iter=3000)
+        out[f"solve-{solver}"] = dict(coefs=solution.coefs, betas=solution.betas, converged=solution.converged,
+                                      n_iter=solution.n_iter, targets=targets)
+    out["operator"] = tk.distributed.KShardOperator(shard) @ targets
     if rank == 0:  # one process's K, with the same tiles
         out["single"] = tk.gram(model, batches, group=False, progress=False)
         out["single-cross"] = tk.gram(model, batches, loader2=batches2, group=False, progress=False)
@@ -313,3 +321,27 @@ def test_sigkill_of_a_rank_then_relaunch_resumes_to_the_same_bits(tmp_path, phas
         refused = spawn(3, refused_scenario, tmp_path, folder)
         for r in range(3):
             assert "CheckpointMismatch" in refused[r]["error"] and "on 2 ranks, this one has 3" in refused[r]["error"]
+
+
+# ----------------------------------------------------------------------------- solvers on row shards
+
+
+@pytest.mark.parametrize("solver", ["cg", "nesterov"])
+def test_sharded_solvers_match_the_gathered_solve(main_run, solver):
+    world, results = main_run
+    K = results[0]["single"].double()
+    first = results[0][f"solve-{solver}"]
+    targets = first["targets"].double()
+    torch.testing.assert_close(results[0]["operator"], results[0]["single"] @ first["targets"], **FP32)
+    for beta, coefs, converged in zip(first["betas"], first["coefs"], first["converged"]):
+        assert converged, first["n_iter"]
+        exact = torch.linalg.solve(K + beta * torch.eye(40, dtype=torch.float64), targets)
+        residual = (K @ coefs.double() + beta * coefs.double() - targets).norm() / targets.norm()
+        assert residual < 3e-5  # the solver's tol (1e-5), measured in float64
+        torch.testing.assert_close(coefs.double(), exact, rtol=1e-3, atol=1e-4 * float(exact.abs().max()))
+    gathered = tk.solve(results[0]["single"], first["targets"], first["betas"], solver=solver, tol=1e-5,
+                        max_iter=3000)
+    torch.testing.assert_close(first["coefs"], gathered, rtol=1e-3, atol=1e-4 * float(gathered.abs().max()))
+    for r in range(1, world):  # the same coefficients on every rank
+        assert torch.equal(results[r][f"solve-{solver}"]["coefs"], first["coefs"])
+        assert results[r][f"solve-{solver}"]["n_iter"] == first["n_iter"]

@@ -16,8 +16,9 @@ import torch.distributed as dist
 from .driver import gram
 from .exchange import DistributedError, DistributedMismatch, DistributedTimeout, RankFailed
 from .shard import KShard
+from .solve import KShardOperator, ShardedSolution, solve
 
-__all__ = ["KShard", "DistributedError", "DistributedMismatch", "DistributedTimeout", "RankFailed", "gram",
+__all__ = ["KShard", "KShardOperator", "ShardedSolution", "solve", "DistributedError", "DistributedMismatch", "DistributedTimeout", "RankFailed", "gram",
            "active_group"]
 
 

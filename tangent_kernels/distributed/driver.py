@@ -236,8 +236,9 @@ class _Plan:
         payload = _pack(own_cols, comm.device)
         blocks = []  # (task, block) computed here for another rank's rows
         exchange = self.exchange
-        if exchange == "auto":
-            exchange = "allgather" if sum(col_sizes) * own_cols.row_bytes <= _ALLGATHER_SHARE * self.budget else "ring"
+        if exchange == "auto":  # decided on the smallest budget: every rank must take the same path
+            budget = min(comm.all_objects(self.budget))
+            exchange = "allgather" if sum(col_sizes) * own_cols.row_bytes <= _ALLGATHER_SHARE * budget else "ring"
         with comm.phase("gram: feature exchange"):
             gathered = comm.all_gather_rows(payload, col_sizes) if exchange == "allgather" else None
             held, shift = payload, None

@@ -54,7 +54,15 @@ class Comm:
         self.world = dist.get_world_size(group)
         self.backend = str(dist.get_backend(group))
         # NCCL moves CUDA tensors only; gloo (and the others) host tensors.
-        self.device = device if self.backend == "nccl" else torch.device("cpu")
+        if self.backend == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+            if device.type != "cuda":
+                raise ValueError(f"rank {self.rank}: the process group's backend is NCCL, which moves CUDA tensors "
+                                 f"only, and this rank computes on {device}: put the model on this rank's GPU "
+                                 "(model.to(f'cuda:{local_rank}')), or use a gloo group for CPU ranks")
+            self.device = device
+        else:
+            self.device = torch.device("cpu")
         if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
             raise ValueError(f"timeout must be a positive number of seconds (or None: the process group's); got {timeout!r}")
         self.timeout = timeout
