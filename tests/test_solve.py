@@ -13,7 +13,8 @@ import torch
 
 from tangent_kernels.solve import ConvergenceWarning, KernelRidge, NotFittedError, solve
 
-SOLVERS = ["nesterov", "cg", "cg+nystrom", "eigh", "cholesky"]
+SOLVERS = ["nesterov", "nesterov+nystrom", "cg", "cg+nystrom", "krylov", "krylov+none", "eigh", "cholesky",
+           "auto"]
 # Iterative solvers get a tight tol so that their error bound (cond * tol) sits below the
 # comparison tolerance on well-conditioned problems.
 TIGHT = dict(tol=1e-11, max_iter=20_000)
@@ -32,7 +33,11 @@ def one_thread():
 def args_for(solver):
     if solver == "cg+nystrom":
         return "cg", dict(precond_rank=10, **TIGHT)
-    if solver in ("nesterov", "cg"):
+    if solver == "nesterov+nystrom":
+        return "nesterov", dict(precond_rank=10, **TIGHT)
+    if solver == "krylov+none":
+        return "krylov", dict(precond=None, **TIGHT)
+    if solver in ("nesterov", "cg", "krylov", "auto"):
         return solver, dict(TIGHT)
     return solver, {}
 
@@ -171,8 +176,14 @@ def test_batched_betas_equal_separate_solves(solver):
     batched, info = solve(K, Y, betas, name, return_info=True, **kw)
     for j, b in enumerate(betas):
         single, single_info = solve(K, Y, b, name, return_info=True, **kw)
-        torch.testing.assert_close(batched[j], single, rtol=1e-9, atol=1e-12)
-        assert info["n_iter"][j] == single_info["n_iter"][0]
+        if info["solver"] == "krylov":
+            # One space serves the group of betas, so a beta's iterates depend on its group:
+            # both answers meet tol = 1e-8, so they agree to cond(K + beta I) * tol <= 1e-5.
+            assert rel(batched[j], single) <= 1e-5
+            assert max(info["residual"][j], single_info["residual"][0]) <= 1e-8
+        else:
+            torch.testing.assert_close(batched[j], single, rtol=1e-9, atol=1e-12)
+            assert info["n_iter"][j] == single_info["n_iter"][0]
 
 
 @pytest.mark.parametrize("solver", SOLVERS)

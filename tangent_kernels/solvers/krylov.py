@@ -54,6 +54,8 @@ _FP32_FLOOR = 1e-4
 # what its precision allows.
 _STALL_FACTOR = 0.9
 _STALL_STEPS = 4
+# Without a factor, CG-like plateaus of tens of steps are normal on ill-conditioned K.
+_STALL_STEPS_PLAIN = 50
 
 
 def _groups(betas: List[float]) -> List[List[int]]:
@@ -87,7 +89,8 @@ def _krylov(K: torch.Tensor, T: torch.Tensor, betas: List[float], cfg: _Config) 
     n, m = T.shape
     B = len(betas)
     dt = K.dtype
-    out = T.new_zeros(B, n, m)
+    basis_dtype = torch.float64 if (dt == torch.float64 or cfg.tol < _FP32_FLOOR) else dt
+    out = T.new_zeros(B, n, m, dtype=basis_dtype)  # float64 coefficients stay float64 (as cholesky's)
     history = [_new_history(b, False, False) for b in betas]
     n_iter, converged, residual = [0] * B, [False] * B, [math.nan] * B
     if float(T.norm()) == 0:
@@ -95,7 +98,6 @@ def _krylov(K: torch.Tensor, T: torch.Tensor, betas: List[float], cfg: _Config) 
             converged[j], residual[j] = True, 0.0
         return _Result(out, n_iter, converged, residual, history, {"factors": 0})
 
-    basis_dtype = torch.float64 if (dt == torch.float64 or cfg.tol < _FP32_FLOOR) else dt
     scale = float(K.diagonal().double().mean().clamp_min(torch.finfo(torch.float64).tiny))
     factors = _Factorizer(K) if cfg.krylov_precond == "cholesky" else None
     centers: List[float] = []
@@ -126,7 +128,7 @@ def _krylov(K: torch.Tensor, T: torch.Tensor, betas: List[float], cfg: _Config) 
                 factor_dtype = torch.float64
             factor_dtypes.append(str(factor_dtype).replace("torch.", ""))
             for i, j in enumerate(group):
-                out[j] = X[i].to(dt)
+                out[j] = X[i].to(basis_dtype)
                 n_iter[j], residual[j], converged[j] = its[i], res[i], res[i] <= cfg.tol
                 _record(history[j], its[i], train[i], res[i], None, 0)
     finally:
@@ -192,9 +194,10 @@ def _solve_group(K: torch.Tensor, T: torch.Tensor, betas: List[float],
     active = list(range(a))
     recent: List[List[float]] = [[] for _ in range(a)]
     block = precondition(Y)
-    # The basis may hold at most this many columns: beyond, memory (2 n x columns) would
-    # rival K's own and the projected systems grow cubic; the betas left stop unconverged.
-    max_columns = max(4 * m, min(n, cfg.max_iter * m))
+    # The basis (V and K V: 2 n x columns) may take a quarter of K's memory, at least 2,048
+    # columns, and never more than n (then the space is everything and the solve exact).
+    max_columns = min(n, max(n // 8, 2048, 4 * m))
+    stall_steps = _STALL_STEPS if apply is not None else _STALL_STEPS_PLAIN
     for step in range(1, cfg.max_iter + 1):
         for _ in range(2):  # block classical Gram-Schmidt, twice is enough
             for V in Vs:
@@ -231,9 +234,9 @@ def _solve_group(K: torch.Tensor, T: torch.Tensor, betas: List[float],
             if rel < res[i]:
                 res[i], train[i] = rel, float(fit.pow(2).mean())
                 X[i] = x
-            recent[i].append(rel)
-            stalled = (len(recent[i]) > _STALL_STEPS
-                       and min(recent[i][-_STALL_STEPS:]) > _STALL_FACTOR * recent[i][-_STALL_STEPS - 1])
+            recent[i].append(res[i])
+            stalled = (len(recent[i]) > stall_steps
+                       and recent[i][-1] > _STALL_FACTOR * recent[i][-stall_steps - 1])
             if res[i] <= cfg.tol or stalled:
                 active.remove(i)
         bar.update(1)

@@ -73,7 +73,8 @@ class _Nystrom:
         value: a lower bound, which the caller pads). The sketch alone would only bound it
         by lam_r + beta if U were exact eigenvectors; a random sketch is not."""
         n, a = K.shape[0], betas.numel()
-        V = torch.randn(n, a, 2, generator=gen, device=K.device, dtype=K.dtype)
+        # The same start for every beta: a beta's estimate does not depend on its batch.
+        V = torch.randn(n, 1, 2, generator=gen, device=K.device, dtype=K.dtype).expand(n, a, 2)
 
         def op(V: torch.Tensor) -> torch.Tensor:
             Z = self.apply_sqrt(V, scales)
