@@ -58,6 +58,7 @@ class CheckpointInUse(RuntimeError):
 def _hash_bytes(h, tensor: torch.Tensor) -> None:
     t = tensor.detach().to("cpu").contiguous()
     h.update(str((tuple(t.shape), str(t.dtype))).encode())
+    t = t.reshape(-1)  # a 0-d tensor (BatchNorm's num_batches_tracked) has no byte view
     # Every byte: one changed element must change the fingerprint (a strided sample
     # missed a single changed value and resumed into a K off by 1e4). blake2b hashes
     # ~1 GB/s, well under a forward pass per byte of input.

@@ -345,3 +345,14 @@ def test_sharded_solvers_match_the_gathered_solve(main_run, solver):
     for r in range(1, world):  # the same coefficients on every rank
         assert torch.equal(results[r][f"solve-{solver}"]["coefs"], first["coefs"])
         assert results[r][f"solve-{solver}"]["n_iter"] == first["n_iter"]
+
+
+def test_a_model_with_0d_buffers_is_fingerprinted(tmp_path):
+    """BatchNorm's num_batches_tracked is a 0-d tensor: the ranks' agreement check and
+    every checkpoint hash the model's buffers (this once raised for any BatchNorm model)."""
+    from _models import cnn, cnn_input
+
+    torch.manual_seed(0)
+    model, X = cnn(), cnn_input(6)
+    resumable = tk.gram(model, [X], checkpoint=str(tmp_path / "ckpt"), progress=False)
+    torch.testing.assert_close(resumable, reference.gram_autograd(model, [X]).float(), rtol=1e-4, atol=1e-5)

@@ -14,8 +14,8 @@ Phases (each ends with every rank's status exchanged, so one rank's error stops 
 
 from __future__ import annotations
 
-import contextlib
 import re
+import time
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence
 
@@ -43,7 +43,8 @@ _ALLGATHER_SHARE = 0.25
 def gram(model, loader, idx=None, loader2=None, *, group=None, shard: bool = False, gather: str = "all",
          exchange: str = "auto", timeout: Optional[float] = None, output="first", precision: str = "fp32",
          device=None, progress=True, inputs=None, backend: str = "auto", out=None, callback=None,
-         checkpoint=None, store: str = "auto", max_memory=None, cache_dir=None, checkpoint_key=None):
+         checkpoint=None, store: str = "auto", max_memory=None, cache_dir=None, checkpoint_key=None,
+         stats: Optional[dict] = None):
     """The eNTK Gram over a process group; the arguments of :func:`tangent_kernels.gram`, plus
 
     group: the process group (None: the default one).
@@ -57,6 +58,10 @@ def gram(model, loader, idx=None, loader2=None, *, group=None, shard: bool = Fal
         collective; every shard in memory), "auto" (allgather while it fits).
     timeout: seconds a rank waits for the others at a phase boundary (None: the
         group's timeout); the error names the phase and, on gloo, the missing ranks.
+    stats: a dict, filled with this rank's seconds per phase ("features", "gram",
+        "gather"), the seconds it was blocked in collectives ("communication": waits
+        for other ranks included, transfers hidden behind tiles excluded), the
+        exchange taken and its shard sizes.
 
     Exact to the bit against one process where every rank's shard is a multiple of
     2 x 1024 rows (the tiles then coincide); otherwise within fp32 rounding (the same
@@ -72,6 +77,7 @@ def gram(model, loader, idx=None, loader2=None, *, group=None, shard: bool = Fal
         error = caught
     comm.settle("arguments", error)
     comm.agree("arguments", plan.record)
+    plan.stats = {} if stats is None else stats
     with engine.eval_mode(model), engine.fp32_math(plan.precision.allow_tf32):
         return plan.run(model)
 
@@ -143,6 +149,7 @@ class _Plan:
     # ------------------------------------------------------------------ the run
     def run(self, model):
         comm, stores, ckpt, error = self.comm, [], None, None
+        clock = time.perf_counter()
         try:
             try:
                 ckpt = self._open_checkpoint()
@@ -150,6 +157,7 @@ class _Plan:
             except Exception as caught:
                 error = caught
             comm.settle("features", error)  # no collective before it: a rank that failed is not in them
+            self.stats["features"], clock = time.perf_counter() - clock, time.perf_counter()
             signatures = comm.all_objects(self.signature)
             if len(set(signatures)) > 1:
                 raise ValueError(f"the ranks' loaders hold inputs of different per-sample shapes or dtypes: "
@@ -161,7 +169,11 @@ class _Plan:
                     raise ValueError(f"{name} yields {sum(sizes_l)} samples over the ranks ({sizes_l}) but "
                                      f"announced {total} (len(dataset)): its batches changed between ranks")
             rows = self._gram(stores, sizes, ckpt)
-            return self._gathered(rows, sizes)
+            self.stats["gram"], clock = time.perf_counter() - clock, time.perf_counter()
+            k = self._gathered(rows, sizes)
+            self.stats.update(gather=time.perf_counter() - clock, communication=comm.waited,
+                              sizes=sizes[0], world_size=comm.world)
+            return k
         finally:
             self.events.close()
             for feature_store in stores:
@@ -239,6 +251,7 @@ class _Plan:
         if exchange == "auto":  # decided on the smallest budget: every rank must take the same path
             budget = min(comm.all_objects(self.budget))
             exchange = "allgather" if sum(col_sizes) * own_cols.row_bytes <= _ALLGATHER_SHARE * budget else "ring"
+        self.stats["exchange"] = exchange
         with comm.phase("gram: feature exchange"):
             gathered = comm.all_gather_rows(payload, col_sizes) if exchange == "allgather" else None
             held, shift = payload, None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -66,6 +67,15 @@ class Comm:
         if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
             raise ValueError(f"timeout must be a positive number of seconds (or None: the process group's); got {timeout!r}")
         self.timeout = timeout
+        self.waited = 0.0  # seconds this rank spent blocked in collectives (not hidden behind compute)
+
+    @contextlib.contextmanager
+    def _blocked(self):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.waited += time.perf_counter() - start
 
     def global_rank(self, rank: int) -> int:
         return rank if self.group is None else dist.get_global_rank(self.group, rank)
@@ -93,7 +103,8 @@ class Comm:
             if self.backend == "gloo":
                 kwargs = {} if self.timeout is None else {"timeout": datetime.timedelta(seconds=self.timeout)}
                 try:
-                    dist.monitored_barrier(group=self.group, wait_all_ranks=True, **kwargs)
+                    with self._blocked():
+                        dist.monitored_barrier(group=self.group, wait_all_ranks=True, **kwargs)
                 except RuntimeError as barrier_error:
                     if error is not None:
                         raise error
@@ -105,7 +116,8 @@ class Comm:
                         "a longer timeout= (seconds)"
                     ) from barrier_error
             else:
-                dist.barrier(group=self.group)
+                with self._blocked():
+                    dist.barrier(group=self.group)
             status = None if error is None else f"{type(error).__name__}: {error}"
             statuses = self.all_objects(status)
         if error is not None:
@@ -119,7 +131,8 @@ class Comm:
     # ------------------------------------------------------------------ objects
     def all_objects(self, value: Any) -> List[Any]:
         gathered: List[Any] = [None] * self.world
-        dist.all_gather_object(gathered, value, group=self.group)
+        with self._blocked():
+            dist.all_gather_object(gathered, value, group=self.group)
         return gathered
 
     def agree(self, phase: str, record: Dict[str, Any]) -> None:
@@ -149,7 +162,8 @@ class Comm:
         padded = torch.zeros(most, width, dtype=torch.uint8, device=self.device)
         padded[: payload.shape[0]].copy_(payload)
         gathered = [torch.empty_like(padded) for _ in range(self.world)]
-        dist.all_gather(gathered, padded, group=self.group)
+        with self._blocked():
+            dist.all_gather(gathered, padded, group=self.group)
         return [g[:n] for g, n in zip(gathered, sizes)]
 
     def ring_shift(self, payload: torch.Tensor, incoming_rows: int) -> "_Shift":
@@ -159,7 +173,7 @@ class Comm:
         nxt, prev = (self.rank + 1) % self.world, (self.rank - 1) % self.world
         ops = [dist.P2POp(dist.isend, payload, self.global_rank(nxt), self.group),
                dist.P2POp(dist.irecv, received, self.global_rank(prev), self.group)]
-        return _Shift(dist.batch_isend_irecv(ops), received)
+        return _Shift(dist.batch_isend_irecv(ops), received, self)
 
     def swap(self, sends: Sequence[Tuple[int, torch.Tensor]], recvs: Sequence[Tuple[int, torch.Tensor]]) -> None:
         """Point-to-point transfers posted at once (each pair of ranks exchanges at most one
@@ -167,8 +181,9 @@ class Comm:
         ops = [dist.P2POp(dist.isend, t.contiguous(), self.global_rank(dst), self.group) for dst, t in sends]
         ops += [dist.P2POp(dist.irecv, t, self.global_rank(src), self.group) for src, t in recvs]
         if ops:
-            for work in dist.batch_isend_irecv(ops):
-                work.wait()
+            with self._blocked():
+                for work in dist.batch_isend_irecv(ops):
+                    work.wait()
 
     def gather_row_shards(self, rows: torch.Tensor, sizes: Sequence[int], dst: Optional[int]) -> Optional[torch.Tensor]:
         """The row shards [sizes[r], m] stacked into [sum(sizes), m]: on every rank
@@ -176,34 +191,34 @@ class Comm:
         most, m = max(sizes), rows.shape[1]
         padded = torch.zeros(most, m, dtype=rows.dtype, device=self.device)
         padded[: rows.shape[0]].copy_(rows)
-        if dst is None:
-            gathered = [torch.empty_like(padded) for _ in range(self.world)]
-            dist.all_gather(gathered, padded, group=self.group)
-        else:
-            gathered = [torch.empty_like(padded) for _ in range(self.world)] if self.rank == dst else None
-            dist.gather(padded, gathered, dst=self.global_rank(dst), group=self.group)
-            if self.rank != dst:
-                return None
+        with self._blocked():
+            if dst is None:
+                gathered = [torch.empty_like(padded) for _ in range(self.world)]
+                dist.all_gather(gathered, padded, group=self.group)
+            else:
+                gathered = [torch.empty_like(padded) for _ in range(self.world)] if self.rank == dst else None
+                dist.gather(padded, gathered, dst=self.global_rank(dst), group=self.group)
+        if self.rank != dst and dst is not None:
+            return None
         return torch.cat([g[:n] for g, n in zip(gathered, sizes)])
 
     def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over ranks, in place (on the comm device; copied back if it lives elsewhere)."""
-        if tensor.device == self.device:
-            dist.all_reduce(tensor, group=self.group)
-            return tensor
-        moved = tensor.to(self.device)
-        dist.all_reduce(moved, group=self.group)
-        return tensor.copy_(moved)
+        moved = tensor if tensor.device == self.device else tensor.to(self.device)
+        with self._blocked():
+            dist.all_reduce(moved, group=self.group)
+        return tensor if moved is tensor else tensor.copy_(moved)
 
 
 class _Shift:
-    def __init__(self, works, received: torch.Tensor):
-        self.works, self.received = works, received
+    def __init__(self, works, received: torch.Tensor, comm: Comm):
+        self.works, self.received, self.comm = works, received, comm
 
     def wait(self, timeout: Optional[float] = None) -> torch.Tensor:
-        for work in self.works:
-            if timeout is None:
-                work.wait()
-            else:
-                work.wait(datetime.timedelta(seconds=timeout))
+        with self.comm._blocked():
+            for work in self.works:
+                if timeout is None:
+                    work.wait()
+                else:
+                    work.wait(datetime.timedelta(seconds=timeout))
         return self.received
