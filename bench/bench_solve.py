@@ -6,20 +6,21 @@ eigenvectors, each solver in ``tangent_kernels.solve`` solves (K + beta I) alpha
 all betas, and the table reports wall time (median of repeats), iterations, and the worst
 relative residual ||(K + beta I) alpha - Y||_F / ||Y||_F over the betas, measured
 independently in fp64. A baseline row times one plain fp32 Cholesky solve of one beta
-(torch.linalg.cholesky + cholesky_solve), the yardstick of the GPU goal.
+(torch.linalg.cholesky + cholesky_solve): the yardstick of the issue's goals.
 
-    python bench/bench_solve.py                       # CPU: n = 4096, 10 classes, 8 betas
-    python bench/bench_solve.py --device cuda --n 50000 --betas 10   # the GPU configuration
+    python bench/bench_solve.py                       # CPU: n = 8192, 10 classes, 10 betas, fp32 K, 1e-3
+    python bench/bench_solve.py --decay 1.9           # the decay measured on a real tk.gram (docs/solvers.md)
+    python bench/bench_solve.py --device cuda --n 50000   # the GPU configuration
     python bench/bench_solve.py --json results.json
 
-Asserted margin (CPU default configuration only, where it was measured: 4.1x, 12x, 6.5x
-and 5.4x in four runs on a shared 2-core machine): the fastest solver that reaches the
-target on every beta is at least 2x faster than nesterov's 200 iterations (which do not
-reach it: the smallest beta needs ~10^4).
-With --device cuda it reports whether the best solver beat the one-beta fp32 Cholesky
-baseline (the GPU goal) without asserting it (not met on an H100: bench/RESULTS.md).
-Defaults on CUDA: K float32 (as tk.gram returns it), --tol 1e-3, since float32 results
-cannot have a relative residual much below 6e-8 * cond(K + beta I) (cond ~ 1e7 here).
+Spectra: decay 1.3 (the earlier benchmark's) and 1.9 (fitted on eigenvalues 10..500 of
+the demo CNN's pNTK on digits, n = 1024: ``tk.gram(..., output="sum", precision="fp64")``).
+
+Asserted (the default configuration, CPU or CUDA, unless --no-assert): the default solver
+(``solver="auto"``) reaches the target on every beta within ``AUTO_MARGIN`` (3x) of the
+one-beta fp32 Cholesky baseline (the issue's target is 2x on CPU; on a GPU the target,
+faster than the baseline, is reported, not asserted), and the fastest solver that
+reaches the target is at least 2x faster than nesterov's capped iterations.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ import torch  # noqa: E402
 from tangent_kernels.solve import ConvergenceWarning, solve  # noqa: E402
 
 MARGIN = 2.0
+AUTO_MARGIN = 3.0
 
 
 def synthetic_problem(n: int, classes: int, decay: float, dtype: torch.dtype, device: str, seed: int = 0):
@@ -98,20 +100,23 @@ def timed(fn: Callable[[], Any], device: str) -> tuple:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--n", type=int, default=4096)
+    p.add_argument("--n", type=int, default=8192)
     p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--betas", type=int, default=8, help="number of betas, log-spaced over --beta-range")
+    p.add_argument("--betas", type=int, default=10, help="number of betas, log-spaced over --beta-range")
     p.add_argument("--beta-range", type=float, nargs=2, default=(1e-3, 1.0),
                    help="smallest and largest beta (absolute; mean diag(K) = 1)")
     p.add_argument("--decay", type=float, default=1.3, help="eigenvalue power-law exponent")
     p.add_argument("--dtype", choices=["float32", "float64"], default=None,
-                   help="dtype of K (default: float64 on CPU, float32 on CUDA)")
+                   help="dtype of K (default: float32, as tk.gram returns it)")
     p.add_argument("--tol", type=float, default=None,
-                   help="target relative residual (default 1e-6 for float64 K, 1e-3 for float32)")
+                   help="target relative residual (default 1e-3; float32 results cannot go much below 1e-5)")
     p.add_argument("--max-iter", type=int, default=None, help="iteration cap of nesterov and cg (default 200 CPU / 2000 CUDA)")
     p.add_argument("--precond-rank", type=int, nargs="+", default=None,
                    help="Nystrom ranks for cg (default 512 CPU / 2000 CUDA)")
-    p.add_argument("--solvers", nargs="+", default=["nesterov", "cg", "cg+nystrom", "eigh", "cholesky"])
+    p.add_argument("--solvers", nargs="+",
+                   default=["auto", "krylov", "multi-shift", "cg+nystrom", "cg+nystrom+path", "nesterov",
+                            "nesterov+nystrom", "cholesky"],
+                   help="also: cg (no preconditioner), eigh (~28 Cholesky solves of time at n = 4096)")
     p.add_argument("--repeats", type=int, default=3, help="median of up to this many runs ...")
     p.add_argument("--repeat-budget", type=float, default=10.0,
                    help="... repeating only while a solver's runs so far took less than this many seconds")
@@ -123,8 +128,8 @@ def main(argv=None) -> int:
     cuda = args.device.startswith("cuda")
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype or ("float32" if cuda else "float64"))
-    args.tol = args.tol or (1e-6 if dtype == torch.float64 else 1e-3)
+    dtype = getattr(torch, args.dtype or "float32")
+    args.tol = args.tol or 1e-3
     max_iter = args.max_iter or (2000 if cuda else 200)
     ranks = args.precond_rank or ([2000] if cuda else [512])
     lo, hi = args.beta_range
@@ -140,9 +145,19 @@ def main(argv=None) -> int:
     configs: Dict[str, Callable[[], Any]] = {}
     common = dict(tol=args.tol, max_iter=max_iter, return_info=True)
     for name in args.solvers:
-        if name == "cg+nystrom":
+        if name in ("cg+nystrom", "nesterov+nystrom"):
+            base = name.split("+")[0]
             for r in ranks:
-                configs[f"cg+nystrom(r={r})"] = (lambda r=r: solve(K, Y, betas, "cg", precond_rank=r, **common))
+                configs[f"{name}(r={r})"] = (lambda r=r, base=base: solve(K, Y, betas, base, precond_rank=r,
+                                                                         eval_every=1, **common))
+        elif name == "cg+nystrom+path":
+            for r in ranks:
+                configs[f"{name}(r={r})"] = (lambda r=r: solve(K, Y, betas, "cg", precond_rank=r, warm_start=True,
+                                                              **common))
+        elif name in ("auto", "krylov"):
+            configs[name] = (lambda name=name: solve(K, Y, betas, name, **common))
+        elif name == "multi-shift":
+            configs[name] = (lambda: solve(K, Y, betas, "krylov", precond=None, **common))
         elif name in ("nesterov", "cg"):
             configs[name] = (lambda name=name: solve(K, Y, betas, name, eval_every=1, **common))
         elif name in ("eigh", "cholesky"):
@@ -161,8 +176,8 @@ def main(argv=None) -> int:
     Ks, Ys = K[:256, :256].contiguous(), Y[:256]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        for name in ("nesterov", "cg", "eigh", "cholesky"):
-            solve(Ks, Ys, betas[:2], name, max_iter=5, precond_rank=8 if name == "cg" else None)
+        for name in ("nesterov", "cg", "eigh", "cholesky", "krylov"):
+            solve(Ks, Ys, betas[:2], name, max_iter=5, precond_rank=8 if name in ("cg", "nesterov") else None)
 
     # Round-robin repeats: on a shared machine, load changes over minutes; interleaving
     # spreads it over all solvers instead of penalizing whichever ran during a burst.
@@ -200,6 +215,8 @@ def main(argv=None) -> int:
         }
         if "precond_time" in info:
             row["precond_seconds"] = info["precond_time"]
+        if "solver" in info:
+            row["ran"] = info["solver"]
         rows.append(row)
 
     device_name = (torch.cuda.get_device_name() if cuda else
@@ -230,18 +247,30 @@ def main(argv=None) -> int:
             summary["best_vs_nesterov"] = nesterov["seconds"] / best["seconds"]
             print(f"best is {summary['best_vs_nesterov']:.1f}x faster than nesterov "
                   f"(which {'reached' if nesterov['reached'] else 'did not reach'} the target)")
+    auto = next((r for r in rows if r["solver"] == "auto"), None)
+    if auto is not None:
+        summary["auto_ran"] = auto.get("ran")
+        summary["auto_vs_one_fp32_cholesky"] = auto["seconds"] / base["seconds"]
+        print(f"default solver (auto -> {auto.get('ran')}): {summary['auto_vs_one_fp32_cholesky']:.2f}x the time "
+              f"of one fp32 Cholesky of one beta, for all {len(betas)} betas "
+              f"({'reached' if auto['reached'] else 'did not reach'} {args.tol:g})")
     if args.json:
         args.json.write_text(json.dumps({
             "device": device_name, "torch": torch.__version__, "n": args.n, "classes": args.classes,
             "betas": betas, "dtype": str(dtype), "tol": args.tol, "max_iter": max_iter, "decay": args.decay,
-            "rows": rows, "summary": summary,
+            "lambda_max": lam1, "cond_beta_min": lam1 / betas[0], "rows": rows, "summary": summary,
         }, indent=2))
-    default_cpu = (not cuda and args.n == 4096 and len(betas) == 8 and args.tol == 1e-6
-                   and dtype == torch.float64 and nesterov is not None)
-    if default_cpu and not args.no_assert:
+    default = (args.n == (50000 if cuda else 8192) and len(betas) == 10 and args.tol == 1e-3
+               and dtype == torch.float32)
+    if default and not args.no_assert:
         assert best is not None, "no solver reached the target residual"
-        assert nesterov["seconds"] >= MARGIN * best["seconds"], (
-            f"expected the best solver >= {MARGIN}x faster than nesterov: {summary}")
+        if nesterov is not None:
+            assert nesterov["seconds"] >= MARGIN * best["seconds"], (
+                f"expected the best solver >= {MARGIN}x faster than nesterov: {summary}")
+        if auto is not None and not cuda:
+            assert auto["reached"], f"the default solver did not reach {args.tol:g}: {summary}"
+            assert auto["seconds"] <= AUTO_MARGIN * base["seconds"], (
+                f"expected the default solver within {AUTO_MARGIN}x of one fp32 Cholesky: {summary}")
     return 0
 
 

@@ -49,6 +49,7 @@ SHARED = {
     "krylov": dict(),
     "krylov+none": dict(precond=None),
     "cg+nystrom": dict(precond_rank=40),
+    "cg+nystrom+path": dict(precond_rank=40, warm_start=True),
     "nesterov+nystrom": dict(precond_rank=40, eval_every=1),
 }
 
@@ -169,3 +170,18 @@ def test_auto_falls_back_to_nystrom_cg_when_a_factor_does_not_fit(monkeypatch):
     assert info["solver"] == "cg" and info["precond_rank"] == 25 and "does not fit" in info["solver_reason"]
     for j, b in enumerate([1e-2, 1e-1]):
         assert rel(alpha[j], exact(K, Y, b)) <= 1e-9 * 1e4
+
+
+def test_warm_start_path_starts_each_beta_from_the_previous_solution():
+    K, Y, _ = power_law(200, 1.3, seed=11)
+    betas = [1e-3, 1e-2, 1e-1, 1.0]
+    _, block = solve(K, Y, betas, "cg", precond_rank=30, tol=1e-8, return_info=True)
+    alpha, path = solve(K, Y, betas, "cg", precond_rank=30, tol=1e-8, warm_start=True, return_info=True)
+    assert path["converged"] == [True] * 4
+    # The largest beta starts from zero, as in the block; the next ones need fewer steps.
+    assert path["n_iter"][3] == block["n_iter"][3]
+    assert sum(path["n_iter"][:3]) < sum(block["n_iter"][:3])
+    for j, b in enumerate(betas):
+        assert residual(K, Y, b, alpha[j]) <= 1e-8 * 1.01
+    with pytest.raises(ValueError, match="warm_start applies to solver='cg' only"):
+        solve(K, Y, betas, "krylov", warm_start=True)

@@ -206,7 +206,7 @@ def _check_betas(betas: Any, name: str = "betas") -> List[float]:
 
 
 def _check_options(solver: str, max_iter: int, tol: float, eval_every: int, precond_rank: Optional[int],
-                   precond: Optional[str] = "cholesky") -> None:
+                   precond: Optional[str] = "cholesky", warm_start: bool = False) -> None:
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(map(repr, SOLVERS))}")
     if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
@@ -222,6 +222,10 @@ def _check_options(solver: str, max_iter: int, tol: float, eval_every: int, prec
             raise ValueError(f"precond_rank must be a non-negative integer or None; got {precond_rank!r}")
     if precond not in ("cholesky", None):
         raise ValueError(f"precond must be 'cholesky' or None (krylov's preconditioner); got {precond!r}")
+    if not isinstance(warm_start, bool):
+        raise TypeError(f"warm_start must be True or False; got {warm_start!r}")
+    if warm_start and solver != "cg":
+        raise ValueError(f"warm_start applies to solver='cg' only (the beta path); got solver={solver!r}")
 
 
 # ----------------------------------------------------------------------------- dispatch

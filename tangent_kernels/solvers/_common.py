@@ -66,6 +66,7 @@ class _Config:
     out_eps: float = float(torch.finfo(torch.float64).eps)  # precision the result is returned in
     factor_dtype: torch.dtype = torch.float32
     krylov_precond: Optional[str] = "cholesky"
+    warm_start: bool = False
     seed: int = 0
     progress: Optional[bool] = False
 

@@ -101,6 +101,7 @@ def solve(
     refine: Optional[bool] = None,
     factor_dtype: torch.dtype = torch.float32,
     precond: Optional[str] = "cholesky",
+    warm_start: bool = False,
     dtype: Optional[torch.dtype] = None,
     n_classes: Optional[int] = None,
     sym_tol: Optional[float] = None,
@@ -128,6 +129,8 @@ def solve(
             subspace iterations of its sketch, for cg and nesterov (one sketch, every beta).
         precond: krylov's preconditioner: ``"cholesky"`` (one factor per group of betas) or
             None (no factor: the plain Krylov space shared by every beta, multi-shift style).
+        warm_start: cg only: one beta at a time, largest first, each started from the
+            previous solution (the regularization path) instead of every beta in one block.
         refine: fp64 iterative refinement (default: always for cholesky, for eigh when the
             working dtype is float32; never for the iterative solvers).
         factor_dtype: dtype of cholesky's and krylov's factors (krylov uses float64 below
@@ -146,7 +149,7 @@ def solve(
         (and ``info`` when ``return_info``). Warns ``ConvergenceWarning`` for a beta left
         above ``tol``.
     """
-    _check_options(solver, max_iter, tol, eval_every, precond_rank, precond)
+    _check_options(solver, max_iter, tol, eval_every, precond_rank, precond, warm_start)
     scalar = isinstance(beta, (int, float, np.integer, np.floating)) or (
         isinstance(beta, (torch.Tensor, np.ndarray)) and beta.ndim == 0
     )
@@ -159,7 +162,8 @@ def solve(
     scale = _beta_scale(K, beta_scale)
     cfg = _Config(max_iter=int(max_iter), tol=float(tol), eval_every=int(eval_every), early_stopping=False,
                   precond_rank=precond_rank, precond_power=precond_power, refine=refine,
-                  factor_dtype=factor_dtype, krylov_precond=precond, seed=seed, progress=progress,
+                  factor_dtype=factor_dtype, krylov_precond=precond, warm_start=warm_start,
+                  seed=seed, progress=progress,
                   out_eps=float(torch.finfo(_out_dtype(dtype, K.dtype)).eps))
     solver, cfg, reason = _resolve(solver, K, len(betas), cfg, needs_loo=False)
     result = _run(solver, K, targets.values, [b * scale for b in betas], cfg, None, None, allow_tf32)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -14,7 +14,40 @@ from .nystrom import _Nystrom
 
 
 def _cg(K: torch.Tensor, T: torch.Tensor, betas: List[float], cfg: _Config) -> _Result:
+    """Block CG over every beta at once, or with ``cfg.warm_start`` along the beta path."""
+    if cfg.warm_start and len(betas) > 1:
+        return _cg_path(K, T, betas, cfg)
+    return _cg_block(K, T, betas, cfg)
+
+
+def _cg_path(K: torch.Tensor, T: torch.Tensor, betas: List[float], cfg: _Config) -> _Result:
+    """One beta at a time, largest first, each started from the previous beta's solution
+    (the regularization path), all preconditioned by one shared sketch. Each solve carries
+    m columns instead of betas x m, and a warm start saves the steps that the previous
+    solution already made; betas run one after the other, so GEMMs are narrower."""
+    order = sorted(range(len(betas)), key=lambda j: -betas[j])
+    t0 = time.perf_counter()
+    pre = (_Nystrom(K, cfg.precond_rank, cfg.precond_power, _generator(K.device, cfg.seed))
+           if cfg.precond_rank else None)
+    precond_time = time.perf_counter() - t0
+    B, (n, m) = len(betas), T.shape
+    out = T.new_zeros(B, n, m)
+    n_iter, converged, residual = [0] * B, [False] * B, [math.nan] * B
+    history: List = [None] * B
+    x0 = None
+    for j in order:
+        r = _cg_block(K, T, [betas[j]], cfg, x0=x0, pre=pre)
+        out[j], x0 = r.coefs[0], r.coefs[0]
+        n_iter[j], converged[j], residual[j], history[j] = r.n_iter[0], r.converged[0], r.residual[0], r.history[0]
+    extra = {"precond_rank": pre.rank if pre is not None else 0, "precond_time": precond_time}
+    return _Result(out, n_iter, converged, residual, history, extra)
+
+
+def _cg_block(K: torch.Tensor, T: torch.Tensor, betas: List[float], cfg: _Config,
+              x0: Optional[torch.Tensor] = None, pre: Optional[_Nystrom] = None) -> _Result:
     """(Preconditioned) conjugate gradients on every (beta, output) column at once.
+
+    ``x0`` [n, m]: a start shared by every beta (default 0); ``pre``: a sketch already built.
 
     One GEMM K @ P per step for all columns. The recursive residual drives the stopping
     test; when it says a beta is done, the true residual is computed: accepted if <= tol,
@@ -34,8 +67,7 @@ def _cg(K: torch.Tensor, T: torch.Tensor, betas: List[float], cfg: _Config) -> _
         return _Result(out, n_iter, converged, residual, history)
 
     t0 = time.perf_counter()
-    pre = None
-    if cfg.precond_rank:
+    if pre is None and cfg.precond_rank:
         pre = _Nystrom(K, cfg.precond_rank, cfg.precond_power, _generator(dev, cfg.seed))
     precond_time = time.perf_counter() - t0
 
@@ -48,6 +80,9 @@ def _cg(K: torch.Tensor, T: torch.Tensor, betas: List[float], cfg: _Config) -> _
 
     X = T.new_zeros(n, B, m)
     R = T[:, None, :].repeat(1, B, 1)
+    if x0 is not None:
+        X += x0[:, None, :]
+        R -= (K @ x0)[:, None, :] + bt.view(1, B, 1) * X
     Z = precondition(R)
     P = Z.clone()
     rz = (R * Z).sum(dim=0)

@@ -94,6 +94,7 @@ class KernelRidge:
         refine: Optional[bool] = None,
         factor_dtype: torch.dtype = torch.float32,
         precond: Optional[str] = "cholesky",
+        warm_start: bool = False,
         dtype: Optional[torch.dtype] = None,
         n_classes: Optional[int] = None,
         sym_tol: Optional[float] = None,
@@ -101,7 +102,7 @@ class KernelRidge:
         seed: int = 0,
         progress: Optional[bool] = False,
     ):
-        _check_options(solver, max_iter, tol, eval_every, precond_rank, precond)
+        _check_options(solver, max_iter, tol, eval_every, precond_rank, precond, warm_start)
         if isinstance(betas, str):
             if betas != "auto":
                 raise ValueError(f"betas must be numbers or 'auto'; got {betas!r}")
@@ -133,7 +134,8 @@ class KernelRidge:
         self._cfg = _Config(max_iter=int(max_iter), tol=float(tol), eval_every=int(eval_every),
                             early_stopping=bool(early_stopping), patience=patience,
                             precond_rank=precond_rank, precond_power=precond_power, refine=refine,
-                            factor_dtype=factor_dtype, krylov_precond=precond, seed=seed, progress=progress)
+                            factor_dtype=factor_dtype, krylov_precond=precond,
+                            warm_start=warm_start, seed=seed, progress=progress)
 
     def __repr__(self) -> str:
         return (f"KernelRidge(betas={self.betas!r}, solver={self.solver!r}, max_iter={self.max_iter}, "
