@@ -311,9 +311,9 @@ def _solve(args: argparse.Namespace) -> int:
         warnings.simplefilter("ignore", ConvergenceWarning)
         kr.fit(K, y, K_val=K_val, Y_val=y_val)
     metric = "accuracy" if kr.n_classes_ else "r2"
-    report = {"solver": args.solver, "best_beta": kr.best_beta_, "betas": kr.betas_, "n_train": kr.n_train_,
+    report = {"solver": kr.solver_, "solver_reason": kr.solver_reason_, "best_beta": kr.best_beta_, "betas": kr.betas_, "n_train": kr.n_train_,
               "fit_seconds": round(kr.fit_time_, 3), "validation": kr.scores_, **_environment()}
-    lines = [f"{args.solver}: best beta {kr.best_beta_:.4g} of {len(kr.betas_)} tried, fit {kr.fit_time_:.2f} s"]
+    lines = [f"{kr.solver_}: best beta {kr.best_beta_:.4g} of {len(kr.betas_)} tried, fit {kr.fit_time_:.2f} s"]
     chosen = kr.scores_[kr.best_index_]
     if chosen.get("source") is not None:  # how beta was chosen: validation set or leave-one-out
         source = {"val": "validation", "loo": "leave-one-out", "gcv": "generalized cross-validation"}.get(
@@ -385,11 +385,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--test-labels", help="labels/targets of the test samples, scored once with the chosen beta")
     s.add_argument("--betas", nargs="+", default=["auto"], help="'auto' (telescopic search) or numbers")
     s.add_argument("--beta-scale", choices=["trace"], help="betas relative to mean(diag K)")
-    s.add_argument("--solver", default="eigh", choices=list(SOLVERS),
-                   help="eigh: exact, leave-one-out without validation data (default); nesterov, cg: iterative; "
-                        "cholesky: direct (docs/solvers.md)")
-    s.add_argument("--max-iter", type=int, default=1000, help="iteration cap of nesterov / cg (default 1000)")
-    s.add_argument("--tol", type=float, default=1e-6, help="relative residual at which nesterov / cg stop (default 1e-6)")
+    s.add_argument("--solver", default="auto", choices=list(SOLVERS),
+                   help="auto (default): eigh without validation data (leave-one-out), else krylov (one Cholesky "
+                        "factor for every beta); cg, nesterov: iterative; cholesky: one factor per beta "
+                        "(docs/solvers.md)")
+    s.add_argument("--max-iter", type=int, default=1000, help="iteration cap of krylov / cg / nesterov (default 1000)")
+    s.add_argument("--tol", type=float, default=1e-6,
+                   help="relative residual at which krylov / cg / nesterov stop (default 1e-6)")
     s.add_argument("--device", help="where to solve: cpu, cuda, cuda:1, ... (default: where K is, i.e. cpu)")
     s.add_argument("--coef", help="save the dual coefficients (torch.save) here")
     s.add_argument("--json", help="write a JSON report here")
