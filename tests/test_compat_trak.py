@@ -193,7 +193,7 @@ def test_bad_uses_are_refused_with_the_fix(data):
         GradientComputer(model, task, sum(p.numel() for p in model.parameters()), torch.float32, "cpu")
     model.conv.bias.requires_grad_(True)
     computer = GradientComputer(model, task, None, torch.float32, "cpu")
-    with pytest.raises(ValueError, match="one class index per sample"):
+    with pytest.raises(ValueError, match="one integer class index per sample"):
         computer.compute_per_sample_grad((x, torch.zeros(7, 2, dtype=torch.long)))
 
 

@@ -16,10 +16,10 @@ After::
 ``compute_per_sample_grad(batch)``, ``compute_loss_grad(batch)``) and is constructed by
 ``TRAKer`` with the same keywords as TRAK's ``FunctionalGradientComputer``. Per-sample
 gradients of TRAK's model output function come from one batched forward and one batched
-backward per batch: for a classification margin ``m(x, y) = f_y - logsumexp_{a != y} f_a``
-the gradient is ``J(x)^T w`` with ``w = dm/df`` (computed from the logits, then held
-fixed), so the adapter differentiates the per-sample scalar ``<w_b, f(x_b)>``, which has
-exactly that gradient. Over every parameter (or ``grad_wrt``'s) the result is a dict
+backward per batch: the adapter differentiates the task's per-sample output (for the
+classification tasks the margin ``f_y - logsumexp_{a != y} f_a``) computed from the
+logits inside the forward, with the labels passed along as a batched input, so that
+every sample's gradient is its own. Over every parameter (or ``grad_wrt``'s) the result is a dict
 ``{name: [B, *shape]}`` like ``FunctionalGradientComputer``'s, so every TRAK projector
 takes it. ``compute_loss_grad`` is the task's own ``get_out_to_loss_grad``.
 
@@ -33,8 +33,8 @@ sqrt(P) the features are ``g[idx]`` and E<phi, phi'> = (p / P) <g, g'> as in TRA
 
 Tasks: TRAK's ``ImageClassificationModelOutput`` (and its iterative twin) and
 ``TextClassificationModelOutput``; any other model output that is a function of the
-logits and the batch is served by a subclass overriding ``model_inputs`` and
-``output_weights``. Other tasks (CLIP's) raise NotImplementedError naming that route.
+logits and one per-sample tensor of the batch is served by a subclass overriding
+``model_inputs``, ``labels`` and ``model_output``. Other tasks (CLIP's) raise NotImplementedError naming that route.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from torch import nn
 from .._model import eval_mode
 from ..outputs import logits_of
 from ..params import ParamIndex, resolve_idx
-from ._extract import BatchFeatures, WeightedLogits, index_on
+from ._extract import BatchFeatures, index_on
 
 try:  # TRAK's interface when it is installed; the adapter's contract is the same without it
     from trak.gradient_computers import AbstractGradientComputer as _GradientBase
@@ -58,6 +58,18 @@ except ImportError:  # pragma: no cover - traker is in the project's test tools
     _GradientBase = _ProjectorBase = object
 
 __all__ = ["GradientComputer", "SubsampleProjector"]
+
+
+class _Output(nn.Module):
+    """model -> the task's per-sample output (TRAK's f(z, theta)), labels passed as a
+    batched input so that every sample keeps its own."""
+
+    def __init__(self, model: nn.Module, output):
+        super().__init__()
+        self.model, self.output = model, output
+
+    def forward(self, *args, tk_labels: torch.Tensor, **kwargs) -> torch.Tensor:
+        return self.output(logits_of(self.model(*args, **kwargs), tk_labels.shape[0]), tk_labels)
 
 
 def _task_name(task) -> str:
@@ -104,7 +116,7 @@ class GradientComputer(_GradientBase):
         self.model = model
         self.func_weights = dict(model.named_parameters())
         self.func_buffers = dict(model.named_buffers())
-        wrapped = WeightedLogits(model)
+        wrapped = _Output(model, self.model_output)
         self._features = BatchFeatures(wrapped, index_on(wrapped, self.index.positions), "first",
                                        backend=self.backend)
 
@@ -112,10 +124,8 @@ class GradientComputer(_GradientBase):
         """Per-sample gradients of the task's output: ``{name: [B, *shape]}`` over whole
         tensors, ``[B, p]`` for a subsample."""
         args, kwargs = self.model_inputs(batch)
-        with torch.no_grad(), eval_mode(self.model):
-            logits = logits_of(self.model(*args, **kwargs), _size(batch))
-        weights = self.output_weights(logits.detach(), batch)
-        grads = self._features(args=args, kwargs={**kwargs, "weights": weights})
+        labels = self.labels(batch)
+        grads = self._features(args=args, kwargs={**kwargs, "tk_labels": labels})
         return grads if self.names is None else self._as_dict(grads)
 
     def compute_loss_grad(self, batch: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -132,16 +142,20 @@ class GradientComputer(_GradientBase):
             return (), {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask}
         return (batch[0],), {}
 
-    def output_weights(self, logits: torch.Tensor, batch: Sequence[torch.Tensor]) -> torch.Tensor:
-        """w [B, k] = d(model output) / d(logits) per sample: for TRAK's margin
-        f_y - logsumexp_{a != y} f_a, one-hot(y) minus the softmax over the other logits."""
-        labels = batch[-1].to(logits.device).long()
-        if labels.shape != (logits.shape[0],):
-            raise ValueError(f"the batch's labels have shape {tuple(labels.shape)}; TRAK's classification tasks "
-                             f"take one class index per sample, shape [{logits.shape[0]}]")
-        onehot = torch.nn.functional.one_hot(labels, logits.shape[1]).to(logits.dtype)
-        others = torch.softmax(logits.masked_fill(onehot.bool(), float("-inf")), dim=1)
-        return onehot - others
+    def labels(self, batch: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The per-sample tensor ``model_output`` reads besides the logits: TRAK's labels."""
+        labels = batch[-1]
+        if labels.dim() != 1 or labels.is_floating_point():
+            raise ValueError(f"the batch's labels have shape {tuple(labels.shape)} and dtype {labels.dtype}; TRAK's "
+                             "classification tasks take one integer class index per sample, shape [B]")
+        return labels
+
+    def model_output(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The per-sample output [B] TRAK differentiates, as a function of the logits:
+        its margin f_y - logsumexp_{a != y} f_a."""
+        correct = logits.gather(1, labels.long()[:, None])[:, 0]
+        others = logits.masked_fill(torch.nn.functional.one_hot(labels.long(), logits.shape[1]).bool(), float("-inf"))
+        return correct - others.logsumexp(dim=1)
 
     # --- internals ------------------------------------------------------------------
 
@@ -149,7 +163,7 @@ class GradientComputer(_GradientBase):
               "TextClassificationModelOutput")
 
     def _check_task(self, task) -> None:
-        overridden = type(self).output_weights is not GradientComputer.output_weights
+        overridden = type(self).model_output is not GradientComputer.model_output
         if isinstance(task, str):
             raise TypeError(f"task={task!r}: pass TRAKer the task (it turns a name into a model output object "
                             "before constructing the gradient computer), or an AbstractModelOutput instance")
@@ -157,7 +171,7 @@ class GradientComputer(_GradientBase):
             raise NotImplementedError(
                 f"task {_task_name(task)}: the fused path knows TRAK's classification margins "
                 f"({', '.join(self._FUSED)}). For another model output that is a function of the logits, "
-                "subclass GradientComputer and override model_inputs(batch) and output_weights(logits, batch); "
+                "subclass GradientComputer and override model_inputs(batch), labels(batch) and model_output(logits, labels); "
                 "otherwise use TRAK's FunctionalGradientComputer"
             )
 
@@ -211,7 +225,3 @@ class SubsampleProjector(_ProjectorBase):
 
     def free_memory(self) -> None:
         pass
-
-
-def _size(batch) -> int:
-    return int(batch[-1].shape[0])
