@@ -245,15 +245,22 @@ def _gram(args: argparse.Namespace) -> int:
     from .engine import gram
     from .io import save_gram
 
+    from .distributed.launch import torchrun_session
+
     _check_writable(args.out, "--out", _K_SUFFIXES)
+    session = torchrun_session(args.device)  # None unless torchrun started several ranks
     model, x, x2, idx, total = _model_data_idx(args)
     start = time.perf_counter()
     K = gram(
         model, x.split(args.batch_size), idx, x2.split(args.batch_size) if x2 is not None else None,
-        output=_parse_output(args.output), precision=args.precision, device=args.device,
+        output=_parse_output(args.output), precision=args.precision,
+        device=args.device if session is None else session.device,
         progress=not args.no_progress, checkpoint=args.checkpoint, max_memory=args.max_memory,
+        **({} if session is None else {"gather": "rank0"}),
     )
     seconds = time.perf_counter() - start
+    if K is None:  # a rank of a torchrun job other than 0, which writes K
+        return 0
     p = total if idx is None else len(idx)
     meta = {
         "model": args.model, "weights": args.weights, "data": args.data, "data2": args.data2,

@@ -34,10 +34,10 @@ __all__ = ["gram", "GATHERS", "EXCHANGES"]
 
 GATHERS = ("all", "rank0", "rows")
 EXCHANGES = ("auto", "ring", "allgather")
-# "auto" gathers every shard at once while all the features fit in a quarter of the
-# feature budget (bench/bench_distributed.py: one collective beats W // 2 latency-bound
-# passes at small n); beyond, the ring holds only two visiting shards at a time.
-_ALLGATHER_SHARE = 0.25
+# "auto" is the ring: bench/bench_distributed.py (2 gloo processes, resnet18, n = 256,
+# p = 100,000) measured 0.4 s blocked in the ring's one pass, overlapped with the diagonal
+# tiles, against 1.4-1.8 s in all_gather moving the same bytes; and the ring holds two
+# visiting shards, not all of them. NCCL has not been measured.
 
 
 def gram(model, loader, idx=None, loader2=None, *, group=None, shard: bool = False, gather: str = "all",
@@ -55,7 +55,7 @@ def gram(model, loader, idx=None, loader2=None, *, group=None, shard: bool = Fal
         (a :class:`KShard` per rank: its contiguous rows of K and their offsets).
     exchange: how feature shards travel: "ring" (W // 2 point-to-point passes for
         K(X, X), overlapped with the tiles; two shards in memory), "allgather" (one
-        collective; every shard in memory), "auto" (allgather while it fits).
+        collective; every shard in memory), "auto" (the ring: measured faster on gloo).
     timeout: seconds a rank waits for the others at a phase boundary (None: the
         group's timeout); the error names the phase and, on gloo, the missing ranks.
     stats: a dict, filled with this rank's seconds per phase ("features", "gram",
@@ -248,9 +248,8 @@ class _Plan:
         payload = _pack(own_cols, comm.device)
         blocks = []  # (task, block) computed here for another rank's rows
         exchange = self.exchange
-        if exchange == "auto":  # decided on the smallest budget: every rank must take the same path
-            budget = min(comm.all_objects(self.budget))
-            exchange = "allgather" if sum(col_sizes) * own_cols.row_bytes <= _ALLGATHER_SHARE * budget else "ring"
+        if exchange == "auto":
+            exchange = "ring"
         self.stats["exchange"] = exchange
         with comm.phase("gram: feature exchange"):
             gathered = comm.all_gather_rows(payload, col_sizes) if exchange == "allgather" else None
