@@ -26,7 +26,7 @@ takes it. ``compute_loss_grad`` is the task's own ``get_out_to_loss_grad``.
 A parameter subsample (``GradientComputer.subsampled(idx)``) gives ``[B, p]`` tensors of
 the sampled coordinates instead; TRAK's projector must then be built for ``grad_dim=p``.
 Two ways, see docs/compat.md: project the subsample (``BasicProjector(grad_dim=p, ...)``),
-or use the subsample *as* the projection (``SubsampleProjector(idx)``): a uniform
+or use the subsample *as* the projection (``SubsampleProjector(idx, model)``): a uniform
 coordinate sample scaled by sqrt(P) has the second moment of TRAK's Rademacher/Gaussian
 projection to ``proj_dim = p`` (E[R R^T] = p I for both), so after TRAKer's division by
 sqrt(P) the features are ``g[idx]`` and E<phi, phi'> = (p / P) <g, g'> as in TRAK.
