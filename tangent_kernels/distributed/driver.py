@@ -251,25 +251,29 @@ class _Plan:
         if exchange == "auto":
             exchange = "ring"
         self.stats["exchange"] = exchange
-        with comm.phase("gram: feature exchange"):
+        # Only the transfers are inside comm.phase: an error of the tiles themselves is
+        # not a collective's and keeps its own type.
+        with comm.phase("gram: feature all_gather"):
             gathered = comm.all_gather_rows(payload, col_sizes) if exchange == "allgather" else None
-            held, shift = payload, None
-            for step in range(ring_steps(world, self.symmetric)):
-                source = (rank - step) % world
-                if gathered is not None:
-                    held = gathered[source]
-                elif step + 1 < ring_steps(world, self.symmetric):
+        held, shift = payload, None
+        for step in range(ring_steps(world, self.symmetric)):
+            source = (rank - step) % world
+            if gathered is not None:
+                held = gathered[source]
+            elif step + 1 < ring_steps(world, self.symmetric):
+                with comm.phase(f"gram: ring step {step + 1}"):
                     shift = comm.ring_shift(held, col_sizes[(source - 1) % world])
-                visiting = own_cols if step == 0 else _unpack(held, own_cols, self)
-                try:
-                    for task in (t for t in tasks if t.step == step):
-                        block = self._task(task, own_rows, visiting, held, rows, col_offsets, ckpt, progress)
-                        if block is not None:
-                            blocks.append((task, block))
-                finally:
-                    if visiting is not own_cols:
-                        visiting.close()
-                if shift is not None:
+            visiting = own_cols if step == 0 else _unpack(held, own_cols, self)
+            try:
+                for task in (t for t in tasks if t.step == step):
+                    block = self._task(task, own_rows, visiting, held, rows, col_offsets, ckpt, progress)
+                    if block is not None:
+                        blocks.append((task, block))
+            finally:
+                if visiting is not own_cols:
+                    visiting.close()
+            if shift is not None:
+                with comm.phase(f"gram: ring step {step + 1}"):
                     held, shift = _wait(shift, comm.timeout), None
         if self.symmetric and world > 1:
             with comm.phase("gram: blocks to their rows"):
