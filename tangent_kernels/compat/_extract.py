@@ -13,7 +13,7 @@ from torch import nn
 
 from .._model import eval_mode, fp32_math, model_device
 from ..outputs import logits_of
-from ..data import ModelInputs, _batch_size, to_inputs
+from ..data import ModelInputs, _batch_size
 from ..params import ParamIndex, resolve_idx
 from ..persample import FeatureExtractor, resolve_backend
 
@@ -61,7 +61,7 @@ def index_on(model: nn.Module, idx, like: Optional[nn.Module] = None) -> ParamIn
 
 
 class BatchFeatures:
-    """``self(batch)``: F [B, p] (or [B, k, p] for ``output="full"``) of one batch, in
+    """``self(args=, kwargs=)``: F [B, p] (or [B, k, p] for ``output="full"``) of one batch, in
     the model's compute dtype, on the model's device; the model is left as it was."""
 
     def __init__(self, model: nn.Module, index: ParamIndex, output, *, backend: str = "auto",
@@ -75,16 +75,12 @@ class BatchFeatures:
         self.extractor = FeatureExtractor(model, index, output, self.dtype, self.device,
                                           resolve_backend(backend, self.device))
 
-    def __call__(self, batch: Any = None, *, args: Tuple = (), kwargs: Optional[Dict[str, Any]] = None) -> torch.Tensor:
-        """Features of ``batch`` (a tensor or dict, read as tk.features reads a loader's
-        batch), or of the model call ``model(*args, **kwargs)``."""
+    def __call__(self, *, args: Tuple = (), kwargs: Optional[Dict[str, Any]] = None) -> torch.Tensor:
+        """Features of the model call ``model(*args, **kwargs)`` on one batch."""
         from ..engine import _check_finite
 
-        if batch is not None:
-            inputs = to_inputs(batch)
-        else:
-            kwargs = dict(kwargs or {})
-            inputs = ModelInputs(tuple(args), kwargs, _batch_size(tuple(args), kwargs))
+        kwargs = dict(kwargs or {})
+        inputs = ModelInputs(tuple(args), kwargs, _batch_size(tuple(args), kwargs))
         inputs = inputs.to(self.device, self.dtype)
         with eval_mode(self.model), fp32_math(False):
             block = self.extractor(inputs)

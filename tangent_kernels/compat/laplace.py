@@ -37,6 +37,7 @@ from typing import Any, Optional, Tuple
 import torch
 from torch import nn
 
+from .._model import eval_mode
 from ..outputs import logits_of
 from ._extract import BatchFeatures, DictArgument, WeightedLogits, index_on
 
@@ -103,7 +104,7 @@ class _Jacobians:
         return cache[key]
 
     def _logits(self, x) -> torch.Tensor:
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(self.model):  # as the Jacobians see it
             out = self.model(x)
         return logits_of(out, _batch_size(x), "laplace-torch's model must return [B, O] outputs")
 
