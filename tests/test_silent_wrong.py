@@ -227,7 +227,7 @@ def _indefinite(n=40):
     return a + a.T
 
 
-@pytest.mark.parametrize("solver", ["eigh", "cg"])
+@pytest.mark.parametrize("solver", ["eigh", "cg", "krylov", "auto"])
 def test_a_non_psd_kernel_is_refused_with_its_smallest_eigenvalue(solver):
     K = _indefinite()
     smallest = float(torch.linalg.eigvalsh(K)[0])
@@ -236,7 +236,7 @@ def test_a_non_psd_kernel_is_refused_with_its_smallest_eigenvalue(solver):
     assert smallest < 0
 
 
-@pytest.mark.parametrize("solver", ["eigh", "cg", "nesterov", "cholesky"])
+@pytest.mark.parametrize("solver", ["eigh", "cg", "nesterov", "cholesky", "krylov"])
 def test_a_beta_beyond_the_dtype_is_refused(solver):
     g = torch.randn(30, 8, generator=torch.Generator().manual_seed(4))
     with pytest.raises(ValueError, match=r"beta = 1e\+300 is beyond what float32 arithmetic can solve"):

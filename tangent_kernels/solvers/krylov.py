@@ -36,6 +36,7 @@ from typing import Callable, List, Optional
 
 import torch
 
+from ._checks import _NEGATIVE_EIGENVALUE, _not_psd
 from ._common import _Config, _Result, _bar, _matmul_fp64
 from ._metrics import _new_history, _record
 from .cholesky import _cholesky_apply, _Factorizer
@@ -221,6 +222,12 @@ def _solve_group(K: torch.Tensor, T: torch.Tensor, betas: List[float],
                         Q64.T @ W_all.double()], dim=0)
         VY = torch.cat([VY, Q64.T @ Y64], dim=0)
         H0 = (VW + VW.T) / 2  # V^T K V; V^T V = I to the basis dtype's rounding
+        # Ritz values of K lie inside its spectrum, and this space is drawn toward the small
+        # end of K + b0 I (where negative eigenvalues of a non-Gram K are): a clearly
+        # negative one proves K is not PSD, at the price of a c x c eigvalsh.
+        ritz = torch.linalg.eigvalsh(H0)
+        if float(ritz[0]) < -_NEGATIVE_EIGENVALUE * max(float(ritz[-1]), 0.0) or float(ritz[-1]) < 0:
+            raise _not_psd(float(ritz[0]), float(ritz[-1]))
         eye = torch.eye(c, dtype=torch.float64, device=dev)
         V64, WY = V_all.double(), W_all.double()
         for i in list(active):
