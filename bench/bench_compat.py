@@ -2,7 +2,7 @@
 the TRAK, laplace-torch and LM-Kernel-FT adapters against the code they replace.
 
     python bench/bench_compat.py [--n 64] [--resnet-n 16] [--margin 3] [--skip-tutorial]
-                                 [--skip-adapters] [--json out.json]
+                                 [--skip-adapters] [--threads N] [--json out.json]
 
 compute="full" (k = 10 outputs), every parameter, float32, CPU: the tutorial's CNN on
 32x32 inputs (its `CNN`: three 3x3 convolutions of 32 channels and a linear head) at n
@@ -235,8 +235,12 @@ def main() -> int:
     parser.add_argument("--skip-tutorial", action="store_true", help="only the TRAK/laplace/LM-Kernel-FT adapters")
     parser.add_argument("--skip-adapters", action="store_true", help="only the torch.func tutorial's methods")
     parser.add_argument("--adapter-margin", type=float, default=1.0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's); 1 keeps timings stable on a shared machine")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     report = {"device": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
