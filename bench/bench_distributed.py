@@ -2,13 +2,16 @@
 
 Default (CPU, a few minutes on a 2-core machine): torchvision resnet18 (random
 weights, eval) on 32x32 inputs, p = 100,000 sampled parameters, n = 1,024, batches of
-64, fp32. The cores are shared fairly: W processes get cores // W threads each. For
+64, fp32. Every process (the single-process baseline included) runs ``--threads``
+intra-op threads (default 1): W processes use W cores, so the efficiency measures the
+added processes, not thread scaling (which, on a loaded machine, was measured much
+worse: 2 threads took 5x longer per sample than 2 processes of 1 thread). For
 each configuration: wall time (the slowest rank), throughput (samples/s), scaling
 efficiency T_single / (W T_W), and per rank the seconds of the feature phase, the Gram
 phase and the time blocked in collectives (transfers hidden behind tiles excluded).
 Every distributed K is checked against the single-process K before a time is reported.
 
-    python bench/bench_distributed.py [--n 1024] [--params 100000] [--worlds 1,2] [--cores 2] [--json out.json]
+    python bench/bench_distributed.py [--n 1024] [--params 100000] [--worlds 1,2] [--threads 1] [--json out.json]
 
 Asserts that the 2-process run is at least ``--margin`` (default 0.6) as efficient as
 ideal: above 0.5 it is faster than one process at all.
@@ -61,10 +64,10 @@ def _rank(rank: int, world: int, folder: str, args: dict, threads: int, exchange
     dist.destroy_process_group()
 
 
-def _distributed(world: int, args: dict, cores: int, exchange: str):
+def _distributed(world: int, args: dict, threads: int, exchange: str):
     with tempfile.TemporaryDirectory() as folder:
         ctx = multiprocessing.get_context("spawn")
-        procs = [ctx.Process(target=_rank, args=(r, world, folder, args, max(1, cores // world), exchange))
+        procs = [ctx.Process(target=_rank, args=(r, world, folder, args, threads, exchange))
                  for r in range(world)]
         for p in procs:
             p.start()
@@ -82,7 +85,7 @@ def main() -> None:
     parser.add_argument("--params", type=int, default=100_000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--worlds", default="1,2")
-    parser.add_argument("--cores", type=int, default=os.cpu_count())
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--margin", type=float, default=0.6)
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -90,7 +93,7 @@ def main() -> None:
 
     import tangent_kernels as tk
 
-    torch.set_num_threads(args.cores)
+    torch.set_num_threads(args.threads)
     model, X, idx = _problem(args.n, args.params)
     loader = list(X.split(args.batch_size))
     tk.gram(model, loader[:1], idx, progress=False)  # warm-up: thread pools, the first batch's decisions
@@ -100,7 +103,7 @@ def main() -> None:
     rows = [dict(config="one process (tk.gram)", world=1, wall=t_single, efficiency=1.0)]
     for world in [int(w) for w in args.worlds.split(",")]:
         for exchange in (["ring", "allgather"] if world > 1 else ["ring"]):
-            K, stats = _distributed(world, config, args.cores, exchange)
+            K, stats = _distributed(world, config, args.threads, exchange)
             torch.testing.assert_close(K, single, rtol=1e-4, atol=1e-5 * float(single.abs().max()))
             wall = max(s["wall"] for s in stats)
             rows.append(dict(config=f"{world} gloo process{'es' if world > 1 else ''}, {exchange}", world=world,
@@ -108,7 +111,8 @@ def main() -> None:
                              features=[round(s["features"], 3) for s in stats], gram=[round(s["gram"], 3) for s in stats],
                              communication=[round(s["communication"], 3) for s in stats],
                              communication_share=max(s["communication"] / s["wall"] for s in stats)))
-    print(f"n={args.n}, p={args.params}, resnet18 32x32, fp32, {args.cores} cores ({platform.machine()}), "
+    print(f"n={args.n}, p={args.params}, resnet18 32x32, fp32, {args.threads} thread(s) per process, "
+          f"{os.cpu_count()} cores ({platform.machine()}), load average {os.getloadavg()[0]:.1f}, "
           f"torch {torch.__version__}, commit {commit()}")
     print("| configuration | wall s | samples/s | efficiency | features s (per rank) | Gram s | blocked in collectives s | share |")
     print("|---|---:|---:|---:|---|---|---|---:|")

@@ -243,7 +243,8 @@ class _Plan:
         tile_rows = engine._TILE_ROWS
         tasks = (symmetric_tasks(rank, world, row_sizes, tile_rows) if self.symmetric
                  else cross_tasks(rank, world, row_sizes))
-        rows = torch.empty(row_sizes[rank], col_offsets[-1], dtype=self.precision.k, device=self.device)
+        rows = torch.empty(row_sizes[rank], col_offsets[-1], dtype=self.precision.k, device=self._k_home(
+            row_sizes[rank] * col_offsets[-1]))
         progress = _TaskProgress(self.events, sum(t.row_stop - t.row_start for t in tasks))
         payload = _pack(own_cols, comm.device)
         blocks = []  # (task, block) computed here for another rank's rows
@@ -280,6 +281,15 @@ class _Plan:
                 self._swap(blocks, rows, row_sizes, col_offsets, tile_rows)
         comm.settle("gram", None)
         return rows
+
+    def _k_home(self, entries: int) -> torch.device:
+        """Where this rank's rows of K live: the compute device while they take at most half
+        its free memory, else host memory (tiles are computed on the device and copied
+        there, as for ``out=`` a host tensor in one process). Not yet measured on a GPU."""
+        if self.device.type != "cuda":
+            return self.device
+        need = entries * torch.empty((), dtype=self.precision.k).element_size()
+        return self.device if need <= torch.cuda.mem_get_info(self.device)[0] // 2 else torch.device("cpu")
 
     def _task(self, task: Task, own: FeatureStore, visiting: FeatureStore, visiting_payload, rows, col_offsets,
               ckpt, progress) -> Optional[torch.Tensor]:
