@@ -222,3 +222,10 @@ def test_float32_gradients_are_within_float32_rounding_of_the_definition(data):
     # step, far under 1e-5; the reference sees the same float32-rounded inputs and weights
     expected = margin_gradients(model32.double().eval(), x.float().double(), y)
     assert float((got.double() - expected).norm() / expected.norm()) <= 1e-5
+
+
+def test_load_model_params_refuses_another_architecture(data):
+    model, x, y = data
+    computer = GradientComputer(model, ImageClassificationModelOutput(), None, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="build a new GradientComputer"):
+        computer.load_model_params(nn.Sequential(nn.Flatten(), nn.Linear(192, K)).double())

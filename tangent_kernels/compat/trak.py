@@ -34,7 +34,8 @@ sqrt(P) the features are ``g[idx]`` and E<phi, phi'> = (p / P) <g, g'> as in TRA
 Tasks: TRAK's ``ImageClassificationModelOutput`` (and its iterative twin) and
 ``TextClassificationModelOutput``; any other model output that is a function of the
 logits and one per-sample tensor of the batch is served by a subclass overriding
-``model_inputs``, ``labels`` and ``model_output``. Other tasks (CLIP's) raise NotImplementedError naming that route.
+``model_inputs``, ``labels`` and ``model_output``. Other tasks (CLIP's) raise
+NotImplementedError naming that route.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from torch import nn
 
 from .._model import eval_mode
 from ..outputs import logits_of
-from ..params import ParamIndex, resolve_idx
+from ..params import ParamIndex, ParamLayout, resolve_idx
 from ._extract import BatchFeatures, index_on
 
 try:  # TRAK's interface when it is installed; the adapter's contract is the same without it
@@ -113,6 +114,9 @@ class GradientComputer(_GradientBase):
     def load_model_params(self, model: nn.Module) -> None:
         """Read ``model``'s current parameters (TRAKer calls this after loading each
         checkpoint); the per-batch extractor is rebuilt from them."""
+        if ParamLayout.of(model) != self.index.layout:
+            raise ValueError("load_model_params got a model whose trainable parameters differ (names or shapes) from "
+                             "the one this gradient computer was built for: build a new GradientComputer for it")
         self.model = model
         self.func_weights = dict(model.named_parameters())
         self.func_buffers = dict(model.named_buffers())
