@@ -80,8 +80,10 @@ def test_selected_output_jacobians_and_backprop_fallback(setup):
     ours = TangentKernelsGGN(model, "classification", subnetwork_indices=indices)
     outputs = torch.randint(0, O, (9, 2))
     got, _ = ours.selected_output_jacobians(x, outputs)
+    theirs, _ = CurvatureInterface.selected_output_jacobians(
+        GGNInterface(model, "classification", subnetwork_indices=indices), x, outputs)
+    assert got.shape == theirs.shape == (9, 2, 37) and rel(got, theirs) <= 1e-12
     full, _ = ours.jacobians(x)
-    assert torch.equal(got, torch.gather(full, 1, outputs.unsqueeze(-1).expand(-1, -1, full.shape[-1])))
     x_grad = x.clone().requires_grad_(True)
     js, _ = ours.jacobians(x_grad, enable_backprop=True)  # laplace-torch's own path
     assert js.requires_grad and rel(js.detach(), full) <= 1e-12
@@ -156,3 +158,19 @@ def test_float32_jacobians_are_within_float32_rounding(setup):
     assert js.dtype == torch.float32
     # a few dozen fp32 roundings through three layers: well under 1e-5 relative
     assert rel(js.double(), exact) <= 1e-5
+
+
+def test_last_layer_laplace_still_works_and_kron_is_refused(setup):
+    model, x, _ = setup
+    y = torch.randint(0, O, (9,))
+    ours = _fit(model, "classification", TangentKernelsGGN, x, y, subset_of_weights="last_layer",
+                hessian_structure="full")
+    # laplace-torch's closed-form last-layer Jacobians (not ours) against the definition:
+    # the GGN sum_b J_b^T (diag(p_b) - p_b p_b^T) J_b over fc2's weight and bias (the last columns)
+    last = model.fc2.weight.numel() + model.fc2.bias.numel()
+    js = jacobian_loop(model, x)[:, :, -last:]
+    p = torch.softmax(model(x), 1).detach()
+    lam = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    assert rel(ours.H, torch.einsum("bcp,bck,bkq->pq", js, lam, js)) <= 1e-12
+    with pytest.raises(NotImplementedError, match="BackPackGGN"):
+        _fit(model, "classification", TangentKernelsGGN, x, y, subset_of_weights="all", hessian_structure="kron")

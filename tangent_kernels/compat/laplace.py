@@ -78,6 +78,13 @@ class _Jacobians:
         index = outputs.to(js.device, torch.long).unsqueeze(-1).expand(-1, -1, js.shape[-1])
         return torch.gather(js, 1, index), f
 
+    def kron(self, x, y, N: int, **kwargs):
+        raise NotImplementedError(
+            f"{type(self).__name__} has no Kronecker-factored curvature (hessian_structure='kron'): it supplies "
+            "Jacobians and per-sample gradients, which 'full' and 'diag' (and subnetwork Laplace) use. For KFAC use "
+            "laplace-torch's BackPackGGN, AsdlGGN or CurvlinopsGGN backend"
+        )
+
     @staticmethod
     def _arguments(x) -> Tuple[tuple, dict]:
         return ((), dict(x)) if isinstance(x, MutableMapping) else ((x,), {})
