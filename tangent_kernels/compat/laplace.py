@@ -15,18 +15,20 @@ After::
 
 ``TangentKernelsGGN`` is a laplace-torch ``GGNInterface`` whose ``jacobians(x)`` returns
 ``(Js [B, O, P], f [B, O])`` from one batched forward and O batched backward passes
-(tk.features with ``output="full"``; f from one more forward, without gradients), restricted to ``subnetwork_indices`` *before* any
-Jacobian is formed: only the P_subnet sampled columns are ever computed, where
-laplace-torch's own ``jacobians`` forms all P columns and then indexes them. Everything
-laplace-torch builds on ``jacobians`` uses it: the full and diagonal GGN (``fit`` of
-FullLaplace, DiagLaplace, FullSubnetLaplace, DiagSubnetLaplace) and the linearized (GLM)
-predictive of every Laplace class. ``TangentKernelsEF`` does the same for the empirical
-Fisher (``gradients(x, y)``: per-sample loss gradients as J^T dL/df from one backward).
+(tk.features with ``output="full"``; f from one more forward, without gradients),
+restricted to ``subnetwork_indices`` *before* any Jacobian is formed: only the P_subnet
+sampled columns are ever computed, where laplace-torch's own ``jacobians`` forms all P
+columns and then indexes them. Everything laplace-torch builds on ``jacobians`` uses it:
+the full and diagonal GGN (``fit`` of FullLaplace, DiagLaplace, FullSubnetLaplace,
+DiagSubnetLaplace) and the linearized (GLM) predictive of every Laplace class.
+``TangentKernelsEF`` does the same for the empirical Fisher (``gradients(x, y)``:
+per-sample loss gradients as J^T dL/df from one backward).
 
 Not covered: Kronecker-factored curvature (``kron`` raises NotImplementedError naming
-laplace-torch's BackPACK/ASDL/curvlinops backends). Left to laplace-torch's own code: last-layer Jacobians (already closed form in
-laplace-torch), and ``enable_backprop=True`` (Jacobians differentiable with respect to
-the input), for which ``jacobians`` calls laplace-torch's torch.func implementation.
+laplace-torch's BackPACK/ASDL/curvlinops backends). Left to laplace-torch's own code:
+last-layer Jacobians (already closed form there) and ``enable_backprop=True`` (Jacobians
+differentiable with respect to the input), for which ``jacobians`` calls laplace-torch's
+torch.func implementation.
 """
 
 from __future__ import annotations
