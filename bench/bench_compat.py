@@ -153,7 +153,9 @@ def bench_trak_subsample(n, p=2048):
     computer = GradientComputer.subsampled(idx)(net, task, None, torch.float32, "cpu")
     t_ours, ours = best_of(lambda: computer.compute_per_sample_grad(batch))
     trak = FunctionalGradientComputer(net, task, None, torch.float32, "cpu")
-    every = lambda: torch.cat([v.detach().flatten(1) for v in trak.compute_per_sample_grad(batch).values()], 1)  # noqa: E731
+    def every():
+        return torch.cat([v.detach().flatten(1) for v in trak.compute_per_sample_grad(batch).values()], 1)
+
     t_trak, theirs = best_of(lambda: every()[:, idx.positions])
     return {"n": n, "p": p, "ours_s": t_ours, "original_s": t_trak, "agreement": rel(ours, theirs)}
 
@@ -259,7 +261,8 @@ def main() -> int:
         report["adapters"] = adapters = run_adapters(args.n)
         failed += [f"{k}: agreement {v['agreement']:.1e}" for k, v in adapters.items() if v["agreement"] > 1e-4]
         failed += [f"{k}: {adapters[k]['speedup']:.2f}x (margin {args.adapter_margin})"
-                   for k in ("trak_subsample", "laplace", "lm_kernel_ft") if adapters[k]["speedup"] < args.adapter_margin]
+                   for k in ("trak_subsample", "laplace", "lm_kernel_ft")
+                   if adapters[k]["speedup"] < args.adapter_margin]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

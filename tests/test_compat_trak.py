@@ -229,3 +229,20 @@ def test_load_model_params_refuses_another_architecture(data):
     computer = GradientComputer(model, ImageClassificationModelOutput(), None, torch.float32, "cpu")
     with pytest.raises(ValueError, match="build a new GradientComputer"):
         computer.load_model_params(nn.Sequential(nn.Flatten(), nn.Linear(192, K)).double())
+
+
+def test_a_custom_output_of_the_logits_by_subclassing(data):
+    model, x, y = data
+
+    class CorrectLogit(GradientComputer):  # a user's task: the correct class's log-probability
+        def model_output(self, logits, labels):
+            return torch.log_softmax(logits, 1).gather(1, labels[:, None])[:, 0]
+
+    class Task:  # any object: the subclass says what it means
+        pass
+
+    got = flat(CorrectLogit(model, Task(), None, torch.float32, "cpu").compute_per_sample_grad((x, y)))
+    params = list(model.parameters())
+    expected = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+        torch.log_softmax(model(x[b:b + 1]), 1)[0, y[b]], params)]) for b in range(7)])
+    assert float((got - expected).norm() / expected.norm()) <= 1e-12

@@ -175,7 +175,8 @@ class GradientComputer(_GradientBase):
             raise NotImplementedError(
                 f"task {_task_name(task)}: the fused path knows TRAK's classification margins "
                 f"({', '.join(self._FUSED)}). For another model output that is a function of the logits, "
-                "subclass GradientComputer and override model_inputs(batch), labels(batch) and model_output(logits, labels); "
+                "subclass GradientComputer and override model_inputs(batch), labels(batch) and "
+                "model_output(logits, labels); "
                 "otherwise use TRAK's FunctionalGradientComputer"
             )
 
