@@ -296,6 +296,7 @@ def test_clear_errors(tmp_path):
     assert "RankFailed: rank 1 failed in phase 'features'" in results[0]["announced"]
 
 
+@pytest.mark.slow  # rank 1 sleeps 5 s past the timeout
 def test_a_stuck_rank_is_named_with_its_phase(tmp_path):
     results = spawn(2, timeout_scenario, tmp_path, pg_timeout=10)
     message = results[0]["error"]
@@ -305,6 +306,7 @@ def test_a_stuck_rank_is_named_with_its_phase(tmp_path):
 # ----------------------------------------------------------------------------- checkpoints per rank
 
 
+@pytest.mark.slow  # three launches, one waiting for the group's 5 s timeout
 @pytest.mark.parametrize("phase,victim", [("gram", 1), ("features", 0)])
 def test_sigkill_of_a_rank_then_relaunch_resumes_to_the_same_bits(tmp_path, phase, victim):
     folder = str(tmp_path / "ckpt")
@@ -356,3 +358,16 @@ def test_a_model_with_0d_buffers_is_fingerprinted(tmp_path):
     model, X = cnn(), cnn_input(6)
     resumable = tk.gram(model, [X], checkpoint=str(tmp_path / "ckpt"), progress=False)
     torch.testing.assert_close(resumable, reference.gram_autograd(model, [X]).float(), rtol=1e-4, atol=1e-5)
+
+
+def test_split_options_without_a_process_group_are_refused():
+    model, _, batches, _ = _problem()
+    with pytest.raises(ValueError, match="no torch.distributed process group is initialized"):
+        tk.gram(model, batches, shard=True, progress=False)
+    with pytest.raises(ValueError, match="no torch.distributed process group is initialized"):
+        tk.gram(model, batches, gather="rows", progress=False)
+    with pytest.raises(ValueError, match="group=False computes K in this process alone"):
+        tk.gram(model, batches, group=False, gather="rank0", progress=False)
+    # no group, default options: the single-process K, against the float64 loop
+    torch.testing.assert_close(tk.gram(model, batches, progress=False), reference.gram_autograd(model, batches).float(),
+                               rtol=1e-5, atol=1e-6)
