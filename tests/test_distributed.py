@@ -68,6 +68,7 @@ def main_scenario(rank: int, world: int):
     own, everything = _uneven(rank, world)
     out["uneven"] = tk.gram(model, [own[:3], own[3:]], shard=True, progress=False)
     out["fp16"] = tk.gram(model, batches, precision="fp16", progress=False)
+    out["bf16-disk"] = tk.gram(model, batches, precision="bf16", store="disk", progress=False)
     out["fp64"] = tk.gram(model, batches, precision="fp64", progress=False)
     scale = float(shard.gather().diagonal().mean())
     targets = torch.randn(40, 2, generator=torch.Generator().manual_seed(3))
@@ -82,6 +83,7 @@ def main_scenario(rank: int, world: int):
         out["single-cross"] = tk.gram(model, batches, loader2=batches2, group=False, progress=False)
         out["single-uneven"] = tk.gram(model, [everything], group=False, progress=False)
         out["single-fp16"] = tk.gram(model, batches, precision="fp16", group=False, progress=False)
+        out["single-bf16"] = tk.gram(model, batches, precision="bf16", group=False, progress=False)
     return out
 
 
@@ -261,12 +263,13 @@ def test_cross_kernel(main_run, exchange):
     torch.testing.assert_close(torch.cat([s["rows"] for s in shards]), single, **FP32)
 
 
-def test_dataloader_fp16_and_fp64(main_run):
+def test_dataloader_fp16_bf16_disk_store_and_fp64(main_run):
     world, results = main_run
     model, _, batches, _ = _problem()
     for r in range(world):
         assert torch.equal(results[r]["dataloader"], results[0]["single"])
         torch.testing.assert_close(results[r]["fp16"], results[0]["single-fp16"], **FP32)
+        torch.testing.assert_close(results[r]["bf16-disk"], results[0]["single-bf16"], **FP32)
         assert results[r]["fp64"].dtype == torch.float64
     # fp64 against the float64 per-sample autograd loop, independent of the engine
     torch.testing.assert_close(results[0]["fp64"], reference.gram_autograd(model, batches), rtol=1e-10, atol=1e-12)

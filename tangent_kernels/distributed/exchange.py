@@ -183,7 +183,7 @@ class Comm:
         if ops:
             with self._blocked():
                 for work in dist.batch_isend_irecv(ops):
-                    work.wait()
+                    work.wait() if self.timeout is None else work.wait(datetime.timedelta(seconds=self.timeout))
 
     def gather_row_shards(self, rows: torch.Tensor, sizes: Sequence[int], dst: Optional[int]) -> Optional[torch.Tensor]:
         """The row shards [sizes[r], m] stacked into [sum(sizes), m]: on every rank
