@@ -19,7 +19,7 @@ from .batched import BatchedPass, Uncovered
 from .dense import DenseStrategy
 from ..structured.plan import Plan, decide
 from .factors import per_sample_gradients
-from .generic import GenericPath
+from .generic import GenericPath, _as_slices
 
 __all__ = ["FeatureExtractor", "BATCHED"]
 
@@ -122,8 +122,7 @@ class FeatureExtractor:
             self.k = self._count_outputs(batch)
         plan = Plan()
         if self.batched is not None and (self.structured_mode != "never" or forced):
-            probe = BatchedPass(self.model, [p for p in self.index.tensor_slices if p.name not in self.generic_why],
-                                self.state, self.output, self.device, self.backend, self.dense)
+            probe = self.batched  # before any plan: every covered tensor, features only
             uses, uncovered = probe.probe(batch.slice(0, min(batch.size, 2)))
             excluded = {**{name: f"generic: {why}" for name, why in self.generic_why.items()},
                         **{name: f"generic: {why}" for name, why in uncovered.items()}}
@@ -221,13 +220,17 @@ class FeatureExtractor:
         if not factors:
             return block[rows]
         shape = (len(rows), self.k, len(self.index)) if self.multi else (len(rows), len(self.index))
-        full = block.new_zeros(shape)
+        full = block.new_empty(shape)  # every column is written below
         full[..., self.kept.to(block.device)] = block[rows]
         slices = {piece.name: piece for piece in self.index.tensor_slices}
         for name, (x, g) in factors.items():
             piece = slices[name]
-            grads = per_sample_gradients(x[rows], g[rows], self.plan.choices[name].axis)
-            full[..., piece.columns.to(block.device)] = grads[..., piece.local.to(block.device)].to(block.dtype)
+            grads = per_sample_gradients(x[rows], g[rows], self.plan.choices[name].axis).to(block.dtype)
+            span = _as_slices(piece.local, piece.columns, grads.shape[-1])
+            if span is not False:
+                full[..., span] = grads
+            else:
+                full[..., piece.columns.to(block.device)] = grads[..., piece.local.to(block.device)]
         return full
 
     def _warn_generic(self) -> None:

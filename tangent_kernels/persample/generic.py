@@ -58,6 +58,7 @@ class GenericPath:
         # told, time one chunk of each after a warm-up chunk and keep the faster.
         self.strategy = strategy or STRATEGY
         self._timings: Dict[str, float] = {}
+        self._spans: Dict[str, object] = {}  # tensor -> its columns as a slice, or False (_as_slices)
 
     def __call__(self, batch: ModelInputs, out: torch.Tensor) -> None:
         """Fill this path's columns of out [B, p] for one batch."""
@@ -68,7 +69,14 @@ class GenericPath:
     def _gather(self, grads: Dict[str, torch.Tensor], out: torch.Tensor) -> None:
         """out[:, columns] = grads[name][:, local] for every touched tensor; grads are [c, *shape]."""
         for name, local, columns in self.slices:
-            out[:, columns] = grads[name].reshape(out.shape[0], -1)[:, local]
+            flat = grads[name].reshape(out.shape[0], -1)
+            span = self._spans.get(name)
+            if span is None:
+                span = self._spans[name] = _as_slices(local, columns, flat.shape[1])
+            if span is not False:  # a whole tensor in order into consecutive columns: a copy
+                out[:, span] = flat
+            else:
+                out[:, columns] = flat[:, local]
 
     def _chunk(self, batch: ModelInputs, out: torch.Tensor) -> None:
         strategy = self.strategy
@@ -139,3 +147,16 @@ class GenericPath:
             self._gather(full, out[b : b + 1])
 
 
+def _as_slices(local: torch.Tensor, columns: torch.Tensor, numel: int):
+    """columns as a slice when local is the whole tensor in order (idx=None) and the
+    columns are consecutive; else False."""
+    n = local.numel()
+    if n != numel or n == 0:
+        return False
+    # Both hold distinct values: ascending local of the tensor's size is 0 .. n-1, and
+    # ascending columns spanning n values are consecutive (one pass each, no arange).
+    if n > 1 and not (bool((local[1:] > local[:-1]).all()) and bool((columns[1:] > columns[:-1]).all())):
+        return False
+    if int(columns[-1]) - int(columns[0]) != n - 1:
+        return False
+    return slice(int(columns[0]), int(columns[0]) + n)

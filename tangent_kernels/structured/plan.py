@@ -13,7 +13,11 @@ Cost per pair of rows of K (k outputs per sample share the inputs' Gram):
 - structured: T^2 (G + X / k^2) multiply-adds in the two factor GEMMs, plus T^2
   elementwise multiply-adds for the product of the two Grams and the sum over (t, t').
 The two kinds of work run at different rates (a GEMM near peak, the elementwise product
-at memory speed), measured once per process on the device and dtype at hand.
+at memory speed), measured once per process on the device and dtype at hand. "auto"
+takes the structured form only when it is estimated _MARGIN times cheaper and the tensor
+has at least _MIN_ENTRIES entries: each structured tensor costs a few stores and small
+GEMMs per tile in Python overhead, which a tiny layer never pays back, and a margin keeps
+a noisy rate measurement from flipping borderline choices between runs.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import torch
 __all__ = ["STRUCTURED_MODES", "Choice", "FactorForm", "Plan", "check_structured", "decide", "measured_rates"]
 
 STRUCTURED_MODES = ("auto", "never", "always")
+_MARGIN = 2.0
+_MIN_ENTRIES = 4096
 
 
 def check_structured(mode) -> str:
@@ -175,7 +181,8 @@ def decide(uses: Sequence, sampled: Sequence, excluded: Dict[str, str], outputs:
         first = forms[0]
         tokens = sum(f.tokens for f in forms)
         features, structured = _costs(first.x_dim, first.g_dim, tokens, outputs, rates)
-        take = st.name in forced if forced is not None else (mode == "always" or structured < features)
+        worth = structured * _MARGIN < features and st.m >= _MIN_ENTRIES
+        take = st.name in forced if forced is not None else (mode == "always" or worth)
         plan.choices[st.name] = Choice(st.name, first.axis, first.x_dim, first.g_dim, tokens, len(forms),
                                        features, structured, take)
     if forced is not None:
