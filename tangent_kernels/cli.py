@@ -156,6 +156,10 @@ def load_kernel(path: str, what: str):
 
     if path.endswith(".safetensors"):
         return load_gram(path)[0]
+    if path.endswith(".shards.json"):  # the row shards of a torchrun `gram --shards`
+        from .distributed.shard import load_shards
+
+        return load_shards(path)[0]
     return load_array(path, what)
 
 
@@ -249,6 +253,8 @@ def _gram(args: argparse.Namespace) -> int:
 
     _check_writable(args.out, "--out", _K_SUFFIXES)
     session = torchrun_session(args.device)  # None unless torchrun started several ranks
+    if args.shards and (session is None or not args.out.endswith(".safetensors")):
+        raise CommandError("--shards writes one file per rank: run under torchrun with several ranks, --out *.safetensors")
     model, x, x2, idx, total = _model_data_idx(args)
     start = time.perf_counter()
     K = gram(
@@ -256,9 +262,15 @@ def _gram(args: argparse.Namespace) -> int:
         output=_parse_output(args.output), precision=args.precision,
         device=args.device if session is None else session.device,
         progress=not args.no_progress, checkpoint=args.checkpoint, max_memory=args.max_memory,
-        **({} if session is None else {"gather": "rank0"}),
+        **({} if session is None else {"gather": "rows" if args.shards else "rank0"}),
     )
     seconds = time.perf_counter() - start
+    if args.shards:
+        from .distributed.shard import save_shards
+
+        manifest = save_shards(K, args.out, {"model": args.model, "data": args.data, "precision": args.precision})
+        print(f"rank {K.rank}: rows {K.row_start}..{K.row_stop - 1} of K {tuple(K.shape)} -> {manifest}")
+        return 0
     if K is None:  # a rank of a torchrun job other than 0, which writes K
         return 0
     p = total if idx is None else len(idx)
@@ -379,6 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint", help="folder to checkpoint into and resume from")
     g.add_argument("--max-memory", type=int, help="bytes of features allowed on the device")
     g.add_argument("--out", required=True, help="where to save K: .safetensors (with metadata, for `solve`), .npy or .pt")
+    g.add_argument("--shards", action="store_true", help="under torchrun: each rank writes its rows of K beside --out, "
+                   "plus OUT.shards.json, which `solve --gram` reads")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (it only shows on a terminal anyway)")
     g.set_defaults(run=_gram)
 

@@ -1,13 +1,17 @@
-"""``KShard``: the rows of K one rank holds (``tk.gram(..., gather="rows")``)."""
+"""``KShard``: the rows of K one rank holds (``tk.gram(..., gather="rows")``), and its
+files: one safetensors file per rank plus a JSON manifest (``tangent-kernels gram --shards``)."""
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional, Tuple
 
 import torch
 
-__all__ = ["KShard"]
+__all__ = ["KShard", "save_shards", "load_shards"]
 
 
 @dataclass
@@ -62,3 +66,69 @@ class KShard:
         comm = Comm(self.group, device=self.rows.device)
         with comm.phase("gather K"):
             return comm.gather_row_shards(self.rows.to(comm.device), self.sizes, dst)
+
+
+_SHARDS_FORMAT = "tangent_kernels.kshards/1"
+
+
+def save_shards(shard: KShard, out, meta: Optional[dict] = None) -> Path:
+    """Every rank writes its rows to ``<out stem>.rank-<r>-of-<W>.safetensors`` (with
+    ``meta``); rank 0 then writes ``<out stem>.shards.json``, the manifest
+    :func:`load_shards` reads (written last, atomically: a manifest on disk means every
+    shard it names is complete). A collective: call on every rank. Returns the manifest's path."""
+    import torch.distributed as dist
+
+    from ..io import save_gram
+
+    out = Path(out)
+    stem = out.with_suffix("") if out.suffix == ".safetensors" else out
+    own = stem.with_name(f"{stem.name}.rank-{shard.rank}-of-{shard.world_size}.safetensors")
+    save_gram(own, shard.rows, dict(meta or {}, row_start=shard.row_start, row_stop=shard.row_stop,
+                                    k_shape=list(shard.shape), rank=shard.rank, world_size=shard.world_size,
+                                    symmetric=shard.symmetric))
+    dist.barrier(group=shard.group)
+    manifest = stem.with_name(f"{stem.name}.shards.json")
+    if shard.rank == 0:
+        entries = [dict(file=stem.with_name(f"{stem.name}.rank-{r}-of-{shard.world_size}.safetensors").name,
+                        row_start=shard.row_offsets[r], row_stop=shard.row_offsets[r + 1])
+                   for r in range(shard.world_size)]
+        text = json.dumps(dict(format=_SHARDS_FORMAT, shape=list(shard.shape), symmetric=shard.symmetric,
+                               dtype=str(shard.rows.dtype).replace("torch.", ""), shards=entries, meta=meta or {}),
+                          indent=1, sort_keys=True)
+        tmp = manifest.with_name(f".{manifest.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, manifest)
+    dist.barrier(group=shard.group)
+    return manifest
+
+
+def load_shards(manifest) -> Tuple[torch.Tensor, dict]:
+    """(K, meta) from a manifest written by :func:`save_shards`: the row shards, checked
+    and stacked, in one process."""
+    from ..io import load_gram
+
+    manifest = Path(manifest)
+    try:
+        record = json.loads(manifest.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{manifest}: not a readable K-shards manifest ({error})") from None
+    if not isinstance(record, dict) or record.get("format") != _SHARDS_FORMAT:
+        raise ValueError(f"{manifest}: not a K-shards manifest (format {_SHARDS_FORMAT}, written by "
+                         "tangent-kernels gram --shards under torchrun)")
+    rows, expected = [], 0
+    for entry in record["shards"]:
+        path = manifest.with_name(entry["file"])
+        if not path.is_file():
+            raise FileNotFoundError(f"{manifest} names the shard {path.name}, which is missing: copy every "
+                                    f"{path.name.split('.rank-')[0]}.rank-*.safetensors file beside the manifest")
+        k, meta = load_gram(path)
+        if entry["row_start"] != expected or tuple(k.shape) != (entry["row_stop"] - entry["row_start"],
+                                                                record["shape"][1]):
+            raise ValueError(f"{path.name} holds rows {meta.get('row_start')}..{meta.get('row_stop')} "
+                             f"{list(k.shape)}, the manifest says rows {entry['row_start']}..{entry['row_stop']} of "
+                             f"K {record['shape']}: the shards are from different runs; recompute them")
+        rows.append(k)
+        expected = entry["row_stop"]
+    if expected != record["shape"][0]:
+        raise ValueError(f"{manifest}: its shards cover {expected} of K's {record['shape'][0]} rows")
+    return torch.cat(rows), dict(record.get("meta") or {}, shape=record["shape"], symmetric=record["symmetric"])
