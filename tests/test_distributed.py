@@ -78,6 +78,13 @@ def main_scenario(rank: int, world: int):
         out[f"solve-{solver}"] = dict(coefs=solution.coefs, betas=solution.betas, converged=solution.converged,
                                       n_iter=solution.n_iter, targets=targets)
     out["operator"] = tk.distributed.KShardOperator(shard) @ targets
+    if world == 3:  # a subgroup: group ranks 0, 1 are global ranks 1, 2 (every transfer maps them)
+        import torch.distributed as dist
+
+        pair = dist.new_group([1, 2])
+        if rank in (1, 2):
+            out["subgroup"] = tk.gram(model, batches, group=pair, progress=False)
+            out["subgroup-rank0"] = tk.gram(model, batches, group=pair, gather="rank0", progress=False)
     if rank == 0:  # one process's K, with the same tiles
         out["single"] = tk.gram(model, batches, group=False, progress=False)
         out["single-cross"] = tk.gram(model, batches, loader2=batches2, group=False, progress=False)
@@ -240,6 +247,16 @@ def test_symmetric_K_is_the_single_process_K_in_every_gather_mode(main_run, exch
     assert [s["row_start"] for s in shards] == list(shards[0]["offsets"][:-1])
     assert shards[-1]["offsets"][-1] == 40 and all(s["shape"] == (40, 40) and s["symmetric"] for s in shards)
     assert torch.equal(torch.cat([s["rows"] for s in shards]), single)
+
+
+def test_a_subgroup_of_ranks(main_run):
+    world, results = main_run
+    if world != 3:
+        pytest.skip("a proper subgroup needs 3 ranks: tested on the 3-rank run")
+    assert "subgroup" not in results[0]  # global rank 0 is not in the group and computed nothing
+    for r in (1, 2):
+        assert torch.equal(results[r]["subgroup"], results[0]["single"])
+    assert torch.equal(results[1]["subgroup-rank0"], results[0]["single"]) and results[2]["subgroup-rank0"] is None
 
 
 def test_row_shards_gather_back(main_run):
