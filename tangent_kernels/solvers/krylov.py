@@ -16,14 +16,15 @@ decades, <= 100, and ~ sqrt(32) ln(2 / tol) / 2 ~ 20 steps to 1e-3
 decades are split into groups with a factor each (a factor costs n^3 / 3; a wider group
 costs more steps, ~ range^(1/4)).
 
-Precision: the factor only shapes the space and every residual is computed from K itself,
-so a factor's rounding never biases the answer; but a float32 factor's backward error
-E ~ eps ||K|| breaks the shift invariance by E / beta, which stalls small betas near the
-residual of one float32 Cholesky solve (1e-4 here). So the factor is ``factor_dtype``
-(float32) when tol >= ``_FP32_FLOOR`` and float64 below, and a group that stalls above
-tol with a float32 factor is solved again with a float64 one. The basis V, K V and
-the residuals are in the working dtype, and in float64 when ``tol`` asks for more than
-float32 products can certify (``_FP32_FLOOR``); small projected systems are fp64.
+Precision: the factor only shapes the space and every residual is computed from K V, so
+rounding never biases the answer, but it can stall it. A float32 factor's backward error
+E ~ eps ||K|| breaks the shift invariance by E / beta, and float32 products K V carry
+errors ~ eps ||K|| ||x||: on an ill-conditioned K small betas stall above tol (measured:
+1.8e-4 at n = 4096 for decay 1.3; 2.4e-3 against a true 9.7e-4 at cond 5e6, decay 1.9).
+So a group runs first with a float32 factor (``factor_dtype``) and the working dtype's
+basis, and the betas it leaves above tol run again with a float64 factor, basis and K V
+(an fp32 K multiplied in fp64 block by block); tol < ``_FP32_FLOOR`` or a float64 K starts
+there. Small projected systems are fp64.
 ``precond=None`` uses no factor: the unpreconditioned space span{Y, K Y, ...}, shared by
 every beta because shifts leave Krylov spaces unchanged (multi-shift CG's idea), which
 is cheap per step and slow for small betas.
@@ -90,8 +91,7 @@ def _krylov(K: torch.Tensor, T: torch.Tensor, betas: List[float], cfg: _Config) 
     n, m = T.shape
     B = len(betas)
     dt = K.dtype
-    basis_dtype = torch.float64 if (dt == torch.float64 or cfg.tol < _FP32_FLOOR) else dt
-    out = T.new_zeros(B, n, m, dtype=basis_dtype)  # float64 coefficients stay float64 (as cholesky's)
+    out = torch.zeros(B, n, m, dtype=torch.float64, device=K.device)
     history = [_new_history(b, False, False) for b in betas]
     n_iter, converged, residual = [0] * B, [False] * B, [math.nan] * B
     if float(T.norm()) == 0:
@@ -101,42 +101,52 @@ def _krylov(K: torch.Tensor, T: torch.Tensor, betas: List[float], cfg: _Config) 
 
     scale = float(K.diagonal().double().mean().clamp_min(torch.finfo(torch.float64).tiny))
     factors = _Factorizer(K) if cfg.krylov_precond == "cholesky" else None
+    exact = dt == torch.float64 or cfg.tol < _FP32_FLOOR
+    first = (torch.float64 if cfg.tol < _FP32_FLOOR else cfg.factor_dtype, torch.float64 if exact else dt)
     centers: List[float] = []
-    factor_dtypes: List[str] = []
+    precisions: List[str] = []
     bar = _bar(cfg.max_iter, "krylov", cfg.progress)
     try:
         for group in _groups(betas):
             gb = [betas[j] for j in group]
-            apply = None
-            factor_dtype = torch.float64 if cfg.tol < _FP32_FLOOR else cfg.factor_dtype
-            if factors is not None:
-                b0 = _center(gb, scale)
-                apply = _preconditioner(factors, b0, factor_dtype, n)
-                centers.append(b0)
-            X, its, res, train = _solve_group(K, T, gb, apply, basis_dtype, cfg, bar)
-            if factors is not None and factor_dtype != torch.float64 and max(res) > cfg.tol:
-                # A float32 factor's backward error E (~ eps ||K||) breaks the shift
-                # invariance by E / beta: the space stalls near one float32 Cholesky
-                # solve's residual. A float64 factor moves that floor below any tol.
-                factors.work.pop(factor_dtype, None)
-                apply = _preconditioner(factors, b0, torch.float64, n)
-                X2, its2, res2, train2 = _solve_group(K, T, gb, apply, basis_dtype, cfg, bar)
-                better = [r2 < r for r, r2 in zip(res, res2)]
-                X = torch.stack([x2 if b else x for x, x2, b in zip(X, X2, better)])
-                its = [i + i2 for i, i2 in zip(its, its2)]
-                res = [min(r, r2) for r, r2 in zip(res, res2)]
-                train = [t2 if b else t for t, t2, b in zip(train, train2, better)]
-                factor_dtype = torch.float64
-            factor_dtypes.append(str(factor_dtype).replace("torch.", ""))
+            b0 = _center(gb, scale)
+            X, its, res, train = None, [0] * len(gb), [math.inf] * len(gb), [math.nan] * len(gb)
+            attempts = [first] if first == (torch.float64, torch.float64) else [first, (torch.float64, torch.float64)]
+            for factor_dtype, basis_dtype in attempts:
+                # A float32 factor's backward error E ~ eps ||K|| breaks the shift invariance
+                # by E / beta, and float32 products K V carry errors ~ eps ||K|| ||x||: on an
+                # ill-conditioned K either stalls small betas above tol (measured: 2.4e-3
+                # against a true 9.7e-4 at cond 5e6) and float64 removes both floors.
+                apply = None
+                if factors is not None:
+                    factors.work.clear()  # one n x n workspace at a time
+                    apply = _preconditioner(factors, b0, factor_dtype, n)
+                todo = [i for i, r in enumerate(res) if r > cfg.tol]  # a retry solves only these
+                X2, its2, res2, train2 = _solve_group(K, T, [gb[i] for i in todo], apply, basis_dtype, cfg, bar)
+                if X is None:
+                    X = torch.zeros(len(gb), *X2.shape[1:], dtype=torch.float64, device=K.device)
+                for k, i in enumerate(todo):
+                    its[i] += its2[k]
+                    if res2[k] < res[i]:
+                        X[i], res[i], train[i] = X2[k], res2[k], train2[k]
+                label = (str(factor_dtype) if factors is not None else "none").replace("torch.", "")
+                precisions.append(f"factor {label}, basis {str(basis_dtype).replace('torch.', '')}")
+                if max(res) <= cfg.tol:
+                    break
+            centers.append(b0)
             for i, j in enumerate(group):
-                out[j] = X[i].to(basis_dtype)
+                out[j] = X[i]
                 n_iter[j], residual[j], converged[j] = its[i], res[i], res[i] <= cfg.tol
                 _record(history[j], its[i], train[i], res[i], None, 0)
     finally:
         bar.close()
-    return _Result(out, n_iter, converged, residual, history,
-                   {"factors": len(centers), "centers": centers, "factor_dtypes": factor_dtypes, "basis_dtype": str(basis_dtype).replace("torch.", "")})
-
+        if factors is not None:
+            factors.work.clear()
+    # float64 coefficients stay float64 (as cholesky's); a float32 run gives float32 ones.
+    coefs = out if exact or any("basis float64" in p for p in precisions) else out.to(dt)
+    return _Result(coefs, n_iter, converged, residual, history,
+                   {"factors": len(centers) if factors is not None else 0, "centers": centers,
+                    "precisions": precisions})
 
 def _preconditioner(factors: _Factorizer, b0: float, factor_dtype: torch.dtype,
                     n: int) -> Callable[[torch.Tensor], torch.Tensor]:
