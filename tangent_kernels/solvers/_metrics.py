@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from ._checks import _Targets
+from .outputs import unflatten_scores
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -21,11 +22,15 @@ class _Validation:
     K: torch.Tensor
     targets: _Targets
     f0: Optional[torch.Tensor]
+    block: int = 1  # k of a multi-output kernel flattened to [n_val k, n k] (solvers/outputs.py)
 
     def scores(self, coefs: torch.Tensor) -> torch.Tensor:
-        """coefs [n, a, m] -> validation scores [n_val, a, m] (f0 added)."""
+        """coefs [n, a, m] -> validation scores [n_val, a, m] (f0 added); a multi-output
+        kernel's flat coefs [n k, a, 1] -> [n_val, a, k]."""
         n, a, m = coefs.shape
         P = (self.K @ coefs.reshape(n, a * m)).view(-1, a, m)
+        if self.block > 1:
+            P = unflatten_scores(P, self.block)
         return P if self.f0 is None else P + self.f0[:, None, :]
 
 

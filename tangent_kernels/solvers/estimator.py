@@ -16,6 +16,7 @@ from ._checks import (_beta_scale, _check_betas, _check_cross, _check_kernel, _c
                       _check_targets, _label_count, _out_dtype, _Targets, Array)
 from ._common import _Config, _Result
 from ._metrics import _key, _metrics, _Validation
+from . import outputs
 from .api import _resolve, _run, _warn_unconverged
 
 
@@ -147,6 +148,10 @@ class KernelRidge:
             f0: Optional[Array] = None, f0_val: Optional[Array] = None) -> "KernelRidge":
         """Fit on the training Gram K [n, n] and targets Y (int labels [n] or values [n] / [n, m]).
 
+        K may also be the full k x k eNTK [n, n, k, k] (``tk.gram(..., output="full")``): one
+        system over (sample, output) pairs, Y labels 0 .. k-1 or targets [n, k], K_val
+        [n_val, n, k, k]; coefficients are then [n, k] and predictions [n_test, k].
+
         K_val [n_val, n] = K(X_val, X_train) and Y_val select beta (and nesterov's early
         stopping). f0 [n, m] / f0_val [n_val, m]: outputs of the network being linearized; the
         kernel model fits the remainder Y - f0 and predicts f0 + K alpha. Returns self.
@@ -154,33 +159,49 @@ class KernelRidge:
         start = time.perf_counter()
         if (K_val is None) != (Y_val is None):
             raise ValueError("pass K_val and Y_val together (or neither)")
+        block = 1
+        if outputs.ndim(K) == 4:  # the full k x k eNTK: one system over (sample, output) pairs
+            K, block = outputs.flatten_kernel(K, "K")
         K = _check_kernel(K, self.sym_tol, self.device)
-        n, dev, dt = K.shape[0], K.device, K.dtype
+        n, dev, dt = K.shape[0] // block, K.device, K.dtype
         counts = [c for c in (_label_count(Y, "Y"), _label_count(Y_val, "Y_val") if Y_val is not None else None)
                   if c is not None]
         n_classes = self.n_classes if self.n_classes is not None else (max(counts) if counts else None)
         targets = _check_targets(Y, n, "Y", "K", dt, dev, n_classes)
         m = targets.values.shape[1]
+        if block > 1 and m != block:
+            raise ValueError(
+                f"K is a {block}-output kernel [n, n, {block}, {block}], so Y needs {block} target columns "
+                f"(or labels 0 .. {block - 1}: one-hot targets); got {m}"
+            )
         classification = targets.labels is not None
         fitted = targets.values
         if f0 is not None:
             fitted = fitted - _check_offset(f0, (n, m), "f0", fitted)
         val = None
         if K_val is not None:
-            Kv = _check_cross(K_val, n, "K_val", dt, dev)
-            vt = _check_targets(Y_val, Kv.shape[0], "Y_val", "K_val", dt, dev, n_classes, classification)
+            if block > 1:
+                K_val = outputs.flatten_kernel(K_val, "K_val", block)[0]
+            Kv = _check_cross(K_val, n * block, "K_val", dt, dev)
+            Kv_rows = Kv.shape[0] // block
+            vt = _check_targets(Y_val, Kv_rows, "Y_val", "K_val", dt, dev, n_classes, classification)
             if vt.values.shape[1] != m:
                 raise ValueError(f"Y_val has {vt.values.shape[1]} target columns but Y has {m}")
             if (f0 is None) != (f0_val is None):
                 raise ValueError("pass f0 and f0_val together: validation scores are f0_val + K_val @ alpha")
-            fv = _check_offset(f0_val, (Kv.shape[0], m), "f0_val", fitted) if f0_val is not None else None
-            val = _Validation(Kv, vt, fv)
+            fv = _check_offset(f0_val, (Kv_rows, m), "f0_val", fitted) if f0_val is not None else None
+            val = _Validation(Kv, vt, fv, block)
         elif f0_val is not None:
             raise ValueError("f0_val given without K_val / Y_val")
 
         auto = isinstance(self.betas, str)
         needs_loo = val is None and (auto or len(self.betas) > 1)
         n_betas = 9 if auto else len(self.betas)  # the telescopic search's first round
+        if block > 1 and needs_loo:
+            raise ValueError(
+                "a multi-output kernel chooses beta on validation data (leave-one-out would leave out one "
+                "(sample, output) pair, not a sample): pass K_val [n_val, n, k, k] and Y_val, or a single beta"
+            )
         solver, cfg, reason = _resolve(self.solver, K, n_betas, self._cfg, needs_loo)
         if val is None and solver != "eigh" and (auto or len(self.betas) > 1):
             what = "betas='auto'" if auto else f"{len(self.betas)} betas"
@@ -216,13 +237,14 @@ class KernelRidge:
             if not user:
                 break
             tried.update(float(f"{b:.9g}") for b in user)
-            result = _run(solver, K, fitted, [b * scale for b in user], cfg, val, cv, self.allow_tf32)
+            flat = fitted.reshape(n * block, 1) if block > 1 else fitted
+            result = _run(solver, K, flat, [b * scale for b in user], cfg, val, cv, self.allow_tf32)
             runs.extend((b, result, i) for i, b in enumerate(user))
 
         runs.sort(key=lambda r: r[0])
         best, scores = self._select(runs, val, cv, targets)
         self.betas_ = [b for b, _, _ in runs]
-        self.dual_coefs_ = torch.stack([r.coefs[i] for _, r, i in runs]).to(out_dtype)
+        self.dual_coefs_ = torch.stack([r.coefs[i] for _, r, i in runs]).to(out_dtype).view(len(runs), n, m)
         self.best_index_ = best
         self.best_beta_ = self.betas_[best]
         self.dual_coef_ = self.dual_coefs_[best]
@@ -239,6 +261,7 @@ class KernelRidge:
         self.n_classes_ = n_classes if classification else None
         self.n_train_ = n
         self.n_outputs_ = m
+        self._block = block
         self._uses_f0 = f0 is not None
         if val is None:  # with validation data, stopping early is the point, not a failure
             _warn_unconverged(solver, _Result(self.dual_coefs_, self.n_iter_, self.converged_,
@@ -296,13 +319,21 @@ class KernelRidge:
             if not matches:
                 raise ValueError(f"beta={beta!r} was not fitted; fitted betas_: {self.betas_}")
             coef = self.dual_coefs_[matches[0]]
-        Kt = _check_cross(K_test, self.n_train_, "K_test", coef.dtype, coef.device)
+        block = getattr(self, "_block", 1)
+        if block > 1:
+            K_test = outputs.flatten_kernel(K_test, "K_test", block)[0]
+        elif outputs.ndim(K_test) == 4:
+            raise ValueError("K_test is a multi-output kernel [n_test, n, k, k] but fit's K was [n, n]; "
+                             "fit on the [n, n, k, k] kernel (tk.gram(..., output='full')) to predict with one")
+        Kt = _check_cross(K_test, self.n_train_ * block, "K_test", coef.dtype, coef.device)
         if self._uses_f0 and f0_test is None:
             raise ValueError("fit used f0: pass f0_test (the network's outputs on the test samples)")
         if not self._uses_f0 and f0_test is not None:
             raise ValueError("f0_test given but fit had no f0: pass f0 to fit, or drop f0_test")
         with fp32_math(self.allow_tf32), torch.no_grad():
-            scores = Kt @ coef
+            scores = Kt @ coef.reshape(-1, 1 if block > 1 else coef.shape[1])
+        if block > 1:
+            scores = scores.view(-1, block)
         if f0_test is not None:
             scores = scores + _check_offset(f0_test, tuple(scores.shape), "f0_test", scores)
         return scores
