@@ -267,7 +267,7 @@ class _Plan:
             visiting = own_cols if step == 0 else _unpack(held, own_cols, self)
             try:
                 for task in (t for t in tasks if t.step == step):
-                    block = self._task(task, own_rows, visiting, held, rows, col_offsets, ckpt, progress)
+                    block = self._task(task, own_rows, visiting, held, payload, rows, col_offsets, ckpt, progress)
                     if block is not None:
                         blocks.append((task, block))
             finally:
@@ -291,8 +291,8 @@ class _Plan:
         need = entries * torch.empty((), dtype=self.precision.k).element_size()
         return self.device if need <= torch.cuda.mem_get_info(self.device)[0] // 2 else torch.device("cpu")
 
-    def _task(self, task: Task, own: FeatureStore, visiting: FeatureStore, visiting_payload, rows, col_offsets,
-              ckpt, progress) -> Optional[torch.Tensor]:
+    def _task(self, task: Task, own: FeatureStore, visiting: FeatureStore, visiting_payload, own_payload, rows,
+              col_offsets, ckpt, progress) -> Optional[torch.Tensor]:
         """Compute one block; returns it when it belongs (also) to another rank's rows."""
         rank = self.comm.rank
         task_ckpt = None
@@ -305,7 +305,8 @@ class _Plan:
                 engine._blocked_gram(own, own, True, k_dtype, self.device, rows[:, c0:c1], task_ckpt, progress.of(task), budget)
                 return None
             if task.row_shard == rank:  # own rows, visiting columns: straight into this rank's rows
-                first = own if task.row_start == 0 else _rows_store(own, task, self)
+                # Only K(X, X) splits a block's rows, and there the rank's rows are the payload it sends.
+                first = own if task.row_start == 0 else _unpack(own_payload[task.row_start:task.row_stop], own, self)
                 try:
                     out = rows[task.row_start:task.row_stop, c0:c1]
                     engine._blocked_gram(first, visiting, False, k_dtype, self.device, out, task_ckpt, progress.of(task), budget)
@@ -407,11 +408,6 @@ def _unpack(payload: torch.Tensor, like: FeatureStore, plan: _Plan) -> FeatureSt
         feature_store.close()
         raise
     return feature_store
-
-
-def _rows_store(feature_store: FeatureStore, task: Task, plan: _Plan) -> FeatureStore:
-    """The rows [row_start, row_stop) of a store, as a store of their own."""
-    return _unpack(_pack(feature_store, plan.comm.device, task.row_start, task.row_stop), feature_store, plan)
 
 
 class _TaskProgress:

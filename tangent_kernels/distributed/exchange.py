@@ -112,8 +112,9 @@ class Comm:
                         f"rank {self.rank} of {self.world}: not every rank reached the end of phase {phase!r} within "
                         f"{f'{self.timeout:g} s' if self.timeout is not None else 'the process group timeout'} "
                         f"({' '.join(str(barrier_error).split())}). The ranks named there are stuck or dead in "
-                        f"{phase!r} (a loader that blocks, an infinite loop, a killed process); a slow rank needs "
-                        "a longer timeout= (seconds)"
+                        f"{phase!r} (a loader that blocks, an infinite loop, a killed process), or never called "
+                        "tk.gram: under a process group every rank must call it (group=False keeps a call in "
+                        "one process); a slow rank needs a longer timeout= (seconds)"
                     ) from barrier_error
             else:
                 with self._blocked():
