@@ -36,8 +36,8 @@ GATHERS = ("all", "rank0", "rows")
 EXCHANGES = ("auto", "ring", "allgather")
 # "auto" is the ring: bench/bench_distributed.py (2 gloo processes, resnet18, n = 256,
 # p = 100,000) measured 0.4 s blocked in the ring's one pass, overlapped with the diagonal
-# tiles, against 1.4-1.8 s in all_gather moving the same bytes; and the ring holds two
-# visiting shards, not all of them. NCCL has not been measured.
+# tiles, against 1.4-1.8 s in all_gather moving the same bytes; and the ring holds a few
+# shard-sized buffers, not every shard. NCCL has not been measured.
 
 
 def gram(model, loader, idx=None, loader2=None, *, group=None, shard: bool = False, gather: str = "all",
@@ -54,7 +54,7 @@ def gram(model, loader, idx=None, loader2=None, *, group=None, shard: bool = Fal
     gather: "all" (K on every rank), "rank0" (K on rank 0, None elsewhere) or "rows"
         (a :class:`KShard` per rank: its contiguous rows of K and their offsets).
     exchange: how feature shards travel: "ring" (W // 2 point-to-point passes for
-        K(X, X), overlapped with the tiles; two shards in memory), "allgather" (one
+        K(X, X), overlapped with the tiles; a few shards in memory), "allgather" (one
         collective; every shard in memory), "auto" (the ring: measured faster on gloo).
     timeout: seconds a rank waits for the others at a phase boundary (None: the
         group's timeout); the error names the phase and, on gloo, the missing ranks.
