@@ -63,9 +63,10 @@ class KShard:
         rank). ``dst=None``: K on every rank; ``dst=r``: on rank r, None elsewhere."""
         from .exchange import Comm
 
-        comm = Comm(self.group, device=self.rows.device)
+        comm = Comm(self.group, device=self.rows.device if self.rows.is_cuda else None)
         with comm.phase("gather K"):
-            return comm.gather_row_shards(self.rows.to(comm.device), self.sizes, dst)
+            k = comm.gather_row_shards(self.rows.to(comm.device), self.sizes, dst)
+        return None if k is None else k.to(self.rows.device)
 
 
 _SHARDS_FORMAT = "tangent_kernels.kshards/1"

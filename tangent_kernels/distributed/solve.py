@@ -44,7 +44,8 @@ class KShardOperator:
         if not isinstance(shard, KShard):
             raise TypeError(f"expected a KShard (tk.gram(..., gather='rows')), got {type(shard).__name__}")
         self.shard = shard
-        self.comm = Comm(shard.group, device=shard.rows.device)
+        # Rows in host memory on an NCCL group still travel through this rank's GPU.
+        self.comm = Comm(shard.group, device=shard.rows.device if shard.rows.is_cuda else None)
         self.shape, self.dtype, self.device = tuple(shard.shape), shard.rows.dtype, shard.rows.device
 
     def matmul(self, V: torch.Tensor, control: torch.Tensor = None):
