@@ -253,7 +253,7 @@ def _smallest_keys(total: int, n: int, seed: int) -> np.ndarray:
     return np.sort(best_pos)
 
 
-def subsample(model: nn.Module, n: int, *, seed: int = 0) -> ParamIndex:
+def subsample(model: nn.Module, n: int, *, seed: int = 0, structure: str = "uniform") -> ParamIndex:
     """Draw ``n`` of the model's trainable parameters uniformly without replacement.
 
     Deterministic for a given (parameter layout, n, seed) on any device and any torch
@@ -266,6 +266,13 @@ def subsample(model: nn.Module, n: int, *, seed: int = 0) -> ParamIndex:
         model: the network; only parameters with ``requires_grad`` are eligible.
         n: how many parameters to keep, 1 <= n <= number of trainable parameters.
         seed: any Python int.
+        structure: "uniform" (default), or "kronecker": per parameter tensor, viewed as
+            a matrix [shape[0], rest], a random set of rows times a random set of
+            columns (a tensor's share of ``n`` in proportion to its size, rows and
+            columns in the matrix's aspect ratio; 1-D tensors uniformly). ``tk.gram``
+            then keeps the structured form for those tensors, at n^2 T^2 (rows + cols)
+            per layer instead of n^2 rows cols (docs/structured.md). The per-tensor
+            rounding makes the size about ``n``: ``len(idx)`` is exact.
     """
     layout = _layout_with_parameters(model)
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
@@ -280,5 +287,40 @@ def subsample(model: nn.Module, n: int, *, seed: int = 0) -> ParamIndex:
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
+    if structure == "kronecker":
+        return ParamIndex(layout, torch.from_numpy(_kronecker_positions(layout, n, int(seed))))
+    if structure != "uniform":
+        raise ValueError(f"structure must be 'uniform' or 'kronecker', got {structure!r}")
     positions = torch.from_numpy(_smallest_keys(layout.total, n, int(seed)))
     return ParamIndex(layout, positions)
+
+
+def _tensor_seed(seed: int, tensor: int, part: int) -> int:
+    # Independent draws per tensor and per axis, from one user seed.
+    digest = hashlib.sha256(f"{seed}:{tensor}:{part}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def _kronecker_positions(layout: ParamLayout, n: int, seed: int) -> np.ndarray:
+    """Rows x columns per tensor (see subsample), as sorted global positions."""
+    parts = []
+    offsets = layout.offsets
+    for t, (shape, numel) in enumerate(zip(layout.shapes, layout.numels)):
+        share = n * numel / layout.total
+        if len(shape) < 2:
+            m = min(numel, int(round(share)))
+            if m:
+                parts.append(offsets[t] + _smallest_keys(numel, m, _tensor_seed(seed, t, 0)))
+            continue
+        rows, cols = shape[0], numel // shape[0]
+        if share < 0.5:
+            continue
+        # r / c = rows / cols with r c = share: the same fraction of each axis.
+        r = int(min(rows, max(1, round(np.sqrt(share * rows / cols)))))
+        c = int(min(cols, max(1, round(share / r))))
+        chosen_rows = _smallest_keys(rows, r, _tensor_seed(seed, t, 1))
+        chosen_cols = _smallest_keys(cols, c, _tensor_seed(seed, t, 2))
+        parts.append(offsets[t] + (chosen_rows[:, None] * cols + chosen_cols[None, :]).reshape(-1))
+    if not parts:
+        raise ValueError(f"a Kronecker subsample of n={n} leaves every tensor empty: raise n")
+    return np.sort(np.concatenate(parts))

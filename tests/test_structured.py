@@ -129,8 +129,8 @@ def test_cross_kernels(name):
     assert rel_err(K32, ref) <= 1e-5
 
 
-def _every_logit(model, x, outputs):
-    per = torch.stack([tk.reference.features_autograd(model, [x], output=a) for a in range(outputs)], 1)
+def _every_logit(model, x, outputs, idx=None):
+    per = torch.stack([tk.reference.features_autograd(model, [x], idx, output=a) for a in range(outputs)], 1)
     full = torch.einsum("iap,jbp->ijab", per, per)
     return {"full": full, "trace": full.diagonal(dim1=2, dim2=3).sum(-1), "diagonal": full.diagonal(dim1=2, dim2=3)}
 
@@ -274,3 +274,33 @@ def test_fp32_stays_accurate_at_ten_million_parameters():
     K = tk.gram(model, [x], progress=False, structured="never")
     assert rel_err(K, ref) <= 1e-5
     assert rel_err(tk.gram(model, [x], progress=False), ref) <= 1e-5  # the structured way
+
+
+@pytest.mark.parametrize("name", ["mlp", "uses", "cnn", "convs"])
+def test_kronecker_subsample_keeps_the_structured_form(name):
+    model, x, structured = _case(name, 7, 11)
+    total = sum(p.numel() for p in model.parameters())
+    idx = tk.subsample(model, total // 3, seed=5, structure="kronecker")
+    assert abs(len(idx) - total // 3) <= 0.25 * total // 3  # per-tensor rounding
+    assert torch.equal(idx.positions, tk.subsample(model, total // 3, seed=5, structure="kronecker").positions)
+    report = tk.coverage(model, x, idx, structured="always")
+    assert sorted(report.structured) == sorted(structured)
+    sampled, sizes = {n: e for n, e, _ in report.rows}, {n: p.numel() for n, p in model.named_parameters()}
+    partial = [t for t in structured if sampled[t] < sizes[t]]
+    assert partial and all("Kronecker-sampled" in report.gram[t] for t in partial)
+    ref = tk.reference.gram_autograd(model, [x], idx)
+    loader = [x[:4], x[4:]]
+    K = tk.gram(model, loader, idx, precision="fp64", progress=False, structured="always")
+    features = tk.gram(model, loader, idx, precision="fp64", progress=False, structured="never")
+    assert rel_err(K, ref) <= 1e-10 and rel_err(features, ref) <= 1e-10
+    full = tk.gram(model, loader, idx, output="full", precision="fp64", progress=False, structured="always")
+    assert rel_err(full, _every_logit(model, x, full.shape[-1], idx)["full"]) <= 1e-10
+
+
+def test_a_uniform_subsample_is_not_a_product_set():
+    torch.manual_seed(12)
+    model, x = mlp(3), torch.randn(5, 6)
+    report = tk.coverage(model, x, tk.subsample(model, 150, seed=1), structured="always")
+    assert report.structured == [] and "not rows x columns" in report.gram["2.weight"]
+    with pytest.raises(ValueError, match="structure must be"):
+        tk.subsample(model, 10, structure="blocks")

@@ -229,8 +229,9 @@ class FeatureExtractor:
             span = _as_slices(piece.local, piece.columns, grads.shape[-1])
             if span is not False:
                 full[..., span] = grads
-            else:
-                full[..., piece.columns.to(block.device)] = grads[..., piece.local.to(block.device)]
+            else:  # grads run over the sampled entries in ascending order (factors.py)
+                order = torch.searchsorted(torch.sort(piece.local).values, piece.local)
+                full[..., piece.columns.to(block.device)] = grads[..., order.to(block.device)]
         return full
 
     def _warn_generic(self) -> None:

@@ -29,16 +29,17 @@ class FactorSink:
     def register(self, name: str, key: str, form) -> None:
         """A use of a structured tensor in this forward (before any backward)."""
         choice = self.choices[name]
-        if form is None or (form.axis, form.x_dim, form.g_dim) != (choice.axis, choice.x_dim, choice.g_dim):
+        if form is None or (form.axis, form.x_dim, form.g_dim) != (choice.axis, *choice.use_dims):
             raise Uncovered({name: "a use whose factors differ from the first batch's (the structured Gram "
                                    "needs the same uses every batch)"})
         self._order[name].append((key, form))
 
     def add(self, name: str, key: str, x: torch.Tensor, g: torch.Tensor) -> None:
         # Detached: the activations are tracked by autograd, and the factors outlive the pass.
+        choice = self.choices[name]
         if (name, key) not in self._x:
-            self._x[(name, key)] = x.detach()
-        self._g[(name, key, self.output)] = g.detach()
+            self._x[(name, key)] = _select(x.detach(), choice.x_index)
+        self._g[(name, key, self.output)] = _select(g.detach(), choice.g_index)
 
     def finish(self, batch: int, like: torch.Tensor) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
         """name -> (x [B, T, X], g [B, T, G], or [B, k, T, G] for every logit); zeros where
@@ -52,19 +53,25 @@ class FactorSink:
             xs, gs = [], [[] for _ in range(self.outputs)]
             for key, form in uses:
                 x = self._x.get((name, key))
-                xs.append(x if x is not None else like.new_zeros(batch, form.tokens, form.x_dim))
+                xs.append(x if x is not None else like.new_zeros(batch, form.tokens, choice.x_dim))
                 for a in range(self.outputs):
                     g = self._g.get((name, key, a))
-                    gs[a].append(g if g is not None else like.new_zeros(batch, form.tokens, form.g_dim))
+                    gs[a].append(g if g is not None else like.new_zeros(batch, form.tokens, choice.g_dim))
             x = torch.cat(xs, dim=1).to(like.dtype)
             per_output = [torch.cat(g, dim=1).to(like.dtype) for g in gs]
             result[name] = (x, torch.stack(per_output, dim=1) if self.multi else per_output[0])
         return result
 
 
+def _select(factor: torch.Tensor, index) -> torch.Tensor:
+    """The Kronecker subsample's rows or columns of a factor's last dim (None: all)."""
+    return factor if index is None else factor.index_select(-1, index.to(factor.device))
+
+
 def per_sample_gradients(x: torch.Tensor, g: torch.Tensor, axis: int) -> torch.Tensor:
-    """The flat per-sample gradients the factors stand for: [R, numel] (or [R, k, numel]
-    for g [R, k, T, G]), in the leaf's row-major order (x on leaf axis ``axis``)."""
+    """The flat per-sample gradients the factors stand for: [R, m] (or [R, k, m] for
+    g [R, k, T, G]), in the leaf's row-major order of its sampled entries (x on leaf axis
+    ``axis``; for a Kronecker subsample, its rows x columns)."""
     multi = g.dim() == 4
     if axis == 1:  # leaf [G, X]
         grad = torch.einsum("batg,btx->bagx" if multi else "btg,btx->bgx", g, x)

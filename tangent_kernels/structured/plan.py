@@ -57,7 +57,13 @@ class FactorForm:
 
 @dataclass(frozen=True)
 class Choice:
-    """The decision for one eligible tensor; costs are seconds per pair of rows of K."""
+    """The decision for one eligible tensor; costs are seconds per pair of rows of K.
+
+    x_dim, g_dim: the factors' widths as stored; for a Kronecker-sampled tensor (a set
+    of rows times a set of columns of its matrix [shape[0], rest]) the selected ones,
+    with x_index / g_index the selected entries of the uses' x and g (None: all), and
+    use_dims the uses' own (x, g) widths.
+    """
 
     name: str
     axis: int
@@ -68,10 +74,15 @@ class Choice:
     features_cost: float
     structured_cost: float
     structured: bool
+    use_dims: Tuple[int, int] = (0, 0)
+    x_index: Optional[torch.Tensor] = None
+    g_index: Optional[torch.Tensor] = None
 
     def describe(self) -> str:
         ratio = self.features_cost / self.structured_cost  # > 1: the structured form is cheaper
         shape = f"T={self.tokens}, in={self.x_dim}, out={self.g_dim}" + (f", {self.uses} uses" if self.uses > 1 else "")
+        if self.x_index is not None or self.g_index is not None:
+            shape += f", Kronecker-sampled of {self.use_dims[0]}x{self.use_dims[1]}"
         estimate = f"{ratio:.3g}x cheaper" if ratio >= 1 else f"{1 / ratio:.3g}x costlier"
         if self.structured:
             return f"Gram: structured ({shape}; est. {estimate} than features)"
@@ -142,6 +153,21 @@ def _costs(x_dim: int, g_dim: int, tokens: int, outputs: int, rates) -> Tuple[fl
     return features, structured
 
 
+def _product_selection(st):
+    """(rows, cols) of the leaf's matrix [shape[0], rest] that the sampled entries are
+    all pairs of (None, None: the whole tensor), or False when they are not such a set."""
+    numel = st.leaf.numel()
+    if st.m == numel:
+        return None, None
+    cols = numel // st.leaf.shape[0]
+    local = st._sorted_local
+    rows_of, cols_of = torch.unique(local // cols), torch.unique(local % cols)
+    # Distinct entries, all in rows_of x cols_of, as many as its pairs: exactly that set.
+    if rows_of.numel() * cols_of.numel() != st.m:
+        return False
+    return rows_of, cols_of
+
+
 def decide(uses: Sequence, sampled: Sequence, excluded: Dict[str, str], outputs: int, mode: str,
            device: torch.device, dtype: torch.dtype, forced: Optional[Sequence[str]] = None) -> Plan:
     """The plan for the sampled tensors (``views.SampledTensor``) of one forward's ``uses``.
@@ -161,10 +187,11 @@ def decide(uses: Sequence, sampled: Sequence, excluded: Dict[str, str], outputs:
             # A bias or norm scale: its features (n O) cost what a structured form would.
             plan.ineligible[st.name] = f"{st.leaf.dim()}-D (its features are as cheap)"
             continue
-        if st.m != st.leaf.numel():
-            # A subset of entries breaks the outer-product form: the Gram of a uniform
-            # subsample is not a product of two small Grams (exact only as features).
-            plan.ineligible[st.name] = "partially sampled"
+        selection = _product_selection(st)
+        if selection is False:
+            # A subset of entries that is not rows x columns breaks the outer-product form:
+            # its Gram is not a product of two small Grams (exact only as features).
+            plan.ineligible[st.name] = "partially sampled, not rows x columns (a Kronecker subsample)"
             continue
         touching = [use for use in uses if any(other is st for other in use.sampled)]
         forms = [use.factor_form(st) for use in touching]
@@ -180,11 +207,16 @@ def decide(uses: Sequence, sampled: Sequence, excluded: Dict[str, str], outputs:
             continue
         first = forms[0]
         tokens = sum(f.tokens for f in forms)
-        features, structured = _costs(first.x_dim, first.g_dim, tokens, outputs, rates)
+        rows, cols = selection
+        # The leaf's matrix is [rows, cols]; x lies along axis ``first.axis`` of it.
+        x_index, g_index = (cols, rows) if first.axis == 1 else (rows, cols)
+        x_dim = first.x_dim if x_index is None else x_index.numel()
+        g_dim = first.g_dim if g_index is None else g_index.numel()
+        features, structured = _costs(x_dim, g_dim, tokens, outputs, rates)
         worth = structured * _MARGIN < features and st.m >= _MIN_ENTRIES
         take = st.name in forced if forced is not None else (mode == "always" or worth)
-        plan.choices[st.name] = Choice(st.name, first.axis, first.x_dim, first.g_dim, tokens, len(forms),
-                                       features, structured, take)
+        plan.choices[st.name] = Choice(st.name, first.axis, x_dim, g_dim, tokens, len(forms), features, structured,
+                                       take, (first.x_dim, first.g_dim), x_index, g_index)
     if forced is not None:
         missing = [name for name in forced if name not in plan.choices]
         if missing:
