@@ -135,18 +135,21 @@ def main() -> None:
                              wall=wall, efficiency=t_single / (world * wall), exact=bool(torch.equal(K, single)),
                              cpu=sum(s["cpu"] for s in stats), work_efficiency=cpu_single / sum(s["cpu"] for s in stats),
                              features=[round(s["features"], 3) for s in stats], gram=[round(s["gram"], 3) for s in stats],
+                             features_cpu=[round(s["features_cpu"], 3) for s in stats],
+                             gram_cpu=[round(s["gram_cpu"], 3) for s in stats],
                              communication=[round(s["communication"], 3) for s in stats],
                              communication_share=max(s["communication"] / s["wall"] for s in stats)))
     print(f"n={args.n}, p={args.params}, resnet18 32x32, fp32, {args.device}, {args.backend}, {args.threads} thread(s) per process, "
           f"{os.cpu_count()} cores ({platform.machine()}), load average {os.getloadavg()[0]:.1f}, "
           f"torch {torch.__version__}, commit {commit()}")
     print("| configuration | wall s | samples/s | efficiency | CPU s (all ranks) | work efficiency | features s (per rank) "
-          "| Gram s | blocked in collectives s | share |")
-    print("|---|---:|---:|---:|---:|---:|---|---|---|---:|")
+          "| features CPU s | Gram s | Gram CPU s | blocked in collectives s | share |")
+    print("|---|---:|---:|---:|---:|---:|---|---|---|---|---|---:|")
     for r in rows:
         print(f"| {r['config']} | {r['wall']:.2f} | {args.n / r['wall']:.0f} | {r['efficiency']:.2f} | {r['cpu']:.2f} | "
               f"{r['work_efficiency']:.2f} | "
-              f"{r.get('features', '')} | {r.get('gram', '')} | {r.get('communication', '')} | "
+              f"{r.get('features', '')} | {r.get('features_cpu', '')} | {r.get('gram', '')} | {r.get('gram_cpu', '')} | "
+              f"{r.get('communication', '')} | "
               f"{r.get('communication_share', 0):.0%} |")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(args=vars(args), rows=rows, commit=commit()), indent=1))

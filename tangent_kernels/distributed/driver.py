@@ -59,7 +59,7 @@ def gram(model, loader, idx=None, loader2=None, *, group=None, shard: bool = Fal
     timeout: seconds a rank waits for the others at a phase boundary (None: the
         group's timeout); the error names the phase and, on gloo, the missing ranks.
     stats: a dict, filled with this rank's seconds per phase ("features", "gram",
-        "gather"), the seconds it was blocked in collectives ("communication": waits
+        "gather"; the process's CPU seconds in "features_cpu", "gram_cpu"), the seconds it was blocked in collectives ("communication": waits
         for other ranks included, transfers hidden behind tiles excluded), the
         exchange taken and its shard sizes.
 
@@ -149,7 +149,7 @@ class _Plan:
     # ------------------------------------------------------------------ the run
     def run(self, model):
         comm, stores, ckpt, error = self.comm, [], None, None
-        clock = time.perf_counter()
+        clock, cpu = time.perf_counter(), time.process_time()
         try:
             try:
                 ckpt = self._open_checkpoint()
@@ -158,6 +158,7 @@ class _Plan:
                 error = caught
             comm.settle("features", error)  # no collective before it: a rank that failed is not in them
             self.stats["features"], clock = time.perf_counter() - clock, time.perf_counter()
+            self.stats["features_cpu"], cpu = time.process_time() - cpu, time.process_time()
             signatures = comm.all_objects(self.signature)
             if len(set(signatures)) > 1:
                 raise ValueError(f"the ranks' loaders hold inputs of different per-sample shapes or dtypes: "
@@ -170,6 +171,7 @@ class _Plan:
                                      f"announced {total} (len(dataset)): its batches changed between ranks")
             rows = self._gram(stores, sizes, ckpt)
             self.stats["gram"], clock = time.perf_counter() - clock, time.perf_counter()
+            self.stats["gram_cpu"] = time.process_time() - cpu
             k = self._gathered(rows, sizes)
             self.stats.update(gather=time.perf_counter() - clock, communication=comm.waited,
                               sizes=sizes[0], world_size=comm.world)
