@@ -374,30 +374,37 @@ def _wait(shift, timeout: Optional[float]) -> torch.Tensor:
     return shift.wait(timeout)
 
 
-def _pack(feature_store: FeatureStore, device: torch.device, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
-    """A store's rows [start, stop) as bytes [rows, row_bytes (+ 4 for the fp16 scale)] on
-    the comm device, copied one tile at a time (a host or disk store is never staged whole)."""
-    stop = feature_store.n if stop is None else stop
+def _pack(feature_store: FeatureStore, device: torch.device) -> torch.Tensor:
+    """A store's rows as bytes [n, row_bytes (+ 4 for the fp16 scale)] on the comm device:
+    the store's own memory where it already is that (an unscaled device store on the comm
+    device), else copied one tile at a time (a host or disk store is never staged whole)."""
+    n = feature_store.n
+    if feature_store.kind == "device" and feature_store.device == device and not feature_store.scaled:
+        return feature_store.rows(0, n).view(torch.uint8)
     width = feature_store.row_bytes + (4 if feature_store.scaled else 0)
-    payload = torch.empty(stop - start, width, dtype=torch.uint8, device=device)
+    payload = torch.empty(n, width, dtype=torch.uint8, device=device)
     step = engine._TILE_ROWS
-    for i0 in range(start, stop, step):
-        i1 = min(i0 + step, stop)
+    for i0 in range(0, n, step):
+        i1 = min(i0 + step, n)
         block = feature_store.rows(i0, i1)
         try:
-            payload[i0 - start:i1 - start, :feature_store.row_bytes].copy_(
-                block.contiguous().view(torch.uint8).reshape(i1 - i0, -1))
+            payload[i0:i1, :feature_store.row_bytes].copy_(block.contiguous().view(torch.uint8).reshape(i1 - i0, -1))
         finally:
             feature_store.release(block)
         if feature_store.scaled:
-            payload[i0 - start:i1 - start, feature_store.row_bytes:].copy_(
+            payload[i0:i1, feature_store.row_bytes:].copy_(
                 feature_store.scales(i0, i1).contiguous().view(torch.uint8).reshape(i1 - i0, 4))
     return payload
 
 
-def _unpack(payload: torch.Tensor, like: FeatureStore, plan: _Plan) -> FeatureStore:
-    """A feature store holding the rows of a received payload."""
+def _unpack(payload: torch.Tensor, like: FeatureStore, plan: _Plan):
+    """The rows of a payload as a store: read in place where they are already on the
+    compute device in the store dtype (no copy: one shard-sized buffer less per ring
+    step), else copied into a FeatureStore of the run's kind (fp16 with its interleaved
+    scales; a gloo group computing on a GPU)."""
     n = payload.shape[0]
+    if not like.scaled and payload.device == plan.device and payload.is_contiguous():
+        return _BytesStore(payload.view(like.dtype))
     feature_store = FeatureStore(like.p, like.dtype, plan.device, kind=plan.store, max_memory=plan.budget,
                                  cache_dir=plan.cache_dir, scaled=like.scaled, expected_rows=n, name="visiting")
     try:
@@ -410,6 +417,32 @@ def _unpack(payload: torch.Tensor, like: FeatureStore, plan: _Plan) -> FeatureSt
         feature_store.close()
         raise
     return feature_store
+
+
+class _BytesStore:
+    """Received feature rows [n, p] read in place, with the part of FeatureStore's interface
+    that ``engine._blocked_gram`` reads: a device-resident store without scales. Its bytes
+    belong to the transfer buffer, which the exchange accounts for, so ``device_bytes`` is 0."""
+
+    kind, scaled, device_bytes = "device", False, 0
+
+    def __init__(self, features: torch.Tensor):
+        self._features = features
+        self.n = self.samples = features.shape[0]
+        self.p, self.dtype, self.device = features.shape[1], features.dtype, features.device
+        self.row_bytes = self.p * features.element_size()
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        return self._features[start:stop]
+
+    def release(self, rows: torch.Tensor) -> None:
+        pass
+
+    def scales(self, start: int, stop: int) -> None:
+        return None
+
+    def close(self) -> None:
+        self._features = None
 
 
 class _TaskProgress:
