@@ -133,6 +133,7 @@ def errors_scenario(rank: int, world: int):
     out["weights"] = _error_of(lambda: tk.gram(model if rank == 0 else other, batches, progress=False))
     out["precision"] = _error_of(lambda: tk.gram(model, batches, precision="fp32" if rank == 0 else "fp64",
                                                  progress=False))
+    out["output"] = _error_of(lambda: tk.gram(model, batches, output="first" if rank == 0 else "sum", progress=False))
     out["batches"] = _error_of(lambda: tk.gram(model, batches if rank == 0 else batches[:4], progress=False))
     out["gather"] = _error_of(lambda: tk.gram(model, batches, gather="everyone", progress=False))
     # rank 1's dataset announces one sample more than it has
@@ -309,6 +310,7 @@ def test_clear_errors(tmp_path):
         assert "model_weights" in result["weights"] and "rank 1" in result["weights"]
         assert "precision: rank 0 has 'fp32', rank 1 has 'fp64'" in result["precision"]
         assert "batches: rank 0 has [5], rank 1 has [4]" in result["batches"]
+        assert "output: rank 0 has 'first', rank 1 has 'sum'" in result["output"]
         assert "gather must be one of" in result["gather"]
         assert "rank 2" not in result["short-loader"] and "yields 3 batches but announced 5" in result["short-loader"]
         assert result["after"].shape == (40, 40)
