@@ -356,7 +356,7 @@ def gram(
         return distributed_gram(model, loader, idx, loader2, group=split, shard=shard, gather=gather, output=output,
                                 precision=precision, device=device, progress=progress, inputs=inputs, backend=backend,
                                 out=out, callback=callback, checkpoint=checkpoint, store=store, max_memory=max_memory,
-                                cache_dir=cache_dir, checkpoint_key=checkpoint_key)
+                                cache_dir=cache_dir, checkpoint_key=checkpoint_key, structured=structured)
     index, output, precision, device, backend = _prepare(model, idx, output, precision, device, backend)
     _check_inputs_callable(inputs)
     structured = check_structured(structured)

@@ -44,7 +44,7 @@ def gram(model, loader, idx=None, loader2=None, *, group=None, shard: bool = Fal
          exchange: str = "auto", timeout: Optional[float] = None, output="first", precision: str = "fp32",
          device=None, progress=True, inputs=None, backend: str = "auto", out=None, callback=None,
          checkpoint=None, store: str = "auto", max_memory=None, cache_dir=None, checkpoint_key=None,
-         stats: Optional[dict] = None):
+         structured: str = "auto", stats: Optional[dict] = None):
     """The eNTK Gram over a process group; the arguments of :func:`tangent_kernels.gram`, plus
 
     group: the process group (None: the default one).
@@ -66,11 +66,17 @@ def gram(model, loader, idx=None, loader2=None, *, group=None, shard: bool = Fal
     Exact to the bit against one process where every rank's shard is a multiple of
     2 x 1024 rows (the tiles then coincide); otherwise within fp32 rounding (the same
     products, summed in other tile shapes). Not yet: ``out=``, the every-logit
-    outputs ("full", "trace", "diagonal").
+    outputs ("full", "trace", "diagonal"), the structured Gram contributions
+    (``structured="auto"`` computes features for every tensor here; "always" is refused).
     """
     comm = Comm(group, timeout, device=_comm_device(device, model))
     error, plan = None, None
     try:
+        from ..structured import check_structured
+
+        if check_structured(structured) == "always":
+            raise ValueError("structured='always' is not supported by the distributed Gram yet (it computes "
+                             "features for every tensor): use structured='auto' or 'never', or one process")
         plan = _Plan(comm, model, loader, idx, loader2, shard, gather, exchange, output, precision, device, progress,
                      inputs, backend, out, callback, checkpoint, store, max_memory, cache_dir, checkpoint_key)
     except Exception as caught:  # told to every rank below, so none waits for a rank that stopped
