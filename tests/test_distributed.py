@@ -85,12 +85,12 @@ def main_scenario(rank: int, world: int):
         if rank in (1, 2):
             out["subgroup"] = tk.gram(model, batches, group=pair, progress=False)
             out["subgroup-rank0"] = tk.gram(model, batches, group=pair, gather="rank0", progress=False)
-    if rank == 0:  # one process's K, with the same tiles
-        out["single"] = tk.gram(model, batches, group=False, progress=False)
-        out["single-cross"] = tk.gram(model, batches, loader2=batches2, group=False, progress=False)
-        out["single-uneven"] = tk.gram(model, [everything], group=False, progress=False)
-        out["single-fp16"] = tk.gram(model, batches, precision="fp16", group=False, progress=False)
-        out["single-bf16"] = tk.gram(model, batches, precision="bf16", group=False, progress=False)
+    if rank == 0:  # one process's K, with the same tiles, from features as the distributed path computes it
+        out["single"] = tk.gram(model, batches, group=False, structured="never", progress=False)
+        out["single-cross"] = tk.gram(model, batches, loader2=batches2, group=False, structured="never", progress=False)
+        out["single-uneven"] = tk.gram(model, [everything], group=False, structured="never", progress=False)
+        out["single-fp16"] = tk.gram(model, batches, precision="fp16", group=False, structured="never", progress=False)
+        out["single-bf16"] = tk.gram(model, batches, precision="bf16", group=False, structured="never", progress=False)
     return out
 
 

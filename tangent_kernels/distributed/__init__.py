@@ -18,7 +18,8 @@ from .exchange import DistributedError, DistributedMismatch, DistributedTimeout,
 from .shard import KShard
 from .solve import KShardOperator, ShardedSolution, solve
 
-__all__ = ["KShard", "KShardOperator", "ShardedSolution", "solve", "DistributedError", "DistributedMismatch", "DistributedTimeout", "RankFailed", "gram",
+__all__ = ["KShard", "KShardOperator", "ShardedSolution", "solve", "DistributedError", "DistributedMismatch",
+           "DistributedTimeout", "RankFailed", "gram",
            "active_group"]
 
 

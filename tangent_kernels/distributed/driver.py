@@ -59,7 +59,8 @@ def gram(model, loader, idx=None, loader2=None, *, group=None, shard: bool = Fal
     timeout: seconds a rank waits for the others at a phase boundary (None: the
         group's timeout); the error names the phase and, on gloo, the missing ranks.
     stats: a dict, filled with this rank's seconds per phase ("features", "gram",
-        "gather"; the process's CPU seconds in "features_cpu", "gram_cpu"), the seconds it was blocked in collectives ("communication": waits
+        "gather"; the process's CPU seconds in "features_cpu", "gram_cpu"), the
+        seconds it was blocked in collectives ("communication": waits
         for other ranks included, transfers hidden behind tiles excluded), the
         exchange taken and its shard sizes.
 
@@ -310,14 +311,16 @@ class _Plan:
             c0, c1 = col_offsets[task.col_shard], col_offsets[task.col_shard + 1]
             budget, k_dtype = self.budget, self.precision.k
             if task.diagonal:
-                engine._blocked_gram(own, own, True, k_dtype, self.device, rows[:, c0:c1], task_ckpt, progress.of(task), budget)
+                engine._blocked_gram(own, own, True, k_dtype, self.device, rows[:, c0:c1], task_ckpt,
+                                     progress.of(task), budget)
                 return None
             if task.row_shard == rank:  # own rows, visiting columns: straight into this rank's rows
                 # Only K(X, X) splits a block's rows, and there the rank's rows are the payload it sends.
                 first = own if task.row_start == 0 else _unpack(own_payload[task.row_start:task.row_stop], own, self)
                 try:
                     out = rows[task.row_start:task.row_stop, c0:c1]
-                    engine._blocked_gram(first, visiting, False, k_dtype, self.device, out, task_ckpt, progress.of(task), budget)
+                    engine._blocked_gram(first, visiting, False, k_dtype, self.device, out, task_ckpt,
+                                         progress.of(task), budget)
                 finally:
                     if first is not own:
                         first.close()
@@ -327,7 +330,8 @@ class _Plan:
             first = _unpack(visiting_payload[task.row_start:task.row_stop], own, self)
             try:
                 block = torch.empty(task.row_stop - task.row_start, own.n, dtype=k_dtype, device=self.device)
-                engine._blocked_gram(first, own, False, k_dtype, self.device, block, task_ckpt, progress.of(task), budget)
+                engine._blocked_gram(first, own, False, k_dtype, self.device, block, task_ckpt, progress.of(task),
+                                     budget)
             finally:
                 first.close()
             r0 = col_offsets[task.row_shard] + task.row_start

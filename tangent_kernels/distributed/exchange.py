@@ -65,7 +65,8 @@ class Comm:
         else:
             self.device = torch.device("cpu")
         if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
-            raise ValueError(f"timeout must be a positive number of seconds (or None: the process group's); got {timeout!r}")
+            raise ValueError(f"timeout must be a positive number of seconds (or None: the process group's); "
+                             f"got {timeout!r}")
         self.timeout = timeout
         self.waited = 0.0  # seconds this rank spent blocked in collectives (not hidden behind compute)
 

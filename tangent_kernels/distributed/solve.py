@@ -105,7 +105,8 @@ def solve(K: KShard, Y, betas: Union[float, Sequence[float]], *, solver: str = "
     if T.dim() == 1:
         T = T[:, None]
     if T.dim() != 2 or T.shape[0] != op.shape[0]:
-        raise ValueError(f"Y must be [n] or [n, m] with n = {op.shape[0]} (K's rows); got {list(torch.as_tensor(Y).shape)}")
+        raise ValueError(f"Y must be [n] or [n, m] with n = {op.shape[0]} (K's rows); "
+                         f"got {list(torch.as_tensor(Y).shape)}")
     betas = [float(b) for b in ([betas] if isinstance(betas, (int, float)) else betas)]
     if not betas or not all(math.isfinite(b) and b > 0 for b in betas):
         raise ValueError(f"betas must be positive, finite numbers; got {betas!r}")
