@@ -78,6 +78,8 @@ def main_scenario(rank: int, world: int):
         out[f"solve-{solver}"] = dict(coefs=solution.coefs, betas=solution.betas, converged=solution.converged,
                                       n_iter=solution.n_iter, targets=targets)
     out["operator"] = tk.distributed.KShardOperator(shard) @ targets
+    out["operator-vector"] = tk.distributed.KShardOperator(shard) @ targets[:, 0]
+    out["diagonal"] = tk.distributed.KShardOperator(shard).diagonal()
     if world == 3:  # a subgroup: group ranks 0, 1 are global ranks 1, 2 (every transfer maps them)
         import torch.distributed as dist
 
@@ -359,6 +361,8 @@ def test_sharded_solvers_match_the_gathered_solve(main_run, solver):
     first = results[0][f"solve-{solver}"]
     targets = first["targets"].double()
     torch.testing.assert_close(results[0]["operator"], results[0]["single"] @ first["targets"], **FP32)
+    torch.testing.assert_close(results[-1]["operator-vector"], results[0]["single"] @ first["targets"][:, 0], **FP32)
+    assert torch.equal(results[-1]["diagonal"], results[0]["single"].diagonal())
     for beta, coefs, converged in zip(first["betas"], first["coefs"], first["converged"]):
         assert converged, first["n_iter"]
         exact = torch.linalg.solve(K + beta * torch.eye(40, dtype=torch.float64), targets)
