@@ -75,3 +75,15 @@ def test_torchrun_gram_shards_then_solve_reads_them(tmp_path, capsys, monkeypatc
     (tmp_path / "K.rank-1-of-2.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="K.rank-1-of-2.safetensors, which is missing"):
         load_shards(tmp_path / "K.shards.json")
+
+
+def test_shards_without_torchrun_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    from tangent_kernels.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    (tmp_path / "factory.py").write_text(FACTORY)
+    np.save(tmp_path / "X.npy", np.zeros((4, 5)))
+    assert main(["gram", "--model", "factory.py:make", "--data", "X.npy", "--out", "K.safetensors", "--shards"]) == 2
+    assert "--shards writes one file per rank: run under torchrun" in capsys.readouterr().err
+    assert not list(tmp_path.glob("K*"))
