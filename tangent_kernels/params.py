@@ -9,6 +9,7 @@ derived here and nowhere else.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from typing import Iterator, List, Tuple
@@ -38,11 +39,11 @@ class ParamLayout:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         return cls(tuple(n for n, _ in named), tuple(tuple(p.shape) for _, p in named))
 
-    @property
+    @functools.cached_property  # the layout is frozen: computed once, not on every access
     def numels(self) -> Tuple[int, ...]:
         return tuple(int(np.prod(s, dtype=np.int64)) for s in self.shapes)
 
-    @property
+    @functools.cached_property
     def offsets(self) -> np.ndarray:
         """offsets[t] is the global position of tensor t's first element; offsets[-1] == total."""
         return np.concatenate([[0], np.cumsum(self.numels, dtype=np.int64)])
@@ -68,6 +69,27 @@ class TensorSlice:
     name: str
     local: torch.Tensor  # int64 [m]
     columns: torch.Tensor  # int64 [m]
+    # The whole tensor in order into consecutive columns (idx=None): columns[0] + local.
+    # Known from construction, so that the per-batch copies need no check of 670k indices.
+    whole: bool = False
+
+    def span(self, numel: int):
+        """The columns as a slice when the piece is the whole tensor (of ``numel``
+        entries) in order into consecutive columns, else None."""
+        if self.whole or _is_span(self.local, self.columns, numel):
+            return slice(int(self.columns[0]), int(self.columns[0]) + self.local.numel())
+        return None
+
+
+def _is_span(local: torch.Tensor, columns: torch.Tensor, numel: int) -> bool:
+    n = local.numel()
+    if n != numel or n == 0:
+        return False
+    # Both hold distinct values: ascending local of the tensor's size is 0 .. n-1, and
+    # ascending columns spanning n values are consecutive (one pass each, no arange).
+    if n > 1 and not (bool((local[1:] > local[:-1]).all()) and bool((columns[1:] > columns[:-1]).all())):
+        return False
+    return int(columns[-1]) - int(columns[0]) == n - 1
 
 
 class ParamIndex:
@@ -79,10 +101,10 @@ class ParamIndex:
     :meth:`from_positions`.
     """
 
-    def __init__(self, layout: ParamLayout, positions: torch.Tensor):
+    def __init__(self, layout: ParamLayout, positions: torch.Tensor, _whole: bool = False):
         self.layout = layout
         self.positions = positions
-        self._slices = self._split()
+        self._slices = self._whole_slices() if _whole else self._split()
 
     @classmethod
     def from_positions(cls, model: nn.Module, positions) -> "ParamIndex":
@@ -92,7 +114,7 @@ class ParamIndex:
     @classmethod
     def all(cls, model: nn.Module) -> "ParamIndex":
         layout = _layout_with_parameters(model)
-        return cls(layout, torch.arange(layout.total, dtype=torch.int64))
+        return cls(layout, torch.arange(layout.total, dtype=torch.int64), _whole=True)
 
     def __len__(self) -> int:
         return int(self.positions.numel())
@@ -123,6 +145,14 @@ class ParamIndex:
 
     def __iter__(self) -> Iterator[TensorSlice]:
         return iter(self._slices)
+
+    def _whole_slices(self) -> List[TensorSlice]:
+        """Every tensor whole, in order (idx=None): no search over the positions (0.6 s
+        for resnet18's 11M on every call)."""
+        offsets = self.layout.offsets
+        return [TensorSlice(name, torch.arange(numel, dtype=torch.int64), self.positions[offsets[t]:offsets[t + 1]],
+                            whole=True)
+                for t, (name, numel) in enumerate(zip(self.layout.names, self.layout.numels)) if numel]
 
     def _split(self) -> List[TensorSlice]:
         offsets = torch.from_numpy(self.layout.offsets)

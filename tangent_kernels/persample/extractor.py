@@ -19,7 +19,7 @@ from .batched import BatchedPass, Uncovered
 from .dense import DenseStrategy
 from ..structured.plan import Plan, decide
 from .factors import per_sample_gradients
-from .generic import GenericPath, _as_slices
+from .generic import GenericPath
 
 __all__ = ["FeatureExtractor", "BATCHED"]
 
@@ -226,10 +226,12 @@ class FeatureExtractor:
         for name, (x, g) in factors.items():
             piece = slices[name]
             grads = per_sample_gradients(x[rows], g[rows], self.plan.choices[name].axis).to(block.dtype)
-            span = _as_slices(piece.local, piece.columns, grads.shape[-1])
-            if span is not False:
+            # grads run over the sampled entries in ascending order (factors.py): a whole
+            # tensor in order, or ascending entries into consecutive columns, are a copy.
+            span = piece.span(grads.shape[-1])
+            if span is not None:
                 full[..., span] = grads
-            else:  # grads run over the sampled entries in ascending order (factors.py)
+            else:
                 order = torch.searchsorted(torch.sort(piece.local).values, piece.local)
                 full[..., piece.columns.to(block.device)] = grads[..., order.to(block.device)]
         return full

@@ -58,7 +58,8 @@ class GenericPath:
         # told, time one chunk of each after a warm-up chunk and keep the faster.
         self.strategy = strategy or STRATEGY
         self._timings: Dict[str, float] = {}
-        self._spans: Dict[str, object] = {}  # tensor -> its columns as a slice, or False (_as_slices)
+        self._spans: Dict[str, object] = {}  # tensor -> its columns as a slice, or None (TensorSlice.span)
+        self._pieces = {s.name: s for s in slices}
 
     def __call__(self, batch: ModelInputs, out: torch.Tensor) -> None:
         """Fill this path's columns of out [B, p] for one batch."""
@@ -70,10 +71,10 @@ class GenericPath:
         """out[:, columns] = grads[name][:, local] for every touched tensor; grads are [c, *shape]."""
         for name, local, columns in self.slices:
             flat = grads[name].reshape(out.shape[0], -1)
-            span = self._spans.get(name)
-            if span is None:
-                span = self._spans[name] = _as_slices(local, columns, flat.shape[1])
-            if span is not False:  # a whole tensor in order into consecutive columns: a copy
+            if name not in self._spans:
+                self._spans[name] = self._pieces[name].span(flat.shape[1])
+            span = self._spans[name]
+            if span is not None:  # a whole tensor in order into consecutive columns: a copy
                 out[:, span] = flat
             else:
                 out[:, columns] = flat[:, local]
@@ -145,18 +146,3 @@ class GenericPath:
             full = {name: (torch.zeros_like(t) if g is None else g).unsqueeze(0)
                     for (name, t), g in zip(leaves.items(), grads)}
             self._gather(full, out[b : b + 1])
-
-
-def _as_slices(local: torch.Tensor, columns: torch.Tensor, numel: int):
-    """columns as a slice when local is the whole tensor in order (idx=None) and the
-    columns are consecutive; else False."""
-    n = local.numel()
-    if n != numel or n == 0:
-        return False
-    # Both hold distinct values: ascending local of the tensor's size is 0 .. n-1, and
-    # ascending columns spanning n values are consecutive (one pass each, no arange).
-    if n > 1 and not (bool((local[1:] > local[:-1]).all()) and bool((columns[1:] > columns[:-1]).all())):
-        return False
-    if int(columns[-1]) - int(columns[0]) != n - 1:
-        return False
-    return slice(int(columns[0]), int(columns[0]) + n)
