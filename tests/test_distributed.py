@@ -65,6 +65,7 @@ def main_scenario(rank: int, world: int):
     out["rows-gathered"] = shard.gather()
     out["rows-gathered-to-1"] = shard.gather(dst=1)
     out["dataloader"] = tk.gram(model, DataLoader(TensorDataset(X), batch_size=8), progress=False)
+    out["drop-last"] = tk.gram(model, DataLoader(TensorDataset(X[:38]), batch_size=8, drop_last=True), progress=False)
     own, everything = _uneven(rank, world)
     out["uneven"] = tk.gram(model, [own[:3], own[3:]], shard=True, progress=False)
     out["fp16"] = tk.gram(model, batches, precision="fp16", progress=False)
@@ -289,6 +290,7 @@ def test_dataloader_fp16_bf16_disk_store_and_fp64(main_run):
     model, _, batches, _ = _problem()
     for r in range(world):
         assert torch.equal(results[r]["dataloader"], results[0]["single"])
+        assert torch.equal(results[r]["drop-last"], results[0]["single"][:32, :32])  # 4 whole batches of 8
         torch.testing.assert_close(results[r]["fp16"], results[0]["single-fp16"], **FP32)
         torch.testing.assert_close(results[r]["bf16-disk"], results[0]["single-bf16"], **FP32)
         assert results[r]["fp64"].dtype == torch.float64

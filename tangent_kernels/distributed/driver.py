@@ -140,7 +140,7 @@ class _Plan:
         """(this rank's loader, the batches announced, the samples announced or None)."""
         rank, world = self.comm.rank, self.comm.world
         if self.shard:
-            return loader, None, loader_length(loader)
+            return loader, None, _announced(loader)
         if isinstance(loader, torch.Tensor):  # one batch: its samples are split instead
             if loader.dim() == 0 or loader.shape[0] < world:
                 raise ValueError(f"{name} is one tensor of {loader.shape[0] if loader.dim() else 0} samples, fewer "
@@ -151,7 +151,7 @@ class _Plan:
             raise ValueError(f"{name} has {n_batches} batches for {world} ranks: every rank needs at least one "
                              "batch; use smaller batches (DataLoader(batch_size=...)) or fewer ranks")
         start, stop = split_batches(n_batches, world)[rank]
-        return RankBatches(loader, start, stop, n_batches, rank, rank == world - 1), n_batches, loader_length(loader)
+        return RankBatches(loader, start, stop, n_batches, rank, rank == world - 1), n_batches, _announced(loader)
 
     # ------------------------------------------------------------------ the run
     def run(self, model):
@@ -371,6 +371,13 @@ class _Plan:
         with comm.phase(f"gather K ({self.gather})"):
             k = comm.gather_row_shards(rows.to(comm.device), row_sizes, None if self.gather == "all" else 0)
         return None if k is None else k.to(self.device)
+
+
+def _announced(loader) -> Optional[int]:
+    """The samples a loader says it yields, to check against what it does: None when it
+    cannot say, or drops its last partial batch (DataLoader(drop_last=True) yields fewer
+    than len(dataset) by design)."""
+    return None if getattr(loader, "drop_last", False) else loader_length(loader)
 
 
 def _offsets(sizes: Sequence[int]) -> List[int]:
