@@ -59,17 +59,20 @@ def synthetic_problem(n: int, classes: int, decay: float, dtype: torch.dtype, de
     the eigenvectors, and the dense solvers' cost not at all on the basis. Labels: argmax
     of a teacher on the top 50 eigenvectors plus noise (a learnable, eNTK-like task).
     """
+    # Built in float64 and rounded once: a float32 Q diag(lam) Q^T moves eigenvalues by
+    # ~ eps32 sqrt(n) lambda_max (0.03 at n = 8192, decay 1.9), which makes K + 1e-3 I
+    # indefinite; a Gram from tk.gram rounds each entry once (fp64-summed fp32 chunks).
     g = torch.Generator(device=device).manual_seed(seed)
-    Q = torch.linalg.qr(torch.randn(n, n, generator=g, device=device, dtype=dtype)).Q
+    Q = torch.linalg.qr(torch.randn(n, n, generator=g, device=device, dtype=torch.float64)).Q
     lam = torch.arange(1, n + 1, dtype=torch.float64, device=device).pow(-decay)
-    lam = (lam * (n / lam.sum())).to(dtype)
-    W = torch.randn(50, classes, generator=g, device=device, dtype=dtype)
-    W /= torch.arange(1, 51, device=device, dtype=dtype)[:, None]
+    lam = lam * (n / lam.sum())
+    W = torch.randn(50, classes, generator=g, device=device, dtype=torch.float64)
+    W /= torch.arange(1, 51, device=device, dtype=torch.float64)[:, None]
     scores = Q[:, :50] @ W * math.sqrt(n)
-    scores += 0.3 * torch.randn(n, classes, generator=g, device=device, dtype=dtype)
+    scores += 0.3 * torch.randn(n, classes, generator=g, device=device, dtype=torch.float64)
     K = (Q * lam) @ Q.T
-    del Q  # peak memory ~ 4 n^2 floats (40 GB at n = 50,000 in float32)
-    K = (K + K.T) / 2
+    del Q  # peak memory ~ 4 n^2 doubles (80 GB at n = 50,000)
+    K = ((K + K.T) / 2).to(dtype)
     return K, scores.argmax(dim=1), float(lam[0])
 
 

@@ -10,6 +10,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from ..engine import _check_progress, _progress_bar
+from ..store import available_host_bytes
 
 
 # Element budget of one block of rows when an fp32 K is multiplied in fp64 (refinement
@@ -102,6 +103,13 @@ def _bar(total: int, desc: str, progress):
         return _NullBar()
     bar.leave = False
     return bar
+
+
+def _free_bytes(device: torch.device) -> int:
+    """Free memory of ``device`` (host memory for the CPU)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    return available_host_bytes()
 
 
 def _generator(device: torch.device, seed: int) -> torch.Generator:

@@ -20,18 +20,12 @@ from typing import Dict, Tuple
 
 import torch
 
-from ..store import available_host_bytes
+from ._common import _free_bytes
 
 # The factor and its working copies must fit in this share of the free memory.
 _FACTOR_MEMORY_SHARE = 0.8
 # Nystrom rank of the fallback: ~ the spectrum's knee on eNTKs (docs/solvers.md), capped by n.
 _FALLBACK_RANK = 2000
-
-
-def _free_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    return available_host_bytes()
 
 
 def choose(n: int, n_betas: int, device: torch.device, dtype: torch.dtype,

@@ -38,7 +38,7 @@ from typing import Callable, List, Optional
 import torch
 
 from ._checks import _NEGATIVE_EIGENVALUE, _not_psd
-from ._common import _Config, _Result, _bar, _matmul_fp64
+from ._common import _Config, _Result, _bar, _free_bytes, _matmul_fp64
 from ._metrics import _new_history, _record
 from .cholesky import _cholesky_apply, _Factorizer
 
@@ -54,6 +54,9 @@ _CENTER_WEIGHT = 2 / 3
 _FP32_FLOOR = 1e-4
 # A beta whose residual fell less than this factor over _STALL_STEPS steps has reached
 # what its precision allows.
+# A float64 copy of a float32 K is kept for a float64 attempt when it takes at most this
+# share of the free memory (n = 8192: 512 MiB).
+_FP64_COPY_SHARE = 0.25
 _STALL_FACTOR = 0.9
 _STALL_STEPS = 4
 # Without a factor, CG-like plateaus of tens of steps are normal on ill-conditioned K.
@@ -105,6 +108,7 @@ def _krylov(K: torch.Tensor, T: torch.Tensor, betas: List[float], cfg: _Config) 
     first = (torch.float64 if cfg.tol < _FP32_FLOOR else cfg.factor_dtype, torch.float64 if exact else dt)
     centers: List[float] = []
     precisions: List[str] = []
+    K64: Optional[torch.Tensor] = K if dt == torch.float64 else None
     bar = _bar(cfg.max_iter, "krylov", cfg.progress)
     try:
         for group in _groups(betas):
@@ -122,7 +126,14 @@ def _krylov(K: torch.Tensor, T: torch.Tensor, betas: List[float], cfg: _Config) 
                     factors.work.clear()  # one n x n workspace at a time
                     apply = _preconditioner(factors, b0, factor_dtype, n)
                 todo = [i for i, r in enumerate(res) if r > cfg.tol]  # a retry solves only these
-                X2, its2, res2, train2 = _solve_group(K, T, [gb[i] for i in todo], apply, basis_dtype, cfg, bar)
+                if basis_dtype == torch.float64 and K64 is None and dt != torch.float64:
+                    K64 = _float64_copy(K)
+                X2, its2, res2, train2 = _solve_group(K if K64 is None or basis_dtype != torch.float64 else K64,
+                                                      T, [gb[i] for i in todo], apply, basis_dtype, cfg, bar)
+                if basis_dtype != torch.float64:
+                    # float32 products K V misjudge residuals near float32's floor in both
+                    # directions: every beta's residual is measured again in float64.
+                    res2, train2 = _float64_residuals(K if K64 is None else K64, T, [gb[i] for i in todo], X2)
                 if X is None:
                     X = torch.zeros(len(gb), *X2.shape[1:], dtype=torch.float64, device=K.device)
                 for k, i in enumerate(todo):
@@ -147,6 +158,28 @@ def _krylov(K: torch.Tensor, T: torch.Tensor, betas: List[float], cfg: _Config) 
     return _Result(coefs, n_iter, converged, residual, history,
                    {"factors": len(centers) if factors is not None else 0, "centers": centers,
                     "precisions": precisions})
+
+def _float64_copy(K: torch.Tensor) -> Optional[torch.Tensor]:
+    """K in float64 when a copy takes at most ``_FP64_COPY_SHARE`` of the free memory (one
+    conversion instead of one per step of a float64 attempt), else None (block by block)."""
+    need = K.numel() * 8
+    if need > _FP64_COPY_SHARE * _free_bytes(K.device):
+        return None
+    return K.double()
+
+
+def _float64_residuals(K: torch.Tensor, T: torch.Tensor, betas: List[float], X: torch.Tensor):
+    """Relative residuals and train MSE of X [a, n, m] (float64), K in any dtype."""
+    a, n, m = X.shape
+    if a == 0:
+        return [], []
+    KX = _matmul_fp64(K, X.permute(1, 0, 2).reshape(n, a * m)).view(n, a, m).permute(1, 0, 2)
+    fit = KX - T.double()[None]
+    bt = torch.tensor(betas, dtype=torch.float64, device=K.device).view(a, 1, 1)
+    tnorm = float(T.double().norm())
+    rel = ((fit + bt * X).pow(2).sum(dim=(1, 2)).sqrt() / tnorm).tolist()
+    return rel, fit.pow(2).mean(dim=(1, 2)).tolist()
+
 
 def _preconditioner(factors: _Factorizer, b0: float, factor_dtype: torch.dtype,
                     n: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -243,7 +276,13 @@ def _solve_group(K: torch.Tensor, T: torch.Tensor, betas: List[float],
         for i in list(active):
             H = H0 + bt[i] * eye
             C, info = torch.linalg.cholesky_ex(H)
-            z = (torch.cholesky_solve(VY, C) if int(info) == 0 else torch.linalg.lstsq(H, VY).solution)
+            if int(info) == 0:
+                z = torch.cholesky_solve(VY, C)
+            else:
+                # K + beta I is not positive definite on this space (beta below K's own
+                # rounding: an fp32 K's eigenvalues move by ~ eps sqrt(n) ||K||). Galerkin
+                # would amplify that; the minimal residual in the space never exceeds ||Y||.
+                z = torch.linalg.lstsq(WY + bt[i] * V64, Y64).solution
             x = V64 @ z
             fit = WY @ z - Y64  # K x - T, from K V: the residual of K itself
             rel = float((fit + bt[i] * x).norm()) / tnorm
