@@ -197,3 +197,14 @@ def test_warm_start_path_starts_each_beta_from_the_previous_solution():
         assert residual(K, Y, b, alpha[j]) <= 1e-8 * 1.01
     with pytest.raises(ValueError, match="warm_start applies to solver='cg' only"):
         solve(K, Y, betas, "krylov", warm_start=True)
+
+
+def test_a_row_shard_goes_to_the_distributed_solvers_and_not_to_kernel_ridge():
+    from tangent_kernels.distributed import KShard
+
+    K, Y, _ = power_law(20, 1.2, seed=13)
+    shard = KShard(rows=K, row_start=0, shape=(20, 20), row_offsets=(0, 20), rank=0, world_size=1, symmetric=True)
+    with pytest.raises(TypeError, match=r"KernelRidge.fit takes a whole K; for a row-sharded K"):
+        KernelRidge(betas=1e-2).fit(shard, Y)
+    with pytest.raises(ValueError, match=r"a row-sharded K \(tk.distributed.KShard\) is solved by 'cg' or 'nesterov'"):
+        solve(shard, Y, 1e-2, "krylov")

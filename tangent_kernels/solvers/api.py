@@ -56,6 +56,21 @@ def _run(solver: str, K: torch.Tensor, T: torch.Tensor, betas: List[float], cfg:
     return result
 
 
+def _sharded(K, caller: str):
+    """tangent_kernels.distributed when K is one of its row shards, else None."""
+    if type(K).__name__ != "KShard":  # cheap test first: the distributed package imports more
+        return None
+    from .. import distributed
+    if not isinstance(K, distributed.KShard):
+        return None
+    if caller != "solve":
+        raise TypeError(
+            f"{caller} takes a whole K; for a row-sharded K (tk.distributed.KShard) call tk.solve(K_shard, Y, betas, "
+            "solver='cg' or 'nesterov') on every rank, or gather it first with K_shard.gather()"
+        )
+    return distributed
+
+
 def _resolve(solver: str, K: torch.Tensor, n_betas: int, cfg: _Config,
              needs_loo: bool) -> Tuple[str, _Config, Optional[str]]:
     """"auto" -> a concrete solver, its config and the reason (None when the user chose)."""
@@ -150,6 +165,12 @@ def solve(
         above ``tol``.
     """
     _check_options(solver, max_iter, tol, eval_every, precond_rank, precond, warm_start)
+    sharded = _sharded(K, "solve")
+    if sharded is not None:  # a row shard of K under torch.distributed: its own iterations
+        if solver not in ("auto", "cg", "nesterov"):
+            raise ValueError(f"a row-sharded K (tk.distributed.KShard) is solved by 'cg' or 'nesterov'; got {solver!r}")
+        return sharded.solve(K, Y, beta, solver="cg" if solver == "auto" else solver, tol=tol,
+                             max_iter=max_iter, seed=seed)
     scalar = isinstance(beta, (int, float, np.integer, np.floating)) or (
         isinstance(beta, (torch.Tensor, np.ndarray)) and beta.ndim == 0
     )

@@ -17,7 +17,7 @@ from ._checks import (_beta_scale, _check_betas, _check_cross, _check_kernel, _c
 from ._common import _Config, _Result
 from ._metrics import _key, _metrics, _Validation
 from . import outputs
-from .api import _resolve, _run, _warn_unconverged
+from .api import _resolve, _run, _sharded, _warn_unconverged
 
 
 # Telescopic search ("auto"): decades of beta relative to mean diag(K), then a finer grid.
@@ -159,6 +159,7 @@ class KernelRidge:
         start = time.perf_counter()
         if (K_val is None) != (Y_val is None):
             raise ValueError("pass K_val and Y_val together (or neither)")
+        _sharded(K, "KernelRidge.fit")
         block = 1
         if outputs.ndim(K) == 4:  # the full k x k eNTK: one system over (sample, output) pairs
             K, block = outputs.flatten_kernel(K, "K")
