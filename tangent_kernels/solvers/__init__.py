@@ -15,7 +15,8 @@ One file per solver, each a function ``(K, targets, betas, config, ...) -> _Resu
 - ``nesterov.py``: the seed's dual gradient iteration with momentum and validation early
   stopping, optionally preconditioned by the shared Nystrom sketch (``precond_rank=``).
 - ``cg.py``: block conjugate gradients on every (beta, output) column at once, optionally
-  preconditioned by the Nystrom sketch (``nystrom.py``), with fp64 residual replacement.
+  preconditioned by the Nystrom sketch (``nystrom.py``), with fp64 residual replacement,
+  or along the beta path with warm starts.
 - ``krylov.py``: one Cholesky factor (or none: multi-shift) generates one block Krylov
   space that serves every beta; minimal residual per beta in it.
 - ``eigh.py``: one eigendecomposition, every beta in closed form, exact LOO / GCV.
@@ -23,8 +24,8 @@ One file per solver, each a function ``(K, targets, betas, config, ...) -> _Resu
 
 Shared pieces: ``_checks.py`` (input checks), ``_common.py`` (precision, config and
 result types, refinement), ``_metrics.py`` (validation, histories), ``auto.py`` (the
-default solver's choice), ``api.py`` (``solve`` and the dispatch), ``estimator.py``
-(``KernelRidge``).
+default solver's choice), ``outputs.py`` (the full k x k eNTK as one system), ``api.py``
+(``solve`` and the dispatch), ``estimator.py`` (``KernelRidge``).
 
 Dtype rule (decided here, once): the *working dtype* is float64 when K is float64 and
 float32 otherwise (float16/bfloat16 kernels are upcast). Nesterov, CG and eigh compute

@@ -11,8 +11,8 @@ from K V, so it is the residual of K itself, not of the recursion.
 How fast it converges: the preconditioned operator's eigenvalues are
 (lambda + beta) / (lambda + b0), all between 1 and beta / b0, so its condition number is
 at most max(beta / b0, b0 / beta) whatever K's spectrum: with b0 inside a range of three
-decades, <= 100, and ~ sqrt(32) ln(2 / tol) / 2 ~ 20 steps to 1e-3
-(measured: 15 at n = 4096 and 8192). Betas spread over more than ``_CLUSTER_DECADES``
+decades, <= 100, so at most ~ sqrt(100) ln(2 / tol) / 2 ~ 38 steps to 1e-3 (measured: 12
+at n = 4096 and 8192 on a power-law spectrum with decay 1.3). Betas spread over more than ``_CLUSTER_DECADES``
 decades are split into groups with a factor each (a factor costs n^3 / 3; a wider group
 costs more steps, ~ range^(1/4)).
 
@@ -52,11 +52,11 @@ _CENTER_WEIGHT = 2 / 3
 # Below this relative residual float32 products K @ V cannot certify the residual
 # (their rounding is ~1e-5 of ||K|| ||x|| on eNTK spectra): the basis is float64 then.
 _FP32_FLOOR = 1e-4
-# A beta whose residual fell less than this factor over _STALL_STEPS steps has reached
-# what its precision allows.
 # A float64 copy of a float32 K is kept for a float64 attempt when it takes at most this
 # share of the free memory (n = 8192: 512 MiB).
 _FP64_COPY_SHARE = 0.25
+# A beta whose residual fell less than this factor over _STALL_STEPS steps has reached
+# what its precision allows.
 _STALL_FACTOR = 0.9
 _STALL_STEPS = 4
 # Without a factor, CG-like plateaus of tens of steps are normal on ill-conditioned K.
@@ -116,11 +116,7 @@ def _krylov(K: torch.Tensor, T: torch.Tensor, betas: List[float], cfg: _Config) 
             b0 = _center(gb, scale)
             X, its, res, train = None, [0] * len(gb), [math.inf] * len(gb), [math.nan] * len(gb)
             attempts = [first] if first == (torch.float64, torch.float64) else [first, (torch.float64, torch.float64)]
-            for factor_dtype, basis_dtype in attempts:
-                # A float32 factor's backward error E ~ eps ||K|| breaks the shift invariance
-                # by E / beta, and float32 products K V carry errors ~ eps ||K|| ||x||: on an
-                # ill-conditioned K either stalls small betas above tol (measured: 2.4e-3
-                # against a true 9.7e-4 at cond 5e6) and float64 removes both floors.
+            for factor_dtype, basis_dtype in attempts:  # float32 first, float64 where it stalls
                 apply = None
                 if factors is not None:
                     factors.work.clear()  # one n x n workspace at a time
@@ -158,6 +154,7 @@ def _krylov(K: torch.Tensor, T: torch.Tensor, betas: List[float], cfg: _Config) 
     return _Result(coefs, n_iter, converged, residual, history,
                    {"factors": len(centers) if factors is not None else 0, "centers": centers,
                     "precisions": precisions})
+
 
 def _float64_copy(K: torch.Tensor) -> Optional[torch.Tensor]:
     """K in float64 when a copy takes at most ``_FP64_COPY_SHARE`` of the free memory (one
