@@ -211,7 +211,8 @@ def main() -> int:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--outputs", default="one,full")
     parser.add_argument("--memory-gib", type=float, default=8.0, help="skip a method needing more")
-    parser.add_argument("--skip", default="", help="methods to leave out, e.g. nngeometry (slow on resnet18)")
+    parser.add_argument("--skip", default="", help="methods to leave out: nngeometry, or model:method:output, "
+                                                   "e.g. resnet18:nngeometry:full (about 1,000 s)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--kronecker", action="store_true", help="the subsample comparison instead")
     args = parser.parse_args()
@@ -246,7 +247,8 @@ def main() -> int:
             fns = {}
             for method in methods:
                 ok, need = fits(method, p, n, output, budget)
-                if method in args.skip.split(",") and method != "tk":
+                skip = args.skip.split(",")
+                if method != "tk" and (method in skip or f"{name}:{method}:{output}" in skip):
                     row["skipped"][method] = "--skip"
                 elif not ok:
                     row["skipped"][method] = f"needs {need / 2**30:.1f} GiB > --memory-gib"

@@ -57,8 +57,9 @@ class FactorSink:
                 for a in range(self.outputs):
                     g = self._g.get((name, key, a))
                     gs[a].append(g if g is not None else like.new_zeros(batch, form.tokens, choice.g_dim))
-            x = torch.cat(xs, dim=1).to(like.dtype)
-            per_output = [torch.cat(g, dim=1).to(like.dtype) for g in gs]
+            # One use (the usual case): its factors as they are, no copy.
+            x = (xs[0] if len(xs) == 1 else torch.cat(xs, dim=1)).to(like.dtype)
+            per_output = [(g[0] if len(g) == 1 else torch.cat(g, dim=1)).to(like.dtype) for g in gs]
             result[name] = (x, torch.stack(per_output, dim=1) if self.multi else per_output[0])
         return result
 
