@@ -339,7 +339,7 @@ def _solve(args: argparse.Namespace) -> int:
             chosen["source"], chosen["source"])
         lines.append(f"{source} " + ", ".join(f"{k} {v:.4f}" for k, v in chosen.items() if k != "source"))
     if not kr.converged_[kr.best_index_]:
-        lines.append(f"not converged to --tol {args.tol:g} in {kr.n_iter_[kr.best_index_]} iterations "
+        lines.append(f"not converged to --tol {kr.tol_:g} in {kr.n_iter_[kr.best_index_]} iterations "
                      f"(final relative residual {kr.residual_[kr.best_index_]:.2g}); raise --max-iter to go further")
     if args.test_gram:
         test_score = kr.score(load_kernel(args.test_gram, "--test-gram"), load_array(args.test_labels, "--test-labels"))
@@ -411,8 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "factor for every beta); cg, nesterov: iterative; cholesky: one factor per beta "
                         "(docs/solvers.md)")
     s.add_argument("--max-iter", type=int, default=1000, help="iteration cap of krylov / cg / nesterov (default 1000)")
-    s.add_argument("--tol", type=float, default=1e-6,
-                   help="relative residual at which krylov / cg / nesterov stop (default 1e-6)")
+    s.add_argument("--tol", type=float, default=None,
+                   help="relative residual at which krylov / cg / nesterov stop (default 1e-6 for a float64 K, "
+                        "1e-3 for float32: float32 coefficients cannot hold much less)")
     s.add_argument("--device", help="where to solve: cpu, cuda, cuda:1, ... (default: where K is, i.e. cpu)")
     s.add_argument("--coef", help="save the dual coefficients (torch.save) here")
     s.add_argument("--json", help="write a JSON report here")

@@ -109,7 +109,8 @@ def test_solve_reports_an_unconverged_fit(workdir, capsys):
     assert main(["gram", "--model", "factory.py:make", "--no-progress", "--data", "X.npy", "--out", "K.safetensors"]) == 0
     assert main(["solve", "--gram", "K.safetensors", "--labels", "y.npy", "--betas", "1e-6", "--solver", "nesterov",
                  "--max-iter", "3", "--no-progress"]) == 0
-    assert "not converged to --tol 1e-06 in 3 iterations" in capsys.readouterr().out
+    # tol=None on a float32 K: 1e-3, what float32 coefficients can hold
+    assert "not converged to --tol 0.001 in 3 iterations" in capsys.readouterr().out
 
 
 def test_gram_loads_weights(workdir):

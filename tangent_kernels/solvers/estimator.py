@@ -12,7 +12,7 @@ import torch
 import dataclasses
 
 from .._model import check_device, fp32_math
-from ._checks import (_beta_scale, _check_betas, _check_cross, _check_kernel, _check_offset, _check_options,
+from ._checks import (default_tol, _beta_scale, _check_betas, _check_cross, _check_kernel, _check_offset, _check_options,
                       _check_targets, _label_count, _out_dtype, _Targets, Array)
 from ._common import _Config, _Result
 from ._metrics import _key, _metrics, _Validation
@@ -73,7 +73,8 @@ class KernelRidge:
         their ``source``),
         cv_predictions_ ([len(betas_), n, m] leave-one-out scores, eigh without validation),
         fit_time_ (seconds), n_classes_ (labels) or None, n_train_, solver_ (the solver
-        that ran) and solver_reason_ (why, for ``solver="auto"``).
+        that ran) and solver_reason_ (why, for ``solver="auto"``), tol_ (the tolerance used:
+        ``tol``, or for ``tol=None`` 1e-6 with float64 results and 1e-3 with float32 ones).
     """
 
     def __init__(
@@ -81,7 +82,7 @@ class KernelRidge:
         betas: Union[str, float, Sequence[float]] = (1e-3, 1e-2, 1e-1),
         solver: str = "auto",
         max_iter: int = 1000,
-        tol: float = 1e-6,
+        tol: Optional[float] = None,
         early_stopping: bool = True,
         eval_every: int = 10,
         device: Optional[Union[str, torch.device]] = None,
@@ -132,7 +133,7 @@ class KernelRidge:
         self.n_classes = n_classes
         self.sym_tol = sym_tol
         self.allow_tf32 = allow_tf32
-        self._cfg = _Config(max_iter=int(max_iter), tol=float(tol), eval_every=int(eval_every),
+        self._cfg = _Config(max_iter=int(max_iter), tol=1e-6 if tol is None else float(tol), eval_every=int(eval_every),
                             early_stopping=bool(early_stopping), patience=patience,
                             precond_rank=precond_rank, precond_power=precond_power, refine=refine,
                             factor_dtype=factor_dtype, krylov_precond=precond,
@@ -140,7 +141,7 @@ class KernelRidge:
 
     def __repr__(self) -> str:
         return (f"KernelRidge(betas={self.betas!r}, solver={self.solver!r}, max_iter={self.max_iter}, "
-                f"tol={self.tol:g}, early_stopping={self.early_stopping}, eval_every={self.eval_every})")
+                f"tol={self.tol!r}, early_stopping={self.early_stopping}, eval_every={self.eval_every})")
 
     # -- fit ---------------------------------------------------------------------------
 
@@ -213,7 +214,8 @@ class KernelRidge:
         cv = self.cv if (val is None and solver == "eigh") else None
         scale = _beta_scale(K, self.beta_scale)
         out_dtype = _out_dtype(self.dtype, dt)
-        cfg = dataclasses.replace(cfg, out_eps=float(torch.finfo(out_dtype).eps))
+        tol = default_tol(self.tol, out_dtype)
+        cfg = dataclasses.replace(cfg, out_eps=float(torch.finfo(out_dtype).eps), tol=tol)
 
         if auto:
             grid_scale = float(K.diagonal().mean())
@@ -266,8 +268,9 @@ class KernelRidge:
         self._uses_f0 = f0 is not None
         if val is None:  # with validation data, stopping early is the point, not a failure
             _warn_unconverged(solver, _Result(self.dual_coefs_, self.n_iter_, self.converged_,
-                                                   self.residual_, []), self.betas_, self.tol, out_dtype)
+                                                   self.residual_, []), self.betas_, tol, out_dtype)
         self.solver_ = solver
+        self.tol_ = tol
         self.solver_reason_ = reason if reason is not None else "chosen by the caller"
         self.fit_time_ = time.perf_counter() - start
         return self
