@@ -130,6 +130,18 @@ def _per_beta(squares: torch.Tensor, m: int, tnorm: float) -> torch.Tensor:
     return squares.view(-1, m).sum(dim=1).sqrt() / tnorm
 
 
+def _record_step(res: List[float], done: torch.Tensor, residual: List[float], n_iter: List[int], k: int,
+                 tol: float, max_iter: int, m: int, like: torch.Tensor) -> torch.Tensor:
+    """Per beta still running: its residual, and the step it first reached tol; -> the
+    per-column "reached tol" flags [betas x m] that ride in the next all_reduce."""
+    for j, r in enumerate(res):
+        if not bool(done[j * m]):
+            residual[j] = r
+            if r <= tol and n_iter[j] == max_iter:
+                n_iter[j] = k
+    return torch.tensor(res, dtype=like.dtype, device=like.device).le(tol).to(like.dtype).repeat_interleave(m)
+
+
 def _cg(op: KShardOperator, T, betas, tol, max_iter, power_iters, seed):
     n, m = T.shape
     B, tnorm = len(betas), float(T.norm())
@@ -155,12 +167,7 @@ def _cg(op: KShardOperator, T, betas, tol, max_iter, power_iters, seed):
         P = torch.where(done, P, R + (rz_next / rz) * P)
         rz = torch.where(done, rz, rz_next)
         res = _per_beta(rz, m, tnorm).tolist()
-        for j, r in enumerate(res):
-            if not bool(done[j * m]):
-                residual[j] = r
-                if r <= tol and n_iter[j] == max_iter:
-                    n_iter[j] = k
-        flags = torch.tensor(res, dtype=T.dtype, device=T.device).le(tol).to(T.dtype).repeat_interleave(m)
+        flags = _record_step(res, done, residual, n_iter, k, tol, max_iter, m, T)
     return X.T.reshape(B, m, n).transpose(1, 2).contiguous(), n_iter, residual
 
 
@@ -198,12 +205,7 @@ def _nesterov(op: KShardOperator, T, betas, tol, max_iter, power_iters, seed):
             break
         G = KY + bc * Y - Tc  # the gradient at Y is the residual (K + beta I) Y - T
         res = _per_beta((G * G).sum(dim=0), m, tnorm).tolist()
-        for j, r in enumerate(res):
-            if not bool(done[j * m]):
-                residual[j] = r
-                if r <= tol and n_iter[j] == max_iter:
-                    n_iter[j] = k
-        flags = torch.tensor(res, dtype=T.dtype, device=T.device).le(tol).to(T.dtype).repeat_interleave(m)
+        flags = _record_step(res, done, residual, n_iter, k, tol, max_iter, m, T)
         checked = Y
         Xn = Y - eta * G
         D = Xn - X
