@@ -169,7 +169,10 @@ class ParamIndex:
             if count:
                 cols = columns[start : start + count]
                 picked = self.positions[start : start + count] if grouped else self.positions[cols]
-                slices.append(TensorSlice(self.layout.names[t], picked - offsets[t], cols))
+                # Grouped columns are consecutive; all of a tensor's distinct entries, ascending, are it whole.
+                whole = grouped and count == self.layout.numels[t] and (
+                    count < 2 or bool((picked[1:] > picked[:-1]).all()))
+                slices.append(TensorSlice(self.layout.names[t], picked - offsets[t], cols, whole=whole))
                 start += count
         return slices
 

@@ -64,7 +64,8 @@ class BatchedPass:
             tensor = trainable[piece.name]
             leaf = (tensor if tensor.is_contiguous() else tensor.contiguous()).detach().requires_grad_(True)
             leaves[piece.name] = leaf
-            self.sampled.append(SampledTensor(piece.name, leaf, piece.local.to(device), piece.columns.to(device)))
+            self.sampled.append(SampledTensor(piece.name, leaf, piece.local.to(device), piece.columns.to(device),
+                                              whole=piece.whole))
         self.state = ({**trainable, **leaves}, rest)
         featured = [st.columns for st in self.sampled if st.name not in self.choices]
         self.columns = torch.cat(featured) if featured else torch.empty(0, dtype=torch.int64, device=device)

@@ -34,9 +34,13 @@ class SampledTensor:
     the feature block F [B, p] (both int64 [m], on the compute device).
     """
 
-    def __init__(self, name: str, leaf: torch.Tensor, local: torch.Tensor, columns: torch.Tensor):
+    def __init__(self, name: str, leaf: torch.Tensor, local: torch.Tensor, columns: torch.Tensor,
+                 whole: bool = False):
         self.name, self.leaf, self.local, self.columns = name, leaf, local, columns
-        if local.numel() < 2 or bool((local[1:] >= local[:-1]).all()):  # sorted already (idx=None): no sort
+        # Every entry, in order, into consecutive columns (params.TensorSlice.whole): the
+        # checks below are known without a pass over them.
+        self._whole = whole
+        if whole or local.numel() < 2 or bool((local[1:] >= local[:-1]).all()):  # sorted already: no sort
             self._sorted_local, self._sorted_columns = local, columns
         else:
             order = torch.argsort(local)
@@ -49,6 +53,8 @@ class SampledTensor:
     def span(self, columns: torch.Tensor):
         """``columns`` as a slice when they are consecutive and ascending (the usual case:
         idx sorted), for a strided copy instead of a scatter; else None."""
+        if self._whole and columns is self.columns:
+            return slice(int(columns[0]), int(columns[0]) + columns.numel())
         entry = self._spans.get(id(columns))
         if entry is None or entry[0] is not columns:
             n = columns.numel()
@@ -60,6 +66,9 @@ class SampledTensor:
         """Whether a view with ``geometry`` has every element sampled, in its own order
         (idx=None): its gradient then needs no gather."""
         key = ("whole", geometry)
+        leaf = self.leaf
+        if self._whole and leaf.is_contiguous() and geometry == (tuple(leaf.shape), tuple(leaf.stride()), 0):
+            return True
         if key not in self.cache:
             elements = self.hits(geometry)[0]
             numel = math.prod(geometry[0])
