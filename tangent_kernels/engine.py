@@ -554,7 +554,7 @@ def _fill_store(model, loader, name, *, index, output, precision, device, inputs
     forced = recorded_plan(ckpt)
     feature_store, factors = None, None
 
-    def open_stores(per_sample: FeatureExtractor):
+    def open_for(per_sample: FeatureExtractor):
         nonlocal feature_store, factors
         per_sample.commit()
         feature_store, factors = _open_stores(per_sample, name, precision, device, kind, budget, cache_dir,
@@ -578,7 +578,7 @@ def _fill_store(model, loader, name, *, index, output, precision, device, inputs
                 per_sample = extractor() if per_sample is None else per_sample
                 per_sample.plan_for(batch.to(device, precision.compute), forced)
                 if b < len(recorded):
-                    open_stores(per_sample)
+                    open_for(per_sample)
             if b < len(recorded):
                 rows, recorded_fingerprint = recorded[b]
                 # Every logit (output="full"...) stores k rows per sample.
@@ -612,7 +612,7 @@ def _fill_store(model, loader, name, *, index, output, precision, device, inputs
                     per_sample = extractor()
                 block, batch_factors = _features_with_backoff(per_sample, batch.to(device, precision.compute))
                 if feature_store is None:
-                    open_stores(per_sample)
+                    open_for(per_sample)
                 _check_finite(block, seen, name)
                 if factors is not None:  # recorded before the features, whose record commits the batch
                     factors.append(batch_factors, lambda rows: _to_store(rows, precision, scale_rows=True),
