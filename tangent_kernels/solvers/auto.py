@@ -5,8 +5,12 @@ The table is docs/solvers.md's (bench/bench_solve.py). In short:
 - model selection without validation data (several betas, no ``K_val``): ``eigh``, the
   only solver with exact leave-one-out scores;
 - otherwise ``krylov``: one fp32 Cholesky factor serves every beta (measured at n = 8192
-  on CPU, 10 betas x 10 classes to 1e-3: 1.1-1.5x the time of one plain fp32 Cholesky
-  solve of one beta; per-beta ``cholesky`` 10x, Nystrom-preconditioned ``cg`` 2.5-3.5x);
+  on CPU, 10 betas x 10 classes to 1e-3, decay-1.3 spectrum: 1.2x the time of one plain
+  fp32 Cholesky solve of one beta; Nystrom-preconditioned ``cg`` 3.65x, per-beta
+  ``cholesky`` 9.8x). On the spectrum of a real eNTK at betas where float32 fails (decay
+  1.9, cond 4.7e6) krylov needs its float64 retry and took 7.7x, Nystrom ``cg`` 5.2x
+  (neither reached 1e-3 in float32 coefficients): not enough to switch the rule, which
+  would need a prediction of that regime before solving;
 - ``cg`` with a Nystrom sketch when a second n x n matrix (the factor) does not fit
   beside K in the memory of K's device: it needs only n x rank.
 
