@@ -211,3 +211,12 @@ def test_a_row_shard_goes_to_the_distributed_solvers_and_not_to_kernel_ridge():
         KernelRidge(betas=1e-2).fit(shard, Y)
     with pytest.raises(ValueError, match=r"a row-sharded K \(tk.distributed.KShard\) is solved by 'cg' or 'nesterov'"):
         solve(shard, Y, 1e-2, "krylov")
+
+
+def test_auto_takes_cholesky_for_many_target_columns():
+    K, _, _ = power_law(120, 1.2, seed=14)
+    Y = torch.randn(120, 80, generator=torch.Generator().manual_seed(14), dtype=torch.float64)
+    alpha, info = solve(K, Y, [1e-2, 1e-1], return_info=True)
+    assert info["solver"] == "cholesky" and "80 target columns" in info["solver_reason"]
+    for j, b in enumerate([1e-2, 1e-1]):
+        assert rel(alpha[j], exact(K, Y, b)) <= 1e-10

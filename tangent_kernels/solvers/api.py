@@ -96,11 +96,11 @@ def _sharded(K, caller: str):
 
 
 def _resolve(solver: str, K: torch.Tensor, n_betas: int, cfg: _Config,
-             needs_loo: bool) -> Tuple[str, _Config, Optional[str]]:
+             needs_loo: bool, n_outputs: int = 1) -> Tuple[str, _Config, Optional[str]]:
     """"auto" -> a concrete solver, its config and the reason (None when the user chose)."""
     if solver != "auto":
         return solver, cfg, None
-    chosen, options, reason = choose(K.shape[0], n_betas, K.device, K.dtype, needs_loo)
+    chosen, options, reason = choose(K.shape[0], n_betas, K.device, K.dtype, needs_loo, n_outputs)
     if cfg.precond_rank is not None and chosen in ("cg", "nesterov"):
         options = {}  # the user's rank wins
     return chosen, dataclasses.replace(cfg, **options), reason
@@ -213,7 +213,7 @@ def solve(
                   factor_dtype=factor_dtype, krylov_precond=precond, warm_start=warm_start,
                   seed=seed, progress=progress,
                   out_eps=float(torch.finfo(_out_dtype(dtype, K.dtype)).eps))
-    solver, cfg, reason = _resolve(solver, K, len(betas), cfg, needs_loo=False)
+    solver, cfg, reason = _resolve(solver, K, len(betas), cfg, needs_loo=False, n_outputs=targets.values.shape[1])
     result = _run(solver, K, targets.values, [b * scale for b in betas], cfg, None, None, allow_tf32)
     result.extra["solver_reason"] = reason
     _warn_unconverged(solver, result, betas, tol, _out_dtype(dtype, K.dtype))

@@ -204,7 +204,7 @@ class KernelRidge:
                 "a multi-output kernel chooses beta on validation data (leave-one-out would leave out one "
                 "(sample, output) pair, not a sample): pass K_val [n_val, n, k, k] and Y_val, or a single beta"
             )
-        solver, cfg, reason = _resolve(self.solver, K, n_betas, self._cfg, needs_loo)
+        solver, cfg, reason = _resolve(self.solver, K, n_betas, self._cfg, needs_loo, 1 if block > 1 else m)
         if val is None and solver != "eigh" and (auto or len(self.betas) > 1):
             what = "betas='auto'" if auto else f"{len(self.betas)} betas"
             raise ValueError(
