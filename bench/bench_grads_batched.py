@@ -20,20 +20,7 @@ import torch
 import torchvision
 from torch import nn
 
-
-class TutorialCNN(nn.Module):  # the torch.func NTK tutorial's network (as in bench_compat.py)
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 32, (3, 3))
-        self.conv2 = nn.Conv2d(32, 32, (3, 3))
-        self.conv3 = nn.Conv2d(32, 32, (3, 3))
-        self.fc = nn.Linear(21632, 10)
-
-    def forward(self, x):
-        x = self.conv1(x).relu()
-        x = self.conv2(x).relu()
-        x = self.conv3(x).relu()
-        return self.fc(x.flatten(1))
+from bench_compat import CNN as TutorialCNN  # the torch.func NTK tutorial's network
 
 
 def layer_outputs(model: nn.Module, x: torch.Tensor):
