@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-
-import dataclasses
 
 from .._model import check_device, fp32_math
 from ._checks import (default_tol, _beta_scale, _check_betas, _check_cross, _check_kernel, _check_offset, _check_options,
