@@ -54,6 +54,34 @@ def test_convolutions(conv):
     check(model, x)
 
 
+@pytest.mark.parametrize("unfold", [True, False], ids=["unfold-bmm", "grouped-backward"])
+@pytest.mark.parametrize(
+    "conv",
+    [
+        lambda: nn.Conv1d(4, 5, 3, stride=2, padding=2, dilation=2),
+        lambda: nn.Conv2d(4, 5, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2)),
+        lambda: nn.Conv2d(4, 5, 3, padding="same", padding_mode="reflect"),
+    ],
+    ids=["conv1d", "conv2d-stride-dilation", "conv2d-same-reflect"],
+)
+def test_dense_conv_gradients_by_either_strategy(conv, unfold, monkeypatch):
+    """The whole per-sample conv gradients (densely sampled, CPU) come from the grouped
+    backward or from unfold + one batched GEMM, by the patch width per position; both
+    against the float64 reference (the sampled-entries columns included: idx a subsample)."""
+    from tangent_kernels.persample import conv as conv_rule
+
+    monkeypatch.setattr(conv_rule, "_UNFOLD_MIN_PATCH_PER_POSITION", 0 if unfold else 10 ** 9)
+    torch.manual_seed(3)
+    layer = conv()
+    ndim = layer.weight.dim() - 2
+    x = torch.randn((6, 4) + (8,) * ndim)
+    model = nn.Sequential(layer, nn.Tanh(), nn.Flatten(), nn.LazyLinear(2))
+    model(x)
+    check(model, x, backends=["cpp"] if CPP else ["torch"])
+    subsample = tk.subsample(model, sum(p.numel() for p in model.parameters()) // 2, seed=0)
+    check(model, x, subsample, backends=["cpp"] if CPP else ["torch"])
+
+
 @pytest.mark.parametrize("norm", ["batch1d", "batch2d", "batch3d", "group"])
 def test_norms(norm):
     torch.manual_seed(2)

@@ -28,6 +28,13 @@ _NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 # sampled entry and position (docs/persample.md). resnet18 at 32x32, idx=None, k = 10:
 # 48.5 s -> see bench/bench_compat.py.
 _DENSE_CONV_FRACTION = 0.1
+# Of the two ways to form whole per-sample gradients, the grouped convolution backward
+# wins for many output positions T and narrow patches, F.unfold + one batched GEMM
+# [O, T] x [T, C k] when the patch width C k is at least this many times T (2-core CPU,
+# min of 5, ms, grouped / unfold+bmm: B 256 16->32 at 8x8 2.1 / 5.1; 64x64 at 16x16
+# 26 / 51; 64x64 at 8x8 9.6 / 5.2; 128x128 at 4x4 47 / 17; 256x256 at 2x2 173 / 75:
+# resnet18's layer2 at 32x32 inputs).
+_UNFOLD_MIN_PATCH_PER_POSITION = 8
 _DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
 
 
@@ -76,10 +83,11 @@ class ConvUse(Use):
             return None
         return FactorForm(1, math.prod(size[1:]), size[0], self.positions)
 
-    def _factors(self, d: torch.Tensor):
+    def _factors(self, d: torch.Tensor, a_pad=None):
         """(x [B, L, C * prod(k)], g [B, L, O]): F.unfold's patch order (c, k...) is the
         weight's own, so the factors' outer products are its gradient in place."""
-        a_pad = F.pad(self.a, self.pads) if any(self.pads) else self.a
+        if a_pad is None:
+            a_pad = F.pad(self.a, self.pads) if any(self.pads) else self.a
         kernel = tuple(self.weight.geometry[0][2:])
         stride, dilation = self.stride, self.dilation
         if a_pad.dim() == 3:  # 1-D: a 2-D convolution of height 1
@@ -123,9 +131,12 @@ class ConvUse(Use):
     def _dense_per_sample(self, a_pad: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         """[B, O * C/g * prod(k)]: every sample's whole weight gradient at once, by one
         convolution backward with the batch as groups (per sample a is convolved with its
-        own d only)."""
+        own d only), or, for wide patches over few positions, d^T unfold(a) per sample."""
         size = self.weight.geometry[0]
         batch, ndim = d.shape[0], d.dim() - 2
+        if self.groups == 1 and ndim <= 2 and math.prod(size[1:]) >= _UNFOLD_MIN_PATCH_PER_POSITION * self.positions:
+            x, g = self._factors(d, a_pad)
+            return torch.bmm(g.transpose(1, 2), x).reshape(batch, -1)
         weight_grad = (torch.nn.grad.conv1d_weight, torch.nn.grad.conv2d_weight, torch.nn.grad.conv3d_weight)[ndim - 1]
         grads = weight_grad(a_pad.reshape(1, -1, *a_pad.shape[2:]), (batch * size[0], *size[1:]),
                             d.reshape(1, -1, *d.shape[2:]), stride=self.stride, padding=0, dilation=self.dilation,
