@@ -134,15 +134,22 @@ class GenericPath:
                 self.touched, batch.args, batch.kwargs
             )
 
+    def sample_gradients(self, sample: ModelInputs, leaves=None) -> Dict[str, Optional[torch.Tensor]]:
+        """{tensor: d s(x) / d tensor} for one sample alone, by autograd (the definition);
+        None for a tensor the output does not depend on (a zero gradient)."""
+        if leaves is None:
+            leaves = {name: t.detach().requires_grad_(True) for name, t in self.touched.items()}
+        with torch.enable_grad():
+            s = self._scalar(leaves, sample.args, sample.kwargs)
+            grads = (torch.autograd.grad(s, list(leaves.values()), allow_unused=True) if s.requires_grad
+                     else [None] * len(leaves))  # no parameter reaches the output: zero gradient
+        return dict(zip(leaves, grads))
+
     def _loop(self, batch: ModelInputs, out: torch.Tensor) -> None:
         leaves = {name: t.detach().requires_grad_(True) for name, t in self.touched.items()}
         for b in range(batch.size):
-            sample = batch.slice(b, b + 1)
-            with torch.enable_grad():
-                s = self._scalar(leaves, sample.args, sample.kwargs)
-                grads = (torch.autograd.grad(s, list(leaves.values()), allow_unused=True) if s.requires_grad
-                         else [None] * len(leaves))  # no parameter reaches the output: zero gradient
+            grads = self.sample_gradients(batch.slice(b, b + 1), leaves)
             # Gathered per sample: a full per-sample gradient never outlives its row.
-            full = {name: (torch.zeros_like(t) if g is None else g).unsqueeze(0)
-                    for (name, t), g in zip(leaves.items(), grads)}
+            full = {name: (torch.zeros_like(leaves[name]) if g is None else g).unsqueeze(0)
+                    for name, g in grads.items()}
             self._gather(full, out[b : b + 1])
