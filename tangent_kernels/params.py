@@ -150,8 +150,9 @@ class ParamIndex:
         """Every tensor whole, in order (idx=None): no search over the positions (0.6 s
         for resnet18's 11M on every call)."""
         offsets = self.layout.offsets
-        return [TensorSlice(name, torch.arange(numel, dtype=torch.int64), self.positions[offsets[t]:offsets[t + 1]],
-                            whole=True)
+        # positions is 0 .. total-1, so a tensor's local 0 .. numel-1 is its head: views, no
+        # arange per tensor (36 ms for resnet18's 62 tensors, on every call).
+        return [TensorSlice(name, self.positions[:numel], self.positions[offsets[t]:offsets[t + 1]], whole=True)
                 for t, (name, numel) in enumerate(zip(self.layout.names, self.layout.numels)) if numel]
 
     def _split(self) -> List[TensorSlice]:

@@ -136,7 +136,9 @@ class FeatureExtractor:
         names = set(plan.structured)
         keep = torch.cat([piece.columns for piece in self.index.tensor_slices if piece.name not in names]
                          or [torch.empty(0, dtype=torch.int64)])
-        self.kept = torch.sort(keep).values
+        # The slices come in layout order, so keep is ascending unless idx was given unsorted.
+        ascending = keep.numel() < 2 or bool((keep[1:] > keep[:-1]).all())
+        self.kept = keep if ascending else torch.sort(keep).values
         self.feature_index = (ParamIndex(self.index.layout, self.index.positions[self.kept]) if names
                               else self.index)
         self._build()
