@@ -176,7 +176,10 @@ def kronecker_comparison(fractions=(0.01, 0.05), seeds=KRONECKER_SEEDS) -> list:
     them upsampled to 3x32x32 (digits_as_rgb32). For each fraction and seed: the Kronecker
     subsample, a uniform one of the same p, a uniform one of the same estimated cost
     (_cost_matched_p); relative Frobenius error of K_train against the full-parameter
-    K_train after the best scale, kernel ridge accuracy on the held-out digits."""
+    K_train after the best scale, kernel ridge accuracy on the held-out digits. The
+    errors and accuracies of the Kronecker and same-p draws repeat exactly from run to run;
+    the same-cost p follows the cost model's per-tensor choice, which uses measured rates,
+    so it can move with the machine's load (resnet18 at 5%: 73,301 or 83,008 columns)."""
     from tangent_kernels.demo import digits_cnn, load_digits_split
 
     rows = []
@@ -251,6 +254,14 @@ def print_kronecker_table(rows) -> None:
             print(f"| {name} | {fraction:.0%} | {label} | {p} | {error} | {accuracy} | {seconds} |")
 
 
+def _loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as handle:
+            return handle.read().strip()
+    except OSError:
+        return "unknown"
+
+
 def has_nngeometry() -> bool:
     try:
         import nngeometry  # noqa: F401
@@ -274,10 +285,17 @@ def main() -> int:
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.kronecker:
+        # The commit and the load when the run starts: the library is imported now, and a
+        # run of ~10 minutes may outlast the checkout's HEAD.
+        header = {"commit": commit(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                  "loadavg_start": _loadavg()}
+        start = time.perf_counter()
         rows = kronecker_comparison()
+        header.update(loadavg_end=_loadavg(), seconds=time.perf_counter() - start)
+        print(header)
         if args.json:
             with open(args.json, "w") as handle:
-                json.dump({"commit": commit(), "kronecker": rows}, handle, indent=1)
+                json.dump({**header, "kronecker": rows}, handle, indent=1)
         return 0
     budget = int(args.memory_gib * 2 ** 30)
     methods = ["tk", "features", "torch.func"] + (["nngeometry"] if has_nngeometry() else [])
