@@ -20,7 +20,9 @@ import tempfile
 
 import torch
 
-import tangent_kernels.engine as engine
+from tangent_kernels import tiles
+from tangent_kernels.precisions import PRECISIONS
+from tangent_kernels.progress import Events
 from _common import commit, timed
 from tangent_kernels.store import FeatureStore
 
@@ -37,27 +39,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=4096)
     parser.add_argument("--p", type=int, default=50_000)
-    parser.add_argument("--precision", default="fp32", choices=list(engine.PRECISIONS))
+    parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--margin", type=float, default=1.5)
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    precision = engine.PRECISIONS[args.precision]
+    precision = PRECISIONS[args.precision]
     generator = torch.Generator().manual_seed(0)
     features = torch.randn(args.n, args.p, generator=generator).to(device=device, dtype=precision.store)
-    events = engine._Events(None, False)
+    events = Events(None, False)
     budget = 1 << 62
     results = {}
     with tempfile.TemporaryDirectory() as cache_dir:
         device_store = _store(features, "device", device, cache_dir)
         results["device store, full schedule"] = timed(
-            lambda: engine._blocked_gram(device_store, device_store, False, precision.k, device, None, None, events, budget),
+            lambda: tiles._blocked_gram(device_store, device_store, False, precision.k, device, None, None, events, budget),
             device=device, warmup=False)
         for kind in ("device", "host", "disk"):
             store = device_store if kind == "device" else _store(features, kind, device, cache_dir)
             results[f"{kind} store, lower-triangle schedule"] = timed(
-                lambda: engine._blocked_gram(store, store, True, precision.k, device, None, None, events, budget),
+                lambda: tiles._blocked_gram(store, store, True, precision.k, device, None, None, events, budget),
                 device=device, warmup=False)
             if kind != "device":
                 store.close()

@@ -1,20 +1,16 @@
 """The eNTK engine: orders the work, loader -> features -> store -> tiles of K.
 
 Features come from ``persample`` (one batched forward/backward with every use of a
-sampled parameter intercepted; ``torch.func`` for the tensors no rule covers). The
-Gram is accumulated tile by tile through ``ops.gram_tile_update``; for K(X, X) only
-tiles on or below the diagonal are computed and then mirrored. docs/engine.md has
-the why of each choice.
+sampled parameter intercepted; ``torch.func`` for the tensors no rule covers), batch by
+batch into stores (``store``, the structured tensors' factors in ``structured``),
+checkpointed as they finish; the Gram phase is ``tiles``. docs/engine.md has the why of
+each choice.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import time
-import warnings
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -23,107 +19,19 @@ from ._model import check_device, eval_mode, fp32_math, model_device
 from .checkpoint import Checkpoint, CheckpointMismatch, batch_fingerprint, model_fingerprint, tensor_fingerprint
 from .identity import callable_fingerprint, structure_fingerprint
 from .data import ModelInputs, iterate_inputs, loader_length
-from .ops import gram_tile_update
 from .outputs import OutputSpec, check_output_spec, is_multi
 from .params import ParamIndex, resolve_idx
 from .store import FeatureStore, check_max_memory, check_store
 from .persample import FeatureExtractor, resolve_backend
 from .structured import check_structured
-from .structured.stores import FactorStores, record_plan, recorded_plan, structured_rows
+from .structured.stores import FactorStores, record_plan, recorded_plan
+from . import tiles
+from .precisions import PRECISIONS, Precision, _check_precision, _to_store
+from .progress import ProgressEvent, Events, check_progress, progress_bar
 
 __all__ = ["features", "gram", "PRECISIONS", "ProgressEvent"]
 
 _log = logging.getLogger("tangent_kernels")
-
-@dataclass(frozen=True)
-class Precision:
-    """How one ``precision=`` mode computes.
-
-    Per-sample gradients are always computed in ``compute`` (fp32, or fp64 for "fp64"):
-    the 16-bit modes round only the stored features, and the Gram accumulates their
-    products in fp32, so their error is the features' rounding alone (docs/precision.md).
-    """
-
-    name: str
-    compute: torch.dtype  # the model, its per-sample gradients
-    store: torch.dtype  # the feature blocks: what ``features`` returns, what the Gram reads
-    k: torch.dtype  # K itself: never 16-bit
-    allow_tf32: bool = False  # TF32 in the model's matmuls/convolutions and the Gram (CUDA)
-    # Power-of-two scale per sample before rounding to fp16, so that neither large
-    # gradients overflow (max 65504) nor small ones underflow (normal from 6.1e-5);
-    # undone exactly in fp32 on every tile of K.
-    scaled: bool = False
-
-
-PRECISIONS: Dict[str, Precision] = {
-    "fp64": Precision("fp64", torch.float64, torch.float64, torch.float64),
-    "fp32": Precision("fp32", torch.float32, torch.float32, torch.float32),
-    "tf32": Precision("tf32", torch.float32, torch.float32, torch.float32, allow_tf32=True),
-    "bf16": Precision("bf16", torch.float32, torch.bfloat16, torch.float32),
-    "fp16": Precision("fp16", torch.float32, torch.float16, torch.float32, scaled=True),
-}
-# fp16 rows are scaled so that their largest magnitude lies in [2**13, 2**14): two such
-# entries multiply to < 2**28, far from fp32's limits, and a row keeps 28 binades above
-# fp16's smallest normal number.
-_FP16_TARGET_EXPONENT = 14
-
-# Rows per Gram tile: large enough for BLAS efficiency, small enough that the
-# lower-triangle schedule skips about half the work.
-_TILE_ROWS = 1024
-
-
-def _check_precision(precision: str) -> Precision:
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; available: {', '.join(PRECISIONS)}")
-    return PRECISIONS[precision]
-
-
-def _fp16_scales(block: torch.Tensor) -> torch.Tensor:
-    """Per-row powers of two mapping each row's largest magnitude into [2**13, 2**14)."""
-    peak = block.abs().amax(dim=-1).to(torch.float32)
-    exponent = torch.where(peak > 0, torch.floor(torch.log2(peak)), torch.full_like(peak, _FP16_TARGET_EXPONENT - 1))
-    return torch.exp2(_FP16_TARGET_EXPONENT - 1 - exponent)
-
-
-def _to_store(block: torch.Tensor, precision: Precision, scale_rows: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(features in the store dtype, per-row scales or None); ``features = stored / scales``.
-    A block [B, k, p] (every logit) is taken as B * k rows."""
-    if block.dim() == 3 and scale_rows:
-        block = block.reshape(-1, block.shape[-1])
-    if not (precision.scaled and scale_rows):
-        stored = block.to(precision.store)
-        if precision.store == torch.float16 and not bool(torch.isfinite(stored).all()):
-            raise ValueError(
-                f"a per-sample gradient exceeds fp16's range (largest finite value 65504; the largest "
-                f"here is {float(block.abs().max()):.3g}): use precision='bf16' or 'fp32' for features "
-                "(gram() scales fp16 features per sample and is not affected)"
-            )
-        return stored, None
-    scales = _fp16_scales(block)
-    return (block * scales[:, None].to(block.dtype)).to(precision.store), scales
-
-def _check_progress(progress) -> Union[bool, str]:
-    # Strict: a truthy typo ("alwyas", 1) must not pass for True. None is accepted as
-    # "on a terminal", what it means for tk.solve's progress=.
-    if progress is None:
-        return True
-    if not (isinstance(progress, bool) or (isinstance(progress, str) and progress == "always")):
-        raise ValueError(
-            f"progress must be True or None (a bar on a terminal), False (none) or 'always' (a bar "
-            f"even when stderr is not a terminal: log files, notebooks); got {progress!r}"
-        )
-    return progress
-
-
-def _progress_bar(total: Optional[int], desc: str, progress: Union[bool, str], unit: str = "sample"):
-    if progress is False:
-        return None
-    from tqdm.auto import tqdm
-
-    # disable=None is tqdm's terminal test: a bar on a terminal, silence in logs and CI,
-    # where a bar redrawn with carriage returns is noise. "always" asks for it anyway.
-    disable = False if progress == "always" else None
-    return tqdm(total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True)
 
 
 def _feature_blocks(
@@ -140,7 +48,7 @@ def _feature_blocks(
 ) -> Iterator[torch.Tensor]:
     """Yield F [B, p] per batch, in the compute dtype; F[:, j] = d s / d theta[idx[j]]."""
     per_sample = _new_extractor(model, index, output, precision, device, backend)
-    bar = _progress_bar(loader_length(loader), f"eNTK features ({name})", progress)
+    bar = progress_bar(loader_length(loader), f"eNTK features ({name})", progress)
     seen = 0
     try:
         for batch in iterate_inputs(loader, inputs, name):
@@ -258,7 +166,7 @@ def features(
             TRITON_INTERPRET=1). See docs/kernels.md.
     """
     index, output, precision, device, backend = _prepare(model, idx, output, precision, device, backend)
-    progress = _check_progress(progress)
+    progress = check_progress(progress)
     _check_inputs_callable(inputs)
     with eval_mode(model), fp32_math(precision.allow_tf32):
         blocks = _feature_blocks(model, loader, index, output, precision, device, inputs, progress, "loader", backend)
@@ -363,7 +271,7 @@ def gram(
     if checkpoint_key is not None and not isinstance(checkpoint_key, str):
         raise TypeError(f"checkpoint_key must be a str naming the run, got {type(checkpoint_key).__name__}")
     store = check_store(store)
-    progress = _check_progress(progress)
+    progress = check_progress(progress)
     budget = check_max_memory(max_memory, device)
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable (it receives a ProgressEvent); got {type(callback).__name__}")
@@ -372,8 +280,8 @@ def gram(
     if out is not None and is_multi(output):
         raise ValueError(f"out= holds a [n1, n2] K; output={output!r} returns K with an output axis: leave out=None")
     if out is not None:
-        _check_out_memory(out, precision.k)
-    events = _Events(callback, progress)
+        tiles._check_out_memory(out, precision.k)
+    events = Events(callback, progress)
     with eval_mode(model), fp32_math(precision.allow_tf32):
         ckpt = None
         if checkpoint is not None:
@@ -407,7 +315,7 @@ def gram(
             if loader2 is not None:
                 second, _ = _fill_store(model, loader2, "loader2", expected_signature=signature, **fill)
                 stores.append(second)
-            k = _blocked_gram(first, second, loader2 is None, precision.k, device, out, ckpt, events, budget,
+            k = tiles._blocked_gram(first, second, loader2 is None, precision.k, device, out, ckpt, events, budget,
                               terms=(first.structured, second.structured) if first.structured else None)
             return _output_axes(k, output, first.samples, second.samples) if is_multi(output) else k
         finally:
@@ -418,52 +326,6 @@ def gram(
                     feature_store.structured.close()
             if ckpt is not None:
                 ckpt.close()
-
-
-@dataclass(frozen=True)
-class ProgressEvent:
-    """What ``gram(..., callback=)`` receives.
-
-    phase: "features" (after a loader batch) or "gram" (after a row block of K).
-    loader: "loader" or "loader2" in the features phase; None in the gram phase.
-    done, total: samples (features) or rows of K (gram) finished so far, and the total
-        (None when the loader cannot tell its length).
-    resumed: whether this step was read back from a checkpoint rather than computed.
-    elapsed: seconds since the call started.
-    """
-
-    phase: str
-    loader: Optional[str]
-    done: int
-    total: Optional[int]
-    resumed: bool
-    elapsed: float
-
-
-class _Events:
-    """Progress bars (one per phase, on a terminal) and the user's callback."""
-
-    def __init__(self, callback, progress: Union[bool, str]):
-        self.callback, self.progress = callback, progress
-        self.start = time.perf_counter()
-        self.bar, self.bar_key = None, None
-
-    def __call__(self, phase: str, loader: Optional[str], done: int, total: Optional[int], resumed: bool) -> None:
-        key = (phase, loader)
-        if self.progress is not False and key != self.bar_key:
-            self.close()
-            label = f"eNTK features ({loader})" if phase == "features" else "eNTK Gram rows"
-            unit = "sample" if phase == "features" else "row"
-            self.bar, self.bar_key = _progress_bar(total, label, self.progress, unit), key
-        if self.bar is not None:
-            self.bar.update(done - self.bar.n)
-        if self.callback is not None:
-            self.callback(ProgressEvent(phase, loader, done, total, resumed, time.perf_counter() - self.start))
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        self.bar, self.bar_key = None, None
 
 
 def _identity(model: nn.Module, index: ParamIndex, output, precision: Precision, backend: str, cross: bool,
@@ -487,21 +349,6 @@ def _identity(model: nn.Module, index: ParamIndex, output, precision: Precision,
         "backend": backend,
         "kernel": "cross K(X1, X2)" if cross else "symmetric K(X, X)",
     }, undecidable
-
-
-def _check_k_fits(rows: int, cols: int, dtype: torch.dtype, device: torch.device, n1: int, n2: int) -> None:
-    """A clear error, before the Gram phase, for a K larger than the memory there is."""
-    from .store import available_host_bytes
-
-    need = rows * cols * torch.empty((), dtype=dtype).element_size()
-    have = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_host_bytes()
-    if need > have:
-        shape = f"[{n1}, {n2}, {rows // n1}, {cols // n2}]" if rows != n1 else f"[{rows}, {cols}]"
-        raise MemoryError(
-            f"K {shape} needs {need / 2**30:.2f} GiB of {device} memory and {have / 2**30:.2f} GiB are free: use "
-            "fewer samples, output='trace' or 'diagonal' (which still form the full kernel for now) on a larger "
-            "device, or pass out= (a preallocated tensor, e.g. a memory-mapped one) for a one-output K"
-        )
 
 
 def _output_axes(k: torch.Tensor, output: str, n1: int, n2: int) -> torch.Tensor:
@@ -683,207 +530,3 @@ def _features_with_backoff(per_sample: FeatureExtractor, batch: ModelInputs):
         return torch.cat([a, b]), {n: (torch.cat([fa[n][0], fb[n][0]]), torch.cat([fa[n][1], fb[n][1]])) for n in fa}
 
 
-def _check_out(out: torch.Tensor, shape: Tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
-    if tuple(out.shape) != tuple(shape) or out.dtype != dtype:
-        raise ValueError(
-            f"out must be a [{shape[0]}, {shape[1]}] tensor of dtype {dtype} for this Gram; got "
-            f"{list(out.shape)} {out.dtype}"
-        )
-    return out
-
-
-def _check_out_memory(out: torch.Tensor, dtype: torch.dtype) -> None:
-    """What can be said of ``out`` before the loaders tell K's shape: fail before any work."""
-    if out.dtype != dtype:
-        raise ValueError(f"out must be a tensor of dtype {dtype} for this Gram (K's dtype for this precision); got {out.dtype}")
-    if out.requires_grad:
-        raise ValueError("out requires grad: K is written into it in place, which autograd forbids for a tensor "
-                         "it tracks; pass a plain tensor (e.g. out.detach() or torch.empty(n1, n2))")
-    overlapping = any(stride == 0 and size > 1 for stride, size in zip(out.stride(), out.shape))
-    if not overlapping and out.numel():
-        # torch says 0 (no overlap), 1 (overlap) or 2 (cannot tell: any non-contiguous
-        # layout). For 2, dims sorted by stride must nest (each stride at least the extent
-        # of the dims below it), which every slice, transpose and step of a tensor does.
-        verdict = torch._debug_has_internal_overlap(out)
-        if verdict == 2:
-            dims = sorted((stride, size) for stride, size in zip(out.stride(), out.shape) if size > 1)
-            extent = 1
-            for stride, size in dims:
-                if stride < extent:
-                    verdict = 1
-                    break
-                extent = stride * size
-        overlapping = verdict == 1
-    if overlapping:
-        raise ValueError(
-            f"out's elements overlap in memory (strides {tuple(out.stride())}, e.g. an expanded or as_strided "
-            f"view): it cannot hold K; pass a tensor with memory of its own, e.g. torch.empty(n1, n2, dtype={dtype})"
-        )
-
-
-def _blocked_gram(first: FeatureStore, second: FeatureStore, symmetric: bool, k_dtype: torch.dtype,
-                  device: torch.device, out: Optional[torch.Tensor], ckpt: Optional[Checkpoint], events,
-                  budget: int, terms: Optional[Tuple[FactorStores, FactorStores]] = None) -> torch.Tensor:
-    """K from two feature stores, one row block at a time (lower triangle only when
-    symmetric), each finished block checkpointed; on CUDA out-of-memory the tile size
-    halves and the block is recomputed (tiles are overwritten, never accumulated twice).
-    terms: the two sides' structured factors, whose contributions join each tile."""
-    n1, n2 = first.n, second.n
-    if out is None:
-        _check_k_fits(n1, n2, k_dtype, device, first.samples, second.samples)
-    k = _check_out(out, (n1, n2), k_dtype) if out is not None else torch.empty(n1, n2, dtype=k_dtype, device=device)
-    done = 0
-    if ckpt is not None:
-        ckpt.start_k((n1, n2), k_dtype)
-        done = ckpt.k_rows_done
-        if done:
-            k[:done].copy_(ckpt.read_k_rows(done, (n1, n2), k_dtype))
-            events("gram", None, done, n1, resumed=True)
-    tile_rows = _TILE_ROWS
-    staged = [s for s in {id(first): first, id(second): second}.values() if s.kind != "device"]
-    if staged:  # host/disk stores stage two row blocks on the device per tile: keep them in budget
-        resident = sum(s.device_bytes for s in (first, second) if s.kind == "device")
-        # A's block, B's block, and on CUDA the next B block already in flight (_staged_blocks).
-        in_flight = 2 if _overlaps_copies(second, device) else 1
-        per_row = first.row_bytes + in_flight * second.row_bytes
-        if terms is not None:
-            per_row += terms[0].staged_row_bytes + in_flight * terms[1].staged_row_bytes
-        tile_rows = max(1, min(tile_rows, (budget - resident) // max(per_row, 1)))
-    if ckpt is not None and ckpt.k_tile_rows:
-        # Continue with the interrupted run's tiles (smaller after an out-of-memory
-        # halving): the same tile shapes give the same bits. A smaller budget than
-        # that run's still wins, at the cost of bit-identity.
-        tile_rows = min(tile_rows, ckpt.k_tile_rows)
-    i0 = done
-    while i0 < n1:
-        i1 = min(i0 + tile_rows, n1)
-        try:
-            _row_block(k, first, second, i0, i1, tile_rows, symmetric, device, terms)
-        except torch.cuda.OutOfMemoryError:
-            if tile_rows == 1:
-                raise
-            tile_rows //= 2
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            _log.info("out of memory in the Gram phase: tiles of %d rows now", tile_rows)
-            continue
-        if ckpt is not None:
-            ckpt.record_k_rows(i0, k[i0:i1], tile_rows)
-        events("gram", None, i1, n1, resumed=False)
-        i0 = i1
-    if symmetric:
-        _mirror_lower(k)
-    return k
-
-
-def _row_block(k: torch.Tensor, first: FeatureStore, second: FeatureStore, i0: int, i1: int, tile_rows: int,
-               symmetric: bool, device: torch.device,
-               terms: Optional[Tuple[FactorStores, FactorStores]] = None) -> None:
-    a, a_scales = first.rows(i0, i1), first.scales(i0, i1)
-    try:
-        stop = i1 if symmetric else second.n
-        ranges = [(j0, min(j0 + tile_rows, stop)) for j0 in range(0, stop, tile_rows)]
-        # closing(): an error mid-row (e.g. out of memory) releases the staged blocks now,
-        # before the retry, not whenever the generator is collected.
-        with contextlib.closing(_staged_blocks(second, ranges, device)) as blocks:
-            for j0, j1, b in blocks:
-                on_device = k.device == device
-                tile = k[i0:i1, j0:j1] if on_device else torch.empty(i1 - i0, j1 - j0, dtype=k.dtype, device=device)
-                tile.zero_()
-                lower = symmetric and j1 > i0
-                if k.dtype == torch.float32 and (a.shape[1] > _P_CHUNK or terms is not None):
-                    tile.copy_(_accumulated_tile(a, b, a_scales, second, i0, i1, j0, j1, lower, terms))
-                else:
-                    gram_tile_update(tile, a, b, i0, j0, lower=lower)
-                    if a_scales is not None:
-                        tile.mul_((1.0 / a_scales[:, None]) * (1.0 / second.scales(j0, j1)[None, :]))
-                    if terms is not None:
-                        tile.add_(structured_rows(*terms, i0, i1, j0, j1, k.dtype))
-                if not on_device:
-                    k[i0:i1, j0:j1].copy_(tile)
-    finally:
-        first.release(a)
-
-
-# Columns of one fp32 partial product of a tile: long reductions over p are summed in
-# fp64 from fp32 partial GEMMs of this many columns. One fp32 GEMM over all of
-# resnet18's 11.2M columns was off by 2.1e-4 (relative); 64k-column chunks, 9.6e-7.
-_P_CHUNK = 1 << 16
-
-
-def _accumulated_tile(a, b, a_scales, second: FeatureStore, i0, i1, j0, j1, lower: bool, terms) -> torch.Tensor:
-    """An fp32 K's tile summed in fp64: fp32 partial products over column chunks of the
-    features, and each structured tensor's fp32 contribution."""
-    total = torch.zeros(i1 - i0, j1 - j0, dtype=torch.float64, device=a.device)
-    part = torch.empty(i1 - i0, j1 - j0, dtype=torch.float32, device=a.device)
-    for c0 in range(0, a.shape[1], _P_CHUNK):
-        part.zero_()
-        gram_tile_update(part, a[:, c0:c0 + _P_CHUNK], b[:, c0:c0 + _P_CHUNK], i0, j0, lower=lower)
-        if a_scales is not None:
-            part.mul_((1.0 / a_scales[:, None]) * (1.0 / second.scales(j0, j1)[None, :]))
-        total.add_(part)
-    if terms is not None:
-        total.add_(structured_rows(*terms, i0, i1, j0, j1, torch.float32))
-    return total
-
-
-def _overlaps_copies(feature_store: FeatureStore, device: torch.device) -> bool:
-    # Only pinned host memory copies to the GPU asynchronously; a disk store's rows come
-    # from a pageable memory map, whose copy the host waits for anyway.
-    return feature_store.kind == "host" and device.type == "cuda"
-
-
-def _staged_blocks(feature_store: FeatureStore, ranges: List[Tuple[int, int]], device: torch.device):
-    """Yield (j0, j1, rows [j0, j1) on ``device``) for each range, releasing each block
-    after the caller's step.
-
-    From a host store to a CUDA device, block r + 1 is copied on a side stream while the
-    caller computes with block r, so the transfers hide behind the tile GEMMs; the
-    compute stream waits for a block's copy only when it reaches that block. Two
-    blocks are then staged at once, which ``_blocked_gram`` budgets for.
-    """
-    if not _overlaps_copies(feature_store, device):
-        for j0, j1 in ranges:
-            block = feature_store.rows(j0, j1)
-            try:
-                yield j0, j1, block
-            finally:
-                feature_store.release(block)
-        return
-    compute, copies = torch.cuda.current_stream(device), torch.cuda.Stream(device)
-
-    def stage(j0: int, j1: int):
-        with torch.cuda.stream(copies):
-            block = feature_store.rows(j0, j1)
-            ready = torch.cuda.Event()
-            ready.record(copies)
-        return block, ready
-
-    pending = stage(*ranges[0]) if ranges else None
-    try:
-        for r, (j0, j1) in enumerate(ranges):
-            block, ready = pending
-            pending = None
-            try:
-                pending = stage(*ranges[r + 1]) if r + 1 < len(ranges) else None
-                compute.wait_event(ready)
-                # Allocated on the side stream, used on the compute stream: the caching
-                # allocator must not hand its memory out again before that use is done.
-                block.record_stream(compute)
-                yield j0, j1, block
-            finally:
-                feature_store.release(block)
-    finally:
-        if pending is not None:
-            feature_store.release(pending[0])
-
-
-def _mirror_lower(k: torch.Tensor) -> None:
-    """Upper triangle := transpose of the lower one, block by block (no n x n temporary)."""
-    n = k.shape[0]
-    for i0 in range(0, n, _TILE_ROWS):
-        i1 = min(i0 + _TILE_ROWS, n)
-        diagonal = k[i0:i1, i0:i1]
-        diagonal.copy_(diagonal.tril() + diagonal.tril(-1).T)
-        if i1 < n:
-            k[i0:i1, i1:].copy_(k[i1:, i0:i1].T)

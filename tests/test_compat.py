@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
-import tangent_kernels as tk
 from tangent_kernels.compat import neural_tangents as nt
 from tangent_kernels.compat import torch_func
 

@@ -15,6 +15,7 @@ from torch import nn
 
 import tangent_kernels as tk
 import tangent_kernels.engine as engine
+import tangent_kernels.tiles as tiles
 import tangent_kernels.store as store_module
 from tangent_kernels.checkpoint import Checkpoint, CheckpointMismatch
 
@@ -32,7 +33,7 @@ def _problem(seed=0):
 def small_tiles(monkeypatch):
     # Tiles of 4 rows over 23 samples: row blocks, the diagonal, ragged edges, and
     # batches (5 rows) that straddle tile borders.
-    monkeypatch.setattr(engine, "_TILE_ROWS", 4)
+    monkeypatch.setattr(tiles, "_TILE_ROWS", 4)
 
 
 def rel_err(k, ref):
@@ -213,9 +214,9 @@ def test_kill_9_mid_run_then_resume(tmp_path):
     script = textwrap.dedent(f"""
         import os, signal, sys, torch
         sys.path.insert(0, {os.path.dirname(__file__)!r})
-        import tangent_kernels as tk, tangent_kernels.engine as engine
+        import tangent_kernels as tk, tangent_kernels.tiles as tiles
         from test_engine_scale import _problem
-        engine._TILE_ROWS = 4
+        tiles._TILE_ROWS = 4
         model, loader = _problem(5)
         def die(event):
             if event.phase == "gram" and event.done == 12:
@@ -269,8 +270,8 @@ def test_out_of_memory_in_the_gram_phase_halves_the_tiles(monkeypatch):
     model, loader = _problem(8)
     ref = tk.reference.gram_autograd(model, loader)
     base = tk.gram(model, loader, progress=False)
-    monkeypatch.setattr(engine, "_TILE_ROWS", 16)
-    original, calls = engine.gram_tile_update, []
+    monkeypatch.setattr(tiles, "_TILE_ROWS", 16)
+    original, calls = tiles.gram_tile_update, []
 
     def tight_memory(k, a, b, *args, **kwargs):
         calls.append(a.shape[0])
@@ -278,7 +279,7 @@ def test_out_of_memory_in_the_gram_phase_halves_the_tiles(monkeypatch):
             raise torch.cuda.OutOfMemoryError("injected: CUDA out of memory")
         return original(k, a, b, *args, **kwargs)
 
-    monkeypatch.setattr(engine, "gram_tile_update", tight_memory)
+    monkeypatch.setattr(tiles, "gram_tile_update", tight_memory)
     k = tk.gram(model, loader, progress=False)
     assert calls[:2] == [16, 8] and max(calls[2:]) <= 4  # 16 fails, 8 fails, then tiles of 4
     assert rel_err(k, ref) <= 1e-5 and torch.allclose(k, base, rtol=1e-6, atol=1e-7)
@@ -307,9 +308,9 @@ def test_resume_after_an_out_of_memory_halving_keeps_the_smaller_tiles(monkeypat
     # Tile shapes change the op's summation order; the resumed run must continue with the
     # tiles the interrupted run had reached, or its K would differ in the last bits.
     model, loader = _problem(10)
-    monkeypatch.setattr(engine, "_TILE_ROWS", 6)
+    monkeypatch.setattr(tiles, "_TILE_ROWS", 6)
     fresh = tk.gram(model, loader, progress=False)
-    original = engine.gram_tile_update
+    original = tiles.gram_tile_update
     failed = []
 
     def one_out_of_memory(k, a, b, *args, **kwargs):
@@ -318,7 +319,7 @@ def test_resume_after_an_out_of_memory_halving_keeps_the_smaller_tiles(monkeypat
             raise torch.cuda.OutOfMemoryError("injected: CUDA out of memory")
         return original(k, a, b, *args, **kwargs)
 
-    monkeypatch.setattr(engine, "gram_tile_update", one_out_of_memory)
+    monkeypatch.setattr(tiles, "gram_tile_update", one_out_of_memory)
     uninterrupted = tk.gram(model, loader, progress=False)
     assert failed
     assert not torch.equal(uninterrupted, fresh)  # 6- and 3-row tiles sum in different orders
@@ -326,7 +327,7 @@ def test_resume_after_an_out_of_memory_halving_keeps_the_smaller_tiles(monkeypat
     with pytest.raises(Interrupt):  # rows 0-6 in tiles of 6, then 6-12 in tiles of 3
         tk.gram(model, loader, progress=False, checkpoint=tmp_path, callback=_interrupt_at("gram", 12))
     assert json.loads((tmp_path / "manifest.json").read_text())["k_tile_rows"] == 3
-    monkeypatch.setattr(engine, "gram_tile_update", original)  # no memory trouble this time
+    monkeypatch.setattr(tiles, "gram_tile_update", original)  # no memory trouble this time
     resumed = tk.gram(model, loader, progress=False, checkpoint=tmp_path)
     assert torch.equal(resumed, uninterrupted)
     assert rel_err(resumed, tk.reference.gram_autograd(model, loader)) <= 1e-5  # fp32, see test_gram.py

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import tangent_kernels as tk
-import tangent_kernels.engine as engine
+import tangent_kernels.tiles as tiles
 from tangent_kernels.persample import extractor as persample_extractor, generic
 from _models import SharedLinear, TiedHead, TinyTransformer, cnn, cnn_input, frozen_mlp, mlp, resnet18
 
@@ -131,7 +131,7 @@ def test_independent_of_batch_size(batch_size):
 
 def test_symmetric_and_positive_semidefinite_across_tiles(monkeypatch):
     # Small tiles so the lower-triangle schedule and the mirroring cross tile borders.
-    monkeypatch.setattr(engine, "_TILE_ROWS", 4)
+    monkeypatch.setattr(tiles, "_TILE_ROWS", 4)
     torch.manual_seed(6)
     model, x = mlp(), torch.randn(11, 6)
     k = tk.gram(model, batches(x, 5), progress=False)

@@ -1,4 +1,4 @@
-"""Host-store staging that overlaps copies with the tile GEMMs (engine._staged_blocks).
+"""Host-store staging that overlaps copies with the tile GEMMs (tiles._staged_blocks).
 
 The real thing needs CUDA (side stream, pinned memory): the `gpu` test runs it. On a
 CPU, the schedule itself is checked with stand-ins for the stream API: the next block
@@ -13,13 +13,14 @@ from torch import nn
 
 import tangent_kernels as tk
 import tangent_kernels.engine as engine
+import tangent_kernels.tiles as tiles
 
 N, BATCH = 23, 5
 
 
 @pytest.fixture(autouse=True)
 def small_tiles(monkeypatch):
-    monkeypatch.setattr(engine, "_TILE_ROWS", 4)  # 6 row blocks, ragged last one
+    monkeypatch.setattr(tiles, "_TILE_ROWS", 4)  # 6 row blocks, ragged last one
 
 
 def _problem(seed=0):
@@ -59,7 +60,7 @@ class _Streams:
         monkeypatch.setattr(torch.cuda, "stream", on)
         monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: compute)
         monkeypatch.setattr(torch.Tensor, "record_stream", lambda tensor, stream: log.append(("keep", stream.name)))
-        monkeypatch.setattr(engine, "_overlaps_copies", lambda store, device: store.kind == "host")
+        monkeypatch.setattr(tiles, "_overlaps_copies", lambda store, device: store.kind == "host")
 
 
 class _Recorder:
@@ -77,9 +78,9 @@ class _Recorder:
 def test_overlapped_schedule_gives_the_same_K_within_budget(monkeypatch):
     model, loader = _problem()
     # The tile shape changes the op's summation order, so the baseline uses 3-row tiles too.
-    monkeypatch.setattr(engine, "_TILE_ROWS", 3)
+    monkeypatch.setattr(tiles, "_TILE_ROWS", 3)
     base = tk.gram(model, loader, progress=False, store="host")
-    monkeypatch.setattr(engine, "_TILE_ROWS", 4)
+    monkeypatch.setattr(tiles, "_TILE_ROWS", 4)
     ref = tk.reference.gram_autograd(model, loader)
     streams, recorder = _Streams(monkeypatch), _Recorder(monkeypatch)
     row_bytes = 83 * 4  # p = 83 parameters, fp32
@@ -115,7 +116,7 @@ def test_a_failing_tile_releases_every_staged_block(monkeypatch, fail_at_tile):
     _Streams(monkeypatch)
     recorder = _Recorder(monkeypatch)
     calls = {"n": 0}
-    original = engine.gram_tile_update
+    original = tiles.gram_tile_update
 
     staged_at_call = []
 
@@ -126,7 +127,7 @@ def test_a_failing_tile_releases_every_staged_block(monkeypatch, fail_at_tile):
             raise torch.cuda.OutOfMemoryError("injected")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "gram_tile_update", flaky)
+    monkeypatch.setattr(tiles, "gram_tile_update", flaky)
     k = tk.gram(model, loader, progress=False, store="host")
     row_bytes = 83 * 4
     # Before the failure: A and at most two B blocks of 4 rows. At the retry's first tile
@@ -146,7 +147,7 @@ def test_a_failing_tile_releases_every_staged_block(monkeypatch, fail_at_tile):
 def test_host_store_on_cuda_matches_device_store(monkeypatch):
     # 3-row tiles everywhere: a budget of 9 rows gives the host store exactly that (A and
     # two B blocks), and equal tile shapes make equal bits a fair demand.
-    monkeypatch.setattr(engine, "_TILE_ROWS", 3)
+    monkeypatch.setattr(tiles, "_TILE_ROWS", 3)
     model, loader = _problem(2)
     model = model.cuda()
     loader = [x.cuda() for x in loader]

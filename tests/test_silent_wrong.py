@@ -127,9 +127,9 @@ def test_damaged_checkpoint_files_are_refused_never_read(tmp_path, target, damag
             raise Stop
 
     model, loader = _mlp(), _loader(n=40, batch=8)
-    from tangent_kernels import engine
+    from tangent_kernels import tiles
 
-    previous, engine._TILE_ROWS = engine._TILE_ROWS, 16
+    previous, tiles._TILE_ROWS = tiles._TILE_ROWS, 16
     try:
         with pytest.raises(Stop):
             tk.gram(model, loader, progress=False, checkpoint=tmp_path, callback=stop_in_the_gram_phase)
@@ -155,7 +155,7 @@ def test_damaged_checkpoint_files_are_refused_never_read(tmp_path, target, damag
         with pytest.raises(CheckpointCorrupt, match=rf"\({target}\); delete the folder"):
             tk.gram(model, loader, progress=False, checkpoint=tmp_path)
     finally:
-        engine._TILE_ROWS = previous
+        tiles._TILE_ROWS = previous
 
 
 # 5. a model that writes its input in place

@@ -7,7 +7,7 @@ Phases (each ends with every rank's status exchanged, so one rank's error stops 
    engine's own ``_fill_store``: stores, precisions, per-rank checkpoints);
 3. gram: the shards of the column features visit every rank (a ring of point-to-point
    passes, or one all_gather) and each rank computes its blocks of K (schedule.py)
-   with the engine's ``_blocked_gram`` (tiles, out-of-memory halving, checkpointed
+   with ``tiles._blocked_gram`` (tiles, out-of-memory halving, checkpointed
    row blocks); for K(X, X) the blocks a rank computed for another's rows are sent there;
 4. K is returned as asked: every rank (``gather="all"``), rank 0, or row shards (KShard).
 """
@@ -17,11 +17,12 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from .. import engine
+from .. import engine, tiles
+from .. import progress as progress_mod
 from ..checkpoint import Checkpoint, CheckpointMismatch
 from ..data import loader_length
 from ..outputs import is_multi
@@ -125,8 +126,8 @@ class _Plan:
         self.index, self.output, self.precision, self.device, self.backend = index, output, precision, device, backend
         self.gather, self.exchange, self.shard, self.inputs = gather, exchange, shard, inputs
         self.store, self.budget, self.cache_dir = check_store(store), check_max_memory(max_memory, device), cache_dir
-        progress = engine._check_progress(progress)
-        self.events = engine._Events(callback, progress if comm.rank == 0 else False)
+        progress = progress_mod.check_progress(progress)
+        self.events = progress_mod.Events(callback, progress if comm.rank == 0 else False)
         self.symmetric = loader2 is None
         self.loaders = [self._share(loader, "loader")] + ([] if self.symmetric else [self._share(loader2, "loader2")])
         self.checkpoint, self.checkpoint_key = checkpoint, checkpoint_key
@@ -249,7 +250,7 @@ class _Plan:
         own_rows, own_cols = stores[0], stores[-1]
         row_sizes, col_sizes = sizes[0], sizes[-1]
         col_offsets = _offsets(col_sizes)
-        tile_rows = engine._TILE_ROWS
+        tile_rows = tiles._TILE_ROWS
         tasks = (symmetric_tasks(rank, world, row_sizes, tile_rows) if self.symmetric
                  else cross_tasks(rank, world, row_sizes))
         rows = torch.empty(row_sizes[rank], col_offsets[-1], dtype=self.precision.k, device=self._k_home(
@@ -311,7 +312,7 @@ class _Plan:
             c0, c1 = col_offsets[task.col_shard], col_offsets[task.col_shard + 1]
             budget, k_dtype = self.budget, self.precision.k
             if task.diagonal:
-                engine._blocked_gram(own, own, True, k_dtype, self.device, rows[:, c0:c1], task_ckpt,
+                tiles._blocked_gram(own, own, True, k_dtype, self.device, rows[:, c0:c1], task_ckpt,
                                      progress.of(task), budget)
                 return None
             if task.row_shard == rank:  # own rows, visiting columns: straight into this rank's rows
@@ -319,7 +320,7 @@ class _Plan:
                 first = own if task.row_start == 0 else _unpack(own_payload[task.row_start:task.row_stop], own, self)
                 try:
                     out = rows[task.row_start:task.row_stop, c0:c1]
-                    engine._blocked_gram(first, visiting, False, k_dtype, self.device, out, task_ckpt,
+                    tiles._blocked_gram(first, visiting, False, k_dtype, self.device, out, task_ckpt,
                                          progress.of(task), budget)
                 finally:
                     if first is not own:
@@ -330,7 +331,7 @@ class _Plan:
             first = _unpack(visiting_payload[task.row_start:task.row_stop], own, self)
             try:
                 block = torch.empty(task.row_stop - task.row_start, own.n, dtype=k_dtype, device=self.device)
-                engine._blocked_gram(first, own, False, k_dtype, self.device, block, task_ckpt, progress.of(task),
+                tiles._blocked_gram(first, own, False, k_dtype, self.device, block, task_ckpt, progress.of(task),
                                      budget)
             finally:
                 first.close()
@@ -400,7 +401,7 @@ def _pack(feature_store: FeatureStore, device: torch.device) -> torch.Tensor:
         return feature_store.rows(0, n).view(torch.uint8)
     width = feature_store.row_bytes + (4 if feature_store.scaled else 0)
     payload = torch.empty(n, width, dtype=torch.uint8, device=device)
-    step = engine._TILE_ROWS
+    step = tiles._TILE_ROWS
     for i0 in range(0, n, step):
         i1 = min(i0 + step, n)
         block = feature_store.rows(i0, i1)
@@ -438,7 +439,7 @@ def _unpack(payload: torch.Tensor, like: FeatureStore, plan: _Plan):
 
 class _BytesStore:
     """Received feature rows [n, p] read in place, with the part of FeatureStore's interface
-    that ``engine._blocked_gram`` reads: a device-resident store without scales. Its bytes
+    that ``tiles._blocked_gram`` reads: a device-resident store without scales. Its bytes
     belong to the transfer buffer, which the exchange accounts for, so ``device_bytes`` is 0."""
 
     kind, scaled, device_bytes = "device", False, 0

@@ -9,7 +9,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from ..engine import _check_progress, _progress_bar
+from ..progress import check_progress, progress_bar
 from ..store import available_host_bytes
 
 
@@ -98,7 +98,7 @@ class _NullBar:
 def _bar(total: int, desc: str, progress):
     """A bar with the meaning ``progress=`` has everywhere in tangent_kernels (engine's
     rules): False none, True or None on a terminal, "always" also in logs/notebooks."""
-    bar = _progress_bar(total, desc, _check_progress(progress), unit="it")
+    bar = progress_bar(total, desc, check_progress(progress), unit="it")
     if bar is None:
         return _NullBar()
     bar.leave = False

@@ -1,0 +1,77 @@
+"""The ``precision=`` modes: what each computes in, stores features in and returns K in,
+and the rounding of a feature block to its store dtype (fp16 scaled per row)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+
+__all__ = ["Precision", "PRECISIONS"]
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How one ``precision=`` mode computes.
+
+    Per-sample gradients are always computed in ``compute`` (fp32, or fp64 for "fp64"):
+    the 16-bit modes round only the stored features, and the Gram accumulates their
+    products in fp32, so their error is the features' rounding alone (docs/precision.md).
+    """
+
+    name: str
+    compute: torch.dtype  # the model, its per-sample gradients
+    store: torch.dtype  # the feature blocks: what ``features`` returns, what the Gram reads
+    k: torch.dtype  # K itself: never 16-bit
+    allow_tf32: bool = False  # TF32 in the model's matmuls/convolutions and the Gram (CUDA)
+    # Power-of-two scale per sample before rounding to fp16, so that neither large
+    # gradients overflow (max 65504) nor small ones underflow (normal from 6.1e-5);
+    # undone exactly in fp32 on every tile of K.
+    scaled: bool = False
+
+
+PRECISIONS: Dict[str, Precision] = {
+    "fp64": Precision("fp64", torch.float64, torch.float64, torch.float64),
+    "fp32": Precision("fp32", torch.float32, torch.float32, torch.float32),
+    "tf32": Precision("tf32", torch.float32, torch.float32, torch.float32, allow_tf32=True),
+    "bf16": Precision("bf16", torch.float32, torch.bfloat16, torch.float32),
+    "fp16": Precision("fp16", torch.float32, torch.float16, torch.float32, scaled=True),
+}
+
+
+# fp16 rows are scaled so that their largest magnitude lies in [2**13, 2**14): two such
+# entries multiply to < 2**28, far from fp32's limits, and a row keeps 28 binades above
+# fp16's smallest normal number.
+_FP16_TARGET_EXPONENT = 14
+
+
+def _check_precision(precision: str) -> Precision:
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; available: {', '.join(PRECISIONS)}")
+    return PRECISIONS[precision]
+
+
+def _fp16_scales(block: torch.Tensor) -> torch.Tensor:
+    """Per-row powers of two mapping each row's largest magnitude into [2**13, 2**14)."""
+    peak = block.abs().amax(dim=-1).to(torch.float32)
+    exponent = torch.where(peak > 0, torch.floor(torch.log2(peak)), torch.full_like(peak, _FP16_TARGET_EXPONENT - 1))
+    return torch.exp2(_FP16_TARGET_EXPONENT - 1 - exponent)
+
+
+def _to_store(block: torch.Tensor, precision: Precision, scale_rows: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(features in the store dtype, per-row scales or None); ``features = stored / scales``.
+    A block [B, k, p] (every logit) is taken as B * k rows."""
+    if block.dim() == 3 and scale_rows:
+        block = block.reshape(-1, block.shape[-1])
+    if not (precision.scaled and scale_rows):
+        stored = block.to(precision.store)
+        if precision.store == torch.float16 and not bool(torch.isfinite(stored).all()):
+            raise ValueError(
+                f"a per-sample gradient exceeds fp16's range (largest finite value 65504; the largest "
+                f"here is {float(block.abs().max()):.3g}): use precision='bf16' or 'fp32' for features "
+                "(gram() scales fp16 features per sample and is not affected)"
+            )
+        return stored, None
+    scales = _fp16_scales(block)
+    return (block * scales[:, None].to(block.dtype)).to(precision.store), scales

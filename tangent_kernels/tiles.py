@@ -1,0 +1,249 @@
+"""The Gram phase: K from two feature stores, tile by tile over row blocks.
+
+For K(X, X) only tiles on or below the diagonal are computed, then mirrored. fp32 tiles
+over long feature rows are summed in fp64 from fp32 partial products; the structured
+tensors' contributions join each tile; host and disk stores are staged on the device a
+block at a time (on CUDA the next block's copy overlaps the current tile's GEMMs).
+Every finished row block is checkpointed. docs/engine.md has the why of each choice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import List, Optional, Tuple
+
+import torch
+
+from .checkpoint import Checkpoint
+from .ops import gram_tile_update
+from .store import FeatureStore
+from .structured.stores import FactorStores, structured_rows
+
+_log = logging.getLogger("tangent_kernels")
+
+
+# Rows per Gram tile: large enough for BLAS efficiency, small enough that the
+# lower-triangle schedule skips about half the work.
+_TILE_ROWS = 1024
+
+
+def _check_k_fits(rows: int, cols: int, dtype: torch.dtype, device: torch.device, n1: int, n2: int) -> None:
+    """A clear error, before the Gram phase, for a K larger than the memory there is."""
+    from .store import available_host_bytes
+
+    need = rows * cols * torch.empty((), dtype=dtype).element_size()
+    have = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_host_bytes()
+    if need > have:
+        shape = f"[{n1}, {n2}, {rows // n1}, {cols // n2}]" if rows != n1 else f"[{rows}, {cols}]"
+        raise MemoryError(
+            f"K {shape} needs {need / 2**30:.2f} GiB of {device} memory and {have / 2**30:.2f} GiB are free: use "
+            "fewer samples, output='trace' or 'diagonal' (which still form the full kernel for now) on a larger "
+            "device, or pass out= (a preallocated tensor, e.g. a memory-mapped one) for a one-output K"
+        )
+
+
+def _check_out(out: torch.Tensor, shape: Tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype:
+        raise ValueError(
+            f"out must be a [{shape[0]}, {shape[1]}] tensor of dtype {dtype} for this Gram; got "
+            f"{list(out.shape)} {out.dtype}"
+        )
+    return out
+
+
+def _check_out_memory(out: torch.Tensor, dtype: torch.dtype) -> None:
+    """What can be said of ``out`` before the loaders tell K's shape: fail before any work."""
+    if out.dtype != dtype:
+        raise ValueError(f"out must be a tensor of dtype {dtype} for this Gram (K's dtype for this precision); got {out.dtype}")
+    if out.requires_grad:
+        raise ValueError("out requires grad: K is written into it in place, which autograd forbids for a tensor "
+                         "it tracks; pass a plain tensor (e.g. out.detach() or torch.empty(n1, n2))")
+    overlapping = any(stride == 0 and size > 1 for stride, size in zip(out.stride(), out.shape))
+    if not overlapping and out.numel():
+        # torch says 0 (no overlap), 1 (overlap) or 2 (cannot tell: any non-contiguous
+        # layout). For 2, dims sorted by stride must nest (each stride at least the extent
+        # of the dims below it), which every slice, transpose and step of a tensor does.
+        verdict = torch._debug_has_internal_overlap(out)
+        if verdict == 2:
+            dims = sorted((stride, size) for stride, size in zip(out.stride(), out.shape) if size > 1)
+            extent = 1
+            for stride, size in dims:
+                if stride < extent:
+                    verdict = 1
+                    break
+                extent = stride * size
+        overlapping = verdict == 1
+    if overlapping:
+        raise ValueError(
+            f"out's elements overlap in memory (strides {tuple(out.stride())}, e.g. an expanded or as_strided "
+            f"view): it cannot hold K; pass a tensor with memory of its own, e.g. torch.empty(n1, n2, dtype={dtype})"
+        )
+
+
+def _blocked_gram(first: FeatureStore, second: FeatureStore, symmetric: bool, k_dtype: torch.dtype,
+                  device: torch.device, out: Optional[torch.Tensor], ckpt: Optional[Checkpoint], events,
+                  budget: int, terms: Optional[Tuple[FactorStores, FactorStores]] = None) -> torch.Tensor:
+    """K from two feature stores, one row block at a time (lower triangle only when
+    symmetric), each finished block checkpointed; on CUDA out-of-memory the tile size
+    halves and the block is recomputed (tiles are overwritten, never accumulated twice).
+    terms: the two sides' structured factors, whose contributions join each tile."""
+    n1, n2 = first.n, second.n
+    if out is None:
+        _check_k_fits(n1, n2, k_dtype, device, first.samples, second.samples)
+    k = _check_out(out, (n1, n2), k_dtype) if out is not None else torch.empty(n1, n2, dtype=k_dtype, device=device)
+    done = 0
+    if ckpt is not None:
+        ckpt.start_k((n1, n2), k_dtype)
+        done = ckpt.k_rows_done
+        if done:
+            k[:done].copy_(ckpt.read_k_rows(done, (n1, n2), k_dtype))
+            events("gram", None, done, n1, resumed=True)
+    tile_rows = _TILE_ROWS
+    staged = [s for s in {id(first): first, id(second): second}.values() if s.kind != "device"]
+    if staged:  # host/disk stores stage two row blocks on the device per tile: keep them in budget
+        resident = sum(s.device_bytes for s in (first, second) if s.kind == "device")
+        # A's block, B's block, and on CUDA the next B block already in flight (_staged_blocks).
+        in_flight = 2 if _overlaps_copies(second, device) else 1
+        per_row = first.row_bytes + in_flight * second.row_bytes
+        if terms is not None:
+            per_row += terms[0].staged_row_bytes + in_flight * terms[1].staged_row_bytes
+        tile_rows = max(1, min(tile_rows, (budget - resident) // max(per_row, 1)))
+    if ckpt is not None and ckpt.k_tile_rows:
+        # Continue with the interrupted run's tiles (smaller after an out-of-memory
+        # halving): the same tile shapes give the same bits. A smaller budget than
+        # that run's still wins, at the cost of bit-identity.
+        tile_rows = min(tile_rows, ckpt.k_tile_rows)
+    i0 = done
+    while i0 < n1:
+        i1 = min(i0 + tile_rows, n1)
+        try:
+            _row_block(k, first, second, i0, i1, tile_rows, symmetric, device, terms)
+        except torch.cuda.OutOfMemoryError:
+            if tile_rows == 1:
+                raise
+            tile_rows //= 2
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            _log.info("out of memory in the Gram phase: tiles of %d rows now", tile_rows)
+            continue
+        if ckpt is not None:
+            ckpt.record_k_rows(i0, k[i0:i1], tile_rows)
+        events("gram", None, i1, n1, resumed=False)
+        i0 = i1
+    if symmetric:
+        _mirror_lower(k)
+    return k
+
+
+def _row_block(k: torch.Tensor, first: FeatureStore, second: FeatureStore, i0: int, i1: int, tile_rows: int,
+               symmetric: bool, device: torch.device,
+               terms: Optional[Tuple[FactorStores, FactorStores]] = None) -> None:
+    a, a_scales = first.rows(i0, i1), first.scales(i0, i1)
+    try:
+        stop = i1 if symmetric else second.n
+        ranges = [(j0, min(j0 + tile_rows, stop)) for j0 in range(0, stop, tile_rows)]
+        # closing(): an error mid-row (e.g. out of memory) releases the staged blocks now,
+        # before the retry, not whenever the generator is collected.
+        with contextlib.closing(_staged_blocks(second, ranges, device)) as blocks:
+            for j0, j1, b in blocks:
+                on_device = k.device == device
+                tile = k[i0:i1, j0:j1] if on_device else torch.empty(i1 - i0, j1 - j0, dtype=k.dtype, device=device)
+                tile.zero_()
+                lower = symmetric and j1 > i0
+                if k.dtype == torch.float32 and (a.shape[1] > _P_CHUNK or terms is not None):
+                    tile.copy_(_accumulated_tile(a, b, a_scales, second, i0, i1, j0, j1, lower, terms))
+                else:
+                    gram_tile_update(tile, a, b, i0, j0, lower=lower)
+                    if a_scales is not None:
+                        tile.mul_((1.0 / a_scales[:, None]) * (1.0 / second.scales(j0, j1)[None, :]))
+                    if terms is not None:
+                        tile.add_(structured_rows(*terms, i0, i1, j0, j1, k.dtype))
+                if not on_device:
+                    k[i0:i1, j0:j1].copy_(tile)
+    finally:
+        first.release(a)
+
+
+# Columns of one fp32 partial product of a tile: long reductions over p are summed in
+# fp64 from fp32 partial GEMMs of this many columns. One fp32 GEMM over all of
+# resnet18's 11.2M columns was off by 2.1e-4 (relative); 64k-column chunks, 9.6e-7.
+_P_CHUNK = 1 << 16
+
+
+def _accumulated_tile(a, b, a_scales, second: FeatureStore, i0, i1, j0, j1, lower: bool, terms) -> torch.Tensor:
+    """An fp32 K's tile summed in fp64: fp32 partial products over column chunks of the
+    features, and each structured tensor's fp32 contribution."""
+    total = torch.zeros(i1 - i0, j1 - j0, dtype=torch.float64, device=a.device)
+    part = torch.empty(i1 - i0, j1 - j0, dtype=torch.float32, device=a.device)
+    for c0 in range(0, a.shape[1], _P_CHUNK):
+        part.zero_()
+        gram_tile_update(part, a[:, c0:c0 + _P_CHUNK], b[:, c0:c0 + _P_CHUNK], i0, j0, lower=lower)
+        if a_scales is not None:
+            part.mul_((1.0 / a_scales[:, None]) * (1.0 / second.scales(j0, j1)[None, :]))
+        total.add_(part)
+    if terms is not None:
+        total.add_(structured_rows(*terms, i0, i1, j0, j1, torch.float32))
+    return total
+
+
+def _overlaps_copies(feature_store: FeatureStore, device: torch.device) -> bool:
+    # Only pinned host memory copies to the GPU asynchronously; a disk store's rows come
+    # from a pageable memory map, whose copy the host waits for anyway.
+    return feature_store.kind == "host" and device.type == "cuda"
+
+
+def _staged_blocks(feature_store: FeatureStore, ranges: List[Tuple[int, int]], device: torch.device):
+    """Yield (j0, j1, rows [j0, j1) on ``device``) for each range, releasing each block
+    after the caller's step.
+
+    From a host store to a CUDA device, block r + 1 is copied on a side stream while the
+    caller computes with block r, so the transfers hide behind the tile GEMMs; the
+    compute stream waits for a block's copy only when it reaches that block. Two
+    blocks are then staged at once, which ``_blocked_gram`` budgets for.
+    """
+    if not _overlaps_copies(feature_store, device):
+        for j0, j1 in ranges:
+            block = feature_store.rows(j0, j1)
+            try:
+                yield j0, j1, block
+            finally:
+                feature_store.release(block)
+        return
+    compute, copies = torch.cuda.current_stream(device), torch.cuda.Stream(device)
+
+    def stage(j0: int, j1: int):
+        with torch.cuda.stream(copies):
+            block = feature_store.rows(j0, j1)
+            ready = torch.cuda.Event()
+            ready.record(copies)
+        return block, ready
+
+    pending = stage(*ranges[0]) if ranges else None
+    try:
+        for r, (j0, j1) in enumerate(ranges):
+            block, ready = pending
+            pending = None
+            try:
+                pending = stage(*ranges[r + 1]) if r + 1 < len(ranges) else None
+                compute.wait_event(ready)
+                # Allocated on the side stream, used on the compute stream: the caching
+                # allocator must not hand its memory out again before that use is done.
+                block.record_stream(compute)
+                yield j0, j1, block
+            finally:
+                feature_store.release(block)
+    finally:
+        if pending is not None:
+            feature_store.release(pending[0])
+
+
+def _mirror_lower(k: torch.Tensor) -> None:
+    """Upper triangle := transpose of the lower one, block by block (no n x n temporary)."""
+    n = k.shape[0]
+    for i0 in range(0, n, _TILE_ROWS):
+        i1 = min(i0 + _TILE_ROWS, n)
+        diagonal = k[i0:i1, i0:i1]
+        diagonal.copy_(diagonal.tril() + diagonal.tril(-1).T)
+        if i1 < n:
+            k[i0:i1, i1:].copy_(k[i1:, i0:i1].T)
