@@ -31,6 +31,13 @@ run ends with a Markdown table of the rows.
 
 from __future__ import annotations
 
+import os
+
+# libgomp's threads spin while they wait; on a CPU shared with other jobs two spinning
+# pools stall each other: at load ~4 tk.gram of the CNN took 290 ms (min of 40) with the
+# default, 33 ms with PASSIVE. Set before torch loads OpenMP, for every method alike.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import json
 import platform
