@@ -67,8 +67,9 @@ class BatchedPass:
             self.sampled.append(SampledTensor(piece.name, leaf, piece.local.to(device), piece.columns.to(device),
                                               whole=piece.whole))
         self.state = ({**trainable, **leaves}, rest)
-        featured = [st.columns for st in self.sampled if st.name not in self.choices]
-        self.columns = torch.cat(featured) if featured else torch.empty(0, dtype=torch.int64, device=device)
+        self._featured = [st for st in self.sampled if st.name not in self.choices]
+        self._featured_count = sum(st.columns.numel() for st in self._featured)
+        self._columns: Optional[torch.Tensor] = None  # their columns of out, when out has others too
         # What the first batch saw: parameter name -> the rules of its uses.
         self.paths: Dict[str, List[str]] = {}
         self.reached: set = set()  # tensors some gradient reached on the first batch
@@ -76,6 +77,14 @@ class BatchedPass:
         self._module_names = {id(module): name or "(the model)" for name, module in model.named_modules()}
         # The caller's parameters (the state shares their memory where dtype and device agree).
         self._parameters = {name: p for name, p in model.named_parameters()}
+
+    def _featured_columns(self, device: torch.device) -> torch.Tensor:
+        # Concatenated on first need only: the pass the plan probes with (every tensor,
+        # 11M columns for resnet18) never needs them, and the cat cost 40 ms per call.
+        if self._columns is None:
+            columns = [st.columns for st in self._featured]
+            self._columns = torch.cat(columns) if columns else torch.empty(0, dtype=torch.int64, device=device)
+        return self._columns
 
     def probe(self, batch: ModelInputs) -> Tuple[list, Dict[str, str]]:
         """The forward alone: (its uses, the tensors no rule covers with why), for the plan."""
@@ -162,10 +171,10 @@ class BatchedPass:
                 block = out if out.dim() == 2 else out[:, a]
                 # The contractions read activations that autograd tracks: F must not join the graph.
                 with torch.no_grad():
-                    if block.shape[1] == self.columns.numel():
+                    if block.shape[1] == self._featured_count:
                         block.zero_()
                     else:
-                        block[:, self.columns] = 0
+                        block[:, self._featured_columns(block.device)] = 0
                     sink = Sink(block, self.backend, counts, self.dense, self.dead_tokens, factors)
                     for use, grad_start in zip(uses, _starts(uses)):
                         use_grads = list(grads[grad_start:grad_start + len(use.targets)])
