@@ -407,7 +407,7 @@ def _fill_store(model, loader, name, *, index, output, precision, device, inputs
         feature_store, factors = _open_stores(per_sample, name, precision, device, kind, budget, cache_dir,
                                               None if is_multi(output) else total)
         if ckpt is not None:
-            record_plan(ckpt, per_sample.structured_names)
+            record_plan(ckpt, per_sample.plan.without_features)
             ckpt.open_features(name, feature_store.row_bytes)
             if factors is not None:
                 factors.open(ckpt, len(recorded))

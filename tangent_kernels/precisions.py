@@ -54,6 +54,8 @@ def _check_precision(precision: str) -> Precision:
 
 def _fp16_scales(block: torch.Tensor) -> torch.Tensor:
     """Per-row powers of two mapping each row's largest magnitude into [2**13, 2**14)."""
+    if block.shape[-1] == 0:  # no feature columns (every tensor's Gram from factors): nothing to scale
+        return torch.ones(block.shape[:-1], dtype=torch.float32, device=block.device)
     peak = block.abs().amax(dim=-1).to(torch.float32)
     exponent = torch.where(peak > 0, torch.floor(torch.log2(peak)), torch.full_like(peak, _FP16_TARGET_EXPONENT - 1))
     return torch.exp2(_FP16_TARGET_EXPONENT - 1 - exponent)
@@ -63,7 +65,7 @@ def _to_store(block: torch.Tensor, precision: Precision, scale_rows: bool) -> Tu
     """(features in the store dtype, per-row scales or None); ``features = stored / scales``.
     A block [B, k, p] (every logit) is taken as B * k rows."""
     if block.dim() == 3 and scale_rows:
-        block = block.reshape(-1, block.shape[-1])
+        block = block.reshape(block.shape[0] * block.shape[1], block.shape[-1])  # -1 fails for p = 0
     if not (precision.scaled and scale_rows):
         stored = block.to(precision.store)
         if precision.store == torch.float16 and not bool(torch.isfinite(stored).all()):

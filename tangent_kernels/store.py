@@ -247,6 +247,8 @@ class FeatureStore:
             raise IndexError(f"rows [{start}, {stop}) of a store with {self.n}")
         if self.kind == "device":
             return self._memory[start:stop]
+        if self.p == 0:  # no columns (every tensor's Gram from factors): an empty file cannot be mapped
+            return torch.empty(stop - start, 0, dtype=self.dtype, device=self.device)
         if self.kind == "host":
             source = self._memory[start:stop]
         else:

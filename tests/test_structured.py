@@ -71,19 +71,22 @@ class Convs(nn.Module):
         return self.head(h.flatten(1))
 
 
-# model, input, the tensors "always" must make structured
+# model, input, the tensors "always" must make structured: the weights, and the biases that
+# every use of a weight adds (absorbed into its factors); "uses"' broadcast bias is not one.
 CASES = {
-    "mlp": (lambda: mlp(3), lambda n: torch.randn(n, 6), ["0.weight", "2.weight", "4.weight"]),
+    "mlp": (lambda: mlp(3), lambda n: torch.randn(n, 6), ["0.weight", "2.weight", "4.weight", "0.bias", "2.bias", "4.bias"]),
     "uses": (Uses, lambda n: torch.randn(n, 3, 5), ["w", "v", "m", "u"]),
-    "tokens": (Tokens, lambda n: torch.randn(n, 5, 8), ["inner.0.weight", "inner.2.weight", "head.weight"]),
-    "shared": (SharedLinear, lambda n: torch.randn(n, 5), ["inner.weight", "out.weight"]),
+    "tokens": (Tokens, lambda n: torch.randn(n, 5, 8), ["inner.0.weight", "inner.2.weight", "head.weight",
+                                                      "inner.0.bias", "inner.2.bias", "head.bias"]),
+    "shared": (SharedLinear, lambda n: torch.randn(n, 5), ["inner.weight", "out.weight", "inner.bias", "out.bias"]),
     # attention: the packed q/k/v weight is used whole by one linear map; the norms take features.
     "transformer": (TinyTransformer, lambda n: torch.randn(n, 4, 16),
                     ["encoder.linear1.weight", "encoder.linear2.weight", "encoder.self_attn.out_proj.weight",
-                     "encoder.self_attn.in_proj_weight", "head.weight"]),
+                     "encoder.self_attn.in_proj_weight", "head.weight", "encoder.linear1.bias", "encoder.linear2.bias",
+                     "encoder.self_attn.in_proj_bias", "encoder.self_attn.out_proj.bias", "head.bias"]),
     # grouped convolutions take features; the ungrouped one, unfolded, and the head do not.
-    "cnn": (lambda: cnn(4), cnn_input, ["0.weight", "7.weight"]),
-    "convs": (lambda: Convs(), lambda n: torch.randn(n, 2, 9), ["c1.weight", "c2.weight", "head.weight"]),
+    "cnn": (lambda: cnn(4), cnn_input, ["0.weight", "7.weight", "0.bias", "7.bias"]),
+    "convs": (lambda: Convs(), lambda n: torch.randn(n, 2, 9), ["c1.weight", "c2.weight", "head.weight", "c1.bias", "head.bias"]),
 }
 
 
@@ -284,9 +287,13 @@ def test_kronecker_subsample_keeps_the_structured_form(name):
     assert abs(len(idx) - total // 3) <= 0.25 * total // 3  # per-tensor rounding
     assert torch.equal(idx.positions, tk.subsample(model, total // 3, seed=5, structure="kronecker").positions)
     report = tk.coverage(model, x, idx, structured="always")
-    assert sorted(report.structured) == sorted(structured)
+    weights = [t for t in structured if not t.endswith("bias")]
+    assert sorted(t for t in report.structured if t in weights) == sorted(weights)
     sampled, sizes = {n: e for n, e, _ in report.rows}, {n: p.numel() for n, p in model.named_parameters()}
-    partial = [t for t in structured if sampled[t] < sizes[t]]
+    # A bias is absorbed only whole, into a whole weight (a Kronecker-sampled one keeps its bias on features).
+    absorbed = set(report.structured) - set(weights)
+    assert all(sampled[b] == sizes[b] and "structured with" in report.gram[b] for b in absorbed)
+    partial = [t for t in weights if sampled[t] < sizes[t]]
     assert partial and all("Kronecker-sampled" in report.gram[t] for t in partial)
     ref = tk.reference.gram_autograd(model, [x], idx)
     loader = [x[:4], x[4:]]
@@ -304,3 +311,66 @@ def test_a_uniform_subsample_is_not_a_product_set():
     assert report.structured == [] and "not rows x columns" in report.gram["2.weight"]
     with pytest.raises(ValueError, match="structure must be"):
         tk.subsample(model, 10, structure="blocks")
+
+
+class BiasUses(nn.Module):
+    """Biases that can and cannot ride in their weight's factors: ``a`` is added by its
+    weight's only use (absorbed); ``w2`` is used once with ``b2`` and once without (not);
+    ``c`` is added by two different weights' uses (not); addmm adds ``d`` with beta equal
+    to alpha (absorbed) and ``e`` with beta != alpha (not)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 6)
+        self.w2, self.b2 = nn.Parameter(torch.randn(6, 6) * 0.4), nn.Parameter(torch.randn(6) * 0.1)
+        self.u, self.v = nn.Parameter(torch.randn(4, 6) * 0.4), nn.Parameter(torch.randn(4, 6) * 0.4)
+        self.c = nn.Parameter(torch.randn(4) * 0.1)
+        self.m, self.d = nn.Parameter(torch.randn(4, 3) * 0.4), nn.Parameter(torch.randn(3) * 0.1)
+        self.n, self.e = nn.Parameter(torch.randn(4, 3) * 0.4), nn.Parameter(torch.randn(3) * 0.1)
+
+    def forward(self, x):  # [B, 5]
+        h = torch.tanh(self.lin(x))
+        h = torch.tanh(F.linear(h, self.w2, self.b2)) + torch.tanh(F.linear(h, self.w2))
+        h = torch.tanh(F.linear(h, self.u, self.c)) * torch.tanh(F.linear(h, self.v, self.c))
+        return (torch.addmm(self.d, h, self.m, beta=0.5, alpha=0.5)
+                + torch.addmm(self.e, h, self.n, beta=2.0, alpha=0.5)).sum(1, keepdim=True)
+
+
+def test_biases_absorbed_into_their_weights_factors_exactly_where_exact():
+    """K (x, x') + 1 carries a bias' Gram inside its weight's when every use of the weight
+    adds that bias alone: against the float64 reference, one output and every logit, cross
+    kernels, fp32; the report says which, and the others keep features."""
+    torch.manual_seed(21)
+    model, x = BiasUses(), torch.randn(9, 5)
+    report = tk.coverage(model, x, structured="always")
+    assert set(report.structured) == {"lin.weight", "w2", "u", "v", "m", "n", "lin.bias", "d"}
+    assert report.gram["lin.bias"] == "Gram: structured with lin.weight (its input augmented by a constant 1)"
+    assert "its bias lin.bias" in report.gram["lin.weight"] and "its bias" not in report.gram["w2"]
+    assert all(report.gram[b].startswith("Gram: features") for b in ("b2", "c", "e"))
+    assert dict((n, path) for n, _, path in report.rows)["lin.bias"] == "linear"
+    ref = tk.reference.gram_autograd(model, [x])
+    loader = [x[:4], x[4:]]
+    assert rel_err(tk.gram(model, loader, precision="fp64", progress=False, structured="always"), ref) <= 1e-10
+    assert rel_err(tk.gram(model, loader, progress=False, structured="always"), ref) <= 1e-5
+    cross = tk.gram(model, [x[:4]], None, [x[4:]], precision="fp64", progress=False, structured="always")
+    assert rel_err(cross, tk.reference.gram_autograd(model, [x[:4]], None, [x[4:]])) <= 1e-10
+    mlp_model, y = mlp(3), torch.randn(7, 6)
+    full = tk.gram(mlp_model, [y[:3], y[3:]], output="full", precision="fp64", progress=False, structured="always")
+    assert rel_err(full, _every_logit(mlp_model, y, full.shape[-1], None)["full"]) <= 1e-10
+
+
+def test_a_checkpointed_plan_without_absorbed_biases_keeps_them_on_features():
+    """A checkpoint written before biases were absorbed recorded only the weights: resuming
+    it must keep the biases on features (the stores' widths depend on it)."""
+    from tangent_kernels.data import to_inputs
+    from tangent_kernels.engine import PRECISIONS, _new_extractor
+    from tangent_kernels.params import resolve_idx
+
+    torch.manual_seed(22)
+    model, x = mlp(3), torch.randn(5, 6)
+    extractor = _new_extractor(model, resolve_idx(model, None), "first", PRECISIONS["fp64"], torch.device("cpu"),
+                               "torch", "auto")
+    plan = extractor.plan_for(to_inputs(x.double()), forced=["0.weight", "2.weight", "4.weight"])
+    assert plan.structured == ["0.weight", "2.weight", "4.weight"] and plan.absorbed == {}
+    block = extractor(to_inputs(x.double()))
+    assert block.shape[1] == sum(p.numel() for n, p in model.named_parameters() if n.endswith("bias"))

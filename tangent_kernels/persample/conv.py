@@ -17,7 +17,7 @@ from .. import sampled
 from ..structured.plan import FactorForm
 from .backends import COMPILED, conv_kernel, writes_in_place
 from .linear import _view_of_parameter
-from .uses import NotCovered, Sink, Use, register
+from .uses import NotCovered, Sink, Use, register, whole_vector
 
 __all__ = ["ConvUse"]
 
@@ -82,6 +82,10 @@ class ConvUse(Use):
         if offset != 0 or tuple(size) != tuple(st.leaf.shape) or tuple(stride) != tuple(st.leaf.stride()):
             return None
         return FactorForm(1, math.prod(size[1:]), size[0], self.positions)
+
+    def absorbable_bias(self, st):
+        form = self.factor_form(st)
+        return None if form is None or self.bias is None else whole_vector(self.bias, form.g_dim)
 
     def _factors(self, d: torch.Tensor, a_pad=None):
         """(x [B, L, C * prod(k)], g [B, L, O]): F.unfold's patch order (c, k...) is the

@@ -72,10 +72,13 @@ def coverage(model: nn.Module, batch: Any, idx=None, output="first", *, inputs: 
             path = f"generic: {why}"
             report.generic.append((piece.name, why))
         else:
-            path = ", ".join(paths.get(piece.name, [])) or "unused (no use of it reaches the output)"
+            absorbed = extractor.plan.absorbed if extractor.plan is not None else {}
+            # An absorbed bias is a constant in the pass: it is served by its weight's use.
+            path = ", ".join(paths.get(absorbed.get(piece.name, piece.name), [])) or \
+                "unused (no use of it reaches the output)"
             gram_path = extractor.plan.describe(piece.name) if extractor.plan is not None else None
             if gram_path is not None:
                 report.gram[piece.name] = gram_path
         report.rows.append((piece.name, int(piece.local.numel()), path))
-    report.structured = list(extractor.structured_names)
+    report.structured = list(extractor.plan.without_features) if extractor.plan is not None else []
     return report

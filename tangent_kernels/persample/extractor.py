@@ -133,7 +133,7 @@ class FeatureExtractor:
 
     def _set_plan(self, plan: Plan) -> None:
         self.plan = plan
-        names = set(plan.structured)
+        names = set(plan.without_features)
         keep = torch.cat([piece.columns for piece in self.index.tensor_slices if piece.name not in names]
                          or [torch.empty(0, dtype=torch.int64)])
         # The slices come in layout order, so keep is ascending unless idx was given unsorted.
@@ -290,9 +290,16 @@ class FeatureExtractor:
                     add(got, None if grad is None else grad.reshape(-1) if span is not None
                         else grad.reshape(-1)[piece.local.to(grad.device)])
                 for name, (x, g) in factors.items():
-                    piece, grad = structured[name], grads[name]
+                    piece, grad, choice = structured[name], grads[name], self.plan.choices[name]
                     g_row = g[row:row + 1, c:c + 1] if self.multi else g[row:row + 1]
-                    got = per_sample_gradients(x[row:row + 1], g_row, self.plan.choices[name].axis).reshape(-1)
+                    got = per_sample_gradients(x[row:row + 1], g_row, choice.axis).reshape(-1)
+                    if choice.bias is not None:  # the last input column is the absorbed bias' constant 1
+                        matrix = got.view(choice.g_dim, choice.x_dim) if choice.axis == 1 else \
+                            got.view(choice.x_dim, choice.g_dim).T
+                        bias_grad = grads[choice.bias]
+                        add(matrix[:, -1].to(self.dtype), None if bias_grad is None else bias_grad.reshape(-1))
+                        got = matrix[:, :-1] if choice.axis == 1 else matrix[:, :-1].T
+                        got = got.reshape(-1)
                     # rebuilt over the sampled entries in ascending order (factors.py)
                     entries = None if piece.whole else torch.sort(piece.local).values.to(self.device)
                     add(got.to(self.dtype), None if grad is None else grad.reshape(-1) if entries is None

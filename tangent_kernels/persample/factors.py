@@ -38,7 +38,10 @@ class FactorSink:
         # Detached: the activations are tracked by autograd, and the factors outlive the pass.
         choice = self.choices[name]
         if (name, key) not in self._x:
-            self._x[(name, key)] = _select(x.detach(), choice.x_index)
+            x = _select(x.detach(), choice.x_index)
+            if choice.bias is not None:  # x.x' + 1: the absorbed bias' Gram rides along (plan.Choice.bias)
+                x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
+            self._x[(name, key)] = x
         self._g[(name, key, self.output)] = _select(g.detach(), choice.g_index)
 
     def finish(self, batch: int, like: torch.Tensor) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .. import sampled
 from ..structured.plan import FactorForm
 from .backends import COMPILED, linear_kernel, writes_in_place
-from .uses import NotCovered, Sink, Use, ViewPullback, register
+from .uses import NotCovered, Sink, Use, ViewPullback, register, whole_vector
 from .views import Geometry, SampledTensor
 
 __all__ = ["LinearUse", "EinsumUse"]
@@ -159,6 +159,12 @@ class LinearUse(Use):
         input_axis = 1 if self.layout == "oi" else 0  # of the view: where the use's input sits
         n_in, n_out = size[input_axis], size[1 - input_axis]
         return FactorForm(input_axis if same else 1 - input_axis, n_in, n_out, self.a.numel() // (self.batch * n_in))
+
+    def absorbable_bias(self, st: SampledTensor):
+        form = self.factor_form(st)
+        if form is None or self.transposed or self.bias_scale != self.scale:
+            return None
+        return whole_vector(self.bias, form.g_dim) if isinstance(self.bias, (ViewPullback, Operand)) else None
 
     def _weight(self, a3, d3, n_in, n_out, sink: Sink) -> None:
         if isinstance(self.weight, ComputedWeight):

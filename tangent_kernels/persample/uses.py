@@ -181,6 +181,12 @@ class Use:
         factors (structured Gram), else None: features only."""
         return None
 
+    def absorbable_bias(self, st: SampledTensor) -> Optional[str]:
+        """The name of a whole 1-D bias this use adds to the output of weight ``st``'s
+        factor form, with the same scale, so that appending a constant 1 to the input
+        factor gives the bias' gradient too (structured.plan); else None."""
+        return None
+
 
 class ViewPullback:
     """A derived tensor that is a parameter leaf or a strided view of it."""
@@ -514,3 +520,13 @@ class UseMode(TorchFunctionMode):
         out = func(*args, **kwargs)
         self.mark_data(out)
         return out
+
+
+def whole_vector(view, width: int) -> Optional[str]:
+    """The leaf's name when ``view`` (a ViewPullback or Operand) is a whole 1-D leaf of
+    ``width`` entries in its own order, else None."""
+    st, geometry = getattr(view, "st", None), getattr(view, "geometry", None)
+    if st is None or geometry is None or st.leaf.dim() != 1 or st.leaf.numel() != width:
+        return None
+    size, stride, offset = geometry
+    return st.name if tuple(size) == (width,) and tuple(stride) == (1,) and offset == 0 else None

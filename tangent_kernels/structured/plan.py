@@ -23,7 +23,7 @@ a noisy rate measurement from flipping borderline choices between runs.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -77,10 +77,15 @@ class Choice:
     use_dims: Tuple[int, int] = (0, 0)
     x_index: Optional[torch.Tensor] = None
     g_index: Optional[torch.Tensor] = None
+    # A bias absorbed into this weight's factors: x gets a constant 1 appended (x_dim
+    # counts it), so x.x' + 1 makes the bias' Gram (sum_t g_t).(sum_t' g'_t') part of the
+    # weight's, with no features of its own.
+    bias: Optional[str] = None
 
     def describe(self) -> str:
         ratio = self.features_cost / self.structured_cost  # > 1: the structured form is cheaper
-        shape = f"T={self.tokens}, in={self.x_dim}, out={self.g_dim}" + (f", {self.uses} uses" if self.uses > 1 else "")
+        width = f"{self.x_dim - 1}+1 (its bias {self.bias})" if self.bias else f"{self.x_dim}"
+        shape = f"T={self.tokens}, in={width}, out={self.g_dim}" + (f", {self.uses} uses" if self.uses > 1 else "")
         if self.x_index is not None or self.g_index is not None:
             shape += f", Kronecker-sampled of {self.use_dims[0]}x{self.use_dims[1]}"
         estimate = f"{ratio:.3g}x cheaper" if ratio >= 1 else f"{1 / ratio:.3g}x costlier"
@@ -100,15 +105,31 @@ class Plan:
     def structured(self) -> List[str]:
         return [name for name, c in self.choices.items() if c.structured]
 
+    @property
+    def absorbed(self) -> Dict[str, str]:
+        """bias -> the structured weight whose factors carry it."""
+        return {c.bias: name for name, c in self.choices.items() if c.structured and c.bias}
+
+    @property
+    def without_features(self) -> List[str]:
+        """Every tensor whose Gram comes from factors: the structured ones and their biases."""
+        return self.structured + list(self.absorbed)
+
     def drop(self, names, why: str) -> None:
         for name in names:
+            for weight, bias in [(w, c.bias) for w, c in self.choices.items() if c.bias == name]:
+                self.choices[weight] = replace(self.choices[weight], bias=None, x_dim=self.choices[weight].x_dim - 1)
             if name in self.choices:
-                del self.choices[name]
+                bias = self.choices.pop(name).bias
                 self.ineligible[name] = why
+                if bias:
+                    self.ineligible[bias] = f"{why} (absorbed into {name})"
 
     def describe(self, name: str) -> Optional[str]:
         if name in self.choices:
             return self.choices[name].describe()
+        if name in self.absorbed:
+            return f"Gram: structured with {self.absorbed[name]} (its input augmented by a constant 1)"
         return f"Gram: features ({self.ineligible[name]})" if name in self.ineligible else None
 
 
@@ -168,6 +189,21 @@ def _product_selection(st):
     return rows_of, cols_of
 
 
+def _absorbable_bias(st, touching: Sequence, uses: Sequence, sampled: Sequence, excluded: Dict[str, str]):
+    """The bias that every use of the weight ``st`` adds, and nothing else uses, whole
+    (``Use.absorbable_bias``): its name, or None."""
+    names = {use.absorbable_bias(st) for use in touching}
+    if len(names) != 1 or None in names:
+        return None
+    name = names.pop()
+    bias = next((other for other in sampled if other.name == name), None)
+    if bias is None or name in excluded or bias.m != bias.leaf.numel():
+        return None
+    if any(any(other is bias for other in use.sampled) for use in uses if use not in touching):
+        return None
+    return name
+
+
 def decide(uses: Sequence, sampled: Sequence, excluded: Dict[str, str], outputs: int, mode: str,
            device: torch.device, dtype: torch.dtype, forced: Optional[Sequence[str]] = None) -> Plan:
     """The plan for the sampled tensors (``views.SampledTensor``) of one forward's ``uses``.
@@ -215,10 +251,15 @@ def decide(uses: Sequence, sampled: Sequence, excluded: Dict[str, str], outputs:
         features, structured = _costs(x_dim, g_dim, tokens, outputs, rates)
         worth = structured * _MARGIN < features and st.m >= _MIN_ENTRIES
         take = st.name in forced if forced is not None else (mode == "always" or worth)
-        plan.choices[st.name] = Choice(st.name, first.axis, x_dim, g_dim, tokens, len(forms), features, structured,
-                                       take, (first.x_dim, first.g_dim), x_index, g_index)
+        bias = _absorbable_bias(st, touching, uses, sampled, excluded) if take and selection == (None, None) else None
+        if bias is not None and forced is not None and bias not in forced:
+            bias = None  # a checkpointed run that kept the bias on features (made before absorption)
+        plan.choices[st.name] = Choice(st.name, first.axis, x_dim + (bias is not None), g_dim, tokens, len(forms),
+                                       features, structured, take, (first.x_dim, first.g_dim), x_index, g_index, bias)
+    for bias, weight in plan.absorbed.items():
+        plan.ineligible.pop(bias, None)
     if forced is not None:
-        missing = [name for name in forced if name not in plan.choices]
+        missing = [name for name in forced if name not in plan.choices and name not in plan.absorbed]
         if missing:
             why = "; ".join(f"{name}: {plan.ineligible.get(name, 'not sampled')}" for name in missing)
             raise ValueError(f"the checkpointed run took the structured Gram for {', '.join(missing)}, which this "
