@@ -151,7 +151,10 @@ def _row_block(k: torch.Tensor, first: FeatureStore, second: FeatureStore, i0: i
                 tile = k[i0:i1, j0:j1] if on_device else torch.empty(i1 - i0, j1 - j0, dtype=k.dtype, device=device)
                 tile.zero_()
                 lower = symmetric and j1 > i0
-                if k.dtype == torch.float32 and (a.shape[1] > _P_CHUNK or terms is not None):
+                # Long reductions over feature columns are summed in fp64; a structured tensor's
+                # contribution is one fp32 term, and a few dozen such terms summed in fp32 stay
+                # within ~1e-6 (fp64 tiles for them alone cost 20% of an MLP's full kernel).
+                if k.dtype == torch.float32 and a.shape[1] > _P_CHUNK:
                     tile.copy_(_accumulated_tile(a, b, a_scales, second, i0, i1, j0, j1, lower, terms))
                 else:
                     gram_tile_update(tile, a, b, i0, j0, lower=lower)

@@ -14,10 +14,13 @@ Cost per pair of rows of K (k outputs per sample share the inputs' Gram):
   elementwise multiply-adds for the product of the two Grams and the sum over (t, t').
 The two kinds of work run at different rates (a GEMM near peak, the elementwise product
 at memory speed), measured once per process on the device and dtype at hand. "auto"
-takes the structured form only when it is estimated _MARGIN times cheaper and the tensor
-has at least _MIN_ENTRIES entries: each structured tensor costs a few stores and small
-GEMMs per tile in Python overhead, which a tiny layer never pays back, and a margin keeps
-a noisy rate measurement from flipping borderline choices between runs.
+takes the structured form only when it is estimated _MARGIN times cheaper and saves at
+least _MIN_SAVED multiply-adds per pair of *samples* (k^2 pairs of rows for k outputs):
+each structured tensor costs a few stores and small GEMMs per tile in Python overhead,
+which a tiny layer never pays back, and a margin keeps a noisy rate measurement from
+flipping borderline choices between runs. (A floor on the tensor's entries instead kept a
+10-logit head of 2,560 entries on features for output="full", where its features cost
+k^2 = 100 times more per pair of samples: 35% of an MLP's full kernel.)
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ __all__ = ["STRUCTURED_MODES", "Choice", "FactorForm", "Plan", "check_structured
 
 STRUCTURED_MODES = ("auto", "never", "always")
 _MARGIN = 2.0
-_MIN_ENTRIES = 4096
+_MIN_SAVED = 4096
 
 
 def check_structured(mode) -> str:
@@ -249,7 +252,8 @@ def decide(uses: Sequence, sampled: Sequence, excluded: Dict[str, str], outputs:
         x_dim = first.x_dim if x_index is None else x_index.numel()
         g_dim = first.g_dim if g_index is None else g_index.numel()
         features, structured = _costs(x_dim, g_dim, tokens, outputs, rates)
-        worth = structured * _MARGIN < features and st.m >= _MIN_ENTRIES
+        saved = (features - structured) * rates[0] * outputs ** 2  # multiply-adds per pair of samples
+        worth = structured * _MARGIN < features and saved >= _MIN_SAVED
         take = st.name in forced if forced is not None else (mode == "always" or worth)
         bias = _absorbable_bias(st, touching, uses, sampled, excluded) if take and selection == (None, None) else None
         if bias is not None and forced is not None and bias not in forced:
