@@ -35,7 +35,7 @@ __all__ = ["STRUCTURED_MODES", "Choice", "FactorForm", "Plan", "check_structured
 
 STRUCTURED_MODES = ("auto", "never", "always")
 _MARGIN = 2.0
-_MIN_SAVED = 4096
+_MIN_SAVED = 1024
 
 
 def check_structured(mode) -> str:
