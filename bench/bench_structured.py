@@ -31,15 +31,14 @@ run ends with a Markdown table of the rows.
 
 from __future__ import annotations
 
-import os
-
-# libgomp's threads spin while they wait; on a CPU shared with other jobs two spinning
-# pools stall each other: at load ~4 tk.gram of the CNN took 290 ms (min of 40) with the
-# default, 33 ms with PASSIVE. Set before torch loads OpenMP, for every method alike.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
+# OpenMP's wait policy moves these numbers by up to 9x, so say which one ran: libgomp's
+# threads spin while they wait (the default), which on a quiet machine took tk's one-logit
+# MLP kernel in 8.8 ms and with OMP_WAIT_POLICY=PASSIVE in 16.6 ms (2 threads); on a CPU
+# shared with other jobs the spinning pools stall each other (the CNN: 290 ms spinning, 33
+# ms passive, at load ~4). Run it quiet with the default, or PASSIVE when shared.
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -295,6 +294,8 @@ def main() -> int:
         # The commit and the load when the run starts: the library is imported now, and a
         # run of ~10 minutes may outlast the checkout's HEAD.
         header = {"commit": commit(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default (active)"),
+              "load": open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else None,
                   "loadavg_start": _loadavg()}
         start = time.perf_counter()
         rows = kronecker_comparison()
@@ -307,6 +308,8 @@ def main() -> int:
     budget = int(args.memory_gib * 2 ** 30)
     methods = ["tk", "features", "torch.func"] + (["nngeometry"] if has_nngeometry() else [])
     header = {"commit": commit(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default (active)"),
+              "load": open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else None,
               "machine": platform.processor() or platform.machine()}
     print(header)
     results, failures = [], []
