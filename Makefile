@@ -44,8 +44,10 @@ build: extension cmake
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
+# --no-cache-dir: the venv alone is ~6 GB (torch's CUDA build); a copy of every downloaded
+# wheel in pip's cache on top of it once ran a CI machine out of disk.
 $(DEPS_STAMP): pyproject.toml Makefile | $(PY)
-	$(PIP) install $(TORCH_PINS) $(TOOLS)
+	$(PIP) install --no-cache-dir $(TORCH_PINS) $(TOOLS)
 	touch $@
 
 # --- the extension tangent_kernels._C (editable install: _C lands beside the sources) ---

@@ -291,7 +291,9 @@ class Checkpoint:
         _, _, features_sum, scales_sum = self._loader(name)["batches"][batch]
         raw = self._read_checked(features_path, start * row_bytes, (stop - start) * row_bytes, features_sum,
                                  f"feature rows {start}..{stop - 1} of {name}")
-        block = torch.from_numpy(raw).view(dtype).view(stop - start, p)
+        # An empty buffer (p = 0: every tensor's Gram from factors) cannot be viewed as another dtype.
+        block = torch.from_numpy(raw).view(dtype).view(stop - start, p) if raw.size else \
+            torch.empty(stop - start, p, dtype=dtype)
         scales = None
         if scaled:
             raw = self._read_checked(scales_path, start * 4, (stop - start) * 4, scales_sum,

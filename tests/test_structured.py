@@ -225,11 +225,12 @@ class Interrupt(Exception):
     pass
 
 
+@pytest.mark.parametrize("name", ["uses", "mlp"])  # mlp: no feature columns at all (biases absorbed)
 @pytest.mark.parametrize("output", ["first", "full"])
 @pytest.mark.parametrize("stop", [("features", 10), ("gram", 4), ("gram", 8)])
-def test_checkpoint_resume_is_bit_identical(tmp_path, monkeypatch, stop, output):
+def test_checkpoint_resume_is_bit_identical(tmp_path, monkeypatch, stop, output, name):
     monkeypatch.setattr(tiles, "_TILE_ROWS", 4)
-    model, x, _ = _case("uses", 13, 8)
+    model, x, _ = _case(name, 13, 8)
     loader = [x[i:i + 5] for i in range(0, 13, 5)]
     base = tk.gram(model, loader, output=output, progress=False, structured="always")
 
