@@ -114,3 +114,17 @@ def test_real_architectures_are_batched_and_exact(name, sampled):
     # fp32: rounding through two attention layers; 1e-4 is about 100x what was measured.
     K32 = tk.gram(model, [batch], idx, output=output, progress=False)
     assert float((K32.double() - ref).norm() / ref.norm()) <= 1e-4
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_real_architectures_with_every_eligible_tensor_structured(name):
+    """structured="always": every whole weight from its factors, and the biases its uses
+    add (absorbed: x.x' + 1), on real architectures: K against the float64 reference."""
+    torch.manual_seed(1)
+    model, batch, output = MODELS[name]()
+    model.eval()
+    report = tk.coverage(model, batch, output=output, structured="always")
+    assert report.structured and report.generic == [], str(report)
+    ref = tk.reference.gram_autograd(model, [batch], output=output)
+    K = tk.gram(model, [batch], output=output, precision="fp64", progress=False, structured="always")
+    assert float((K - ref).norm() / ref.norm()) <= 1e-10

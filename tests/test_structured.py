@@ -375,3 +375,24 @@ def test_a_checkpointed_plan_without_absorbed_biases_keeps_them_on_features():
     assert plan.structured == ["0.weight", "2.weight", "4.weight"] and plan.absorbed == {}
     block = extractor(to_inputs(x.double()))
     assert block.shape[1] == sum(p.numel() for n, p in model.named_parameters() if n.endswith("bias"))
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "convnext_atto"])
+def test_real_cnns_with_every_eligible_tensor_structured(name):
+    """Depthwise and grouped convolutions (features), squeeze-excitation 1x1 convolutions
+    and pointwise MLPs with their biases (structured), layer scales: K against float64."""
+    torch.manual_seed(1)
+    if name == "mobilenet_v3_small":
+        import torchvision
+
+        model = torchvision.models.mobilenet_v3_small(num_classes=3)
+    else:
+        timm = pytest.importorskip("timm", reason="timm is one of the test tools (Makefile TOOLS)")
+        model = timm.create_model(name, pretrained=False, num_classes=3)
+    model.eval()
+    x = torch.randn(3, 3, 32, 32)
+    report = tk.coverage(model, x, structured="always")
+    assert any(n.endswith("bias") for n in report.structured) and report.generic == []
+    ref = tk.reference.gram_autograd(model, [x])
+    K = tk.gram(model, [x], precision="fp64", progress=False, structured="always")
+    assert rel_err(K, ref) <= 1e-10
