@@ -293,13 +293,20 @@ class FeatureExtractor:
                     piece, grad, choice = structured[name], grads[name], self.plan.choices[name]
                     g_row = g[row:row + 1, c:c + 1] if self.multi else g[row:row + 1]
                     got = per_sample_gradients(x[row:row + 1], g_row, choice.axis).reshape(-1)
-                    if choice.bias is not None:  # the last input column is the absorbed bias' constant 1
-                        matrix = got.view(choice.g_dim, choice.x_dim) if choice.axis == 1 else \
-                            got.view(choice.x_dim, choice.g_dim).T
-                        bias_grad = grads[choice.bias]
-                        add(matrix[:, -1].to(self.dtype), None if bias_grad is None else bias_grad.reshape(-1))
-                        got = matrix[:, :-1] if choice.axis == 1 else matrix[:, :-1].T
-                        got = got.reshape(-1)
+                    if choice.bias is not None:
+                        # The input's last entry is the absorbed bias' constant 1: the leaf's matrix
+                        # [G, X] (axis 1) or [X, G] (axis 0) plus the bias as its last column or row.
+                        # Compared as views (torch.dist reads strides: no copies).
+                        bias_grad, weight_shape = grads[choice.bias], (choice.g_dim, choice.x_dim - 1)
+                        if choice.axis == 1:
+                            matrix = got.view(choice.g_dim, choice.x_dim)
+                            bias_got, got = matrix[:, -1], matrix[:, :-1]
+                        else:
+                            matrix, weight_shape = got.view(choice.x_dim, choice.g_dim), weight_shape[::-1]
+                            bias_got, got = matrix[-1], matrix[:-1]
+                        add(bias_got, None if bias_grad is None else bias_grad.reshape(-1))
+                        add(got, None if grad is None else grad.reshape(weight_shape))
+                        continue
                     # rebuilt over the sampled entries in ascending order (factors.py)
                     entries = None if piece.whole else torch.sort(piece.local).values.to(self.device)
                     add(got.to(self.dtype), None if grad is None else grad.reshape(-1) if entries is None
