@@ -396,3 +396,56 @@ def test_real_cnns_with_every_eligible_tensor_structured(name):
     ref = tk.reference.gram_autograd(model, [x])
     K = tk.gram(model, [x], precision="fp64", progress=False, structured="always")
     assert rel_err(K, ref) <= 1e-10
+
+
+class Lookups(nn.Module):
+    """An embedding table looked up by batched token ids (padding row, sequence-first,
+    twice per sample, or tied to an output projection), then a dense head."""
+
+    def __init__(self, padding_idx=None, seq_first=False, twice=False, tied=False):
+        super().__init__()
+        self.table, self.head = nn.Embedding(50, 8, padding_idx=padding_idx), nn.Linear(8, 3)
+        self.seq_first, self.twice, self.tied = seq_first, twice, tied
+
+    def forward(self, tokens):  # [B, T]
+        h = self.table(tokens.T).transpose(0, 1) if self.seq_first else self.table(tokens)
+        if self.twice:
+            h = h + self.table(tokens.flip(1))
+        h = torch.tanh(h)
+        out = self.head(h).mean(1)
+        return out + (h @ self.table.weight.T).mean(1)[:, :3] if self.tied else out
+
+
+@pytest.mark.parametrize("kind", ["plain", "padding", "seq-first", "twice", "tied"])
+def test_embedding_tables_from_token_ids(kind, tmp_path):
+    """A whole table's Gram from token ids and output gradients: sum over token pairs of
+    [id == id'] (g . g'). Against float64, every precision, cross, every logit, resumed from
+    a checkpoint; a table tied to a product keeps features."""
+    torch.manual_seed(23)
+    model = Lookups(**{"plain": {}, "padding": {"padding_idx": 4}, "seq-first": {"seq_first": True},
+                       "twice": {"twice": True}, "tied": {"tied": True}}[kind])
+    tokens = torch.randint(0, 50, (9, 6))
+    tokens[0, :3] = 4  # repeated tokens within a sample (and the padding id)
+    tokens[1, 2] = 4
+    report = tk.coverage(model, tokens, structured="always")
+    assert ("table.weight" in report.structured) == (kind != "tied")
+    if kind != "tied":
+        assert "token ids" in report.gram["table.weight"]
+    ref = tk.reference.gram_autograd(model, [tokens])
+    loader = [tokens[:4], tokens[4:]]
+    for precision in TOLERANCE:
+        K = tk.gram(model, loader, precision=precision, progress=False, structured="always")
+        assert rel_err(K, ref) <= TOLERANCE[precision], precision
+    cross = tk.gram(model, [tokens[:4]], None, [tokens[4:]], precision="fp64", progress=False, structured="always")
+    assert rel_err(cross, tk.reference.gram_autograd(model, [tokens[:4]], None, [tokens[4:]])) <= 1e-10
+    full = tk.gram(model, loader, output="full", precision="fp64", progress=False, structured="always")
+    assert rel_err(full, _every_logit(model, tokens, 3)["full"]) <= 1e-10
+
+    def stop(event):
+        if event.phase == "gram" and not event.resumed:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        tk.gram(model, loader, progress=False, structured="always", checkpoint=tmp_path, callback=stop)
+    resumed = tk.gram(model, loader, progress=False, structured="always", checkpoint=tmp_path)
+    assert torch.equal(resumed, tk.gram(model, loader, progress=False, structured="always"))

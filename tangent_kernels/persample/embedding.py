@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import sampled
+from ..structured.plan import FactorForm
 from .backends import embedding_kernel, writes_in_place
 from .linear import _view_of_parameter
 from .uses import Derived, NotCovered, Sink, Use, bind, register, register_derived
@@ -71,13 +72,29 @@ class EmbeddingUse(Use):
         self.tokens, self.weight, self.padding_idx = tokens, weight, padding_idx
         self.samples_dim = samples_dim  # 1: sequence first [T, B]
 
+    def factor_form(self, st):
+        """The whole table [V, E] as token ids (one-hot rows) times the output gradient:
+        W's per-sample gradient is sum_t onehot(token_t) (x) d_t."""
+        size, stride, offset = self.weight.geometry
+        leaf = st.leaf
+        if self.weight.st is not st or leaf.dim() != 2 or offset != 0 or tuple(size) != tuple(leaf.shape) \
+                or tuple(stride) != tuple(leaf.stride()):
+            return None
+        return FactorForm(0, 1, int(size[1]), self.tokens.numel() // self.batch, index=True)
+
     def contribute(self, d: torch.Tensor, sink: Sink) -> None:
         tokens = self.tokens
         if self.samples_dim:
             tokens, d = tokens.movedim(1, 0), d.movedim(1, 0)
         tokens = tokens.reshape(self.batch, -1)
-        _contract(self.backend, self.weight.st, self.weight.geometry, tokens,
-                  d.reshape(self.batch, tokens.shape[1], -1), self.padding_idx, sink)
+        d = d.reshape(self.batch, tokens.shape[1], -1)
+        if sink.factors is not None and self.weight.st.name in sink.factors.names:
+            # Token ids as the input factor (structured/): the padding row gets no gradient.
+            if self.padding_idx is not None:
+                d = d * (tokens != self.padding_idx).unsqueeze(-1).to(d.dtype)
+            sink.factors.add(self.weight.st.name, self.key, tokens.unsqueeze(-1).to(torch.float64), d)
+            return
+        _contract(self.backend, self.weight.st, self.weight.geometry, tokens, d, self.padding_idx, sink)
 
 
 class EmbeddingPullback:

@@ -18,7 +18,7 @@ from ..params import ParamIndex, TensorSlice
 from .batched import BatchedPass, Uncovered
 from .dense import DenseStrategy
 from ..structured.plan import Plan, decide
-from .factors import per_sample_gradients
+from .factors import index_gradients, per_sample_gradients
 from .generic import GenericPath
 
 __all__ = ["FeatureExtractor", "BATCHED"]
@@ -292,7 +292,11 @@ class FeatureExtractor:
                 for name, (x, g) in factors.items():
                     piece, grad, choice = structured[name], grads[name], self.plan.choices[name]
                     g_row = g[row:row + 1, c:c + 1] if self.multi else g[row:row + 1]
-                    got = per_sample_gradients(x[row:row + 1], g_row, choice.axis).reshape(-1)
+                    if choice.index:  # token ids into the table's rows
+                        rows_of_table = self.index.layout.shapes[self.index.layout.names.index(name)][0]
+                        got = index_gradients(x[row:row + 1], g_row, rows_of_table).reshape(-1)
+                    else:
+                        got = per_sample_gradients(x[row:row + 1], g_row, choice.axis).reshape(-1)
                     if choice.bias is not None:
                         # The input's last entry is the absorbed bias' constant 1: the leaf's matrix
                         # [G, X] (axis 1) or [X, G] (axis 0) plus the bias as its last column or row.

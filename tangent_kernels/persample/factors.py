@@ -14,7 +14,7 @@ import torch
 
 from .uses import Uncovered
 
-__all__ = ["FactorSink", "per_sample_gradients"]
+__all__ = ["FactorSink", "index_gradients", "per_sample_gradients"]
 
 
 class FactorSink:
@@ -61,7 +61,8 @@ class FactorSink:
                     g = self._g.get((name, key, a))
                     gs[a].append(g if g is not None else like.new_zeros(batch, form.tokens, choice.g_dim))
             # One use (the usual case): its factors as they are, no copy.
-            x = (xs[0] if len(xs) == 1 else torch.cat(xs, dim=1)).to(like.dtype)
+            # Token ids stay float64 (exact to 2^53) whatever the precision: they are compared, not multiplied.
+            x = (xs[0] if len(xs) == 1 else torch.cat(xs, dim=1)).to(torch.float64 if choice.index else like.dtype)
             per_output = [(g[0] if len(g) == 1 else torch.cat(g, dim=1)).to(like.dtype) for g in gs]
             result[name] = (x, torch.stack(per_output, dim=1) if self.multi else per_output[0])
         return result
@@ -70,6 +71,18 @@ class FactorSink:
 def _select(factor: torch.Tensor, index) -> torch.Tensor:
     """The Kronecker subsample's rows or columns of a factor's last dim (None: all)."""
     return factor if index is None else factor.index_select(-1, index.to(factor.device))
+
+
+def index_gradients(ids: torch.Tensor, g: torch.Tensor, rows: int) -> torch.Tensor:
+    """The flat per-sample gradients of a table [rows, G] from token ids [R, T, 1] and
+    g [R, T, G] (or [R, k, T, G]): sum_t onehot(id_t) (x) g_t, [R, rows * G] (or [R, k, .])."""
+    multi = g.dim() == 4
+    r, t, width = ids.shape[0], ids.shape[1], g.shape[-1]
+    index = ids.reshape(r, t).long()
+    g4 = g if multi else g.unsqueeze(1)
+    out = g.new_zeros(r, g4.shape[1], rows, width)
+    out.scatter_add_(2, index[:, None, :, None].expand(r, g4.shape[1], t, width), g4)
+    return (out if multi else out[:, 0]).flatten(-2)
 
 
 def per_sample_gradients(x: torch.Tensor, g: torch.Tensor, axis: int) -> torch.Tensor:

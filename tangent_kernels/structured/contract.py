@@ -25,12 +25,13 @@ def _gram(u: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def structured_tile(x_i: torch.Tensor, g_i: torch.Tensor, x_j: torch.Tensor, g_j: torch.Tensor, tokens: int,
-                    outputs: int, dtype: torch.dtype, scales=None) -> torch.Tensor:
+                    outputs: int, dtype: torch.dtype, scales=None, index: bool = False) -> torch.Tensor:
     """[Si k, Sj k] in ``dtype``.
 
     x_i: [Si, T * X], g_i: [Si * k, T * G] (rows as stored); x_j, g_j likewise for the
     columns. scales: None, or the fp16 scales (sx_i, sg_i, sx_j, sg_j) of those rows
-    (stored = true * scale).
+    (stored = true * scale; None for a factor stored unscaled). index: x are token ids
+    (X = 1), standing for one-hot rows: their Gram is token equality.
     """
     si, sj, k = x_i.shape[0], x_j.shape[0], outputs
     out = torch.empty(si * k, sj * k, dtype=dtype, device=x_i.device)
@@ -44,7 +45,7 @@ def structured_tile(x_i: torch.Tensor, g_i: torch.Tensor, x_j: torch.Tensor, g_j
         for j0 in range(0, sj, step):
             j1 = min(j0 + step, sj)
             block = _block(x_i[i0:i1], g_i[i0 * k:i1 * k], x_j[j0:j1], g_j[j0 * k:j1 * k], tokens, k, dtype,
-                           *_slices(scales, i0, i1, j0, j1, k))
+                           *_slices(scales, i0, i1, j0, j1, k), index=index)
             out[i0 * k:i1 * k, j0 * k:j1 * k] = block
     return out
 
@@ -53,23 +54,35 @@ def _slices(scales, i0, i1, j0, j1, k):
     if scales is None:
         return (None,) * 4
     sx_i, sg_i, sx_j, sg_j = scales
-    return sx_i[i0:i1], sg_i[i0 * k:i1 * k], sx_j[j0:j1], sg_j[j0 * k:j1 * k]
+
+    def cut(scale, a, b):  # token ids are stored unscaled
+        return None if scale is None else scale[a:b]
+
+    return cut(sx_i, i0, i1), cut(sg_i, i0 * k, i1 * k), cut(sx_j, j0, j1), cut(sg_j, j0 * k, j1 * k)
 
 
-def _block(x_i, g_i, x_j, g_j, tokens, k, dtype, sx_i, sg_i, sx_j, sg_j) -> torch.Tensor:
+def _inputs_gram(x_i, x_j, dtype, index: bool) -> torch.Tensor:
+    if index:  # one-hot rows of token ids: 1 where the tokens are the same
+        return (x_i.reshape(-1, 1) == x_j.reshape(1, -1)).to(dtype)
+    return _gram(x_i, x_j, dtype)
+
+
+def _block(x_i, g_i, x_j, g_j, tokens, k, dtype, sx_i, sg_i, sx_j, sg_j, index: bool = False) -> torch.Tensor:
     si, sj = x_i.shape[0], x_j.shape[0]
     if tokens == 1:
-        gx = _scaled(_gram(x_i, x_j, dtype), sx_i, sx_j)  # [Si, Sj]
+        gx = _scaled(_inputs_gram(x_i, x_j, dtype, index), sx_i, sx_j)  # [Si, Sj]
         gg = _scaled(_gram(g_i, g_j, dtype), sg_i, sg_j)  # [Si k, Sj k]
         if k == 1:
             return gx.mul_(gg) if gx.dtype == gg.dtype else gx * gg
         return (gg.view(si, k, sj, k) * gx[:, None, :, None]).view(si * k, sj * k)
     x_dim, g_dim = x_i.shape[1] // tokens, g_i.shape[1] // tokens
-    gx = _gram(x_i.reshape(si * tokens, x_dim), x_j.reshape(sj * tokens, x_dim), dtype).view(si, tokens, sj, tokens)
+    gx = _inputs_gram(x_i.reshape(si * tokens, x_dim), x_j.reshape(sj * tokens, x_dim), dtype, index)
+    gx = gx.view(si, tokens, sj, tokens)
     gg = _gram(g_i.reshape(si * k * tokens, g_dim), g_j.reshape(sj * k * tokens, g_dim), dtype)
     gg = gg.view(si, k, tokens, sj, k, tokens)
     if sx_i is not None:
         gx = gx / (sx_i.to(dtype).view(si, 1, 1, 1) * sx_j.to(dtype).view(1, 1, sj, 1))
+    if sg_i is not None:
         gg = gg / (sg_i.to(dtype).view(si, k, 1, 1, 1, 1) * sg_j.to(dtype).view(1, 1, 1, sj, k, 1))
     if k == 1:
         return (gx * gg.view(si, tokens, sj, tokens)).sum(dim=(1, 3))

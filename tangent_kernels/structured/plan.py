@@ -56,6 +56,9 @@ class FactorForm:
     x_dim: int
     g_dim: int
     tokens: int
+    # x holds token ids (x_dim 1) into the leaf's rows, which stand for one-hot rows: the
+    # inputs' Gram is token equality (an embedding table, F.embedding).
+    index: bool = False
 
 
 @dataclass(frozen=True)
@@ -84,10 +87,13 @@ class Choice:
     # counts it), so x.x' + 1 makes the bias' Gram (sum_t g_t).(sum_t' g'_t') part of the
     # weight's, with no features of its own.
     bias: Optional[str] = None
+    index: bool = False  # x are token ids (FactorForm.index)
 
     def describe(self) -> str:
         ratio = self.features_cost / self.structured_cost  # > 1: the structured form is cheaper
         width = f"{self.x_dim - 1}+1 (its bias {self.bias})" if self.bias else f"{self.x_dim}"
+        if self.index:
+            width = "token ids"
         shape = f"T={self.tokens}, in={width}, out={self.g_dim}" + (f", {self.uses} uses" if self.uses > 1 else "")
         if self.x_index is not None or self.g_index is not None:
             shape += f", Kronecker-sampled of {self.use_dims[0]}x{self.use_dims[1]}"
@@ -169,10 +175,14 @@ def measured_rates(device: torch.device, dtype: torch.dtype) -> Tuple[float, flo
     return _RATES[key]
 
 
-def _costs(x_dim: int, g_dim: int, tokens: int, outputs: int, rates) -> Tuple[float, float]:
+def _costs(x_dim: int, g_dim: int, tokens: int, outputs: int, rates, index_rows: int = 0) -> Tuple[float, float]:
+    """index_rows: the table's rows for token-id factors (their features span every row;
+    their inputs' Gram is an equality test, priced as elementwise work)."""
     gemm, elementwise = rates
-    features = x_dim * g_dim / gemm
     pairs = tokens * tokens
+    if index_rows:
+        return index_rows * g_dim / gemm, pairs * g_dim / gemm + 2 * pairs / elementwise
+    features = x_dim * g_dim / gemm
     structured = pairs * (g_dim + x_dim / outputs ** 2) / gemm + pairs / elementwise
     return features, structured
 
@@ -241,17 +251,21 @@ def decide(uses: Sequence, sampled: Sequence, excluded: Dict[str, str], outputs:
             labels = sorted({use.label for use, form in zip(touching, forms) if form is None})
             plan.ineligible[st.name] = f"a use without factors ({', '.join(labels)})"
             continue
-        if len({(f.axis, f.x_dim, f.g_dim) for f in forms}) != 1:
-            plan.ineligible[st.name] = "uses with the input on different axes"
+        if len({(f.axis, f.x_dim, f.g_dim, f.index) for f in forms}) != 1:
+            plan.ineligible[st.name] = "uses with the input on different axes (or lookups and products)"
             continue
         first = forms[0]
+        if first.index and selection != (None, None):
+            plan.ineligible[st.name] = "partially sampled embedding table (the token-id form needs it whole)"
+            continue
         tokens = sum(f.tokens for f in forms)
         rows, cols = selection
         # The leaf's matrix is [rows, cols]; x lies along axis ``first.axis`` of it.
         x_index, g_index = (cols, rows) if first.axis == 1 else (rows, cols)
         x_dim = first.x_dim if x_index is None else x_index.numel()
         g_dim = first.g_dim if g_index is None else g_index.numel()
-        features, structured = _costs(x_dim, g_dim, tokens, outputs, rates)
+        features, structured = _costs(x_dim, g_dim, tokens, outputs, rates,
+                                      st.leaf.shape[0] if first.index else 0)
         saved = (features - structured) * rates[0] * outputs ** 2  # multiply-adds per pair of samples
         worth = structured * _MARGIN < features and saved >= _MIN_SAVED
         take = st.name in forced if forced is not None else (mode == "always" or worth)
@@ -259,7 +273,8 @@ def decide(uses: Sequence, sampled: Sequence, excluded: Dict[str, str], outputs:
         if bias is not None and forced is not None and bias not in forced:
             bias = None  # a checkpointed run that kept the bias on features (made before absorption)
         plan.choices[st.name] = Choice(st.name, first.axis, x_dim + (bias is not None), g_dim, tokens, len(forms),
-                                       features, structured, take, (first.x_dim, first.g_dim), x_index, g_index, bias)
+                                       features, structured, take, (first.x_dim, first.g_dim), x_index, g_index, bias,
+                                       first.index)
     for bias, weight in plan.absorbed.items():
         plan.ineligible.pop(bias, None)
     if forced is not None:

@@ -57,8 +57,10 @@ class FactorStores:
                     (self.g, c.tokens * c.g_dim, outputs, None if outputs > 1 else expected_rows, "g")):
                 # Each store's share of the budget: its bytes per sample over all factors'.
                 share = max(1, budget * width * copies * size // per_sample)
-                stores.append(FeatureStore(width, dtype, device, kind=kind, max_memory=share, cache_dir=cache_dir,
-                                           scaled=scaled, expected_rows=rows, name=f"{name}.s{i}{tag}"))
+                ids = tag == "x" and c.index  # token ids: float64, unscaled, never rounded
+                stores.append(FeatureStore(width, torch.float64 if ids else dtype, device, kind=kind,
+                                           max_memory=share, cache_dir=cache_dir, scaled=scaled and not ids,
+                                           expected_rows=rows, name=f"{name}.s{i}{tag}"))
 
     @staticmethod
     def row_bytes_of(choices: Sequence, outputs: int, dtype: torch.dtype) -> int:
@@ -99,7 +101,8 @@ class FactorStores:
                 if rows.shape[1] != store.p:
                     raise ValueError(f"the factors of {c.name} have {rows.shape[1]} columns on this batch, "
                                      f"{store.p} on the first: the tokens per sample changed")
-                stored, scales = to_store(rows)
+                stored, scales = (rows, None) if store.dtype == torch.float64 and c.index and store is self.x[i] \
+                    else to_store(rows)
                 store.append(stored, scales)
                 if ckpt is not None:
                     ckpt.record_batch(store.name, stored, scales, fingerprint)
@@ -140,8 +143,10 @@ def structured_rows(first: FactorStores, second: FactorStores, i0: int, i1: int,
                 rows = store.rows(a, b)
                 taken.append((store, rows))
                 parts.append((rows, store.scales(a, b)))
-            scales = None if parts[0][1] is None else tuple(scale for _, scale in parts)
-            tile = structured_tile(parts[0][0], parts[1][0], parts[2][0], parts[3][0], c.tokens, k, dtype, scales)
+            scales = tuple(scale for _, scale in parts)
+            scales = None if all(scale is None for scale in scales) else scales
+            tile = structured_tile(parts[0][0], parts[1][0], parts[2][0], parts[3][0], c.tokens, k, dtype, scales,
+                                   index=c.index)
         finally:
             for store, rows in taken:
                 store.release(rows)
