@@ -15,7 +15,7 @@ tk from the same run, and every K is checked against tk's (relative Frobenius <=
 Margins asserted (half the targets of issue #16): tk >= 16.5x the feature path on the MLP,
 >= 1.5x on the CNN and on resnet18; >= 2.5x torch.func on every model; >= 0.5x nngeometry.
 
-    python bench/bench_structured.py [--n 256] [--n-resnet 64] [--repeats 3] [--json out.json]
+    python bench/bench_structured.py [--n 256] [--n-resnet 64] [--repeats 3] [--device cpu] [--json out.json]
 
 With --kronecker instead: how well a Kronecker subsample's K (tk.subsample(...,
 structure="kronecker")) approximates the full-parameter K, against a uniform subsample
@@ -110,10 +110,14 @@ def fits(method, p, n, output, budget):
     return need <= budget, need
 
 
-def measure_all(fns, repeats):
+def measure_all(fns, repeats, device=torch.device("cpu")):
     """{method: (times, last result or the error)}: a warm-up of each, then the repeats
     round-robin over the methods, so that a change of the machine's load (shared CPUs)
-    falls on all of them alike."""
+    falls on all of them alike; on CUDA each call is synchronized (device time)."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     runs = {}
     for method, fn in fns.items():
         try:
@@ -126,8 +130,10 @@ def measure_all(fns, repeats):
             times, _ = runs[method]
             if times is None:
                 continue
+            sync()
             start = time.perf_counter()
             result = fn()
+            sync()
             times.append(time.perf_counter() - start)
             runs[method] = (times, result)
     return runs
@@ -286,6 +292,7 @@ def main() -> int:
     parser.add_argument("--memory-gib", type=float, default=8.0, help="skip a method needing more")
     parser.add_argument("--skip", default="", help="methods to leave out: nngeometry, or model:method:output, "
                                                    "e.g. resnet18:nngeometry:full (about 1,000 s)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (model, data and every method there)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--kronecker", action="store_true", help="the subsample comparison instead")
     args = parser.parse_args()
@@ -315,9 +322,10 @@ def main() -> int:
     results, failures = [], []
     for name in args.models.split(","):
         make, shape = MODELS[name]
-        model = make().eval()
+        device = torch.device(args.device)
+        model = make().eval().to(device)
         n = args.n_resnet if name == "resnet18" else args.n
-        x = torch.randn(n, *shape)
+        x = torch.randn(n, *shape).to(device)
         p = sum(q.numel() for q in model.parameters())
         structured = tk.coverage(model, x[:4]).structured
         print(f"\n{name}: p = {p}, n = {n}; structured: {len(structured)} tensors")
@@ -338,7 +346,7 @@ def main() -> int:
                     row["skipped"][method] = f"needs {need / 2**30:.1f} GiB > --memory-gib"
                 else:
                     fns[method] = every[method]
-            for method, (times, K) in measure_all(fns, args.repeats).items():
+            for method, (times, K) in measure_all(fns, args.repeats, device).items():
                 if times is None:
                     row["skipped"][method] = f"{type(K).__name__}: {str(K)[:120]}"
                     continue
