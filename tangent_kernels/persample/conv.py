@@ -18,6 +18,7 @@ from ..structured.plan import FactorForm
 from .backends import COMPILED, conv_kernel, writes_in_place
 from .linear import _view_of_parameter
 from .uses import NotCovered, Sink, Use, register, whole_vector
+from .views import is_the_leaf
 
 __all__ = ["ConvUse"]
 
@@ -78,9 +79,9 @@ class ConvUse(Use):
         w = self.weight
         if w is None or w.st is not st or self.groups != 1 or st.leaf.dim() not in (3, 4):
             return None
-        size, stride, offset = w.geometry
-        if offset != 0 or tuple(size) != tuple(st.leaf.shape) or tuple(stride) != tuple(st.leaf.stride()):
+        if not is_the_leaf(w.geometry, st.leaf):
             return None
+        size = w.geometry[0]
         return FactorForm(1, math.prod(size[1:]), size[0], self.positions)
 
     def absorbable_bias(self, st):

@@ -17,6 +17,7 @@ from ..structured.plan import FactorForm
 from .backends import embedding_kernel, writes_in_place
 from .linear import _view_of_parameter
 from .uses import Derived, NotCovered, Sink, Use, bind, register, register_derived
+from .views import is_the_leaf
 
 __all__ = ["EmbeddingUse", "EmbeddingPullback"]
 
@@ -75,12 +76,9 @@ class EmbeddingUse(Use):
     def factor_form(self, st):
         """The whole table [V, E] as token ids (one-hot rows) times the output gradient:
         W's per-sample gradient is sum_t onehot(token_t) (x) d_t."""
-        size, stride, offset = self.weight.geometry
-        leaf = st.leaf
-        if self.weight.st is not st or leaf.dim() != 2 or offset != 0 or tuple(size) != tuple(leaf.shape) \
-                or tuple(stride) != tuple(leaf.stride()):
+        if self.weight.st is not st or st.leaf.dim() != 2 or not is_the_leaf(self.weight.geometry, st.leaf):
             return None
-        return FactorForm(0, 1, int(size[1]), self.tokens.numel() // self.batch, index=True)
+        return FactorForm(0, 1, int(st.leaf.shape[1]), self.tokens.numel() // self.batch, index=True)
 
     def contribute(self, d: torch.Tensor, sink: Sink) -> None:
         tokens = self.tokens

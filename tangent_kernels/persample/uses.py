@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch.overrides import TorchFunctionMode
 
-from .views import SampledTensor, geometry_of
+from .views import SampledTensor, geometry_of, is_the_leaf
 
 _log = logging.getLogger("tangent_kernels")
 
@@ -528,5 +528,4 @@ def whole_vector(view, width: int) -> Optional[str]:
     st, geometry = getattr(view, "st", None), getattr(view, "geometry", None)
     if st is None or geometry is None or st.leaf.dim() != 1 or st.leaf.numel() != width:
         return None
-    size, stride, offset = geometry
-    return st.name if tuple(size) == (width,) and tuple(stride) == (1,) and offset == 0 else None
+    return st.name if is_the_leaf(geometry, st.leaf) else None

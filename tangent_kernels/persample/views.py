@@ -15,7 +15,7 @@ from typing import Dict, Sequence, Tuple
 
 import torch
 
-__all__ = ["SampledTensor", "Geometry", "geometry_of"]
+__all__ = ["SampledTensor", "Geometry", "geometry_of", "is_the_leaf"]
 
 Geometry = Tuple[Tuple[int, ...], Tuple[int, ...], int]  # (size, stride, offset in elements from the leaf's start)
 
@@ -25,6 +25,11 @@ _CHUNK = 1 << 22
 
 def geometry_of(view: torch.Tensor, leaf: torch.Tensor) -> Geometry:
     return tuple(view.shape), tuple(view.stride()), view.storage_offset() - leaf.storage_offset()
+
+
+def is_the_leaf(geometry: Geometry, leaf: torch.Tensor) -> bool:
+    """Whether a view with ``geometry`` is the whole leaf in its own layout."""
+    return tuple(geometry[0]) == tuple(leaf.shape) and tuple(geometry[1]) == tuple(leaf.stride()) and geometry[2] == 0
 
 
 class SampledTensor:
@@ -67,7 +72,7 @@ class SampledTensor:
         (idx=None): its gradient then needs no gather."""
         key = ("whole", geometry)
         leaf = self.leaf
-        if self._whole and leaf.is_contiguous() and geometry == (tuple(leaf.shape), tuple(leaf.stride()), 0):
+        if self._whole and leaf.is_contiguous() and is_the_leaf(geometry, leaf):
             return True
         if key not in self.cache:
             elements = self.hits(geometry)[0]

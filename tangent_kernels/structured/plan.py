@@ -126,7 +126,7 @@ class Plan:
 
     def drop(self, names, why: str) -> None:
         for name in names:
-            for weight, bias in [(w, c.bias) for w, c in self.choices.items() if c.bias == name]:
+            for weight in [w for w, c in self.choices.items() if c.bias == name]:
                 self.choices[weight] = replace(self.choices[weight], bias=None, x_dim=self.choices[weight].x_dim - 1)
             if name in self.choices:
                 bias = self.choices.pop(name).bias
@@ -275,7 +275,7 @@ def decide(uses: Sequence, sampled: Sequence, excluded: Dict[str, str], outputs:
         plan.choices[st.name] = Choice(st.name, first.axis, x_dim + (bias is not None), g_dim, tokens, len(forms),
                                        features, structured, take, (first.x_dim, first.g_dim), x_index, g_index, bias,
                                        first.index)
-    for bias, weight in plan.absorbed.items():
+    for bias in plan.absorbed:
         plan.ineligible.pop(bias, None)
     if forced is not None:
         missing = [name for name in forced if name not in plan.choices and name not in plan.absorbed]
