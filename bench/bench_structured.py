@@ -274,6 +274,13 @@ def _loadavg() -> str:
         return "unknown"
 
 
+def _header() -> dict:
+    """What a run records first: the commit, versions, threads, OpenMP's wait policy (it
+    moves the timings up to 9x, see above) and the load when it starts."""
+    return {"commit": commit(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default (active)"), "loadavg_start": _loadavg()}
+
+
 def has_nngeometry() -> bool:
     try:
         import nngeometry  # noqa: F401
@@ -300,10 +307,7 @@ def main() -> int:
     if args.kronecker:
         # The commit and the load when the run starts: the library is imported now, and a
         # run of ~10 minutes may outlast the checkout's HEAD.
-        header = {"commit": commit(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default (active)"),
-              "load": open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else None,
-                  "loadavg_start": _loadavg()}
+        header = _header()
         start = time.perf_counter()
         rows = kronecker_comparison()
         header.update(loadavg_end=_loadavg(), seconds=time.perf_counter() - start)
@@ -314,10 +318,7 @@ def main() -> int:
         return 0
     budget = int(args.memory_gib * 2 ** 30)
     methods = ["tk", "features", "torch.func"] + (["nngeometry"] if has_nngeometry() else [])
-    header = {"commit": commit(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default (active)"),
-              "load": open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else None,
-              "machine": platform.processor() or platform.machine()}
+    header = {**_header(), "machine": platform.processor() or platform.machine()}
     print(header)
     results, failures = [], []
     for name in args.models.split(","):
