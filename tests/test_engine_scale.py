@@ -322,7 +322,9 @@ def test_resume_after_an_out_of_memory_halving_keeps_the_smaller_tiles(monkeypat
     monkeypatch.setattr(tiles, "gram_tile_update", one_out_of_memory)
     uninterrupted = tk.gram(model, loader, progress=False)
     assert failed
-    assert not torch.equal(uninterrupted, fresh)  # 6- and 3-row tiles sum in different orders
+    # 6- and 3-row tiles sum in different orders: equal to fp32 rounding, not bit for bit
+    # (whether the bits differ is up to the BLAS; the contract is the resumed run's bits).
+    assert rel_err(uninterrupted, fresh) <= 1e-6
     failed.clear()
     with pytest.raises(Interrupt):  # rows 0-6 in tiles of 6, then 6-12 in tiles of 3
         tk.gram(model, loader, progress=False, checkpoint=tmp_path, callback=_interrupt_at("gram", 12))
