@@ -10,6 +10,7 @@
 from . import analysis, distributed, reference
 from ._ext import info
 from .checkpoint import CheckpointCorrupt, CheckpointInUse, CheckpointMismatch
+from .data import LoadedOrder
 from .engine import ProgressEvent, features, gram
 from .io import load_gram, save_gram
 from .params import ParamIndex, subsample
@@ -25,6 +26,7 @@ __all__ = [
     "ConvergenceWarning",
     "CoverageReport",
     "KernelRidge",
+    "LoadedOrder",
     "NotFittedError",
     "ParamIndex",
     "ProgressEvent",

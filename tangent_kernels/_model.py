@@ -15,8 +15,8 @@ from torch import nn
 
 from .params import ParamLayout
 
-__all__ = ["check_device", "eval_mode", "evaluate", "fp32_math", "functional_state", "matmul_allows_tf32",
-           "model_device", "module_attributes_kept"]
+__all__ = ["RandomForwardError", "check_device", "eval_mode", "evaluate", "fp32_math", "functional_state",
+           "gradients_on", "matmul_allows_tf32", "model_device", "module_attributes_kept"]
 
 # nn.Module's own bookkeeping, which functional_call and hooks manage themselves.
 _MODULE_INTERNALS = frozenset({"_parameters", "_buffers", "_modules", "training", "_non_persistent_buffers_set"})
@@ -66,13 +66,73 @@ def module_attributes_kept(model: nn.Module):
                     value.update(contents)
 
 
+class RandomForwardError(ValueError):
+    """The model draws random numbers in its forward: no eNTK is defined."""
+
+
+def _generator_states(devices) -> list:
+    states = [torch.get_rng_state()]
+    for device in devices:
+        states.append(torch.cuda.get_rng_state(device))
+    return states
+
+
+def _cuda_devices(values) -> list:
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return []
+    return sorted({v.device for v in values if isinstance(v, torch.Tensor) and v.device.type == "cuda"},
+                  key=str)
+
+
+@contextmanager
+def random_draws_refused(tensors=()):
+    """Torch's global generators (CPU, and CUDA on the devices of ``tensors``) as they
+    were, and an error if the code inside drew from them.
+
+    Every evaluation of the user's model runs inside: a forward that draws random numbers
+    (``F.dropout(x, training=True)``, ``torch.rand``, a noise layer) has no eNTK (two calls
+    would give two kernels), and, drawn or not, the caller's random stream must not move
+    because the library evaluated the model. Comparing the generators' states before and
+    after is exact for every draw from them and costs a copy of a few kB.
+    """
+    devices = _cuda_devices(tensors)
+    before = _generator_states(devices)
+    try:
+        yield
+    finally:
+        after = _generator_states(devices)
+        drew = any(not torch.equal(a, b) for a, b in zip(before, after))
+        if drew:
+            torch.set_rng_state(before[0])
+            for device, state in zip(devices, before[1:]):
+                torch.cuda.set_rng_state(state, device)
+    if drew:
+        raise RandomForwardError(
+            "the model draws random numbers in its forward (e.g. F.dropout(x, training=True), torch.rand, "
+            "randn_like noise), even in eval mode: its output is not a function of the weights, so it has no "
+            "eNTK and two calls would give two kernels. Make the forward deterministic in eval mode: use "
+            "nn.Dropout modules (model.eval() turns them off) or F.dropout(x, training=self.training)"
+        )
+
+
 def evaluate(model: nn.Module, state, args, kwargs):
     """``functional_call(model, state, args, kwargs)`` with every module's plain attributes
-    kept (``module_attributes_kept``): each evaluation sees the model as the caller left it."""
+    kept (``module_attributes_kept``) and torch's random generators untouched
+    (``random_draws_refused``): each evaluation sees the model as the caller left it, and
+    leaves it, and the caller's random stream, that way."""
     from torch.func import functional_call
 
-    with module_attributes_kept(model):
+    with module_attributes_kept(model), random_draws_refused([next(iter(state[0].values()), None), *args, *kwargs.values()]):
         return functional_call(model, state, args, kwargs)
+
+
+@contextmanager
+def gradients_on():
+    """Autograd on for the duration, whatever the caller's mode: every eNTK is a gradient,
+    and under ``torch.no_grad()`` or ``torch.inference_mode()`` the model's output would
+    reach no parameter and every kernel would be zero."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
 
 
 def _same_contents(value, contents) -> bool:
@@ -192,6 +252,10 @@ def functional_state(
     """
 
     def copy(t: torch.Tensor) -> torch.Tensor:
+        # A tensor made under torch.inference_mode() can never be saved for a backward.
+        if t.is_inference():
+            with torch.inference_mode(False):
+                t = t.clone()
         t = t.detach()
         return t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device=device)
 

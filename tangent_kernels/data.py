@@ -14,9 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
+import warnings
+
 import torch
 
-__all__ = ["ModelInputs", "to_inputs", "iterate_inputs"]
+__all__ = ["LoadedOrder", "ModelInputs", "to_inputs", "iterate_inputs", "loader_length"]
 
 
 @dataclass
@@ -49,6 +51,9 @@ class ModelInputs:
                 raise ValueError("an input batch holds tensors on the meta device (no values): load the data onto "
                                  "a real device (cpu, cuda) before computing its eNTK")
             dtype = float_dtype if (float_dtype is not None and v.is_floating_point()) else v.dtype
+            if v.is_inference():  # made under torch.inference_mode(): autograd could not save it
+                with torch.inference_mode(False):
+                    return v.to(device=device, dtype=dtype, copy=True)
             return v.to(device=device, dtype=dtype)
 
         return ModelInputs(tuple(move(a) for a in self.args), {k: move(v) for k, v in self.kwargs.items()}, self.size)
@@ -110,11 +115,97 @@ def to_inputs(batch: Any, inputs: Optional[Callable[[Any], Any]] = None) -> Mode
     return ModelInputs(args, kwargs, _batch_size(args, kwargs))
 
 
+class LoadedOrder:
+    """A DataLoader whose random order the caller accepts: K's rows follow the order of the
+    pass that computed them, and ``indices`` (after it) names the dataset index of each row.
+
+    ``tk.gram`` refuses a shuffling DataLoader by default: labels kept in dataset order no
+    longer match K's rows, and a second pass (a cross kernel, a resume) comes in another
+    order. ``tk.gram(model, tk.LoadedOrder(loader))`` says the order is wanted; every pass
+    draws the order once, and ``indices`` is that order (a LongTensor [n]).
+    """
+
+    def __init__(self, loader):
+        if not isinstance(loader, torch.utils.data.DataLoader) or loader.batch_sampler is None:
+            raise TypeError("LoadedOrder wraps a torch.utils.data.DataLoader with a batch size (it reads the order "
+                            f"from its sampler); got {type(loader).__name__}")
+        self.loader = loader
+        self.dataset = loader.dataset
+        self.drop_last = loader.drop_last
+        self.indices: Optional[torch.Tensor] = None
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        from torch.utils.data import DataLoader
+
+        # The order drawn once, kept, then loaded batch by batch in exactly that order.
+        batches = [list(b) for b in self.loader.batch_sampler]
+        self.indices = torch.tensor([i for b in batches for i in b], dtype=torch.int64)
+        source = self.loader
+        fixed = DataLoader(source.dataset, batch_sampler=batches, num_workers=source.num_workers,
+                           collate_fn=source.collate_fn, pin_memory=source.pin_memory, timeout=source.timeout,
+                           worker_init_fn=source.worker_init_fn, multiprocessing_context=source.multiprocessing_context,
+                           persistent_workers=False)
+        return iter(fixed)
+
+
+def _random_sampler(loader) -> Optional[str]:
+    """The name of a DataLoader's random sampler (shuffle=True and kin), or None."""
+    from torch.utils.data import DataLoader, RandomSampler, SubsetRandomSampler, WeightedRandomSampler
+    from torch.utils.data.distributed import DistributedSampler
+
+    if not isinstance(loader, DataLoader):
+        return None
+    samplers = [loader.sampler, getattr(loader.batch_sampler, "sampler", None)]
+    for sampler in samplers:
+        if isinstance(sampler, (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)) or (
+                isinstance(sampler, DistributedSampler) and sampler.shuffle):
+            return type(sampler).__name__
+    return None
+
+
+def check_loader_order(loader, name: str = "loader") -> None:
+    """A loader whose order is random is refused (unless wrapped in LoadedOrder); one
+    that drops samples is said aloud."""
+    sampler = _random_sampler(loader)
+    if sampler is not None:
+        raise ValueError(
+            f"{name} is a DataLoader with a {sampler} (shuffle=True): its order is random, so K's rows would come "
+            "in an order nobody can recover (labels kept in dataset order no longer match them, and a second pass "
+            "comes in another order). Pass a DataLoader with shuffle=False, or, to accept the order as loaded, "
+            f"tk.LoadedOrder({name}): its .indices then give each row's dataset index"
+        )
+    dropped = _dropped_samples(loader)
+    if dropped:
+        warnings.warn(
+            f"{name} drops its last {dropped} sample(s) (drop_last=True with a batch size that does not divide the "
+            "data set): K has no rows for them. Use drop_last=False to include every sample",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+def _dropped_samples(loader) -> int:
+    if isinstance(loader, LoadedOrder):
+        return _dropped_samples(loader.loader)
+    if not getattr(loader, "drop_last", False) or getattr(loader, "batch_size", None) is None:
+        return 0
+    sampler = getattr(loader, "sampler", None)
+    try:
+        total = len(sampler) if sampler is not None else len(loader.dataset)
+    except TypeError:
+        return 0
+    return total % loader.batch_size
+
+
 def iterate_inputs(loader: Iterable, inputs: Optional[Callable[[Any], Any]] = None, name: str = "loader"):
     """Yield ModelInputs per batch; a loader that yields nothing is an error."""
     if isinstance(loader, torch.Tensor):
         # A bare tensor is one batch, not an iterable of samples.
         loader = [loader]
+    check_loader_order(loader, name)
     try:
         iterator = iter(loader)
     except TypeError:
@@ -137,12 +228,21 @@ def loader_length(loader: Iterable) -> Optional[int]:
     """Number of samples if the loader can tell without being iterated, else None."""
     if isinstance(loader, torch.Tensor):
         return int(loader.shape[0]) if loader.dim() else None
+    if isinstance(loader, LoadedOrder):
+        return loader_length(loader.loader)
     if isinstance(loader, (list, tuple)) and loader and all(isinstance(b, torch.Tensor) and b.dim() for b in loader):
         # A list of batches (as in the README): the stores reserve it at once instead of
         # growing by copies, and progress bars know their end.
         return sum(int(b.shape[0]) for b in loader)
     dataset = getattr(loader, "dataset", None)
     try:
-        return len(dataset) if dataset is not None else None
+        total = len(dataset) if dataset is not None else None
     except TypeError:
         return None
+    sampler = getattr(loader, "sampler", None)
+    if total is not None and sampler is not None and not isinstance(loader, LoadedOrder):
+        try:
+            total = len(sampler)  # a subset sampler yields fewer than the data set holds
+        except TypeError:
+            return None
+    return None if total is None else total - _dropped_samples(loader)

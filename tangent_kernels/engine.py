@@ -258,6 +258,11 @@ def gram(
     """
     from .distributed import active_group  # the distributed path, when a process group asks for it
 
+    if loader2 is loader:
+        # One loader twice is K(X, X): one pass (a shuffling or streaming loader would give
+        # the two sides in two orders), the lower triangle only, mirrored.
+        loader2 = None
+
     if (split := active_group(group, shard, gather)) is not False:
         from .distributed.driver import gram as distributed_gram
 

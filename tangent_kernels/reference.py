@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 
-from ._model import eval_mode, evaluate, functional_state, model_device
+from ._model import eval_mode, evaluate, functional_state, gradients_on, model_device
 from .data import iterate_inputs
 from .outputs import OutputSpec, check_output_spec, scalarize
 from .params import resolve_idx
@@ -35,7 +35,7 @@ def features_autograd(
     device = model_device(model)
     positions = index.positions.to(device)
     rows = []
-    with eval_mode(model):
+    with eval_mode(model), gradients_on():
         trainable, rest = functional_state(model, index.layout, torch.float64, device)
         leaves = [trainable[name].requires_grad_(True) for name in index.layout.names]
         for batch in iterate_inputs(loader, inputs):

@@ -11,7 +11,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from .._model import evaluate, fp32_math, functional_state
+from .._model import evaluate, fp32_math, functional_state, gradients_on
 from ..data import ModelInputs
 from ..outputs import OutputSpec, is_multi, logits_of
 from ..params import ParamIndex, TensorSlice
@@ -118,6 +118,10 @@ class FeatureExtractor:
         batch's first two samples; ``forced``: exactly these (a checkpointed run's)."""
         if self.plan is not None:
             return self.plan
+        with gradients_on():
+            return self._plan_for(batch, forced)
+
+    def _plan_for(self, batch: ModelInputs, forced: Optional[List[str]]) -> Plan:
         if self.multi and self.k is None:
             self.k = self._count_outputs(batch)
         plan = Plan()
@@ -168,7 +172,8 @@ class FeatureExtractor:
         self.factors = {}
         tensors = [v for v in (*batch.args, *batch.kwargs.values()) if isinstance(v, torch.Tensor)]
         versions = [t._version for t in tensors]
-        block, self.factors = self._features(batch)
+        with gradients_on():
+            block, self.factors = self._features(batch)
         if any(t._version != v for t, v in zip(tensors, versions)):
             # The batched pass names the op; the generic path (no interception) can only tell.
             raise ValueError(

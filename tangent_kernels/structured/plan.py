@@ -166,9 +166,11 @@ def measured_rates(device: torch.device, dtype: torch.dtype) -> Tuple[float, flo
     key = (str(device), dtype)
     if key not in _RATES:
         m, d = 512, 512
-        a, b = torch.randn(m, d, device=device, dtype=dtype), torch.randn(m, d, device=device, dtype=dtype)
+        # The library's own generator: measuring a rate must not move the caller's random stream.
+        generator = torch.Generator(device=device).manual_seed(0)
+        a, b = (torch.randn(m, d, device=device, dtype=dtype, generator=generator) for _ in range(2))
         gemm = m * m * d / _best_seconds(lambda: a @ b.T, device)
-        x, y = torch.randn(m, m * 4, device=device, dtype=dtype), torch.randn(m, m * 4, device=device, dtype=dtype)
+        x, y = (torch.randn(m, m * 4, device=device, dtype=dtype, generator=generator) for _ in range(2))
         # The product of two Gram blocks summed over token pairs: read both, multiply, reduce.
         elementwise = x.numel() / _best_seconds(lambda: (x * y).view(m, m, 4).sum(-1), device)
         _RATES[key] = (gemm, elementwise)

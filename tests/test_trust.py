@@ -1,0 +1,149 @@
+"""Trust by construction (issue #20): what the library refuses or gets right whatever the
+caller's context: random forwards, grad-less modes, the caller's random stream, loader
+order, and per-batch verification of the batched pass."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tangent_kernels as tk
+
+
+def _data(n=12, d=6, seed=1):
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+
+
+def _mlp(seed=0, d=6):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def _rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+# ---------------------------------------------------------------- 4. random or grad-less forwards
+class FunctionalDropout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = _mlp()
+
+    def forward(self, x):
+        return self.body(F.dropout(x, 0.3, training=True))  # ignores eval(): random in every mode
+
+
+class RandomNoise(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = _mlp()
+
+    def forward(self, x):
+        return self.body(x + 0.1 * torch.randn_like(x))
+
+
+@pytest.mark.parametrize("model_class", [FunctionalDropout, RandomNoise])
+@pytest.mark.parametrize("entry", ["gram", "features", "reference", "coverage"])
+def test_a_forward_that_draws_random_numbers_is_refused(model_class, entry):
+    model, x = model_class(), _data()
+    call = {
+        "gram": lambda: tk.gram(model, [x], progress=False),
+        "features": lambda: tk.features(model, [x], progress=False),
+        "reference": lambda: tk.reference.gram_autograd(model, [x]),
+        "coverage": lambda: tk.coverage(model, x),
+    }[entry]
+    state = torch.get_rng_state()
+    with pytest.raises(ValueError, match=r"draws random numbers in its forward.*training=self.training"):
+        call()
+    assert torch.equal(torch.get_rng_state(), state)  # and the caller's stream did not move
+
+
+def test_dropout_modules_are_off_in_eval_mode_and_accepted():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.5), nn.Tanh(), nn.Linear(8, 3)).train()
+    x = _data()
+    K = tk.gram(model, [x], progress=False)
+    assert _rel(K, tk.reference.gram_autograd(model, [x])) <= 1e-5
+    assert model.training  # the caller's mode, as it was
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_grad_less_modes_give_the_kernel_not_zeros(mode):
+    model, x = _mlp(), _data()
+    expected = tk.reference.gram_autograd(model, [x])
+    context = torch.no_grad if mode == "no_grad" else torch.inference_mode
+    with context():
+        data = x.clone()  # an inference tensor under inference_mode
+        K = tk.gram(model, [data], progress=False)
+        G = tk.features(model, [data], progress=False)
+        reference = tk.reference.gram_autograd(model, [data])
+    assert expected.abs().max() > 0
+    assert _rel(K, expected) <= 1e-5 and _rel(G @ G.T, expected) <= 1e-5
+    assert _rel(reference, expected) <= 1e-12
+
+
+# ---------------------------------------------------------------- 5. the caller's random stream
+def test_the_callers_random_stream_is_untouched():
+    model, x = _mlp(), _data()
+    for call in (lambda: tk.gram(model, [x], progress=False),
+                 lambda: tk.gram(model, [x], progress=False, structured="always"),
+                 lambda: tk.coverage(model, x),
+                 lambda: tk.features(model, [x], progress=False),
+                 lambda: tk.reference.gram_autograd(model, [x])):
+        torch.manual_seed(123)
+        expected = torch.rand(3)
+        torch.manual_seed(123)
+        call()
+        assert torch.equal(torch.rand(3), expected)
+
+
+# ---------------------------------------------------------------- 6. loader order
+def _dataset(n=50):
+    return torch.utils.data.TensorDataset(_data(n))
+
+
+@pytest.mark.parametrize("entry", ["gram", "features", "reference"])
+def test_a_shuffling_loader_is_refused_with_the_opt_in(entry):
+    model = _mlp()
+    loader = torch.utils.data.DataLoader(_dataset(), batch_size=16, shuffle=True)
+    call = {"gram": lambda: tk.gram(model, loader, progress=False),
+            "features": lambda: tk.features(model, loader, progress=False),
+            "reference": lambda: tk.reference.gram_autograd(model, loader)}[entry]
+    with pytest.raises(ValueError, match=r"RandomSampler \(shuffle=True\).*tk.LoadedOrder\(loader\)"):
+        call()
+
+
+def test_the_order_as_loaded_is_returned_with_its_indices():
+    model, dataset = _mlp(), _dataset()
+    torch.manual_seed(5)
+    loader = tk.LoadedOrder(torch.utils.data.DataLoader(dataset, batch_size=16, shuffle=True))
+    K = tk.gram(model, loader, progress=False)
+    order = loader.indices
+    assert sorted(order.tolist()) == list(range(50)) and order.tolist() != list(range(50))
+    x = dataset.tensors[0]
+    assert _rel(K, tk.reference.gram_autograd(model, [x[order]])) <= 1e-5
+    # The same loader as both sides of a cross kernel: one pass, one order, K(X, X).
+    K2 = tk.gram(model, loader, None, loader, progress=False)
+    assert torch.equal(K2, K2.T)
+    assert _rel(K2, tk.reference.gram_autograd(model, [x[loader.indices]])) <= 1e-5
+
+
+def test_dropped_samples_are_said_and_the_size_is_right():
+    model = _mlp()
+    loader = torch.utils.data.DataLoader(_dataset(), batch_size=16, drop_last=True)
+    with pytest.warns(RuntimeWarning, match="drops its last 2 sample"):
+        K = tk.gram(model, loader, progress=False)
+    with pytest.warns(RuntimeWarning, match="drops its last 2 sample"):
+        G = tk.features(model, loader, progress=False)
+    assert K.shape == (48, 48) and G.shape[0] == 48
+    assert _rel(K, tk.reference.gram_autograd(model, [_dataset().tensors[0][:48]])) <= 1e-5
+
+
+def test_a_subset_sampler_in_order_gives_its_samples():
+    model, dataset = _mlp(), _dataset()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=8, sampler=list(range(0, 50, 3)))
+    G = tk.features(model, loader, progress=False)
+    assert G.shape[0] == 17
+    assert _rel(G @ G.T, tk.reference.gram_autograd(model, [dataset.tensors[0][::3]])) <= 1e-5
