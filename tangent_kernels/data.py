@@ -58,6 +58,20 @@ class ModelInputs:
 
         return ModelInputs(tuple(move(a) for a in self.args), {k: move(v) for k, v in self.kwargs.items()}, self.size)
 
+    def alone(self, row: int) -> "ModelInputs":
+        """Sample ``row`` as a batch of two copies of itself: the sample evaluated alone
+        (the definition of its gradient; take row 0's output), without a batch of one.
+
+        A batch of one takes other kernels than any larger batch, and torch has had bugs
+        only there (2.14.1's CPU BatchNorm eval backward at some strides was wrong for one
+        sample). Two copies give the same output as one for every model that treats samples
+        independently, and for batch statistics of the mean / variance / max kind too (the
+        statistics of {x, x} are those of {x}, as functions of the weights)."""
+        index = torch.tensor([row, row])
+        pair = self.map(lambda v: v.index_select(0, index.to(v.device)))
+        pair.size = 2
+        return pair
+
     def slice(self, start: int, stop: int) -> "ModelInputs":
         sliced = self.map(lambda v: v[start:stop])
         sliced.size = stop - start

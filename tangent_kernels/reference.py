@@ -1,7 +1,9 @@
 """The naive eNTK: ground truth and baseline.
 
 One ``torch.autograd.grad`` per sample, in float64, no batching, every trainable
-parameter's full gradient, then the sampled positions. Deliberately simple: every
+parameter's full gradient, then the sampled positions. Each sample is evaluated alone
+(as a batch of two copies of itself, ``ModelInputs.alone``: batches of one take other
+kernels, where torch has had bugs). Deliberately simple: every
 fast path in the package is tested against this.
 """
 
@@ -41,9 +43,9 @@ def features_autograd(
         for batch in iterate_inputs(loader, inputs):
             batch = batch.to(device, torch.float64)
             for b in range(batch.size):
-                sample = batch.slice(b, b + 1)
+                sample = batch.alone(b)  # sample b alone, as two copies: never a batch of one
                 out = evaluate(model, (trainable, rest), sample.args, sample.kwargs)
-                s = scalarize(out, output, 1)[0]
+                s = scalarize(out, output, sample.size)[0]
                 # An output that no parameter reaches has zero gradient (autograd would refuse it).
                 grads = torch.autograd.grad(s, leaves, allow_unused=True) if s.requires_grad else [None] * len(leaves)
                 flat = torch.cat(

@@ -147,3 +147,97 @@ def test_a_subset_sampler_in_order_gives_its_samples():
     G = tk.features(model, loader, progress=False)
     assert G.shape[0] == 17
     assert _rel(G @ G.T, tk.reference.gram_autograd(model, [dataset.tensors[0][::3]])) <= 1e-5
+
+
+# ---------------------------------------------------------------- 2. every batch is checked
+class CentersLaterBatches(nn.Module):
+    """Mixes samples (centering over the batch) only in batches of more than one sample."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = _mlp()
+
+    def forward(self, x):
+        h = self.body[0](x)
+        if x.shape[0] > 1:
+            h = h - h.mean(0)
+        return self.body[2](self.body[1](h))
+
+
+class StartsMixingAtBatch(nn.Module):
+    """Samples interact only once a flag in the input says so (from the third batch on)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = _mlp(d=7)
+
+    def forward(self, x):
+        h = self.body[0](x)
+        if bool(x[0, -1] > 0):
+            h = h + h.flip(0)  # each sample sees its mirror in the batch
+        return self.body[2](self.body[1](h))
+
+
+def test_mixing_that_starts_in_a_later_batch_is_caught():
+    model = StartsMixingAtBatch()
+    x = _data(24, 7)
+    x[:, -1] = torch.tensor([-1.0] * 8 + [1.0] * 16)
+    loader = [x[i:i + 4] for i in range(0, 24, 4)]
+    with pytest.warns(RuntimeWarning, match=r"mix samples within a batch"):
+        K = tk.gram(model, loader, progress=False, precision="fp64")
+    assert _rel(K, tk.reference.gram_autograd(model, loader)) <= 1e-10
+
+
+def test_a_first_batch_of_one_sample_does_not_hide_batch_centering():
+    model, x = CentersLaterBatches(), _data(9)
+    loader = [x[:1], x[1:5], x[5:]]
+    with pytest.warns(RuntimeWarning, match=r"mix samples within a batch"):
+        K = tk.gram(model, loader, progress=False, precision="fp64")
+    assert _rel(K, tk.reference.gram_autograd(model, loader)) <= 1e-10
+
+
+class SequenceFirst(nn.Module):
+    """Tokens first ([T, B, d]), as nn.MultiheadAttention(batch_first=False) lays them out."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.inner, self.head = nn.Linear(5, 5), nn.Linear(5, 2)
+
+    def forward(self, x):  # x: [B, T, d]
+        h = torch.tanh(self.inner(x.transpose(0, 1)))  # [T, B, d]
+        return self.head(h.mean(0))
+
+
+@pytest.mark.parametrize("tokens", [4, 8, 3])
+def test_every_tensor_is_right_whatever_the_token_count(tokens):
+    # tokens == batch size (4) and a multiple of it (8) once made a rule read the tokens as
+    # the samples; whatever the rules do, the check must leave every tensor right.
+    model, x = SequenceFirst(), torch.randn(8, tokens, 5, generator=torch.Generator().manual_seed(4))
+    loader = [x[:4], x[4:]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        G = tk.features(model, loader, progress=False, precision="fp64")
+    reference = tk.reference.features_autograd(model, loader)
+    index = tk.params.resolve_idx(model, None)
+    for piece in index.tensor_slices:  # each tensor against its own norm, not K's
+        got, expected = G[:, piece.columns], reference[:, piece.columns]
+        assert _rel(got, expected) <= 1e-10, piece.name
+
+
+def test_the_check_never_evaluates_a_batch_of_one(monkeypatch):
+    from tangent_kernels.persample import generic
+
+    sizes = []
+    original = generic.GenericPath._scalar
+
+    def recording(self, params, args, kwargs, size=1):
+        sizes.append(args[0].shape[0])
+        return original(self, params, args, kwargs, size)
+
+    monkeypatch.setattr(generic.GenericPath, "_scalar", recording)
+    model = CentersLaterBatches()
+    loader = [_data(9)[:4], _data(9)[4:]]
+    with pytest.warns(RuntimeWarning):
+        tk.gram(model, loader, progress=False, precision="fp64")
+    assert sizes and min(sizes) == 2

@@ -506,8 +506,13 @@ def test_after_a_failed_spot_check_the_generic_path_is_the_exact_loop():
     extractor = FeatureExtractor(model, tk.params.resolve_idx(model, None), "first", torch.float64,
                                  torch.device("cpu"))
     with pytest.warns(RuntimeWarning, match="mix samples"):
-        extractor(to_inputs(x.double()))
-    assert extractor.batched is None and extractor.generic.strategy == "loop"
+        block = extractor(to_inputs(x.double()))
+    # The tensor whose batched gradient the batch statistic makes wrong goes generic (the
+    # exact loop): scale's (h_b + mean h, not 2 h_b). lin's are right as batched: the
+    # gradient at its output is 2 * scale in and out of the batch.
+    assert set(extractor.generic_why) == {"scale"} and extractor.generic.strategy == "loop"
+    reference = tk.reference.features_autograd(model, [x])
+    assert float((block - reference).norm() / reference.norm()) <= 1e-10
 
 
 def test_an_fp32_spot_check_failed_by_rounding_alone_keeps_the_batched_pass(monkeypatch):

@@ -113,9 +113,10 @@ class GenericPath:
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
-    def _scalar(self, params, args, kwargs) -> torch.Tensor:
+    def _scalar(self, params, args, kwargs, size: int = 1) -> torch.Tensor:
+        """s of the first sample of a batch of ``size``."""
         out = evaluate(self.model, (params, self.rest), args, kwargs)
-        return scalarize(out, self.output, 1)[0]
+        return scalarize(out, self.output, size)[0]
 
     def _vmap(self, batch: ModelInputs) -> Dict[str, torch.Tensor]:
         arg_dims = tuple(0 if batch.is_batched(a) else None for a in batch.args)
@@ -135,12 +136,13 @@ class GenericPath:
             )
 
     def sample_gradients(self, sample: ModelInputs, leaves=None) -> Dict[str, Optional[torch.Tensor]]:
-        """{tensor: d s(x) / d tensor} for one sample alone, by autograd (the definition);
-        None for a tensor the output does not depend on (a zero gradient)."""
+        """{tensor: d s(x) / d tensor} for the first sample of ``sample`` (a sample alone:
+        ModelInputs.alone), by autograd (the definition); None for a tensor the output
+        does not depend on (a zero gradient)."""
         if leaves is None:
             leaves = {name: t.detach().requires_grad_(True) for name, t in self.touched.items()}
         with torch.enable_grad():
-            s = self._scalar(leaves, sample.args, sample.kwargs)
+            s = self._scalar(leaves, sample.args, sample.kwargs, sample.size)
             grads = (torch.autograd.grad(s, list(leaves.values()), allow_unused=True) if s.requires_grad
                      else [None] * len(leaves))  # no parameter reaches the output: zero gradient
         return dict(zip(leaves, grads))
@@ -148,7 +150,7 @@ class GenericPath:
     def _loop(self, batch: ModelInputs, out: torch.Tensor) -> None:
         leaves = {name: t.detach().requires_grad_(True) for name, t in self.touched.items()}
         for b in range(batch.size):
-            grads = self.sample_gradients(batch.slice(b, b + 1), leaves)
+            grads = self.sample_gradients(batch.alone(b), leaves)
             # Gathered per sample: a full per-sample gradient never outlives its row.
             full = {name: (torch.zeros_like(leaves[name]) if g is None else g).unsqueeze(0)
                     for name, g in grads.items()}
