@@ -8,7 +8,7 @@ its mode, its parameters, its buffers and its ``.grad`` exactly as they were.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -16,7 +16,7 @@ from torch import nn
 from .params import ParamLayout
 
 __all__ = ["RandomForwardError", "check_device", "eval_mode", "evaluate", "fp32_math", "functional_state",
-           "gradients_on", "matmul_allows_tf32", "model_device", "module_attributes_kept"]
+           "gradients_on", "matmul_allows_tf32", "model_device", "module_attributes_kept", "substituted"]
 
 # nn.Module's own bookkeeping, which functional_call and hooks manage themselves.
 _MODULE_INTERNALS = frozenset({"_parameters", "_buffers", "_modules", "training", "_non_persistent_buffers_set"})
@@ -115,15 +115,41 @@ def random_draws_refused(tensors=()):
         )
 
 
-def evaluate(model: nn.Module, state, args, kwargs):
-    """``functional_call(model, state, args, kwargs)`` with every module's plain attributes
-    kept (``module_attributes_kept``) and torch's random generators untouched
-    (``random_draws_refused``): each evaluation sees the model as the caller left it, and
-    leaves it, and the caller's random stream, that way."""
+class _Substituted(nn.Module):
+    """Runs a function with the model's tensors swapped (torch.func.functional_call swaps
+    them for the duration of a module's forward, and this forward is the function)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, run):
+        return run()
+
+
+def substituted(model: nn.Module, state, run: Callable[[], Any], tensors=()):
+    """``run()`` with the model's parameters and buffers swapped for ``state``'s (a pair of
+    dicts, ``functional_state``), every module's plain attributes kept
+    (``module_attributes_kept``) and torch's random generators untouched
+    (``random_draws_refused``, over the devices of ``tensors`` too).
+
+    The swap lasts for all of ``run``, backward passes included: a model that recomputes
+    part of its forward during the backward (``torch.utils.checkpoint``, as DenseNet's
+    ``memory_efficient=True`` and timm's ``set_grad_checkpointing()`` do) must recompute it
+    with the swapped tensors, or its gradients reach other tensors than the forward's.
+    """
     from torch.func import functional_call
 
-    with module_attributes_kept(model), random_draws_refused([next(iter(state[0].values()), None), *args, *kwargs.values()]):
-        return functional_call(model, state, args, kwargs)
+    prefixed = tuple({f"model.{name}": tensor for name, tensor in part.items()} for part in state)
+    with module_attributes_kept(model), random_draws_refused([next(iter(state[0].values()), None), *tensors]):
+        return functional_call(_Substituted(model), prefixed, (run,))
+
+
+def evaluate(model: nn.Module, state, args, kwargs):
+    """The model's output on ``args``/``kwargs`` with its tensors swapped for ``state``'s
+    (``substituted``): each evaluation sees the model as the caller left it, and leaves it,
+    and the caller's random stream, that way."""
+    return substituted(model, state, lambda: model(*args, **kwargs), [*args, *kwargs.values()])
 
 
 @contextmanager

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 
-from ._model import eval_mode, evaluate, functional_state, gradients_on, model_device
+from ._model import eval_mode, functional_state, gradients_on, model_device, substituted
 from .data import iterate_inputs
 from .outputs import OutputSpec, check_output_spec, scalarize
 from .params import resolve_idx
@@ -44,10 +44,14 @@ def features_autograd(
             batch = batch.to(device, torch.float64)
             for b in range(batch.size):
                 sample = batch.alone(b)  # sample b alone, as two copies: never a batch of one
-                out = evaluate(model, (trainable, rest), sample.args, sample.kwargs)
-                s = scalarize(out, output, sample.size)[0]
-                # An output that no parameter reaches has zero gradient (autograd would refuse it).
-                grads = torch.autograd.grad(s, leaves, allow_unused=True) if s.requires_grad else [None] * len(leaves)
+
+                def gradients():  # inside the swap: a forward recomputed in the backward sees it too
+                    s = scalarize(model(*sample.args, **sample.kwargs), output, sample.size)[0]
+                    # An output that no parameter reaches has zero gradient (autograd would refuse it).
+                    return (torch.autograd.grad(s, leaves, allow_unused=True) if s.requires_grad
+                            else [None] * len(leaves))
+
+                grads = substituted(model, (trainable, rest), gradients, [*sample.args, *sample.kwargs.values()])
                 flat = torch.cat(
                     [(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(leaves, grads)]
                 )

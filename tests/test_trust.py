@@ -225,19 +225,73 @@ def test_every_tensor_is_right_whatever_the_token_count(tokens):
         assert _rel(got, expected) <= 1e-10, piece.name
 
 
-def test_the_check_never_evaluates_a_batch_of_one(monkeypatch):
-    from tangent_kernels.persample import generic
+SEEN_BATCH_SIZES = []
 
-    sizes = []
-    original = generic.GenericPath._scalar
 
-    def recording(self, params, args, kwargs, size=1):
-        sizes.append(args[0].shape[0])
-        return original(self, params, args, kwargs, size)
+class RecordsBatchSizes(CentersLaterBatches):
+    def forward(self, x):
+        SEEN_BATCH_SIZES.append(x.shape[0])
+        return super().forward(x)
 
-    monkeypatch.setattr(generic.GenericPath, "_scalar", recording)
-    model = CentersLaterBatches()
-    loader = [_data(9)[:4], _data(9)[4:]]
-    with pytest.warns(RuntimeWarning):
-        tk.gram(model, loader, progress=False, precision="fp64")
-    assert sizes and min(sizes) == 2
+
+def test_no_evaluation_is_a_batch_of_one():
+    # One-sample batches take other kernels, where torch has had bugs (issue #20 item 3):
+    # the check, the generic loop and the reference evaluate a sample alone as two copies.
+    model, x = RecordsBatchSizes(), _data(9)
+    SEEN_BATCH_SIZES.clear()
+    with pytest.warns(RuntimeWarning, match="mix samples"):
+        K = tk.gram(model, [x[:4], x[4:]], progress=False, precision="fp64")
+    reference = tk.reference.gram_autograd(model, [x[:4], x[4:]])
+    assert SEEN_BATCH_SIZES and min(SEEN_BATCH_SIZES) == 2
+    assert _rel(K, reference) <= 1e-10
+
+
+# ---------------------------------------------------------------- 13. checkpointed forwards
+class Checkpointed(nn.Module):
+    """Part of the forward recomputed during the backward (torch.utils.checkpoint, non-reentrant),
+    as DenseNet(memory_efficient=True) and timm's set_grad_checkpointing() do."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.inner, self.head = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        h = checkpoint(lambda t: torch.tanh(self.inner(t)), x, use_reentrant=False)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("precision", ["fp32", "fp64"])
+def test_a_checkpointed_forward_gives_the_kernel(batched, precision, monkeypatch):
+    from tangent_kernels.persample import extractor
+
+    monkeypatch.setattr(extractor, "BATCHED", batched)  # False: every tensor on the generic path
+    model, x = Checkpointed(), _data()
+    plain = nn.Sequential(model.inner, nn.Tanh(), model.head)
+    expected = tk.reference.gram_autograd(plain, [x])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the generic path says it is slower
+        K = tk.gram(model, [x[:5], x[5:]], progress=False, precision=precision)
+    assert _rel(K, expected) <= (1e-5 if precision == "fp32" else 1e-12)
+    assert _rel(tk.reference.gram_autograd(model, [x]), expected) <= 1e-12
+    assert tk.coverage(model, x).generic == ([] if batched else tk.coverage(model, x).generic)
+
+
+def test_densenet_memory_efficient_gives_the_kernel():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.DenseNet(growth_rate=4, block_config=(1, 1), num_init_features=8, bn_size=2,
+                                        num_classes=3, memory_efficient=True)
+    plain = torchvision.models.DenseNet(growth_rate=4, block_config=(1, 1), num_init_features=8, bn_size=2,
+                                        num_classes=3, memory_efficient=False)
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    idx = tk.subsample(model, 500, seed=0)
+    expected = tk.reference.gram_autograd(plain.double(), [x.double()], idx)
+    with pytest.warns(RuntimeWarning, match=r"recomputed during the backward \(torch.utils.checkpoint\)"):
+        K = tk.gram(model, [x[:3], x[3:]], idx, progress=False, precision="fp64")
+    assert _rel(K, expected) <= 1e-10
+    assert _rel(tk.reference.gram_autograd(model.double(), [x.double()], idx), expected) <= 1e-12

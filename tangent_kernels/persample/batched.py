@@ -17,7 +17,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
-from .._model import evaluate
+from torch.utils.checkpoint import CheckpointError
+from .._model import substituted
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
 from ..data import ModelInputs
@@ -29,6 +30,9 @@ from .uses import Sink, Uncovered, UseMode
 from .views import SampledTensor
 
 __all__ = ["BatchedPass", "Uncovered"]
+
+_RECOMPUTED = ("the forward is recomputed during the backward (torch.utils.checkpoint) in a way the batched pass "
+               "cannot follow")
 
 
 def _tracked(result) -> bool:
@@ -88,10 +92,16 @@ class BatchedPass:
 
     def probe(self, batch: ModelInputs) -> Tuple[list, Dict[str, str]]:
         """The forward alone: (its uses, the tensors no rule covers with why), for the plan."""
-        mode, _ = self._forward(batch)
+        mode, _ = substituted(self.model, self.state, lambda: self._forward(batch), self._tensors(batch))
         return mode.uses, dict(mode.uncovered)
 
+    @staticmethod
+    def _tensors(batch: ModelInputs) -> list:
+        return [*batch.args, *batch.kwargs.values()]
+
     def _forward(self, batch: ModelInputs):
+        """The model's forward on the batch with every use of a sampled tensor seen; runs
+        inside ``substituted`` (the model's tensors are the leaves already)."""
         mode = UseMode(self.sampled, batch.size, self.backend)
         inputs = [value for value in (*batch.args, *batch.kwargs.values()) if isinstance(value, torch.Tensor)]
         for value in inputs:
@@ -111,7 +121,7 @@ class BatchedPass:
         try:
             with torch.enable_grad():
                 with mode:
-                    result = evaluate(self.model, self.state, batch.args, batch.kwargs)
+                    result = self.model(*batch.args, **batch.kwargs)
         finally:
             for hook in hooks:
                 hook.remove()
@@ -120,7 +130,12 @@ class BatchedPass:
     def __call__(self, batch: ModelInputs, out: torch.Tensor) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
         """out [B, p] (one scalar output) or [B, k, p] (every logit: output "full" and kin):
         the sampled per-sample gradients, from one forward and one backward per output.
-        Returns the structured tensors' factors (persample.factors.FactorSink.finish)."""
+        Returns the structured tensors' factors (persample.factors.FactorSink.finish).
+        Forward and backward run with the model's tensors swapped (a forward recomputed
+        during the backward, torch.utils.checkpoint, must see the same tensors)."""
+        return substituted(self.model, self.state, lambda: self._pass(batch, out), self._tensors(batch))
+
+    def _pass(self, batch: ModelInputs, out: torch.Tensor) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
         mode, result = self._forward(batch)
         with torch.enable_grad():
             if mode.uncovered:
@@ -166,8 +181,13 @@ class BatchedPass:
                     factors.output = a
                 grads = [None] * len(targets)
                 if targets and scalar.requires_grad:
-                    grads = torch.autograd.grad(scalar.sum(), targets, allow_unused=True,
-                                                retain_graph=a < len(scalars) - 1)
+                    try:
+                        grads = torch.autograd.grad(scalar.sum(), targets, allow_unused=True,
+                                                    retain_graph=a < len(scalars) - 1)
+                    except CheckpointError as error:
+                        # The recomputation runs outside the interception, and torch found it
+                        # saving other tensors than the intercepted forward did.
+                        raise Uncovered({st.name: _RECOMPUTED for st in self.sampled}) from error
                 block = out if out.dim() == 2 else out[:, a]
                 # The contractions read activations that autograd tracks: F must not join the graph.
                 with torch.no_grad():

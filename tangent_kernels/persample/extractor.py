@@ -185,10 +185,10 @@ class FeatureExtractor:
 
     def _count_outputs(self, batch: ModelInputs) -> int:
         """k, the number of logits, from one sample of the first batch."""
-        sample = batch.slice(0, 1)
+        sample = batch.alone(0)
         with torch.no_grad():
             result = evaluate(self.model, self.state, sample.args, sample.kwargs)
-        return int(logits_of(result, 1).shape[1])
+        return int(logits_of(result, sample.size).shape[1])
 
     def _features(self, batch: ModelInputs):
         if self.plan is None:
@@ -214,7 +214,7 @@ class FeatureExtractor:
                 self._build()
         for a, generic in enumerate(self.generics):
             generic(batch, self._view(block, a))
-        if self.checking and self.batched is not None and not self._verify(batch, block, factors):
+        if self._needs_check() and not self._verify(batch, block, factors):
             return self._features(batch)
         if not self._warned:
             self._warned = True
@@ -271,7 +271,10 @@ class FeatureExtractor:
         tensor by tensor, never [rows, p] copies: at p = 11M (resnet18) those copies cost
         more than the evaluation."""
         structured = {piece.name: piece for piece in self.index.tensor_slices if piece.name in factors}
-        featured = [piece for piece in self.feature_index.tensor_slices if piece.name not in self.generic_why]
+        # The generic loop computes what the check does (each sample alone, as two copies):
+        # its tensors are not checked. Those of vmap (a batch of one per sample) are.
+        exact = set(self.generic_why) if self._generic_is_the_loop() else set()
+        featured = [piece for piece in self.feature_index.tensor_slices if piece.name not in exact]
         norms: Dict[str, list] = {}
 
         def add(name: str, got: torch.Tensor, expected: Optional[torch.Tensor]) -> None:
@@ -281,8 +284,7 @@ class FeatureExtractor:
                 pair = (torch.dist(got, expected), torch.linalg.vector_norm(expected))
             norms.setdefault(name, []).append(torch.stack(pair).double())
 
-        checked = [piece for piece in self.index.tensor_slices
-                   if piece.name not in self.generic_why or piece.name in structured]
+        checked = [piece for piece in self.index.tensor_slices if piece.name not in exact or piece.name in structured]
         sample = batch.alone(row)
         for c in self._checked_outputs():
             alone = GenericPath(self.model, self.index.layout, checked, self.scalar_outputs[c],
@@ -323,6 +325,12 @@ class FeatureExtractor:
                     else grad.reshape(-1)[entries])
         return {name: tuple(torch.stack(pairs).square().sum(0).sqrt().tolist()) for name, pairs in norms.items()}
 
+    def _generic_is_the_loop(self) -> bool:
+        return bool(self.generics) and self.generics[0].strategy == "loop"
+
+    def _needs_check(self) -> bool:
+        return self.checking and (self.batched is not None or (bool(self.generics) and not self._generic_is_the_loop()))
+
     def _failing(self, errors: Dict[str, tuple], tolerance: float) -> Dict[str, float]:
         """{tensor: relative error} of the tensors that differ by more than ``tolerance`` of
         their own norm. A tensor whose norm is rounding-sized next to the whole gradient's
@@ -342,7 +350,7 @@ class FeatureExtractor:
         wrong sample dimension can depend on the batch's size)."""
         exact = FeatureExtractor(self.model, self.index, self.output, torch.float64, self.device, self.backend,
                                  structured="never")
-        exact.generic_why, exact.k = dict(self.generic_why), self.k
+        exact.generic_why, exact.k, exact._generic_strategy = dict(self.generic_why), self.k, self._generic_strategy
         exact._set_plan(Plan())
         exact.checking = False
         wide = batch.to(self.device, torch.float64)
@@ -373,6 +381,21 @@ class FeatureExtractor:
                 _log.debug("float64 recheck not possible (%s): the %s check decides", failure, self.dtype)
         if not failing:
             return True
+        generic = {name: error for name, error in failing.items() if name in self.generic_why}
+        if generic:
+            listed = ", ".join(f"{name} ({error:.1e})" for name, error in sorted(generic.items())[:6])
+            warnings.warn(
+                f"torch.func.vmap's per-sample gradients (a batch of one per sample) differ from the sample evaluated "
+                f"alone as two copies of itself on batch {self.checked_batches - 1} for {len(generic)} tensor(s): "
+                f"{listed}. The model depends on the batch's size (e.g. sums over the batch), or torch computes "
+                "one-sample batches differently; the generic path evaluates samples one by one, as two copies, from "
+                "this batch on",
+                RuntimeWarning,
+                stacklevel=6,
+            )
+            self._generic_strategy = "loop"
+            self._build()
+            return False
         worst = sorted(failing, key=failing.get, reverse=True)
         listed = ", ".join(f"{name} ({failing[name]:.1e})" for name in worst[:6])
         more = f", and {len(worst) - 6} more" if len(worst) > 6 else ""

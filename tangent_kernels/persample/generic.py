@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.func import grad, vmap
 
-from .._model import evaluate, functional_state
+from .._model import evaluate, functional_state, substituted
 from ..data import ModelInputs
 from ..outputs import OutputError, OutputSpec, scalarize
 from ..params import ParamLayout, TensorSlice
@@ -141,10 +141,17 @@ class GenericPath:
         does not depend on (a zero gradient)."""
         if leaves is None:
             leaves = {name: t.detach().requires_grad_(True) for name, t in self.touched.items()}
+
+        def gradients():
+            # The backward inside the swap: a forward it recomputes (torch.utils.checkpoint)
+            # sees the leaves too.
+            s = scalarize(self.model(*sample.args, **sample.kwargs), self.output, sample.size)[0]
+            return (torch.autograd.grad(s, list(leaves.values()), allow_unused=True) if s.requires_grad
+                    else [None] * len(leaves))  # no parameter reaches the output: zero gradient
+
         with torch.enable_grad():
-            s = self._scalar(leaves, sample.args, sample.kwargs, sample.size)
-            grads = (torch.autograd.grad(s, list(leaves.values()), allow_unused=True) if s.requires_grad
-                     else [None] * len(leaves))  # no parameter reaches the output: zero gradient
+            grads = substituted(self.model, (leaves, self.rest), gradients,
+                                [*sample.args, *sample.kwargs.values()])
         return dict(zip(leaves, grads))
 
     def _loop(self, batch: ModelInputs, out: torch.Tensor) -> None:
