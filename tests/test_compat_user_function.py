@@ -1,0 +1,181 @@
+"""The adapters differentiate the user's function, not a module found behind it.
+
+torch_func's ``fnet_single`` and neural-tangents' ``f`` are functions of the parameters:
+whatever they do around the module call (a softmax, a scaled input, a selected or scaled
+output, a detached parameter) is part of the kernel. Each case is checked against a float64
+torch.func computation on the user's own function (the tutorial's Jacobian contraction,
+neural-tangents' Jacobian of the batched f), in the layout those libraries give.
+"""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, jacrev, vmap
+
+from tangent_kernels.compat import neural_tangents as nt
+from tangent_kernels.compat import torch_func
+
+# The adapters compute in float32 for a float32 model: products of Jacobian entries summed
+# over a few hundred parameters, each entry through three layers, stay within ~1e-6 of
+# float64 here; 1e-5 leaves a 10x margin without letting a wrong kernel (these differ by
+# 10% and more) through.
+FP32_TOL = 1e-5
+
+EINSUM = {"full": "Naf,Mbf->NMab", "trace": "Naf,Maf->NM", "diagonal": "Naf,Maf->NMa"}
+
+
+def small_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 4 * 4, 5))
+
+
+def per_sample_functions(net):
+    """name -> (fnet_single, its per-sample output shape): the tutorial's function and
+    functions that do something around the module call."""
+    def call(params, x):
+        return functional_call(net, params, (x.unsqueeze(0),)).squeeze(0)
+
+    def detached_biases(params, x):  # the module's values, other gradients
+        held = {k: (v.detach() if k.endswith("bias") else v) for k, v in params.items()}
+        return call(held, x)
+
+    return {
+        "module": (call, (5,)),
+        "softmax": (lambda p, x: call(p, x).softmax(-1), (5,)),
+        "input_scaling": (lambda p, x: call(p, 3 * x), (5,)),
+        "select_one": (lambda p, x: call(p, x)[2], ()),
+        "select_three": (lambda p, x: call(p, x)[..., :3], (3,)),
+        "output_scaling": (lambda p, x: 5 * call(p, x), (5,)),
+        "detached_biases": (detached_biases, (5,)),
+    }
+
+
+def batched_functions(net):
+    """The same, as neural-tangents' batched f(params, x)."""
+    def call(params, x):
+        return functional_call(net, params, (x,))
+
+    def detached_biases(params, x):
+        return call({k: (v.detach() if k.endswith("bias") else v) for k, v in params.items()}, x)
+
+    return {
+        "module": (call, (5,)),
+        "softmax": (lambda p, x: call(p, x).softmax(-1), (5,)),
+        "input_scaling": (lambda p, x: call(p, 3 * x), (5,)),
+        "select_one": (lambda p, x: call(p, x)[:, 2], ()),
+        "select_three": (lambda p, x: call(p, x)[..., :3], (3,)),
+        "output_scaling": (lambda p, x: call(p, x) * 5, (5,)),
+        "detached_biases": (detached_biases, (5,)),
+    }
+
+
+CASES = ["module", "softmax", "input_scaling", "select_one", "select_three", "output_scaling", "detached_biases"]
+
+
+def float64_kernel(jacobians, x1, x2, compute, out_shape):
+    """sum over parameters of the contraction of [N, O, p] Jacobians, in float64; a
+    scalar output (out_shape ()) has no output axes in any layout."""
+    k = sum(torch.einsum(EINSUM[compute], a, b) for a, b in zip(jacobians(x1), jacobians(x2)))
+    return k.reshape(x1.shape[0], x2.shape[0]) if out_shape == () else k
+
+
+def relative(got, expected):
+    return float((got.double() - expected).norm() / expected.norm())
+
+
+@pytest.fixture
+def data():
+    net = small_net()
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    torch.manual_seed(1)
+    return net, params, torch.randn(6, 3, 6, 6), torch.randn(4, 3, 6, 6)
+
+
+@pytest.mark.parametrize("compute", ["full", "trace", "diagonal"])
+@pytest.mark.parametrize("case", CASES)
+def test_torch_func_differentiates_fnet_single(data, case, compute):
+    net, params, x1, x2 = data
+    fnet_single, out_shape = per_sample_functions(net)[case]
+    p64 = {k: v.double() for k, v in params.items()}
+
+    def jacobians(x):  # the tutorial's vmap(jacrev(fnet_single)) on the user's function, float64
+        jac = vmap(jacrev(fnet_single), (None, 0))(p64, x.double())
+        return [jac[k].reshape(x.shape[0], -1, p64[k].numel()) for k in p64]
+
+    expected = float64_kernel(jacobians, x1, x2, compute, out_shape)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    for method in (torch_func.empirical_ntk_jacobian_contraction, torch_func.empirical_ntk_ntk_vps):
+        if case == "module":  # the module's own forward: the tk.gram path, no warning
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                got = method(fnet_single, params, x1, x2, compute)
+        else:
+            with pytest.warns(UserWarning, match=r"fnet_single is not the Sequential's forward.*computed from fnet_single"):
+                got = method(fnet_single, params, x1, x2, compute)
+        assert got.shape == expected.shape, (case, got.shape, expected.shape)
+        assert relative(got, expected) <= FP32_TOL, (case, relative(got, expected))
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+@pytest.mark.parametrize("trace_axes, diagonal_axes, layout", [((-1,), (), "mean"), ((), (), "full"),
+                                                               ((), (-1,), "diagonal")])
+@pytest.mark.parametrize("case", CASES)
+def test_neural_tangents_differentiates_f(data, case, trace_axes, diagonal_axes, layout):
+    net, params, x1, x2 = data
+    f, out_shape = batched_functions(net)[case]
+    p64 = {k: v.double() for k, v in params.items()}
+
+    def jacobians(x):  # neural-tangents': the Jacobian of the batched f, float64
+        jac = jacrev(f)(p64, x.double())
+        return [jac[k].reshape(x.shape[0], -1, p64[k].numel()) for k in p64]
+
+    compute = {"mean": "trace", "full": "full", "diagonal": "diagonal"}[layout]
+    expected = float64_kernel(jacobians, x1, x2, compute, out_shape)
+    if layout == "mean" and out_shape:  # neural-tangents averages traced axes
+        expected = expected / out_shape[0]
+    kernel_fn = nt.empirical_ntk_fn(f, trace_axes=trace_axes, diagonal_axes=diagonal_axes)
+    for fn in (kernel_fn, nt.batch(kernel_fn, batch_size=4)):
+        if case == "module":
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                got = fn(x1, x2, params)
+        else:
+            with pytest.warns(UserWarning, match=r"f is not the Sequential's forward.*computed from f itself"):
+                got = fn(x1, x2, params)
+        assert got.shape == expected.shape, (case, got.shape, expected.shape)
+        assert relative(got, expected) <= FP32_TOL, (case, relative(got, expected))
+
+
+def test_neural_tangents_f_without_a_module_is_differentiated(data):
+    """An f over its own dict of tensors (no nn.Module): computed, not refused."""
+    _, _, x1, x2 = data
+    torch.manual_seed(2)
+    params = {"w": torch.randn(3 * 6 * 6, 4), "v": torch.randn(4, 2)}
+
+    def f(p, x):
+        return torch.tanh(x.flatten(1) @ p["w"]) @ p["v"]
+
+    p64 = {k: v.double() for k, v in params.items()}
+    jac1, jac2 = (jacrev(f)(p64, x.double()) for x in (x1, x2))
+    expected = sum(torch.einsum("Naf,Mbf->NMab", jac1[k].reshape(6, 2, -1), jac2[k].reshape(4, 2, -1)) for k in p64)
+    got = nt.empirical_ntk_fn(f, trace_axes=())(x1, x2, params)
+    assert got.shape == expected.shape and relative(got, expected) <= FP32_TOL
+
+
+def test_neural_tangents_module_is_left_in_its_mode(data):
+    net, _, x1, x2 = data
+    net.train()
+    nt.empirical_ntk_fn(net)(x1, x2)
+    assert net.training and all(m.training for m in net.modules())
+
+
+def test_neural_tangents_outputs_with_more_axes_are_refused(data):
+    net, params, x1, x2 = data
+
+    def f(p, x):
+        return functional_call(net, p, (x,)).reshape(x.shape[0], 5, 1)
+
+    with pytest.raises(NotImplementedError, match=r"\[N, 5, 1\].*only \[N\] and \[N, O\] outputs"):
+        nt.empirical_ntk_fn(f)(x1, x2, params)
