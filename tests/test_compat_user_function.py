@@ -33,42 +33,61 @@ def small_net():
 
 def per_sample_functions(net):
     """name -> (fnet_single, its per-sample output shape): the tutorial's function and
-    functions that do something around the module call."""
-    def call(params, x):
+    functions that do something around the module call. Each closes over net itself, as
+    user code does, so the adapter finds the module behind it."""
+    def module(params, x):
         return functional_call(net, params, (x.unsqueeze(0),)).squeeze(0)
+
+    def softmax(params, x):
+        return functional_call(net, params, (x.unsqueeze(0),)).squeeze(0).softmax(-1)
+
+    def input_scaling(params, x):
+        return functional_call(net, params, ((3 * x).unsqueeze(0),)).squeeze(0)
+
+    def select_one(params, x):
+        return functional_call(net, params, (x.unsqueeze(0),)).squeeze(0)[2]
+
+    def select_three(params, x):
+        return functional_call(net, params, (x.unsqueeze(0),)).squeeze(0)[..., :3]
+
+    def output_scaling(params, x):
+        return 5 * functional_call(net, params, (x.unsqueeze(0),)).squeeze(0)
 
     def detached_biases(params, x):  # the module's values, other gradients
         held = {k: (v.detach() if k.endswith("bias") else v) for k, v in params.items()}
-        return call(held, x)
+        return functional_call(net, held, (x.unsqueeze(0),)).squeeze(0)
 
-    return {
-        "module": (call, (5,)),
-        "softmax": (lambda p, x: call(p, x).softmax(-1), (5,)),
-        "input_scaling": (lambda p, x: call(p, 3 * x), (5,)),
-        "select_one": (lambda p, x: call(p, x)[2], ()),
-        "select_three": (lambda p, x: call(p, x)[..., :3], (3,)),
-        "output_scaling": (lambda p, x: 5 * call(p, x), (5,)),
-        "detached_biases": (detached_biases, (5,)),
-    }
+    shapes = {"select_one": (), "select_three": (3,)}
+    functions = (module, softmax, input_scaling, select_one, select_three, output_scaling, detached_biases)
+    return {fn.__name__: (fn, shapes.get(fn.__name__, (5,))) for fn in functions}
 
 
 def batched_functions(net):
     """The same, as neural-tangents' batched f(params, x)."""
-    def call(params, x):
+    def module(params, x):
         return functional_call(net, params, (x,))
 
-    def detached_biases(params, x):
-        return call({k: (v.detach() if k.endswith("bias") else v) for k, v in params.items()}, x)
+    def softmax(params, x):
+        return functional_call(net, params, (x,)).softmax(-1)
 
-    return {
-        "module": (call, (5,)),
-        "softmax": (lambda p, x: call(p, x).softmax(-1), (5,)),
-        "input_scaling": (lambda p, x: call(p, 3 * x), (5,)),
-        "select_one": (lambda p, x: call(p, x)[:, 2], ()),
-        "select_three": (lambda p, x: call(p, x)[..., :3], (3,)),
-        "output_scaling": (lambda p, x: call(p, x) * 5, (5,)),
-        "detached_biases": (detached_biases, (5,)),
-    }
+    def input_scaling(params, x):
+        return functional_call(net, params, (3 * x,))
+
+    def select_one(params, x):
+        return functional_call(net, params, (x,))[:, 2]
+
+    def select_three(params, x):
+        return functional_call(net, params, (x,))[..., :3]
+
+    def output_scaling(params, x):
+        return functional_call(net, params, (x,)) * 5
+
+    def detached_biases(params, x):
+        return functional_call(net, {k: (v.detach() if k.endswith("bias") else v) for k, v in params.items()}, (x,))
+
+    shapes = {"select_one": (), "select_three": (3,)}
+    functions = (module, softmax, input_scaling, select_one, select_three, output_scaling, detached_biases)
+    return {fn.__name__: (fn, shapes.get(fn.__name__, (5,))) for fn in functions}
 
 
 CASES = ["module", "softmax", "input_scaling", "select_one", "select_three", "output_scaling", "detached_biases"]

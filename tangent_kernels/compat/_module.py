@@ -1,15 +1,17 @@
-"""Finding the nn.Module behind a functional model ``f(params, x)``, and evaluating it at
-given parameters without touching the caller's module."""
+"""Finding the nn.Module behind a functional model ``f(params, x)``, proving that ``f`` is
+that module's forward before the adapters hand the module to tk.gram, and the kernel of
+``f`` itself (torch.func) when it is not."""
 
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Callable, Dict, Optional
 
 import torch
 from torch import nn
 
-__all__ = ["module_behind", "module_at"]
+__all__ = ["function_kernel", "module_at", "module_behind", "verified_module"]
 
 
 def module_behind(fn: Callable, params: Dict[str, torch.Tensor]) -> Optional[nn.Module]:
@@ -51,3 +53,108 @@ def module_at(module: nn.Module, params: Dict[str, torch.Tensor]) -> nn.Module:
             else:
                 p.requires_grad_(False)
     return copied.eval()
+
+
+# How far the user's function may sit from the module's own forward and still be served by
+# it: evaluating one module per sample (vmap) or batched differs by ~1e-7 relative in
+# float32 and ~1e-16 in float64 (different summation orders); what a function does around
+# the module call (a softmax, a scale, a selection) moves values or Jacobians by far more.
+# Anything coarser than float32 is held to the float32 bound, so it takes the exact path.
+_SAME_TOL = {torch.float64: 1e-12}
+_SAME_TOL_DEFAULT = 1e-4
+_CHECK_CHUNK = 128
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    gap, scale = float((a - b).norm()), float(b.norm())
+    if scale == 0:
+        return 0.0 if gap == 0 else float("inf")
+    return gap / scale
+
+
+def _difference(fn, copy: nn.Module, params: Dict[str, torch.Tensor], x: torch.Tensor, per_sample: bool,
+                generator: torch.Generator) -> Optional[str]:
+    """Why ``fn`` is not ``copy``'s forward on the batch x (values, then a random
+    vector-Jacobian product over all of x's samples), or None when it is."""
+    from torch.func import functional_call, vjp, vmap
+
+    mine = vmap(fn, (None, 0)) if per_sample else fn
+    out, pull = vjp(lambda p: mine(p, x), params)
+    ref, ref_pull = vjp(lambda p: functional_call(copy, p, (x,)), params)
+    if out.shape != ref.shape:
+        return f"it returns outputs of shape {list(out.shape)} for a batch where the module returns {list(ref.shape)}"
+    tol = _SAME_TOL.get(ref.dtype, _SAME_TOL_DEFAULT)
+    if out.dtype != ref.dtype or _relative(out, ref) > tol:
+        return f"its outputs differ from the module's by {_relative(out.to(ref.dtype), ref):.2g} relative"
+    # J_f(x_i) == J_module(x_i) for every sample i, almost surely, when their products with
+    # one random cotangent over all of x agree: a difference on any sample moves the sum.
+    u = torch.randn(ref.shape, generator=generator, dtype=ref.dtype).to(ref.device)
+    mine_grad, ref_grad = pull(u)[0], ref_pull(u)[0]
+    a = torch.cat([mine_grad[k].reshape(-1) for k in params])
+    b = torch.cat([ref_grad[k].reshape(-1) for k in params])
+    if _relative(a, b) > tol:
+        return f"its gradients differ from the module's by {_relative(a, b):.2g} relative"
+    return None
+
+
+def verified_module(fn: Callable, params: Dict[str, torch.Tensor], inputs, per_sample: bool,
+                    name: str) -> Optional[nn.Module]:
+    """``module_at(module_behind(fn, params), params)`` when ``fn`` is that module's forward
+    at ``params`` on every sample of ``inputs`` (a sequence of batches): the same outputs
+    and the same Jacobians. ``fn(params, x)`` takes one sample when ``per_sample`` (the
+    tutorial's ``fnet_single``), else a batch. None when there is no such module, or, with
+    a warning naming the difference, when ``fn`` does more than call it (a softmax, an
+    input or output scale, an output selection...): the caller then differentiates ``fn``."""
+    from .._model import fp32_math
+
+    module = module_behind(fn, params)
+    if module is None:
+        return None
+    copy = module_at(module, params)
+    detached = {k: v.detach() for k, v in params.items()}
+    generator = torch.Generator().manual_seed(0)
+    with fp32_math(False):
+        for x in inputs:
+            for chunk in x.split(_CHECK_CHUNK):
+                why = _difference(fn, copy, detached, chunk, per_sample, generator)
+                if why is not None:
+                    warnings.warn(
+                        f"{name} is not the {type(module).__name__}'s forward at params on these inputs ({why}): "
+                        f"the kernel is computed from {name} itself by torch.func (exact, without tk.gram's speed)",
+                        stacklevel=3)
+                    return None
+    return copy
+
+
+def function_kernel(fn: Callable, params: Dict[str, torch.Tensor], x1: torch.Tensor, x2: torch.Tensor,
+                    compute: str, per_sample: bool, batch_size: Optional[int] = None):
+    """(K, output shape per sample) of ``fn`` itself by torch.func: the tutorial's
+    ``vmap(jacrev(fnet_single))`` when ``per_sample``, else neural-tangents' Jacobian of
+    the batched ``fn(params, x)`` (over ``batch_size`` samples at a time when given).
+    K is [N1, N2, O, O] for ``compute="full"``, [N1, N2] for "trace" (a sum), [N1, N2, O]
+    for "diagonal", with O the number of entries of one sample's output; a scalar output
+    per sample has no output axes: [N1, N2] in every layout."""
+    from torch.func import jacrev, vmap
+
+    from .._model import fp32_math
+
+    detached = {k: v.detach() for k, v in params.items()}
+    jac_of = vmap(jacrev(fn), (None, 0)) if per_sample else jacrev(fn)
+    shape = []
+
+    def jacobians(x):
+        chunks = [x] if batch_size is None else x.split(batch_size)
+        per_chunk = [jac_of(detached, chunk) for chunk in chunks]
+        first = per_chunk[0][next(iter(detached))]
+        shape[:] = first.shape[1:first.dim() - detached[next(iter(detached))].dim()]
+        return [torch.cat([jac[k] for jac in per_chunk]).reshape(x.shape[0], -1, v.numel())
+                for k, v in detached.items()]
+
+    equation = {"full": "Naf,Mbf->NMab", "trace": "Naf,Maf->NM", "diagonal": "Naf,Maf->NMa"}[compute]
+    with fp32_math(False):
+        first = jacobians(x1)
+        second = first if x2 is x1 else jacobians(x2)
+        k = sum(torch.einsum(equation, a, b) for a, b in zip(first, second))
+    if not shape:
+        k = k.reshape(x1.shape[0], x2.shape[0])
+    return k, tuple(shape)
