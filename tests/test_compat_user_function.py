@@ -167,6 +167,39 @@ def test_neural_tangents_differentiates_f(data, case, trace_axes, diagonal_axes,
         assert relative(got, expected) <= FP32_TOL, (case, relative(got, expected))
 
 
+def test_the_warning_points_at_the_callers_line(data):
+    net, params, x1, x2 = data
+    fnet_single, _ = per_sample_functions(net)["softmax"]
+    f, _ = batched_functions(net)["softmax"]
+    for compute_kernel in (lambda: torch_func.empirical_ntk_jacobian_contraction(fnet_single, params, x1, x2),
+                           lambda: torch_func.empirical_ntk_ntk_vps(fnet_single, params, x1, x2),
+                           lambda: nt.empirical_ntk_fn(f)(x1, x2, params)):
+        with pytest.warns(UserWarning, match="is not the Sequential's forward") as record:
+            compute_kernel()
+        assert [w.filename for w in record] == [__file__]
+
+
+def test_a_random_function_is_refused_with_the_fix():
+    """A module in train mode with dropout: fnet_single is random, and has no kernel."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 3)).train()
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def fnet_single(params, x):
+        return functional_call(net, params, (x.unsqueeze(0),)).squeeze(0)
+
+    def f(params, x):
+        return functional_call(net, params, (x,))
+
+    x = torch.randn(5, 4)
+    with pytest.raises(RuntimeError, match=r"fnet_single could not be evaluated.*call \.eval\(\)"):
+        torch_func.empirical_ntk_jacobian_contraction(fnet_single, params, x, x)
+    with pytest.warns(UserWarning, match="outputs differ"):  # batched, dropout draws differ from the module's
+        with pytest.raises(ValueError, match=r"f returns different outputs on two calls.*random.*call \.eval\(\)"):
+            nt.empirical_ntk_fn(f)(x, x, params)
+    assert net.training
+
+
 def test_neural_tangents_f_without_a_module_is_differentiated(data):
     """An f over its own dict of tensors (no nn.Module): computed, not refused."""
     _, _, x1, x2 = data
@@ -196,5 +229,6 @@ def test_neural_tangents_outputs_with_more_axes_are_refused(data):
     def f(p, x):
         return functional_call(net, p, (x,)).reshape(x.shape[0], 5, 1)
 
-    with pytest.raises(NotImplementedError, match=r"\[N, 5, 1\].*only \[N\] and \[N, O\] outputs"):
-        nt.empirical_ntk_fn(f)(x1, x2, params)
+    with pytest.warns(UserWarning, match="returns outputs of shape"):  # not the module's [N, 5]
+        with pytest.raises(NotImplementedError, match=r"\[N, 5, 1\].*only \[N\] and \[N, O\] outputs"):
+            nt.empirical_ntk_fn(f)(x1, x2, params)

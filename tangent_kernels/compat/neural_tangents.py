@@ -63,7 +63,8 @@ def empirical_ntk_fn(f, trace_axes: Sequence[int] = (-1,), diagonal_axes: Sequen
         compute = "trace" if traced else "diagonal" if diagonal else "full"
         model = _model(f, params, x1, x2)
         if model is None:  # f is more than a module's forward: its own Jacobians
-            k, shape = function_kernel(f, params, x1, x2, compute, per_sample=False, batch_size=_batch_size)
+            k, shape = function_kernel(f, params, x1, x2, compute, per_sample=False, name="f",
+                                       batch_size=_batch_size)
             if len(shape) > 1:
                 raise NotImplementedError(
                     f"f returns outputs of shape [N, {', '.join(map(str, shape))}]: only [N] and [N, O] outputs "
@@ -87,7 +88,8 @@ def _model(f, params, x1: torch.Tensor, x2: torch.Tensor) -> Optional[nn.Module]
         return f if params is None else module_at(f, params)
     if params is None:
         raise TypeError("f(params, x) needs params: call ntk_fn(x1, x2, params)")
-    return verified_module(f, params, [x1] if x2 is x1 else [x1, x2], per_sample=False, name="f")
+    return verified_module(f, params, [x1] if x2 is x1 else [x1, x2], per_sample=False, name="f",
+                           stacklevel=4)
 
 
 def _outputs(model: nn.Module, x: torch.Tensor) -> int:

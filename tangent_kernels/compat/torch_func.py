@@ -59,19 +59,26 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor, compute:
     return engine.gram(model, split(x1), gram_kwargs.pop("idx", None), second, output=compute, **gram_kwargs)
 
 
+def _kernel(fnet_single, params: Dict[str, torch.Tensor], x1: torch.Tensor, x2: torch.Tensor,
+            compute: str) -> torch.Tensor:
+    """The kernel of fnet_single: tk.gram on the module behind it when it is shown to be
+    that module's forward, else torch.func on fnet_single itself."""
+    _check_compute(compute)
+    inputs = [x1] if x2 is x1 else [x1, x2]
+    module = verified_module(fnet_single, params, inputs, per_sample=True, name="fnet_single", stacklevel=4)
+    if module is None:
+        return function_kernel(fnet_single, params, x1, x2, compute, per_sample=True, name="fnet_single")[0]
+    return empirical_ntk(module, x1, x2, compute)
+
+
 def empirical_ntk_jacobian_contraction(fnet_single, params: Dict[str, torch.Tensor], x1: torch.Tensor,
                                        x2: torch.Tensor, compute: str = "full") -> torch.Tensor:
     """The tutorial's ``empirical_ntk_jacobian_contraction``, same signature and layout."""
-    _check_compute(compute)
-    inputs = [x1] if x2 is x1 else [x1, x2]
-    module = verified_module(fnet_single, params, inputs, per_sample=True, name="fnet_single")
-    if module is None:
-        return function_kernel(fnet_single, params, x1, x2, compute, per_sample=True)[0]
-    return empirical_ntk(module, x1, x2, compute)
+    return _kernel(fnet_single, params, x1, x2, compute)
 
 
 def empirical_ntk_ntk_vps(func, params: Dict[str, torch.Tensor], x1: torch.Tensor, x2: torch.Tensor,
                           compute: str = "full") -> torch.Tensor:
     """The tutorial's ``empirical_ntk_ntk_vps`` (NTK-vector products), same signature and
     layout; the same kernel, computed as ``empirical_ntk_jacobian_contraction`` does."""
-    return empirical_ntk_jacobian_contraction(func, params, x1, x2, compute)
+    return _kernel(func, params, x1, x2, compute)
