@@ -232,3 +232,45 @@ def test_neural_tangents_outputs_with_more_axes_are_refused(data):
     with pytest.warns(UserWarning, match="returns outputs of shape"):  # not the module's [N, 5]
         with pytest.raises(NotImplementedError, match=r"\[N, 5, 1\].*only \[N\] and \[N, O\] outputs"):
             nt.empirical_ntk_fn(f)(x1, x2, params)
+
+
+class DictOutput(nn.Module):  # a Hugging Face-style model: its logits in a dict
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+
+    def forward(self, x):
+        return {"logits": self.body(x)}
+
+
+def test_a_selected_logits_entry_is_differentiated():
+    torch.manual_seed(0)
+    net = DictOutput()
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def fnet_single(params, x):
+        return functional_call(net, params, (x.unsqueeze(0),))["logits"].squeeze(0)
+
+    x1, x2 = torch.randn(5, 4), torch.randn(3, 4)
+    p64 = {k: v.double() for k, v in params.items()}
+
+    def jacobians(x):
+        jac = vmap(jacrev(fnet_single), (None, 0))(p64, x.double())
+        return [jac[k].reshape(x.shape[0], 3, -1) for k in p64]
+
+    expected = float64_kernel(jacobians, x1, x2, "full", (3,))
+    with pytest.warns(UserWarning, match="returns Tensor where the module returns dict"):
+        got = torch_func.empirical_ntk_jacobian_contraction(fnet_single, params, x1, x2, "full")
+    assert got.shape == expected.shape and relative(got, expected) <= FP32_TOL
+
+
+def test_a_function_of_several_outputs_is_refused(data):
+    net, params, x1, x2 = data
+
+    def fnet_single(params, x):
+        out = functional_call(net, params, (x.unsqueeze(0),)).squeeze(0)
+        return out, out
+
+    with pytest.warns(UserWarning, match="returns tuple"):
+        with pytest.raises(TypeError, match="fnet_single must return one tensor"):
+            torch_func.empirical_ntk_jacobian_contraction(fnet_single, params, x1, x2)

@@ -83,6 +83,8 @@ def _difference(fn, copy: nn.Module, params: Dict[str, torch.Tensor], x: torch.T
     mine = vmap(fn, (None, 0)) if per_sample else fn
     out, pull = vjp(lambda p: mine(p, x), params)
     ref, ref_pull = vjp(lambda p: functional_call(copy, p, (x,)), params)
+    if not isinstance(out, torch.Tensor) or not isinstance(ref, torch.Tensor):
+        return f"it returns {type(out).__name__} where the module returns {type(ref).__name__}"
     if out.shape != ref.shape:
         return f"it returns outputs of shape {list(out.shape)} for a batch where the module returns {list(ref.shape)}"
     tol = _SAME_TOL.get(ref.dtype, _SAME_TOL_DEFAULT)
@@ -90,7 +92,7 @@ def _difference(fn, copy: nn.Module, params: Dict[str, torch.Tensor], x: torch.T
         return f"its outputs differ from the module's by {_relative(out.to(ref.dtype), ref):.2g} relative"
     # J_f(x_i) == J_module(x_i) for every sample i, almost surely, when their products with
     # one random cotangent over all of x agree: a difference on any sample moves the sum.
-    u = torch.randn(ref.shape, generator=generator, dtype=ref.dtype).to(ref.device)
+    u = torch.randn(ref.shape, generator=generator).to(ref.device, ref.dtype)
     mine_grad, ref_grad = pull(u)[0], ref_pull(u)[0]
     a = torch.cat([mine_grad[k].reshape(-1) for k in params])
     b = torch.cat([ref_grad[k].reshape(-1) for k in params])
@@ -104,12 +106,13 @@ def _evaluating(name: str):
     """torch.func's errors on the user's function, with what it means for it."""
     try:
         yield
+    except torch.OutOfMemoryError:
+        raise
     except RuntimeError as error:
         raise RuntimeError(
             f"{name} could not be evaluated and differentiated by torch.func (vmap, vjp, jacrev), as the "
-            f"original library does: "
-            f"{error}. A module in train mode (dropout, batch norm) is random or couples samples: call .eval() "
-            "on it first") from error
+            f"original library does: {error}. If its module is in train mode (dropout, batch norm: random, or "
+            "coupling the samples), call .eval() on it first") from error
 
 
 def verified_module(fn: Callable, params: Dict[str, torch.Tensor], inputs, per_sample: bool,
@@ -149,6 +152,9 @@ def _check_deterministic(fn, params, x: torch.Tensor, per_sample: bool, name: st
     mine = vmap(fn, (None, 0)) if per_sample else fn
     with torch.no_grad():
         once, again = mine(params, x), mine(params, x)
+    if not isinstance(once, torch.Tensor):
+        raise TypeError(f"{name} must return one tensor (its outputs), as the original library's does; "
+                        f"it returns {type(once).__name__}")
     if _relative(again, once) > _SAME_TOL.get(once.dtype, _SAME_TOL_DEFAULT):
         raise ValueError(
             f"{name} returns different outputs on two calls with the same params and inputs (by "
