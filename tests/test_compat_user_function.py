@@ -90,14 +90,17 @@ def batched_functions(net):
     return {fn.__name__: (fn, shapes.get(fn.__name__, (5,))) for fn in functions}
 
 
+# what the warning names: the first difference the check meets
+REASONS = {"softmax": "outputs differ", "input_scaling": "outputs differ", "output_scaling": "outputs differ",
+           "select_one": "returns outputs of shape", "select_three": "returns outputs of shape",
+           "detached_biases": "gradients differ"}
 CASES = ["module", "softmax", "input_scaling", "select_one", "select_three", "output_scaling", "detached_biases"]
 
 
-def float64_kernel(jacobians, x1, x2, compute, out_shape):
-    """sum over parameters of the contraction of [N, O, p] Jacobians, in float64; a
-    scalar output (out_shape ()) has no output axes in any layout."""
-    k = sum(torch.einsum(EINSUM[compute], a, b) for a, b in zip(jacobians(x1), jacobians(x2)))
-    return k.reshape(x1.shape[0], x2.shape[0]) if out_shape == () else k
+def float64_kernel(jacobians, x1, x2, compute):
+    """sum over parameters of the contraction of [N, O, p] Jacobians, in float64 (a scalar
+    output per sample is O = 1)."""
+    return sum(torch.einsum(EINSUM[compute], a, b) for a, b in zip(jacobians(x1), jacobians(x2)))
 
 
 def relative(got, expected):
@@ -123,7 +126,9 @@ def test_torch_func_differentiates_fnet_single(data, case, compute):
         jac = vmap(jacrev(fnet_single), (None, 0))(p64, x.double())
         return [jac[k].reshape(x.shape[0], -1, p64[k].numel()) for k in p64]
 
-    expected = float64_kernel(jacobians, x1, x2, compute, out_shape)
+    # the tutorial's layout; a scalar output per sample (where the tutorial's flatten(2)
+    # fails) is one output, as tk.gram counts a [B] output
+    expected = float64_kernel(jacobians, x1, x2, compute)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     for method in (torch_func.empirical_ntk_jacobian_contraction, torch_func.empirical_ntk_ntk_vps):
         if case == "module":  # the module's own forward: the tk.gram path, no warning
@@ -131,7 +136,8 @@ def test_torch_func_differentiates_fnet_single(data, case, compute):
                 warnings.simplefilter("error")
                 got = method(fnet_single, params, x1, x2, compute)
         else:
-            with pytest.warns(UserWarning, match=r"fnet_single is not the Sequential's forward.*computed from fnet_single"):
+            with pytest.warns(UserWarning, match=rf"fnet_single is not the Sequential's forward.*{REASONS[case]}.*"
+                                                 "computed from fnet_single"):
                 got = method(fnet_single, params, x1, x2, compute)
         assert got.shape == expected.shape, (case, got.shape, expected.shape)
         assert relative(got, expected) <= FP32_TOL, (case, relative(got, expected))
@@ -150,18 +156,26 @@ def test_neural_tangents_differentiates_f(data, case, trace_axes, diagonal_axes,
         jac = jacrev(f)(p64, x.double())
         return [jac[k].reshape(x.shape[0], -1, p64[k].numel()) for k in p64]
 
-    compute = {"mean": "trace", "full": "full", "diagonal": "diagonal"}[layout]
-    expected = float64_kernel(jacobians, x1, x2, compute, out_shape)
-    if layout == "mean" and out_shape:  # neural-tangents averages traced axes
-        expected = expected / out_shape[0]
     kernel_fn = nt.empirical_ntk_fn(f, trace_axes=trace_axes, diagonal_axes=diagonal_axes)
+    if out_shape == () and layout != "full":  # neural-tangents would trace the batch axis
+        with pytest.warns(UserWarning, match="is not the Sequential's forward"):
+            with pytest.raises(NotImplementedError, match=r"\[N\] outputs.*batch axis.*trace_axes=\(\)"):
+                kernel_fn(x1, x2, params)
+        return
+    compute = {"mean": "trace", "full": "full", "diagonal": "diagonal"}[layout]
+    expected = float64_kernel(jacobians, x1, x2, compute)
+    if out_shape == ():  # neural-tangents' layout: [N] outputs have no output axes
+        expected = expected.reshape(x1.shape[0], x2.shape[0])
+    if layout == "mean":  # neural-tangents averages traced axes
+        expected = expected / out_shape[0]
     for fn in (kernel_fn, nt.batch(kernel_fn, batch_size=4)):
         if case == "module":
             with warnings.catch_warnings():
                 warnings.simplefilter("error")
                 got = fn(x1, x2, params)
         else:
-            with pytest.warns(UserWarning, match=r"f is not the Sequential's forward.*computed from f itself"):
+            with pytest.warns(UserWarning, match=rf"f is not the Sequential's forward.*{REASONS[case]}.*"
+                                                 "computed from f itself"):
                 got = fn(x1, x2, params)
         assert got.shape == expected.shape, (case, got.shape, expected.shape)
         assert relative(got, expected) <= FP32_TOL, (case, relative(got, expected))
@@ -258,7 +272,7 @@ def test_a_selected_logits_entry_is_differentiated():
         jac = vmap(jacrev(fnet_single), (None, 0))(p64, x.double())
         return [jac[k].reshape(x.shape[0], 3, -1) for k in p64]
 
-    expected = float64_kernel(jacobians, x1, x2, "full", (3,))
+    expected = float64_kernel(jacobians, x1, x2, "full")
     with pytest.warns(UserWarning, match="returns Tensor where the module returns dict"):
         got = torch_func.empirical_ntk_jacobian_contraction(fnet_single, params, x1, x2, "full")
     assert got.shape == expected.shape and relative(got, expected) <= FP32_TOL
@@ -274,3 +288,53 @@ def test_a_function_of_several_outputs_is_refused(data):
     with pytest.warns(UserWarning, match="returns tuple"):
         with pytest.raises(TypeError, match="fnet_single must return one tensor"):
             torch_func.empirical_ntk_jacobian_contraction(fnet_single, params, x1, x2)
+
+
+class ScalarOutput(nn.Module):  # one output per sample, returned as [B]
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+
+    def forward(self, x):
+        return self.body(x).squeeze(-1)
+
+
+@pytest.mark.parametrize("compute, shape", [("full", (5, 3, 1, 1)), ("trace", (5, 3)), ("diagonal", (5, 3, 1))])
+def test_scalar_outputs_have_one_layout_on_either_path(compute, shape):
+    """A scalar per sample is one output (tk.gram's [B]) whether the module serves the
+    kernel or fnet_single is differentiated."""
+    torch.manual_seed(0)
+    net = ScalarOutput()
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def module(params, x):
+        return functional_call(net, params, (x.unsqueeze(0),)).squeeze(0)
+
+    def scaled(params, x):
+        return 2 * functional_call(net, params, (x.unsqueeze(0),)).squeeze(0)
+
+    x1, x2 = torch.randn(5, 4), torch.randn(3, 4)
+    fast = torch_func.empirical_ntk_jacobian_contraction(module, params, x1, x2, compute)
+    with pytest.warns(UserWarning, match="outputs differ"):
+        exact = torch_func.empirical_ntk_jacobian_contraction(scaled, params, x1, x2, compute)
+    assert fast.shape == exact.shape == shape
+    assert relative(exact, 4 * fast.double()) <= FP32_TOL
+
+
+def test_neural_tangents_scalar_outputs():
+    """[N] outputs: [N1, N2] for trace_axes=(), as neural-tangents; tracing axis -1 (there
+    the batch axis) is refused with the fix."""
+    torch.manual_seed(0)
+    net = ScalarOutput()
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def f(params, x):
+        return functional_call(net, params, (x,))
+
+    x1, x2 = torch.randn(5, 4), torch.randn(3, 4)
+    module_form = nt.empirical_ntk_fn(net, trace_axes=())(x1, x2)
+    functional_form = nt.empirical_ntk_fn(f, trace_axes=())(x1, x2, params)
+    assert module_form.shape == functional_form.shape == (5, 3)
+    assert relative(functional_form, module_form.double()) <= FP32_TOL
+    with pytest.raises(NotImplementedError, match="trace_axes=()"):
+        nt.empirical_ntk_fn(net)(x1, x2)

@@ -168,8 +168,8 @@ def function_kernel(fn: Callable, params: Dict[str, torch.Tensor], x1: torch.Ten
     ``vmap(jacrev(fnet_single))`` when ``per_sample``, else neural-tangents' Jacobian of
     the batched ``fn(params, x)`` (over ``batch_size`` samples at a time when given).
     K is [N1, N2, O, O] for ``compute="full"``, [N1, N2] for "trace" (a sum), [N1, N2, O]
-    for "diagonal", with O the number of entries of one sample's output; a scalar output
-    per sample has no output axes: [N1, N2] in every layout."""
+    for "diagonal", with O the number of entries of one sample's output (1 for a scalar,
+    as tk.gram counts a [B] output)."""
     from torch.func import jacrev, vmap
 
     from .._model import fp32_math
@@ -192,6 +192,4 @@ def function_kernel(fn: Callable, params: Dict[str, torch.Tensor], x1: torch.Ten
         first = jacobians(x1)
         second = first if x2 is x1 else jacobians(x2)
         k = sum(torch.einsum(equation, a, b) for a, b in zip(first, second))
-    if not shape:
-        k = k.reshape(x1.shape[0], x2.shape[0])
     return k, tuple(shape)

@@ -15,7 +15,8 @@ parameters)::
 As in neural-tangents: traced axes are *averaged* (divided by their size), so the default
 ``trace_axes=(-1,)`` gives the mean over outputs [N1, N2]; ``trace_axes=()`` gives
 [N1, N2, O, O]; ``diagonal_axes=(-1,)`` gives [N1, N2, O]; ``x2=None`` means x1. Outputs are
-[N, O] (the only output axis is -1, or 1) or [N] (a kernel [N1, N2] in every layout).
+[N, O] (the only output axis is -1, or 1) or [N] (the kernel [N1, N2] for ``trace_axes=()``:
+there, as in neural-tangents, axis -1 is the batch axis, so tracing it is refused).
 The kernel is always ``f``'s own: a functional ``f`` that closes over the one module whose
 parameters ``params`` names, and is shown to be its forward on x1 and x2 (the same outputs
 and Jacobians), is computed by tk.gram on that module; any other ``f`` (a softmax, a scaled
@@ -28,7 +29,7 @@ the batch size onto tk.gram's loader batches (K is blocked by tk.gram either way
 from __future__ import annotations
 
 import functools
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -62,20 +63,15 @@ def empirical_ntk_fn(f, trace_axes: Sequence[int] = (-1,), diagonal_axes: Sequen
         x2 = x1 if x2 is None else x2
         compute = "trace" if traced else "diagonal" if diagonal else "full"
         model = _model(f, params, x1, x2)
+        shape = _output_shape(f, params, model, x1[:1])
+        _check_output_axes(shape, traced, diagonal)
         if model is None:  # f is more than a module's forward: its own Jacobians
-            k, shape = function_kernel(f, params, x1, x2, compute, per_sample=False, name="f",
-                                       batch_size=_batch_size)
-            if len(shape) > 1:
-                raise NotImplementedError(
-                    f"f returns outputs of shape [N, {', '.join(map(str, shape))}]: only [N] and [N, O] outputs "
-                    "are supported (the output axis is -1); reshape them to [N, O] in f")
-            outputs = shape[0] if shape else 1
+            k = function_kernel(f, params, x1, x2, compute, per_sample=False, name="f", batch_size=_batch_size)[0]
         else:
             k = empirical_ntk(model, x1, x2, compute, batch_size=_batch_size)
-            outputs = _outputs(model, x1[:1]) if traced else 1
-        if traced:  # neural-tangents averages traced axes
-            k = k / outputs
-        return k
+        if not shape:  # [N] outputs have no output axes in neural-tangents' layout
+            return k.reshape(x1.shape[0], x2.shape[0])
+        return k / shape[0] if traced else k  # neural-tangents averages traced axes
 
     ntk_fn._tangent_kernels = True
     return ntk_fn
@@ -92,11 +88,34 @@ def _model(f, params, x1: torch.Tensor, x2: torch.Tensor) -> Optional[nn.Module]
                            stacklevel=4)
 
 
-def _outputs(model: nn.Module, x: torch.Tensor) -> int:
+def _output_shape(f, params, model: Optional[nn.Module], x: torch.Tensor) -> Tuple[int, ...]:
+    """The shape of one sample's output: () for [N] outputs, (O,) for [N, O]."""
     from .._model import eval_mode
+    from ..outputs import logits_of
 
-    with torch.no_grad(), eval_mode(model):
-        return int(model(x).reshape(x.shape[0], -1).shape[1])
+    with torch.no_grad():
+        if model is None:
+            out = f(params, x)
+        else:
+            with eval_mode(model):
+                out = model(x)
+    if not isinstance(out, torch.Tensor):
+        if model is None:
+            raise TypeError(f"f must return one tensor (its outputs), as in neural-tangents; it returns "
+                            f"{type(out).__name__}")
+        out = logits_of(out, x.shape[0])  # a model output object: its logits, as tk.gram reads them
+    return tuple(out.shape[1:])
+
+
+def _check_output_axes(shape: Tuple[int, ...], traced: bool, diagonal: bool) -> None:
+    if len(shape) > 1:
+        raise NotImplementedError(
+            f"f returns outputs of shape [N, {', '.join(map(str, shape))}]: only [N] and [N, O] outputs are "
+            "supported (the output axis is -1); reshape them to [N, O] in f")
+    if not shape and (traced or diagonal):
+        raise NotImplementedError(
+            "f returns [N] outputs: in neural-tangents axis -1 is then the batch axis, not an output axis; "
+            "pass trace_axes=() (and no diagonal_axes) for the [N1, N2] kernel")
 
 
 def batch(kernel_fn, batch_size: int = 0, **kwargs):

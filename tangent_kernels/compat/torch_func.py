@@ -14,7 +14,7 @@ After::
 
 (the same lines). Layouts as in the tutorial: ``compute="full"`` [N1, N2, O, O],
 ``"trace"`` [N1, N2] (a sum over the outputs), ``"diagonal"`` [N1, N2, O]; a scalar
-output per sample gives [N1, N2] in every layout. The kernel is always that of
+output per sample is O = 1 (as tk.gram counts a [B] output). The kernel is always that of
 ``fnet_single`` itself. When ``fnet_single`` closes over (or reads as a global) the one
 ``nn.Module`` whose parameters ``params`` names and is shown to be that module's forward
 on x1 and x2 (the same outputs and Jacobians), as the tutorial's is, the kernel is
