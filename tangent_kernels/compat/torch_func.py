@@ -13,12 +13,15 @@ After::
     from tangent_kernels.compat.torch_func import empirical_ntk_jacobian_contraction
 
 (the same lines). Layouts as in the tutorial: ``compute="full"`` [N1, N2, O, O],
-``"trace"`` [N1, N2] (a sum over the outputs), ``"diagonal"`` [N1, N2, O]. When
-``fnet_single`` closes over (or reads as a global) the one ``nn.Module`` whose parameters
-``params`` names, as the tutorial's does, the kernel is computed by ``tk.gram`` on that
-module at ``params`` (the caller's module is not touched); otherwise by the tutorial's
-own torch.func computation (exact, not faster). ``empirical_ntk(net, x1, x2, compute)``
-is the same on a module directly.
+``"trace"`` [N1, N2] (a sum over the outputs), ``"diagonal"`` [N1, N2, O]; a scalar
+output per sample is O = 1 (as tk.gram counts a [B] output). The kernel is always that of
+``fnet_single`` itself. When ``fnet_single`` closes over (or reads as a global) the one
+``nn.Module`` whose parameters ``params`` names and is shown to be that module's forward
+on x1 and x2 (the same outputs and Jacobians), as the tutorial's is, the kernel is
+computed by ``tk.gram`` on that module at ``params`` (the caller's module is not
+touched); otherwise (a softmax, a scaled input, a selected output...: a warning says
+which) by the tutorial's own torch.func computation on ``fnet_single`` (exact, not
+faster). ``empirical_ntk(net, x1, x2, compute)`` is the same on a module directly.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from ._module import module_at, module_behind
+from ._module import function_kernel, verified_module
 
 __all__ = ["empirical_ntk", "empirical_ntk_jacobian_contraction", "empirical_ntk_ntk_vps"]
 
@@ -56,30 +59,26 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor, compute:
     return engine.gram(model, split(x1), gram_kwargs.pop("idx", None), second, output=compute, **gram_kwargs)
 
 
-def _tutorial(fnet_single, params: Dict[str, torch.Tensor], x1, x2, compute: str) -> torch.Tensor:
-    """The tutorial's Jacobian contraction itself (for a fnet_single whose module is unknown)."""
-    from torch.func import jacrev, vmap
-
-    def jacobians(x):
-        jac = vmap(jacrev(fnet_single), (None, 0))(params, x)
-        return [j.flatten(2) for j in jac.values()]
-
-    equation = {"full": "Naf,Mbf->NMab", "trace": "Naf,Maf->NM", "diagonal": "Naf,Maf->NMa"}[compute]
-    return sum(torch.einsum(equation, j1, j2) for j1, j2 in zip(jacobians(x1), jacobians(x2)))
+def _kernel(fnet_single, params: Dict[str, torch.Tensor], x1: torch.Tensor, x2: torch.Tensor,
+            compute: str) -> torch.Tensor:
+    """The kernel of fnet_single: tk.gram on the module behind it when it is shown to be
+    that module's forward, else torch.func on fnet_single itself."""
+    _check_compute(compute)
+    inputs = [x1] if x2 is x1 else [x1, x2]
+    module = verified_module(fnet_single, params, inputs, per_sample=True, name="fnet_single", stacklevel=4)
+    if module is None:
+        return function_kernel(fnet_single, params, x1, x2, compute, per_sample=True, name="fnet_single")[0]
+    return empirical_ntk(module, x1, x2, compute)
 
 
 def empirical_ntk_jacobian_contraction(fnet_single, params: Dict[str, torch.Tensor], x1: torch.Tensor,
                                        x2: torch.Tensor, compute: str = "full") -> torch.Tensor:
     """The tutorial's ``empirical_ntk_jacobian_contraction``, same signature and layout."""
-    _check_compute(compute)
-    module = module_behind(fnet_single, params)
-    if module is None:
-        return _tutorial(fnet_single, params, x1, x2, compute)
-    return empirical_ntk(module_at(module, params), x1, x2, compute)
+    return _kernel(fnet_single, params, x1, x2, compute)
 
 
 def empirical_ntk_ntk_vps(func, params: Dict[str, torch.Tensor], x1: torch.Tensor, x2: torch.Tensor,
                           compute: str = "full") -> torch.Tensor:
     """The tutorial's ``empirical_ntk_ntk_vps`` (NTK-vector products), same signature and
     layout; the same kernel, computed as ``empirical_ntk_jacobian_contraction`` does."""
-    return empirical_ntk_jacobian_contraction(func, params, x1, x2, compute)
+    return _kernel(func, params, x1, x2, compute)
