@@ -306,7 +306,7 @@ class _PSDJudge:
 
     A Ritz value of the space is only a suspicion: the space is drawn to K's small end, so
     its largest Ritz value says nothing of ||K|| (a float32 F F^T of rank 20 at n = 300 was
-    refused at -4e-6 against a "largest" of 4e-7, with lambda_max = 459), and float32
+    refused at -1e-6 against a "largest" of 3.9e-7, with lambda_max = 325), and float32
     products K V carry errors ~ eps ||K||. A suspicion is decided by the Rayleigh quotient
     of its Ritz vector on K in float64 (an upper bound on K's smallest eigenvalue) against
     K's largest eigenvalue estimated by subspace iteration, with ``_rounding_allowance``
