@@ -116,9 +116,14 @@ def check_model_runs(model, x, what: str) -> None:
     reported as a problem with the data (one line) rather than deep inside gram()."""
     import torch
 
+    probe = x[:1]
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if probe.is_floating_point() and len(dtypes) == 1:
+        # Only shapes are in question: precision='fp64' runs a float32 model in float64.
+        probe = probe.to(dtypes.pop())
     try:
         with torch.no_grad():
-            model(x[:1])
+            model(probe)
     except Exception as error:  # whatever the model raises; --debug shows its traceback as the cause
         raise CommandError(f"{what}: the model cannot run on samples of shape {tuple(x.shape[1:])} and "
                            f"dtype {str(x.dtype).replace('torch.', '')}: {_one_line(error)}") from error
@@ -146,9 +151,19 @@ def load_array(path: str, what: str):
             raise CommandError(f"{what}: {path} must hold a single tensor; got {type(tensor).__name__}")
     else:
         raise CommandError(f"{what}: {path} must be a .npy or .pt file")
-    if tensor.is_floating_point() and tensor.dtype == torch.float64:
-        tensor = tensor.float()  # models take float32; precision= decides the arithmetic
-    return tensor
+    return tensor  # as stored: a float64 K or target is not rounded to float32 on its way in
+
+
+def model_inputs(x, precision: str):
+    """Data for the model under ``precision``: floating-point data in the dtype the engine
+    computes in, float64 for 'fp64' (rounding float64 data to float32 first would lose what
+    fp64 is for) and float32 for the others, whose models and gradients are float32. Both
+    loaders of a cross kernel thus agree in dtype; integer data (token ids) is left alone."""
+    from .precisions import PRECISIONS
+
+    if x.is_floating_point() and precision in PRECISIONS:
+        return x.to(PRECISIONS[precision].compute)
+    return x
 
 
 def load_kernel(path: str, what: str):
@@ -200,8 +215,8 @@ def _model_data_idx(args: argparse.Namespace):
     if args.batch_size < 1:
         raise CommandError(f"--batch-size must be >= 1; got {args.batch_size}")
     model = load_model(args.model, args.weights)
-    x = load_array(args.data, "--data")
-    x2 = load_array(args.data2, "--data2") if getattr(args, "data2", None) else None
+    x = model_inputs(load_array(args.data, "--data"), args.precision)
+    x2 = model_inputs(load_array(args.data2, "--data2"), args.precision) if getattr(args, "data2", None) else None
     check_model_runs(model, x, "--data")
     if x2 is not None:
         check_model_runs(model, x2, "--data2")
@@ -235,6 +250,26 @@ def _check_writable(path: str, what: str, suffixes=None) -> None:
         raise CommandError(f"{what} {path}: not writable")
 
 
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)  # links (symbolic or hard) and relative paths alike
+    except OSError:  # one of them does not exist (yet): compare where they resolve to
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _refuse_overwrites(outputs, inputs) -> None:
+    """Before any work: no output (option, path) names an input's file or another output's,
+    so that neither the user's data nor one result is overwritten by another."""
+    outputs = [(what, path) for what, path in outputs if path]
+    for i, (what, path) in enumerate(outputs):
+        others = [(other, other_path, "that input") for other, other_path in inputs if other_path]
+        others += [(other, other_path, "the other output") for other, other_path in outputs[i + 1:]]
+        for other, other_path, role in others:
+            if _same_file(path, other_path):
+                raise CommandError(f"{what} {path} is the same file as {other} {other_path}: writing there would "
+                                   f"overwrite {role}; give {what} another path")
+
+
 def _coverage(args: argparse.Namespace) -> int:
     from .persample.coverage import coverage
 
@@ -251,6 +286,8 @@ def _gram(args: argparse.Namespace) -> int:
 
     from .distributed.launch import torchrun_session
 
+    _refuse_overwrites([("--out", args.out)], [("--data", args.data), ("--data2", args.data2),
+                                                ("--weights", args.weights), ("--idx", args.idx)])
     _check_writable(args.out, "--out", _K_SUFFIXES)
     session = torchrun_session(args.device)  # None unless torchrun started several ranks
     if args.shards and (session is None or not args.out.endswith(".safetensors")):
@@ -312,6 +349,10 @@ def _solve(args: argparse.Namespace) -> int:
 
     from .solvers import ConvergenceWarning, KernelRidge
 
+    _refuse_overwrites([("--coef", args.coef), ("--json", args.json)],
+                       [("--gram", args.gram), ("--labels", args.labels), ("--val-gram", args.val_gram),
+                        ("--val-labels", args.val_labels), ("--test-gram", args.test_gram),
+                        ("--test-labels", args.test_labels)])
     for path, what in ((args.coef, "--coef"), (args.json, "--json")):
         if path:
             _check_writable(path, what)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -127,6 +128,7 @@ def _blocked_gram(first: FeatureStore, second: FeatureStore, symmetric: bool, k_
                 torch.cuda.empty_cache()
             _log.info("out of memory in the Gram phase: tiles of %d rows now", tile_rows)
             continue
+        _check_finite_rows(k, i0, i1, i1 if symmetric else n2)
         if ckpt is not None:
             ckpt.record_k_rows(i0, k[i0:i1], tile_rows)
         events("gram", None, i1, n1, resumed=False)
@@ -134,6 +136,29 @@ def _blocked_gram(first: FeatureStore, second: FeatureStore, symmetric: bool, k_
     if symmetric:
         _mirror_lower(k)
     return k
+
+
+def _check_finite_rows(k: torch.Tensor, i0: int, i1: int, cols: int) -> None:
+    """K's finished rows [i0, i1) (columns < cols) are finite, before they are checkpointed.
+
+    Finite features can still have products beyond K's dtype (a model whose outputs are
+    ~1e20: its features are finite in float32, K's entries ~1e40 are not), and that inf
+    would reach the user as K. One aminmax pass: inf and nan propagate into it."""
+    block = k[i0:i1, :cols]
+    if not block.numel():
+        return
+    low, high = torch.aminmax(block)
+    if math.isfinite(float(low)) and math.isfinite(float(high)):
+        return
+    scale = "scale the model's outputs down (K scales with their square)"
+    fix = scale if k.dtype == torch.float64 else (
+        f"use precision='fp64' (K in float64, up to 1.8e308; 'fp32', 'tf32', 'bf16' and 'fp16' all accumulate "
+        f"K in float32) or {scale}")
+    raise ValueError(
+        f"K is not finite: rows {i0}..{i1 - 1} hold inf or nan after accumulating the per-sample gradients' "
+        f"products in {str(k.dtype).replace('torch.', '')} (largest finite value {torch.finfo(k.dtype).max:.3g}); "
+        f"the gradients themselves were finite, their products overflow: {fix}"
+    )
 
 
 def _row_block(k: torch.Tensor, first: FeatureStore, second: FeatureStore, i0: int, i1: int, tile_rows: int,

@@ -61,7 +61,7 @@ def test_gram_cross_kernel_from_a_module_path_and_pt_data(workdir):
     assert main(["gram", "--model", "factory:instance", "--data", "Xv.npy", "--data2", "X.pt",
                  "--out", "Kv.safetensors", "--no-progress", "--precision", "fp64"]) == 0
     K, _ = tk.load_gram("Kv.safetensors")
-    x, xv = torch.from_numpy(np.load("X.npy")).float(), torch.from_numpy(np.load("Xv.npy")).float()
+    x, xv = torch.load("X.pt"), torch.from_numpy(np.load("Xv.npy"))  # float32 and float64 data, as given
     ref = tk.reference.gram_autograd(_model(), [xv], None, [x])
     assert K.dtype == torch.float64 and K.shape == (20, 40)
     assert float((K - ref).norm() / ref.norm()) <= 1e-10  # fp64 (see test_gram.py)
@@ -122,9 +122,86 @@ def test_gram_loads_weights(workdir):
     assert main(["gram", "--model", "factory.py:make", "--weights", "w.pt", "--data", "X.npy", "--precision", "fp64",
                  "--out", "K.safetensors", "--no-progress"]) == 0
     K, meta = tk.load_gram("K.safetensors")
-    ref = tk.reference.gram_autograd(trained, [torch.from_numpy(np.load("X.npy")).float()])
+    ref = tk.reference.gram_autograd(trained, [torch.from_numpy(np.load("X.npy"))])
     assert meta["weights"] == "w.pt"
     assert float((K - ref).norm() / ref.norm()) <= 1e-10  # fp64 against the fp64 reference (see test_gram.py)
+
+
+@pytest.mark.parametrize("command", ["gram", "coverage"])
+def test_fp64_keeps_float64_data_float64(workdir, capsys, command):
+    x = torch.from_numpy(np.load("X.npy"))
+    assert x.dtype == torch.float64 and not torch.equal(x.float().double(), x)  # not representable in float32
+    if command == "coverage":  # the same loading: float64 data runs (a float32 model in float64)
+        assert main(["coverage", "--model", "factory.py:make", "--data", "X.npy", "--precision", "fp64"]) == 0
+        assert "0.weight" in capsys.readouterr().out
+        return
+    assert main(["gram", "--model", "factory.py:make", "--data", "X.npy", "--precision", "fp64",
+                 "--out", "K.safetensors", "--no-progress"]) == 0
+    K, _ = tk.load_gram("K.safetensors")
+    ref = tk.reference.gram_autograd(_model(), [x])
+    assert K.dtype == torch.float64
+    assert float((K - ref).norm() / ref.norm()) <= 1e-12
+    # What rounding the data to float32 first gave: an error float64 does not make.
+    rounded = tk.reference.gram_autograd(_model(), [x.float()])
+    assert float((rounded - ref).norm() / ref.norm()) > 1e-9
+    # The other precisions compute in float32: there the data is rounded, as the model's weights are.
+    assert main(["gram", "--model", "factory.py:make", "--data", "X.npy", "--out", "K32.safetensors",
+                 "--no-progress"]) == 0
+    assert torch.equal(tk.load_gram("K32.safetensors")[0], tk.gram(_model(), [x.float()], progress=False))
+
+
+def test_solve_keeps_a_float64_K_float64(workdir):
+    g = torch.Generator().manual_seed(0)
+    F = torch.randn(40, 60, generator=g, dtype=torch.float64)
+    np.save("K64.npy", (F @ F.T).numpy())
+    t = torch.randn(40, generator=g, dtype=torch.float64)
+    np.save("t.npy", t.numpy())
+    assert main(["solve", "--gram", "K64.npy", "--labels", "t.npy", "--betas", "0.1", "--solver", "cholesky",
+                 "--coef", "alpha.pt", "--no-progress"]) == 0
+    alpha = torch.load("alpha.pt")
+    expected = torch.linalg.solve(F @ F.T + 0.1 * torch.eye(40, dtype=torch.float64), t[:, None])
+    assert alpha.dtype == torch.float64
+    torch.testing.assert_close(alpha.reshape(-1), expected.reshape(-1), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["gram", "--model", "factory.py:make", "--data", "X.npy", "--out", "X.npy"],
+     "--out X.npy is the same file as --data X.npy: writing there would overwrite that input"),
+    (["gram", "--model", "factory.py:make", "--data", "X.npy", "--out", "./sub/../X.npy"],
+     "--out ./sub/../X.npy is the same file as --data X.npy"),
+    (["gram", "--model", "factory.py:make", "--data", "X.npy", "--out", "link.npy"],
+     "--out link.npy is the same file as --data X.npy"),
+    (["gram", "--model", "factory.py:make", "--data", "Xv.npy", "--data2", "ABS/X.npy", "--out", "X.npy"],
+     "--out X.npy is the same file as --data2"),
+    (["gram", "--model", "factory.py:make", "--data", "X.npy", "--weights", "w.pt", "--out", "w.pt"],
+     "--out w.pt is the same file as --weights w.pt"),
+    (["gram", "--model", "factory.py:make", "--data", "X.npy", "--idx", "i.pt", "--out", "i.pt"],
+     "--out i.pt is the same file as --idx i.pt"),
+    (["solve", "--gram", "K.pt", "--labels", "y.npy", "--coef", "K.pt"],
+     "--coef K.pt is the same file as --gram K.pt: writing there would overwrite that input"),
+    (["solve", "--gram", "K.pt", "--labels", "y.npy", "--coef", "link.npy", "--json", "r.json"],
+     "--coef link.npy is the same file as --labels"),
+    (["solve", "--gram", "K.pt", "--labels", "y.npy", "--val-gram", "Kv.pt", "--val-labels", "yv.npy",
+      "--json", "Kv.pt"], "--json Kv.pt is the same file as --val-gram Kv.pt"),
+    (["solve", "--gram", "K.pt", "--labels", "y.npy", "--coef", "out.pt", "--json", "./out.pt"],
+     "--coef out.pt is the same file as --json ./out.pt: writing there would overwrite the other output"),
+])
+def test_outputs_never_overwrite_inputs(workdir, capsys, argv, message):
+    torch.save(_model().state_dict(), "w.pt")
+    torch.save(torch.tensor([0, 3, 7]), "i.pt")
+    torch.save(torch.eye(40), "K.pt")
+    torch.save(torch.ones(20, 40), "Kv.pt")
+    (workdir / "sub").mkdir()
+    target = "y.npy" if argv[0] == "solve" else "X.npy"
+    (workdir / "link.npy").symlink_to(workdir / target)
+    argv = [str(workdir / "X.npy") if a == "ABS/X.npy" else a for a in argv]
+    message = message if "--data2" not in message else "--out X.npy is the same file as --data2 " + str(workdir / "X.npy")
+    before = {f.name: f.read_bytes() for f in workdir.iterdir() if f.is_file()}
+    assert main(argv + ["--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    after = {f.name: f.read_bytes() for f in workdir.iterdir() if f.is_file()}
+    assert after == before  # nothing written, no input touched
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -137,14 +137,28 @@ def test_float32_kernel_iterative_solvers(solver):
 
 
 def test_cholesky_falls_back_to_float64_factors():
-    # cond(K + beta I) = 1e9: the fp32 factorization breaks down, the beta is refactored in
-    # fp64 (bound: cond * eps * n ~ 1e-5); cond 1e5 keeps fp32 factors + refinement.
+    # cond(K + beta I) = 1e9: whether float32 breaks down or refinement stalls there is
+    # rounding's call; either way the beta ends on float64 factors and is accurate (bound:
+    # cond * eps * n ~ 1e-5), and cond 1e5 is accurate to float64's rounding.
     K = spd(60, cond=1e12, seed=31)
     Y = torch.randn(60, 2, generator=torch.Generator().manual_seed(31), dtype=torch.float64)
     alpha, info = solve(K, Y, [1e-9, 1e-5], "cholesky", return_info=True)
-    assert info["factor_dtypes"] == ["float64", "float32"]
+    assert info["factor_dtypes"][0] == "float64"
     assert rel(alpha[0], exact(K, Y, 1e-9)) <= 1e-5
     assert rel(alpha[1], exact(K, Y, 1e-5)) <= 1e-9
+    # The path, forced: J = 1 1^T plus 1e-8 I rounds to J itself in float32 (1 + 1e-8 == 1),
+    # and every step of J's elimination is exact, so the float32 factorization meets a zero
+    # pivot on any machine; float64 holds the 1e-8 (cond 6e9, bound cond * eps * n ~ 1e-4).
+    J = torch.ones(60, 60, dtype=torch.float64)
+    alpha, info = solve(J, Y, 1e-8, "cholesky", return_info=True)
+    assert info["factor_dtypes"] == ["float64"]
+    assert rel(alpha, exact(J, Y, 1e-8)) <= 1e-4
+    # And where float32 provably factors (Demmel: 20 n^1.5 eps32 cond < 1 at cond 100), it
+    # keeps its float32 factor, refined to float64's accuracy.
+    K = spd(60, cond=100, seed=32)
+    alpha, info = solve(K, Y, 0.0, "cholesky", return_info=True)
+    assert info["factor_dtypes"] == ["float32"]
+    assert rel(alpha, exact(K, Y, 0.0)) <= 1e-13
 
 
 def test_float64_result_from_float32_kernel():
@@ -296,9 +310,15 @@ def test_early_stopping_keeps_best_validation_iterate():
 
 def test_patience_stops_early():
     K, Kv, y, yv = noisy_interpolation_problem(seed=14)
-    kr = KernelRidge(betas=0.0, solver="nesterov", max_iter=3000, patience=5, tol=1e-12).fit(K, y, Kv, yv)
+    kr = KernelRidge(betas=0.0, solver="nesterov", max_iter=3000, eval_every=10, patience=5, tol=1e-12).fit(K, y, Kv, yv)
     h = kr.history_[0]
-    assert kr.n_iter_[0] == h["iteration"][-1] == h["best_iteration"] + 5 * 10
+    # The contract, whichever check rounding makes the best: the run stops at the fifth
+    # check after the best one, none of which improved on it, and keeps the best iterate.
+    best = h["iteration"].index(h["best_iteration"])
+    assert kr.n_iter_[0] == h["iteration"][-1] == h["best_iteration"] + 5 * 10 < 3000
+    assert len(h["iteration"]) == best + 6
+    assert all(loss >= h["val_loss"][best] for loss in h["val_loss"][best + 1:])
+    assert val_mse(Kv, yv, kr.dual_coef_) == pytest.approx(h["val_loss"][best], rel=1e-9)
 
 
 def test_beta_zero_with_early_stopping_on_labels():

@@ -246,6 +246,19 @@ def _check_options(solver: str, max_iter: int, tol: Optional[float], eval_every:
 _NEGATIVE_EIGENVALUE = 1e-2
 
 
+def _rounding_allowance(largest: float, n: int, dtype: torch.dtype) -> float:
+    """How far below zero an eigenvalue of a PSD K of ``n`` rows stored in ``dtype`` may
+    come out: rounding K's entries moves its eigenvalues by up to ~ n eps lambda_max, and
+    never less than ``_NEGATIVE_EIGENVALUE`` lambda_max is allowed (a float32 K cast to
+    float64 keeps float32's rounding)."""
+    return max(_NEGATIVE_EIGENVALUE, n * float(torch.finfo(dtype).eps)) * max(largest, 0.0)
+
+
+def _indefinite(smallest: float, largest: float, n: int, dtype: torch.dtype) -> bool:
+    """K's extreme eigenvalues (estimates from K itself) say K is not PSD beyond rounding."""
+    return largest < 0 or smallest < -_rounding_allowance(largest, n, dtype)
+
+
 def _not_psd(smallest: float, largest: float) -> ValueError:
     return ValueError(
         f"K is not positive semi-definite: its smallest eigenvalue is about {smallest:.3g} (largest "
@@ -255,16 +268,21 @@ def _not_psd(smallest: float, largest: float) -> ValueError:
     )
 
 
-def _check_psd_estimate(K: torch.Tensor, seed: int) -> None:
-    """For the iterative solvers: the extreme eigenvalues by subspace iteration (K and
+def _extreme_eigenvalues(K: torch.Tensor, seed: int) -> Tuple[float, float]:
+    """(smallest, largest) eigenvalue estimates of K by subspace iteration (K and
     lambda_max I - K), which a clearly indefinite K fails at once."""
     gen = _generator(K.device, seed)
     largest = _lambda_max(K, 20, gen)
-    if largest <= 0:
-        return
+    if largest <= 0:  # K = 0, or no positive eigenvalue: a diagonal entry bounds the smallest
+        return min(float(K.diagonal().min()), 0.0), largest
     shifted = largest * torch.eye(K.shape[0], dtype=K.dtype, device=K.device) - K
-    smallest = largest - _lambda_max(shifted, 20, gen)
-    if smallest < -_NEGATIVE_EIGENVALUE * largest:
+    return largest - _lambda_max(shifted, 20, gen), largest
+
+
+def _check_psd_estimate(K: torch.Tensor, seed: int) -> None:
+    """For the iterative solvers: refuse a K whose own spectrum estimate is indefinite."""
+    smallest, largest = _extreme_eigenvalues(K, seed)
+    if _indefinite(smallest, largest, K.shape[0], K.dtype):
         raise _not_psd(smallest, largest)
 
 

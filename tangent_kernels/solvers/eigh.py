@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ._checks import _NEGATIVE_EIGENVALUE, _not_psd
+from ._checks import _indefinite, _not_psd
 from ._common import _Config, _refine, _residual_stats, _Result
 from ._metrics import _new_history, _record
 
@@ -33,7 +33,7 @@ def _eigh(K: torch.Tensor, T: torch.Tensor, betas: List[float], cfg: _Config, cv
     dt = K.dtype
     lam, U = torch.linalg.eigh(K)
     largest = float(lam.max())
-    if float(lam.min()) < -_NEGATIVE_EIGENVALUE * max(largest, 0.0) or largest < 0:
+    if _indefinite(float(lam.min()), largest, n, dt):
         raise _not_psd(float(lam.min()), largest)
     lam = lam.clamp_min(0)
     bt = torch.tensor(betas, dtype=dt, device=K.device)

@@ -37,7 +37,7 @@ from typing import Callable, List, Optional
 
 import torch
 
-from ._checks import _NEGATIVE_EIGENVALUE, _not_psd
+from ._checks import _extreme_eigenvalues, _indefinite, _not_psd, _rounding_allowance
 from ._common import _Config, _Result, _bar, _free_bytes, _matmul_fp64
 from ._metrics import _new_history, _record
 from .cholesky import _cholesky_apply, _Factorizer
@@ -109,6 +109,7 @@ def _krylov(K: torch.Tensor, T: torch.Tensor, betas: List[float], cfg: _Config) 
     centers: List[float] = []
     precisions: List[str] = []
     K64: Optional[torch.Tensor] = K if dt == torch.float64 else None
+    judge = _PSDJudge(K, cfg.seed)
     bar = _bar(cfg.max_iter, "krylov", cfg.progress)
     try:
         for group in _groups(betas):
@@ -125,7 +126,7 @@ def _krylov(K: torch.Tensor, T: torch.Tensor, betas: List[float], cfg: _Config) 
                 if basis_dtype == torch.float64 and K64 is None and dt != torch.float64:
                     K64 = _float64_copy(K)
                 X2, its2, res2, train2 = _solve_group(K if K64 is None or basis_dtype != torch.float64 else K64,
-                                                      T, [gb[i] for i in todo], apply, basis_dtype, cfg, bar)
+                                                      T, [gb[i] for i in todo], apply, basis_dtype, cfg, bar, judge)
                 if basis_dtype != torch.float64:
                     # float32 products K V misjudge residuals near float32's floor in both
                     # directions: every beta's residual is measured again in float64.
@@ -204,7 +205,7 @@ def _preconditioner(factors: _Factorizer, b0: float, factor_dtype: torch.dtype,
 
 def _solve_group(K: torch.Tensor, T: torch.Tensor, betas: List[float],
                  apply: Optional[Callable[[torch.Tensor], torch.Tensor]], bdt: torch.dtype,
-                 cfg: _Config, bar) -> tuple:
+                 cfg: _Config, bar, judge: "_PSDJudge") -> tuple:
     """The shared space for one group of betas -> (X [a, n, m] fp64, steps, relative
     residuals, train MSE of K x against T), per beta at its best step."""
     n, m = T.shape
@@ -264,10 +265,10 @@ def _solve_group(K: torch.Tensor, T: torch.Tensor, betas: List[float],
         H0 = (VW + VW.T) / 2  # V^T K V; V^T V = I to the basis dtype's rounding
         # Ritz values of K lie inside its spectrum, and this space is drawn toward the small
         # end of K + b0 I (where negative eigenvalues of a non-Gram K are): a clearly
-        # negative one proves K is not PSD, at the price of a c x c eigvalsh.
+        # negative one is a reason to ask K itself, at the price of a c x c eigvalsh.
         ritz = torch.linalg.eigvalsh(H0)
-        if float(ritz[0]) < -_NEGATIVE_EIGENVALUE * max(float(ritz[-1]), 0.0) or float(ritz[-1]) < 0:
-            raise _not_psd(float(ritz[0]), float(ritz[-1]))
+        if judge.suspects(float(ritz[0]), float(ritz[-1])):
+            judge.check(V_all.double() @ torch.linalg.eigh(H0).eigenvectors[:, :1])
         eye = torch.eye(c, dtype=torch.float64, device=dev)
         V64, WY = V_all.double(), W_all.double()
         for i in list(active):
@@ -298,3 +299,35 @@ def _solve_group(K: torch.Tensor, T: torch.Tensor, betas: List[float],
             break
         block = precondition(Ws[-1] if apply is None else Q)
     return X, steps, res, train
+
+
+class _PSDJudge:
+    """Whether K is PSD, judged from K's own spectrum, never from a Ritz value alone.
+
+    A Ritz value of the space is only a suspicion: the space is drawn to K's small end, so
+    its largest Ritz value says nothing of ||K|| (a float32 F F^T of rank 20 at n = 300 was
+    refused at -1e-6 against a "largest" of 3.9e-7, with lambda_max = 325), and float32
+    products K V carry errors ~ eps ||K||. A suspicion is decided by the Rayleigh quotient
+    of its Ritz vector on K in float64 (an upper bound on K's smallest eigenvalue) against
+    K's largest eigenvalue estimated by subspace iteration, with ``_rounding_allowance``
+    of K's stored dtype: rounding is never blamed on the user."""
+
+    def __init__(self, K: torch.Tensor, seed: int):
+        self.K, self.seed = K, seed
+        # max K_ii <= lambda_max: a floor under the allowance that costs no product.
+        self.lower = max(float(K.diagonal().max()), 0.0)
+        self.spectrum: Optional[tuple] = None  # (smallest, largest) estimates, on the first suspicion
+
+    def suspects(self, smallest_ritz: float, largest_ritz: float) -> bool:
+        largest = max(self.lower, largest_ritz, self.spectrum[1] if self.spectrum else 0.0)
+        return smallest_ritz < -_rounding_allowance(largest, self.K.shape[0], self.K.dtype)
+
+    def check(self, u: torch.Tensor) -> None:
+        """u [n, 1] float64, a Ritz vector: raise if K's own spectrum is indefinite."""
+        quotient = float((u * _matmul_fp64(self.K, u)).sum() / (u * u).sum())
+        if self.spectrum is None:
+            smallest, largest = _extreme_eigenvalues(self.K, self.seed)
+            self.spectrum = (smallest, max(largest, self.lower))
+        smallest, largest = min(quotient, self.spectrum[0]), self.spectrum[1]
+        if _indefinite(smallest, largest, self.K.shape[0], self.K.dtype):
+            raise _not_psd(smallest, largest)
