@@ -102,6 +102,7 @@ class FeatureExtractor:
         return self.batched.paths if self.batched is not None else {}
 
     def _build(self) -> None:
+        self._truths: Dict[tuple, GenericPath] = {}  # the check's evaluations alone, per output and tensors
         names = set(self.structured_names)
         batched = [piece for piece in self.feature_index.tensor_slices if piece.name not in self.generic_why]
         structured = [piece for piece in self.index.tensor_slices if piece.name in names]
@@ -287,9 +288,11 @@ class FeatureExtractor:
         checked = [piece for piece in self.index.tensor_slices if piece.name not in exact or piece.name in structured]
         sample = batch.alone(row)
         for c in self._checked_outputs():
-            alone = GenericPath(self.model, self.index.layout, checked, self.scalar_outputs[c],
-                                self.dtype, self.device, strategy="loop", state=self.state)
-            grads = alone.sample_gradients(sample)
+            key = (c, tuple(piece.name for piece in checked))
+            if key not in self._truths:  # kept across batches until the paths change (_build)
+                self._truths[key] = GenericPath(self.model, self.index.layout, checked, self.scalar_outputs[c],
+                                                self.dtype, self.device, strategy="loop", state=self.state)
+            grads = self._truths[key].sample_gradients(sample)
             got_row = block[row, c] if self.multi else block[row]
             for piece in featured:
                 grad = grads[piece.name]
