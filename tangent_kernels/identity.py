@@ -202,7 +202,12 @@ class _Walk:
             h.update(f"<seen {seen[id(value)]}>".encode())
             return
         seen[id(value)] = len(seen)
-        if isinstance(value, np.ndarray):
+        if isinstance(value, types.GeneratorType):  # e.g. held by a @contextmanager decorator: code and locals
+            h.update(b"generator")
+            self.code(h, value.gi_code, seen, depth + 1)
+            frame = value.gi_frame
+            self.value(h, dict(frame.f_locals) if frame is not None else None, seen, depth + 1)
+        elif isinstance(value, np.ndarray):
             if value.dtype.hasobject:
                 raise _Undecidable("a numpy array of Python objects")
             h.update(repr((value.shape, value.dtype.str)).encode())
@@ -284,19 +289,21 @@ class _Walk:
     def function(self, h, fn: types.FunctionType, seen, depth: int) -> None:
         h.update(f"function {_name(fn)}".encode())
         self.code(h, fn.__code__, seen, depth + 1)
-        self.value(h, fn.__defaults__ or (), seen, depth + 1)
-        self.value(h, fn.__kwdefaults__ or {}, seen, depth + 1)
-        for cell in fn.__closure__ or ():
-            try:
-                contents = cell.cell_contents
-            except ValueError:  # an empty cell
-                h.update(b"<empty cell>")
-                continue
-            self.value(h, contents, seen, depth + 1)
         scope = fn.__globals__
-        if _is_library(scope.get("__name__")):
+        library = _is_library(scope.get("__name__"))
+        held = [fn.__defaults__ or (), fn.__kwdefaults__ or {}] + [_cell(cell) for cell in fn.__closure__ or ()]
+        for value in held:
+            try:
+                self.value(h, value, seen, depth + 1)
+            except _Undecidable:
+                if not library:
+                    raise
+                # A library's own sentinels and decorator state (a @contextmanager's
+                # generator) are its version's; what a user put there is read above.
+                h.update(f"<{_name(type(value))}>".encode())
+        if library:
             return
-        for name in sorted(_names(fn.__code__)):  # attribute names too: a superset, harmless
+        for name in sorted(_code_names(fn.__code__)):  # attribute names too: a superset, harmless
             if name in scope and not name.startswith("__"):
                 self.global_value(scope, name)
 
@@ -321,16 +328,78 @@ class _Walk:
             self.value(h, value, {}, 0)
 
 
-def _names(code: types.CodeType) -> set:
+def _code_names(code: types.CodeType) -> set:
+    """The names a code object (nested ones included) reads: attributes and globals, and
+    the string constants that look like names (``getattr(self, "scale")``)."""
     names = set(code.co_names)
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
-            names |= _names(const)
+            names |= _code_names(const)
+        elif isinstance(const, str) and const.isidentifier():
+            names.add(const)
+    return names
+
+
+def _functions_of(value) -> List[types.FunctionType]:
+    if isinstance(value, (staticmethod, classmethod, types.MethodType)):
+        value = value.__func__
+    if isinstance(value, property):
+        return [f for f in (value.fget, value.fset) if isinstance(f, types.FunctionType)]
+    if isinstance(value, functools.partial):
+        return _functions_of(value.func)
+    if isinstance(value, types.FunctionType):
+        return [value]
+    call = getattr(type(value), "__call__", None)  # a callable object
+    return [call] if isinstance(call, types.FunctionType) else []
+
+
+def _cell(cell):
+    try:
+        return cell.cell_contents
+    except ValueError:
+        return None
+
+
+def _read_names(model: nn.Module) -> set:
+    """Every attribute name that code reachable from the model's call can read: from
+    ``forward`` and ``__call__``, through the methods of its modules' classes of the names
+    read, instance-level overrides, hooks, and the functions they name as globals (a fixed
+    point; a superset). A module attribute no such code names does not change what the
+    model computes (GPT-2's ``generation_config``, read by ``generate``)."""
+    classes, callables = [], []
+    for module in model.modules():
+        for cls in type(module).__mro__:
+            if cls not in classes:
+                classes.append(cls)
+        state = vars(module)
+        callables += [v for k, v in state.items() if k not in _NOT_ATTRIBUTES and callable(v)]
+        callables += [hook for hooks in _HOOKS for hook in state.get(hooks, {}).values()]
+    names = {"forward", "__call__"}
+    pending = [f for c in callables for f in _functions_of(c)]
+    done, grown = set(), True
+    while grown or pending:
+        grown = False
+        for cls in classes:
+            for name, value in vars(cls).items():
+                if name in names and (cls, name) not in done:
+                    done.add((cls, name))
+                    pending += _functions_of(value)
+        while pending:
+            fn = pending.pop()
+            if fn.__code__ in done:
+                continue
+            done.add(fn.__code__)
+            read = _code_names(fn.__code__)
+            grown |= not read <= names
+            names |= read
+            pending += [g for name in read if name in fn.__globals__ for g in _functions_of(fn.__globals__[name])]
+            pending += [g for cell in fn.__closure__ or () for g in _functions_of(_cell(cell))]
     return names
 
 
 def _model(walk: _Walk, model: nn.Module) -> None:
     tensors: Dict[int, str] = {}
+    read = _read_names(model)
     for path, module in model.named_modules(remove_duplicate=False):
         where = path or "(model)"
         cls = type(module)
@@ -360,7 +429,9 @@ def _model(walk: _Walk, model: nn.Module) -> None:
                 _hooks(walk, f"{where}: {hooks.strip('_').replace('_', ' ')}", state[hooks],
                        [state.get(flag, {}) for flag in _HOOK_FLAGS.get(hooks, ())])
         for name in sorted(state):
-            if name not in _NOT_ATTRIBUTES:
+            # Plain values always (cheap, and a name built at run time reads them too);
+            # objects where some code reachable from the call names them.
+            if name not in _NOT_ATTRIBUTES and (isinstance(state[name], _SIMPLE) or name in read):
                 _attribute(walk, f"{prefix}{name}", state[name])
     from torch.nn.modules import module as torch_module
 

@@ -152,16 +152,36 @@ def test_a_change_undone_resumes(tmp_path):
     assert torch.equal(tk.gram(model, loader, checkpoint=tmp_path, progress=False), base)
 
 
+class Guarded(Scaled):
+    def forward(self, x):
+        with self.guard:  # an object whose state cannot be read, read by forward
+            return super().forward(x)
+
+
 def test_undecidable_model_state_needs_a_checkpoint_key(tmp_path):
-    model, loader = _problem()
-    model.guard = threading.Lock()  # an object whose state cannot be read
+    torch.manual_seed(0)
+    model, loader = Guarded(), _problem()[1]
+    model.guard = threading.Lock()
     base = tk.gram(model, loader, progress=False)
     _interrupted(model, loader, tmp_path)
-    with pytest.raises(CheckpointMismatch, match=r"checkpoint_key=.*guard|guard.*checkpoint_key="):
+    with pytest.raises(CheckpointMismatch, match=r"guard.*checkpoint_key="):
         tk.gram(model, loader, checkpoint=tmp_path, progress=False)
     keyed = tmp_path / "keyed"
     _interrupted(model, loader, keyed, checkpoint_key="run-1")
     assert torch.equal(tk.gram(model, loader, checkpoint=keyed, checkpoint_key="run-1", progress=False), base)
+
+
+def test_an_object_no_code_reads_is_not_part_of_the_computation():
+    """A module attribute holding an object that no code reachable from the model's call
+    names (as GPT-2's generation_config, read by generate()) neither changes K nor needs a
+    key; a plain value is fingerprinted wherever it is."""
+    model, _ = _problem()
+    before = computation_fingerprint(model)
+    model.notes = threading.Lock()
+    model.extra = {"seen": [1, 2]}
+    assert computation_fingerprint(model).digest == before.digest and not computation_fingerprint(model).undecidable
+    model.unused_number = 3
+    assert computation_fingerprint(model).digest != before.digest
 
 
 def test_a_folder_the_library_did_not_write_is_refused_untouched(tmp_path):
