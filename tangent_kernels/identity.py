@@ -91,10 +91,14 @@ class _Undecidable(Exception):
 
 @functools.lru_cache(maxsize=None)
 def _is_library(module_name: Optional[str]) -> bool:
+    """Code of the standard library or an installed package (not the user's)."""
     module = sys.modules.get(module_name or "")
+    if module is None:
+        return False
     path = getattr(module, "__file__", None)
-    if module is None or path is None:  # builtin (sys, _thread), or a name no module has
-        return module is not None
+    if path is None:  # a builtin or frozen module (sys, _thread); a module made at run time is the user's
+        origin = getattr(getattr(module, "__spec__", None), "origin", None)
+        return module_name in sys.builtin_module_names or origin in ("built-in", "frozen")
     return os.path.realpath(path).startswith(_LIBRARY_ROOTS)
 
 
@@ -303,9 +307,16 @@ class _Walk:
                 h.update(f"<{_name(type(value))}>".encode())
         if library:
             return
-        for name in sorted(_code_names(fn.__code__)):  # attribute names too: a superset, harmless
+        names = sorted(_code_names(fn.__code__))  # attribute names too: a superset, harmless
+        for name in names:
             if name in scope and not name.startswith("__"):
                 self.global_value(scope, name)
+                # A user's module read as a global (``helpers.SCALE``): what the code names in it.
+                if isinstance(scope[name], types.ModuleType) and not _is_library(scope[name].__name__):
+                    inner = vars(scope[name])
+                    for attribute in names:
+                        if attribute in inner and not attribute.startswith("__"):
+                            self.global_value(inner, attribute)
 
     def code(self, h, code: types.CodeType, seen, depth: int) -> None:
         h.update(code.co_code)

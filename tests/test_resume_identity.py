@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import types
 
 import pytest
 import torch
@@ -24,6 +25,9 @@ N, BATCH = 14, 4
 SCALE = 1.0  # read by Scaled.forward
 INDEX = 0  # read by _column, the helper of the output callable pick_by_helper
 COLUMNS = [0]  # a global list read by pick_by_list
+helpers = types.ModuleType("tk_resume_helpers")  # a user's module of constants, read as helpers.FACTOR
+helpers.FACTOR = 1.0
+sys.modules[helpers.__name__] = helpers
 
 
 class Scaled(nn.Module):
@@ -35,7 +39,7 @@ class Scaled(nn.Module):
         self.scale = 1.0
 
     def forward(self, x):
-        return self.lin2(self.act(self.lin1(x))) * self.scale * SCALE
+        return self.lin2(self.act(self.lin1(x))) * self.scale * SCALE * helpers.FACTOR
 
 
 def _column(o):
@@ -107,6 +111,7 @@ CHANGES = {
     # name: (what is changed, the output, what the error must name)
     "module attribute": (lambda m, mp: setattr(m, "scale", 2.0), "first", r"scale"),
     "global read by forward": (_set_global("SCALE", 2.0), "first", r"SCALE"),
+    "a user module's global": (lambda m, mp: mp.setattr(helpers, "FACTOR", 2.0), "first", r"tk_resume_helpers\.FACTOR"),
     "forward hook": (lambda m, mp: m.lin1.register_forward_hook(_hook), "first", r"lin1.*hook"),
     "forward pre-hook": (lambda m, mp: m.register_forward_pre_hook(_pre_hook), "first", r"hook"),
     "requires_grad": (lambda m, mp: m.lin2.bias.requires_grad_(False), "first", r"lin2\.bias.*requires_grad"),
