@@ -203,9 +203,9 @@ class _Walk:
             self.code(h, value, seen, depth + 1)
             return
         if id(value) in seen:  # a cycle, or an object met twice in this part
-            h.update(f"<seen {seen[id(value)]}>".encode())
+            h.update(f"<seen {seen[id(value)][0]}>".encode())
             return
-        seen[id(value)] = len(seen)
+        seen[id(value)] = (len(seen), value)  # held: a temporary's id must not be reused within the part
         if isinstance(value, types.GeneratorType):  # e.g. held by a @contextmanager decorator: code and locals
             h.update(b"generator")
             self.code(h, value.gi_code, seen, depth + 1)
@@ -251,6 +251,10 @@ class _Walk:
         be read."""
         cls = type(value)
         opaque = [base for base in cls.__mro__[:-1] if not base.__flags__ & (1 << 9)]  # Py_TPFLAGS_HEAPTYPE
+        if opaque and callable(getattr(value, "__wrapped__", None)):  # functools.lru_cache and the like
+            h.update(f"wrapper {_name(cls)}".encode())
+            self.value(h, value.__wrapped__, seen, depth + 1)
+            return
         if opaque or not (hasattr(value, "__dict__") or hasattr(cls, "__slots__")):
             raise _Undecidable(f"a {_name(cls)} (its state is not Python attributes)")
         h.update(self.klass(cls).encode())
@@ -259,8 +263,12 @@ class _Walk:
             for slot in getattr(base, "__dict__", {}).get("__slots__", ()) if base is not object else ():
                 if slot not in ("__dict__", "__weakref__") and hasattr(value, slot):
                     state[slot] = getattr(value, slot)
-        if isinstance(value, nn.Module):  # a module outside the model: its tensors too
-            state.pop("_state_dict_hooks", None), state.pop("_load_state_dict_pre_hooks", None)
+        if isinstance(value, nn.Module):  # a module outside the model: its tensors too, its hooks in order
+            for hooks in _HOOKS:
+                flags = [state.get(flag, {}) for flag in _HOOK_FLAGS.get(hooks, ())]
+                state[hooks] = [(hook, [handle in flag for flag in flags]) for handle, hook in state[hooks].items()]
+            for name in _NOT_ATTRIBUTES - {"_parameters", "_buffers", "_modules", *_HOOKS}:
+                state.pop(name, None)
         for name in sorted(state):
             h.update(name.encode())
             self.value(h, state[name], seen, depth + 1)

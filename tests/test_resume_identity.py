@@ -240,3 +240,26 @@ def test_the_fingerprint_sees_what_the_issue_lists_without_a_checkpoint():
     # a partial and a bound method of another object carry their arguments and state
     assert computation_fingerprint(model, functools.partial(torch.select, dim=1, index=0)).digest != \
         computation_fingerprint(model, functools.partial(torch.select, dim=1, index=1)).digest
+
+
+def test_a_module_outside_the_model_and_a_cached_function_are_read():
+    """A module the output holds (its weights, its hooks in order, without handle ids) and
+    a functools.lru_cache'd helper (a C wrapper: read through __wrapped__)."""
+    model, _ = _problem()
+    torch.manual_seed(1)
+    head = nn.Linear(3, 1)
+
+    def output(o):
+        return head(o)[:, 0]
+
+    first = computation_fingerprint(model, output)
+    assert not first.undecidable and computation_fingerprint(model, output).digest == first.digest
+    head.register_forward_hook(_hook)
+    assert computation_fingerprint(model, output).digest != first.digest
+
+    @functools.lru_cache(maxsize=None)
+    def column():
+        return 0
+
+    cached = computation_fingerprint(model, lambda o: o[:, column()])
+    assert not cached.undecidable
