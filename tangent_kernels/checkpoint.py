@@ -143,12 +143,14 @@ def differing_parts(first: Optional[Dict[str, str]], second: Optional[Dict[str, 
     return ", ".join(shown) + (f", and {len(keys) - most} more" if len(keys) > most else "")
 
 
-def refuse_foreign(folder: Path) -> None:
+def refuse_foreign(folder: Path, also=None) -> None:
     """A folder holding files this library did not write (no manifest) is someone else's:
-    never written into."""
+    never written into. ``also``: a test of other names the library writes there (the
+    distributed runs' rank folders)."""
     if not folder.is_dir() or (folder / _MANIFEST).exists():
         return
-    foreign = sorted(p.name for p in folder.iterdir() if p.name not in _BEFORE_MANIFEST)
+    foreign = sorted(p.name for p in folder.iterdir()
+                     if p.name not in _BEFORE_MANIFEST and not (also is not None and also(p.name)))
     if foreign:
         raise CheckpointMismatch(
             f"checkpoint folder {folder} holds files not written by tangent_kernels (no {_MANIFEST}; it holds "

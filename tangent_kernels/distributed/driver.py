@@ -28,12 +28,14 @@ import torch
 
 from .. import engine, tiles
 from .. import progress as progress_mod
-from ..checkpoint import Checkpoint, CheckpointMismatch, batch_fingerprint
-from ..data import loader_length, to_inputs
+from ..checkpoint import Checkpoint, CheckpointMismatch, refuse_foreign
+from ..data import loader_length
+from ..identity import computation_fingerprint
 from ..outputs import is_multi
 from ..store import FeatureStore, check_max_memory, check_store
 from .exchange import Comm
-from .schedule import RankBatches, Task, count_batches, cross_tasks, ring_steps, split_batches, symmetric_tasks
+from .schedule import (RankBatches, Task, batch_fingerprints, count_batches, cross_tasks, ring_steps, split_batches,
+                       symmetric_tasks)
 from .shard import KShard
 
 __all__ = ["gram", "GATHERS", "EXCHANGES"]
@@ -141,7 +143,8 @@ class _Plan:
         self.parts = dict(self.identity.get("parts") or {})
         self.record = {key: value for key, value in self.identity.items() if key != "parts"}
         self.record.update(world_size=comm.world, shard=shard, gather=gather, exchange=exchange,
-                           checkpoint=checkpoint is not None, inputs=_inputs_fingerprint(inputs))
+                           checkpoint=checkpoint is not None,
+                           inputs=None if inputs is None else computation_fingerprint(None, inputs).digest)
         self.loaders = [self._share(loader, "loader")] + ([] if self.symmetric else [self._share(loader2, "loader2")])
         self.record["batches"] = None if shard else [n for _, n, _ in self.loaders]
 
@@ -162,7 +165,7 @@ class _Plan:
         # Every batch, hashed: the ranks compare them before any work, and each rank checks
         # that the batches it then computes are these (a loader that shuffles per rank,
         # or at every pass, would give each rank other samples).
-        expected = _batch_fingerprints(loader, self.inputs, name, n_batches, rank)
+        expected = batch_fingerprints(loader, self.inputs, name, n_batches, rank)
         self.record[f"data ({name})"] = hashlib.blake2b("".join(expected).encode(), digest_size=16).hexdigest()
         self.parts[f"data ({name})"] = {f"batch {b}": f"#{fp[:12]}" for b, fp in enumerate(expected)}
         start, stop = split_batches(n_batches, world)[rank]
@@ -223,14 +226,7 @@ class _Plan:
                 f"Relaunch with {others[0]} ranks (torchrun --nproc-per-node={others[0]}) to resume, or delete the "
                 "folder to start over"
             )
-        if folder.is_dir():  # the rank folders' parent: anything else in it is not this library's
-            foreign = sorted(p.name for p in folder.iterdir() if not re.fullmatch(r"rank-\d+-of-\d+", p.name))
-            if foreign:
-                raise CheckpointMismatch(
-                    f"checkpoint folder {folder} holds files not written by tangent_kernels ({', '.join(foreign[:5])}"
-                    f"{', ...' if len(foreign) > 5 else ''}): it is not a checkpoint and is left untouched. Give a "
-                    "new or empty folder"
-                )
+        refuse_foreign(folder, also=lambda name: re.fullmatch(r"rank-\d+-of-\d+", name) is not None)
         identity = dict(self.identity, rank=rank, world_size=world, shard=self.shard)
         # Checkpoint refuses a resume whose computation is partly undecidable without checkpoint_key=.
         return Checkpoint(folder / f"rank-{rank}-of-{world}", identity)
@@ -391,24 +387,6 @@ class _Plan:
         with comm.phase(f"gather K ({self.gather})"):
             k = comm.gather_row_shards(rows.to(comm.device), row_sizes, None if self.gather == "all" else 0)
         return None if k is None else k.to(self.device)
-
-
-def _inputs_fingerprint(inputs) -> Optional[str]:
-    from ..identity import computation_fingerprint
-
-    return None if inputs is None else computation_fingerprint(None, inputs).digest
-
-
-def _batch_fingerprints(loader, inputs, name: str, announced: int, rank: int) -> List[str]:
-    """A hash of every batch of ``loader`` as the model sees it (after ``inputs=``)."""
-    fingerprints = [batch_fingerprint(to_inputs(batch, inputs)) for batch in loader]
-    if len(fingerprints) != announced:
-        raise ValueError(
-            f"rank {rank}: the {name} yields {len(fingerprints)} batches but announced {announced} (len()): every "
-            "rank assigns batches by that number, so it must be exact (an IterableDataset's len() often is not). "
-            "Fix the loader's len(), or give each rank its own share with shard=True"
-        )
-    return fingerprints
 
 
 def _announced(loader) -> Optional[int]:

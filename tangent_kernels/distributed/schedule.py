@@ -26,7 +26,7 @@ from typing import List, Optional, Sequence, Tuple
 from ..checkpoint import batch_fingerprint
 from ..data import to_inputs
 
-__all__ = ["Task", "split_batches", "symmetric_tasks", "cross_tasks", "ring_steps", "work", "split_rows"]
+__all__ = ["Task", "batch_fingerprints", "split_batches", "symmetric_tasks", "cross_tasks", "ring_steps", "work", "split_rows"]
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,18 @@ def count_batches(loader, rank: int) -> int:
             f"position and needs their number up front, but this {type(loader).__name__} has no len(). Pass a "
             "DataLoader or a list of batches, or give each rank its own share with shard=True"
         ) from None
+
+
+def batch_fingerprints(loader, inputs, name: str, announced: int, rank: int) -> List[str]:
+    """A hash of every batch of ``loader`` as the model sees it (after ``inputs=``)."""
+    fingerprints = [batch_fingerprint(to_inputs(batch, inputs)) for batch in loader]
+    if len(fingerprints) != announced:
+        raise ValueError(
+            f"rank {rank}: the {name} yields {len(fingerprints)} batches but announced {announced} (len()): every "
+            "rank assigns batches by that number, so it must be exact (an IterableDataset's len() often is not). "
+            "Fix the loader's len(), or give each rank its own share with shard=True"
+        )
+    return fingerprints
 
 
 class RankBatches:
