@@ -138,6 +138,9 @@ class _Walk:
         except _Undecidable as why:
             self.undecidable.append(f"{key} ({why})")
             h.update(b"<undecidable>")
+        except Exception as error:  # an object that cannot be read (a proxy, a property that raises)
+            self.undecidable.append(f"{key} (reading it raised {type(error).__name__})")
+            h.update(b"<undecidable>")
         digest = h.hexdigest()
         self.full[key] = digest
         self.parts[key] = _shown(value, digest)
