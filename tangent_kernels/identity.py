@@ -115,7 +115,8 @@ def _shown(value, digest: str) -> str:
         return f"#{digest[:12]}"
     if isinstance(value, (bool, int, float, type(None))) or (isinstance(value, str) and len(value) <= 60):
         return repr(value)
-    if isinstance(value, tuple) and all(isinstance(v, (bool, int, float, type(None))) for v in value) and len(value) <= 8:
+    if isinstance(value, (tuple, list)) and len(value) <= 8 and all(isinstance(v, (bool, int, float, type(None)))
+                                                                    for v in value):
         return repr(value)
     return f"#{digest[:12]}"
 
