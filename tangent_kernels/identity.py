@@ -122,8 +122,9 @@ def _shown(value, digest: str) -> str:
 
 
 class _Walk:
-    def __init__(self, named: Dict[int, str]):
+    def __init__(self, named: Dict[int, str], read: set):
         self.named = named  # id -> name of the model's modules and tensors (kept alive by the model)
+        self.read = read  # every name code reachable from the call reads (_read_names)
         self.parts: Dict[str, str] = {}
         self.full: Dict[str, str] = {}
         self.owners: Dict[str, Any] = {}  # part key -> its object
@@ -347,6 +348,8 @@ class _Walk:
             value = vars(cls)[name]
             if library and not isinstance(value, _SIMPLE + (types.FunctionType, staticmethod, classmethod, property)):
                 continue  # a library class's other attributes are its version's, whose code is hashed
+            if library and not (name.startswith("__") or name in self.read):
+                continue  # not called: e.g. nn.Module.smart_apply, which importing transformers adds
             h.update(name.encode())
             self.value(h, value, {}, 0)
 
@@ -383,14 +386,16 @@ def _cell(cell):
         return None
 
 
-def _read_names(model: nn.Module) -> set:
-    """Every attribute name that code reachable from the model's call can read: from
-    ``forward`` and ``__call__``, through the methods of its modules' classes of the names
-    read, instance-level overrides, hooks, and the functions they name as globals (a fixed
-    point; a superset). A module attribute no such code names does not change what the
-    model computes (GPT-2's ``generation_config``, read by ``generate``)."""
-    classes, callables = [], []
-    for module in model.modules():
+def _read_names(model: Optional[nn.Module], roots=()) -> set:
+    """Every attribute name that code reachable from the model's call (and from ``roots``,
+    e.g. the output) can read: from ``forward`` and ``__call__``, through the methods of its
+    modules' classes of the names read, instance-level overrides, hooks, and the functions
+    they name as globals (a fixed point; a superset). A module attribute, or a library
+    class's method, no such code names does not change what is computed (GPT-2's
+    ``generation_config``, read by ``generate``; ``nn.Module.smart_apply``, which importing
+    transformers adds)."""
+    classes, callables = [], list(roots)
+    for module in model.modules() if model is not None else ():
         for cls in type(module).__mro__:
             if cls not in classes:
                 classes.append(cls)
@@ -422,7 +427,7 @@ def _read_names(model: nn.Module) -> set:
 
 def _model(walk: _Walk, model: nn.Module) -> None:
     tensors: Dict[int, str] = {}
-    read = _read_names(model)
+    read = walk.read
     for path, module in model.named_modules(remove_duplicate=False):
         where = path or "(model)"
         cls = type(module)
@@ -492,7 +497,7 @@ def computation_fingerprint(model: Optional[nn.Module] = None, *callables) -> Fi
     """Everything reachable from ``model`` (structure, attributes, hooks, requires_grad,
     the code and globals of its classes) and from ``callables`` (e.g. the output), except
     the values of its weights and buffers (``checkpoint.model_fingerprint``)."""
-    walk = _Walk(_named(model))
+    walk = _Walk(_named(model), _read_names(model, callables))
     if model is not None:
         _model(walk, model)
     for n, fn in enumerate(callables):

@@ -286,3 +286,15 @@ def test_the_fingerprint_of_real_models_is_cheap_and_decided():
         assert time.perf_counter() - start < 1.0
         assert not fingerprint.undecidable, fingerprint.undecidable
         assert computation_fingerprint(model).digest == fingerprint.digest
+
+
+def test_what_a_library_adds_to_its_classes_counts_only_where_called(monkeypatch):
+    """Importing transformers adds nn.Module.smart_apply: a model that never calls it is the
+    same computation with or without it; replacing a method the model calls is not."""
+    model, _ = _problem()
+    before = computation_fingerprint(model).digest
+    monkeypatch.setattr(nn.Module, "added_by_a_library", lambda self: None, raising=False)
+    assert computation_fingerprint(model).digest == before
+    original = nn.Linear.forward
+    monkeypatch.setattr(nn.Linear, "forward", lambda self, x: original(self, x) * 2)
+    assert computation_fingerprint(model).digest != before
