@@ -1,8 +1,11 @@
 """Resumable Gram computations: ``gram(..., checkpoint="dir")``.
 
 The folder holds
-- ``manifest.json``: what the run is (a hash of the model's weights and of its
-  structure, of ``idx``, the output, precision, backend, loaders), the per-batch input
+- ``identity.json``: the itemized fingerprint of the computation (``identity.py``: every
+  module attribute, hook, ``requires_grad``, class and global reached), written once, read
+  only to name what differs when a resume is refused;
+- ``manifest.json``: what the run is (a hash of the model's weights and of everything
+  else that decides what it computes, of ``idx``, the output, precision, backend, loaders), the per-batch input
   fingerprints (a hash of every byte), row counts and data checksums of each finished
   loader batch, and how many rows of K are finished with the checksum of each block;
 - ``.lock``: held (an OS file lock) by the one run that owns the folder; the OS
@@ -10,6 +13,9 @@ The folder holds
 - ``<loader>.features`` / ``<loader>.scales``: the stored feature rows, appended batch
   by batch (raw bytes in the store dtype; fp32 scales for fp16);
 - ``K.bin``: K's finished rows (raw, row-major, K's dtype).
+
+A folder that exists, holds anything, and has no manifest was not written by this
+library: it is refused, never written into.
 
 Every update is ordered so that a crash at any instant leaves a consistent folder:
 data is appended and fsynced first, then the manifest is replaced atomically
@@ -35,12 +41,16 @@ from torch import nn
 from .data import ModelInputs
 
 __all__ = ["Checkpoint", "CheckpointCorrupt", "CheckpointInUse", "CheckpointMismatch", "model_fingerprint",
-           "tensor_fingerprint", "batch_fingerprint"]
+           "tensor_fingerprint", "batch_fingerprint", "differing_parts", "refuse_foreign"]
 
 _MANIFEST = "manifest.json"
+_PARTS = "identity.json"
 _LOCK = ".lock"
+# What a start leaves before the manifest exists (the lock, the parts, their temporaries).
+_BEFORE_MANIFEST = {_LOCK, _PARTS, f".{_PARTS}.tmp", f".{_MANIFEST}.tmp"}
 # 2: checksums of every data block, full batch fingerprints, the model's structure.
-_VERSION = 2
+# 3: the computation's fingerprint covers everything reachable (identity.py), itemized.
+_VERSION = 3
 
 
 class CheckpointMismatch(ValueError):
@@ -121,6 +131,34 @@ def batch_fingerprint(batch: ModelInputs) -> str:
     return h.hexdigest()
 
 
+def differing_parts(first: Optional[Dict[str, str]], second: Optional[Dict[str, str]], first_has: str,
+                    second_has: str, most: int = 8) -> str:
+    """The items of two itemized fingerprints (identity.Fingerprint.parts) that differ, as
+    'act.approximate: checkpoint has 'none', this call 'tanh''; '' when either is missing."""
+    if not isinstance(first, dict) or not isinstance(second, dict):
+        return ""
+    keys = [key for key in sorted(set(first) | set(second)) if first.get(key) != second.get(key)]
+    shown = [f"{key}: {first_has} {first.get(key, '(nothing)')}, {second_has} {second.get(key, '(nothing)')}"
+             for key in keys[:most]]
+    return ", ".join(shown) + (f", and {len(keys) - most} more" if len(keys) > most else "")
+
+
+def refuse_foreign(folder: Path, also=None) -> None:
+    """A folder holding files this library did not write (no manifest) is someone else's:
+    never written into. ``also``: a test of other names the library writes there (the
+    distributed runs' rank folders)."""
+    if not folder.is_dir() or (folder / _MANIFEST).exists():
+        return
+    foreign = sorted(p.name for p in folder.iterdir()
+                     if p.name not in _BEFORE_MANIFEST and not (also is not None and also(p.name)))
+    if foreign:
+        raise CheckpointMismatch(
+            f"checkpoint folder {folder} holds files not written by tangent_kernels (no {_MANIFEST}; it holds "
+            f"{', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}): it is not a checkpoint and is left "
+            "untouched. Give a new or empty folder"
+        )
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as handle:
@@ -191,20 +229,27 @@ class Checkpoint:
             raise ValueError("checkpoint='' is not a folder: give a folder path (it is created if missing), "
                              "or checkpoint=None for no checkpoint")
         self.folder = Path(folder)
+        self._lock_fd = None
         if self.folder.exists() and not self.folder.is_dir():
             raise ValueError(f"checkpoint={str(folder)!r} is a file; give a folder path (it is created if missing)")
+        refuse_foreign(self.folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self._lock_fd = _lock(self.folder)
         try:
+            # ``parts`` (per key of the identity: where -> shown value) only names what differs.
             self.identity = identity
+            self.parts = identity.get("parts") or {}
+            recorded_identity = {key: value for key, value in identity.items() if key != "parts"}
             manifest_path = self.folder / _MANIFEST
             if manifest_path.exists():
                 self.manifest = self._read_manifest(manifest_path)
-                self._check_identity(self.manifest.get("identity", {}))
+                self._check_identity(self.manifest.get("identity", {}), recorded_identity)
+                self._check_decidable(recorded_identity)
                 self.resumed = True
             else:
-                self.manifest = {"version": _VERSION, "identity": identity, "loaders": {}, "k_rows_done": 0,
-                                 "k_shape": None, "k_blocks": []}
+                _write_atomic(self.folder / _PARTS, json.dumps(self.parts, indent=1, sort_keys=True))
+                self.manifest = {"version": _VERSION, "identity": recorded_identity, "loaders": {},
+                                 "k_rows_done": 0, "k_shape": None, "k_blocks": []}
                 self._save()
                 self.resumed = False
         except BaseException:
@@ -247,13 +292,36 @@ class Checkpoint:
                 raise self._corrupt(f"the manifest's record of {name!r} is malformed", path)
         return manifest
 
-    def _check_identity(self, recorded: Dict[str, Any]) -> None:
-        differs = [key for key in sorted(set(recorded) | set(self.identity)) if recorded.get(key) != self.identity.get(key)]
+    def _check_identity(self, recorded: Dict[str, Any], identity: Dict[str, Any]) -> None:
+        differs = [key for key in sorted(set(recorded) | set(identity)) if recorded.get(key) != identity.get(key)]
         if differs:
-            details = "; ".join(f"{key}: checkpoint has {recorded.get(key)!r}, this call {self.identity.get(key)!r}" for key in differs)
+            recorded_parts = self._recorded_parts()
+            details = []
+            for key in differs:
+                named = differing_parts(recorded_parts.get(key), self.parts.get(key), "checkpoint has", "this call")
+                details.append(f"{key}: {named}" if named else
+                               f"{key}: checkpoint has {recorded.get(key)!r}, this call {identity.get(key)!r}")
             raise CheckpointMismatch(
-                f"checkpoint {self.folder} was made by a different computation ({details}); use another "
+                f"checkpoint {self.folder} was made by a different computation ({'; '.join(details)}); use another "
                 "folder, or delete this one to start over"
+            )
+
+    def _recorded_parts(self) -> Dict[str, Any]:
+        try:
+            parts = json.loads((self.folder / _PARTS).read_text())
+        except (OSError, ValueError, UnicodeDecodeError):
+            return {}  # only names what differs: the manifest's digests decide
+        return parts if isinstance(parts, dict) else {}
+
+    def _check_decidable(self, identity: Dict[str, Any]) -> None:
+        undecidable = identity.get("undecidable") or []
+        if undecidable and identity.get("checkpoint_key") is None:
+            raise CheckpointMismatch(
+                f"checkpoint {self.folder}: part of what this run computes cannot be fingerprinted "
+                f"({'; '.join(undecidable[:5])}{'; ...' if len(undecidable) > 5 else ''}), so resuming could mix "
+                "the results of two different computations. Name the run with checkpoint_key='...' (the same key "
+                "on every resume of it, a new key whenever the model or output changes), or delete the folder "
+                "to start over"
             )
 
     def _save(self) -> None:

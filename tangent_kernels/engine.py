@@ -335,17 +335,23 @@ def gram(
 
 def _identity(model: nn.Module, index: ParamIndex, output, precision: Precision, backend: str, cross: bool,
               key: Optional[str]):
-    """What a checkpoint must agree on to be resumed by this call; and whether the
-    output callable's fingerprint could not be decided."""
-    undecidable = False
+    """What a checkpoint must agree on to be resumed by this call (with ``parts``: the
+    itemized fingerprints, to name what differs); and whether some of it could not be
+    fingerprinted (then the Checkpoint asks for ``key``)."""
+    from .identity import computation_fingerprint
+
+    structure = computation_fingerprint(model)
+    parts = {"model_structure": structure.parts}
+    undecidable = list(structure.undecidable)
     if callable(output) and not isinstance(output, str):
         name = f"{getattr(output, '__module__', '?')}.{getattr(output, '__qualname__', type(output).__name__)}"
-        fingerprint = callable_fingerprint(output)
-        undecidable = fingerprint is None
-        output = f"callable {name} ({'code not decidable' if undecidable else fingerprint})"
+        fingerprint = computation_fingerprint(None, output)
+        parts["output"] = fingerprint.parts
+        undecidable += [f"output= {item}" for item in fingerprint.undecidable]
+        output = f"callable {name} ({'code not decidable' if fingerprint.undecidable else fingerprint.digest})"
     return {
         "model_weights": model_fingerprint(model),
-        "model_structure": structure_fingerprint(model),
+        "model_structure": structure.digest,
         "checkpoint_key": key,
         "idx": tensor_fingerprint(index.positions),
         "p": len(index),
@@ -353,7 +359,9 @@ def _identity(model: nn.Module, index: ParamIndex, output, precision: Precision,
         "precision": precision.name,
         "backend": backend,
         "kernel": "cross K(X1, X2)" if cross else "symmetric K(X, X)",
-    }, undecidable
+        "undecidable": undecidable,
+        "parts": parts,
+    }, bool(undecidable)
 
 
 def _output_axes(k: torch.Tensor, output: str, n1: int, n2: int) -> torch.Tensor:

@@ -196,6 +196,52 @@ def refused_scenario(rank: int, world: int, folder: str):
     return {"error": _error_of(lambda: tk.gram(model, batches, checkpoint=folder, progress=False))}
 
 
+def _double(module, args, output):
+    return output * 2
+
+
+def rank_mismatch_scenario(rank: int, world: int):
+    """The last rank differs from the others in one thing per call; every rank must refuse
+    before any work, naming it (a K mixed from two computations is the alternative)."""
+    model, X, batches, batches2 = _problem()
+    last = rank == world - 1
+    out = {}
+
+    def call(m=model, loader=batches, **kwargs):
+        return _error_of(lambda: tk.gram(m, loader, progress=False, **kwargs))
+
+    changed = [b.clone() for b in batches]
+    changed[3][0, 0] += 1
+    out["data"] = call(loader=changed if last else batches)
+    frozen = _problem()[0]
+    frozen[0].bias.requires_grad_(not last)
+    out["requires_grad"] = call(m=frozen)
+    out["inputs"] = call(inputs=(lambda b: b * 2) if last else None)
+    out["loader2"] = call(loader2=batches2 if last else None)
+    hooked = _problem()[0]
+    if last:
+        hooked[2].register_forward_hook(_double)
+    out["hook"] = call(m=hooked)
+    gelu = _problem()[0]
+    gelu[3].approximate = "tanh" if last else "none"
+    out["attribute"] = call(m=gelu)
+    # each rank its own shuffle: other samples on each rank
+    out["shuffle"] = call(loader=DataLoader(TensorDataset(X), batch_size=8, shuffle=True,
+                                            generator=torch.Generator().manual_seed(rank)))
+    # one seed on every rank, but another order at every pass over the loader
+    out["reshuffle"] = call(loader=DataLoader(TensorDataset(X), batch_size=8, shuffle=True,
+                                              generator=torch.Generator().manual_seed(0)))
+    own, _ = _uneven(rank, world)
+    out["shard"] = tk.gram(model, [own], shard=True, progress=False)  # the data differ by design
+    out["after"] = tk.gram(model, batches, progress=False)
+    return out
+
+
+def foreign_folder_scenario(rank: int, world: int, folder: str):
+    model, _, batches, _ = _problem()
+    return {"error": _error_of(lambda: tk.gram(model, batches, checkpoint=folder, progress=False))}
+
+
 # ----------------------------------------------------------------------------- the schedule (no processes)
 
 
@@ -325,11 +371,40 @@ def test_clear_errors(tmp_path):
     assert "RankFailed: rank 1 failed in phase 'features'" in results[0]["announced"]
 
 
+def test_ranks_that_differ_are_refused_before_any_work_naming_what_and_which(tmp_path):
+    results = spawn(2, rank_mismatch_scenario, tmp_path)
+    for r, result in enumerate(results):
+        assert result is not None and "error" not in result, f"rank {r}: {result}"
+        for case in ("data", "requires_grad", "inputs", "loader2", "hook", "attribute", "shuffle"):
+            assert result[case] is not None and result[case].startswith("DistributedMismatch"), (case, result[case])
+            assert "rank 1 differs from rank 0" in result[case], (case, result[case])
+        assert "data (loader): batch 3: rank 0 has #" in result["data"]
+        assert "0.bias: rank 0 has requires_grad=True, rank 1 has requires_grad=False" in result["requires_grad"]
+        assert "inputs: rank 0 has None" in result["inputs"]
+        assert "kernel: rank 0 has 'symmetric K(X, X)', rank 1 has 'cross K(X1, X2)'" in result["loader2"]
+        assert "2: forward hooks: rank 0 has (nothing), rank 1 has #" in result["hook"]
+        assert "3.approximate: rank 0 has 'none', rank 1 has 'tanh'" in result["attribute"]
+        assert "data (loader): batch 0" in result["shuffle"]
+        assert "differs from the one the ranks compared before the run" in result["reshuffle"]
+        assert result["shard"].shape == (5 + 8, 5 + 8)
+        assert result["after"].shape == (40, 40)
+
+
+def test_a_folder_the_library_did_not_write_is_refused_by_every_rank(tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    for result in spawn(2, foreign_folder_scenario, tmp_path, str(folder)):
+        assert "CheckpointMismatch" in result["error"] and "not written by tangent_kernels" in result["error"]
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"]
+
+
 @pytest.mark.slow  # rank 1 sleeps 5 s past the timeout
 def test_a_stuck_rank_is_named_with_its_phase(tmp_path):
     results = spawn(2, timeout_scenario, tmp_path, pg_timeout=10)
     message = results[0]["error"]
-    assert "DistributedTimeout" in message and "'features'" in message and "1" in message, message
+    # the loader is first read in the arguments phase: the ranks compare its batches before any work
+    assert "DistributedTimeout" in message and "'arguments'" in message and "1" in message, message
 
 
 # ----------------------------------------------------------------------------- checkpoints per rank

@@ -1,8 +1,12 @@
 """The Gram on a torch.distributed group: ``tk.gram`` when a process group is up.
 
 Phases (each ends with every rank's status exchanged, so one rank's error stops all):
-1. arguments: every rank's fingerprints of the model, idx, output, precision, backend
-   and loader layout are compared with rank 0's;
+1. arguments: every rank's fingerprints of the model (everything the single-process
+   checkpoint identity covers: weights, attributes, hooks, requires_grad, code and the
+   globals it reads), idx, output, ``inputs=``, precision, backend, loader layout and,
+   without ``shard=True``, of every batch (a first pass over the loader, loaded and
+   hashed, not evaluated) are compared with rank 0's (a digest; the itemized parts only
+   when they differ, to name what differs);
 2. features: each rank computes its share of the samples into a feature store (the
    engine's own ``_fill_store``: stores, precisions, per-rank checkpoints);
 3. gram: the shards of the column features visit every rank (a ring of point-to-point
@@ -14,6 +18,7 @@ Phases (each ends with every rank's status exchanged, so one rank's error stops 
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 from pathlib import Path
@@ -23,12 +28,14 @@ import torch
 
 from .. import engine, tiles
 from .. import progress as progress_mod
-from ..checkpoint import Checkpoint, CheckpointMismatch
+from ..checkpoint import Checkpoint, CheckpointMismatch, refuse_foreign
 from ..data import loader_length
+from ..identity import computation_fingerprint
 from ..outputs import is_multi
 from ..store import FeatureStore, check_max_memory, check_store
 from .exchange import Comm
-from .schedule import RankBatches, Task, count_batches, cross_tasks, ring_steps, split_batches, symmetric_tasks
+from .schedule import (RankBatches, Task, batch_fingerprints, count_batches, cross_tasks, ring_steps, split_batches,
+                       symmetric_tasks)
 from .shard import KShard
 
 __all__ = ["gram", "GATHERS", "EXCHANGES"]
@@ -84,7 +91,7 @@ def gram(model, loader, idx=None, loader2=None, *, group=None, shard: bool = Fal
     except Exception as caught:  # told to every rank below, so none waits for a rank that stopped
         error = caught
     comm.settle("arguments", error)
-    comm.agree("arguments", plan.record)
+    comm.agree("arguments", plan.record, plan.parts)
     plan.stats = {} if stats is None else stats
     with engine.eval_mode(model), engine.fp32_math(plan.precision.allow_tf32):
         return plan.run(model)
@@ -129,13 +136,17 @@ class _Plan:
         progress = progress_mod.check_progress(progress)
         self.events = progress_mod.Events(callback, progress if comm.rank == 0 else False)
         self.symmetric = loader2 is None
-        self.loaders = [self._share(loader, "loader")] + ([] if self.symmetric else [self._share(loader2, "loader2")])
         self.checkpoint, self.checkpoint_key = checkpoint, checkpoint_key
-        self.identity, self.undecidable = engine._identity(model, index, output, precision, backend,
-                                                            not self.symmetric, checkpoint_key)
-        self.record = dict(self.identity, world_size=comm.world, shard=shard, gather=gather, exchange=exchange,
+        with engine.eval_mode(model):  # as the run sees it (the engine's identity is taken in eval mode too)
+            self.identity, self.undecidable = engine._identity(model, index, output, precision, backend,
+                                                                not self.symmetric, checkpoint_key)
+        self.parts = dict(self.identity.get("parts") or {})
+        self.record = {key: value for key, value in self.identity.items() if key != "parts"}
+        self.record.update(world_size=comm.world, shard=shard, gather=gather, exchange=exchange,
                            checkpoint=checkpoint is not None,
-                           batches=None if shard else [n for _, n, _ in self.loaders])
+                           inputs=None if inputs is None else computation_fingerprint(None, inputs).digest)
+        self.loaders = [self._share(loader, "loader")] + ([] if self.symmetric else [self._share(loader2, "loader2")])
+        self.record["batches"] = None if shard else [n for _, n, _ in self.loaders]
 
     def _share(self, loader, name: str):
         """(this rank's loader, the batches announced, the samples announced or None)."""
@@ -151,8 +162,15 @@ class _Plan:
         if n_batches < world:
             raise ValueError(f"{name} has {n_batches} batches for {world} ranks: every rank needs at least one "
                              "batch; use smaller batches (DataLoader(batch_size=...)) or fewer ranks")
+        # Every batch, hashed: the ranks compare them before any work, and each rank checks
+        # that the batches it then computes are these (a loader that shuffles per rank,
+        # or at every pass, would give each rank other samples).
+        expected = batch_fingerprints(loader, self.inputs, name, n_batches, rank)
+        self.record[f"data ({name})"] = hashlib.blake2b("".join(expected).encode(), digest_size=16).hexdigest()
+        self.parts[f"data ({name})"] = {f"batch {b}": f"#{fp[:12]}" for b, fp in enumerate(expected)}
         start, stop = split_batches(n_batches, world)[rank]
-        return RankBatches(loader, start, stop, n_batches, rank, rank == world - 1), n_batches, _announced(loader)
+        return (RankBatches(loader, start, stop, n_batches, rank, rank == world - 1, expected, self.inputs),
+                n_batches, _announced(loader))
 
     # ------------------------------------------------------------------ the run
     def run(self, model):
@@ -208,13 +226,10 @@ class _Plan:
                 f"Relaunch with {others[0]} ranks (torchrun --nproc-per-node={others[0]}) to resume, or delete the "
                 "folder to start over"
             )
+        refuse_foreign(folder, also=lambda name: re.fullmatch(r"rank-\d+-of-\d+", name) is not None)
         identity = dict(self.identity, rank=rank, world_size=world, shard=self.shard)
-        ckpt = Checkpoint(folder / f"rank-{rank}-of-{world}", identity)
-        if ckpt.resumed and self.undecidable and self.checkpoint_key is None:
-            ckpt.close()
-            raise CheckpointMismatch(f"checkpoint {folder}: output= is a callable whose computation cannot be "
-                                     "fingerprinted; name the run with checkpoint_key='...' to resume it")
-        return ckpt
+        # Checkpoint refuses a resume whose computation is partly undecidable without checkpoint_key=.
+        return Checkpoint(folder / f"rank-{rank}-of-{world}", identity)
 
     def _features(self, model, ckpt) -> List[FeatureStore]:
         made = []

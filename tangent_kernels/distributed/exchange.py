@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
+
+from ..checkpoint import differing_parts
 
 __all__ = ["Comm", "DistributedError", "DistributedMismatch", "DistributedTimeout", "RankFailed"]
 
@@ -137,22 +140,35 @@ class Comm:
             dist.all_gather_object(gathered, value, group=self.group)
         return gathered
 
-    def agree(self, phase: str, record: Dict[str, Any]) -> None:
-        """Refuse (on every rank) when any rank's ``record`` differs from rank 0's."""
+    def agree(self, phase: str, record: Dict[str, Any], parts: Optional[Dict[str, Any]] = None) -> None:
+        """Refuse (on every rank) when any rank's ``record`` differs from rank 0's, naming
+        the field, the ranks, and (from ``parts``: per field, where -> shown value, as
+        identity.Fingerprint.parts) what inside it differs. Only a digest of the record
+        travels unless the ranks disagree."""
+        digest = hashlib.blake2b(repr(sorted(record.items())).encode(), digest_size=16).hexdigest()
         with self.phase(phase):
-            records = self.all_objects(record)
+            if len(set(self.all_objects(digest))) == 1:
+                return
+            records = self.all_objects((record, parts or {}))
         problems = []
-        for r, other in enumerate(records[1:], start=1):
-            for key in sorted(set(records[0]) | set(other)):
-                if records[0].get(key) != other.get(key):
-                    problems.append(f"{key}: rank 0 has {records[0].get(key)!r}, rank {r} has {other.get(key)!r}")
-        if problems:
-            raise DistributedMismatch(
-                f"the ranks were called with different arguments ({'; '.join(problems[:6])}"
-                f"{'; ...' if len(problems) > 6 else ''}). Every rank must pass the same model (weights), idx, "
-                "output, precision, backend and loader layout: build them the same way on every rank (the same "
-                "seed for tk.subsample, the same checkpoint loaded before the call)"
-            )
+        (first, first_parts) = records[0]
+        for r, (other, other_parts) in enumerate(records[1:], start=1):
+            for key in sorted(set(first) | set(other)):
+                if first.get(key) == other.get(key):
+                    continue
+                named = differing_parts(first_parts.get(key), other_parts.get(key), "rank 0 has", f"rank {r} has")
+                problems.append(f"{key}: {named}" if named else
+                                f"{key}: rank 0 has {first.get(key)!r}, rank {r} has {other.get(key)!r}")
+        differ = sorted({r for r, (other, _) in enumerate(records) if other != first})
+        raise DistributedMismatch(
+            f"the ranks were called with different arguments (rank{'s' if len(differ) > 1 else ''} "
+            f"{', '.join(map(str, differ))} differ{'' if len(differ) > 1 else 's'} from rank 0: "
+            f"{'; '.join(problems[:6])}{'; ...' if len(problems) > 6 else ''}). Every rank must pass the same "
+            "model (weights, attributes, hooks, requires_grad), idx, output, inputs=, precision, backend, loader "
+            "layout and, without shard=True, the same batches in the same order: build them the same way on "
+            "every rank (the same seed for tk.subsample and for any shuffling, the same checkpoint loaded "
+            "before the call)"
+        )
 
     # ------------------------------------------------------------------ tensors
     def _bytes(self, tensor: torch.Tensor) -> torch.Tensor:

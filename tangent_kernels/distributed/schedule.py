@@ -21,9 +21,12 @@ Cross K(X1, X2): rank r computes its rows K[R1_r, :] against every X2 shard (W s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
-__all__ = ["Task", "split_batches", "symmetric_tasks", "cross_tasks", "ring_steps", "work", "split_rows"]
+from ..checkpoint import batch_fingerprint
+from ..data import to_inputs
+
+__all__ = ["Task", "batch_fingerprints", "split_batches", "symmetric_tasks", "cross_tasks", "ring_steps", "work", "split_rows"]
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,18 @@ def count_batches(loader, rank: int) -> int:
         ) from None
 
 
+def batch_fingerprints(loader, inputs, name: str, announced: int, rank: int) -> List[str]:
+    """A hash of every batch of ``loader`` as the model sees it (after ``inputs=``)."""
+    fingerprints = [batch_fingerprint(to_inputs(batch, inputs)) for batch in loader]
+    if len(fingerprints) != announced:
+        raise ValueError(
+            f"rank {rank}: the {name} yields {len(fingerprints)} batches but announced {announced} (len()): every "
+            "rank assigns batches by that number, so it must be exact (an IterableDataset's len() often is not). "
+            "Fix the loader's len(), or give each rank its own share with shard=True"
+        )
+    return fingerprints
+
+
 class RankBatches:
     """Batches [start, stop) of a loader every rank iterates the same way.
 
@@ -117,12 +132,15 @@ class RankBatches:
     tensors; for a loader with costly transforms, give each rank its own share
     (``shard=True``). The last rank iterates to the end, so a loader that yields
     more batches than it announced is caught; one that yields fewer is caught by the
-    rank whose range it does not reach.
+    rank whose range it does not reach. ``expected``: the fingerprint of every batch
+    (after ``inputs``) that the ranks agreed on before any work; a batch that differs
+    now (a loader that shuffles or augments at every pass) is refused.
     """
 
-    def __init__(self, loader, start: int, stop: int, announced: int, rank: int, last: bool):
+    def __init__(self, loader, start: int, stop: int, announced: int, rank: int, last: bool,
+                 expected: Optional[Sequence[str]] = None, inputs=None):
         self.loader, self.start, self.stop, self.announced = loader, start, stop, announced
-        self.rank, self.last = rank, last
+        self.rank, self.last, self.expected, self.inputs = rank, last, expected, inputs
 
     def __iter__(self):
         seen = 0
@@ -130,6 +148,8 @@ class RankBatches:
             seen = b + 1
             if b >= self.stop and not self.last:
                 return
+            if self.expected is not None:
+                self._check(b, batch)
             if self.start <= b < self.stop:
                 yield batch
         if seen < self.stop or (self.last and seen != self.announced):
@@ -137,4 +157,13 @@ class RankBatches:
                 f"rank {self.rank}: the loader yields {seen} batches but announced {self.announced} (len()): every "
                 "rank assigns batches by that number, so it must be exact (an IterableDataset's len() often is "
                 "not). Fix the loader's len(), or give each rank its own share with shard=True"
+            )
+
+    def _check(self, b: int, batch) -> None:
+        if b >= len(self.expected) or batch_fingerprint(to_inputs(batch, self.inputs)) != self.expected[b]:
+            raise ValueError(
+                f"rank {self.rank}: batch {b} of the loader differs from the one the ranks compared before the run: "
+                "the loader yields other batches each time it is iterated (a DataLoader with shuffle=True, random "
+                "transforms). Every rank passing the same loader must see the same batches: use a fixed order and "
+                "deterministic transforms, or give each rank its own share with shard=True"
             )
