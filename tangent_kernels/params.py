@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 from dataclasses import dataclass
 from typing import Iterator, List, Tuple
 
@@ -247,7 +248,11 @@ def resolve_idx(model: nn.Module, idx) -> ParamIndex:
 # --- subsampling ------------------------------------------------------------------
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
-_CHUNK = 1 << 22
+# Positions hashed per block: a power of two (the block trick in _smallest_keys), small
+# enough that a block's two uint64 buffers stay in cache.
+_CHUNK = 1 << 17
+_GOLDEN = 0x9E3779B97F4A7C15
+_MUL1, _MUL2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
@@ -255,36 +260,90 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
     # or NumPy's Generator, whose streams may change between releases, this is pure
     # uint64 arithmetic: the same keys on every machine and every version.
     with np.errstate(over="ignore"):
-        x = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK64
-        x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK64
-        x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK64
+        x = (x + np.uint64(_GOLDEN)) & _MASK64
+        x = ((x ^ (x >> np.uint64(30))) * _MUL1) & _MASK64
+        x = ((x ^ (x >> np.uint64(27))) * _MUL2) & _MASK64
         return x ^ (x >> np.uint64(31))
 
 
-def _smallest_keys(total: int, n: int, seed: int) -> np.ndarray:
-    """Positions of the n smallest hash keys among 0..total-1 (a uniform n-subset)."""
+def _seed_key(seed: int) -> int:
     # Every 64-bit word of the seed is folded in (seeds of any size differ; seeds below
     # 2**64 keep the keys they always had).
-    seed_key = _splitmix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))[0]
+    key = _splitmix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))[0]
     seed >>= 64
     while seed:
         word = np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64)
-        seed_key = _splitmix64(np.array([seed_key], dtype=np.uint64) ^ word)[0]
+        key = _splitmix64(np.array([key], dtype=np.uint64) ^ word)[0]
         seed >>= 64
-    best_pos = np.empty(0, dtype=np.int64)
-    best_key = np.empty(0, dtype=np.uint64)
-    # Chunked so that memory stays O(n + chunk) even for billion-parameter models.
-    for start in range(0, total, _CHUNK):
-        pos = np.arange(start, min(start + _CHUNK, total), dtype=np.int64)
-        key = _splitmix64(pos.astype(np.uint64) ^ seed_key)
-        pos = np.concatenate([best_pos, pos])
-        key = np.concatenate([best_key, key])
-        if pos.size > n:
-            # Ties between 64-bit keys are broken by position, so the result is unique.
-            order = np.lexsort((pos, key))[:n]
-            pos, key = pos[order], key[order]
-        best_pos, best_key = pos, key
-    return np.sort(best_pos)
+    return int(key)
+
+
+def _first_bound(total: int, n: int) -> int:
+    """A key bound that about n + 8 sqrt(n) + 64 of the total uniform keys fall under, so
+    that fewer than n do with probability below 1e-15 for every n (Poisson tail; then
+    _smallest_keys doubles it). The draw does not depend on it, only the time."""
+    expected = n + 8 * math.isqrt(n) + 64
+    return -(-(expected << 64) // total)  # ceil(2**64 expected / total)
+
+
+def _smallest_keys(total: int, n: int, seed: int) -> np.ndarray:
+    """Positions of the n smallest keys splitmix64(position ^ seed_key) among 0..total-1
+    (a uniform n-subset), sorted. The hash is a bijection of uint64, so the keys of distinct
+    positions are distinct: the n smallest are one set, whatever finds them.
+
+    Finds them in one vectorized pass over blocks of positions, keeping only the keys
+    under a bound that a few more than n of them fall under, then an O(n) selection:
+    no sort of the total keys (4 s for resnet50's 25M with a running top-n).
+    """
+    if n >= total:
+        return np.arange(total, dtype=np.int64)
+    seed_key = _seed_key(seed)
+    block = min(_CHUNK, 1 << (total - 1).bit_length())  # a small tensor's draw: a small template
+    # Within an aligned block [b, b + block), position ^ seed_key is (b ^ seed_key's high
+    # bits) + (offset ^ seed_key's low bits), a sum without carries; so the hash's first
+    # step, + golden, is one add of a per-block constant to a template made once.
+    template = (np.arange(block, dtype=np.uint64) ^ np.uint64(seed_key & (block - 1))) + np.uint64(_GOLDEN)
+    x, y = np.empty(block, np.uint64), np.empty(block, np.uint64)
+    s30, s27, s31 = np.uint64(30), np.uint64(27), np.uint64(31)
+    bound = _first_bound(total, n)
+    while True:
+        # The last step, key = z ^ (z >> 31), leaves z's top 33 bits as they are: with a
+        # bound that is a multiple of 2**33, key < bound exactly when z < bound, so the
+        # step is left to the few kept keys.
+        bound = -(-bound >> 33) << 33
+        keep_all = bound >= 1 << 64
+        limit = np.uint64(min(bound, (1 << 64) - 1))
+        kept_pos, kept_z = [], []
+        with np.errstate(over="ignore"):
+            for start in range(0, total, block):
+                m = min(block, total - start)
+                z, t = x[:m], y[:m]
+                np.add(template[:m], np.uint64((start ^ seed_key) & ~(block - 1) & 0xFFFFFFFFFFFFFFFF), out=z)
+                np.right_shift(z, s30, out=t)
+                np.bitwise_xor(z, t, out=z)
+                np.multiply(z, _MUL1, out=z)
+                np.right_shift(z, s27, out=t)
+                np.bitwise_xor(z, t, out=z)
+                np.multiply(z, _MUL2, out=z)
+                if keep_all:
+                    kept_pos.append(np.arange(start, start + m, dtype=np.int64))
+                    kept_z.append(z.copy())
+                else:
+                    hit = np.flatnonzero(z < limit)
+                    kept_pos.append(hit.astype(np.int64) + start)
+                    kept_z.append(z[hit])
+        pos = np.concatenate(kept_pos)
+        if pos.size >= n:
+            break
+        bound *= 2  # fewer than n keys under the bound (p < 1e-15): a higher one
+    z = np.concatenate(kept_z)
+    key = z ^ (z >> s31)
+    if pos.size > n:
+        # Distinct keys: the n-th smallest splits them exactly; the kept positions are
+        # already ascending (blocks in order), so the mask keeps them sorted.
+        nth = np.partition(key, n - 1)[n - 1]
+        pos = pos[key <= nth]
+    return pos
 
 
 def subsample(model: nn.Module, n: int, *, seed: int = 0, structure: str = "uniform") -> ParamIndex:

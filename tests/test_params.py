@@ -44,11 +44,15 @@ def test_subsample_all_and_chunked_paths_agree(monkeypatch):
     total = sum(p.numel() for p in model.parameters())
     everything = tk.subsample(model, total)
     assert torch.equal(everything.positions, torch.arange(total))
-    expected = tk.subsample(model, 37, seed=5).positions
+    sizes = [1, 37, 200, total - 1]  # the last ones keep every key of the pass
+    expected = [tk.subsample(model, n, seed=5).positions for n in sizes]
     import tangent_kernels.params as params
 
-    monkeypatch.setattr(params, "_CHUNK", 16)  # many chunks: the running top-n must agree
-    assert torch.equal(tk.subsample(model, 37, seed=5).positions, expected)
+    monkeypatch.setattr(params, "_CHUNK", 16)  # many blocks, the last one partial
+    assert all(torch.equal(tk.subsample(model, n, seed=5).positions, e) for n, e in zip(sizes, expected))
+    # A first bound too low for n keys: the bound is raised until n keys fall under it.
+    monkeypatch.setattr(params, "_first_bound", lambda total, n: 1)
+    assert all(torch.equal(tk.subsample(model, n, seed=5).positions, e) for n, e in zip(sizes, expected))
 
 
 def test_param_index_splits_by_tensor_in_given_order():
