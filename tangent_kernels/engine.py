@@ -17,7 +17,6 @@ from torch import nn
 
 from ._model import check_device, eval_mode, fp32_math, model_device
 from .checkpoint import Checkpoint, CheckpointMismatch, batch_fingerprint, model_fingerprint, tensor_fingerprint
-from .identity import callable_fingerprint, structure_fingerprint
 from .data import ModelInputs, iterate_inputs, loader_length
 from .outputs import OutputSpec, check_output_spec, is_multi
 from .params import ParamIndex, resolve_idx
@@ -290,17 +289,9 @@ def gram(
     with eval_mode(model), fp32_math(precision.allow_tf32):
         ckpt = None
         if checkpoint is not None:
-            identity, undecidable = _identity(model, index, output, precision, backend, loader2 is not None,
-                                              checkpoint_key)
+            # What cannot be fingerprinted (identity["undecidable"]) makes Checkpoint ask for checkpoint_key.
+            identity, _ = _identity(model, index, output, precision, backend, loader2 is not None, checkpoint_key)
             ckpt = Checkpoint(checkpoint, identity)
-            if ckpt.resumed and undecidable and checkpoint_key is None:
-                ckpt.close()
-                raise CheckpointMismatch(
-                    f"checkpoint {ckpt.folder}: output= is a callable whose computation cannot be fingerprinted "
-                    f"({identity['output']}), so resuming could mix two different outputs' features. Name the "
-                    "run with checkpoint_key='...' (the same key on every resume of it), or use a lambda or a "
-                    "plain function"
-                )
         stores = []
         try:
             made = []
