@@ -5,7 +5,7 @@ Every batch of the batched pass is checked on one sample (drawn per batch) evalu
 alone, as two copies of itself (persample/extractor.py). "Without" replaces the check by
 a no-op, which only a benchmark may do: a run without the check is not trusted.
 
-    python bench/bench_verify.py [--n 1024] [--batch-size 64] [--repeats 5] [--threads 1] [--json out.json]
+    python bench/bench_verify.py [--n 1024] [--batch-size 64] [--repeats 5] [--threads 1] [--device cuda] [--json out.json]
 """
 
 from __future__ import annotations
@@ -41,13 +41,17 @@ def models():
     yield "resnet18 32x32, 100,000 sampled", resnet, (3, 32, 32), tk.subsample(resnet, 100_000, seed=0)
 
 
-def run_once(model, loader, idx, check: bool) -> float:
+def run_once(model, loader, idx, check: bool, device) -> float:
     original = FeatureExtractor._verify
     if not check:
         FeatureExtractor._verify = lambda self, batch, block, factors: True
     try:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         start = time.perf_counter()
         tk.gram(model, loader, idx, progress=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         return time.perf_counter() - start
     finally:
         FeatureExtractor._verify = original
@@ -60,22 +64,26 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-resnet", action="store_true")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     rows = []
-    print(f"commit {commit()}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    print(f"commit {commit()}, torch {torch.__version__}, {where}, "
           f"{args.threads} thread(s), load {os.getloadavg()[0]:.2f}")
     for name, model, shape, idx in models():
         if args.skip_resnet and "resnet" in name:
             continue
-        x = torch.randn(args.n, *shape, generator=torch.Generator().manual_seed(1))
+        model = model.to(device)
+        x = torch.randn(args.n, *shape, generator=torch.Generator().manual_seed(1)).to(device)
         loader = [x[i:i + args.batch_size] for i in range(0, args.n, args.batch_size)]
-        run_once(model, loader, idx, True)  # warm-up: plans, rates, allocator
+        run_once(model, loader, idx, True, device)  # warm-up: plans, rates, allocator
         with_check, without = [], []
         for _ in range(args.repeats):  # interleaved: the machine's load hits both alike
-            with_check.append(run_once(model, loader, idx, True))
-            without.append(run_once(model, loader, idx, False))
+            with_check.append(run_once(model, loader, idx, True, device))
+            without.append(run_once(model, loader, idx, False, device))
         ratios = sorted(a / b for a, b in zip(with_check, without))
         row = dict(model=name, n=args.n, batch=args.batch_size, with_check_s=statistics.median(with_check),
                    without_s=statistics.median(without), ratio_median=statistics.median(ratios),
@@ -87,7 +95,7 @@ def main() -> None:
     print(f"load at the end {os.getloadavg()[0]:.2f}")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump(dict(commit=commit(), torch=torch.__version__, threads=args.threads, rows=rows), handle, indent=1)
+            json.dump(dict(commit=commit(), torch=torch.__version__, device=where, threads=args.threads, rows=rows), handle, indent=1)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 # Everything a lent GPU machine should run, in one go (its python3 already holds torch,
 # triton, pytest and torchvision): build the extension for Hopper, the GPU tests, then the
 # benchmarks. Logs go to $OUT (or ./gpu-out). Usage: bash bench/gpu.sh [stage ...]
-# with stages build, test, testall, gram, engine, resnet50, tf32, profile, solve, transformers, structured
+# with stages build, test, testall, gram, engine, resnet50, tf32, profile, solve, transformers, structured, verify
 # (default: build test gram engine).
 set -u
 # resnet50's asserted margin over the naive loop: 9.5x-10.1x bf16 and 12.3x tf32 were
@@ -33,5 +33,6 @@ for stage in $stages; do case $stage in
   solve) run solve python3 bench/bench_solve.py --device cuda --n "${NSOLVE:-50000}" --betas 10 --json "$OUT/solve.json" ;;
   structured) run structured python3 bench/bench_structured.py --device cuda --n "${NSTRUCT:-1024}" --n-resnet 256 \
                 --repeats 3 --memory-gib 60 --skip nngeometry --json "$OUT/structured.json" ;;
+  verify) run verify python3 bench/bench_verify.py --device cuda --n "${NVERIFY:-2048}" --repeats 3 --json "$OUT/verify.json" ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac; done
