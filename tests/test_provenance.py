@@ -1,0 +1,222 @@
+"""The samples' dimension of every activation is known by provenance, never by its size:
+samples folded with windows ([B * nW, T, C]), with image rows ([B * H, W, C]) or
+sequence first ([T, B, d], [T * B, d]) where a size equals the batch size. Each model
+is checked at a batch size equal to the misleading size and at others, K in fp32 and
+fp64 against the float64 per-sample reference and every tensor's features on their
+own (a small tensor can be wholly wrong while K is barely off)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tangent_kernels as tk
+from _persample_check import CPP, check, generic_after_one_batch
+
+BACKENDS = ["torch"] + CPP
+
+
+def per_tensor_errors(model, batch, at):
+    """Relative error of each tensor's fp32 features against the float64 reference."""
+    halves = [batch[:at], batch[at:]]
+    got = tk.features(model, halves, progress=False, backend="torch").double()
+    ref = tk.reference.features_autograd(model, [batch])
+    errors, start = {}, 0
+    for name, p in model.named_parameters():
+        cols = slice(start, start + p.numel())
+        start += p.numel()
+        errors[name] = float((got[:, cols] - ref[:, cols]).norm() / ref[:, cols].norm().clamp_min(1e-30))
+    return errors
+
+
+def assert_exact(model, batch, at):
+    """K within the precision's bound, every tensor batched, every tensor's features right."""
+    assert generic_after_one_batch(model, batch[:at]) == set()
+    check(model, batch, at=at, backends=BACKENDS)
+    bad = {name: err for name, err in per_tensor_errors(model, batch, at).items() if err > 1e-4}
+    assert not bad, bad
+
+
+class Windows(nn.Module):
+    """Swin-style window attention: [B, H, W, C] -> [B * nW, T, C] windows of T tokens."""
+
+    def __init__(self, window=2, dim=6, heads=2):
+        super().__init__()
+        self.window, self.heads = window, heads
+        tokens = window * window
+        self.embed = nn.Linear(3, dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.bias = nn.Parameter(torch.randn(heads, tokens, tokens) / 2)  # relative-position bias
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 2)
+
+    def forward(self, x):  # [B, H, W, 3]
+        batch, height, width, _ = x.shape
+        ws, heads = self.window, self.heads
+        x = self.embed(x)
+        dim = x.shape[-1]
+        w = x.view(batch, height // ws, ws, width // ws, ws, dim).permute(0, 1, 3, 2, 4, 5)
+        w = w.reshape(-1, ws * ws, dim)  # [B * nW, T, C]
+        rows, tokens = w.shape[:2]
+        qkv = self.qkv(w).reshape(rows, tokens, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = (q * (dim // heads) ** -0.5) @ k.transpose(-2, -1)
+        attn = (attn + self.bias.unsqueeze(0)).softmax(-1)
+        out = (attn @ v).transpose(1, 2).reshape(rows, tokens, dim)
+        out = self.proj(out)
+        out = out.view(batch, height // ws, width // ws, ws, ws, dim).permute(0, 1, 3, 2, 4, 5)
+        x = x + out.reshape(batch, height, width, dim)
+        return self.head(self.norm(x).mean((1, 2)))
+
+
+@pytest.mark.parametrize("batch", [4, 3, 8])  # windows of 4 tokens: 4 is the misleading size
+def test_window_fold(batch):
+    torch.manual_seed(0)
+    model = Windows()
+    x = torch.randn(2 * batch, 4, 4, 3)
+    assert_exact(model, x, batch)
+
+
+class Rows(nn.Module):
+    """Axial attention along image rows: [B, C, H, W] -> [B * H, W, C]."""
+
+    def __init__(self, dim=5):
+        super().__init__()
+        self.conv = nn.Conv2d(2, dim, 1)
+        self.attn = nn.MultiheadAttention(dim, 1, batch_first=True)
+        self.mix = nn.Linear(dim, dim)
+        self.scale = nn.Parameter(torch.randn(dim))
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):  # [B, 2, H, W]
+        batch, _, height, width = x.shape
+        x = self.conv(x)
+        r = x.permute(0, 2, 3, 1).reshape(batch * height, width, -1)  # [B * H, W, C]
+        r = r + self.attn(r, r, r, need_weights=False)[0]
+        r = torch.tanh(self.mix(r)) * self.scale
+        return self.head(r.reshape(batch, height, width, -1).mean((1, 2)))
+
+
+@pytest.mark.parametrize("batch", [4, 2, 3])  # rows of 4 pixels
+def test_row_fold(batch):
+    torch.manual_seed(1)
+    model = Rows()
+    x = torch.randn(2 * batch, 2, 3, 4)
+    assert_exact(model, x, batch)
+
+
+class SequenceFirst(nn.Module):
+    """[B, T, d] -> [T, B, d] (sequence first) -> [T * B, d] (samples minor)."""
+
+    def __init__(self, d=4):
+        super().__init__()
+        self.inp = nn.Linear(3, d)
+        self.pos = nn.Parameter(torch.randn(8, 1, d) / 2)
+        self.mid = nn.Linear(d, d)
+        self.emb = nn.Embedding(7, d)
+        self.out = nn.Linear(d, 2)
+
+    def forward(self, x, ids):  # x [B, T, 3], ids [B, T]
+        batch, length, _ = x.shape
+        h = self.inp(x).transpose(0, 1) + self.pos[:length]  # [T, B, d]
+        h = h + self.emb(ids.t())
+        flat = torch.tanh(self.mid(h.reshape(length * batch, -1)))  # [T * B, d]: sample b at rows b, B + b, ...
+        h = flat.reshape(length, batch, -1)
+        return self.out(h.mean(0))
+
+
+@pytest.mark.parametrize("batch, length", [(4, 4), (2, 4), (4, 8), (3, 5)])
+def test_sequence_first(batch, length):
+    torch.manual_seed(2)
+    model = SequenceFirst()
+    data = {"x": torch.randn(2 * batch, length, 3), "ids": torch.randint(0, 7, (2 * batch, length))}
+    assert generic_after_one_batch(model, {k: v[:batch] for k, v in data.items()}) == set()
+    check(model, data, at=batch, backends=BACKENDS)
+
+
+# --- a reshape that moves the samples to another dim; where no dim holds them, generic ----
+class Interleaved(nn.Module):
+    """[B, T, d] -> [T, B, d] -> reshaped back to [B, T, d] (a shape that reads batch first,
+    but whose dim 0 holds tokens): the samples are on dim 1 when B divides T, and on no
+    dim otherwise."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x):
+        batch, length, d = x.shape
+        y = self.lin(x.transpose(0, 1).reshape(batch, length, d))
+        return y.reshape(length, batch, d).transpose(0, 1).pow(2).sum((1, 2))
+
+
+@pytest.mark.parametrize("batch, length", [(4, 4), (2, 4), (2, 3)])
+def test_reshape_moves_the_samples(batch, length):
+    torch.manual_seed(3)
+    model = Interleaved()
+    x = torch.randn(2 * batch, length, 3)
+    lost = length % batch != 0
+    assert generic_after_one_batch(model, x[:batch]) == ({"lin.weight", "lin.bias"} if lost else set())
+    if lost:
+        report = tk.coverage(model, x[:batch])
+        assert {name for name, _ in report.generic} == {"lin.weight", "lin.bias"}
+        path = {name: p for name, _, p in report.rows}["lin.weight"]
+        assert "samples" in path and "reshape" in path, path
+    # the loader's two batches of `batch` samples; the whole batch (one of 2 * batch) is what
+    # check() asks the generic set of
+    whole = {"lin.weight", "lin.bias"} if length % (2 * batch) else set()
+    check(model, x, generic=whole, at=batch, backends=BACKENDS)
+
+
+# --- item 7: a parameter view cached at construction --------------------------------------
+class CachedTranspose(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.e = nn.Linear(4, 3, bias=False)
+        self.e_t = self.e.weight.t()  # not substituted by functional_call: its gradient is lost
+        self.out = nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.e(x) @ self.e_t))
+
+
+class CachedInList(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.views = [self.lin.weight[:1]]
+
+    def forward(self, x):
+        return (self.lin(x) * self.views[0]).sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("cls, attribute", [(CachedTranspose, "e_t"), (CachedInList, "views")])
+@pytest.mark.parametrize("entry", ["gram", "features", "coverage"])
+def test_parameter_view_cached_at_construction_is_refused(cls, attribute, entry):
+    torch.manual_seed(4)
+    model = cls()
+    x = torch.randn(3, 3 if cls is CachedInList else 4)
+    call = {"gram": lambda: tk.gram(model, x, progress=False),
+            "features": lambda: tk.features(model, x, progress=False),
+            "coverage": lambda: tk.coverage(model, x)}[entry]
+    with pytest.raises(ValueError, match=attribute) as error:
+        call()
+    assert "forward" in str(error.value)
+
+
+def test_tensor_attributes_not_aliasing_parameters_are_fine():
+    class Buffers(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+            self.scale = torch.ones(2) * 2  # a plain tensor attribute, its own memory
+            self.register_buffer("shift", torch.zeros(2))
+
+        def forward(self, x):
+            return (self.lin(x) * self.scale + self.shift).sum(1)
+
+    torch.manual_seed(5)
+    model = Buffers()
+    x = torch.randn(4, 3)
+    check(model, x, backends=["torch"])
