@@ -169,6 +169,28 @@ def test_reshape_moves_the_samples(batch, length):
     check(model, x, generic=whole, at=batch, backends=BACKENDS)
 
 
+class BatchStatistics(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.scale = nn.Parameter(torch.rand(3) + 0.5)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return (h + h.mean(0)) * self.scale  # statistics of the batch outside any norm layer
+
+
+def test_a_reduction_over_the_samples_is_generic_with_reason():
+    torch.manual_seed(6)
+    model, x = BatchStatistics(), torch.randn(6, 4)
+    with pytest.warns(RuntimeWarning) as record:
+        K = tk.gram(model, [x], precision="fp64", progress=False)
+    assert any("mean reduced over the samples' dim 0" in str(w.message) or "mix samples" in str(w.message)
+               for w in record)
+    ref = tk.reference.gram_autograd(model, [x])
+    assert float((K - ref).norm() / ref.norm()) <= 1e-10
+
+
 # --- item 7: a parameter view cached at construction --------------------------------------
 class CachedTranspose(nn.Module):
     def __init__(self):

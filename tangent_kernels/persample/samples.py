@@ -327,8 +327,14 @@ def _follow(name, func, args, kwargs, results, samples_of, batch) -> List[Sample
     sources = [(t, s) for value in (*args, *kwargs.values())
                for t in ([value] if isinstance(value, torch.Tensor) else value if isinstance(value, (list, tuple))
                          else []) if isinstance(t, torch.Tensor) for s in [samples_of(t)] if s is not None]
-    if batch == 1:  # one sample: every element is its
-        return [Samples(0, r.shape[0]) if r.dim() and r.shape[0] else lost("a 0-d result") for r in results]
+    out = _follow_each(name, func, args, kwargs, results, sources, samples_of, batch)
+    if batch == 1:  # one sample: every element is its own, whatever the op did
+        out = [s if s.known() else Samples(0, r.shape[0]) if r.dim() and r.shape[0] else s
+               for s, r in zip(out, results)]
+    return out
+
+
+def _follow_each(name, func, args, kwargs, results, sources, samples_of, batch) -> List[Samples]:
     for _, s in sources:
         if not s.known():
             return [s] * len(results)
