@@ -90,7 +90,7 @@ def _exact_dims(batch: int, shape) -> List[int]:
     return [d for d, size in enumerate(shape) if size == batch]
 
 
-def _probe(func, args, kwargs, results, sliced):
+def _probe(func, args, kwargs, results, sliced, batch: int):
     """The op again on sample 0 alone: (the dim of each result that holds the samples, or
     None where the shapes do not say, why not). The sample's results must be the batch's
     row 0, which checks that the slicing was right and that the op keeps samples apart."""
@@ -111,8 +111,9 @@ def _probe(func, args, kwargs, results, sliced):
         if batched.dim() != single.dim():
             return None, "one sample's result has other dims"
         differ = [d for d in range(batched.dim()) if batched.shape[d] != single.shape[d]]
-        if not differ:  # B == 1, or a result shared by the batch
-            dims.append(0 if batched.dim() and batched.shape[0] == 1 else None)
+        if not differ:  # one sample (any dim of size 1 holds it), or a result shared by the batch
+            dims.append(next((d for d in range(batched.dim()) if batched.shape[d] == 1), None) if batch == 1
+                        else None)
             continue
         if len(differ) != 1 or single.shape[differ[0]] != 1:
             return None, f"results of shape {list(batched.shape)} for the batch, {list(single.shape)} for one sample"
@@ -156,19 +157,22 @@ def per_op(mode, func, args, kwargs, derived_inputs):
             sliced[id(t)] = samples.dim
     out = func(*args, **kwargs)
     results = tensors_in(out)
-    # The constants as they are, then sliced on their (first, then second, ...) dim of size B.
-    dims, why = _probe(func, args, kwargs, results, sliced)
+    # The constants as they are, then sliced on their (first, then second, ...) dim of size
+    # B; the first try under which every result autograd tracks has one slice per sample.
     tries = max((len(_exact_dims(batch, t.shape)) for t in constants), default=0)
-    for k in range(tries):
-        if dims is not None:
-            break
+    dims, why = None, None
+    for k in range(-1, tries):
         trial = dict(sliced)
-        for t in constants:
+        for t in constants if k >= 0 else ():
             candidates = _exact_dims(batch, t.shape)
             trial[id(t)] = candidates[min(k, len(candidates) - 1)]
-        dims, _ = _probe(func, args, kwargs, results, trial)
-        if dims is not None:
-            sliced = trial
+        found, failed = _probe(func, args, kwargs, results, trial, batch)
+        if found is not None and any(dim is None for t, dim in zip(results, found) if t.requires_grad):
+            found, failed = None, "a result without one slice per sample"
+        if found is not None:
+            dims, sliced = found, trial
+            break
+        why = why or failed
     if dims is None:
         for t in results:
             mode.mark_data(t, lost(f"{func_name(func)}: {why}"))
@@ -178,9 +182,6 @@ def per_op(mode, func, args, kwargs, derived_inputs):
         mode.mark_data(t, Samples(dim) if dim is not None else lost(f"{func_name(func)}: a result shared by the batch"))
     outputs = [(t, dim) for t, dim in zip(results, dims) if t.requires_grad]
     if not outputs:
-        return out, None
-    if any(dim is None for _, dim in outputs):
-        mode.uncover(derived_inputs, f"{func_name(func)} (no rule; a result without one slice per sample)")
         return out, None
     mode.add_use(OpUse(mode, func, args, kwargs, outputs, operands, sliced))
     return out, None
