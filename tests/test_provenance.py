@@ -242,3 +242,33 @@ def test_tensor_attributes_not_aliasing_parameters_are_fine():
     model = Buffers()
     x = torch.randn(4, 3)
     check(model, x, backends=["torch"])
+
+
+class ParameterInAList(nn.Module):
+    """The parameter object itself kept in a plain list: not a view, so the model check lets
+    it pass (nn.LSTM keeps such a list and refreshes it in forward); using it stale is refused."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.weights = [self.lin.weight]
+
+    def forward(self, x):
+        return (x @ self.weights[0].t()).sum(1, keepdim=True) + self.lin(x).sum(1, keepdim=True)
+
+
+def test_a_stale_parameter_used_in_forward_is_refused():
+    torch.manual_seed(7)
+    with pytest.raises(ValueError, match="lin.weight"):
+        tk.gram(ParameterInAList(), torch.randn(4, 3), progress=False)
+    lstm = nn.LSTM(3, 2, batch_first=True)  # its _flat_weights list, refreshed in its forward
+
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.out = lstm, nn.Linear(2, 1)
+
+        def forward(self, x):
+            return self.out(self.rnn(x)[0][:, -1])
+
+    check(Head(), torch.randn(4, 5, 3), backends=["torch"])

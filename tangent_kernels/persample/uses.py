@@ -295,6 +295,7 @@ class UseMode(TorchFunctionMode):
         # The batch's own tensors (and their bases), and which module is running (watch_inputs).
         self._inputs: set = set()
         self._parameters: Dict[int, str] = {}
+        self._originals: Dict[int, str] = {}
         self._module_stack: Optional[list] = None
         self._module_names: Dict[int, str] = {}
         for st in sampled:
@@ -388,7 +389,27 @@ class UseMode(TorchFunctionMode):
         with the caller's."""
         self._inputs = {_storage(t) for t in tensors if t.numel()}
         self._parameters = {_storage(t): name for name, t in (parameters or {}).items() if t.numel()}
+        # The caller's parameter objects: the evaluation substitutes every one of them, so
+        # one (or a view of one) that reaches an op was kept where functional_call cannot
+        # see it (a plain attribute, a list, a closure): its gradient would be lost.
+        self._originals = {id(t): name for name, t in (parameters or {}).items()}
         self._module_stack, self._module_names = module_stack, module_names or {}
+
+    def _refuse_stale_parameter(self, func, t: torch.Tensor) -> None:
+        name = self._originals.get(id(t))
+        if name is None and t._base is not None:
+            name = self._originals.get(id(t._base))
+        if name is None:
+            return
+        stack = self._module_stack
+        where = f" in module {self._module_names.get(id(stack[-1]), type(stack[-1]).__name__)!r}" if stack else ""
+        raise ValueError(
+            f"the model's forward uses parameter {name} (or a view of it) through a reference kept outside the "
+            f"module's parameters ({func_name(func)}{where}), e.g. self.w_t = self.w.t() made in __init__ or a "
+            "list holding the parameter: tangent_kernels substitutes the parameters for every evaluation "
+            "(torch.func.functional_call), so the gradient through that reference would be lost. Compute the "
+            "view in forward from the registered parameter"
+        )
 
     def _refuse_in_place_write(self, func, target) -> None:
         if not isinstance(target, torch.Tensor):
@@ -414,7 +435,7 @@ class UseMode(TorchFunctionMode):
             )
 
     # --- the interception ---
-    def _scan(self, args, kwargs) -> Tuple[bool, List[Derived]]:
+    def _scan(self, func, args, kwargs) -> Tuple[bool, List[Derived]]:
         data, derived = False, []
         for value in (*args, *kwargs.values()):
             for t in tensors_in(value):
@@ -423,11 +444,13 @@ class UseMode(TorchFunctionMode):
                     data = True
                 elif kind is not None:
                     derived.append(kind)
+                elif self._originals:
+                    self._refuse_stale_parameter(func, t)
         return data, derived
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        data, derived = self._scan(args, kwargs)
+        data, derived = self._scan(func, args, kwargs)
         if args and _writes_in_place(func):
             self._refuse_in_place_write(func, args[0])
         if not derived:
