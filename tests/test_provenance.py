@@ -272,3 +272,88 @@ def test_a_stale_parameter_used_in_forward_is_refused():
             return self.out(self.rnn(x)[0][:, -1])
 
     check(Head(), torch.randn(4, 5, 3), backends=["torch"])
+
+
+# --- the propagation itself, against the samples' ids carried through the same ops ---------
+def _ids(batch, shape, dtype=torch.float64):
+    """A [B, *shape] tensor whose every element is its sample's index + 1."""
+    return torch.arange(1, batch + 1, dtype=dtype).reshape(batch, *([1] * len(shape))).expand(batch, *shape).clone()
+
+
+def _holds(result, samples, batch):
+    """Whether, along samples.dim, index i holds sample (i // inner) % B everywhere (up to
+    one constant factor: a product by ones sums copies of the same sample)."""
+    index = torch.arange(result.shape[samples.dim]) // samples.inner % batch + 1
+    shape = [1] * result.dim()
+    shape[samples.dim] = -1
+    ratio = result / index.reshape(shape).to(result.dtype)
+    return bool((ratio == ratio.flatten()[0]).all())
+
+
+OPS = {
+    "windows": lambda x: x.view(x.shape[0], 2, 2, 2, 2, 3).permute(0, 1, 3, 2, 4, 5).reshape(-1, 4, 3),
+    "windows back": lambda x: x.view(x.shape[0], 2, 2, 2, 2, 3).permute(0, 1, 3, 2, 4, 5).reshape(-1, 4, 3)
+    .view(x.shape[0], 2, 2, 2, 2, 3).permute(0, 1, 3, 2, 4, 5).reshape(x.shape[0], 4, 4, 3),
+    "rows": lambda x: x.reshape(-1, 4, 3),
+    "seq-first flat": lambda x: x.flatten(1, 2).transpose(0, 1).reshape(-1, 3),
+    "seq-first flat back": lambda x: x.flatten(1, 2).transpose(0, 1).reshape(-1, 3).reshape(16, x.shape[0], 3),
+    "T": lambda x: x.flatten(1).T,
+    "mT": lambda x: x.mT,
+    "movedim": lambda x: x.movedim(0, -1),
+    "index": lambda x: x[:, 1, ..., None],
+    "index last": lambda x: x[..., 0],
+    "gather rows": lambda x: x.flatten(1, 2)[torch.arange(x.shape[0]), torch.zeros(x.shape[0], dtype=torch.long)],
+    "split": lambda x: x.split(2, dim=1)[1],
+    "unbind": lambda x: x.unbind(2)[0],
+    "chunk": lambda x: x.chunk(2, -1)[0],
+    "mean": lambda x: x.mean((1, 2)),
+    "amax keepdim": lambda x: x.amax(1, keepdim=True),
+    "max values": lambda x: x.max(dim=2).values,
+    "matmul": lambda x: x @ torch.ones(3, 5, dtype=x.dtype),
+    "matmul batched": lambda x: x.flatten(1, 2).transpose(0, 1) @ torch.ones(3, 5, dtype=x.dtype),
+    "einsum": lambda x: torch.einsum("bhwc,cd->hbd", x, torch.ones(3, 2, dtype=x.dtype)),
+    "cat": lambda x: torch.cat([x, x], dim=1),
+    "stack": lambda x: torch.stack([x, x], dim=0),
+    "expand": lambda x: x.unsqueeze(0).expand(2, -1, -1, -1, -1),
+    "unfold": lambda x: torch.nn.functional.unfold(x.permute(0, 3, 1, 2), 2),
+    "transpose_": lambda x: x.clone().transpose_(0, 1),
+    "conv": lambda x: torch.nn.functional.conv2d(x.permute(0, 3, 1, 2), torch.ones(2, 3, 1, 1, dtype=x.dtype)),
+}
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
+@pytest.mark.parametrize("batch", [4, 2, 3])
+def test_the_samples_follow_the_ops(op, batch):
+    from tangent_kernels.persample.uses import UseMode
+
+    x = _ids(batch, (4, 4, 3))
+    mode = UseMode([], batch, "torch")
+    mode.mark_data(x)
+    with mode:
+        y = OPS[op](x)
+    samples = mode.samples(y)
+    assert samples is not None and samples.known(), samples
+    assert _holds(y, samples, batch), (samples, list(y.shape))
+
+
+LOSES = {
+    "reduced": (lambda x: x.sum(0), "reduced over the samples"),
+    "split across dims": (lambda x: x.reshape(2, 2, 48).transpose(0, 1), "split the samples"),
+    "sliced": (lambda x: x[1:], "slice of the samples"),
+    "indexed": (lambda x: x[torch.tensor([1, 0])], "index into the samples"),
+    "joined": (lambda x: torch.cat([x, x]), "along the samples"),
+}
+
+
+@pytest.mark.parametrize("op", sorted(LOSES))
+def test_where_no_dim_holds_the_samples_they_are_lost_with_the_op(op):
+    from tangent_kernels.persample.uses import UseMode
+
+    x = _ids(4, (4, 4, 3))
+    mode = UseMode([], 4, "torch")
+    mode.mark_data(x)
+    fn, why = LOSES[op]
+    with mode:
+        y = fn(x)
+    samples = mode.samples(y)
+    assert samples is not None and not samples.known() and why in samples.why, samples

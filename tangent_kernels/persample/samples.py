@@ -139,12 +139,12 @@ def _reshaped(shape, s: Samples, out_shape, batch: int, name: str) -> Samples:
 
 
 def _permuted(name, args, kwargs, ndim, s: Samples) -> Samples:
-    if name in ("t", "T", "mT", "H", "mH", "adjoint"):
+    if name in ("T", "H"):  # every dim reversed (for 2-D: the transpose)
+        order = list(range(ndim))[::-1]
+    elif name in ("t", "mT", "mH", "adjoint"):
         order = list(range(ndim))
         if ndim >= 2:
             order[-1], order[-2] = order[-2], order[-1]
-        if name in ("T",):
-            order = order[::-1]
     elif name == "permute":
         order = _ints(args[1]) if len(args) == 2 else _ints(list(args[1:]))
         if order is None:
