@@ -16,7 +16,7 @@ from _persample_check import CPP, check, generic_after_one_batch
 BACKENDS = ["torch"] + CPP
 
 
-def per_tensor_errors(model, batch, at):
+def per_tensor_errors(model, batch, at, floor=0.0):
     """Relative error of each tensor's fp32 features against the float64 reference."""
     halves = [batch[:at], batch[at:]]
     got = tk.features(model, halves, progress=False, backend="torch").double()
@@ -25,15 +25,18 @@ def per_tensor_errors(model, batch, at):
     for name, p in model.named_parameters():
         cols = slice(start, start + p.numel())
         start += p.numel()
-        errors[name] = float((got[:, cols] - ref[:, cols]).norm() / ref[:, cols].norm().clamp_min(1e-30))
+        scale = max(float(ref[:, cols].norm()), floor * float(ref.norm()), 1e-30)
+        errors[name] = float((got[:, cols] - ref[:, cols]).norm()) / scale
     return errors
 
 
-def assert_exact(model, batch, at):
-    """K within the precision's bound, every tensor batched, every tensor's features right."""
+def assert_exact(model, batch, at, floor=0.0):
+    """K within the precision's bound, every tensor batched, every tensor's features right
+    (floor: relative to the whole block, for tensors whose exact gradient is 0, e.g. the
+    key bias of attention, where fp32 rounding alone is the whole of what is left)."""
     assert generic_after_one_batch(model, batch[:at]) == set()
     check(model, batch, at=at, backends=BACKENDS)
-    bad = {name: err for name, err in per_tensor_errors(model, batch, at).items() if err > 1e-4}
+    bad = {name: err for name, err in per_tensor_errors(model, batch, at, floor).items() if err > 1e-4}
     assert not bad, bad
 
 
@@ -76,6 +79,19 @@ def test_window_fold(batch):
     model = Windows()
     x = torch.randn(2 * batch, 4, 4, 3)
     assert_exact(model, x, batch)
+
+
+@pytest.mark.parametrize("batch", [16, 8])
+def test_torchvision_swin_with_windows_of_batch_size_tokens(batch):
+    """The issue's case: windows of 16 tokens read as sequence first at batch size 16
+    (proj and qkv of features.1 off by 80-160%, K by 1e-2 in fp32)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.swin_transformer.SwinTransformer(
+        patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=[4, 4], num_classes=3)
+    x = torch.randn(2 * batch, 3, 32, 32)
+    assert_exact(model, x, batch, floor=1e-6)
 
 
 class Rows(nn.Module):
