@@ -373,3 +373,20 @@ def test_where_no_dim_holds_the_samples_they_are_lost_with_the_op(op):
         y = fn(x)
     samples = mode.samples(y)
     assert samples is not None and not samples.known() and why in samples.why, samples
+
+
+def test_identity_indices_keep_the_samples():
+    """Hugging Face's masks: mask[arange(B)[:, None, None, None], kv[None, None, None, :]]."""
+    from tangent_kernels.persample.uses import UseMode
+
+    for batch in (4, 2, 7):
+        x = _ids(batch, (7,))
+        mode = UseMode([], batch, "torch")
+        mode.mark_data(x)
+        with mode:
+            y = x[torch.arange(batch)[:, None, None, None], torch.arange(7)[None, None, None, :]]
+            lengths = (x[:, :1] * 0 + 2).long().squeeze(1)  # data, one per sample
+            z = x[:, None][torch.arange(batch), :, lengths]
+        for result in (y, z):
+            samples = mode.samples(result)
+            assert samples is not None and samples.known() and _holds(result, samples, batch), samples

@@ -13,7 +13,7 @@ entries. Rows flattened batch-major into dim 0 ([B * T, d] + bias, Swin's
 
 from __future__ import annotations
 
-from typing import Optional
+
 
 import torch
 

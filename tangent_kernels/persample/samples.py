@@ -18,7 +18,6 @@ rules then refuse the tensor, and its parameters take the generic path with that
 from __future__ import annotations
 
 import math
-import re
 from typing import Callable, List, Optional, Sequence
 
 import torch
@@ -248,10 +247,25 @@ def _consumes(item) -> int:
     return item.dim() if isinstance(item, torch.Tensor) and item.dtype == torch.bool else 1
 
 
+def _identity_axis(item, size: int) -> Optional[int]:
+    """The dim k along which the integer index ``item`` is arange(size) (every other dim of
+    size 1): indexing by it keeps each sample where it was. None otherwise."""
+    if not isinstance(item, torch.Tensor) or item.dtype == torch.bool or item.is_floating_point() \
+            or item.numel() != size or item.dim() == 0:
+        return None
+    axes = [k for k, n in enumerate(item.shape) if n == size]
+    if len(axes) != 1 and size != 1:
+        return None
+    if not torch.equal(item.reshape(-1), torch.arange(size, device=item.device, dtype=item.dtype)):
+        return None
+    return axes[0] if axes else 0
+
+
 def _getitem(t, index, s: Optional[Samples], samples_of):
-    """x[index] -> (the Samples of the result, where the advanced indices' block lands).
-    Basic indexing keeps or drops dims; an advanced index on the samples' dim keeps them
-    only when it is the identity (x[arange(n), lengths]). s None: only the block."""
+    """x[index] -> (the Samples of the result, (where the advanced indices' block lands,
+    its number of dims)). Basic indexing keeps or drops dims; an advanced index on the
+    samples' dim keeps them only when it is the identity (x[arange(B), lengths], HF's
+    mask[arange(B)[:, None, None, None], kv[None, None, None, :]]). s None: the block only."""
     items = list(index) if isinstance(index, tuple) else [index]
     consumed = sum(_consumes(i) for i in items)
     expanded = []
@@ -259,26 +273,28 @@ def _getitem(t, index, s: Optional[Samples], samples_of):
         expanded += [slice(None)] * (t.dim() - consumed) if i is Ellipsis else [i]
     expanded += [slice(None)] * (t.dim() - sum(_consumes(i) for i in expanded))
     advanced = [k for k, i in enumerate(expanded) if isinstance(i, torch.Tensor)]
+    block_ndim = 0
     if advanced:
         advanced = sorted(advanced + [k for k, i in enumerate(expanded) if isinstance(i, int)])
+        block_ndim = len(torch.broadcast_shapes(*[expanded[k].shape for k in advanced
+                                                  if isinstance(expanded[k], torch.Tensor)]))
     sample_dim = None if s is None else s.dim
-    out_dim, in_dim, sample_at, block_at = 0, 0, None, None
+    out_dim, in_dim, sample_at, block_at, in_block = 0, 0, None, None, None
     for k, item in enumerate(expanded):
         if item is None:
             out_dim += 1
         elif k in advanced:
             width = _consumes(item)
             if sample_dim is not None and in_dim <= sample_dim < in_dim + width:
-                size = t.shape[in_dim]
-                if not (isinstance(item, torch.Tensor) and item.dim() == 1 and item.dtype != torch.bool
-                        and item.numel() == size and samples_of(item) is None
-                        and torch.equal(item, torch.arange(size, device=item.device, dtype=item.dtype))):
+                axis = _identity_axis(item, t.shape[in_dim]) if samples_of(item) is None else None
+                if axis is None:
                     return lost("an index into the samples' dim"), None
+                in_block = block_ndim - item.dim() + axis
                 sample_at = "block"
             in_dim += width
             if block_at is None:
                 block_at = out_dim
-                out_dim += 1  # the indices' broadcast shape: one dim (checked below)
+                out_dim += block_ndim
         elif isinstance(item, (int, torch.SymInt)) and not isinstance(item, bool):
             if in_dim == sample_dim:
                 return lost("an index into the samples' dim"), None
@@ -294,18 +310,15 @@ def _getitem(t, index, s: Optional[Samples], samples_of):
         else:
             return lost(f"an index of type {type(item).__name__}"), None
     if advanced:
-        shapes = [expanded[k].shape for k in advanced if isinstance(expanded[k], torch.Tensor)]
-        if len(torch.broadcast_shapes(*shapes)) != 1:
-            return lost("an advanced index that is not one-dimensional"), None
         if advanced != list(range(advanced[0], advanced[-1] + 1)):  # not adjacent: the block goes first
             if isinstance(sample_at, int):
-                sample_at += 1 if sample_at < block_at else 0
+                sample_at += block_ndim if sample_at < block_at else 0
             block_at = 0
         if sample_at == "block":
-            sample_at = block_at
+            sample_at = block_at + in_block
     if s is None:
-        return None, block_at
-    return (Samples(sample_at, s.inner) if sample_at is not None else lost("indexing")), block_at
+        return None, (block_at, block_ndim)
+    return (Samples(sample_at, s.inner) if sample_at is not None else lost("indexing")), (block_at, block_ndim)
 
 
 _IMAGE_TO_COLUMNS = (torch.nn.functional.unfold, torch.nn.functional.fold)
@@ -373,10 +386,10 @@ def _one(func, name, base, args, kwargs, t, s: Samples, r, count, samples_of, ba
         return _permuted(name, args, kwargs, t.dim(), s)
     if name == "__getitem__":
         if args[0] is not t:  # a data index tensor: its samples go where the indexed block goes
-            if t.dim() != 1 or s.dim != 0:
-                return lost("indexing by data of more than one dim")
             block = _getitem(args[0], args[1], None, samples_of)[1]
-            return Samples(block, s.inner) if block is not None else lost("indexing by data")
+            if block is None or block[0] is None:
+                return lost("indexing by data")
+            return Samples(block[0] + block[1] - t.dim() + s.dim, s.inner)
         return _getitem(t, args[1], s, samples_of)[0]
     if name in _SPLITS:
         return _split(name, args, kwargs, t, s, count)
