@@ -303,7 +303,7 @@ def _holds(result, samples, batch):
     shape = [1] * result.dim()
     shape[samples.dim] = -1
     ratio = result / index.reshape(shape).to(result.dtype)
-    return bool((ratio == ratio.flatten()[0]).all())
+    return bool(torch.allclose(ratio, ratio.flatten()[0].expand_as(ratio), rtol=1e-12, atol=0))
 
 
 OPS = {
@@ -318,6 +318,9 @@ OPS = {
     "movedim": lambda x: x.movedim(0, -1),
     "index": lambda x: x[:, 1, ..., None],
     "index last": lambda x: x[..., 0],
+    "list index": lambda x: x[:, [0, 2]],
+    "mask index": lambda x: x[:, :, torch.tensor([True, False, True, True])],
+    "vector_norm": lambda x: torch.linalg.vector_norm(x, 2, -1),
     "gather rows": lambda x: x.flatten(1, 2)[torch.arange(x.shape[0]), torch.zeros(x.shape[0], dtype=torch.long)],
     "split": lambda x: x.split(2, dim=1)[1],
     "unbind": lambda x: x.unbind(2)[0],

@@ -177,7 +177,7 @@ def _dim_argument(args, kwargs, position: int, default=None):
 def _reduced(name, args, kwargs, t, s: Samples, r) -> Samples:
     if len(args) > 1 and isinstance(args[1], torch.Tensor):  # max(x, y): elementwise
         return Samples(s.dim, s.inner)
-    position = 2 if name == "norm" else 1
+    position = 2 if name in ("norm", "vector_norm", "linalg_vector_norm") else 1  # (x, p / ord, dim)
     dims = _ints(_dim_argument(args, kwargs, position))
     if dims is None:
         return lost(f"{name} reduced over every dim, the samples' too")
@@ -267,6 +267,8 @@ def _getitem(t, index, s: Optional[Samples], samples_of):
     samples' dim keeps them only when it is the identity (x[arange(B), lengths], HF's
     mask[arange(B)[:, None, None, None], kv[None, None, None, :]]). s None: the block only."""
     items = list(index) if isinstance(index, tuple) else [index]
+    items = [torch.tensor(i) if isinstance(i, list) and i and all(isinstance(v, int) for v in i) else i
+             for i in items]
     consumed = sum(_consumes(i) for i in items)
     expanded = []
     for i in items:
@@ -276,8 +278,9 @@ def _getitem(t, index, s: Optional[Samples], samples_of):
     block_ndim = 0
     if advanced:
         advanced = sorted(advanced + [k for k, i in enumerate(expanded) if isinstance(i, int)])
-        block_ndim = len(torch.broadcast_shapes(*[expanded[k].shape for k in advanced
-                                                  if isinstance(expanded[k], torch.Tensor)]))
+        # a boolean mask gives one dim (its count of True), whatever its own dims
+        block_ndim = len(torch.broadcast_shapes(*[(1,) if expanded[k].dtype == torch.bool else expanded[k].shape
+                                                  for k in advanced if isinstance(expanded[k], torch.Tensor)]))
     sample_dim = None if s is None else s.dim
     out_dim, in_dim, sample_at, block_at, in_block = 0, 0, None, None, None
     for k, item in enumerate(expanded):
