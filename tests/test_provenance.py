@@ -393,3 +393,17 @@ def test_identity_indices_keep_the_samples():
         for result in (y, z):
             samples = mode.samples(result)
             assert samples is not None and samples.known() and _holds(result, samples, batch), samples
+
+
+def test_reading_a_stale_parameter_without_its_gradient_is_fine():
+    class Reads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+            self.kept = [self.lin.weight]
+
+        def forward(self, x):  # its size only, and a detached copy: no gradient through it
+            return self.lin(x).sum(1) * self.kept[0].shape[0] + 0 * self.kept[0].detach().sum()
+
+    torch.manual_seed(8)
+    check(Reads(), torch.randn(4, 3), backends=["torch"])

@@ -395,12 +395,18 @@ class UseMode(TorchFunctionMode):
         self._originals = {id(t): name for name, t in (parameters or {}).items()}
         self._module_stack, self._module_names = module_stack, module_names or {}
 
-    def _refuse_stale_parameter(self, func, t: torch.Tensor) -> None:
+    def _stale_name(self, t: torch.Tensor) -> Optional[str]:
         name = self._originals.get(id(t))
         if name is None and t._base is not None:
             name = self._originals.get(id(t._base))
-        if name is None:
+        return name
+
+    def _refuse_stale_parameter(self, func, t: torch.Tensor, out=None) -> None:
+        """out: the op's result, when it ran (metadata reads, .detach(), .item() carry no
+        gradient and pass); None: refuse."""
+        if out is not None and not any(r.requires_grad for r in tensors_in(out)):
             return
+        name = self._stale_name(t)
         stack = self._module_stack
         where = f" in module {self._module_names.get(id(stack[-1]), type(stack[-1]).__name__)!r}" if stack else ""
         raise ValueError(
@@ -435,8 +441,9 @@ class UseMode(TorchFunctionMode):
             )
 
     # --- the interception ---
-    def _scan(self, func, args, kwargs) -> Tuple[bool, List[Derived]]:
-        data, derived = False, []
+    def _scan(self, args, kwargs) -> Tuple[bool, List[Derived], Optional[torch.Tensor]]:
+        """(whether data is involved, the derived arguments, a stale parameter argument)."""
+        data, derived, stale = False, [], None
         for value in (*args, *kwargs.values()):
             for t in tensors_in(value):
                 kind = self.kind(t)
@@ -444,17 +451,21 @@ class UseMode(TorchFunctionMode):
                     data = True
                 elif kind is not None:
                     derived.append(kind)
-                elif self._originals:
-                    self._refuse_stale_parameter(func, t)
-        return data, derived
+                elif self._originals and self._stale_name(t) is not None:
+                    stale = t
+        return data, derived, stale
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        data, derived = self._scan(func, args, kwargs)
+        data, derived, stale = self._scan(args, kwargs)
         if args and _writes_in_place(func):
             self._refuse_in_place_write(func, args[0])
+        if stale is not None and derived:
+            self._refuse_stale_parameter(func, stale)
         if not derived:
             out = func(*args, **kwargs)
+            if stale is not None:
+                self._refuse_stale_parameter(func, stale, out)
             if data:
                 self._propagate(func, args, kwargs, out)
                 if self.detached is None and _detaches(func, args, out):
