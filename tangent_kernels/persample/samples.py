@@ -4,7 +4,11 @@ The model's inputs hold sample b in row b of dim 0. Every op on data passes thro
 mode, which carries that fact to the op's results by what the op does, never by reading
 a size: a reshape keeps the order of the elements, so the samples of the result are
 where that order puts them; a permute moves them with their dim; an index, a split or a
-reduction keeps them unless it cuts through their dim. Sizes are only checked to agree.
+reduction keeps them unless it cuts through their dim. Sizes are only checked to agree;
+an op none of these families names (an activation, a convolution, pooling, a library's
+own op) is taken to keep the layout when its result has the input's dims and the same
+size on the samples' dim, and loses them otherwise. Values that mix samples along a
+kept layout (``h + h.flip(0)``) are the spot check's to catch, not this.
 
 One dim holds the samples, possibly folded with others (``Samples``): along it, index i
 belongs to sample (i // inner) % B. So [B, T, d] has them on dim 0 (inner 1); Swin's
