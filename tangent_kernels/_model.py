@@ -15,8 +15,9 @@ from torch import nn
 
 from .params import ParamLayout
 
-__all__ = ["RandomForwardError", "check_device", "eval_mode", "evaluate", "fp32_math", "functional_state",
-           "gradients_on", "matmul_allows_tf32", "model_device", "module_attributes_kept", "substituted"]
+__all__ = ["RandomForwardError", "check_device", "check_parameter_aliases", "eval_mode", "evaluate", "fp32_math",
+           "functional_state", "gradients_on", "matmul_allows_tf32", "model_device", "module_attributes_kept",
+           "substituted"]
 
 # nn.Module's own bookkeeping, which functional_call and hooks manage themselves.
 _MODULE_INTERNALS = frozenset({"_parameters", "_buffers", "_modules", "training", "_non_persistent_buffers_set"})
@@ -143,6 +144,65 @@ def substituted(model: nn.Module, state, run: Callable[[], Any], tensors=()):
     prefixed = tuple({f"model.{name}": tensor for name, tensor in part.items()} for part in state)
     with module_attributes_kept(model), random_draws_refused([next(iter(state[0].values()), None), *tensors]):
         return functional_call(_Substituted(model), prefixed, (run,))
+
+
+def _storage(t: torch.Tensor) -> Optional[int]:
+    try:
+        return t.untyped_storage().data_ptr() if t.numel() and not t.is_meta else None
+    except (RuntimeError, NotImplementedError):  # a tensor subclass without storage
+        return None
+
+
+def _tensors_one_level(value):
+    if isinstance(value, torch.Tensor):
+        yield "", value
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            if isinstance(item, torch.Tensor):
+                yield f"[{i}]", item
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(item, torch.Tensor):
+                yield f"[{key!r}]", item
+
+
+def check_parameter_aliases(model: nn.Module) -> None:
+    """Refuse a plain module attribute that shares memory with a parameter.
+
+    Every evaluation substitutes the parameters (``functional_call``): a view of one kept
+    in a plain attribute since construction (``self.e_t = self.e.weight.t()`` in
+    ``__init__``) still holds the original tensor, so the gradient through it would be
+    lost and K silently wrong. Checked by storage, in plain attributes and one level
+    inside lists, tuples and dicts. A parameter object itself in a list is not refused
+    here (``nn.LSTM`` keeps its weights in ``_flat_weights`` and refreshes that list in its
+    forward); the batched pass refuses one that is used stale (persample.uses).
+    """
+    owners = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        storage = _storage(p)
+        if storage is not None:
+            owners.setdefault(storage, name)
+    if not owners:
+        return
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for key, value in vars(module).items():
+            if key in _MODULE_INTERNALS or key.startswith("_forward") or key.startswith("_backward") \
+                    or key.endswith("hooks") or key in ("_state_dict_hooks", "_load_state_dict_pre_hooks"):
+                continue
+            for suffix, t in _tensors_one_level(value):
+                if isinstance(t, nn.Parameter):
+                    continue
+                owner = owners.get(_storage(t))
+                if owner is None:
+                    continue
+                where = f"{module_name}.{key}" if module_name else key
+                raise ValueError(
+                    f"attribute {where}{suffix} of the model shares memory with parameter {owner!r} (a view of it "
+                    f"kept since construction, e.g. self.{key} = <parameter>.t() in __init__): tangent_kernels "
+                    "substitutes the parameters for every evaluation (torch.func.functional_call), so this "
+                    "attribute would keep the original tensor and the gradient through it would be lost. Compute "
+                    f"the view in forward (e.g. a property returning it, or <parameter>.t() where {key} is used)"
+                )
 
 
 def evaluate(model: nn.Module, state, args, kwargs):

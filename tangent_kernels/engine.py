@@ -111,6 +111,8 @@ def _check_model(model) -> None:
                 "so one sample's output depends on the others and its per-sample eNTK is not defined. Use "
                 "track_running_stats=True (with running statistics from training), or GroupNorm/LayerNorm"
             )
+    from ._model import check_parameter_aliases  # a view of a parameter kept in a plain attribute
+    check_parameter_aliases(model)
 
 
 def _check_inputs_callable(inputs) -> None:

@@ -13,10 +13,11 @@ entries. Rows flattened batch-major into dim 0 ([B * T, d] + bias, Swin's
 
 from __future__ import annotations
 
-from typing import Optional
+
 
 import torch
 
+from .samples import FIRST, Samples, by_sample
 from .uses import NotCovered, Sink, Use, register
 
 __all__ = ["BroadcastUse"]
@@ -25,69 +26,60 @@ __all__ = ["BroadcastUse"]
 class BroadcastUse(Use):
     label = "broadcast"
 
-    def __init__(self, mode, derived, leaf: torch.Tensor, shape, aligned: bool, samples_dim: int = 0):
+    def __init__(self, mode, derived, leaf: torch.Tensor, shape, aligned: bool, samples: Samples = FIRST):
         super().__init__(derived.sampled, leaf)
         self.batch, self.pullback, self.shape, self.aligned = mode.batch_size, derived.pullback, shape, aligned
-        self.samples_dim = samples_dim
+        self.samples = samples  # where the leaf holds them
 
     def contribute(self, grad: torch.Tensor, sink: Sink) -> None:
-        if self.samples_dim:  # sequence first: the leaf is [1 or T, B, ...]
-            grad = grad.movedim(self.samples_dim, 0)
-        if not self.aligned:
-            if grad.shape[0] != self.batch:  # batch-major flattened rows
-                grad = grad.reshape(self.batch, -1, *grad.shape[1:]).sum(dim=1)
-            grad = grad.reshape(self.batch, *self.shape)
+        if not self.aligned:  # the rows of each sample (the leaf's size there is 1 + the fold) summed
+            grad = by_sample(grad, self.samples, self.batch).sum(dim=(1, 2)).reshape(self.batch, *self.shape)
         self.pullback.contribute(grad, self.aligned, sink)
 
 
-def _per_sample_leaf(mode, t: torch.Tensor, ndim: int, rows: int, concatenated: bool, where: Optional[int],
-                     guessed: bool = False):
-    """(leaf, aligned, samples dim) standing in for the derived tensor t in an op whose
-    result has ``ndim`` dims and ``rows`` rows, its samples on dim ``where``."""
+def _per_sample_leaf(mode, t: torch.Tensor, out_shape, concatenated: bool, samples: Samples):
+    """(leaf, aligned) standing in for the derived tensor t in an op whose result has
+    ``out_shape`` and holds its samples as ``samples`` says."""
     batch, derived = mode.batch_size, mode.derived(t)
+    ndim = len(out_shape)
     if ndim == 0 or t.dim() > ndim:
         raise NotCovered("a result without a batch dimension")
+    at = samples.dim
     shape = (1,) * (ndim - t.dim()) + tuple(t.shape)
-    if where == 1 and not concatenated and shape[1] == 1:  # sequence first [T, B, ...]
-        leaf = t.detach().reshape(shape).expand(shape[0], batch, *shape[2:]).requires_grad_(True)
-        return leaf, False, 1
-    if shape[0] == 1 and not concatenated:
-        if guessed and where != 0 and rows % batch == 0:  # read from a shape: [B * H, T, T] with T = B
-            where = 0
-        if where != 0:
-            raise NotCovered(f"a result of {rows} rows for a batch of {batch} (its leading dimension is not the batch)")
-        leaf = t.detach().reshape(shape).expand(rows, *shape[1:]).requires_grad_(True)
-        return leaf, False, 0
-    if shape[0] == batch and rows == batch and t.dim() == ndim:
+    if shape[at] == 1 and not concatenated:  # shared by the batch: one copy per row of the samples' dim
+        target = shape[:at] + (out_shape[at],) + shape[at + 1:]
+        return t.detach().reshape(shape).expand(target).requires_grad_(True), False
+    if at == 0 and samples.exact(out_shape, batch) and shape[0] == batch and t.dim() == ndim:
         why = derived.pullback.per_sample_ok()
         if why is not None:
             raise NotCovered(why)
-        return t.detach().requires_grad_(True), True, 0
+        return t.detach().requires_grad_(True), True
     raise NotCovered(f"a parameter operand of shape {list(t.shape)} that neither is shared by the batch nor has "
-                     f"one row per sample (batch {batch})")
+                     f"one row per sample (batch {batch}, samples on dim {at} of {list(out_shape)})")
 
 
-def _replace(mode, value, leaves, ndim, rows, concatenated, where, guessed):
+def _replace(mode, value, leaves, out_shape, concatenated, samples):
     if isinstance(value, torch.Tensor):
         derived = mode.derived(value)
         if derived is None:
             return value
-        leaf, aligned, at = _per_sample_leaf(mode, value, ndim, rows, concatenated, where, guessed)
-        leaves.append((derived, leaf, tuple(value.shape), aligned, at))
+        leaf, aligned = _per_sample_leaf(mode, value, out_shape, concatenated, samples)
+        leaves.append((derived, leaf, tuple(value.shape), aligned))
         return leaf
     if isinstance(value, (list, tuple)):
-        return type(value)(_replace(mode, v, leaves, ndim, rows, concatenated, where, guessed) for v in value)
+        return type(value)(_replace(mode, v, leaves, out_shape, concatenated, samples) for v in value)
     return value
 
 
-def _run(mode, func, args, kwargs, ndim, rows, concatenated=False, where=0, guessed=False):
+def _run(mode, func, args, kwargs, out_shape, samples: Samples, result: Samples, concatenated=False):
+    """samples: where the result holds them as the leaves see it; result: how to mark it."""
     leaves = []
-    new_args = tuple(_replace(mode, a, leaves, ndim, rows, concatenated, where, guessed) for a in args)
-    new_kwargs = {k: _replace(mode, v, leaves, ndim, rows, concatenated, where, guessed) for k, v in kwargs.items()}
+    new_args = tuple(_replace(mode, a, leaves, out_shape, concatenated, samples) for a in args)
+    new_kwargs = {k: _replace(mode, v, leaves, out_shape, concatenated, samples) for k, v in kwargs.items()}
     out = func(*new_args, **new_kwargs)
-    mode.mark_data(out, leaves[0][4] if leaves else where)
-    for derived, leaf, shape, aligned, where in leaves:
-        mode.add_use(BroadcastUse(mode, derived, leaf, shape, aligned, where))
+    mode.mark_data(out, result)
+    for derived, leaf, shape, aligned in leaves:
+        mode.add_use(BroadcastUse(mode, derived, leaf, shape, aligned, samples))
     return out
 
 
@@ -121,12 +113,16 @@ def elementwise(mode, func, args, kwargs):
         shape = torch.broadcast_shapes(*shapes)
     except RuntimeError:
         raise NotCovered(f"operands of shapes {[list(s) for s in shapes]} that do not broadcast") from None
-    data = next(t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and mode.is_data(t))
-    guessed = mode.tracked_dim(data) is None
-    where = mode.samples_dim(data)
-    if where is not None:
-        where += len(shape) - data.dim()  # the data operand broadcast against more dims
-    return _run(mode, func, args, kwargs, len(shape), shape[0] if len(shape) else 0, where=where, guessed=guessed)
+    data = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and mode.is_data(t)]
+    found = {Samples(s.dim + len(shape) - t.dim(), s.inner) for t in data
+             for s in [mode.samples_of(t, "the data operand")]}  # broadcast against more dims
+    if len(found) != 1:
+        raise NotCovered("data operands with their samples on different dims")
+    samples = found.pop()
+    if not samples.fits(shape, mode.batch_size) or any(shape[samples.dim] != t.shape[samples.dim - len(shape) + t.dim()]
+                                                       for t in data):
+        raise NotCovered(f"a result of shape {list(shape)} that broadcasts the samples' dim")
+    return _run(mode, func, args, kwargs, tuple(shape), samples, samples)
 
 
 @register(torch.cat, getattr(torch, "concat", None), getattr(torch, "concatenate", None), torch.stack)
@@ -140,6 +136,11 @@ def concatenate(mode, func, args, kwargs):
     if ndim == 0 or dim % result_ndim == 0:
         raise NotCovered("concatenation along the batch dimension")
     data = next((t for t in tensors if mode.is_data(t)), None)
-    if data is None or mode.samples_dim(data) != 0:
+    if data is None:
+        raise NotCovered("an unusual call")
+    samples = mode.samples_of(data, "the concatenated data")
+    if samples.dim != 0 or not samples.exact(data.shape, mode.batch_size) \
+            or any(mode.samples(t) not in (None, samples) for t in tensors):
         raise NotCovered("a concatenation whose data does not have the batch first")
-    return _run(mode, func, args, kwargs, ndim, data.shape[0], concatenated=True, where=0)
+    result = Samples(1 if func is torch.stack and dim % result_ndim == 0 else 0)
+    return _run(mode, func, args, kwargs, tuple(data.shape), samples, result, concatenated=True)

@@ -199,7 +199,8 @@ def conv(mode, func, args, kwargs):
     w = _view_of_parameter(mode, weight, "weight", weight.dim())
     b = _view_of_parameter(mode, given["bias"], "bias", 1)
     ndim = weight.dim() - 2
-    if x.dim() != weight.dim() or x.shape[0] != mode.batch_size or mode.samples_dim(x) != 0:
+    samples = mode.samples_of(x, "the convolution's input")
+    if x.dim() != weight.dim() or samples.dim != 0 or not samples.exact(x.shape, mode.batch_size):
         raise NotCovered(f"an input of shape {list(x.shape)} without a leading batch dimension of size {mode.batch_size}")
     kernel = tuple(weight.shape[2:])
     stride, dilation = _per_dim(given["stride"], ndim, "stride"), _per_dim(given["dilation"], ndim, "dilation")

@@ -103,7 +103,8 @@ def multi_head_attention(mode, func, args, kwargs):
         raise NotCovered("attention dropout in training mode")
     if a["is_causal"] and a["attn_mask"] is None:
         raise NotCovered("is_causal without attn_mask")
-    if query.shape[1] != mode.batch_size:
+    samples = mode.samples_of(query, "the query")
+    if samples.dim != 1:
         raise NotCovered(f"query of shape {list(query.shape)}: batch {mode.batch_size} is not its dim 1")
     return mode.reenter(_attention, a)
 

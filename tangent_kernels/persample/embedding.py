@@ -16,6 +16,7 @@ from .. import sampled
 from ..structured.plan import FactorForm
 from .backends import embedding_kernel, writes_in_place
 from .linear import _view_of_parameter
+from .samples import by_sample
 from .uses import Derived, NotCovered, Sink, Use, bind, register, register_derived
 from .views import is_the_leaf
 
@@ -67,11 +68,11 @@ def _contract(backend, st, geometry, tokens, d, padding_idx, sink: Sink) -> None
 class EmbeddingUse(Use):
     label = "embedding"
 
-    def __init__(self, mode, tokens, z, weight, padding_idx, samples_dim=0):
+    def __init__(self, mode, tokens, z, weight, padding_idx, samples):
         super().__init__([weight.st], torch.autograd.graph.get_gradient_edge(z), guarded=[tokens])
         self.batch, self.backend = mode.batch_size, mode.backend
         self.tokens, self.weight, self.padding_idx = tokens, weight, padding_idx
-        self.samples_dim = samples_dim  # 1: sequence first [T, B]
+        self.samples = samples  # where the token ids hold them (the output: the same dims first)
 
     def factor_form(self, st):
         """The whole table [V, E] as token ids (one-hot rows) times the output gradient:
@@ -81,10 +82,8 @@ class EmbeddingUse(Use):
         return FactorForm(0, 1, int(st.leaf.shape[1]), self.tokens.numel() // self.batch, index=True)
 
     def contribute(self, d: torch.Tensor, sink: Sink) -> None:
-        tokens = self.tokens
-        if self.samples_dim:
-            tokens, d = tokens.movedim(1, 0), d.movedim(1, 0)
-        tokens = tokens.reshape(self.batch, -1)
+        tokens = by_sample(self.tokens, self.samples, self.batch).reshape(self.batch, -1)
+        d = by_sample(d, self.samples, self.batch)
         d = d.reshape(self.batch, tokens.shape[1], -1)
         if sink.factors is not None and self.weight.st.name in sink.factors.names:
             # Token ids as the input factor (structured/): the padding row gets no gradient.
@@ -118,11 +117,7 @@ def embedding(mode, func, args, kwargs):
     tokens, table, weight, padding_idx = _arguments(mode, func, args, kwargs)
     if weight is None:
         raise NotCovered("data as the embedding table")
-    where = mode.samples_dim(tokens) if tokens.dim() else None
-    if where is None:
-        raise NotCovered(f"indices of shape {list(tokens.shape)} without a batch dimension first or second")
-    if where not in (0, 1):
-        raise NotCovered(f"indices with the batch on dim {where}")
+    where = mode.samples_of(tokens, "the indices")
     z = func(*args, **kwargs)
     mode.mark_data(z, where)
     if z.requires_grad:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from .. import sampled
 from ..structured.plan import FactorForm
 from .backends import COMPILED, linear_kernel, writes_in_place
+from .samples import FIRST, Samples, by_sample
 from .uses import NotCovered, Sink, Use, ViewPullback, register, whole_vector
 from .views import Geometry, SampledTensor
 
@@ -35,13 +36,13 @@ class ComputedWeight(NamedTuple):
     shape: tuple
 
 
-def _rows(mode, a: torch.Tensor, what: str) -> int:
-    """The dim of ``a`` that holds the samples (0 or 1), or NotCovered."""
-    where = mode.samples_dim(a) if a.dim() >= 2 else None
-    if where is None or where >= a.dim() - 1:  # the last dim holds the features
-        raise NotCovered(f"{what} of shape {list(a.shape)} has no batch dimension of size {mode.batch_size} "
-                         "first (nor batch-major flattened rows, nor sequence first)")
-    return where
+def _rows(mode, a: torch.Tensor, what: str, features: int = 1) -> Samples:
+    """Where ``a`` holds its samples (on a dim other than its last ``features``), or NotCovered."""
+    samples = mode.samples_of(a, what)
+    if samples.dim >= a.dim() - features:
+        raise NotCovered(f"{what} of shape {list(a.shape)} holds the samples on dim {samples.dim}, "
+                         "which the product contracts")
+    return samples
 
 
 def _view_of_parameter(mode, t, what: str, dims: int, batched: bool = False):
@@ -59,7 +60,7 @@ def _view_of_parameter(mode, t, what: str, dims: int, batched: bool = False):
         if t.dim() == dims == 2 and derived.pullback.per_sample_ok() is None:
             return ComputedWeight(derived, tuple(t.shape))
         raise NotCovered(f"the {what} is computed from parameters, not a view of one")
-    if batched and t.dim() == dims + 1 and t.shape[0] == mode.batch_size and t.stride(0) == 0:
+    if batched and t.dim() == dims + 1 and t.stride(0) == 0:  # the same matrix in every row
         size, stride, offset = derived.pullback.geometry
         return Operand(derived.pullback.st, (size[1:], stride[1:], offset))
     if t.dim() != dims:
@@ -91,7 +92,7 @@ class LinearUse(Use):
     label = "linear"
 
     def __init__(self, mode, a, z, weight, layout, bias=None, scale=1.0, bias_scale=1.0, transposed=False,
-                 samples_dim=0, bias_shape=None):
+                 samples=FIRST, bias_shape=None):
         sampled = ([] if weight is None else list(weight.derived.sampled) if isinstance(weight, ComputedWeight)
                    else [weight.st])
         if bias is not None:
@@ -100,13 +101,11 @@ class LinearUse(Use):
         self.batch, self.backend = mode.batch_size, mode.backend
         self.a, self.weight, self.layout, self.bias = a, weight, layout, bias
         self.scale, self.bias_scale, self.transposed = scale, bias_scale, transposed
-        self.samples_dim = samples_dim  # 1: sequence first [T, B, ...]
+        self.samples = samples  # where a and the output gradient hold the samples
         self.bias_shape = bias_shape  # of a bias computed from parameters
 
     def contribute(self, d: torch.Tensor, sink: Sink) -> None:
-        a = self.a
-        if self.samples_dim:
-            a, d = a.movedim(self.samples_dim, 0), d.movedim(self.samples_dim, 0)
+        a, d = by_sample(self.a, self.samples, self.batch), by_sample(d, self.samples, self.batch)
         if self.transposed:
             a, d = a.transpose(-1, -2), d.transpose(-1, -2)
         n_in, n_out = a.shape[-1], d.shape[-1]
@@ -215,7 +214,10 @@ class LinearUse(Use):
 
 
 def _record(mode, z, **use) -> torch.Tensor:
-    mode.mark_data(z, use.get("samples_dim", 0))
+    samples = use.get("samples", FIRST)
+    if z.dim() != use["a"].dim():  # [N, I] @ W.expand(k, I, O): the samples moved
+        raise NotCovered(f"a product of {use['a'].dim()}-D data with a {z.dim()}-D result")
+    mode.mark_data(z, samples)
     if z.requires_grad:
         mode.add_use(LinearUse(mode, z=z, **use))
     return z
@@ -231,7 +233,7 @@ def linear(mode, func, args, kwargs):
     where = _rows(mode, x, "the input")
     w = _view_of_parameter(mode, weight, "weight", 2)
     b, bias_shape = _bias(mode, bias)
-    return _record(mode, func(*args, **kwargs), a=x, weight=w, layout="oi", bias=b, samples_dim=where,
+    return _record(mode, func(*args, **kwargs), a=x, weight=w, layout="oi", bias=b, samples=where,
                    bias_shape=bias_shape)
 
 
@@ -243,11 +245,11 @@ def addmm(mode, func, args, kwargs):
     beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
     if not mode.is_data(mat1) or mode.derived(bias) is not None and bias.dim() == 2 and bias.shape[0] != 1:
         raise NotCovered("a parameter as mat1, or a bias that is not broadcast over rows")
-    if _rows(mode, mat1, "mat1") != 0:
-        raise NotCovered("mat1's rows are not grouped by sample")
+    where = _rows(mode, mat1, "mat1")
     w = _view_of_parameter(mode, mat2, "mat2", 2)
     b = _view_of_parameter(mode, bias, "bias", bias.dim() if isinstance(bias, torch.Tensor) else 1)
-    return _record(mode, func(*args, **kwargs), a=mat1, weight=w, layout="io", bias=b, scale=alpha, bias_scale=beta)
+    return _record(mode, func(*args, **kwargs), a=mat1, weight=w, layout="io", bias=b, scale=alpha, bias_scale=beta,
+                   samples=where)
 
 
 @register(torch.mm, torch.Tensor.mm, torch.bmm, torch.Tensor.bmm, torch.matmul, torch.Tensor.matmul,
@@ -259,14 +261,11 @@ def matmul(mode, func, args, kwargs):
     if mode.is_data(left) and mode.derived(right) is not None:
         where = _rows(mode, left, "the left operand")
         w = _view_of_parameter(mode, right, "right operand", 2, batched=True)
-        if where and right.dim() != 2:
-            raise NotCovered("a batched parameter operand with the data sequence first")
-        return _record(mode, func(*args, **kwargs), a=left, weight=w, layout="io", samples_dim=where)
+        return _record(mode, func(*args, **kwargs), a=left, weight=w, layout="io", samples=where)
     if mode.derived(left) is not None and mode.is_data(right):
-        if right.dim() < 3 or right.shape[0] != mode.batch_size or mode.samples_dim(right) != 0:
-            raise NotCovered(f"a parameter times data of shape {list(right.shape)} (no leading batch dimension)")
+        where = _rows(mode, right, "the right operand", features=2)
         w = _view_of_parameter(mode, left, "left operand", 2)
-        return _record(mode, func(*args, **kwargs), a=right, weight=w, layout="oi", transposed=True)
+        return _record(mode, func(*args, **kwargs), a=right, weight=w, layout="oi", transposed=True, samples=where)
     raise NotCovered("both operands hold parameters, or neither is data")
 
 
@@ -304,7 +303,8 @@ def einsum(mode, func, args, kwargs):
         x, w = w, x
     if not mode.is_data(x) or mode.derived(w) is None:
         raise NotCovered("one operand must be data, the other a parameter")
-    if mode.samples_dim(x) != 0:
+    samples = mode.samples_of(x, "the einsum's data")
+    if samples.dim != 0 or not samples.exact(x.shape, mode.batch_size):
         raise NotCovered("an einsum whose data does not have the batch first")
     spec = equation.replace(" ", "")
     if "->" not in spec or "." in spec:
@@ -319,7 +319,7 @@ def einsum(mode, func, args, kwargs):
         raise NotCovered(f"an einsum {equation!r} whose first data index is not a batch index apart from the parameter's")
     weight = _view_of_parameter(mode, w, "einsum operand", w.dim())
     z = func(*args)
-    mode.mark_data(z)
+    mode.mark_data(z, Samples(z_sub.index(batch_letter)))
     if z.requires_grad:
         mode.add_use(EinsumUse(mode, x, z, weight, f"{x_sub},{z_sub}->{batch_letter}{w_sub}"))
     return z

@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch.overrides import TorchFunctionMode
 
+from .samples import FIRST, Samples, factory, follow, lost
 from .views import SampledTensor, geometry_of, is_the_leaf
 
 _log = logging.getLogger("tangent_kernels")
@@ -35,21 +36,7 @@ __all__ = ["DATA", "Derived", "NotCovered", "Uncovered", "Use", "UseMode", "Sink
            "ViewPullback", "AutogradPullback", "bind", "func_name"]
 
 
-class _Data:
-    """A data tensor's kind, with the dim that holds its samples (None: not known; the
-    rules then read it from the shape, uses.batch_dim)."""
-
-    __slots__ = ("dim",)
-
-    def __init__(self, dim: Optional[int]):
-        self.dim = dim
-
-    def __repr__(self):
-        return f"DATA(samples on dim {self.dim})"
-
-
-DATA = _Data(0)  # the usual case: batch first
-_DATA_AT = {None: _Data(None), 0: DATA, **{d: _Data(d) for d in range(1, 8)}}
+DATA = FIRST  # the model's inputs: sample b is row b of dim 0
 
 
 class Uncovered(Exception):
@@ -268,7 +255,6 @@ _NOT_WRITES = {"requires_grad_", "retain_grad", "share_memory_"}
 def _storage(t: torch.Tensor) -> int:
     """The address of a tensor's memory: the same for its views and aliases."""
     return t.untyped_storage().data_ptr()
-_SWAPS = {"transpose", "swapaxes", "swapdims"}
 
 
 def _writes_in_place(func) -> bool:
@@ -284,23 +270,6 @@ def _detaches(func, args, out) -> bool:
         return False
     results = tensors_in(out)
     return bool(results) and not any(t.requires_grad for t in results) and any(t.is_floating_point() for t in results)
-
-
-def batch_dim(batch: int, shape) -> Optional[int]:
-    """Where the samples of a data tensor of ``shape`` are, read from the shape: 0 (batch
-    first: dim 0 is B), 1 (sequence first: [T, B, ...]), 0 again for rows flattened
-    batch-major into dim 0 ([B * T, d], Swin's [B * windows, N, C]), else None.
-
-    The shape can mislead (windows flattened into dim 0 with N = B windows' tokens read
-    as sequence first); the spot check against a per-sample evaluation catches that, as
-    it guards every rule."""
-    if len(shape) >= 1 and shape[0] == batch:
-        return 0
-    if len(shape) >= 2 and shape[1] == batch:
-        return 1
-    if len(shape) >= 1 and shape[0] > 0 and shape[0] % batch == 0:
-        return 0
-    return None
 
 
 def tensors_in(value) -> List[torch.Tensor]:
@@ -326,6 +295,7 @@ class UseMode(TorchFunctionMode):
         # The batch's own tensors (and their bases), and which module is running (watch_inputs).
         self._inputs: set = set()
         self._parameters: Dict[int, str] = {}
+        self._originals: Dict[int, str] = {}
         self._module_stack: Optional[list] = None
         self._module_names: Dict[int, str] = {}
         for st in sampled:
@@ -346,56 +316,44 @@ class UseMode(TorchFunctionMode):
         return kind if isinstance(kind, Derived) else None
 
     def is_data(self, t) -> bool:
-        return isinstance(self.kind(t), _Data)
+        return isinstance(self.kind(t), Samples)
 
-    def tracked_dim(self, t) -> Optional[int]:
-        """The dim of data tensor t that holds the samples as tracked through transposes
-        and ops that keep it (None where a reshape or reduction lost it)."""
+    def samples(self, t) -> Optional[Samples]:
+        """Where data tensor t holds its samples (followed from the batch: samples.py);
+        None for a tensor that is not data."""
         kind = self.kind(t)
-        if isinstance(kind, _Data) and kind.dim is not None and kind.dim < t.dim() \
-                and t.shape[kind.dim] == self.batch_size:
-            return kind.dim
-        return None
+        return kind if isinstance(kind, Samples) else None
 
-    def samples_dim(self, t) -> Optional[int]:
-        """The tracked dim of t's samples, else the one its shape suggests (batch_dim)."""
-        tracked = self.tracked_dim(t)
-        return tracked if tracked is not None else batch_dim(self.batch_size, t.shape)
+    def samples_of(self, t, what: str) -> Samples:
+        """The Samples of data tensor t, or NotCovered naming ``what`` and why they are lost."""
+        kind = self.samples(t)
+        if kind is None or not kind.known():
+            why = kind.why if kind is not None else "not computed from the batch"
+            raise NotCovered(f"{what} of shape {list(t.shape)}: which dim holds the samples is not known ({why})")
+        if not kind.fits(t.shape, self.batch_size):
+            raise NotCovered(f"{what} of shape {list(t.shape)} cannot hold the samples on dim {kind.dim} "
+                             f"(batch {self.batch_size})")
+        return kind
 
-    def mark_data(self, value, dim: Optional[int] = 0) -> None:
-        kind = _DATA_AT.get(dim, _DATA_AT[None])
+    def mark_data(self, value, samples: Optional[Samples] = FIRST) -> None:
         for t in tensors_in(value):
-            self.set_kind(t, kind)
+            self.set_kind(t, samples if samples is not None else lost("not followed"))
 
     def _propagate(self, func, args, kwargs, out) -> None:
-        """Mark a data op's results, carrying the samples' dim through transposes and
-        through ops that keep the input's layout. Never fails the user's op: where the
-        dim cannot be followed, it is marked unknown (read from the shape later)."""
-        try:
-            dim = self._follow(func, args, kwargs, out)
-        except Exception:  # noqa: BLE001 - an argument form not foreseen here
-            dim = None
-        self.mark_data(out, dim)
-
-    def _follow(self, func, args, kwargs, out) -> Optional[int]:
-        source = next((t for value in (*args, *kwargs.values()) for t in tensors_in(value) if self.is_data(t)), None)
-        dim = self.kind(source).dim if source is not None else 0
+        """Mark a data op's results with where their samples are (samples.follow)."""
+        if factory(func):
+            return  # x.new_zeros(...), torch.zeros_like(x): constants
         results = tensors_in(out)
-        if dim is not None and results:
-            name = getattr(func, "__name__", "")
-            first = results[0]
-            if name in _SWAPS and len(args) >= 3 and all(isinstance(a, int) for a in args[1:3]):
-                a, b = (d % source.dim() for d in args[1:3])
-                dim = b if dim == a else a if dim == b else dim
-            elif name == "permute" and len(args) >= 2:
-                order = list(args[1]) if isinstance(args[1], (list, tuple)) else list(args[1:])
-                order = [d % source.dim() for d in order]
-                dim = order.index(dim) if dim in order else None
-            elif name in ("t", "T") and source.dim() == 2:
-                dim = 1 - dim
-            elif not (first.dim() == source.dim() and first.shape[dim] == source.shape[dim]):
-                dim = None  # reshaped, reduced, ...: read from the shape where it is needed
-        return dim
+        if results:
+            for t, samples in zip(results, follow(func, args, kwargs, results, self.samples, self.batch_size)):
+                self.set_kind(t, samples)
+        elif getattr(func, "__name__", "") == "__setitem__" and args and isinstance(args[0], torch.Tensor) \
+                and not self.is_data(args[0]):
+            # Data written into a constant (a buffer filled by indexing): where its samples
+            # are is not followed.
+            target = args[0]
+            self.set_kind(target, Samples(0, target.shape[0]) if self.batch_size == 1 and target.dim()
+                          else lost("__setitem__ wrote data into a tensor that held none"))
 
     def mark_derived(self, value, derived_inputs: Sequence[Derived]) -> None:
         sampled = {id(st): st for d in derived_inputs for st in d.sampled}
@@ -431,7 +389,33 @@ class UseMode(TorchFunctionMode):
         with the caller's."""
         self._inputs = {_storage(t) for t in tensors if t.numel()}
         self._parameters = {_storage(t): name for name, t in (parameters or {}).items() if t.numel()}
+        # The caller's parameter objects: the evaluation substitutes every one of them, so
+        # one (or a view of one) that reaches an op was kept where functional_call cannot
+        # see it (a plain attribute, a list, a closure): its gradient would be lost.
+        self._originals = {id(t): name for name, t in (parameters or {}).items()}
         self._module_stack, self._module_names = module_stack, module_names or {}
+
+    def _stale_name(self, t: torch.Tensor) -> Optional[str]:
+        name = self._originals.get(id(t))
+        if name is None and t._base is not None:
+            name = self._originals.get(id(t._base))
+        return name
+
+    def _refuse_stale_parameter(self, func, t: torch.Tensor, out=None) -> None:
+        """out: the op's result, when it ran (metadata reads, .detach(), .item() carry no
+        gradient and pass); None: refuse."""
+        if out is not None and not any(r.requires_grad for r in tensors_in(out)):
+            return
+        name = self._stale_name(t)
+        stack = self._module_stack
+        where = f" in module {self._module_names.get(id(stack[-1]), type(stack[-1]).__name__)!r}" if stack else ""
+        raise ValueError(
+            f"the model's forward uses parameter {name} (or a view of it) through a reference kept outside the "
+            f"module's parameters ({func_name(func)}{where}), e.g. self.w_t = self.w.t() made in __init__ or a "
+            "list holding the parameter: tangent_kernels substitutes the parameters for every evaluation "
+            "(torch.func.functional_call), so the gradient through that reference would be lost. Compute the "
+            "view in forward from the registered parameter"
+        )
 
     def _refuse_in_place_write(self, func, target) -> None:
         if not isinstance(target, torch.Tensor):
@@ -457,24 +441,31 @@ class UseMode(TorchFunctionMode):
             )
 
     # --- the interception ---
-    def _scan(self, args, kwargs) -> Tuple[bool, List[Derived]]:
-        data, derived = False, []
+    def _scan(self, args, kwargs) -> Tuple[bool, List[Derived], Optional[torch.Tensor]]:
+        """(whether data is involved, the derived arguments, a stale parameter argument)."""
+        data, derived, stale = False, [], None
         for value in (*args, *kwargs.values()):
             for t in tensors_in(value):
                 kind = self.kind(t)
-                if isinstance(kind, _Data):
+                if isinstance(kind, Samples):
                     data = True
                 elif kind is not None:
                     derived.append(kind)
-        return data, derived
+                elif self._originals and self._stale_name(t) is not None:
+                    stale = t
+        return data, derived, stale
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        data, derived = self._scan(args, kwargs)
+        data, derived, stale = self._scan(args, kwargs)
         if args and _writes_in_place(func):
             self._refuse_in_place_write(func, args[0])
+        if stale is not None and derived:
+            self._refuse_stale_parameter(func, stale)
         if not derived:
             out = func(*args, **kwargs)
+            if stale is not None:
+                self._refuse_stale_parameter(func, stale, out)
             if data:
                 self._propagate(func, args, kwargs, out)
                 if self.detached is None and _detaches(func, args, out):
@@ -494,7 +485,7 @@ class UseMode(TorchFunctionMode):
             why = f"{func_name(func)}: used with gradients off (a custom autograd.Function, or torch.no_grad)"
             self.uncover(derived, why)
             out = func(*args, **kwargs)
-            self.mark_data(out)
+            self._propagate(func, args, kwargs, out)
             return out
         rule = _RULES.get(func)
         why = f"{func_name(func)} (no rule for this operation)"
@@ -518,7 +509,7 @@ class UseMode(TorchFunctionMode):
                 _log.warning("tangent_kernels: %s; its parameters take the generic path", why)
         self.uncover(derived, why)
         out = func(*args, **kwargs)
-        self.mark_data(out)
+        self._propagate(func, args, kwargs, out)
         return out
 
 
