@@ -234,9 +234,14 @@ class RecordsBatchSizes(CentersLaterBatches):
         return super().forward(x)
 
 
-def test_no_evaluation_is_a_batch_of_one():
+def test_no_evaluation_is_a_batch_of_one(monkeypatch):
     # One-sample batches take other kernels, where torch has had bugs (issue #20 item 3):
     # the check, the generic loop and the reference evaluate a sample alone as two copies.
+    # (torch.func.vmap shows the model a batch of one per sample while its kernels run on
+    # the whole batch; the check compares it with the two copies: tested above.)
+    from tangent_kernels.persample import generic
+
+    monkeypatch.setattr(generic, "STRATEGY", "loop")
     model, x = RecordsBatchSizes(), _data(9)
     SEEN_BATCH_SIZES.clear()
     with pytest.warns(RuntimeWarning, match="mix samples"):
@@ -295,3 +300,15 @@ def test_densenet_memory_efficient_gives_the_kernel():
         K = tk.gram(model, [x[:3], x[3:]], idx, progress=False, precision="fp64")
     assert _rel(K, expected) <= 1e-10
     assert _rel(tk.reference.gram_autograd(model.double(), [x.double()], idx), expected) <= 1e-12
+
+
+def test_vmaps_batch_of_one_is_checked_against_the_sample_alone():
+    # A model that sums over the batch: vmap (a batch of one per sample) and the sample
+    # alone as two copies disagree; the check sends the generic path to the loop.
+    from test_persample import SumsOverTheBatch
+
+    torch.manual_seed(6)
+    model, x = SumsOverTheBatch(), torch.randn(6, 4)
+    with pytest.warns(RuntimeWarning, match=r"torch.func.vmap's per-sample gradients .* differ"):
+        K = tk.gram(model, [x[:3], x[3:]], progress=False, precision="fp64")
+    assert _rel(K, tk.reference.gram_autograd(model, [x])) <= 1e-10
