@@ -130,11 +130,13 @@ def test_pntk_equals_full_form_with_identity_blocks():
 
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("beta", [0.0, 0.3])
-def test_add_equals_refit_and_direct_solves(form, beta):
+@pytest.mark.parametrize("room", ["default", "none"])  # "none": every add reallocates the factor
+def test_add_equals_refit_and_direct_solves(form, beta, room):
     P = problem(form, m=16, c=6, e=5)
     K, f = P["K"], P["f"]
-    la = tk.LookAhead(K[:10, :10], P["y"][:10], f0=f[:10], beta=beta)
-    la.add(K[10:12, :10], K[10:12, 10:12], P["y"][10:12], f[10:12])          # two blocks: the factor grows twice
+    rows = 10 * (3 if form == "full" else 1)
+    la = tk.LookAhead(K[:10, :10], P["y"][:10], f0=f[:10], beta=beta, capacity=None if room == "default" else rows)
+    la.add(K[10:12, :10], K[10:12, 10:12], P["y"][10:12], f[10:12])          # two blocks
     la.add(K[12:16, :12], K[12:16, 12:16], P["y"][12:16], f0_A=f[12:16])
     assert la.m == 16
     fresh = make(P, beta)

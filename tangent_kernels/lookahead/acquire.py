@@ -42,7 +42,7 @@ def output_change(la: LookAhead, K_CL: Any, k_CC: Any, K_EL: Any, K_EC: Any, y_C
         ref = inp.working(ref, "reference", la.dtype, la.device)
 
     def reduce(pred: torch.Tensor) -> torch.Tensor:
-        diff = pred - ref if ref is not None else pred
+        diff = pred.sub_(ref) if ref is not None else pred  # what_if hands over a fresh tensor
         per_point = diff.abs() if la.k is None else torch.linalg.vector_norm(diff, dim=-1)
         return per_point.sum(-1)  # [n, r]
 
