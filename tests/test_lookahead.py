@@ -154,6 +154,13 @@ def test_inputs_are_not_modified_and_numpy_works():
     before = K.clone()
     la = tk.LookAhead(K, P["y"][P["L"]], f0=P["f"][P["L"]], beta=0.5)
     assert torch.equal(K, before)
+    a, kw = args(P)
+    copies = [x.clone() for x in a] + [v.clone() for v in kw.values()]
+    la.what_if(*a, **kw, chunk=2)
+    la_mod.output_change(la, *a, **kw, reference=la.predict(a[2], kw["f0_E"]))
+    la.add(P["K"][P["C"], P["L"]][:2], P["K"][P["C"], P["C"]][:2, :2], P["yC"][:2, 0], P["f"][P["C"]][:2])
+    assert all(torch.equal(x, y) for x, y in zip(list(a) + list(kw.values()), copies))
+    la = tk.LookAhead(K, P["y"][P["L"]], f0=P["f"][P["L"]], beta=0.5)
     la_np = tk.LookAhead(K.numpy().astype(np.float32), P["y"][P["L"]].numpy(), f0=P["f"][P["L"]].numpy(), beta=0.5)
     a, kw = args(P)
     got = la_np.what_if(*(x.numpy() for x in a), **{n: v.numpy() for n, v in kw.items()})
@@ -200,6 +207,9 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match=r"candidate\(s\) \[2\].*beta > 0"):
         la.what_if(KCL, kCC, KEL, KEC, yC)
     assert torch.isfinite(make(P, 1e-3).what_if(KCL, kCC, KEL, KEC, yC)).all()
+    with pytest.raises(ValueError, match="Schur complement of the new points.*beta > 0"):
+        la.add(K[:1, L], K[:1, :1], P["y"][:1])  # labelled point 0 again
+    assert la.m == 13  # a refused add changes nothing
     with pytest.raises(ValueError, match=r"K_EC must have shape \[5, 7\]"):
         la.what_if(KCL, kCC, KEL, KEC.T, yC)
     with pytest.raises(ValueError, match="k_CC must have shape"):

@@ -86,7 +86,7 @@ class LookAhead:
         self.device = K.device
         K = inp.flat_kernel(K, self.full)
         inp.check_symmetric(K, "K_LL")
-        C = self._factor(K, "K_LL + beta I", "the labelled set")
+        C = self._factor(K, "K_LL + beta I", "the labelled set", K.shape[0], float(K.diagonal().abs().max()))
         N = C.shape[0]
         if capacity is None:
             capacity = N + max(N // 8, 256 * self._b)
@@ -115,15 +115,26 @@ class LookAhead:
         """The Cholesky factor (lower) of the flat K_LL + beta I, a view into the buffer."""
         return self._buf[:self._N, :self._N]
 
-    def _factor(self, K: torch.Tensor, what: str, points: str) -> torch.Tensor:
+    def _tiny(self, rows: int) -> float:
+        # Relative size under which a pivot (or a Schur complement) is rounding noise: forming
+        # d - v^T v loses a few eps * d per term of v, ``rows`` terms at worst.
+        return 64 * max(rows, 1) * torch.finfo(self.dtype).eps
+
+    def _factor(self, K: torch.Tensor, what: str, points: str, rows: int, scale: float) -> torch.Tensor:
+        """Cholesky factor of K + beta I (K is overwritten). ``rows``: of the whole system;
+        ``scale``: the largest diagonal entry of the kernel block before any Schur reduction."""
         K.diagonal().add_(self.beta)
         C, info = torch.linalg.cholesky_ex(K)
+        if int(info) == 0:
+            # Cholesky of a singular matrix may still "succeed" on rounding-sized pivots.
+            small = C.diagonal() ** 2 <= self._tiny(rows) * (scale + self.beta)
+            if bool(small.any()):
+                info = int(small.nonzero()[0]) + 1
         if int(info) != 0:
             raise ValueError(
                 f"{what} is not positive definite (Cholesky stops at row {int(info) - 1} of {K.shape[0]}): "
                 f"{points} has duplicated or linearly dependent points under this kernel. Pass beta > 0 "
-                f"(e.g. 1e-6 times the mean diagonal, {float(K.diagonal().mean()) - self.beta:.3g}) or drop "
-                "the duplicates"
+                f"(e.g. 1e-6 times the largest diagonal entry, {scale:.3g}) or drop the duplicates"
             )
         return C
 
@@ -233,8 +244,7 @@ class LookAhead:
         del F_EL
         fE = self._out_shape(f0_E, e, "f0_E", "the network's outputs at the evaluation points") + W.T @ self._z
         eye_b = torch.eye(b, dtype=self.dtype, device=self.device)
-        # Rounding of S = d - v^T v is a few eps * d * N at worst; below that S is noise.
-        tiny = 64 * N * torch.finfo(self.dtype).eps
+        tiny = self._tiny(N)
         out, parts = None, []
         for s in range(0, c, chunk):
             t = min(c, s + chunk)
@@ -309,7 +319,8 @@ class LookAhead:
         inp.check_symmetric(F_AA, "K_AA")
         r = self._residual(y_A, f0_A, a, "y_A", "f0_A")
         B = _solve_lower(self._C, F_AL.T)  # [N, a b]
-        C22 = self._factor(F_AA - B.T @ B, "The Schur complement of the new points", "the new points (with L)")
+        C22 = self._factor(F_AA - B.T @ B, "The Schur complement of the new points", "the new points (with L)",
+                           self._N + F_AA.shape[0], float(F_AA.diagonal().abs().max()))
         z2 = _solve_lower(C22, r - B.T @ self._z)
         N, M = self.n_rows, F_AA.shape[0]
         if N + M > self._buf.shape[0]:
