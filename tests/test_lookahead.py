@@ -130,14 +130,18 @@ def test_pntk_equals_full_form_with_identity_blocks():
 
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("beta", [0.0, 0.3])
-@pytest.mark.parametrize("room", ["default", "none"])  # "none": every add reallocates the factor
-def test_add_equals_refit_and_direct_solves(form, beta, room):
+@pytest.mark.parametrize("steps", [(10, 2, 4), (3,) + (1,) * 13])  # the second passes the block limit
+def test_add_equals_refit_and_direct_solves(form, beta, steps):
     P = problem(form, m=16, c=6, e=5)
-    K, f = P["K"], P["f"]
-    rows = 10 * (3 if form == "full" else 1)
-    la = tk.LookAhead(K[:10, :10], P["y"][:10], f0=f[:10], beta=beta, capacity=None if room == "default" else rows)
-    la.add(K[10:12, :10], K[10:12, 10:12], P["y"][10:12], f[10:12])          # two blocks
-    la.add(K[12:16, :12], K[12:16, 12:16], P["y"][12:16], f0_A=f[12:16])
+    K, f, y = P["K"], P["f"], P["y"]
+    m0 = steps[0]
+    la = tk.LookAhead(K[:m0, :m0], y[:m0], f0=f[:m0], beta=beta)
+    for a in steps[1:]:
+        s, t = la.m, la.m + a
+        la.add(K[s:t, :s], K[s:t, s:t], y[s:t], f[s:t])
+        assert la.m == t
+        torch.testing.assert_close(la.alpha, tk.LookAhead(K[:t, :t], y[:t], f0=f[:t], beta=beta).alpha,
+                                   rtol=0, atol=TOL)
     assert la.m == 16
     fresh = make(P, beta)
     torch.testing.assert_close(la.alpha, fresh.alpha, rtol=0, atol=TOL)

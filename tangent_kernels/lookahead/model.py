@@ -28,14 +28,11 @@ from typing import Any, Callable, Optional
 import torch
 
 from . import _inputs as inp
+from ._factor import BlockFactor
 
 # Elements (of the working dtype) that one chunk's temporaries may hold when chunk=None:
 # 2^24 float64 = 128 MiB, a few times the L2/L3-friendly GEMM blocks but far below RAM.
 _CHUNK_ELEMENTS = 1 << 24
-
-
-def _solve_lower(C: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.solve_triangular(C, B, upper=False)
 
 
 class LookAhead:
@@ -49,15 +46,12 @@ class LookAhead:
         beta: ridge, absolute: (K_LL + beta I). Also added to every candidate's own
             kernel value, so a candidate is regularized exactly like a labelled point.
         dtype: working precision (float64: the exactness targets hold there).
-        capacity: rows of the flat system (points, or points x k for the full eNTK) to
-            allocate the factor for, so that ``add`` fits without reallocating; None:
-            the rows plus max(rows / 8, 256 points). Past it, ``add`` grows it 1.5x.
 
     Nothing passed in is modified or kept by reference.
     """
 
     def __init__(self, K_LL: Any, y_L: Any, *, f0: Any = None, beta: float = 0.0,
-                 dtype: torch.dtype = torch.float64, capacity: Optional[int] = None):
+                 dtype: torch.dtype = torch.float64):
         self.beta = inp.beta_value(beta)
         shp = inp.shape(K_LL, "K_LL")
         if len(shp) == 2 and shp[0] == shp[1]:
@@ -82,38 +76,18 @@ class LookAhead:
         self._b = k if self.full else 1
         self._q = 1 if self.full or len(ys) == 1 else ys[1]
         self.dtype = dtype
-        K = inp.working(K_LL, "K_LL", dtype, torch.device("cpu") if not isinstance(K_LL, torch.Tensor) else K_LL.device)
-        self.device = K.device
-        K = inp.flat_kernel(K, self.full)
+        device = K_LL.device if isinstance(K_LL, torch.Tensor) else torch.device("cpu")
+        K = inp.flat_kernel(inp.working(K_LL, "K_LL", dtype, device), self.full)  # our own copy
+        self.device, N = K.device, K.shape[0]
         inp.check_symmetric(K, "K_LL")
-        C = self._factor(K, "K_LL + beta I", "the labelled set", K.shape[0], float(K.diagonal().abs().max()))
-        N = C.shape[0]
-        if capacity is None:
-            capacity = N + max(N // 8, 256 * self._b)
-        elif isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < N:
-            raise ValueError(f"capacity must be an int >= the {N} rows of K_LL's flat system, or None; got {capacity!r}")
-        self._allocate(capacity, C)
+        self._C = BlockFactor(self._factor(K, "K_LL + beta I", "the labelled set", N, float(K.diagonal().abs().max())))
+        del K
         r = self._residual(y_L, f0, m, "y_L", "f0")
-        self._z = _solve_lower(self._C, r)  # C^{-1} (y_L - f0), [N, q]
+        self._z = self._C.solve(r)  # C^{-1} (y_L - f0), [N, q]
         self._alpha: Optional[torch.Tensor] = None
         self.m = m
 
     # ------------------------------------------------------------------ internals
-
-    def _allocate(self, capacity: int, C: torch.Tensor) -> None:
-        # The factor lives in the top-left corner of a column-major buffer: add() writes the
-        # new block row in place instead of copying N^2 values (a copy plus a zero fill cost
-        # 0.07 s at N = 2000, three times the triangular solve of add(100); measured), and
-        # LAPACK reads a column-major corner through its leading dimension without a copy
-        # (a row-major corner measured 1.6x slower solves: torch copies it).
-        buf = torch.zeros(capacity, capacity, dtype=self.dtype, device=self.device).T
-        buf[:C.shape[0], :C.shape[1]] = C
-        self._buf, self._N = buf, C.shape[0]
-
-    @property
-    def _C(self) -> torch.Tensor:
-        """The Cholesky factor (lower) of the flat K_LL + beta I, a view into the buffer."""
-        return self._buf[:self._N, :self._N]
 
     def _tiny(self, rows: int) -> float:
         # Relative size under which a pivot (or a Schur complement) is rounding noise: forming
@@ -171,13 +145,13 @@ class LookAhead:
     @property
     def n_rows(self) -> int:
         """Rows of the flat system: m, or m k for the full eNTK."""
-        return self._N
+        return self._C.n
 
     @property
     def alpha(self) -> torch.Tensor:
         """Dual coefficients (K_LL + beta I)^{-1} (y_L - f0), shaped like y_L."""
         if self._alpha is None:
-            self._alpha = torch.linalg.solve_triangular(self._C.T, self._z, upper=True)
+            self._alpha = self._C.solve_transposed(self._z)
         return self._unflat(self._alpha, self.m)
 
     # ------------------------------------------------------------------ public
@@ -240,7 +214,7 @@ class LookAhead:
             raise TypeError(f"reduce must be a callable mapping predictions [n, r, e, ...] to scores; got {reduce!r}")
 
         F_EL = self._cross(K_EL, "K_EL", e, "the kernel between the evaluation points and the labelled set")
-        W = _solve_lower(self._C, F_EL.T)  # [N, e b]
+        W = self._C.solve(F_EL.T)  # [N, e b]
         del F_EL
         fE = self._out_shape(f0_E, e, "f0_E", "the network's outputs at the evaluation points") + W.T @ self._z
         eye_b = torch.eye(b, dtype=self.dtype, device=self.device)
@@ -250,7 +224,7 @@ class LookAhead:
             t = min(c, s + chunk)
             n = t - s
             F_CL = inp.flat_kernel(inp.working(K_CL[s:t], "K_CL", self.dtype, self.device), full)  # [n b, N]
-            V = _solve_lower(self._C, F_CL.T)  # [N, n b]
+            V = self._C.solve(F_CL.T)  # [N, n b]
             del F_CL
             fC = V.T @ self._z  # [n b, q]
             if f0_C is not None:
@@ -318,16 +292,12 @@ class LookAhead:
         F_AA = inp.flat_kernel(inp.working(K_AA, "K_AA", self.dtype, self.device), self.full)
         inp.check_symmetric(F_AA, "K_AA")
         r = self._residual(y_A, f0_A, a, "y_A", "f0_A")
-        B = _solve_lower(self._C, F_AL.T)  # [N, a b]
+        B = self._C.solve(F_AL.T)  # [N, a b]
         C22 = self._factor(F_AA - B.T @ B, "The Schur complement of the new points", "the new points (with L)",
-                           self._N + F_AA.shape[0], float(F_AA.diagonal().abs().max()))
-        z2 = _solve_lower(C22, r - B.T @ self._z)
+                           self.n_rows + F_AA.shape[0], float(F_AA.diagonal().abs().max()))
+        z2 = torch.linalg.solve_triangular(C22, r - B.T @ self._z, upper=False)
         N, M = self.n_rows, F_AA.shape[0]
-        if N + M > self._buf.shape[0]:
-            self._allocate(max(N + M, int(1.5 * self._buf.shape[0])), self._C)
-        self._buf[N:N + M, :N] = B.T
-        self._buf[N:N + M, N:N + M] = C22
-        self._N = N + M
+        self._C.append(B.T, C22)
         self._z, self._alpha = torch.cat([self._z, z2]), None
         self.m += a
         return self
