@@ -22,7 +22,8 @@ every candidate) on a random PSD kernel K = G G^T (its values do not change the 
   model: one factorization plus 10 block updates against 10 refactorizations.
 
 Each timing is repeated (``--repeats``) and reported as median [min, max]: this machine
-is shared. Asserted in the default mode: speedup >= 20, add <= 0.2 x refactorization.
+is shared. Asserted in the default mode: speedup >= 20 (both cases), add <= 0.2 x a plain
+``torch.linalg.cholesky`` of the 2100 points.
 """
 
 from __future__ import annotations
@@ -258,7 +259,9 @@ def main():
     if not (args.quick or args.no_assert):
         for case in (w, w1):
             assert case["speedup_median"] >= SPEEDUP, f"what_if speedup {case['speedup_median']:.1f} < {SPEEDUP}"
-        assert a["add_ratio_median"] <= ADD_RATIO, f"add ratio {a['add_ratio_median']:.3f} > {ADD_RATIO}"
+        # against the plain Cholesky call, the stricter yardstick (a new tk.LookAhead also checks and copies)
+        ratio = a["add_ratio_vs_plain_cholesky"]
+        assert ratio <= ADD_RATIO, f"add / plain Cholesky {ratio:.3f} > {ADD_RATIO}"
         assert w["max_rel_score_diff"] < 1e-8 and w1["max_rel_diff"] < 1e-8 and a["rounds_alpha_rel_diff"] < 1e-6
 
 
