@@ -171,6 +171,19 @@ def test_inputs_are_not_modified_and_numpy_works():
     torch.testing.assert_close(got, la.what_if(*a, **kw), rtol=0, atol=1e-4)  # K rounded to float32 on input
 
 
+@pytest.mark.parametrize("form", FORMS)
+def test_float32_working_precision(form):
+    """dtype=float32 on a well-conditioned problem: within float32's reach of float64."""
+    P = problem(form, f0=True)
+    a, kw = args(P)
+    K, L = P["K"], P["L"]
+    la32 = tk.LookAhead(K[L, L], P["y"][L], f0=P["f"][L], beta=0.3, dtype=torch.float32)
+    got = la32.what_if(*a, **kw)
+    ref = make(P, 0.3).what_if(*a, **kw)
+    assert got.dtype == torch.float32
+    assert float((got.double() - ref).abs().max() / ref.abs().max()) < 1e-4
+
+
 def test_many_candidates_stay_within_chunk():
     """50,000 candidates: reduce sees chunks of at most ``chunk``; the [c, r, e, k] never forms."""
     g = torch.Generator().manual_seed(1)
@@ -195,6 +208,8 @@ def test_errors_name_the_problem():
         tk.LookAhead(K[L, L], P["y"][:4])
     with pytest.raises(TypeError, match="one_hot"):
         tk.LookAhead(K[L, L], torch.zeros(13, dtype=torch.long))
+    with pytest.raises(ValueError, match="dtype must be"):
+        tk.LookAhead(K[L, L], P["y"][L], dtype=torch.float16)
     with pytest.raises(ValueError, match="beta must be finite"):
         tk.LookAhead(K[L, L], P["y"][L], beta=-1.0)
     with pytest.raises(ValueError, match="not symmetric"):

@@ -31,16 +31,16 @@ def shape(x: Any, name: str) -> tuple:
     return tuple(x.shape)
 
 
-def working(x: Any, name: str, dtype: torch.dtype, device: torch.device, copy: bool = True) -> torch.Tensor:
-    """x converted to the working dtype and device, checked real and finite. With ``copy``,
-    never the caller's own storage (callers may then modify it)."""
+def working(x: Any, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """x converted to the working dtype and device, checked real and finite; never the
+    caller's own storage (callers may modify it)."""
     t = tensor(x, name)
     if t.is_complex() or not t.is_floating_point():
         hint = (" (integer class labels: one-hot them, e.g. torch.nn.functional.one_hot(y, k).double())"
                 if not t.is_complex() and t.dtype != torch.bool else "")
         raise TypeError(f"{name} must be a real floating-point tensor; got dtype {t.dtype}{hint}")
     out = t.to(device=device, dtype=dtype)
-    if copy and out.data_ptr() == t.data_ptr() and t.numel():
+    if out.data_ptr() == t.data_ptr() and t.numel():
         out = out.clone()
     lo, hi = torch.aminmax(out) if out.numel() else (torch.zeros(()), torch.zeros(()))
     if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):

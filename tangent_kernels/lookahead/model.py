@@ -53,6 +53,8 @@ class LookAhead:
     def __init__(self, K_LL: Any, y_L: Any, *, f0: Any = None, beta: float = 0.0,
                  dtype: torch.dtype = torch.float64):
         self.beta = inp.beta_value(beta)
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype must be torch.float64 (the default) or torch.float32; got {dtype!r}")
         shp = inp.shape(K_LL, "K_LL")
         if len(shp) == 2 and shp[0] == shp[1]:
             self.full, k = False, None
@@ -77,7 +79,7 @@ class LookAhead:
         self._q = 1 if self.full or len(ys) == 1 else ys[1]
         self.dtype = dtype
         device = K_LL.device if isinstance(K_LL, torch.Tensor) else torch.device("cpu")
-        K = inp.flat_kernel(inp.working(K_LL, "K_LL", dtype, device), self.full)  # our own copy
+        K = inp.flat_kernel(inp.working(K_LL, "K_LL", dtype, device), self.full)  # our own copy: _factor writes it
         self.device, N = K.device, K.shape[0]
         inp.check_symmetric(K, "K_LL")
         self._C = BlockFactor(self._factor(K, "K_LL + beta I", "the labelled set", N, float(K.diagonal().abs().max())))
