@@ -252,7 +252,8 @@ def main():
     print(f"{a['rounds']} rounds of {a['added']}, |L| {a['rounds_from']} -> {a['rounds_to']}: "
           f"one factor + block updates {fmt(a['rounds_block_update_s'])}; refactorize every round "
           f"{fmt(a['rounds_refactorize_s'])}; alpha agrees to {a['rounds_alpha_rel_diff']:.1e}")
-    result = {"what_if": w, "what_if_one_output": w1, "add": a, "threads": args.threads, "quick": args.quick, "commit": commit(),
+    result = {"what_if": w, "what_if_one_output": w1, "add": a, "threads": args.threads, "quick": args.quick,
+              "commit": commit(),
               "torch": torch.__version__}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

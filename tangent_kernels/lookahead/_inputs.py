@@ -45,7 +45,9 @@ def working(x: Any, name: str, dtype: torch.dtype, device: torch.device) -> torc
     lo, hi = torch.aminmax(out) if out.numel() else (torch.zeros(()), torch.zeros(()))
     if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
         bad = tuple(int(i) for i in (~torch.isfinite(out)).nonzero()[0].tolist())
-        raise ValueError(f"{name} has non-finite values (NaN or inf), the first at index {bad}; fix or drop those points")
+        raise ValueError(
+            f"{name} has non-finite values (NaN or inf), the first at index {bad}; fix or drop those points"
+        )
     return out
 
 

@@ -72,7 +72,9 @@ class LookAhead:
         if self.full:
             inp.expect("y_L", ys, [m, k], f"one row of {k} targets per labelled point, like K_LL's k")
         elif len(ys) not in (1, 2) or ys[0] != m:
-            raise ValueError(f"y_L must have shape [{m}] or [{m}, k] (one target row per labelled point); got {list(ys)}")
+            raise ValueError(
+                f"y_L must have shape [{m}] or [{m}, k] (one target row per labelled point); got {list(ys)}"
+            )
         # b: rows per point in the flat system; q: output columns sharing every solve.
         self.k = k if self.full else (ys[1] if len(ys) == 2 else None)
         self._b = k if self.full else 1
