@@ -253,8 +253,7 @@ def main():
           f"one factor + block updates {fmt(a['rounds_block_update_s'])}; refactorize every round "
           f"{fmt(a['rounds_refactorize_s'])}; alpha agrees to {a['rounds_alpha_rel_diff']:.1e}")
     result = {"what_if": w, "what_if_one_output": w1, "add": a, "threads": args.threads, "quick": args.quick,
-              "commit": commit(),
-              "torch": torch.__version__}
+              "commit": commit(), "torch": torch.__version__}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     if not (args.quick or args.no_assert):

@@ -86,7 +86,7 @@ def what_if_direct(P, beta):
 @pytest.mark.parametrize("with_f0", [False, True])
 @pytest.mark.parametrize("beta", [0.0, 0.3])
 def test_predict_and_what_if_match_direct_solves(form, with_f0, beta):
-    P = problem(form, f0=with_f0, seed=hash((form, with_f0, beta)) % 1000)
+    P = problem(form, f0=with_f0, seed=4 * FORMS.index(form) + 2 * with_f0 + (beta > 0))  # str hashes vary per run
     la = make(P, beta)
     idx = torch.arange(P["K"].shape[0])
     a, kw = args(P)
