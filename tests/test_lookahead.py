@@ -263,6 +263,13 @@ def test_look_ahead_criteria_equal_their_definitions():
     torch.testing.assert_close(from_kernel, direct_change, rtol=0, atol=TOL)
 
 
+def test_reference_shape_is_checked():
+    P = problem("pntk")
+    a, kw = args(P)
+    with pytest.raises(ValueError, match=r"reference must have shape \[5, 3\]"):
+        la_mod.output_change(make(P, 0.1), *a, **kw, reference=torch.zeros(5, dtype=torch.float64))
+
+
 def test_class_criteria_refuse_one_output():
     P = problem("scalar")
     a, kw = args(P)

@@ -39,7 +39,10 @@ def output_change(la: LookAhead, K_CL: Any, k_CC: Any, K_EL: Any, K_EC: Any, y_C
     """
     ref = reference if reference is not None else f0_E
     if ref is not None:
-        ref = inp.working(ref, "reference", la.dtype, la.device)
+        name = "reference" if reference is not None else "f0_E"
+        e = inp.shape(K_EL, "K_EL")[0]
+        inp.expect(name, inp.shape(ref, name), [e] + ([] if la.k is None else [la.k]), "predictions at E")
+        ref = inp.working(ref, name, la.dtype, la.device)
 
     def reduce(pred: torch.Tensor) -> torch.Tensor:
         diff = pred.sub_(ref) if ref is not None else pred  # what_if hands over a fresh tensor
