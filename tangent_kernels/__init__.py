@@ -13,6 +13,7 @@ from .checkpoint import CheckpointCorrupt, CheckpointInUse, CheckpointMismatch
 from .data import LoadedOrder
 from .engine import ProgressEvent, features, gram
 from .io import load_gram, save_gram
+from .lookahead import LookAhead
 from .params import ParamIndex, subsample
 from .persample.coverage import CoverageReport, coverage
 from .solve import ConvergenceWarning, KernelRidge, NotFittedError, solve  # the shim module first: tk.solve stays the function
@@ -27,6 +28,7 @@ __all__ = [
     "CoverageReport",
     "KernelRidge",
     "LoadedOrder",
+    "LookAhead",
     "NotFittedError",
     "ParamIndex",
     "ProgressEvent",
