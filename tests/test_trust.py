@@ -312,3 +312,14 @@ def test_vmaps_batch_of_one_is_checked_against_the_sample_alone():
     with pytest.warns(RuntimeWarning, match=r"torch.func.vmap's per-sample gradients .* differ"):
         K = tk.gram(model, [x[:3], x[3:]], progress=False, precision="fp64")
     assert _rel(K, tk.reference.gram_autograd(model, [x])) <= 1e-10
+
+
+def test_rounding_an_fp64_recheck_cleared_is_allowed_later_and_nothing_more():
+    from tangent_kernels.persample.extractor import _ROUNDING_MARGIN, FeatureExtractor
+
+    errors = {"a": (2e-3, 1.0), "b": (0.5, 1.0), "c": (1e-5, 1.0)}  # (||difference||, ||alone||)
+    judge = FeatureExtractor._failing
+    assert set(judge(None, errors, 1e-3)) == {"a", "b"}
+    cleared = {"a": 1e-3, "b": 1e-3}  # what an fp64 recheck once called rounding
+    assert set(judge(None, errors, 1e-3, cleared)) == {"b"}  # 2e-3 <= 4 x 1e-3; 0.5 is no rounding
+    assert _ROUNDING_MARGIN * cleared["b"] < 0.5

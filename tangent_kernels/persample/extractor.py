@@ -33,6 +33,10 @@ BATCHED = True
 # Under TF32 both sides round to 10-bit mantissas in other orders.
 _VERIFY_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-9}
 _TF32_TOLERANCE = 2e-2
+# A tensor whose fp32 (or TF32) difference an fp64 recheck called rounding is allowed this
+# many times that difference on later batches: rounding varies with the sample, a wrong
+# rule or a mixing model differs by the size of the gradient.
+_ROUNDING_MARGIN = 4.0
 _MIXES_SAMPLES = "the batched pass differs from the sample evaluated alone (the model mixes samples within a batch)"
 
 
@@ -61,6 +65,7 @@ class FeatureExtractor:
         # Every batch is checked (on one sample each); checked_batches numbers them.
         self.checking = True
         self.checked_batches = 0
+        self._rounding: Dict[str, float] = {}  # tensor -> relative error an fp64 recheck called rounding
         self.state = functional_state(model, index.layout, dtype, device)
         # Parameter tensor -> why it takes the generic path (decided on the first batch).
         self.generic_why: Dict[str, str] = {}
@@ -334,16 +339,18 @@ class FeatureExtractor:
     def _needs_check(self) -> bool:
         return self.checking and (self.batched is not None or (bool(self.generics) and not self._generic_is_the_loop()))
 
-    def _failing(self, errors: Dict[str, tuple], tolerance: float) -> Dict[str, float]:
+    def _failing(self, errors: Dict[str, tuple], tolerance: float, rounding=None) -> Dict[str, float]:
         """{tensor: relative error} of the tensors that differ by more than ``tolerance`` of
-        their own norm. A tensor whose norm is rounding-sized next to the whole gradient's
-        (under tolerance x 1e-3 of it) is judged against that floor instead: its relative
-        error is noise, its share of K nil."""
+        their own norm (or ``_ROUNDING_MARGIN`` times the rounding an fp64 recheck found for
+        the tensor, ``rounding``, where that is larger). A tensor whose norm is rounding-sized
+        next to the whole gradient's (under tolerance x 1e-3 of it) is judged against that
+        floor instead: its relative error is noise, its share of K nil."""
+        rounding = rounding or {}
         whole = sum(reference ** 2 for _, reference in errors.values()) ** 0.5
         floor = tolerance * 1e-3 * whole
         return {name: difference / max(reference, torch.finfo(torch.float64).tiny)
                 for name, (difference, reference) in errors.items()
-                if difference > tolerance * reference + floor}
+                if difference > max(tolerance, _ROUNDING_MARGIN * rounding.get(name, 0.0)) * reference + floor}
 
     def _fp64_failing(self, batch: ModelInputs, row: int, suspects) -> Dict[str, float]:
         """The check of the same batch and sample again in float64, for the suspects: fp32
@@ -376,12 +383,19 @@ class FeatureExtractor:
         row = self._checked_row(batch.size)
         self.checked_batches += 1
         errors = self._tensor_errors(batch, block, factors, row)
-        failing = self._failing(errors, self.tolerance)
+        failing = self._failing(errors, self.tolerance, self._rounding)
         if failing and self.dtype != torch.float64:
             try:
-                failing = self._fp64_failing(batch, row, failing)
+                confirmed = self._fp64_failing(batch, row, failing)
             except (RuntimeError, MemoryError) as failure:  # e.g. no room for a float64 copy of a large model
                 _log.debug("float64 recheck not possible (%s): the %s check decides", failure, self.dtype)
+            else:
+                # What fp64 clears was this precision's rounding: allowed from now on (with a
+                # margin), so that a deep network under TF32 does not pay an fp64 pass per batch.
+                for name, error in failing.items():
+                    if name not in confirmed:
+                        self._rounding[name] = max(self._rounding.get(name, 0.0), error)
+                failing = confirmed
         if not failing:
             return True
         generic = {name: error for name, error in failing.items() if name in self.generic_why}
