@@ -13,6 +13,7 @@ from .checkpoint import CheckpointCorrupt, CheckpointInUse, CheckpointMismatch
 from .data import LoadedOrder
 from .engine import ProgressEvent, features, gram
 from .io import load_gram, save_gram
+from .kernel import Kernel
 from .lookahead import LookAhead
 from .params import ParamIndex, subsample
 from .persample.coverage import CoverageReport, coverage
@@ -26,6 +27,7 @@ __all__ = [
     "CheckpointMismatch",
     "ConvergenceWarning",
     "CoverageReport",
+    "Kernel",
     "KernelRidge",
     "LoadedOrder",
     "LookAhead",

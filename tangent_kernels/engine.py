@@ -10,6 +10,7 @@ each choice.
 from __future__ import annotations
 
 import logging
+from contextvars import ContextVar
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import torch
@@ -62,11 +63,22 @@ def _feature_blocks(
             bar.close()
 
 
+# tk.Kernel (kernel.py) keeps its extractors across calls: around its calls this holds its
+# {structured mode: extractor}, reused when made for the same idx, filled when not.
+reused_extractors: ContextVar[Optional[dict]] = ContextVar("reused_extractors", default=None)
+
+
 def _new_extractor(model, index, output, precision: Precision, device, backend: str,
                    structured: str = "never") -> FeatureExtractor:
-    return FeatureExtractor(model, index, output, precision.compute, device, backend,
+    reused = reused_extractors.get()
+    if reused is not None and getattr(reused.get(structured), "index", None) is index:
+        return reused[structured]
+    made = FeatureExtractor(model, index, output, precision.compute, device, backend,
                             verify_in_ieee=precision.allow_tf32 and torch.device(device).type == "cuda",
                             structured=structured)
+    if reused is not None:
+        reused[structured] = made
+    return made
 
 
 def _check_finite(block: torch.Tensor, first_position: int, name: str) -> None:

@@ -167,6 +167,22 @@ class FeatureExtractor:
         """The plan is final from here on (the engine sized its stores by it)."""
         self.committed = True
 
+    def refresh(self) -> None:
+        """Read the model's weights and buffers again (tk.Kernel, before each call). Every
+        decision (plan, paths, the check's allowances) is kept: they depend on the structure.
+        A copy (buffers always; weights cast to another dtype or device) is taken again even
+        when no version counter moved: a write through ``.data`` moves none."""
+        state = functional_state(self.model, self.index.layout, self.dtype, self.device)
+        old = {**self.state[0], **self.state[1]}
+        new = {**state[0], **state[1]}
+        # Tensors that share the model's memory, contiguous (the batched pass's leaves are
+        # then the same memory too), see every in-place update already: nothing to rebuild.
+        if new.keys() == old.keys() and all(t.is_contiguous() and t.data_ptr() == old[name].data_ptr()
+                                            and t.shape == old[name].shape for name, t in new.items()):
+            return
+        self.state = state
+        self._build()
+
     def extract(self, batch: ModelInputs):
         """(block [B, p'] or [B, k, p'] of feature_index's columns, {tensor: factors})."""
         block = self(batch)

@@ -1,0 +1,141 @@
+"""tk.Kernel: the eNTK of one model, idx and output, computed again and again (during
+training) without redoing what depends on the model's structure only.
+
+What a call of tk.gram derives before its first feature (the structured plan and its
+probe pass, the rules' decisions, which tensors take the generic path, the check's
+per-sample evaluators) is kept here across calls; the weights are read again on every
+call. docs/kernel.md has the why.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional
+
+import torch
+from torch import nn
+
+from . import engine
+from .outputs import OutputSpec, check_output_spec
+from .params import ParamIndex, resolve_idx
+from .precisions import PRECISIONS
+from .structured.plan import check_structured
+
+__all__ = ["Kernel"]
+
+# The options fixed when the Kernel is made: a call that wants other ones wants another Kernel.
+_FIXED = ("idx", "output", "precision", "device", "backend", "structured", "inputs")
+# The distributed path splits the work over ranks, each with an extractor of its own.
+_DISTRIBUTED = ("group", "shard", "gather")
+
+
+def _structure(model: nn.Module) -> tuple:
+    """What the kept decisions depend on: the module tree and each parameter's identity,
+    shape, dtype, device and trainability (a module or parameter replaced, requires_grad
+    toggled). Values are not in it: those are read again on every call."""
+    modules = tuple((name, id(module), type(module)) for name, module in model.named_modules(remove_duplicate=False))
+    parameters = tuple((name, id(p), p.requires_grad, tuple(p.shape), p.dtype, p.device)
+                       for name, p in model.named_parameters(remove_duplicate=False))
+    buffers = tuple((name, tuple(b.shape), b.dtype, b.device) for name, b in model.named_buffers(remove_duplicate=False))
+    return modules, parameters, buffers
+
+
+class Kernel:
+    """The eNTK of ``model`` at ``idx`` for ``output``, callable again after the weights change.
+
+    ``tk.Kernel(model, idx).gram(loader)`` equals ``tk.gram(model, loader, idx)`` with the
+    same options, at the model's weights at the time of the call: weights are read again
+    on every call (in-place optimizer steps, ``load_state_dict``, writes through
+    ``.data``); what depends on the model's structure only (the structured plan, the
+    rules' and the generic path's decisions, the check's evaluators) is kept, and derived
+    again when the structure changes (a module or parameter replaced, requires_grad
+    toggled). The per-batch check (docs/trust.md) runs on every batch of every call.
+
+    Args: those of :func:`tangent_kernels.gram` that fix the computation (``idx``,
+    ``output``, ``precision``, ``device``, ``backend``, ``structured``, ``inputs``).
+    ``idx=None`` means the trainable parameters at the time of each call.
+    """
+
+    def __init__(self, model: nn.Module, idx=None, *, output: OutputSpec = "first", precision: str = "fp32",
+                 device=None, backend: str = "auto", structured: str = "auto",
+                 inputs: Optional[Callable[[Any], Any]] = None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; available: {', '.join(PRECISIONS)}")
+        self.model = model
+        self.idx = idx
+        self.options: Dict[str, Any] = dict(output=check_output_spec(output), precision=precision, device=device,
+                                            backend=backend, structured=check_structured(structured), inputs=inputs)
+        self._index: Optional[ParamIndex] = None
+        self._structure: Optional[tuple] = None
+        self._extractors: Dict[str, Any] = {}  # structured mode -> FeatureExtractor (engine.reused_extractors)
+        self.rebuilds = 0  # how often the structure changed (and everything kept was derived again)
+        self._prepare()  # a wrong idx is said now, not at the first call
+
+    @property
+    def index(self) -> ParamIndex:
+        """The ParamIndex of the current structure (idx resolved against the model)."""
+        self._prepare()
+        return self._index
+
+    def clear(self) -> None:
+        """Drop everything kept: the next call derives it again."""
+        self._extractors = {}
+        self._index, self._structure = None, None
+
+    def _prepare(self) -> None:
+        """Everything kept is dropped when the structure changed; the weights are read again."""
+        structure = _structure(self.model)
+        if structure != self._structure:
+            if self._structure is not None:
+                self.rebuilds += 1
+            self._extractors = {}
+            self._index = resolve_idx(self.model, self.idx)
+            self._structure = structure
+        for extractor in self._extractors.values():
+            extractor.refresh()
+            # The structured plan may still be dropped on this call's first batch (engine
+            # commits it once that batch is in): a new call starts uncommitted.
+            extractor.committed = False
+
+    def _run(self, compute: Callable[..., torch.Tensor], run_options: Dict[str, Any], *args):
+        fixed = sorted(set(run_options) & set(_FIXED))
+        if fixed:
+            raise TypeError(f"{', '.join(fixed)} is fixed when the Kernel is made (tk.Kernel(model, idx, ...)); make "
+                            "another Kernel for other values")
+        distributed = sorted(set(run_options) & set(_DISTRIBUTED))
+        if distributed:
+            raise TypeError(f"tk.Kernel computes in this process ({', '.join(distributed)} given): call tk.gram for "
+                            "the distributed path")
+        self._prepare()
+        options = dict(self.options, **run_options)
+        if compute is engine.gram:
+            options["group"] = False
+        else:
+            options.pop("structured")  # features are features: nothing structured
+        if run_options.get("checkpoint") is not None:
+            # A resumed checkpoint forces the plan it was made with: a fresh extractor takes it.
+            return compute(self.model, *args[:1], self._index, *args[1:], **options)
+        token = engine.reused_extractors.set(self._extractors)
+        try:
+            return compute(self.model, *args[:1], self._index, *args[1:], **options)
+        finally:
+            engine.reused_extractors.reset(token)
+
+    def gram(self, loader, **run_options) -> torch.Tensor:
+        """K(X, X) [n, n] at the model's current weights; ``run_options``: those of
+        :func:`tangent_kernels.gram` that do not change what is computed (progress,
+        out, callback, checkpoint, store, max_memory, cache_dir, checkpoint_key)."""
+        return self._run(engine.gram, run_options, loader)
+
+    def cross(self, loader1, loader2, **run_options) -> torch.Tensor:
+        """K(X1, X2) [n1, n2] at the model's current weights (both sides computed)."""
+        return self._run(engine.gram, run_options, loader1, loader2)
+
+    def features(self, loader, **run_options) -> torch.Tensor:
+        """Per-sample gradient features [n, p] at the model's current weights."""
+        return self._run(engine.features, run_options, loader)
+
+    def __repr__(self) -> str:
+        p = len(self._index) if self._index is not None else "?"
+        return f"Kernel({type(self.model).__name__}, p={p}, {', '.join(f'{k}={v!r}' for k, v in self.options.items() if k != 'inputs')})"

@@ -1,0 +1,204 @@
+"""tk.Kernel: repeated calls equal a fresh tk.gram / the float64 reference at the model's
+weights of the time, through optimizer steps, writes through .data, buffer updates and
+structure changes; the per-batch check keeps running on every call."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import tangent_kernels as tk
+from tangent_kernels.reference import features_autograd, gram_autograd
+
+# (atol relative to K's largest entry) per precision
+TOL = {"fp32": 2e-5, "fp64": 1e-11}
+
+
+def close(k, reference, precision):
+    scale = reference.abs().max().item()
+    assert k.shape == reference.shape
+    assert (k.double() - reference).abs().max().item() <= TOL[precision] * scale, (k.double() - reference).abs().max()
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def data(n=12, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, generator=g)
+
+
+def sgd_step(model, x, lr=0.1):
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    model.train()
+    loss = model(x).square().mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    model.eval()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp64"])
+@pytest.mark.parametrize("structured", ["auto", "never", "always"])
+@pytest.mark.parametrize("output", ["first", "sum"])
+def test_exact_after_optimizer_steps(precision, structured, output):
+    model, x = mlp(), data()
+    loader = [x[:5], x[5:]]  # two batches: the check runs on each
+    kernel = tk.Kernel(model, output=output, precision=precision, structured=structured)
+    for step in range(3):
+        close(kernel.gram(loader, progress=False), gram_autograd(model, loader, output=output), precision)
+        sgd_step(model, x)
+    assert kernel.rebuilds == 0  # the same structure throughout: nothing derived again
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp64"])
+def test_exact_after_writes_that_move_no_version_counter(precision):
+    # p.data.mul_() moves no _version: a float64 copy of the weights must be read again anyway.
+    model, x = mlp(), data()
+    kernel = tk.Kernel(model, precision=precision)
+    kernel.gram([x], progress=False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data.mul_(1.5)
+    close(kernel.gram([x], progress=False), gram_autograd(model, [x]), precision)
+    model.load_state_dict(mlp(seed=3).state_dict())
+    close(kernel.gram([x], progress=False), gram_autograd(model, [x]), precision)
+
+
+class Scaled(nn.Module):
+    """A buffer the forward reads: its updates must reach the kernel."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = mlp()
+        self.register_buffer("scale", torch.ones(6))
+
+    def forward(self, x):
+        return self.inner(x * self.scale)
+
+
+def test_exact_after_buffer_updates():
+    model, x = Scaled(), data()
+    kernel = tk.Kernel(model, output="sum")
+    kernel.gram([x], progress=False)
+    model.scale.mul_(3.0)
+    close(kernel.gram([x], progress=False), gram_autograd(model, [x], output="sum"), "fp32")
+    model.scale = torch.full((6,), 0.25)  # a new tensor for the buffer
+    close(kernel.gram([x], progress=False), gram_autograd(model, [x], output="sum"), "fp32")
+
+
+def test_batchnorm_running_statistics_after_training_steps():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 2)).eval()
+    x = data(16)
+    kernel = tk.Kernel(model, precision="fp64")
+    kernel.gram([x], progress=False)
+    for _ in range(2):
+        sgd_step(model, x)  # train mode: the running statistics move too
+    close(kernel.gram([x], progress=False), gram_autograd(model, [x]), "fp64")
+
+
+def test_structure_changes_derive_everything_again():
+    model, x = mlp(), data()
+    kernel = tk.Kernel(model, output="sum")
+    kernel.gram([x], progress=False)
+    model[2] = nn.Linear(16, 16)  # a module replaced
+    close(kernel.gram([x], progress=False), gram_autograd(model, [x], output="sum"), "fp32")
+    model[0].weight = nn.Parameter(torch.randn(16, 6))  # a parameter replaced
+    close(kernel.gram([x], progress=False), gram_autograd(model, [x], output="sum"), "fp32")
+    model[0].bias.requires_grad_(False)  # idx=None: the trainable parameters of the time
+    k = kernel.gram([x], progress=False)
+    close(k, gram_autograd(model, [x], output="sum"), "fp32")
+    assert kernel.index.layout.total == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert kernel.rebuilds == 3
+
+
+def test_an_idx_for_another_layout_is_refused_after_a_structure_change():
+    model, x = mlp(), data()
+    kernel = tk.Kernel(model, tk.subsample(model, 50, seed=0))
+    close(kernel.gram([x], progress=False), gram_autograd(model, [x], tk.subsample(model, 50, seed=0)), "fp32")
+    model[4] = nn.Linear(16, 5)
+    with pytest.raises(ValueError, match="different parameter layout"):
+        kernel.gram([x], progress=False)
+
+
+class Mixing(nn.Module):
+    """Mixes the samples of a batch once ``mix`` is set: the check must see it on a later call."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = nn.Linear(6, 16), nn.Linear(16, 2)
+        self.mix = False
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x))
+        if self.mix:
+            h = h + 0.5 * h.mean(0, keepdim=True)
+        return self.head(h)
+
+
+def test_the_check_runs_on_every_call_and_can_drop_the_structured_plan():
+    torch.manual_seed(0)
+    model, x = Mixing(), data()
+    kernel = tk.Kernel(model, output="sum", structured="always")
+    close(kernel.gram([x[:6], x[6:]], progress=False), gram_autograd(model, [x], output="sum"), "fp32")
+    model.mix = True  # no structure change: the kept decisions are reused, and the check must catch it
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the check's warning that samples are mixed
+        k = kernel.gram([x[:6], x[6:]], progress=False)
+    close(k, gram_autograd(model, [x], output="sum"), "fp32")
+    # and on a third call the tensors it moved to the generic path stay there, still exact
+    close(kernel.gram([x[:6], x[6:]], progress=False), gram_autograd(model, [x], output="sum"), "fp32")
+
+
+def test_features_and_cross_follow_the_weights():
+    model, x = mlp(), data()
+    test = data(5, seed=7)
+    kernel = tk.Kernel(model, precision="fp64", output=1)
+    for _ in range(2):
+        f = kernel.features([x], progress=False)
+        close(f, features_autograd(model, [x], output=1), "fp64")
+        close(kernel.cross([test], [x], progress=False), gram_autograd(model, [test], None, [x], output=1), "fp64")
+        close(kernel.gram([x], progress=False), gram_autograd(model, [x], output=1), "fp64")
+        sgd_step(model, x)
+
+
+def test_equals_one_shot_gram_bit_for_bit_on_unchanged_weights():
+    model, x = mlp(), data()
+    kernel = tk.Kernel(model, output="sum")
+    first = kernel.gram([x[:7], x[7:]], progress=False)
+    assert torch.equal(kernel.gram([x[:7], x[7:]], progress=False), first)
+    assert torch.equal(tk.gram(model, [x[:7], x[7:]], output="sum", progress=False), first)
+
+
+def test_clear_and_run_options():
+    model, x = mlp(), data()
+    kernel = tk.Kernel(model)
+    out = torch.empty(12, 12)
+    assert kernel.gram([x], progress=False, out=out) is out
+    kernel.clear()
+    close(kernel.gram([x], progress=False), gram_autograd(model, [x]), "fp32")
+
+
+def test_fixed_options_and_the_distributed_path_are_refused_per_call():
+    kernel = tk.Kernel(mlp())
+    with pytest.raises(TypeError, match="precision is fixed"):
+        kernel.gram([data()], precision="fp64")
+    with pytest.raises(TypeError, match="tk.gram for the distributed path"):
+        kernel.gram([data()], group=None)
+    with pytest.raises(ValueError, match="unknown precision"):
+        tk.Kernel(mlp(), precision="fp128")
+    with pytest.raises(TypeError, match="nn.Module"):
+        tk.Kernel(lambda x: x)
+
+
+def test_the_model_is_left_as_it_was():
+    model, x = Scaled(), data()
+    model.train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    tk.Kernel(model).gram([x], progress=False)
+    assert model.training
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
