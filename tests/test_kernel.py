@@ -202,3 +202,13 @@ def test_the_model_is_left_as_it_was():
     tk.Kernel(model).gram([x], progress=False)
     assert model.training
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_non_contiguous_parameter_is_read_again():
+    # The batched pass works on a contiguous copy of such a tensor: updates must reach it.
+    model, x = mlp(), data()
+    model[2].weight = nn.Parameter(torch.randn(16, 16).t())
+    kernel = tk.Kernel(model, output="sum")
+    kernel.gram([x], progress=False)
+    sgd_step(model, x)
+    close(kernel.gram([x], progress=False), gram_autograd(model, [x], output="sum"), "fp32")
