@@ -7,7 +7,7 @@
     kr = tk.KernelRidge(betas="auto").fit(K, y) # kernel ridge regression on K
 """
 
-from . import analysis, distributed, reference
+from . import analysis, distributed, reference, tracking
 from ._ext import info
 from .checkpoint import CheckpointCorrupt, CheckpointInUse, CheckpointMismatch
 from .data import LoadedOrder
@@ -45,4 +45,5 @@ __all__ = [
     "save_gram",
     "solve",
     "subsample",
+    "tracking",
 ]

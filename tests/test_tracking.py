@@ -1,0 +1,94 @@
+"""tk.tracking: the kernel distance against its formula, the tracker's records against
+the statistics of K computed directly at the same steps."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import tangent_kernels as tk
+from tangent_kernels.reference import gram_autograd
+
+
+def _psd(n, rank, seed):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, rank, generator=g, dtype=torch.float64)
+    return a @ a.T
+
+
+def test_kernel_distance_formula_and_invariances():
+    K1, K2 = _psd(9, 4, 0), _psd(9, 6, 1)
+    expected = 1 - float((K1 * K2).sum()) / (float(K1.norm()) * float(K2.norm()))
+    assert tk.tracking.kernel_distance(K1, K2) == pytest.approx(expected, rel=1e-12)
+    assert tk.tracking.kernel_distance(K1, 3.5 * K1) == pytest.approx(0.0, abs=1e-12)  # scale-free
+    assert tk.tracking.kernel_distance(K1.numpy(), K2.float()) == pytest.approx(expected, rel=1e-6)
+    e = torch.zeros(2, 2, dtype=torch.float64)
+    a, b = e.clone(), e.clone()
+    a[0, 0], b[1, 1] = 1.0, 1.0
+    assert tk.tracking.kernel_distance(a, b) == pytest.approx(1.0)  # orthogonal
+
+
+def test_kernel_distance_refuses_bad_input():
+    with pytest.raises(ValueError, match="same shape"):
+        tk.tracking.kernel_distance(_psd(3, 2, 0), _psd(4, 2, 0))
+    with pytest.raises(ValueError, match="K2 is zero"):
+        tk.tracking.kernel_distance(_psd(3, 2, 0), torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="inf or nan"):
+        tk.tracking.kernel_distance(torch.full((2, 2), float("nan")), _psd(2, 2, 0))
+    with pytest.raises(TypeError, match="floating-point"):
+        tk.tracking.kernel_distance(torch.ones(2, 2, dtype=torch.int64), _psd(2, 2, 0))
+
+
+def test_summarize_a_sequence():
+    kernels = [_psd(8, 3, s) for s in range(3)]
+    y = torch.tensor([0, 1, 0, 1, 2, 2, 1, 0])
+    records = tk.tracking.summarize(kernels, y, top=2, steps=[0, 10, 20])
+    assert [r.step for r in records] == [0, 10, 20]
+    for K, r in zip(kernels, records):
+        eig = np.sort(np.linalg.eigvalsh(K.numpy()))[::-1]
+        assert np.allclose(r.top_eigenvalues.numpy(), eig[:2], rtol=1e-9)
+        assert r.alignment == pytest.approx(tk.analysis.alignment(K, y), rel=1e-12)
+        assert r.distance == pytest.approx(tk.tracking.kernel_distance(kernels[0], K), abs=1e-12)
+    assert records[0].distance == pytest.approx(0.0, abs=1e-12)
+
+
+def test_tracker_records_every_n_steps_in_a_training_loop():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 12), nn.Tanh(), nn.Linear(12, 3))
+    x, y = torch.randn(10, 5), torch.randint(0, 3, (10,))
+    probe = torch.randn(6, 5)
+    tracker = tk.tracking.KernelTracker(model, [probe], every=3, targets=y[:6], top=3, output="sum",
+                                        precision="fp64", keep_kernels=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    expected = {}
+    for step in range(7):
+        if step % 3 == 0:
+            expected[step] = gram_autograd(model, [probe], output="sum")
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        # the tracker's K is taken before this step's update, like expected's
+        tracker.step()
+        optimizer.step()
+    history = tracker.history()
+    assert history["step"] == [0, 3, 6]
+    assert history["top_eigenvalues"].shape == (3, 3)
+    for record in tracker.records:
+        reference = expected[record.step]
+        assert torch.allclose(record.kernel.double(), reference, rtol=1e-9, atol=1e-12)
+        assert record.distance == pytest.approx(tk.tracking.kernel_distance(expected[0], reference), abs=1e-9)
+        assert record.alignment == pytest.approx(tk.analysis.alignment(reference, y[:6]), rel=1e-9)
+    assert history["distance"][0] == pytest.approx(0.0, abs=1e-12) and history["distance"][-1] > 1e-6
+
+
+def test_tracker_takes_a_kernel_and_checks_its_arguments():
+    model = nn.Linear(4, 2)
+    kernel = tk.Kernel(model, output="sum")
+    tracker = tk.tracking.KernelTracker(kernel, [torch.randn(3, 4)])
+    assert tracker.kernel is kernel and tracker.record().kernel is None  # statistics only by default
+    with pytest.raises(ValueError, match="every must be a positive int"):
+        tk.tracking.KernelTracker(model, [torch.randn(3, 4)], every=0)
+    with pytest.raises(TypeError, match="fixes idx and its options"):
+        tk.tracking.KernelTracker(kernel, [torch.randn(3, 4)], output="first")
+    with pytest.raises(ValueError, match="K \\[n, n\\]"):
+        tk.tracking.KernelTracker(model, [torch.randn(3, 4)], output="full").record()
