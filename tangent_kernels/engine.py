@@ -64,18 +64,19 @@ def _feature_blocks(
 
 
 # tk.Kernel (kernel.py) keeps its extractors across calls: around its calls this holds its
-# {structured mode: extractor}, reused when made for the same idx, filled when not.
+# {structured mode: extractor}, reused when made for the same idx, output and dtype.
 reused_extractors: ContextVar[Optional[dict]] = ContextVar("reused_extractors", default=None)
 
 
 def _new_extractor(model, index, output, precision: Precision, device, backend: str,
                    structured: str = "never") -> FeatureExtractor:
     reused = reused_extractors.get()
-    if reused is not None and getattr(reused.get(structured), "index", None) is index:
-        return reused[structured]
+    kept = reused.get(structured) if reused is not None else None
+    if kept is not None and kept.index is index and kept.output == output and kept.dtype == precision.compute:
+        return kept
     made = FeatureExtractor(model, index, output, precision.compute, device, backend,
-                            verify_in_ieee=precision.allow_tf32 and torch.device(device).type == "cuda",
-                            structured=structured)
+                          verify_in_ieee=precision.allow_tf32 and torch.device(device).type == "cuda",
+                          structured=structured)
     if reused is not None:
         reused[structured] = made
     return made

@@ -212,3 +212,36 @@ def test_a_non_contiguous_parameter_is_read_again():
     kernel.gram([x], progress=False)
     sgd_step(model, x)
     close(kernel.gram([x], progress=False), gram_autograd(model, [x], output="sum"), "fp32")
+
+
+def test_other_input_shapes_on_a_later_call():
+    # The kept decisions were made on 8x8 images; 12x12 ones must come out exact too.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                          nn.Linear(16, 3))
+    kernel = tk.Kernel(model, output="sum", precision="fp64")
+    small, large = torch.randn(6, 1, 8, 8), torch.randn(5, 1, 12, 12)
+    close(kernel.gram([small], progress=False), gram_autograd(model, [small], output="sum"), "fp64")
+    close(kernel.gram([large], progress=False), gram_autograd(model, [large], output="sum"), "fp64")
+
+
+@pytest.mark.parametrize("output", ["full", "trace"])
+def test_every_logit_after_optimizer_steps(output):
+    model, x = mlp(), data(8)
+    kernel = tk.Kernel(model, output=output, precision="fp64")
+    for _ in range(2):
+        sgd_step(model, x)
+        fresh = tk.gram(model, [x[:3], x[3:]], output=output, precision="fp64", progress=False)
+        k = kernel.gram([x[:3], x[3:]], progress=False)
+        assert k.shape == fresh.shape
+        assert (k - fresh).abs().max() <= 1e-11 * fresh.abs().max()
+
+
+def test_kernels_of_other_idx_or_output_on_one_model_do_not_interfere():
+    model, x = mlp(), data()
+    idx = tk.subsample(model, 40, seed=1)
+    a, b = tk.Kernel(model, idx, output=0), tk.Kernel(model, output="sum")
+    for _ in range(2):
+        close(a.gram([x], progress=False), gram_autograd(model, [x], idx, output=0), "fp32")
+        close(b.gram([x], progress=False), gram_autograd(model, [x], output="sum"), "fp32")
+        sgd_step(model, x)
