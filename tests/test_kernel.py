@@ -245,3 +245,15 @@ def test_kernels_of_other_idx_or_output_on_one_model_do_not_interfere():
         close(a.gram([x], progress=False), gram_autograd(model, [x], idx, output=0), "fp32")
         close(b.gram([x], progress=False), gram_autograd(model, [x], output="sum"), "fp32")
         sgd_step(model, x)
+
+
+def test_every_batch_of_every_call_is_checked_and_what_is_kept_stays_bounded():
+    model, x = mlp(), data()
+    kernel = tk.Kernel(model, output="sum", structured="never")
+    loader = [x[:4], x[4:8], x[8:]]
+    for call in range(1, 4):
+        kernel.gram(loader, progress=False)
+        kernel.features(loader, progress=False)
+        sgd_step(model, x)
+        (extractor,) = kernel._extractors.values()  # one per structured mode, here one for both
+        assert extractor.checked_batches == 2 * len(loader) * call
