@@ -140,7 +140,8 @@ def run_rounds(model: nn.Module, labelled: Any, pool: Any, *, evaluation: Option
         idx, output, precision, batch_size, device: as in ``tk.gram`` (output "sum", the
             pNTK of the paper, by default; "full" gives the k x k eNTK).
         beta: the ridge; with beta_scale="trace" relative to the mean diagonal of K_LL
-            (at each rebuild), with None absolute.
+            when a factor is built (at the start and after each retrain; ``add`` keeps
+            it), with None absolute.
         seed: of the "random" strategy's generator. chunk: as in ``LookAhead.what_if``.
     """
     if not isinstance(model, nn.Module):
