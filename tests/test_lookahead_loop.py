@@ -133,7 +133,7 @@ def test_retrain_rebuilds_kernels_and_leaves_the_model_alone():
     torch.testing.assert_close(h.lookahead.alpha, ref.alpha, rtol=1e-8, atol=1e-10)
 
 
-@pytest.mark.parametrize("strategy", ["random", "entropy", "expected-change"])
+@pytest.mark.parametrize("strategy", ["random", "entropy", "expected-change", "disagreement"])
 def test_oracle_and_strategies(strategy):
     labelled, (XP, yP), test = data(3)
     net = mlp(3)

@@ -26,7 +26,8 @@ from torch import nn
 from .._model import eval_mode, model_device
 from ..engine import gram
 from ..outputs import logits_of
-from .acquire import entropy, expected_change, margin, most_likely_change, random_scores, select
+from .acquire import (entropy, expected_change, margin, most_likely_change, pseudo_label_disagreement, random_scores,
+                      select)
 from .model import LookAhead
 
 
@@ -61,6 +62,9 @@ STRATEGIES: Dict[str, Callable[[Candidates], torch.Tensor]] = {
                                                outputs=c.pred_C, reference=c.pred_E, chunk=c.chunk),
     "expected-change": lambda c: expected_change(c.la, c.K_CL, c.k_CC, c.K_EL, c.K_EC, f0_C=c.f0_C, f0_E=c.f0_E,
                                                  outputs=c.pred_C, reference=c.pred_E, chunk=c.chunk),
+    "disagreement": lambda c: pseudo_label_disagreement(c.la, c.K_CL, c.k_CC, c.K_EL, c.K_EC, f0_C=c.f0_C,
+                                                        f0_E=c.f0_E, outputs=c.pred_C, reference=c.pred_E,
+                                                        chunk=c.chunk),
 }
 
 
@@ -131,8 +135,9 @@ def run_rounds(model: nn.Module, labelled: Any, pool: Any, *, evaluation: Option
         evaluation: inputs X_E where the look-ahead criteria measure the change of the
             predictions; None: the remaining pool (the paper's choice).
         test: (X_T, y_T) for the accuracy after each round, or None.
-        strategy: "look-ahead" (MLMOC), "expected-change" (EMOC), "margin", "entropy"
-            (of the kernel model), "random", or a callable ``Candidates -> scores [c]``.
+        strategy: "look-ahead" (MLMOC), "expected-change" (EMOC), "disagreement"
+            (``pseudo_label_disagreement``), "margin", "entropy" (of the kernel model),
+            "random", or a callable ``Candidates -> scores [c]``.
         retrain: None (``LookAhead.add`` between rounds, the network fixed), or
             ``retrain(model, X_L, y_L)`` called after each round's picks, which trains the
             copy in place (returning None) or returns a new network; every kernel is then
@@ -156,7 +161,8 @@ def run_rounds(model: nn.Module, labelled: Any, pool: Any, *, evaluation: Option
         X_E, _ = _pair(evaluation, "evaluation", need_labels=False)
     for name, value in (("rounds", rounds), ("per_round", per_round)):
         if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "rounds" else 1):
-            raise ValueError(f"{name} must be a {'non-negative' if name == 'rounds' else 'positive'} int; got {value!r}")
+            kind = "non-negative" if name == "rounds" else "positive"
+            raise ValueError(f"{name} must be a {kind} int; got {value!r}")
     if rounds * per_round > len(X_P):
         raise ValueError(f"rounds * per_round = {rounds * per_round} points but the pool has {len(X_P)}: "
                          "fewer rounds, or fewer points per round")
@@ -259,7 +265,8 @@ def run_rounds(model: nn.Module, labelled: Any, pool: Any, *, evaluation: Option
         else:
             new = retrain(net, X_U[rows_L].clone(), y_U[rows_L].clone())
             if new is not None and not isinstance(new, nn.Module):
-                raise TypeError(f"retrain must return None (trained in place) or an nn.Module; got {type(new).__name__}")
+                raise TypeError("retrain must return None (trained in place) or an nn.Module; got "
+                                f"{type(new).__name__}")
             net = new if new is not None else net
             K, f0 = kernels(net)
             la = build(K, f0, rows_L)
