@@ -176,5 +176,9 @@ def test_errors_name_the_problem():
         tk.lookahead.run_rounds(net, labelled, pool[0], rounds=1)
     with pytest.raises(ValueError, match="labels must lie in \\[0, 3\\)"):
         tk.lookahead.run_rounds(net, labelled, (pool[0], pool[1] + 3), rounds=1, per_round=1)
+    with pytest.raises(TypeError, match="evaluation must be the inputs X_E .* pass test="):
+        tk.lookahead.run_rounds(net, labelled, pool, rounds=1, evaluation=test)
+    with pytest.raises(ValueError, match="per_round must be a positive int"):
+        tk.lookahead.run_rounds(net, labelled, pool, rounds=1, per_round=0)
     with pytest.raises(TypeError, match="retrain must return None"):
         tk.lookahead.run_rounds(net, labelled, pool, rounds=1, per_round=1, retrain=lambda *a: 3)

@@ -156,13 +156,15 @@ def run_rounds(model: nn.Module, labelled: Any, pool: Any, *, evaluation: Option
     if oracle is not None and not callable(oracle):
         raise TypeError(f"oracle must be callable (pool positions -> labels); got {type(oracle).__name__}")
     X_T, y_T = _pair(test, "test", need_labels=True) if test is not None else (None, None)
-    X_E = None
-    if evaluation is not None:
-        X_E, _ = _pair(evaluation, "evaluation", need_labels=False)
-    for name, value in (("rounds", rounds), ("per_round", per_round)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "rounds" else 1):
-            kind = "non-negative" if name == "rounds" else "positive"
-            raise ValueError(f"{name} must be a {kind} int; got {value!r}")
+    if evaluation is not None and (not isinstance(evaluation, torch.Tensor) or evaluation.ndim == 0):
+        # Labels here would be ignored (the criteria use none): refuse them rather than drop them.
+        raise TypeError(f"evaluation must be the inputs X_E (a tensor [e, ...]); got {type(evaluation).__name__}. "
+                        "For the accuracy per round pass test=(X_T, y_T)")
+    X_E = evaluation
+    for arg, value in (("rounds", rounds), ("per_round", per_round)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if arg == "rounds" else 1):
+            kind = "non-negative" if arg == "rounds" else "positive"
+            raise ValueError(f"{arg} must be a {kind} int; got {value!r}")
     if rounds * per_round > len(X_P):
         raise ValueError(f"rounds * per_round = {rounds * per_round} points but the pool has {len(X_P)}: "
                          "fewer rounds, or fewer points per round")
