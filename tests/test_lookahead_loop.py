@@ -100,7 +100,7 @@ def test_add_equals_refit_inside_the_loop():
     assert refit.accuracy == pytest.approx(added.accuracy, abs=1e-12)
     torch.testing.assert_close(refit.lookahead.alpha, added.lookahead.alpha, rtol=1e-8, atol=1e-10)
     # retrain saw a copy of the network and L as it grew, with the oracle's labels
-    (XL, yL), (XP, yP), _ = labelled, pool, test
+    (_, yL), (_, yP) = labelled, pool
     order = torch.cat(added.picked)
     assert [c[:2] for c in calls] == [(True, M0 + (r + 1) * PER_ROUND) for r in range(ROUNDS)]
     assert calls[-1][2] == torch.cat([yL, yP[order]]).tolist()
@@ -123,7 +123,7 @@ def test_retrain_rebuilds_kernels_and_leaves_the_model_alone():
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
     assert h.model is not net and any(not torch.equal(v, h.model.state_dict()[k]) for k, v in before.items())
     # the final factor is that of the retrained network's kernels on the final L
-    (XL, yL), (XP, _), (XT, yT) = labelled, pool, test
+    (XL, yL), (XP, _) = labelled, pool
     XLf = torch.cat([XL, XP[torch.cat(h.picked)]])
     K = gram(h.model, XLf)
     with torch.no_grad():
