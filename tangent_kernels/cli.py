@@ -475,8 +475,17 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", parents=[debug], help="eNTK kernel regression on scikit-learn's digits", description=demo.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    demo_parser.add_argument("experiment", nargs="?", choices=["shift", "lookahead"], default="shift",
+                             help="shift (default): the linearized network out of distribution, as above; "
+                                  "lookahead: look-ahead active learning (docs/lookahead.md)")
     demo.add_arguments(demo_parser)
-    demo_parser.set_defaults(run=demo.main)
+
+    def run_demo(args: argparse.Namespace) -> int:
+        from .lookahead import demo as lookahead_demo
+
+        return (lookahead_demo.main if args.experiment == "lookahead" else demo.main)(args)
+
+    demo_parser.set_defaults(run=run_demo)
     info_parser = commands.add_parser("info", parents=[debug], help="which backends (C++, CUDA, Triton) are active, and why not")
     info_parser.set_defaults(run=_info)
     return parser

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from tangent_kernels import demo
@@ -60,3 +61,29 @@ def test_quick_demo_writes_well_formed_results(tmp_path, capsys):
 def test_bad_params_is_a_clear_error(tmp_path, capsys):
     assert cli_main(["demo", "--quick", "--params", "0", "--out", str(tmp_path)]) == 2
     assert "--params must be >= 1" in capsys.readouterr().err
+
+
+def test_quick_lookahead_demo_prints_the_table_and_writes_the_figure(tmp_path, capsys):
+    out = tmp_path / "lookahead"
+    assert cli_main(["demo", "lookahead", "--quick", "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "labels" in printed and all(s in printed for s in ("look-ahead", "margin", "random"))
+    report = json.loads((out / "lookahead.json").read_text())
+    run = report["runs"][0]
+    rounds, per_round, start = (report["config"][k] for k in ("rounds", "per_round", "start"))
+    assert run["labels"] == [start + r * per_round for r in range(rounds + 1)]
+    for strategy, curve in run["curves"].items():
+        assert len(curve) == rounds + 1 and all(0.0 <= a <= 1.0 for a in curve), strategy
+        assert curve[0] == run["curves"]["random"][0]  # one initial network and L for every strategy
+        picked = sum(run["picked"][strategy], [])
+        assert len(set(picked)) == rounds * per_round  # no point picked twice
+    # the kernel model learns from the labels: far above chance (0.1) even in the quick run
+    assert run["curves"]["look-ahead"][-1] > 0.5
+    data = (out / "lookahead.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5_000
+
+
+def test_unknown_demo_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["demo", "lookahed"])
+    assert "invalid choice: 'lookahed'" in capsys.readouterr().err

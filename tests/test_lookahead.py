@@ -289,3 +289,24 @@ def test_baselines():
     assert r.shape == (100,) and 0 <= float(r.min()) and float(r.max()) < 1
     with pytest.raises(ValueError, match="only 3 candidates"):
         la_mod.select(torch.zeros(4), 4, exclude=[0])
+
+
+@pytest.mark.parametrize("form", ["pntk", "full"])
+def test_pseudo_label_disagreement_equals_its_definition(form):
+    P = problem(form, f0=True, e=9, seed=11)
+    la = make(P, 0.1)
+    a, kw = args(P)
+    KCL, kCC, KEL, KEC, _ = a
+    f0C, f0E = kw["f0_C"], kw["f0_E"]
+    label = torch.nn.functional.one_hot(f0C.argmax(1), 3).double().unsqueeze(1)
+    after = la.what_if(KCL, kCC, KEL, KEC, label, **kw)[:, 0]  # [c, e, k], checked against direct solves above
+    flips = (after.argmax(-1) != f0E.argmax(1)).double().mean(1)
+    top = after.topk(2, dim=-1).values  # no near-tie between classes: the argmax is not rounding's choice
+    assert float((top[..., 0] - top[..., 1]).min()) > 1e-9
+    got = la_mod.pseudo_label_disagreement(la, KCL, kCC, KEL, KEC, **kw, chunk=2)
+    assert torch.equal(got, flips) and got.shape == (7,)
+    ref = la.predict(KEL, f0E)
+    from_kernel = la_mod.pseudo_label_disagreement(la, KCL, kCC, KEL, KEC, **kw, reference=ref)
+    assert torch.equal(from_kernel, (after.argmax(-1) != ref.argmax(1)).double().mean(1))
+    with pytest.raises(ValueError, match="pass f0_E .* or reference"):
+        la_mod.pseudo_label_disagreement(la, KCL, kCC, KEL, KEC, f0_C=f0C)

@@ -8,7 +8,9 @@ points E (typically the pool itself or a sample of it):
   most likely class, and the score is sum_e ||f_{L+}(e) - f_ref(e)||_2;
 - :func:`expected_change` (EMOC, eq. 3): the same change averaged over every class,
   weighted by the predicted class probabilities;
-- :func:`output_change`: the general form, for any labels and weights (regression).
+- :func:`output_change`: the general form, for any labels and weights (regression);
+- :func:`pseudo_label_disagreement`: the authors' code's default objective: the fraction
+  of E whose predicted class the candidate (with its most likely class) would flip.
 
 Myopic baselines score each candidate from outputs alone: :func:`margin`,
 :func:`entropy` (of the network's outputs, or of the kernel model's:
@@ -96,6 +98,37 @@ def expected_change(la: LookAhead, K_CL: Any, k_CC: Any, K_EL: Any, K_EC: Any, *
     eye = torch.eye(la.k, dtype=la.dtype, device=la.device)
     return output_change(la, K_CL, k_CC, K_EL, K_EC, eye.expand(c, la.k, la.k), weights=probs, f0_C=f0_C,
                          f0_E=f0_E, reference=reference, chunk=chunk)
+
+
+def pseudo_label_disagreement(la: LookAhead, K_CL: Any, k_CC: Any, K_EL: Any, K_EC: Any, *, f0_C: Any = None,
+                              f0_E: Any = None, outputs: Any = None, reference: Any = None,
+                              chunk: Optional[int] = None) -> torch.Tensor:
+    """Scores [c] in [0, 1]: 1 - mean_e [argmax_j f_{L+}(e)_j == argmax_j f_ref(e)_j], where
+    f_{L+} adds the candidate with its most likely class (as in :func:`most_likely_change`)
+    and the classes of f_ref at E (``reference``, default f0_E) are E's pseudo-labels.
+
+    Definition: the authors' code (github.com/mohamad-amin/ntk-lookahead-active-learning,
+    src/utils/ntk_util.py, ``ntk_objective == 'pseudo_contrastive'``, the objective of its
+    configs/cifar_resnet18.yml): the accuracy of each candidate's look-ahead predictions
+    at E against the argmax of the current outputs there, candidates of lowest accuracy
+    selected first; there the candidates' pseudo-labels and E's come from the network
+    (its default ``pseudo_label_strategy = 'torch'``) and E is the candidate subset.
+    Scores are multiples of 1/e, so ties are common: ``select`` keeps pool order.
+    """
+    out = _class_outputs(la, K_CL, f0_C, outputs)
+    ref = reference if reference is not None else f0_E
+    if ref is None:
+        raise ValueError("pseudo_label_disagreement needs the predictions at E whose classes are E's pseudo-labels: "
+                         "pass f0_E (the network's outputs) or reference (e.g. la.predict(K_EL, f0_E))")
+    name = "reference" if reference is not None else "f0_E"
+    inp.expect(name, inp.shape(ref, name), [inp.shape(K_EL, "K_EL")[0], la.k], "class scores at E")
+    classes = inp.working(ref, name, la.dtype, la.device).argmax(1)
+    y = torch.nn.functional.one_hot(out.argmax(1), la.k).to(la.dtype).unsqueeze(1)  # [c, 1, k]
+
+    def reduce(pred: torch.Tensor) -> torch.Tensor:  # [n, 1, e, k] -> [n, 1]
+        return (pred.argmax(-1) != classes).to(la.dtype).mean(-1)
+
+    return la.what_if(K_CL, k_CC, K_EL, K_EC, y, f0_C=f0_C, f0_E=f0_E, reduce=reduce, chunk=chunk)[:, 0]
 
 
 def _probs(outputs: Any) -> torch.Tensor:
