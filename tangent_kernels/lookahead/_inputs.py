@@ -13,16 +13,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-
-def tensor(x: Any, name: str) -> torch.Tensor:
-    """x as a tensor sharing its memory where it can; no dtype or device change."""
-    if isinstance(x, torch.Tensor):
-        return x.detach()
-    if isinstance(x, np.ndarray):
-        if x.dtype == object:
-            raise TypeError(f"{name} is a numpy array of dtype object; pass a numeric array")
-        return torch.from_numpy(np.ascontiguousarray(x))
-    raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray; got {type(x).__name__}")
+from ..solvers._checks import as_tensor as tensor  # noqa: F401 - the one array conversion
 
 
 def shape(x: Any, name: str) -> tuple:

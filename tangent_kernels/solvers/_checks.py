@@ -27,7 +27,10 @@ Array = Union[torch.Tensor, np.ndarray]
 # ----------------------------------------------------------------------------- input checks
 
 
-def _as_tensor(x: Any, name: str) -> torch.Tensor:
+def as_tensor(x: Any, name: str) -> torch.Tensor:
+    """x (a torch.Tensor or a numpy array) as a tensor sharing its memory where it can; no
+    dtype or device change. The one conversion of array arguments for the solvers, the
+    analysis and the look-ahead."""
     if isinstance(x, torch.Tensor):
         return x.detach()
     if isinstance(x, np.ndarray):
@@ -60,7 +63,7 @@ def _check_finite(x: torch.Tensor, name: str) -> None:
 
 def _check_kernel(K: Any, sym_tol: Optional[float], device: Optional[torch.device] = None) -> torch.Tensor:
     """K -> [n, n] tensor in the working dtype on ``device``; raises on a bad kernel."""
-    K = _as_tensor(K, "K")
+    K = as_tensor(K, "K")
     if K.ndim != 2 or K.shape[0] != K.shape[1]:
         raise ValueError(
             f"K must be a square [n, n] Gram matrix K(X_train, X_train); got shape {tuple(K.shape)}. "
@@ -110,7 +113,7 @@ class _Targets:
 def _label_count(Y: Any, name: str) -> Optional[int]:
     """max label + 1 when Y holds integer labels, else None (no conversion, no checks)."""
     if isinstance(Y, (torch.Tensor, np.ndarray)):
-        t = _as_tensor(Y, name)
+        t = as_tensor(Y, name)
         if not t.is_floating_point() and t.dtype != torch.bool and not t.is_complex() and t.numel():
             return int(t.max()) + 1
     return None
@@ -121,7 +124,7 @@ def _check_targets(
     n_classes: Optional[int], want_labels: Optional[bool] = None,
 ) -> _Targets:
     """Y: int labels [n] -> one-hot [n, n_classes]; float [n] or [n, m] -> [n, m] targets."""
-    Y = _as_tensor(Y, name)
+    Y = as_tensor(Y, name)
     if Y.dtype == torch.bool or Y.is_complex():
         raise TypeError(
             f"{name} has dtype {Y.dtype}; pass integer class labels [n] (e.g. {name}.long()) "
@@ -154,7 +157,7 @@ def _check_targets(
 
 
 def _check_offset(f0: Any, shape: Tuple[int, int], name: str, like: torch.Tensor) -> torch.Tensor:
-    f0 = _as_tensor(f0, name)
+    f0 = as_tensor(f0, name)
     _check_float(f0, name)
     if f0.ndim == 1 and shape[1] == 1:
         f0 = f0[:, None]
@@ -168,7 +171,7 @@ def _check_offset(f0: Any, shape: Tuple[int, int], name: str, like: torch.Tensor
 
 
 def _check_cross(Kx: Any, n: int, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    Kx = _as_tensor(Kx, name)
+    Kx = as_tensor(Kx, name)
     if Kx.ndim != 2 or Kx.shape[1] != n:
         hint = f" (one sample? use {name}[None])" if Kx.ndim == 1 and Kx.shape[0] == n else ""
         raise ValueError(
@@ -183,7 +186,7 @@ def _check_cross(Kx: Any, n: int, name: str, dtype: torch.dtype, device: torch.d
 
 def _check_betas(betas: Any, name: str = "betas") -> List[float]:
     if isinstance(betas, (torch.Tensor, np.ndarray)):
-        values = _as_tensor(betas, name).reshape(-1).tolist()
+        values = as_tensor(betas, name).reshape(-1).tolist()
     elif isinstance(betas, (int, float, np.integer, np.floating)) and not isinstance(betas, bool):
         values = [betas]
     elif isinstance(betas, (list, tuple)):

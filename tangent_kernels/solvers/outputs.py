@@ -13,7 +13,7 @@ from typing import Any, Tuple
 
 import torch
 
-from ._checks import _as_tensor
+from ._checks import as_tensor
 
 
 def ndim(K: Any) -> int:
@@ -22,7 +22,7 @@ def ndim(K: Any) -> int:
 
 def flatten_kernel(K: Any, name: str, k: int = 0) -> Tuple[torch.Tensor, int]:
     """[n1, n2, k, k] -> ([n1 k, n2 k], k); ``k`` (when given) must match."""
-    K = _as_tensor(K, name)
+    K = as_tensor(K, name)
     if K.ndim != 4 or K.shape[2] != K.shape[3] or (k and K.shape[2] != k):
         want = f"[n1, n2, {k}, {k}]" if k else "[n1, n2, k, k]"
         raise ValueError(
