@@ -313,9 +313,11 @@ def gram(
             if loader2 is not None:
                 second, _ = _fill_store(model, loader2, "loader2", expected_signature=signature, **fill)
                 stores.append(second)
+            form = output if output in _PER_SAMPLE_ROWS else "rows"
             k = tiles._blocked_gram(first, second, loader2 is None, precision.k, device, out, ckpt, events, budget,
-                              terms=(first.structured, second.structured) if first.structured else None)
-            return _output_axes(k, output, first.samples, second.samples) if is_multi(output) else k
+                                    terms=(first.structured, second.structured) if first.structured else None,
+                                    form=form, outputs=first.outputs)
+            return _output_axes(k, first.samples, second.samples) if output == "full" else k
         finally:
             events.close()
             for feature_store in stores:
@@ -354,18 +356,24 @@ def _identity(model: nn.Module, index: ParamIndex, output, precision: Precision,
         "kernel": "cross K(X1, X2)" if cross else "symmetric K(X, X)",
         "undecidable": undecidable,
         "parts": parts,
+        # Folders written before trace/diagonal took this layout (a row per (sample,
+        # logit)) have no such key: they are refused, never read with the wrong shape.
+        **({"features_layout": _LAYOUT} if output in _PER_SAMPLE_ROWS else {}),
     }, bool(undecidable)
 
 
-def _output_axes(k: torch.Tensor, output: str, n1: int, n2: int) -> torch.Tensor:
-    """K over (sample, logit) rows [n1 * k, n2 * k] -> [n1, n2, k, k], its trace over the
-    logits [n1, n2] or its diagonal [n1, n2, k]."""
+# The outputs whose features are stored one row per sample, the k logits side by side
+# [k * p]: the trace is the Gram of those rows, the diagonal k Grams of their column
+# blocks (tiles), never the k^2 cross products; output="full" needs them all and stores a
+# row per (sample, logit). Checkpoints record the layout (_identity).
+_PER_SAMPLE_ROWS = ("trace", "diagonal")
+_LAYOUT = "one row per sample: the k logits' features side by side"
+
+
+def _output_axes(k: torch.Tensor, n1: int, n2: int) -> torch.Tensor:
+    """K over (sample, logit) rows [n1 * k, n2 * k] -> [n1, n2, k, k]."""
     outputs = k.shape[0] // n1
-    full = k.view(n1, outputs, n2, outputs).permute(0, 2, 1, 3)
-    if output == "full":
-        return full.contiguous()
-    diagonal = full.diagonal(dim1=2, dim2=3)  # [n1, n2, k]
-    return diagonal.sum(dim=-1) if output == "trace" else diagonal.contiguous()
+    return k.view(n1, outputs, n2, outputs).permute(0, 2, 1, 3).contiguous()
 
 
 def _describe(signature) -> str:
@@ -411,7 +419,7 @@ def _fill_store(model, loader, name, *, index, output, precision, device, inputs
         nonlocal feature_store, factors
         per_sample.commit()
         feature_store, factors = _open_stores(per_sample, name, precision, device, kind, budget, cache_dir,
-                                              None if is_multi(output) else total)
+                                              None if output == "full" else total, output in _PER_SAMPLE_ROWS)
         if ckpt is not None:
             record_plan(ckpt, per_sample.plan.without_features)
             ckpt.open_features(name, feature_store.row_bytes)
@@ -419,7 +427,8 @@ def _fill_store(model, loader, name, *, index, output, precision, device, inputs
                 factors.open(ckpt, len(recorded))
 
     per_sample, own = None, None
-    multi, rows_per_sample, stored_rows = is_multi(output), None, 0
+    # output="full" stores k rows per sample (k read from the model); every other output one.
+    multi, rows_per_sample, stored_rows = output == "full", None, 0
     seen, batches = 0, 0
     try:
         for b, batch in enumerate(iterate_inputs(loader, inputs, name)):
@@ -434,7 +443,7 @@ def _fill_store(model, loader, name, *, index, output, precision, device, inputs
                     open_for(per_sample)
             if b < len(recorded):
                 rows, recorded_fingerprint = recorded[b]
-                # Every logit (output="full"...) stores k rows per sample.
+                # output="full" stores k rows per sample.
                 if multi and rows % batch.size == 0 and rows_per_sample in (None, rows // batch.size):
                     rows_per_sample = rows // batch.size
                 elif multi or rows != batch.size:
@@ -470,6 +479,8 @@ def _fill_store(model, loader, name, *, index, output, precision, device, inputs
                 if factors is not None:  # recorded before the features, whose record commits the batch
                     factors.append(batch_factors, lambda rows: _to_store(rows, precision, scale_rows=True),
                                    _check_finite, seen, ckpt, fingerprint)
+                if output in _PER_SAMPLE_ROWS:  # [B, k, p] -> [B, k * p] (a view; -1 fails for p = 0)
+                    block = block.reshape(block.shape[0], block.shape[1] * block.shape[2])
                 stored, scales = _to_store(block, precision, scale_rows=True)
                 feature_store.append(stored, scales)
                 stored_rows += stored.shape[0]
@@ -480,6 +491,7 @@ def _fill_store(model, loader, name, *, index, output, precision, device, inputs
         if feature_store is None:  # an empty loader
             feature_store = FeatureStore(len(index), precision.store, device, kind=kind, max_memory=budget,
                                          cache_dir=cache_dir, scaled=precision.scaled, name=name)
+            feature_store.outputs = 1
         if ckpt is not None:
             if batches < len(recorded):
                 raise CheckpointMismatch(
@@ -499,17 +511,21 @@ def _fill_store(model, loader, name, *, index, output, precision, device, inputs
 
 
 def _open_stores(per_sample: FeatureExtractor, name: str, precision: Precision, device, kind: str, budget: int,
-                 cache_dir, expected_rows: Optional[int]):
+                 cache_dir, expected_rows: Optional[int], per_sample_rows: bool = False):
     """(FeatureStore of the plan's feature columns, FactorStores or None): the budget
-    shared in proportion to the bytes each holds per sample."""
+    shared in proportion to the bytes each holds per sample. per_sample_rows: a row holds
+    a sample's k logits side by side (_PER_SAMPLE_ROWS); else a row per (sample, logit).
+    The store's ``outputs`` is k (1 for one scalar output)."""
     outputs = per_sample.k if per_sample.multi else 1
     p = len(per_sample.feature_index)
     choices = [per_sample.plan.choices[n] for n in per_sample.structured_names]
     feature_bytes = p * outputs * torch.empty((), dtype=precision.store).element_size()
     factor_bytes = FactorStores.row_bytes_of(choices, outputs, precision.store)
     share = feature_bytes / max(feature_bytes + factor_bytes, 1)
-    feature_store = FeatureStore(p, precision.store, device, kind=kind, max_memory=max(1, int(budget * share)),
-                                 cache_dir=cache_dir, scaled=precision.scaled, expected_rows=expected_rows, name=name)
+    feature_store = FeatureStore(p * outputs if per_sample_rows else p, precision.store, device, kind=kind,
+                                 max_memory=max(1, int(budget * share)), cache_dir=cache_dir,
+                                 scaled=precision.scaled, expected_rows=expected_rows, name=name)
+    feature_store.outputs = outputs
     factors = None
     if choices:
         factors = FactorStores(choices, outputs, precision.store, device, kind=kind,
