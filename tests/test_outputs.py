@@ -157,3 +157,62 @@ def test_a_folder_of_the_older_layout_is_refused(tmp_path):
     manifest.write_text(json.dumps(record))
     with pytest.raises(tk.CheckpointMismatch, match="features_layout"):
         tk.gram(model, loader, output="trace", checkpoint=tmp_path, progress=False)
+
+
+# The float64 reference of every form (issue 23: it raised a TypeError) --------------------
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_the_reference_computes_every_form(name):
+    """gram_autograd(output=form) against the per-logit references stacked by hand
+    (output=a for each logit a: one scalar each, the reference's oldest path)."""
+    torch.manual_seed(5)
+    model, x1, x2 = CASES[name][0](), CASES[name][1](4), CASES[name][1](3)
+    outputs = model(x1[:2]).shape[1]
+    idx = tk.subsample(model, 150, seed=1)
+    per1, per2 = (torch.stack([tk.reference.features_autograd(model, [x], idx, output=a) for a in range(outputs)], 1)
+                  for x in (x1, x2))
+    F = tk.reference.features_autograd(model, [x1[:2], x1[2:]], idx, output="full")
+    assert F.dtype == torch.float64 and F.shape == (4, outputs, 150) and torch.equal(F, per1)
+    full = torch.einsum("iap,jbp->ijab", per1, per2)
+    expected = {"full": full, "trace": full.diagonal(dim1=2, dim2=3).sum(-1), "diagonal": full.diagonal(dim1=2, dim2=3)}
+    for output in FORMS:
+        K = tk.reference.gram_autograd(model, [x1], idx, [x2], output=output)
+        assert K.shape == expected[output].shape and rel_err(K, expected[output]) <= 1e-14, output
+    symmetric = tk.reference.gram_autograd(model, [x1], idx, output="trace")
+    assert rel_err(symmetric, torch.einsum("iap,jap->ij", per1, per1)) <= 1e-14
+
+
+def _resnet18():
+    torchvision = pytest.importorskip("torchvision", reason="torchvision is one of the test tools (Makefile TOOLS)")
+    return torchvision.models.resnet18(num_classes=10), torch.randn(5, 3, 32, 32)
+
+
+def _bert():
+    transformers = pytest.importorskip("transformers", reason="transformers is one of the test tools (Makefile TOOLS)")
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=48, max_position_embeddings=16, num_labels=3)
+    ids, mask = torch.randint(0, 100, (5, 7)), torch.ones(5, 7, dtype=torch.long)
+    mask[1, 5:] = 0  # right padding
+    return transformers.BertForSequenceClassification(config), {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("make", [_resnet18, _bert], ids=["torchvision-resnet18", "hf-bert-classifier"])
+def test_every_form_on_real_architectures(make):
+    """A torchvision CNN (k = 10) and a Hugging Face classifier (k = 3): every form,
+    features and structured, within fp64's and fp32's bounds of the float64 reference."""
+    torch.manual_seed(6)
+    model, batch = make()
+    model.eval()
+    # Kronecker-sampled weights keep the structured form (docs/structured.md): "always" takes it.
+    idx = tk.subsample(model, 3000, seed=2, structure="kronecker")
+    assert tk.coverage(model, batch, idx, output="trace", structured="always").structured
+    per = tk.reference.features_autograd(model, [batch], idx, output="full")
+    full = torch.einsum("iap,jbp->ijab", per, per)
+    expected = {"full": full, "trace": full.diagonal(dim1=2, dim2=3).sum(-1), "diagonal": full.diagonal(dim1=2, dim2=3)}
+    for output in FORMS:
+        for structured in ("never", "always"):
+            K = tk.gram(model, [batch], idx, output=output, precision="fp64", progress=False, structured=structured)
+            assert rel_err(K, expected[output]) <= 1e-10, (output, structured)
+        # fp32: rounding through a deep network / two attention layers (test_real_transformers' 1e-4).
+        K32 = tk.gram(model, [batch], idx, output=output, progress=False)
+        assert rel_err(K32, expected[output]) <= 1e-4, output
