@@ -216,3 +216,19 @@ def test_every_form_on_real_architectures(make):
         # fp32: rounding through a deep network / two attention layers (test_real_transformers' 1e-4).
         K32 = tk.gram(model, [batch], idx, output=output, progress=False)
         assert rel_err(K32, expected[output]) <= 1e-4, output
+
+
+@pytest.mark.parametrize("structured", ["never", "always"])
+@pytest.mark.parametrize("output", ["trace", "diagonal"])
+def test_stores_and_exact_symmetry(output, structured, tmp_path, monkeypatch):
+    """Host and disk stores (rows staged per tile) give the device store's K bit for bit,
+    and K(X, X) is exactly symmetric in its sample axes."""
+    monkeypatch.setattr(tiles, "_TILE_ROWS", 3)
+    torch.manual_seed(7)
+    model, x = mlp(3), torch.randn(10, 6)
+    loader = [x[:4], x[4:]]
+    K = tk.gram(model, loader, output=output, progress=False, store="device", structured=structured)
+    for store in ("host", "disk"):
+        assert torch.equal(tk.gram(model, loader, output=output, progress=False, store=store, cache_dir=tmp_path,
+                                   structured=structured), K)
+    assert torch.equal(K, K.transpose(0, 1))
