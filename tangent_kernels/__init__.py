@@ -14,6 +14,7 @@ from .data import LoadedOrder
 from .engine import ProgressEvent, features, gram
 from .io import load_gram, save_gram
 from .lookahead import LookAhead
+from .outputs import OutputProbes
 from .params import ParamIndex, subsample
 from .persample.coverage import CoverageReport, coverage
 from .solve import ConvergenceWarning, KernelRidge, NotFittedError, solve  # the shim module first: tk.solve stays the function
@@ -30,6 +31,7 @@ __all__ = [
     "LoadedOrder",
     "LookAhead",
     "NotFittedError",
+    "OutputProbes",
     "ParamIndex",
     "ProgressEvent",
     "analysis",

@@ -18,7 +18,7 @@ from torch import nn
 from ._model import check_device, eval_mode, fp32_math, model_device
 from .checkpoint import Checkpoint, CheckpointMismatch, batch_fingerprint, model_fingerprint, tensor_fingerprint
 from .data import ModelInputs, iterate_inputs, loader_length
-from .outputs import OutputSpec, check_output_spec, is_multi
+from .outputs import OutputProbes, OutputSpec, check_output_spec, is_multi, probed
 from .params import ParamIndex, resolve_idx
 from .store import FeatureStore, check_max_memory, check_store
 from .persample import FeatureExtractor, resolve_backend
@@ -166,6 +166,11 @@ def features(
             "torch", "cpp" (CPU), "cuda" (CUDA) or "triton" (CUDA, or CPU under
             TRITON_INTERPRET=1). See docs/kernels.md.
     """
+    if isinstance(output, OutputProbes):  # the probe outputs' gradients [n, m, p]
+        _check_model(model)
+        with probed(model, output):
+            return features(model, loader, idx, output="full", precision=precision, device=device,
+                            progress=progress, inputs=inputs, backend=backend)
     index, output, precision, device, backend = _prepare(model, idx, output, precision, device, backend)
     progress = check_progress(progress)
     _check_inputs_callable(inputs)
@@ -263,6 +268,12 @@ def gram(
         # One loader twice is K(X, X): one pass (a shuffling or streaming loader would give
         # the two sides in two orders), the lower triangle only, mirrored.
         loader2 = None
+    if isinstance(output, OutputProbes):
+        return _probe_gram(model, loader, idx, loader2, output, precision=precision, device=device,
+                           progress=progress, inputs=inputs, backend=backend, out=out, callback=callback,
+                           checkpoint=checkpoint, store=store, max_memory=max_memory, cache_dir=cache_dir,
+                           checkpoint_key=checkpoint_key, group=group, shard=shard, gather=gather,
+                           structured=structured)
 
     if (split := active_group(group, shard, gather)) is not False:
         from .distributed.driver import gram as distributed_gram
@@ -326,6 +337,17 @@ def gram(
                     feature_store.structured.close()
             if ckpt is not None:
                 ckpt.close()
+
+
+def _probe_gram(model, loader, idx, loader2, probes: OutputProbes, *, out, **kwargs) -> torch.Tensor:
+    """output=OutputProbes: the m probe outputs' kernels, as "trace" (their sum, divided
+    by m: the estimate of the trace kernel) or "diagonal" (each, reduce=False)."""
+    if out is not None:
+        raise ValueError("out= is not supported with output=OutputProbes: leave out=None")
+    _check_model(model)  # before a hook is put on it
+    with probed(model, probes):
+        k = gram(model, loader, idx, loader2, output="trace" if probes.reduce else "diagonal", **kwargs)
+    return k.div_(probes.m) if probes.reduce else k
 
 
 def _identity(model: nn.Module, index: ParamIndex, output, precision: Precision, backend: str, cross: bool,

@@ -18,7 +18,7 @@ from torch import nn
 
 from ._model import eval_mode, functional_state, gradients_on, model_device, substituted
 from .data import iterate_inputs
-from .outputs import OutputSpec, check_output_spec, is_multi, logits_of, scalarize
+from .outputs import OutputProbes, OutputSpec, check_output_spec, is_multi, logits_of, probed, scalarize
 from .params import resolve_idx
 
 __all__ = ["features_autograd", "gram_autograd"]
@@ -33,7 +33,11 @@ def features_autograd(
     inputs: Optional[Callable[[Any], Any]] = None,
 ) -> torch.Tensor:
     """Per-sample gradients at ``idx`` in float64: [n, p] on the model's device; for
-    output="full", "trace" or "diagonal" every logit's, [n, k, p] (as ``tk.features``)."""
+    output="full", "trace" or "diagonal" every logit's, [n, k, p] (as ``tk.features``);
+    for ``OutputProbes`` the m probe outputs', [n, m, p]."""
+    if isinstance(output, OutputProbes):
+        with probed(model, output):
+            return features_autograd(model, loader, idx, output="full", inputs=inputs)
     index = resolve_idx(model, idx)
     output = check_output_spec(output)
     multi = is_multi(output)
@@ -77,7 +81,13 @@ def gram_autograd(
 ) -> torch.Tensor:
     """K[i, j] = <g(x_i), g(x_j)> in float64, [n1, n2]; ``loader2=None`` means K(X, X).
     Every logit (docs/outputs.md): output="full" gives K[i, j, a, b] [n1, n2, k, k],
-    "trace" sum_a K[i, j, a, a] [n1, n2], "diagonal" K[i, j, a, a] [n1, n2, k]."""
+    "trace" sum_a K[i, j, a, a] [n1, n2], "diagonal" K[i, j, a, a] [n1, n2, k];
+    ``OutputProbes``: the mean of the m probe kernels [n1, n2] (or each, [n1, n2, m])."""
+    if isinstance(output, OutputProbes):
+        g1 = features_autograd(model, loader, idx, output=output, inputs=inputs)
+        g2 = g1 if loader2 is None else features_autograd(model, loader2, idx, output=output, inputs=inputs)
+        per_probe = torch.einsum("iap,jap->ija", g1, g2)
+        return per_probe.mean(dim=-1) if output.reduce else per_probe
     g1 = features_autograd(model, loader, idx, output=output, inputs=inputs)
     g2 = g1 if loader2 is None else features_autograd(model, loader2, idx, output=output, inputs=inputs)
     if not is_multi(output):
