@@ -74,7 +74,7 @@ def test_the_model_is_left_as_it_was_and_resume_checks_the_probes(tmp_path):
         tk.gram(model, loader, output=tk.OutputProbes(3, seed=1), checkpoint=tmp_path, progress=False)
     assert not model._forward_hooks
     sequence = nn.Linear(4, 3)  # [B, T, 3]: no logits [B, k]
-    with pytest.raises(ValueError, match=r"model output has shape \(2, 5, 3\)"):
+    with pytest.raises(ValueError, match=r"model output has shape \(\d+, 5, 3\)"):
         tk.gram(sequence, [torch.randn(3, 5, 4)], output=tk.OutputProbes(2), progress=False)
     assert not sequence._forward_hooks  # an error inside: the hook is removed too
 
