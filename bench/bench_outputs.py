@@ -14,11 +14,21 @@ trace and diagonal <= 1.3x k x one logit, asserted unless --no-assert. Also chec
 and diagonal equal the trace / diagonal of full (relative Frobenius <= 1e-5, fp32).
 
     python bench/bench_outputs.py [--n 256] [--repeats 5] [--threads 1] [--model cnn|mlp] [--json out.json]
+
+With --probes: random output probes against the pNTK and the exact trace, on an MLP
+64-128-128-k with a 100-class and a 1,000-class head (n = 256, fp32): the time of each and
+its relative Frobenius error against output="trace"; the pNTK's trace estimate is
+k x output="sum" (= 1^T A 1: the all-ones probe, biased by the cross-logit sum); probes
+of m = 1, 4, 16, 64 (Rademacher, seeds 0-2: the median error, and the error that
+probe_error predicts from the m probe kernels themselves, ||stderr||_F / ||K||_F).
+
+    python bench/bench_outputs.py --probes [--n 256] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -26,12 +36,49 @@ from pathlib import Path
 
 import torch
 
-from _common import commit
+from _common import commit, timed
 from bench_structured import MODELS, OUTPUTS, measure_all
 import tangent_kernels as tk
 
 TARGET = 1.3
 FORMS = {"one logit": 0, "trace": "trace", "diagonal": "diagonal", "full": "full"}
+
+
+def probes(args) -> None:
+    from torch import nn
+
+    device = torch.device(args.device)
+    print(f"| head k | method | time ms | rel. error vs trace | predicted (probe_error) |")
+    print("|---|---|---:|---:|---:|")
+    for k in (100, 1000):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, k)).to(device)
+        x = torch.randn(args.n, 64, device=device)
+        loader = [x[i:i + args.batch] for i in range(0, args.n, args.batch)]
+        gram = functools.partial(tk.gram, model, loader, progress=False)
+        times, exact = timed(lambda: gram(output="trace"), device=device)
+        exact = exact.double()
+
+        def error(K):
+            return float((K.double() - exact).norm() / exact.norm())
+
+        rows = [("exact trace", times, 0.0, None)]
+        times, pntk = timed(lambda: gram(output="sum"), device=device)
+        rows.append(("pNTK x k (all-ones probe)", times, error(k * pntk), None))
+        for m in (1, 4, 16, 64):
+            errors, predicted, spent = [], [], []
+            for seed in range(3):
+                t, per_probe = timed(lambda: gram(output=tk.OutputProbes(m, seed=seed, reduce=False)), device=device,
+                                     warmup=seed == 0)
+                estimate = per_probe.double().mean(-1)
+                errors.append(error(estimate))
+                spent.append(t)
+                if m > 1:
+                    predicted.append(float(tk.outputs.probe_error(per_probe.double()).norm() / estimate.norm()))
+            rows.append((f"probes m = {m}", statistics.median(spent), statistics.median(errors),
+                         statistics.median(predicted) if predicted else None))
+        for name, t, err, pred in rows:
+            print(f"| {k} | {name} | {1e3 * t:.0f} | {err:.3f} | {'' if pred is None else f'{pred:.3f}'} |")
 
 
 def main() -> None:
@@ -44,8 +91,11 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-assert", action="store_true")
     ap.add_argument("--json", type=str, default=None)
+    ap.add_argument("--probes", action="store_true", help="random output probes vs pNTK vs the exact trace")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.probes:
+        return probes(args)
     device = torch.device(args.device)
     torch.manual_seed(0)
     make, shape = MODELS[args.model]

@@ -77,7 +77,7 @@ def test_structured_contraction_of_matched_outputs(monkeypatch, form, tokens, k,
     g_i, g_j = torch.randn(5 * k, tokens * 7, dtype=torch.float64), torch.randn(4 * k, tokens * 7, dtype=torch.float64)
     rows = contract.structured_tile(x_i, g_i, x_j, g_j, tokens, k, torch.float64, index=index)
     diagonal = rows.view(5, k, 4, k).diagonal(dim1=1, dim2=3)  # [5, 4, k]
-    expected = diagonal.sum(-1) if form == "trace" else diagonal
+    expected = diagonal.sum(-1) if form == "trace" else diagonal.permute(2, 0, 1)  # the diagonal logit-major
     got = contract.structured_tile(x_i, g_i, x_j, g_j, tokens, k, torch.float64, index=index, form=form)
     assert got.shape == expected.shape and rel_err(got, expected) <= 1e-12
     scales = [torch.exp2(torch.randint(-3, 4, (r,)).double()) for r in (5, 5 * k, 4, 4 * k)]
@@ -232,3 +232,14 @@ def test_stores_and_exact_symmetry(output, structured, tmp_path, monkeypatch):
         assert torch.equal(tk.gram(model, loader, output=output, progress=False, store=store, cache_dir=tmp_path,
                                    structured=structured), K)
     assert torch.equal(K, K.transpose(0, 1))
+
+
+@pytest.mark.parametrize("structured", ["never", "always"])
+def test_one_logit_models(structured):
+    """k = 1 (a [B] or [B, 1] output): full [n, n, 1, 1], trace [n, n], diagonal [n, n, 1]."""
+    torch.manual_seed(8)
+    model, x = mlp(1), torch.randn(6, 6)
+    expected = every_logit(model, x, 1)
+    for output in FORMS:
+        K = tk.gram(model, [x[:4], x[4:]], output=output, precision="fp64", progress=False, structured=structured)
+        assert K.shape == expected[output].shape and rel_err(K, expected[output]) <= 1e-10, output

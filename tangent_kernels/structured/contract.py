@@ -10,8 +10,8 @@ and outputs a, b:
 - "trace": sum_a K[(i, a), (j, a)] ([Si, Sj]): g's k outputs concatenated per token,
   (sum_a g_iat . g_jat') = (g_i:t . g_j:t'), so it is the one-output contraction with
   g_dim k G: k times the work of one output, never the k^2 cross products;
-- "diagonal": K[(i, a), (j, a)] for each a ([Si, Sj, k]): k one-output contractions
-  sharing the inputs' Gram.
+- "diagonal": K[(i, a), (j, a)] for each a ([k, Si, Sj], logit-major as tiles forms
+  it): k one-output contractions sharing the inputs' Gram.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def _gram(u: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def structured_tile(x_i: torch.Tensor, g_i: torch.Tensor, x_j: torch.Tensor, g_j: torch.Tensor, tokens: int,
                     outputs: int, dtype: torch.dtype, scales=None, index: bool = False,
                     form: str = "rows") -> torch.Tensor:
-    """[Si k, Sj k] ("rows"), [Si, Sj] ("trace") or [Si, Sj, k] ("diagonal") in ``dtype``.
+    """[Si k, Sj k] ("rows"), [Si, Sj] ("trace") or [k, Si, Sj] ("diagonal") in ``dtype``.
 
     x_i: [Si, T * X], g_i: [Si * k, T * G] (rows as stored); x_j, g_j likewise for the
     columns. scales: None, or the fp16 scales (sx_i, sg_i, sx_j, sg_j) of those rows
@@ -47,7 +47,7 @@ def structured_tile(x_i: torch.Tensor, g_i: torch.Tensor, x_j: torch.Tensor, g_j
     if form not in FORMS:
         raise ValueError(f"structured_tile: form must be one of {FORMS}, got {form!r}")
     si, sj, k = x_i.shape[0], x_j.shape[0], outputs
-    shape = {"rows": (si * k, sj * k), "trace": (si, sj), "diagonal": (si, sj, k)}[form]
+    shape = {"rows": (si * k, sj * k), "trace": (si, sj), "diagonal": (k, si, sj)}[form]
     out = torch.empty(shape, dtype=dtype, device=x_i.device)
     if si == 0 or sj == 0:
         return out
@@ -56,9 +56,11 @@ def structured_tile(x_i: torch.Tensor, g_i: torch.Tensor, x_j: torch.Tensor, g_j
         sx_i, sg_i, sx_j, sg_j = scales
         g_i, g_j = _unscaled(g_i, sg_i, dtype), _unscaled(g_j, sg_j, dtype)
         scales = (sx_i, None, sx_j, None)
-    # Chunks of samples keep the token-pair Grams within _PAIR_ELEMENTS.
-    per_sample = k * tokens
-    step = max(1, int((_PAIR_ELEMENTS ** 0.5) // per_sample))
+    # Chunks of samples keep the token-pair Grams within _PAIR_ELEMENTS: [Si k T, Sj k T]
+    # for "rows", k of [Si T, Sj T] for "diagonal", one for "trace".
+    pairs = _PAIR_ELEMENTS / (k if form == "diagonal" else 1)
+    per_sample = k * tokens if form == "rows" else tokens
+    step = max(1, int((pairs ** 0.5) // per_sample))
     rows = k if form == "rows" else 1  # rows of the tile per sample
     for i0 in range(0, si, step):
         i1 = min(i0 + step, si)
@@ -70,7 +72,7 @@ def structured_tile(x_i: torch.Tensor, g_i: torch.Tensor, x_j: torch.Tensor, g_j
                 block = _block(*parts, index=index)
             else:
                 block = _matched_block(*parts, index=index, trace=form == "trace")
-            out[i0 * rows:i1 * rows, j0 * rows:j1 * rows] = block
+            out[..., i0 * rows:i1 * rows, j0 * rows:j1 * rows] = block
     return out
 
 
@@ -81,7 +83,7 @@ def _unscaled(g: torch.Tensor, scales: Optional[torch.Tensor], dtype: torch.dtyp
 
 def _matched_block(x_i, g_i, x_j, g_j, tokens, k, dtype, sx_i, sg_i, sx_j, sg_j, index: bool = False,
                    trace: bool = True) -> torch.Tensor:
-    """[Si, Sj] (trace) or [Si, Sj, k] (diagonal): only the pairs of equal outputs.
+    """[Si, Sj] (trace) or [k, Si, Sj] (diagonal): only the pairs of equal outputs.
     g is unscaled here (sg_i, sg_j None): structured_tile undid its scales."""
     si, sj = x_i.shape[0], x_j.shape[0]
     g_dim = g_i.shape[1] // tokens
@@ -100,7 +102,7 @@ def _matched_block(x_i, g_i, x_j, g_j, tokens, k, dtype, sx_i, sg_i, sx_j, sg_j,
         block = gg * gx  # [k or 1, Si, Sj]
     else:
         block = (gg.view(-1, si, tokens, sj, tokens) * gx.view(1, si, tokens, sj, tokens)).sum(dim=(2, 4))
-    return block[0] if trace else block.permute(1, 2, 0)
+    return block[0] if trace else block
 
 
 def _slices(scales, i0, i1, j0, j1, k):

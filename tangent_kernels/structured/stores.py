@@ -131,7 +131,7 @@ def structured_rows(first: FactorStores, second: FactorStores, i0: int, i1: int,
                     dtype: torch.dtype, form: str = "rows") -> torch.Tensor:
     """Sum over the structured tensors of their part of K[i0:i1, j0:j1] in ``dtype``:
     [i1 - i0, j1 - j0] for form "rows" (rows of K are (sample, output) pairs) and
-    "trace" (rows are samples), [i1 - i0, j1 - j0, k] for "diagonal" (contract.FORMS)."""
+    "trace" (rows are samples), [k, i1 - i0, j1 - j0] for "diagonal" (contract.FORMS)."""
     k = first.outputs
     per_row = k if form == "rows" else 1  # rows of K per sample
     s0, s1 = i0 // per_row, -(-i1 // per_row)
@@ -153,6 +153,7 @@ def structured_rows(first: FactorStores, second: FactorStores, i0: int, i1: int,
         finally:
             for store, rows in taken:
                 store.release(rows)
-        tile = tile[i0 - s0 * per_row:i1 - s0 * per_row, j0 - t0 * per_row:j1 - t0 * per_row]
+        if per_row > 1:  # the tile's rows start inside a sample's outputs
+            tile = tile[i0 - s0 * per_row:i1 - s0 * per_row, j0 - t0 * per_row:j1 - t0 * per_row]
         total = tile if total is None else total.add_(tile)
     return total
