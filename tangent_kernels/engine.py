@@ -122,6 +122,9 @@ def _check_inputs_callable(inputs) -> None:
 
 
 def _prepare(model, idx, output, precision, device, backend):
+    if isinstance(output, OutputProbes):  # gram and features evaluate them before they get here
+        raise ValueError("output=OutputProbes is taken by tk.gram and tk.features (and the reference) only; for "
+                         "the paths its probe outputs take, use output='full' (they take the same ones)")
     _check_model(model)
     index = resolve_idx(model, idx)
     output = check_output_spec(output)

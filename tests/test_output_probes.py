@@ -89,5 +89,7 @@ def test_bad_probes_say_what_is_wrong(args, error, message):
         tk.OutputProbes(*args)
     with pytest.raises(ValueError, match="at least 2 probes"):
         tk.outputs.probe_error(torch.zeros(3, 3, 1))
+    with pytest.raises(ValueError, match="taken by tk.gram and tk.features"):
+        tk.coverage(mlp(3), torch.randn(3, 6), output=tk.OutputProbes(2))
     with pytest.raises(ValueError, match="out= is not supported with output=OutputProbes"):
         tk.gram(mlp(3), [torch.randn(3, 6)], output=tk.OutputProbes(2), out=torch.empty(3, 3), progress=False)
