@@ -15,6 +15,7 @@ from .engine import ProgressEvent, features, gram
 from .io import load_gram, save_gram
 from .kernel import Kernel
 from .lookahead import LookAhead
+from .outputs import OutputProbes
 from .params import ParamIndex, subsample
 from .persample.coverage import CoverageReport, coverage
 from .solve import ConvergenceWarning, KernelRidge, NotFittedError, solve  # the shim module first: tk.solve stays the function
@@ -32,6 +33,7 @@ __all__ = [
     "LoadedOrder",
     "LookAhead",
     "NotFittedError",
+    "OutputProbes",
     "ParamIndex",
     "ProgressEvent",
     "analysis",

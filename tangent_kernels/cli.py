@@ -200,12 +200,15 @@ def _environment() -> dict:
 
 
 def _parse_output(text: str):
-    if text in ("first", "sum"):
+    from .outputs import MULTI_OUTPUTS
+
+    if text in ("first", "sum") + MULTI_OUTPUTS:
         return text
     try:
         return int(text)
     except ValueError:
-        raise CommandError(f"--output must be 'first', 'sum' or an integer logit index; got {text!r}") from None
+        raise CommandError(f"--output must be 'first', 'sum', an integer logit index, or every logit: 'full' "
+                           f"([n1, n2, k, k]), 'trace' ([n1, n2]) or 'diagonal' ([n1, n2, k]); got {text!r}") from None
 
 
 def _model_data_idx(args: argparse.Namespace):
@@ -424,7 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--params", type=int, help="number of parameters to subsample (default: all)")
     g.add_argument("--idx", help="explicit global parameter positions (.npy/.pt, 1-D integers) instead of --params")
     g.add_argument("--seed", type=int, default=0, help="subsample seed (default 0)")
-    g.add_argument("--output", default="first", help="'first' (logit 0), 'sum' (pNTK) or an integer logit index")
+    g.add_argument("--output", default="first",
+                   help="'first' (logit 0), 'sum' (pNTK), an integer logit index, or every logit: 'full' (K "
+                        "[n1, n2, k, k]), 'trace' ([n1, n2]), 'diagonal' ([n1, n2, k]); docs/outputs.md")
     g.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
                    help="arithmetic of the features and products (default fp32; docs/precision.md)")
     g.add_argument("--batch-size", type=int, default=256, help="samples per forward/backward batch (default 256)")

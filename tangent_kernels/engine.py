@@ -19,7 +19,7 @@ from torch import nn
 from ._model import check_device, eval_mode, fp32_math, model_device
 from .checkpoint import Checkpoint, CheckpointMismatch, batch_fingerprint, model_fingerprint, tensor_fingerprint
 from .data import ModelInputs, iterate_inputs, loader_length
-from .outputs import OutputSpec, check_output_spec, is_multi
+from .outputs import OutputProbes, OutputSpec, check_output_spec, is_multi, probed
 from .params import ParamIndex, resolve_idx
 from .store import FeatureStore, check_max_memory, check_store
 from .persample import FeatureExtractor, resolve_backend
@@ -135,6 +135,9 @@ def _check_inputs_callable(inputs) -> None:
 
 
 def _prepare(model, idx, output, precision, device, backend):
+    if isinstance(output, OutputProbes):  # gram and features evaluate them before they get here
+        raise ValueError("output=OutputProbes is taken by tk.gram and tk.features (and the reference) only; for "
+                         "the paths its probe outputs take, use output='full' (they take the same ones)")
     _check_model(model)
     index = resolve_idx(model, idx)
     output = check_output_spec(output)
@@ -179,6 +182,11 @@ def features(
             "torch", "cpp" (CPU), "cuda" (CUDA) or "triton" (CUDA, or CPU under
             TRITON_INTERPRET=1). See docs/kernels.md.
     """
+    if isinstance(output, OutputProbes):  # the probe outputs' gradients [n, m, p]
+        _check_model(model)
+        with probed(model, output):
+            return features(model, loader, idx, output="full", precision=precision, device=device,
+                            progress=progress, inputs=inputs, backend=backend)
     index, output, precision, device, backend = _prepare(model, idx, output, precision, device, backend)
     progress = check_progress(progress)
     _check_inputs_callable(inputs)
@@ -276,6 +284,12 @@ def gram(
         # One loader twice is K(X, X): one pass (a shuffling or streaming loader would give
         # the two sides in two orders), the lower triangle only, mirrored.
         loader2 = None
+    if isinstance(output, OutputProbes):
+        return _probe_gram(model, loader, idx, loader2, output, precision=precision, device=device,
+                           progress=progress, inputs=inputs, backend=backend, out=out, callback=callback,
+                           checkpoint=checkpoint, store=store, max_memory=max_memory, cache_dir=cache_dir,
+                           checkpoint_key=checkpoint_key, group=group, shard=shard, gather=gather,
+                           structured=structured)
 
     if (split := active_group(group, shard, gather)) is not False:
         from .distributed.driver import gram as distributed_gram
@@ -326,9 +340,11 @@ def gram(
             if loader2 is not None:
                 second, _ = _fill_store(model, loader2, "loader2", expected_signature=signature, **fill)
                 stores.append(second)
+            form = output if output in _PER_SAMPLE_ROWS else "rows"
             k = tiles._blocked_gram(first, second, loader2 is None, precision.k, device, out, ckpt, events, budget,
-                              terms=(first.structured, second.structured) if first.structured else None)
-            return _output_axes(k, output, first.samples, second.samples) if is_multi(output) else k
+                                    terms=(first.structured, second.structured) if first.structured else None,
+                                    form=form, outputs=first.outputs)
+            return _output_axes(k, first.samples, second.samples) if output == "full" else k
         finally:
             events.close()
             for feature_store in stores:
@@ -337,6 +353,17 @@ def gram(
                     feature_store.structured.close()
             if ckpt is not None:
                 ckpt.close()
+
+
+def _probe_gram(model, loader, idx, loader2, probes: OutputProbes, *, out, **kwargs) -> torch.Tensor:
+    """output=OutputProbes: the m probe outputs' kernels, as "trace" (their sum, divided
+    by m: the estimate of the trace kernel) or "diagonal" (each, reduce=False)."""
+    if out is not None:
+        raise ValueError("out= is not supported with output=OutputProbes: leave out=None")
+    _check_model(model)  # before a hook is put on it
+    with probed(model, probes):
+        k = gram(model, loader, idx, loader2, output="trace" if probes.reduce else "diagonal", **kwargs)
+    return k.div_(probes.m) if probes.reduce else k
 
 
 def _identity(model: nn.Module, index: ParamIndex, output, precision: Precision, backend: str, cross: bool,
@@ -367,18 +394,24 @@ def _identity(model: nn.Module, index: ParamIndex, output, precision: Precision,
         "kernel": "cross K(X1, X2)" if cross else "symmetric K(X, X)",
         "undecidable": undecidable,
         "parts": parts,
+        # Folders written before trace/diagonal took this layout (a row per (sample,
+        # logit)) have no such key: they are refused, never read with the wrong shape.
+        **({"features_layout": _LAYOUT} if output in _PER_SAMPLE_ROWS else {}),
     }, bool(undecidable)
 
 
-def _output_axes(k: torch.Tensor, output: str, n1: int, n2: int) -> torch.Tensor:
-    """K over (sample, logit) rows [n1 * k, n2 * k] -> [n1, n2, k, k], its trace over the
-    logits [n1, n2] or its diagonal [n1, n2, k]."""
+# The outputs whose features are stored one row per sample, the k logits side by side
+# [k * p]: the trace is the Gram of those rows, the diagonal k Grams of their column
+# blocks (tiles), never the k^2 cross products; output="full" needs them all and stores a
+# row per (sample, logit). Checkpoints record the layout (_identity).
+_PER_SAMPLE_ROWS = ("trace", "diagonal")
+_LAYOUT = "one row per sample: the k logits' features side by side"
+
+
+def _output_axes(k: torch.Tensor, n1: int, n2: int) -> torch.Tensor:
+    """K over (sample, logit) rows [n1 * k, n2 * k] -> [n1, n2, k, k]."""
     outputs = k.shape[0] // n1
-    full = k.view(n1, outputs, n2, outputs).permute(0, 2, 1, 3)
-    if output == "full":
-        return full.contiguous()
-    diagonal = full.diagonal(dim1=2, dim2=3)  # [n1, n2, k]
-    return diagonal.sum(dim=-1) if output == "trace" else diagonal.contiguous()
+    return k.view(n1, outputs, n2, outputs).permute(0, 2, 1, 3).contiguous()
 
 
 def _describe(signature) -> str:
@@ -424,7 +457,7 @@ def _fill_store(model, loader, name, *, index, output, precision, device, inputs
         nonlocal feature_store, factors
         per_sample.commit()
         feature_store, factors = _open_stores(per_sample, name, precision, device, kind, budget, cache_dir,
-                                              None if is_multi(output) else total)
+                                              None if output == "full" else total, output in _PER_SAMPLE_ROWS)
         if ckpt is not None:
             record_plan(ckpt, per_sample.plan.without_features)
             ckpt.open_features(name, feature_store.row_bytes)
@@ -432,7 +465,8 @@ def _fill_store(model, loader, name, *, index, output, precision, device, inputs
                 factors.open(ckpt, len(recorded))
 
     per_sample, own = None, None
-    multi, rows_per_sample, stored_rows = is_multi(output), None, 0
+    # output="full" stores k rows per sample (k read from the model); every other output one.
+    multi, rows_per_sample, stored_rows = output == "full", None, 0
     seen, batches = 0, 0
     try:
         for b, batch in enumerate(iterate_inputs(loader, inputs, name)):
@@ -447,7 +481,7 @@ def _fill_store(model, loader, name, *, index, output, precision, device, inputs
                     open_for(per_sample)
             if b < len(recorded):
                 rows, recorded_fingerprint = recorded[b]
-                # Every logit (output="full"...) stores k rows per sample.
+                # output="full" stores k rows per sample.
                 if multi and rows % batch.size == 0 and rows_per_sample in (None, rows // batch.size):
                     rows_per_sample = rows // batch.size
                 elif multi or rows != batch.size:
@@ -483,6 +517,8 @@ def _fill_store(model, loader, name, *, index, output, precision, device, inputs
                 if factors is not None:  # recorded before the features, whose record commits the batch
                     factors.append(batch_factors, lambda rows: _to_store(rows, precision, scale_rows=True),
                                    _check_finite, seen, ckpt, fingerprint)
+                if output in _PER_SAMPLE_ROWS:  # [B, k, p] -> [B, k * p] (a view; -1 fails for p = 0)
+                    block = block.reshape(block.shape[0], block.shape[1] * block.shape[2])
                 stored, scales = _to_store(block, precision, scale_rows=True)
                 feature_store.append(stored, scales)
                 stored_rows += stored.shape[0]
@@ -493,6 +529,7 @@ def _fill_store(model, loader, name, *, index, output, precision, device, inputs
         if feature_store is None:  # an empty loader
             feature_store = FeatureStore(len(index), precision.store, device, kind=kind, max_memory=budget,
                                          cache_dir=cache_dir, scaled=precision.scaled, name=name)
+            feature_store.outputs = 1
         if ckpt is not None:
             if batches < len(recorded):
                 raise CheckpointMismatch(
@@ -512,17 +549,21 @@ def _fill_store(model, loader, name, *, index, output, precision, device, inputs
 
 
 def _open_stores(per_sample: FeatureExtractor, name: str, precision: Precision, device, kind: str, budget: int,
-                 cache_dir, expected_rows: Optional[int]):
+                 cache_dir, expected_rows: Optional[int], per_sample_rows: bool = False):
     """(FeatureStore of the plan's feature columns, FactorStores or None): the budget
-    shared in proportion to the bytes each holds per sample."""
+    shared in proportion to the bytes each holds per sample. per_sample_rows: a row holds
+    a sample's k logits side by side (_PER_SAMPLE_ROWS); else a row per (sample, logit).
+    The store's ``outputs`` is k (1 for one scalar output)."""
     outputs = per_sample.k if per_sample.multi else 1
     p = len(per_sample.feature_index)
     choices = [per_sample.plan.choices[n] for n in per_sample.structured_names]
     feature_bytes = p * outputs * torch.empty((), dtype=precision.store).element_size()
     factor_bytes = FactorStores.row_bytes_of(choices, outputs, precision.store)
     share = feature_bytes / max(feature_bytes + factor_bytes, 1)
-    feature_store = FeatureStore(p, precision.store, device, kind=kind, max_memory=max(1, int(budget * share)),
-                                 cache_dir=cache_dir, scaled=precision.scaled, expected_rows=expected_rows, name=name)
+    feature_store = FeatureStore(p * outputs if per_sample_rows else p, precision.store, device, kind=kind,
+                                 max_memory=max(1, int(budget * share)), cache_dir=cache_dir,
+                                 scaled=precision.scaled, expected_rows=expected_rows, name=name)
+    feature_store.outputs = outputs
     factors = None
     if choices:
         factors = FactorStores(choices, outputs, precision.store, device, kind=kind,

@@ -38,7 +38,8 @@ def _atomic_target(path: Path):
 
 
 def save_gram(path: PathLike, K: torch.Tensor, meta: Optional[Dict[str, Any]] = None) -> Path:
-    """Write the Gram matrix ``K`` (any 2-D float tensor) and JSON-serializable ``meta``.
+    """Write the Gram matrix ``K`` (any 2-D float tensor, or tk.gram's every-logit forms
+    [n1, n2, k] / [n1, n2, k, k]) and JSON-serializable ``meta``.
 
     Returns the path written. The metadata read back by :func:`load_gram` is ``meta``
     plus ``format``, ``shape`` and ``dtype`` entries (which ``meta`` may not set).
@@ -47,8 +48,9 @@ def save_gram(path: PathLike, K: torch.Tensor, meta: Optional[Dict[str, Any]] = 
 
     if not isinstance(K, torch.Tensor):
         raise TypeError(f"K must be a torch.Tensor; got {type(K).__name__} (use torch.from_numpy for arrays)")
-    if K.ndim != 2 or not K.is_floating_point():
-        raise ValueError(f"K must be a 2-D floating-point tensor; got shape {tuple(K.shape)}, dtype {K.dtype}")
+    if K.ndim not in (2, 3, 4) or not K.is_floating_point():
+        raise ValueError(f"K must be a 2-D floating-point tensor [n1, n2] (or [n1, n2, k] / [n1, n2, k, k]: "
+                         f"output='diagonal' / 'full'); got shape {tuple(K.shape)}, dtype {K.dtype}")
     if meta is not None and not isinstance(meta, dict):
         raise TypeError(f"meta must be a dict of JSON-serializable values (or None); got {type(meta).__name__}")
     meta = dict(meta or {})

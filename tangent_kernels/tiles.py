@@ -5,6 +5,12 @@ over long feature rows are summed in fp64 from fp32 partial products; the struct
 tensors' contributions join each tile; host and disk stores are staged on the device a
 block at a time (on CUDA the next block's copy overlaps the current tile's GEMMs).
 Every finished row block is checkpointed. docs/engine.md has the why of each choice.
+
+Every logit (docs/outputs.md): ``form`` "rows" is the ordinary Gram of the stores' rows
+(one scalar output, or output="full" with a row per (sample, logit)); for "trace" and
+"diagonal" a store row is one sample's k logits' features side by side [k * p]: the
+trace is the ordinary Gram of those rows, the diagonal k Grams of their column blocks
+(formed as [k, n1, n2], returned as [n1, n2, k]). Neither forms the k^2 cross products.
 """
 
 from __future__ import annotations
@@ -29,18 +35,20 @@ _log = logging.getLogger("tangent_kernels")
 _TILE_ROWS = 1024
 
 
-def _check_k_fits(rows: int, cols: int, dtype: torch.dtype, device: torch.device, n1: int, n2: int) -> None:
-    """A clear error, before the Gram phase, for a K larger than the memory there is."""
+def _check_k_fits(shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device, copies: int = 1) -> None:
+    """A clear error, before the Gram phase, for a K larger than the memory there is
+    (``copies``: K is formed in another layout first, then copied)."""
     from .store import available_host_bytes
 
-    need = rows * cols * torch.empty((), dtype=dtype).element_size()
+    need = copies * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     have = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_host_bytes()
     if need > have:
-        shape = f"[{n1}, {n2}, {rows // n1}, {cols // n2}]" if rows != n1 else f"[{rows}, {cols}]"
+        every_logit = " (k^2 times the trace's K: output='trace' or 'diagonal' need [n1, n2] or [n1, n2, k])" \
+            if len(shape) == 4 else ""
         raise MemoryError(
-            f"K {shape} needs {need / 2**30:.2f} GiB of {device} memory and {have / 2**30:.2f} GiB are free: use "
-            "fewer samples, output='trace' or 'diagonal' (which still form the full kernel for now) on a larger "
-            "device, or pass out= (a preallocated tensor, e.g. a memory-mapped one) for a one-output K"
+            f"K {list(shape)} needs {need / 2**30:.2f} GiB of {device} memory and {have / 2**30:.2f} GiB are free"
+            f"{every_logit}: use fewer samples or a larger device, or pass out= (a preallocated tensor, e.g. a "
+            "memory-mapped one) for a one-output K"
         )
 
 
@@ -84,21 +92,34 @@ def _check_out_memory(out: torch.Tensor, dtype: torch.dtype) -> None:
 
 def _blocked_gram(first: FeatureStore, second: FeatureStore, symmetric: bool, k_dtype: torch.dtype,
                   device: torch.device, out: Optional[torch.Tensor], ckpt: Optional[Checkpoint], events,
-                  budget: int, terms: Optional[Tuple[FactorStores, FactorStores]] = None) -> torch.Tensor:
+                  budget: int, terms: Optional[Tuple[FactorStores, FactorStores]] = None, form: str = "rows",
+                  outputs: int = 1) -> torch.Tensor:
     """K from two feature stores, one row block at a time (lower triangle only when
     symmetric), each finished block checkpointed; on CUDA out-of-memory the tile size
     halves and the block is recomputed (tiles are overwritten, never accumulated twice).
-    terms: the two sides' structured factors, whose contributions join each tile."""
+    terms: the two sides' structured factors, whose contributions join each tile.
+    form: "rows", "trace" ([n1, n2]) or "diagonal" ([n1, n2, outputs]), as the module
+    docstring says; a store row of "trace"/"diagonal" holds ``outputs`` logits."""
     n1, n2 = first.n, second.n
+    logits = outputs if form == "diagonal" else 1
     if out is None:
-        _check_k_fits(n1, n2, k_dtype, device, first.samples, second.samples)
-    k = _check_out(out, (n1, n2), k_dtype) if out is not None else torch.empty(n1, n2, dtype=k_dtype, device=device)
+        rows_per_sample = n1 // max(first.samples, 1) if form == "rows" else 1
+        _check_k_fits((first.samples, second.samples, rows_per_sample, rows_per_sample) if rows_per_sample > 1
+                      else (n1, n2, logits) if logits > 1 else (n1, n2), k_dtype, device, copies=min(logits, 2))
+    k = _check_out(out, (n1, n2), k_dtype) if out is not None else None
+    # K as logit-major [logits, n1, n2]: each logit of the diagonal is a Gram of its own
+    # with contiguous rows (a [n1, n2, k] layout made every tile operation strided: 40% of
+    # an all-structured k = 100 diagonal); copied to [n1, n2, k] at the end.
+    stack = k.unsqueeze(0) if k is not None else torch.empty(logits, n1, n2, dtype=k_dtype, device=device)
+    # The checkpoint records K's rows as the result has them: [n1, n2 * k] for the diagonal.
+    flat_shape = (n1, n2 * logits)
     done = 0
     if ckpt is not None:
-        ckpt.start_k((n1, n2), k_dtype)
+        ckpt.start_k(flat_shape, k_dtype)
         done = ckpt.k_rows_done
         if done:
-            k[:done].copy_(ckpt.read_k_rows(done, (n1, n2), k_dtype))
+            rows = ckpt.read_k_rows(done, flat_shape, k_dtype)
+            stack[:, :done].copy_(rows.view(done, n2, logits).permute(2, 0, 1))
             events("gram", None, done, n1, resumed=True)
     tile_rows = _TILE_ROWS
     staged = [s for s in {id(first): first, id(second): second}.values() if s.kind != "device"]
@@ -108,7 +129,7 @@ def _blocked_gram(first: FeatureStore, second: FeatureStore, symmetric: bool, k_
         in_flight = 2 if _overlaps_copies(second, device) else 1
         per_row = first.row_bytes + in_flight * second.row_bytes
         if terms is not None:
-            per_row += terms[0].staged_row_bytes + in_flight * terms[1].staged_row_bytes
+            per_row += terms[0].staged_row_bytes(form) + in_flight * terms[1].staged_row_bytes(form)
         tile_rows = max(1, min(tile_rows, (budget - resident) // max(per_row, 1)))
     if ckpt is not None and ckpt.k_tile_rows:
         # Continue with the interrupted run's tiles (smaller after an out-of-memory
@@ -119,7 +140,7 @@ def _blocked_gram(first: FeatureStore, second: FeatureStore, symmetric: bool, k_
     while i0 < n1:
         i1 = min(i0 + tile_rows, n1)
         try:
-            _row_block(k, first, second, i0, i1, tile_rows, symmetric, device, terms)
+            _row_block(stack, first, second, i0, i1, tile_rows, symmetric, device, terms, form)
         except torch.cuda.OutOfMemoryError:
             if tile_rows == 1:
                 raise
@@ -128,23 +149,27 @@ def _blocked_gram(first: FeatureStore, second: FeatureStore, symmetric: bool, k_
                 torch.cuda.empty_cache()
             _log.info("out of memory in the Gram phase: tiles of %d rows now", tile_rows)
             continue
-        _check_finite_rows(k, i0, i1, i1 if symmetric else n2)
+        _check_finite_rows(stack, i0, i1, i1 if symmetric else n2)
         if ckpt is not None:
-            ckpt.record_k_rows(i0, k[i0:i1], tile_rows)
+            ckpt.record_k_rows(i0, stack[:, i0:i1].permute(1, 2, 0).reshape(i1 - i0, n2 * logits), tile_rows)
         events("gram", None, i1, n1, resumed=False)
         i0 = i1
     if symmetric:
-        _mirror_lower(k)
-    return k
+        for logit in stack:
+            _mirror_lower(logit)
+    if form == "diagonal":
+        return stack.permute(1, 2, 0).contiguous()
+    return k if k is not None else stack[0]  # out= itself
 
 
 def _check_finite_rows(k: torch.Tensor, i0: int, i1: int, cols: int) -> None:
-    """K's finished rows [i0, i1) (columns < cols) are finite, before they are checkpointed.
+    """K's finished rows [i0, i1) (columns < cols) are finite, before they are checkpointed
+    (k: [logits, n1, n2]).
 
     Finite features can still have products beyond K's dtype (a model whose outputs are
     ~1e20: its features are finite in float32, K's entries ~1e40 are not), and that inf
     would reach the user as K. One aminmax pass: inf and nan propagate into it."""
-    block = k[i0:i1, :cols]
+    block = k[:, i0:i1, :cols]
     if not block.numel():
         return
     low, high = torch.aminmax(block)
@@ -161,10 +186,14 @@ def _check_finite_rows(k: torch.Tensor, i0: int, i1: int, cols: int) -> None:
     )
 
 
-def _row_block(k: torch.Tensor, first: FeatureStore, second: FeatureStore, i0: int, i1: int, tile_rows: int,
+def _row_block(stack: torch.Tensor, first: FeatureStore, second: FeatureStore, i0: int, i1: int, tile_rows: int,
                symmetric: bool, device: torch.device,
-               terms: Optional[Tuple[FactorStores, FactorStores]] = None) -> None:
+               terms: Optional[Tuple[FactorStores, FactorStores]] = None, form: str = "rows") -> None:
+    """Rows [i0, i1) of K, stack: [logits, n1, n2] (logits > 1 for the diagonal only)."""
     a, a_scales = first.rows(i0, i1), first.scales(i0, i1)
+    # The diagonal's logit g: columns [g p, (g + 1) p) of the rows, into stack[g].
+    logits = stack.shape[0]
+    width = a.shape[1] // logits
     try:
         stop = i1 if symmetric else second.n
         ranges = [(j0, min(j0 + tile_rows, stop)) for j0 in range(0, stop, tile_rows)]
@@ -172,25 +201,38 @@ def _row_block(k: torch.Tensor, first: FeatureStore, second: FeatureStore, i0: i
         # before the retry, not whenever the generator is collected.
         with contextlib.closing(_staged_blocks(second, ranges, device)) as blocks:
             for j0, j1, b in blocks:
-                on_device = k.device == device
-                tile = k[i0:i1, j0:j1] if on_device else torch.empty(i1 - i0, j1 - j0, dtype=k.dtype, device=device)
-                tile.zero_()
+                on_device = stack.device == device
+                tiles = stack[:, i0:i1, j0:j1] if on_device else \
+                    torch.empty(logits, i1 - i0, j1 - j0, dtype=stack.dtype, device=device)
                 lower = symmetric and j1 > i0
-                # Long reductions over feature columns are summed in fp64; a structured tensor's
-                # contribution is one fp32 term, and a few dozen such terms summed in fp32 stay
-                # within ~1e-6 (fp64 tiles for them alone cost 20% of an MLP's full kernel).
-                if k.dtype == torch.float32 and a.shape[1] > _P_CHUNK:
-                    tile.copy_(_accumulated_tile(a, b, a_scales, second, i0, i1, j0, j1, lower, terms))
-                else:
-                    gram_tile_update(tile, a, b, i0, j0, lower=lower)
-                    if a_scales is not None:
-                        tile.mul_((1.0 / a_scales[:, None]) * (1.0 / second.scales(j0, j1)[None, :]))
-                    if terms is not None:
-                        tile.add_(structured_rows(*terms, i0, i1, j0, j1, k.dtype))
+                extra = structured_rows(*terms, i0, i1, j0, j1, stack.dtype, form) if terms is not None else None
+                if extra is not None and form != "diagonal":
+                    extra = extra.unsqueeze(0)
+                for g in range(logits):
+                    columns = slice(g * width, (g + 1) * width) if form == "diagonal" else slice(None)
+                    _tile(tiles[g], a[:, columns], b[:, columns], a_scales, second, i0, i1, j0, j1, lower,
+                          None if extra is None else extra[g])
                 if not on_device:
-                    k[i0:i1, j0:j1].copy_(tile)
+                    stack[:, i0:i1, j0:j1].copy_(tiles)
     finally:
         first.release(a)
+
+
+def _tile(tile: torch.Tensor, a, b, a_scales, second: FeatureStore, i0, i1, j0, j1, lower: bool,
+          extra: Optional[torch.Tensor]) -> None:
+    """tile := a @ b.T (unscaled) + extra, the structured tensors' part (None: none)."""
+    tile.zero_()
+    # Long reductions over feature columns are summed in fp64; a structured tensor's
+    # contribution is one fp32 term, and a few dozen such terms summed in fp32 stay
+    # within ~1e-6 (fp64 tiles for them alone cost 20% of an MLP's full kernel).
+    if tile.dtype == torch.float32 and a.shape[1] > _P_CHUNK:
+        tile.copy_(_accumulated_tile(a, b, a_scales, second, i0, i1, j0, j1, lower, extra))
+        return
+    gram_tile_update(tile, a, b, i0, j0, lower=lower)
+    if a_scales is not None:
+        tile.mul_((1.0 / a_scales[:, None]) * (1.0 / second.scales(j0, j1)[None, :]))
+    if extra is not None:
+        tile.add_(extra)
 
 
 # Columns of one fp32 partial product of a tile: long reductions over p are summed in
@@ -199,9 +241,10 @@ def _row_block(k: torch.Tensor, first: FeatureStore, second: FeatureStore, i0: i
 _P_CHUNK = 1 << 16
 
 
-def _accumulated_tile(a, b, a_scales, second: FeatureStore, i0, i1, j0, j1, lower: bool, terms) -> torch.Tensor:
+def _accumulated_tile(a, b, a_scales, second: FeatureStore, i0, i1, j0, j1, lower: bool,
+                      extra: Optional[torch.Tensor]) -> torch.Tensor:
     """An fp32 K's tile summed in fp64: fp32 partial products over column chunks of the
-    features, and each structured tensor's fp32 contribution."""
+    features, and the structured tensors' fp32 contribution ``extra``."""
     total = torch.zeros(i1 - i0, j1 - j0, dtype=torch.float64, device=a.device)
     part = torch.empty(i1 - i0, j1 - j0, dtype=torch.float32, device=a.device)
     for c0 in range(0, a.shape[1], _P_CHUNK):
@@ -210,8 +253,8 @@ def _accumulated_tile(a, b, a_scales, second: FeatureStore, i0, i1, j0, j1, lowe
         if a_scales is not None:
             part.mul_((1.0 / a_scales[:, None]) * (1.0 / second.scales(j0, j1)[None, :]))
         total.add_(part)
-    if terms is not None:
-        total.add_(structured_rows(*terms, i0, i1, j0, j1, torch.float32))
+    if extra is not None:
+        total.add_(extra)
     return total
 
 

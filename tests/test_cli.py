@@ -325,3 +325,21 @@ def test_gram_out_writes_the_format_its_suffix_names(workdir, suffix):
     K = np.load(f"K{suffix}") if suffix == ".npy" else torch.load(f"K{suffix}").numpy()
     ref = tk.gram(tk.cli.load_model("factory.py:make"), [torch.from_numpy(np.load("X.npy")).float()], progress=False)
     assert np.array_equal(K, ref.numpy())
+
+
+@pytest.mark.parametrize("output, suffix", [("full", ".safetensors"), ("trace", ".npy"), ("diagonal", ".pt"),
+                                            ("diagonal", ".safetensors")])
+def test_gram_writes_every_logit_forms(workdir, capsys, output, suffix):
+    """--output full / trace / diagonal (issue 23): K as tk.gram gives it, in each format."""
+    assert main(["gram", "--model", "factory.py:make", "--data", "X.npy", "--output", output, "--batch-size", "16",
+                 "--out", f"K{suffix}", "--no-progress"]) == 0
+    expected = tk.gram(_model(), [torch.from_numpy(np.load("X.npy")).float()], output=output, progress=False)
+    shape = {"full": (40, 40, 3, 3), "trace": (40, 40), "diagonal": (40, 40, 3)}[output]
+    assert expected.shape == shape and f"K(X, X) {shape} float32" in capsys.readouterr().out
+    if suffix == ".safetensors":
+        K, meta = tk.load_gram(f"K{suffix}")
+        assert meta["output"] == output and meta["shape"] == list(shape)
+    else:
+        K = torch.from_numpy(np.load(f"K{suffix}")) if suffix == ".npy" else torch.load(f"K{suffix}")
+    # Batches of 16 against one batch of 40: the same products, summed in another order.
+    assert K.shape == shape and float((K - expected).norm() / expected.norm()) <= 1e-6

@@ -72,11 +72,12 @@ class FactorStores:
     def stores(self) -> List[FeatureStore]:
         return self.x + self.g
 
-    @property
-    def staged_row_bytes(self) -> int:
-        """Bytes per row of K staged on the device for a tile (stores off the device)."""
-        return sum(s.row_bytes for s in self.g if s.kind != "device") + \
-            sum(s.row_bytes for s in self.x if s.kind != "device") // self.outputs
+    def staged_row_bytes(self, form: str = "rows") -> int:
+        """Bytes per row of K staged on the device for a tile (stores off the device): a
+        row is a (sample, output) pair for form "rows", a sample for "trace"/"diagonal"."""
+        g = sum(s.row_bytes for s in self.g if s.kind != "device")
+        x = sum(s.row_bytes for s in self.x if s.kind != "device")
+        return g + x // self.outputs if form == "rows" else g * self.outputs + x
 
     def open(self, ckpt, batches: int) -> None:
         """Drop factor batches recorded past the loader's last committed one."""
@@ -127,12 +128,14 @@ class FactorStores:
 
 
 def structured_rows(first: FactorStores, second: FactorStores, i0: int, i1: int, j0: int, j1: int,
-                    dtype: torch.dtype) -> torch.Tensor:
-    """Sum over the structured tensors of their part of K[i0:i1, j0:j1] (rows of K are
-    (sample, output) pairs), [i1 - i0, j1 - j0] in ``dtype``."""
+                    dtype: torch.dtype, form: str = "rows") -> torch.Tensor:
+    """Sum over the structured tensors of their part of K[i0:i1, j0:j1] in ``dtype``:
+    [i1 - i0, j1 - j0] for form "rows" (rows of K are (sample, output) pairs) and
+    "trace" (rows are samples), [k, i1 - i0, j1 - j0] for "diagonal" (contract.FORMS)."""
     k = first.outputs
-    s0, s1 = i0 // k, -(-i1 // k)
-    t0, t1 = j0 // k, -(-j1 // k)
+    per_row = k if form == "rows" else 1  # rows of K per sample
+    s0, s1 = i0 // per_row, -(-i1 // per_row)
+    t0, t1 = j0 // per_row, -(-j1 // per_row)
     total = None
     for i, c in enumerate(first.choices):
         taken = []
@@ -146,10 +149,11 @@ def structured_rows(first: FactorStores, second: FactorStores, i0: int, i1: int,
             scales = tuple(scale for _, scale in parts)
             scales = None if all(scale is None for scale in scales) else scales
             tile = structured_tile(parts[0][0], parts[1][0], parts[2][0], parts[3][0], c.tokens, k, dtype, scales,
-                                   index=c.index)
+                                   index=c.index, form=form)
         finally:
             for store, rows in taken:
                 store.release(rows)
-        tile = tile[i0 - s0 * k:i1 - s0 * k, j0 - t0 * k:j1 - t0 * k]
+        if per_row > 1:  # the tile's rows start inside a sample's outputs
+            tile = tile[i0 - s0 * per_row:i1 - s0 * per_row, j0 - t0 * per_row:j1 - t0 * per_row]
         total = tile if total is None else total.add_(tile)
     return total
