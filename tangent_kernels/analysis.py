@@ -27,7 +27,7 @@ from typing import Any, Optional
 import torch
 
 from .solvers import outputs as _outputs
-from .solvers._checks import _as_tensor, _check_kernel, _check_targets, _label_count
+from .solvers._checks import as_tensor, _check_kernel, _check_targets, _label_count
 
 __all__ = ["Spectrum", "spectrum", "alignment", "degrees_of_freedom"]
 
@@ -125,7 +125,7 @@ def _blocks(K: Any, sym_tol: Optional[float]):
 
 
 def _square(K: Any) -> torch.Tensor:
-    K = _as_tensor(K, "K")
+    K = as_tensor(K, "K")
     if K.shape[0] != K.shape[1]:
         form = "[n, n, k, k] (output='full')" if K.ndim == 4 else "[n, n, k] (output='diagonal')"
         raise ValueError(f"K must be a training Gram {form} with n1 = n2; got shape {tuple(K.shape)}. A cross "
