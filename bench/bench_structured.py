@@ -157,12 +157,12 @@ def _ridge_accuracy(k_train, k_test, y_train, y_test) -> float:
 def _cost_matched_p(model, x, idx) -> int:
     """Columns of a uniform subsample whose Gram costs what idx's does: per structured
     tensor T^2 (x + g) multiply-adds per pair of samples, per other tensor its entries."""
-    from tangent_kernels import engine
+    from tangent_kernels import engine, feature_phase
     from tangent_kernels.data import to_inputs
     from tangent_kernels.params import resolve_idx
 
     index = resolve_idx(model, idx)
-    extractor = engine._new_extractor(model, index, 0, engine.PRECISIONS["fp32"], torch.device("cpu"), "auto", "auto")
+    extractor = feature_phase.new_extractor(model, index, 0, engine.PRECISIONS["fp32"], torch.device("cpu"), "auto", "auto")
     plan = extractor.plan_for(to_inputs(x[:2], None))
     structured = {c.name: c for c in plan.choices.values() if c.structured}
     cost = sum(c.tokens ** 2 * (c.x_dim + c.g_dim) for c in structured.values())

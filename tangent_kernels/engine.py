@@ -10,94 +10,27 @@ each choice.
 from __future__ import annotations
 
 import logging
-from contextvars import ContextVar
-from typing import Any, Callable, Iterable, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 from torch import nn
 
 from ._model import check_device, eval_mode, fp32_math, model_device
-from .checkpoint import Checkpoint, CheckpointMismatch, batch_fingerprint, model_fingerprint, tensor_fingerprint
-from .data import ModelInputs, iterate_inputs, loader_length
+from .checkpoint import Checkpoint, model_fingerprint, tensor_fingerprint
+from .data import loader_length
 from .outputs import OutputProbes, OutputSpec, check_output_spec, is_multi, probed
 from .params import ParamIndex, resolve_idx
-from .store import FeatureStore, check_max_memory, check_store
+from .store import check_max_memory, check_store
 from .persample import FeatureExtractor, resolve_backend
 from .structured import check_structured
-from .structured.stores import FactorStores, record_plan, recorded_plan
 from . import tiles
 from .precisions import PRECISIONS, Precision, _check_precision, _to_store
-from .progress import ProgressEvent, Events, check_progress, progress_bar
+from .progress import ProgressEvent, Events, check_progress
+from .feature_phase import PER_SAMPLE_ROWS, feature_blocks, fill_store, new_extractor
 
 __all__ = ["features", "gram", "PRECISIONS", "ProgressEvent"]
 
 _log = logging.getLogger("tangent_kernels")
-
-
-def _feature_blocks(
-    model: nn.Module,
-    loader: Iterable,
-    index: ParamIndex,
-    output: OutputSpec,
-    precision: Precision,
-    device: torch.device,
-    inputs: Optional[Callable[[Any], Any]],
-    progress: Union[bool, str],
-    name: str,
-    backend: str,
-) -> Iterator[torch.Tensor]:
-    """Yield F [B, p] per batch, in the compute dtype; F[:, j] = d s / d theta[idx[j]]."""
-    per_sample = _new_extractor(model, index, output, precision, device, backend)
-    bar = progress_bar(loader_length(loader), f"eNTK features ({name})", progress)
-    seen = 0
-    try:
-        for batch in iterate_inputs(loader, inputs, name):
-            block = per_sample(batch.to(device, precision.compute))
-            _check_finite(block, seen, name)
-            seen += batch.size
-            if bar is not None:
-                bar.update(batch.size)
-            yield block
-    finally:
-        if bar is not None:
-            bar.close()
-
-
-# tk.Kernel (kernel.py) keeps its extractors across calls: around its calls this holds its
-# {structured mode: extractor}, reused when made for the same idx, output and dtype.
-reused_extractors: ContextVar[Optional[dict]] = ContextVar("reused_extractors", default=None)
-
-
-def _new_extractor(model, index, output, precision: Precision, device, backend: str,
-                   structured: str = "never") -> FeatureExtractor:
-    reused = reused_extractors.get()
-    kept = reused.get(structured) if reused is not None else None
-    if kept is not None and kept.index is index and kept.output == output and kept.dtype == precision.compute:
-        return kept
-    made = FeatureExtractor(model, index, output, precision.compute, device, backend,
-                          verify_in_ieee=precision.allow_tf32 and torch.device(device).type == "cuda",
-                          structured=structured)
-    if reused is not None:
-        reused[structured] = made
-    return made
-
-
-def _check_finite(block: torch.Tensor, first_position: int, name: str) -> None:
-    # One reduction pass first: a row with an inf or nan sums to inf or nan. isfinite on
-    # the whole block is four elementwise passes (6% of a CPU gram of resnet18), and is
-    # needed only when a sum is not finite (then it tells overflow of finite values apart).
-    block = block.reshape(block.shape[0], -1)  # [B, k, p] (every logit): a sample's row is all of them
-    if bool(torch.isfinite(block.sum(dim=1)).all()):
-        return
-    finite = torch.isfinite(block).all(dim=1)
-    if bool(finite.all()):
-        return
-    row = int(torch.nonzero(~finite)[0])
-    raise ValueError(
-        f"non-finite gradient (inf or nan) for the sample at position {first_position + row} of "
-        f"{name} (0-based, in iteration order): check that sample's input and the model's "
-        "numerics at it (e.g. log of zero, overflow); try precision='fp64'"
-    )
 
 
 def _check_model(model) -> None:
@@ -191,7 +124,7 @@ def features(
     progress = check_progress(progress)
     _check_inputs_callable(inputs)
     with eval_mode(model), fp32_math(precision.allow_tf32):
-        blocks = _feature_blocks(model, loader, index, output, precision, device, inputs, progress, "loader", backend)
+        blocks = feature_blocks(model, loader, index, output, precision, device, inputs, progress, "loader", backend)
         # Each block is rounded to the store dtype as it arrives: no full-size copy in
         # the compute dtype. When the loader tells its size, blocks go straight into the
         # result (a concatenation at the end doubled the memory and, for p in the
@@ -328,19 +261,19 @@ def gram(
             def extractor() -> FeatureExtractor:
                 # One for both loaders: the first batch's decisions (paths, check) hold for both.
                 if not made:
-                    made.append(_new_extractor(model, index, output, precision, device, backend, structured))
+                    made.append(new_extractor(model, index, output, precision, device, backend, structured))
                 return made[0]
 
             fill = dict(index=index, output=output, precision=precision, device=device, inputs=inputs,
                         backend=backend, kind=store, budget=budget, cache_dir=cache_dir, ckpt=ckpt, events=events,
                         extractor=extractor)
-            first, signature = _fill_store(model, loader, "loader", **fill)
+            first, signature = fill_store(model, loader, "loader", **fill)
             stores.append(first)
             second = first
             if loader2 is not None:
-                second, _ = _fill_store(model, loader2, "loader2", expected_signature=signature, **fill)
+                second, _ = fill_store(model, loader2, "loader2", expected_signature=signature, **fill)
                 stores.append(second)
-            form = output if output in _PER_SAMPLE_ROWS else "rows"
+            form = output if output in PER_SAMPLE_ROWS else "rows"
             k = tiles._blocked_gram(first, second, loader2 is None, precision.k, device, out, ckpt, events, budget,
                                     terms=(first.structured, second.structured) if first.structured else None,
                                     form=form, outputs=first.outputs)
@@ -396,15 +329,10 @@ def _identity(model: nn.Module, index: ParamIndex, output, precision: Precision,
         "parts": parts,
         # Folders written before trace/diagonal took this layout (a row per (sample,
         # logit)) have no such key: they are refused, never read with the wrong shape.
-        **({"features_layout": _LAYOUT} if output in _PER_SAMPLE_ROWS else {}),
+        **({"features_layout": _LAYOUT} if output in PER_SAMPLE_ROWS else {}),
     }, bool(undecidable)
 
 
-# The outputs whose features are stored one row per sample, the k logits side by side
-# [k * p]: the trace is the Gram of those rows, the diagonal k Grams of their column
-# blocks (tiles), never the k^2 cross products; output="full" needs them all and stores a
-# row per (sample, logit). Checkpoints record the layout (_identity).
-_PER_SAMPLE_ROWS = ("trace", "diagonal")
 _LAYOUT = "one row per sample: the k logits' features side by side"
 
 
@@ -412,181 +340,5 @@ def _output_axes(k: torch.Tensor, n1: int, n2: int) -> torch.Tensor:
     """K over (sample, logit) rows [n1 * k, n2 * k] -> [n1, n2, k, k]."""
     outputs = k.shape[0] // n1
     return k.view(n1, outputs, n2, outputs).permute(0, 2, 1, 3).contiguous()
-
-
-def _describe(signature) -> str:
-    """A batch signature (data.ModelInputs.signature) as 'arg 0: 3x32x32 float32, ...'."""
-    def one(s):
-        if s[0] != "tensor":
-            return s[0]
-        return f"{'x'.join(map(str, s[2])) or 'scalar'} {str(s[1]).replace('torch.', '')}"
-
-    args, kwargs = signature
-    return "(" + ", ".join([f"arg {i}: {one(s)}" for i, s in enumerate(args)] + [f"{k}: {one(s)}" for k, s in kwargs]) + ")"
-
-
-def _check_signature(first, cross, signature, name: str, b: int) -> None:
-    """Batch b of loader ``name`` against its own first batch, and (for loader2) against
-    the first loader's: per-sample shapes and dtypes must agree."""
-    if first is not None and signature != first:
-        raise ValueError(
-            f"batch {b} of {name} differs from its batch 0 in per-sample shape or dtype: batch 0 gives "
-            f"{_describe(first)}, batch {b} gives {_describe(signature)}. Every batch must hold the same kind of "
-            "input; if you passed (X, y) or [X, y] as the loader, note that the loader is iterated over batches: "
-            "pass [X], [(X, y)] or a DataLoader"
-        )
-    if cross is not None and signature != cross:
-        raise ValueError(
-            f"{name} (the second loader of a cross kernel K(X1, X2)) holds inputs of another per-sample shape or "
-            f"dtype than loader: loader gives {_describe(cross)}, {name} gives {_describe(signature)}"
-        )
-
-
-def _fill_store(model, loader, name, *, index, output, precision, device, inputs, backend, kind, budget,
-                cache_dir, ckpt, events, extractor, expected_signature=None):
-    """Features of every sample of ``loader`` into a FeatureStore (read back from the
-    checkpoint where it has them); returns (store, first batch's signature). The store's
-    ``structured`` holds the structured tensors' factors (FactorStores), or None; both
-    are sized once the extractor's plan is known, on the first batch."""
-    total = loader_length(loader)
-    recorded = ckpt.recorded_batches(name) if ckpt is not None else []
-    forced = recorded_plan(ckpt)
-    feature_store, factors = None, None
-
-    def open_for(per_sample: FeatureExtractor):
-        nonlocal feature_store, factors
-        per_sample.commit()
-        feature_store, factors = _open_stores(per_sample, name, precision, device, kind, budget, cache_dir,
-                                              None if output == "full" else total, output in _PER_SAMPLE_ROWS)
-        if ckpt is not None:
-            record_plan(ckpt, per_sample.plan.without_features)
-            ckpt.open_features(name, feature_store.row_bytes)
-            if factors is not None:
-                factors.open(ckpt, len(recorded))
-
-    per_sample, own = None, None
-    # output="full" stores k rows per sample (k read from the model); every other output one.
-    multi, rows_per_sample, stored_rows = output == "full", None, 0
-    seen, batches = 0, 0
-    try:
-        for b, batch in enumerate(iterate_inputs(loader, inputs, name)):
-            batches = b + 1
-            _check_signature(own, expected_signature if b == 0 else None, batch.signature(), name, b)
-            own = batch.signature() if own is None else own
-            fingerprint = batch_fingerprint(batch) if ckpt is not None else None
-            if feature_store is None:
-                per_sample = extractor() if per_sample is None else per_sample
-                per_sample.plan_for(batch.to(device, precision.compute), forced)
-                if b < len(recorded):
-                    open_for(per_sample)
-            if b < len(recorded):
-                rows, recorded_fingerprint = recorded[b]
-                # output="full" stores k rows per sample.
-                if multi and rows % batch.size == 0 and rows_per_sample in (None, rows // batch.size):
-                    rows_per_sample = rows // batch.size
-                elif multi or rows != batch.size:
-                    raise CheckpointMismatch(
-                        f"{name} batch {b} has {batch.size} samples, the one checkpointed in {ckpt.folder} had "
-                        f"{rows}: the batches must be cut the same way on resume (the same batch size: "
-                        "DataLoader(batch_size=...), --batch-size), or delete the checkpoint folder to start over"
-                    )
-                if fingerprint != recorded_fingerprint:
-                    raise CheckpointMismatch(
-                        f"{name} batch {b} holds other values than the one checkpointed in {ckpt.folder}: the "
-                        "loader must yield the same data in the same order on resume (shuffle=False, the same "
-                        "dataset and transforms), or delete the checkpoint folder to start over"
-                    )
-                stored, scales = ckpt.read_features(name, b, stored_rows, stored_rows + rows, feature_store.p,
-                                                    precision.store, precision.scaled)
-                feature_store.append(stored.to(device), scales)
-                if factors is not None:
-                    factors.restore(ckpt, b, batch.size)
-                stored_rows += rows
-            else:
-                if ckpt is not None and ckpt.loader_complete(name):
-                    raise CheckpointMismatch(
-                        f"{name} yields more batches than the {len(recorded)} checkpointed in {ckpt.folder}: "
-                        "the data changed; delete the checkpoint folder to start over"
-                    )
-                if per_sample is None:
-                    per_sample = extractor()
-                block, batch_factors = _features_with_backoff(per_sample, batch.to(device, precision.compute))
-                if feature_store is None:
-                    open_for(per_sample)
-                _check_finite(block, seen, name)
-                if factors is not None:  # recorded before the features, whose record commits the batch
-                    factors.append(batch_factors, lambda rows: _to_store(rows, precision, scale_rows=True),
-                                   _check_finite, seen, ckpt, fingerprint)
-                if output in _PER_SAMPLE_ROWS:  # [B, k, p] -> [B, k * p] (a view; -1 fails for p = 0)
-                    block = block.reshape(block.shape[0], block.shape[1] * block.shape[2])
-                stored, scales = _to_store(block, precision, scale_rows=True)
-                feature_store.append(stored, scales)
-                stored_rows += stored.shape[0]
-                if ckpt is not None:
-                    ckpt.record_batch(name, stored, scales, fingerprint)
-            seen += batch.size
-            events("features", name, seen, total, resumed=b < len(recorded))
-        if feature_store is None:  # an empty loader
-            feature_store = FeatureStore(len(index), precision.store, device, kind=kind, max_memory=budget,
-                                         cache_dir=cache_dir, scaled=precision.scaled, name=name)
-            feature_store.outputs = 1
-        if ckpt is not None:
-            if batches < len(recorded):
-                raise CheckpointMismatch(
-                    f"{name} yields {batches} batches but {len(recorded)} were checkpointed in {ckpt.folder}: "
-                    "the data changed; delete the checkpoint folder to start over"
-                )
-            if not ckpt.loader_complete(name):
-                ckpt.complete_loader(name)
-        feature_store.samples = seen
-        feature_store.structured = factors
-    except BaseException:
-        for opened in (feature_store, factors):
-            if opened is not None:
-                opened.close()
-        raise
-    return feature_store, own
-
-
-def _open_stores(per_sample: FeatureExtractor, name: str, precision: Precision, device, kind: str, budget: int,
-                 cache_dir, expected_rows: Optional[int], per_sample_rows: bool = False):
-    """(FeatureStore of the plan's feature columns, FactorStores or None): the budget
-    shared in proportion to the bytes each holds per sample. per_sample_rows: a row holds
-    a sample's k logits side by side (_PER_SAMPLE_ROWS); else a row per (sample, logit).
-    The store's ``outputs`` is k (1 for one scalar output)."""
-    outputs = per_sample.k if per_sample.multi else 1
-    p = len(per_sample.feature_index)
-    choices = [per_sample.plan.choices[n] for n in per_sample.structured_names]
-    feature_bytes = p * outputs * torch.empty((), dtype=precision.store).element_size()
-    factor_bytes = FactorStores.row_bytes_of(choices, outputs, precision.store)
-    share = feature_bytes / max(feature_bytes + factor_bytes, 1)
-    feature_store = FeatureStore(p * outputs if per_sample_rows else p, precision.store, device, kind=kind,
-                                 max_memory=max(1, int(budget * share)), cache_dir=cache_dir,
-                                 scaled=precision.scaled, expected_rows=expected_rows, name=name)
-    feature_store.outputs = outputs
-    factors = None
-    if choices:
-        factors = FactorStores(choices, outputs, precision.store, device, kind=kind,
-                               budget=max(1, int(budget * (1 - share))), cache_dir=cache_dir,
-                               scaled=precision.scaled, expected_rows=expected_rows, name=name)
-    return feature_store, factors
-
-
-def _features_with_backoff(per_sample: FeatureExtractor, batch: ModelInputs):
-    """(features, structured factors) of a batch (FeatureExtractor.extract); on CUDA
-    out-of-memory, of its halves (recursively)."""
-    try:
-        block = per_sample(batch)
-        return block, per_sample.factors
-    except torch.cuda.OutOfMemoryError:
-        if batch.size == 1:
-            raise
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        half = batch.size // 2
-        _log.info("out of memory on a batch of %d samples: retrying in halves", batch.size)
-        (a, fa), (b, fb) = (_features_with_backoff(per_sample, batch.slice(0, half)),
-                            _features_with_backoff(per_sample, batch.slice(half, batch.size)))
-        return torch.cat([a, b]), {n: (torch.cat([fa[n][0], fb[n][0]]), torch.cat([fa[n][1], fb[n][1]])) for n in fa}
 
 

@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 from torch import nn
 
-from . import engine
+from . import engine, feature_phase
 from .outputs import OutputSpec, check_output_spec
 from .params import ParamIndex, resolve_idx
 from .precisions import PRECISIONS
@@ -68,7 +68,7 @@ class Kernel:
                                             backend=backend, structured=check_structured(structured), inputs=inputs)
         self._index: Optional[ParamIndex] = None
         self._structure: Optional[tuple] = None
-        self._extractors: Dict[str, Any] = {}  # structured mode -> FeatureExtractor (engine.reused_extractors)
+        self._extractors: Dict[str, Any] = {}  # structured mode -> FeatureExtractor (feature_phase.reused_extractors)
         self.rebuilds = 0  # how often the structure changed (and everything kept was derived again)
         self._prepare()  # a wrong idx is said now, not at the first call
 
@@ -116,11 +116,11 @@ class Kernel:
         if run_options.get("checkpoint") is not None:
             # A resumed checkpoint forces the plan it was made with: a fresh extractor takes it.
             return compute(self.model, *args[:1], self._index, *args[1:], **options)
-        token = engine.reused_extractors.set(self._extractors)
+        token = feature_phase.reused_extractors.set(self._extractors)
         try:
             return compute(self.model, *args[:1], self._index, *args[1:], **options)
         finally:
-            engine.reused_extractors.reset(token)
+            feature_phase.reused_extractors.reset(token)
 
     def gram(self, loader, **run_options) -> torch.Tensor:
         """K(X, X) [n, n] at the model's current weights; ``run_options``: those of

@@ -15,6 +15,7 @@ from torch import nn
 
 import tangent_kernels as tk
 import tangent_kernels.engine as engine
+import tangent_kernels.feature_phase as feature_phase
 import tangent_kernels.tiles as tiles
 import tangent_kernels.store as store_module
 from tangent_kernels.checkpoint import Checkpoint, CheckpointMismatch
@@ -45,14 +46,14 @@ class _Recorder:
 
     def __init__(self, monkeypatch):
         self.stores = []
-        original = engine.FeatureStore
+        original = feature_phase.FeatureStore
 
         def make(*args, **kwargs):
             created = original(*args, **kwargs)
             self.stores.append(created)
             return created
 
-        monkeypatch.setattr(engine, "FeatureStore", make)
+        monkeypatch.setattr(feature_phase, "FeatureStore", make)
 
 
 @pytest.mark.parametrize("kind", ["device", "host", "disk"])
@@ -142,13 +143,13 @@ def _interrupt_at(phase, done):
 
 def _count_computed_batches(monkeypatch):
     counter = {"batches": 0}
-    original = engine._features_with_backoff
+    original = feature_phase.features_with_backoff
 
     def counting(per_sample, batch):
         counter["batches"] += 1
         return original(per_sample, batch)
 
-    monkeypatch.setattr(engine, "_features_with_backoff", counting)
+    monkeypatch.setattr(feature_phase, "features_with_backoff", counting)
     return counter
 
 

@@ -91,13 +91,13 @@ def test_non_finite_gradient_names_the_sample():
 def test_finite_gradients_whose_row_sums_overflow_are_accepted():
     """The finiteness check sums rows first; an overflowing sum of finite values must
     not be reported as a non-finite gradient."""
-    from tangent_kernels.engine import _check_finite
+    from tangent_kernels.feature_phase import check_finite
 
     big = torch.full((3, 8), 3e38)
-    _check_finite(big, 0, "loader")
+    check_finite(big, 0, "loader")
     big[2, 5] = -float("inf")
     with pytest.raises(ValueError, match=r"position 12 of loader"):
-        _check_finite(big, 10, "loader")
+        check_finite(big, 10, "loader")
 
 
 def test_loader2_with_different_structure():

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import tangent_kernels as tk
-import tangent_kernels.engine as engine
+import tangent_kernels.feature_phase as feature_phase
 import tangent_kernels.tiles as tiles
 
 N, BATCH = 23, 5
@@ -66,13 +66,13 @@ class _Streams:
 class _Recorder:
     def __init__(self, monkeypatch):
         self.stores = []
-        original = engine.FeatureStore
+        original = feature_phase.FeatureStore
 
         def make(*args, **kwargs):
             self.stores.append(original(*args, **kwargs))
             return self.stores[-1]
 
-        monkeypatch.setattr(engine, "FeatureStore", make)
+        monkeypatch.setattr(feature_phase, "FeatureStore", make)
 
 
 def test_overlapped_schedule_gives_the_same_K_within_budget(monkeypatch):

@@ -364,12 +364,13 @@ def test_a_checkpointed_plan_without_absorbed_biases_keeps_them_on_features():
     """A checkpoint written before biases were absorbed recorded only the weights: resuming
     it must keep the biases on features (the stores' widths depend on it)."""
     from tangent_kernels.data import to_inputs
-    from tangent_kernels.engine import PRECISIONS, _new_extractor
+    from tangent_kernels.engine import PRECISIONS
+    from tangent_kernels.feature_phase import new_extractor
     from tangent_kernels.params import resolve_idx
 
     torch.manual_seed(22)
     model, x = mlp(3), torch.randn(5, 6)
-    extractor = _new_extractor(model, resolve_idx(model, None), "first", PRECISIONS["fp64"], torch.device("cpu"),
+    extractor = new_extractor(model, resolve_idx(model, None), "first", PRECISIONS["fp64"], torch.device("cpu"),
                                "torch", "auto")
     plan = extractor.plan_for(to_inputs(x.double()), forced=["0.weight", "2.weight", "4.weight"])
     assert plan.structured == ["0.weight", "2.weight", "4.weight"] and plan.absorbed == {}

@@ -77,12 +77,12 @@ class BatchFeatures:
 
     def __call__(self, *, args: Tuple = (), kwargs: Optional[Dict[str, Any]] = None) -> torch.Tensor:
         """Features of the model call ``model(*args, **kwargs)`` on one batch."""
-        from ..engine import _check_finite
+        from ..feature_phase import check_finite
 
         kwargs = dict(kwargs or {})
         inputs = ModelInputs(tuple(args), kwargs, _batch_size(tuple(args), kwargs))
         inputs = inputs.to(self.device, self.dtype)
         with eval_mode(self.model), fp32_math(False):
             block = self.extractor(inputs)
-        _check_finite(block, 0, "the batch")
+        check_finite(block, 0, "the batch")
         return block

@@ -8,7 +8,7 @@ Phases (each ends with every rank's status exchanged, so one rank's error stops 
    hashed, not evaluated) are compared with rank 0's (a digest; the itemized parts only
    when they differ, to name what differs);
 2. features: each rank computes its share of the samples into a feature store (the
-   engine's own ``_fill_store``: stores, precisions, per-rank checkpoints);
+   one feature phase, ``feature_phase.fill_store``: stores, precisions, per-rank checkpoints);
 3. gram: the shards of the column features visit every rank (a ring of point-to-point
    passes, or one all_gather) and each rank computes its blocks of K (schedule.py)
    with ``tiles._blocked_gram`` (tiles, out-of-memory halving, checkpointed
@@ -26,7 +26,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from .. import engine, tiles
+from .. import engine, feature_phase, tiles
 from .. import progress as progress_mod
 from ..checkpoint import Checkpoint, CheckpointMismatch, refuse_foreign
 from ..data import loader_length
@@ -236,7 +236,7 @@ class _Plan:
 
         def extractor():
             if not made:
-                made.append(engine._new_extractor(model, self.index, self.output, self.precision, self.device,
+                made.append(feature_phase.new_extractor(model, self.index, self.output, self.precision, self.device,
                                                   self.backend))
             return made[0]
 
@@ -246,7 +246,7 @@ class _Plan:
         stores, signature = [], None
         try:
             for (loader, _, announced), name in zip(self.loaders, ("loader", "loader2")):
-                feature_store, own = engine._fill_store(model, loader, name, expected_signature=signature, **fill)
+                feature_store, own = feature_phase.fill_store(model, loader, name, expected_signature=signature, **fill)
                 stores.append(feature_store)
                 signature = signature or own
                 if self.shard and announced is not None and feature_store.samples != announced:
@@ -256,7 +256,7 @@ class _Plan:
             for feature_store in stores:
                 feature_store.close()
             raise
-        self.signature = engine._describe(signature)
+        self.signature = feature_phase.describe(signature)
         return stores
 
     # ------------------------------------------------------------------ K

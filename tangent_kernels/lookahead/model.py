@@ -300,7 +300,6 @@ class LookAhead:
         C22 = self._factor(F_AA - B.T @ B, "The Schur complement of the new points", "the new points (with L)",
                            self.n_rows + F_AA.shape[0], float(F_AA.diagonal().abs().max()))
         z2 = torch.linalg.solve_triangular(C22, r - B.T @ self._z, upper=False)
-        N, M = self.n_rows, F_AA.shape[0]
         self._C.append(B.T, C22)
         self._z, self._alpha = torch.cat([self._z, z2]), None
         self.m += a

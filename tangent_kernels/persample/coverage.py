@@ -54,7 +54,7 @@ def coverage(model: nn.Module, batch: Any, idx=None, output="first", *, inputs: 
     from ..structured import check_structured
 
     structured = check_structured(structured)
-    from .. import engine
+    from .. import engine, feature_phase
     from .._model import eval_mode, fp32_math
     from ..data import to_inputs
 
@@ -62,7 +62,7 @@ def coverage(model: nn.Module, batch: Any, idx=None, output="first", *, inputs: 
     model_inputs = to_inputs(batch, inputs)
     with eval_mode(model), fp32_math(precision.allow_tf32), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*generic per-sample path.*")
-        extractor = engine._new_extractor(model, index, output, precision, device, backend, structured)
+        extractor = feature_phase.new_extractor(model, index, output, precision, device, backend, structured)
         extractor.extract(model_inputs.to(device, precision.compute))
     report = CoverageReport()
     paths = extractor.paths
