@@ -2,6 +2,8 @@
 
 - ``uses.py``: the interception (a TorchFunctionMode over the batched forward) that finds
   every use of a sampled parameter, whatever module or library made the call;
+- ``rules.py``: the rules' API and registry (``register``, ``Use``, ``Sink``, pullbacks);
+- ``samples.py``: where each data tensor holds its samples (provenance, never sizes);
 - one file per rule family: ``linear.py``, ``conv.py``, ``embedding.py``,
   ``broadcast.py`` (parameters in elementwise ops and concatenations), ``decompose.py``
   (norms and multi-head attention rewritten as those primitives), ``fallback.py`` (any
@@ -9,11 +11,11 @@
 - ``views.py``: which sampled entries a view of a parameter holds;
 - ``batched.py``: one forward and one backward per batch over all of them;
 - ``generic.py``: the torch.func path for what no rule covers;
-- ``extractor.py``: both, plus the spot check against a per-sample evaluation;
+- ``extractor.py``: both, plus the per-batch check against a sample evaluated alone;
 - ``coverage.py``: ``tk.coverage``, which says which path each tensor takes and why;
 - ``backends.py``: which kernels compute the contractions;
 - ``dense.py``: the per-layer dense GEMM strategy on CUDA.
-Adding a rule is adding a file that registers it (``uses.register``) and its test.
+Adding a rule is adding a file that registers it (``rules.register``) and its test.
 """
 
 from .backends import BACKENDS, resolve_backend

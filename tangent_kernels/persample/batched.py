@@ -26,7 +26,8 @@ from ..outputs import OutputSpec, OutputValueError, logits_of, scalarize
 from ..params import TensorSlice
 from . import broadcast, conv, decompose, embedding, fallback, linear  # noqa: F401 - they register their rules
 from .factors import FactorSink
-from .uses import Sink, Uncovered, UseMode
+from .rules import Sink, Uncovered
+from .uses import UseMode
 from .views import SampledTensor
 
 __all__ = ["BatchedPass", "Uncovered"]

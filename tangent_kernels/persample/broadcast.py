@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from .samples import FIRST, Samples, by_sample
-from .uses import NotCovered, Sink, Use, register
+from .rules import NotCovered, Sink, Use, register
 
 __all__ = ["BroadcastUse"]
 

@@ -17,7 +17,7 @@ from .. import sampled
 from ..structured.plan import FactorForm
 from .backends import COMPILED, conv_kernel, writes_in_place
 from .linear import _view_of_parameter
-from .uses import NotCovered, Sink, Use, register, whole_vector
+from .rules import NotCovered, Sink, Use, register, whole_vector
 from .views import is_the_leaf
 
 __all__ = ["ConvUse"]

@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .uses import NotCovered, bind, register
+from .rules import NotCovered, bind, register
 
 __all__ = []
 

@@ -17,7 +17,7 @@ from ..structured.plan import FactorForm
 from .backends import embedding_kernel, writes_in_place
 from .linear import _view_of_parameter
 from .samples import by_sample
-from .uses import Derived, NotCovered, Sink, Use, bind, register, register_derived
+from .rules import Derived, NotCovered, Sink, Use, bind, register, register_derived
 from .views import is_the_leaf
 
 __all__ = ["EmbeddingUse", "EmbeddingPullback"]

@@ -12,7 +12,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from .uses import Uncovered
+from .rules import Uncovered
 
 __all__ = ["FactorSink", "index_gradients", "per_sample_gradients"]
 

@@ -20,7 +20,7 @@ from typing import List, Optional
 import torch
 
 from .samples import Samples, lost
-from .uses import Sink, Uncovered, Use, func_name, tensors_in
+from .rules import Sink, Uncovered, Use, func_name, tensors_in
 
 __all__ = ["per_op"]
 

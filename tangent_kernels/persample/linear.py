@@ -20,7 +20,7 @@ from .. import sampled
 from ..structured.plan import FactorForm
 from .backends import COMPILED, linear_kernel, writes_in_place
 from .samples import FIRST, Samples, by_sample
-from .uses import NotCovered, Sink, Use, ViewPullback, register, whole_vector
+from .rules import NotCovered, Sink, Use, ViewPullback, register, whole_vector
 from .views import Geometry, SampledTensor
 
 __all__ = ["LinearUse", "EinsumUse"]
