@@ -480,15 +480,18 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", parents=[debug], help="eNTK kernel regression on scikit-learn's digits", description=demo.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    demo_parser.add_argument("experiment", nargs="?", choices=["shift", "lookahead"], default="shift",
+    demo_parser.add_argument("experiment", nargs="?", choices=["shift", "lookahead", "tracking"], default="shift",
                              help="shift (default): the linearized network out of distribution, as above; "
-                                  "lookahead: look-ahead active learning (docs/lookahead.md)")
+                                  "lookahead: look-ahead active learning (docs/lookahead.md); "
+                                  "tracking: the eNTK during fine-tuning (docs/kernel.md)")
     demo.add_arguments(demo_parser)
 
     def run_demo(args: argparse.Namespace) -> int:
+        from . import tracking_demo
         from .lookahead import demo as lookahead_demo
 
-        return (lookahead_demo.main if args.experiment == "lookahead" else demo.main)(args)
+        experiments = {"shift": demo.main, "lookahead": lookahead_demo.main, "tracking": tracking_demo.main}
+        return experiments[args.experiment](args)
 
     demo_parser.set_defaults(run=run_demo)
     info_parser = commands.add_parser("info", parents=[debug], help="which backends (C++, CUDA, Triton) are active, and why not")

@@ -49,7 +49,10 @@ def kernel_distance(K1: Any, K2: Any) -> float:
     n1, n2 = float(K1.norm()), float(K2.norm())
     if n1 == 0 or n2 == 0:
         raise ValueError(f"the kernel distance is undefined: {'K1' if n1 == 0 else 'K2'} is zero")
-    return 1.0 - float((K1 * K2.to(K1.device)).sum()) / (n1 * n2)
+    # Cauchy-Schwarz bounds the cosine by 1; rounding can exceed it by an ulp (K1 against
+    # itself would give -1e-16), so the distance is kept in its range [0, 2].
+    cosine = float((K1 * K2.to(K1.device)).sum()) / (n1 * n2)
+    return 1.0 - min(max(cosine, -1.0), 1.0)
 
 
 @dataclass(frozen=True)

@@ -92,3 +92,11 @@ def test_tracker_takes_a_kernel_and_checks_its_arguments():
         tk.tracking.KernelTracker(kernel, [torch.randn(3, 4)], output="first")
     with pytest.raises(ValueError, match="K \\[n, n\\]"):
         tk.tracking.KernelTracker(model, [torch.randn(3, 4)], output="full").record()
+
+
+def test_kernel_distance_stays_in_its_range_under_rounding():
+    # 1 - cos with cos computed in float64 can be an ulp past 1; the distance is in [0, 2]
+    for seed in range(20):
+        K = _psd(7, 7, seed) * (1 + seed / 3)
+        assert 0.0 <= tk.tracking.kernel_distance(K, K) <= 1e-12
+        assert 2.0 >= tk.tracking.kernel_distance(K, -K) >= 2.0 - 1e-12
