@@ -2,6 +2,7 @@
 
     tangent-kernels gram --model my_models:resnet --data X.npy --params 500000 --out K.safetensors
     tangent-kernels solve --gram K.safetensors --labels y.npy --val-gram Kv.safetensors --val-labels yv.npy
+    tangent-kernels features --model my_models:resnet --data X.npy --params 500000 --out F.safetensors
     tangent-kernels coverage --model my_models:resnet --data X.npy --params 500000
     tangent-kernels demo
     tangent-kernels info
@@ -403,7 +404,7 @@ def _solve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__, demo
+    from . import __version__, cli_features, demo
     from .engine import PRECISIONS
     from .solvers import SOLVERS
 
@@ -475,6 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
             c._add_action(action)
     c.add_argument("--batch-size", type=int, default=16, help="samples in the batch examined (default 16)")
     c.set_defaults(run=_coverage)
+
+    cli_features.add_command(commands, g, debug)
 
     demo_parser = commands.add_parser(
         "demo", parents=[debug], help="eNTK kernel regression on scikit-learn's digits", description=demo.__doc__,
