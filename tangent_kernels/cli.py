@@ -2,6 +2,7 @@
 
     tangent-kernels gram --model my_models:resnet --data X.npy --params 500000 --out K.safetensors
     tangent-kernels solve --gram K.safetensors --labels y.npy --val-gram Kv.safetensors --val-labels yv.npy
+    tangent-kernels features --model my_models:resnet --data X.npy --params 500000 --out F.safetensors
     tangent-kernels coverage --model my_models:resnet --data X.npy --params 500000
     tangent-kernels demo
     tangent-kernels info
@@ -403,7 +404,7 @@ def _solve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__, demo
+    from . import __version__, cli_features, demo
     from .engine import PRECISIONS
     from .solvers import SOLVERS
 
@@ -476,19 +477,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=16, help="samples in the batch examined (default 16)")
     c.set_defaults(run=_coverage)
 
+    cli_features.add_command(commands, g, debug)
+
     demo_parser = commands.add_parser(
         "demo", parents=[debug], help="eNTK kernel regression on scikit-learn's digits", description=demo.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    demo_parser.add_argument("experiment", nargs="?", choices=["shift", "lookahead"], default="shift",
+    demo_parser.add_argument("experiment", nargs="?", choices=["shift", "lookahead", "tracking"], default="shift",
                              help="shift (default): the linearized network out of distribution, as above; "
-                                  "lookahead: look-ahead active learning (docs/lookahead.md)")
+                                  "lookahead: look-ahead active learning (docs/lookahead.md); "
+                                  "tracking: the eNTK during fine-tuning (docs/kernel.md)")
     demo.add_arguments(demo_parser)
 
     def run_demo(args: argparse.Namespace) -> int:
+        from . import tracking_demo
         from .lookahead import demo as lookahead_demo
 
-        return (lookahead_demo.main if args.experiment == "lookahead" else demo.main)(args)
+        experiments = {"shift": demo.main, "lookahead": lookahead_demo.main, "tracking": tracking_demo.main}
+        return experiments[args.experiment](args)
 
     demo_parser.set_defaults(run=run_demo)
     info_parser = commands.add_parser("info", parents=[debug], help="which backends (C++, CUDA, Triton) are active, and why not")

@@ -7,7 +7,8 @@
     tracker.history()["distance"]           # kernel distance to the first K, per record
 
 The tracker holds a :class:`tangent_kernels.Kernel`, so a record costs the Gram of the
-probe set without the per-call setup (docs/kernel.md).
+probe set without the per-call setup (docs/kernel.md). For a Hugging Face ``Trainer``:
+``Trainer(..., callbacks=[tk.tracking.trainer_callback(tracker)])``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import nn
 from .analysis import alignment, spectrum
 from .kernel import Kernel
 
-__all__ = ["KernelRecord", "KernelTracker", "kernel_distance", "summarize"]
+__all__ = ["KernelRecord", "KernelTracker", "kernel_distance", "summarize", "trainer_callback"]
 
 
 def _as_kernel(K: Any, name: str) -> torch.Tensor:
@@ -49,7 +50,10 @@ def kernel_distance(K1: Any, K2: Any) -> float:
     n1, n2 = float(K1.norm()), float(K2.norm())
     if n1 == 0 or n2 == 0:
         raise ValueError(f"the kernel distance is undefined: {'K1' if n1 == 0 else 'K2'} is zero")
-    return 1.0 - float((K1 * K2.to(K1.device)).sum()) / (n1 * n2)
+    # Cauchy-Schwarz bounds the cosine by 1; rounding can exceed it by an ulp (K1 against
+    # itself would give -1e-16), so the distance is kept in its range [0, 2].
+    cosine = float((K1 * K2.to(K1.device)).sum()) / (n1 * n2)
+    return 1.0 - min(max(cosine, -1.0), 1.0)
 
 
 @dataclass(frozen=True)
@@ -161,3 +165,42 @@ class KernelTracker:
         columns["top_eigenvalues"] = (torch.stack([r.top_eigenvalues for r in self.records]) if self.records
                                       else torch.empty(0, self.top, dtype=torch.float64))
         return columns
+
+
+def trainer_callback(tracker: KernelTracker):
+    """A Hugging Face ``transformers.TrainerCallback`` that records ``tracker`` during
+    ``Trainer.train()``: K of its probe set when training begins and after every
+    ``tracker.every``-th optimizer step, each record labelled with ``state.global_step``
+    (optimizer steps, so gradient accumulation counts once per update). Only the main
+    process records (``state.is_world_process_zero``). The tracker's model must be the
+    one the Trainer trains (the same object; the Trainer moving it to a device is a
+    structure change the Kernel follows). transformers is imported here, not with this
+    module: it stays an optional dependency.
+
+        tracker = tk.tracking.KernelTracker(model, [probe_batch], every=50, output="sum")
+        trainer = Trainer(model=model, ..., callbacks=[tk.tracking.trainer_callback(tracker)])
+        trainer.train()
+        tracker.history()
+    """
+    if not isinstance(tracker, KernelTracker):
+        raise TypeError(f"trainer_callback takes a tk.tracking.KernelTracker, got {type(tracker).__name__}")
+    try:
+        from transformers import TrainerCallback
+    except ImportError as failure:
+        raise ImportError("trainer_callback needs Hugging Face transformers: pip install transformers") from failure
+
+    class KernelTrackerCallback(TrainerCallback):
+        """Records the tracker's K at the start of training and every ``every`` optimizer steps."""
+
+        def __init__(self):
+            self.tracker = tracker
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                self.tracker.record(step=state.global_step)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.is_world_process_zero and state.global_step % self.tracker.every == 0:
+                self.tracker.record(step=state.global_step)
+
+    return KernelTrackerCallback()

@@ -275,7 +275,7 @@ def test_help_lists_every_command(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for command in ("gram", "solve", "coverage", "demo", "info"):
+    for command in ("gram", "solve", "features", "coverage", "demo", "info"):
         assert command in out
 
 
@@ -343,3 +343,85 @@ def test_gram_writes_every_logit_forms(workdir, capsys, output, suffix):
         K = torch.from_numpy(np.load(f"K{suffix}")) if suffix == ".npy" else torch.load(f"K{suffix}")
     # Batches of 16 against one batch of 40: the same products, summed in another order.
     assert K.shape == shape and float((K - expected).norm() / expected.norm()) <= 1e-6
+
+
+# ----------------------------------------------------------------------------- features
+
+
+def _features_meta(path):
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as handle:
+        return json.loads(handle.metadata()["tangent_kernels"])
+
+
+def test_features_saves_the_same_features_as_the_library(workdir, capsys):
+    from safetensors.torch import load_file
+
+    assert main(["features", "--model", "factory.py:make", "--data", "X.npy", "--params", "50", "--seed", "3",
+                 "--output", "sum", "--batch-size", "16", "--out", "F.safetensors", "--no-progress"]) == 0
+    assert "features (40, 50) float32, p = 50 of 147 parameters" in capsys.readouterr().out
+    saved = load_file("F.safetensors")
+    model = _model()
+    idx = tk.subsample(model, 50, seed=3)
+    expected = tk.features(model, [torch.from_numpy(np.load("X.npy")).float()], idx, output="sum", progress=False)
+    # Batches of 16 against one batch of 40: per-sample gradients, each sample alone either way.
+    assert torch.allclose(saved["features"], expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))
+    assert torch.equal(saved["idx"], idx.positions)
+    meta = _features_meta("F.safetensors")
+    assert meta["format"] == "tangent_kernels.features/1" and meta["shape"] == [40, 50]
+    assert meta["params"] == 50 and meta["params_total"] == 147 and meta["output"] == "sum" and "torch" in meta
+    # the features give gram's K
+    assert main(["gram", "--model", "factory.py:make", "--data", "X.npy", "--params", "50", "--seed", "3",
+                 "--output", "sum", "--out", "K.npy", "--no-progress"]) == 0
+    K = torch.from_numpy(np.load("K.npy"))
+    F = saved["features"].double()
+    assert torch.allclose(K.double(), F @ F.T, rtol=1e-5, atol=1e-5 * float(K.abs().max()))
+
+
+@pytest.mark.parametrize("output, suffix, shape", [("first", ".npy", (40, 147)), ("full", ".pt", (40, 3, 147)),
+                                                   ("1", ".safetensors", (40, 147))])
+def test_features_writes_the_format_its_suffix_names(workdir, output, suffix, shape):
+    torch.save(torch.tensor([140, 2, 77]), "i.pt")  # an explicit --idx, unsorted, for the safetensors case
+    extra = ["--idx", "i.pt"] if suffix == ".safetensors" else []
+    assert main(["features", "--model", "factory.py:make", "--data", "X.npy", "--output", output, *extra,
+                 "--out", f"F{suffix}", "--no-progress"]) == 0
+    model = _model()
+    idx = tk.ParamIndex.from_positions(model, torch.tensor([140, 2, 77])) if extra else None
+    expected = tk.features(model, [torch.from_numpy(np.load("X.npy")).float()], idx,
+                           output=int(output) if output.isdigit() else output, progress=False)
+    if suffix == ".npy":
+        F = torch.from_numpy(np.load(f"F{suffix}"))
+    elif suffix == ".pt":
+        F = torch.load(f"F{suffix}")
+    else:
+        from safetensors.torch import load_file
+
+        saved = load_file(f"F{suffix}")
+        F, shape = saved["features"], (40, 3)
+        assert torch.equal(saved["idx"], idx.positions)  # column j is the gradient at idx[j]
+    assert F.shape == shape and torch.equal(F, expected)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--out", "X.npy"], "--out X.npy is the same file as --data X.npy: writing there would overwrite that input"),
+    (["--out", "link.npy"], "--out link.npy is the same file as --data X.npy"),
+    (["--weights", "w.pt", "--out", "w.pt"], "--out w.pt is the same file as --weights w.pt"),
+    (["--idx", "i.pt", "--out", "i.pt"], "--out i.pt is the same file as --idx i.pt"),
+    (["--out", "F.txt"], "--out F.txt: write the features as .safetensors, .npy, .pt"),
+    (["--out", "no_such_folder/F.npy"], "the folder no_such_folder does not exist"),
+    (["--precision", "bf16", "--out", "F.npy"], "cannot hold bfloat16"),
+    (["--params", "1000", "--out", "F.npy"], "--params 1000: the model has 147 trainable parameters"),
+    (["--params", "5", "--idx", "i.pt", "--out", "F.npy"], "--idx and --params both choose the parameters"),
+    (["--output", "middle", "--out", "F.npy"], "--output must be 'first', 'sum'"),
+])
+def test_features_refuses_bad_arguments_before_any_work(workdir, capsys, argv, message):
+    torch.save(_model().state_dict(), "w.pt")
+    torch.save(torch.tensor([0, 3, 7]), "i.pt")
+    (workdir / "link.npy").symlink_to(workdir / "X.npy")
+    before = {f.name: f.read_bytes() for f in workdir.iterdir() if f.is_file()}
+    assert main(["features", "--model", "factory.py:make", "--data", "X.npy", *argv, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    after = {f.name: f.read_bytes() for f in workdir.iterdir() if f.is_file()}
+    assert after == before  # nothing written, no input touched

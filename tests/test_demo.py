@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
 from tangent_kernels import demo
 from tangent_kernels.cli import main as cli_main
@@ -87,3 +88,45 @@ def test_unknown_demo_is_a_clear_error(capsys):
     with pytest.raises(SystemExit):
         cli_main(["demo", "lookahed"])
     assert "invalid choice: 'lookahed'" in capsys.readouterr().err
+
+
+def test_quick_tracking_demo_records_the_kernel_through_fine_tuning(tmp_path, capsys):
+    out = tmp_path / "tracking"
+    assert cli_main(["demo", "tracking", "--quick", "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "distance" in printed and "alignment" in printed and "lambda_1" in printed
+    report = json.loads((out / "tracking.json").read_text())
+    cfg, run = report["config"], report["runs"][0]
+    assert run["step"] == list(range(0, cfg["steps"] + 1, cfg["every"]))
+    records = len(run["step"])
+    for column in ("distance", "alignment_centered", "top_eigenvalues", "effective_dimension", "test_accuracy"):
+        assert len(run[column]) == records, column
+    assert run["distance"][0] == pytest.approx(0.0, abs=1e-12)  # the first K against itself
+    assert all(0.0 <= d <= 2.0 for d in run["distance"])
+    assert all(-1.0 <= a <= 1.0 for a in run["alignment_centered"])
+    for eig in run["top_eigenvalues"]:
+        assert eig == sorted(eig, reverse=True) and eig[-1] > 0  # K is PSD with rank >= 3 on 32 images
+    # the weights moved, so the kernel did: fine-tuning is not frozen
+    assert run["distance"][-1] > 0 and run["top_eigenvalues"][-1] != run["top_eigenvalues"][0]
+    data = (out / "tracking.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5_000
+
+
+def test_tracking_demo_matches_tk_gram_at_the_same_weights():
+    """The demo's records are K's statistics: the tracker (a tk.Kernel kept across the
+    training steps) gives the same K as a fresh tk.gram after the steps."""
+    import tangent_kernels as tk
+
+    torch.manual_seed(0)
+    model = demo.digits_cnn()
+    x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    tracker = tk.tracking.KernelTracker(model, [x], every=2, targets=y, output="sum", keep_kernels=True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        tracker.step()
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    record = tracker.record(step=3)
+    K = tk.gram(model, [x], output="sum", precision="fp64", progress=False)
+    assert torch.allclose(record.kernel, K, rtol=1e-4, atol=1e-4 * float(K.diagonal().max()))

@@ -92,3 +92,96 @@ def test_tracker_takes_a_kernel_and_checks_its_arguments():
         tk.tracking.KernelTracker(kernel, [torch.randn(3, 4)], output="first")
     with pytest.raises(ValueError, match="K \\[n, n\\]"):
         tk.tracking.KernelTracker(model, [torch.randn(3, 4)], output="full").record()
+
+
+def test_kernel_distance_stays_in_its_range_under_rounding():
+    # 1 - cos with cos computed in float64 can be an ulp past 1; the distance is in [0, 2]
+    for seed in range(20):
+        K = _psd(7, 7, seed) * (1 + seed / 3)
+        assert 0.0 <= tk.tracking.kernel_distance(K, K) <= 1e-12
+        assert 2.0 >= tk.tracking.kernel_distance(K, -K) >= 2.0 - 1e-12
+
+
+# ----------------------------------------------------------------------------- Hugging Face Trainer
+
+
+def test_importing_the_library_does_not_import_transformers():
+    import subprocess
+    import sys
+
+    code = "import sys, tangent_kernels as tk; tk.tracking.KernelTracker; print('transformers' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+
+
+class _Classifier(nn.Module):
+    """A model in the Trainer's convention: keyword inputs, labels optional, a dict out."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(5, 12), nn.Tanh(), nn.Linear(12, 3))
+
+    def forward(self, x, labels=None):
+        logits = self.net(x)
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = nn.functional.cross_entropy(logits, labels)
+        return out
+
+
+def test_trainer_callback_records_at_the_trainers_steps():
+    """The callback driven by transformers' own TrainerState and TrainerControl, as
+    Trainer.train() calls it (on_train_begin, then on_step_end after each update): the
+    records are K at the weights of those steps, labelled by global_step."""
+    transformers = pytest.importorskip("transformers", reason="transformers is one of the test tools (Makefile TOOLS)")
+    torch.manual_seed(0)
+    model = _Classifier()
+    probe = {"x": torch.randn(6, 5)}
+    x, y = torch.randn(12, 5), torch.randint(0, 3, (12,))
+    tracker = tk.tracking.KernelTracker(model, [probe], every=2, targets=torch.tensor([0, 1, 2, 0, 1, 2]),
+                                        output="sum", precision="fp64", keep_kernels=True)
+    callback = tk.tracking.trainer_callback(tracker)
+    assert isinstance(callback, transformers.TrainerCallback)
+    state, control = transformers.TrainerState(), transformers.TrainerControl()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    expected = {0: gram_autograd(model, [probe["x"]], output="sum")}
+    callback.on_train_begin(None, state, control)
+    for step in range(1, 6):
+        optimizer.zero_grad()
+        model(x, labels=y)["loss"].backward()
+        optimizer.step()
+        state.global_step = step
+        if step % 2 == 0:
+            expected[step] = gram_autograd(model.net, [probe["x"]], output="sum")
+        callback.on_step_end(None, state, control)
+    assert tracker.history()["step"] == [0, 2, 4]
+    for record in tracker.records:
+        assert torch.allclose(record.kernel, expected[record.step], rtol=1e-9, atol=1e-12)
+    other = transformers.TrainerState(is_world_process_zero=False)
+    callback.on_step_end(None, other, control)
+    assert len(tracker.records) == 3  # only the main process records
+    with pytest.raises(TypeError, match="KernelTracker"):
+        tk.tracking.trainer_callback(model)
+
+
+def test_trainer_callback_in_a_real_trainer(tmp_path):
+    transformers = pytest.importorskip("transformers", reason="transformers is one of the test tools (Makefile TOOLS)")
+    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate (pip install accelerate)")
+    torch.manual_seed(0)
+    model = _Classifier()
+    initial = _Classifier()
+    initial.load_state_dict(model.state_dict())
+    data = [{"x": torch.randn(5), "labels": torch.tensor(i % 3)} for i in range(16)]
+    probe = torch.randn(6, 5)
+    tracker = tk.tracking.KernelTracker(model, [probe], every=2, output="sum", precision="fp64", keep_kernels=True)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4,
+                                          learning_rate=0.1, report_to=[], save_strategy="no", logging_strategy="no",
+                                          use_cpu=True, disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data,
+                                   callbacks=[tk.tracking.trainer_callback(tracker)])
+    trainer.train()
+    assert tracker.history()["step"] == [0, 2, 4]
+    first, last = tracker.records[0].kernel, tracker.records[-1].kernel
+    assert torch.allclose(first, gram_autograd(initial.net, [probe], output="sum"), rtol=1e-9, atol=1e-12)
+    assert torch.allclose(last, gram_autograd(model.net, [probe], output="sum"), rtol=1e-9, atol=1e-12)
+    assert tracker.records[-1].distance > 0  # the Trainer's updates moved the weights the tracker reads
