@@ -59,6 +59,18 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x.bitwise_xor_(_shr(x, 31))
 
 
+_LOW1, _LOW2 = 0x7FEB352D, 0x846CA68B - (1 << 32)  # lowbias32's multipliers, as int32
+
+
+def _hash32(x: torch.Tensor, salt: torch.Tensor) -> torch.Tensor:
+    """lowbias32 (C. Wellons' 32-bit integer hash, a bijection) of x ^ salt, on int32
+    tensors (multiplications wrap modulo 2**32, as uint32's would). Overwrites x."""
+    x.bitwise_xor_(salt)
+    x.bitwise_xor_((x >> 16) & 0xFFFF).mul_(_LOW1)
+    x.bitwise_xor_((x >> 15) & 0x1FFFF).mul_(_LOW2)
+    return x.bitwise_xor_((x >> 16) & 0xFFFF)
+
+
 class Projection:
     """A random projection of the eNTK features to ``dim`` columns: ``projection=`` of
     :func:`tk.features` ([n, dim]) and :func:`tk.gram` (the sketched K~ = (G R)(G R)^T,
@@ -96,7 +108,7 @@ class Projection:
     @property
     def identity(self) -> str:
         """What a checkpoint records: R is a function of these (and the generator's version)."""
-        return f"{self.kind} dim={self.dim} seed={self.seed} generator=splitmix64-v1"
+        return f"{self.kind} dim={self.dim} seed={self.seed} generator=lowbias32-v1"
 
     def _tensor_key(self, name: str) -> int:
         digest = hashlib.sha256(f"tk.Projection:{self.seed}:{name}".encode()).digest()
@@ -107,21 +119,33 @@ class Projection:
         """R's rows [m, dim] for the entries at flat positions ``local`` [m] (int64) of the
         parameter tensor ``name``, scaled so that E[R R^T] = I."""
         device = local.device if device is None else torch.device(device)
-        row_keys = _mix(local.to(device=device, dtype=torch.int64).add(self._tensor_key(name)))
-        # Two rows' counters collide only if their keys lie within dim of each other
-        # (probability ~ dim / 2**64).
-        h = _mix(row_keys[:, None] + torch.arange(self.dim, dtype=torch.int64, device=device))
+        keys = _mix(local.to(device=device, dtype=torch.int64).add(self._tensor_key(name)))
+        # A row's 64-bit key as two 32-bit words (lo, hi); an entry's hash is
+        # lowbias32((lo + counter) ^ hi): int32 arithmetic, 5x the speed of the 64-bit mix
+        # on a CPU (no 64-bit vector multiply), and one hash per entry of R is its cost.
+        lo = keys.to(torch.int32)  # the low 32 bits (a wrapping cast)
+        hi = _shr(keys, 32).to(torch.int32)
         scale = 1.0 / math.sqrt(self.dim)
         if self.kind == "rademacher":
-            # The top bit: exactly +-1 with probability 1/2 each, so E[R R^T] = I exactly.
-            return torch.where(h < 0, -scale, scale).to(dtype)
-        # Box-Muller from two 24-bit uniforms: u1 in (0, 1] (no log of 0), u2 in [0, 1).
-        # The 24-bit grid truncates the tails at 5.8 sigma; E[z^2] differs from 1 by ~1e-7.
+            # 32 signs per hash, one a bit: exactly +-1 with probability 1/2 each.
+            words = -(-self.dim // 32)
+            h = _hash32(lo[:, None] + torch.arange(words, dtype=torch.int32, device=device), hi[:, None])
+            bits = (h[:, :, None] >> torch.arange(32, dtype=torch.int32, device=device)) & 1
+            signs = bits.reshape(len(local), words * 32)[:, :self.dim]
+            return signs.to(dtype).mul_(-2.0).add_(1.0).mul_(scale)  # bit 1 -> -scale, 0 -> +scale
+        # Box-Muller, both outputs: columns 2c and 2c + 1 from the uniforms of counters 2c
+        # and 2c + 1, 24 bits each, u1 in (0, 1] (no log of 0), u2 in [0, 1). The 24-bit grid
+        # truncates the tails at 5.8 sigma: E[z^2] differs from 1 by ~1e-7.
+        pairs = -(-self.dim // 2)
+        counters = torch.arange(2 * pairs, dtype=torch.int32, device=device)
+        h = _hash32(lo[:, None] + counters, hi[:, None]).view(len(local), pairs, 2)
         work = torch.float64 if dtype == torch.float64 else torch.float32
-        u1 = (_shr(h, 40) + 1).to(work).mul_(2.0 ** -24)
-        u2 = ((h >> 16) & 0xFFFFFF).to(work).mul_(2.0 ** -24 * 2 * math.pi)
+        uniforms = ((h >> 8) & 0xFFFFFF).to(work)
         del h
-        return u1.log_().mul_(-2.0).sqrt_().mul_(u2.cos_()).mul_(scale).to(dtype)
+        radius = uniforms[..., 0].add_(1.0).mul_(2.0 ** -24).log_().mul_(-2.0).sqrt_().mul_(scale)
+        angle = uniforms[..., 1].mul_(2.0 ** -24 * 2 * math.pi)
+        z = torch.stack([angle.cos(), angle.sin_()], dim=-1).mul_(radius[..., None])
+        return z.reshape(len(local), 2 * pairs)[:, :self.dim].to(dtype)
 
     def project(self, block: torch.Tensor, index: ParamIndex) -> torch.Tensor:
         """block [B, p] (or [B, k, p]) of ``index``'s columns -> block @ R, [B, dim] (or

@@ -163,3 +163,17 @@ def test_checkpoint_records_the_projection(tmp_path):
     for other in (tk.Projection(16, seed=4), tk.Projection(8, seed=3), tk.Projection(16, "rademacher", 3), None):
         with pytest.raises(CheckpointMismatch, match="projection"):
             tk.gram(model, loader(x, 2), projection=other, checkpoint=tmp_path, progress=False)
+
+
+def test_generator_is_pinned():
+    # R is part of every sketch a user keeps (and of checkpoints: Projection.identity names
+    # the generator's version): a change to the generator must be deliberate, with a new version.
+    local = torch.tensor([0, 7])
+    signs = tk.Projection(6, "rademacher", seed=0).rows("w", local, torch.float64) * 6 ** 0.5
+    assert signs.tolist() == [[-1, -1, -1, 1, -1, 1], [-1, 1, -1, -1, 1, -1]]
+    normals = tk.Projection(6, "gaussian", seed=0).rows("w", local, torch.float64) * 6 ** 0.5
+    expected = torch.tensor([[0.385663247, -0.165355258, 1.262720875, 0.126036656, -0.972743535, 1.045790854],
+                             [-0.380399041, 0.681774038, 0.425447214, 1.491270861, 0.262715158, 0.083807568]],
+                            dtype=torch.float64)
+    torch.testing.assert_close(normals, expected, rtol=0, atol=1e-8)
+    assert "lowbias32-v1" in tk.Projection(6).identity
