@@ -177,3 +177,23 @@ def test_generator_is_pinned():
                             dtype=torch.float64)
     torch.testing.assert_close(normals, expected, rtol=0, atol=1e-8)
     assert "lowbias32-v1" in tk.Projection(6).identity
+
+
+@pytest.mark.gpu
+def test_same_projection_on_cuda():
+    # R is integer arithmetic up to its last step: Rademacher signs bit for bit, Gaussian
+    # entries to the last bits of the device's log, sqrt, cos and sin.
+    local = torch.arange(5000)
+    for kind in KINDS:
+        p = tk.Projection(96, kind=kind, seed=11)
+        cpu, gpu = p.rows("a.weight", local), p.rows("a.weight", local, device="cuda").cpu()
+        if kind == "rademacher":
+            assert torch.equal(cpu, gpu)
+        else:
+            torch.testing.assert_close(gpu, cpu, rtol=1e-5, atol=1e-6)
+    torch.manual_seed(6)
+    model, x = mlp(), torch.randn(6, 6)
+    projection = tk.Projection(32, seed=3)
+    k_cpu = tk.gram(model, loader(x, 4), projection=projection, precision="fp64", progress=False)
+    k_gpu = tk.gram(model.cuda(), loader(x.cuda(), 4), projection=projection, precision="fp64", progress=False)
+    torch.testing.assert_close(k_gpu.cpu(), k_cpu, rtol=1e-6, atol=1e-9)
