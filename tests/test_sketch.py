@@ -76,6 +76,23 @@ def test_every_logit_projects_each_logit():
     assert_fp32_close(k, torch.einsum("iad,jad->ij", g, g))
 
 
+def test_output_probes_and_16_bit_stores():
+    # The probe outputs' features are projected like any logit's; a 16-bit mode rounds the
+    # projected features [B, dim] once, as it rounds unprojected ones.
+    torch.manual_seed(7)
+    model, x = mlp(k=4), torch.randn(6, 6)
+    projection, probes = tk.Projection(20, seed=4), tk.OutputProbes(3, seed=1)
+    f = tk.features(model, loader(x, 4), output=probes, projection=projection, precision="fp64", progress=False)
+    assert f.shape == (6, 3, 20)
+    k = tk.gram(model, loader(x, 4), output=probes, projection=projection, progress=False)
+    assert_fp32_close(k, torch.einsum("iad,jad->ij", f, f) / 3)
+    exact = tk.gram(model, loader(x, 4), projection=projection, precision="fp64", progress=False)
+    for precision in ("bf16", "fp16"):
+        rounded = tk.gram(model, loader(x, 4), projection=projection, precision=precision, progress=False)
+        scale = float(exact.diagonal().max())
+        torch.testing.assert_close(rounded.double(), exact, rtol=0, atol=2e-2 * scale)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_unbiased_over_seeds(kind):
     # E[K~] = K: the mean over seeds within a few of its standard errors of the exact K, and
