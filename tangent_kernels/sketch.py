@@ -9,7 +9,7 @@ column), and each slice is multiplied into the batch's block as the block forms
 
 Because an entry of R is a pure function of (seed, tensor name, position, column), R is the
 same for every batch size, block size, run and device (the Rademacher signs bit for bit;
-the Gaussian entries up to the last bit of the device's log and cos), a subsample's rows
+the Gaussian entries up to the last bits of the device's log, sqrt, cos and sin), a subsample's rows
 are the full-parameter R's rows at its positions, and the first d columns of R for dim
 are, up to the 1/sqrt(dim) scale, R for dim = d. docs/sketch.md has the variance.
 """
