@@ -18,6 +18,7 @@ from .lookahead import LookAhead
 from .outputs import OutputProbes
 from .params import ParamIndex, subsample
 from .persample.coverage import CoverageReport, coverage
+from .sketch import Projection
 from .solve import ConvergenceWarning, KernelRidge, NotFittedError, solve  # the shim module first: tk.solve stays the function
 
 __version__ = "0.1.0"
@@ -36,6 +37,7 @@ __all__ = [
     "OutputProbes",
     "ParamIndex",
     "ProgressEvent",
+    "Projection",
     "analysis",
     "distributed",
     "coverage",

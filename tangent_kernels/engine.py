@@ -27,6 +27,7 @@ from . import tiles
 from .precisions import PRECISIONS, Precision, _check_precision, _to_store
 from .progress import ProgressEvent, Events, check_progress
 from .feature_phase import PER_SAMPLE_ROWS, feature_blocks, fill_store, new_extractor
+from .sketch import check_projection
 
 __all__ = ["features", "gram", "PRECISIONS", "ProgressEvent"]
 
@@ -90,6 +91,7 @@ def features(
     progress: Union[bool, str] = True,
     inputs: Optional[Callable[[Any], Any]] = None,
     backend: str = "auto",
+    projection=None,
 ) -> torch.Tensor:
     """eNTK features: per-sample gradients of the scalar output at ``idx``, [n, p].
 
@@ -114,17 +116,22 @@ def features(
             else the CUDA kernels, else plain torch; the GPU choice is not yet measured),
             "torch", "cpp" (CPU), "cuda" (CUDA) or "triton" (CUDA, or CPU under
             TRITON_INTERPRET=1). See docs/kernels.md.
+        projection: None, or a :class:`tk.Projection`: the features times its random
+            R [p, dim], [n, dim] ([n, k, dim] for every logit), R generated on the fly,
+            never whole (docs/sketch.md).
     """
+    projection = check_projection(projection)
     if isinstance(output, OutputProbes):  # the probe outputs' gradients [n, m, p]
         _check_model(model)
         with probed(model, output):
             return features(model, loader, idx, output="full", precision=precision, device=device,
-                            progress=progress, inputs=inputs, backend=backend)
+                            progress=progress, inputs=inputs, backend=backend, projection=projection)
     index, output, precision, device, backend = _prepare(model, idx, output, precision, device, backend)
     progress = check_progress(progress)
     _check_inputs_callable(inputs)
     with eval_mode(model), fp32_math(precision.allow_tf32):
-        blocks = feature_blocks(model, loader, index, output, precision, device, inputs, progress, "loader", backend)
+        blocks = feature_blocks(model, loader, index, output, precision, device, inputs, progress, "loader", backend,
+                                projection)
         # Each block is rounded to the store dtype as it arrives: no full-size copy in
         # the compute dtype. When the loader tells its size, blocks go straight into the
         # result (a concatenation at the end doubled the memory and, for p in the
@@ -169,6 +176,7 @@ def gram(
     shard: bool = False,
     gather: str = "all",
     structured: str = "auto",
+    projection=None,
 ) -> torch.Tensor:
     """The eNTK Gram K[i, j] = <g(x_i), g(x_j)> over a loader, [n1, n2].
 
@@ -210,6 +218,9 @@ def gram(
             must call ``gram``; ``group=False`` keeps it in this process. ``shard=True``:
             each rank passes its own samples; ``gather``: "all", "rank0" or "rows" (a
             ``tk.distributed.KShard``). See :func:`tangent_kernels.distributed.driver.gram`.
+        projection: None, or a :class:`tk.Projection`: the sketched K~ = (G R)(G R)^T, an
+            unbiased estimate of K over ``idx`` (docs/sketch.md). Every tensor then takes
+            features (structured="auto" acts as "never"); not yet under torch.distributed.
     """
     from .distributed import active_group  # the distributed path, when a process group asks for it
 
@@ -222,9 +233,20 @@ def gram(
                            progress=progress, inputs=inputs, backend=backend, out=out, callback=callback,
                            checkpoint=checkpoint, store=store, max_memory=max_memory, cache_dir=cache_dir,
                            checkpoint_key=checkpoint_key, group=group, shard=shard, gather=gather,
-                           structured=structured)
+                           structured=structured, projection=projection)
+    projection = check_projection(projection)
+    if projection is not None:
+        structured = check_structured(structured)
+        if structured == "always":
+            raise ValueError("structured='always' cannot be combined with projection=: the structured Gram forms K "
+                             "from factors, without the features a projection applies to. Leave structured='auto' "
+                             "(with a projection every tensor takes features)")
+        structured = "never"
 
     if (split := active_group(group, shard, gather)) is not False:
+        if projection is not None:
+            raise NotImplementedError("projection= is not supported under torch.distributed yet: pass group=False to "
+                                      "compute the sketched K in this process")
         from .distributed.driver import gram as distributed_gram
 
         return distributed_gram(model, loader, idx, loader2, group=split, shard=shard, gather=gather, output=output,
@@ -252,7 +274,8 @@ def gram(
         ckpt = None
         if checkpoint is not None:
             # What cannot be fingerprinted (identity["undecidable"]) makes Checkpoint ask for checkpoint_key.
-            identity, _ = _identity(model, index, output, precision, backend, loader2 is not None, checkpoint_key)
+            identity, _ = _identity(model, index, output, precision, backend, loader2 is not None, checkpoint_key,
+                                    projection)
             ckpt = Checkpoint(checkpoint, identity)
         stores = []
         try:
@@ -266,7 +289,7 @@ def gram(
 
             fill = dict(index=index, output=output, precision=precision, device=device, inputs=inputs,
                         backend=backend, kind=store, budget=budget, cache_dir=cache_dir, ckpt=ckpt, events=events,
-                        extractor=extractor)
+                        extractor=extractor, projection=projection)
             first, signature = fill_store(model, loader, "loader", **fill)
             stores.append(first)
             second = first
@@ -300,7 +323,7 @@ def _probe_gram(model, loader, idx, loader2, probes: OutputProbes, *, out, **kwa
 
 
 def _identity(model: nn.Module, index: ParamIndex, output, precision: Precision, backend: str, cross: bool,
-              key: Optional[str]):
+              key: Optional[str], projection=None):
     """What a checkpoint must agree on to be resumed by this call (with ``parts``: the
     itemized fingerprints, to name what differs); and whether some of it could not be
     fingerprinted (then the Checkpoint asks for ``key``)."""
@@ -330,6 +353,8 @@ def _identity(model: nn.Module, index: ParamIndex, output, precision: Precision,
         # Folders written before trace/diagonal took this layout (a row per (sample,
         # logit)) have no such key: they are refused, never read with the wrong shape.
         **({"features_layout": _LAYOUT} if output in PER_SAMPLE_ROWS else {}),
+        # Only with one, so that folders written before projections existed still resume.
+        **({"projection": projection.identity} if projection is not None else {}),
     }, bool(undecidable)
 
 

@@ -24,6 +24,7 @@ from .params import ParamIndex
 from .persample import FeatureExtractor
 from .precisions import Precision, _to_store
 from .progress import progress_bar
+from .sketch import Projection
 from .store import FeatureStore
 from .structured.stores import FactorStores, record_plan, recorded_plan
 
@@ -44,8 +45,10 @@ def feature_blocks(
     progress: Union[bool, str],
     name: str,
     backend: str,
+    projection: Optional[Projection] = None,
 ) -> Iterator[torch.Tensor]:
-    """Yield F [B, p] per batch, in the compute dtype; F[:, j] = d s / d theta[idx[j]]."""
+    """Yield F [B, p] per batch, in the compute dtype; F[:, j] = d s / d theta[idx[j]]; with
+    a ``projection``, F R [B, dim] (sketch.py)."""
     per_sample = new_extractor(model, index, output, precision, device, backend)
     bar = progress_bar(loader_length(loader), f"eNTK features ({name})", progress)
     seen = 0
@@ -53,6 +56,8 @@ def feature_blocks(
         for batch in iterate_inputs(loader, inputs, name):
             block = per_sample(batch.to(device, precision.compute))
             check_finite(block, seen, name)
+            if projection is not None:
+                block = projection.project(block, per_sample.feature_index)
             seen += batch.size
             if bar is not None:
                 bar.update(batch.size)
@@ -135,11 +140,14 @@ def check_signature(first, cross, signature, name: str, b: int) -> None:
 
 
 def fill_store(model, loader, name, *, index, output, precision, device, inputs, backend, kind, budget,
-                cache_dir, ckpt, events, extractor, expected_signature=None):
+                cache_dir, ckpt, events, extractor, expected_signature=None, projection=None):
     """Features of every sample of ``loader`` into a FeatureStore (read back from the
     checkpoint where it has them); returns (store, first batch's signature). The store's
     ``structured`` holds the structured tensors' factors (FactorStores), or None; both
-    are sized once the extractor's plan is known, on the first batch."""
+    are sized once the extractor's plan is known, on the first batch. With a
+    ``projection`` (sketch.py; the extractor must then be made with structured="never")
+    each batch's block is projected as it forms: the store holds [B, dim]."""
+    columns = None if projection is None else projection.dim
     total = loader_length(loader)
     recorded = ckpt.recorded_batches(name) if ckpt is not None else []
     forced = recorded_plan(ckpt)
@@ -149,7 +157,8 @@ def fill_store(model, loader, name, *, index, output, precision, device, inputs,
         nonlocal feature_store, factors
         per_sample.commit()
         feature_store, factors = open_stores(per_sample, name, precision, device, kind, budget, cache_dir,
-                                              None if output == "full" else total, output in PER_SAMPLE_ROWS)
+                                              None if output == "full" else total, output in PER_SAMPLE_ROWS,
+                                              columns)
         if ckpt is not None:
             record_plan(ckpt, per_sample.plan.without_features)
             ckpt.open_features(name, feature_store.row_bytes)
@@ -206,6 +215,8 @@ def fill_store(model, loader, name, *, index, output, precision, device, inputs,
                 if feature_store is None:
                     open_for(per_sample)
                 check_finite(block, seen, name)
+                if projection is not None:
+                    block = projection.project(block, per_sample.feature_index)
                 if factors is not None:  # recorded before the features, whose record commits the batch
                     factors.append(batch_factors, lambda rows: _to_store(rows, precision, scale_rows=True),
                                    check_finite, seen, ckpt, fingerprint)
@@ -219,7 +230,7 @@ def fill_store(model, loader, name, *, index, output, precision, device, inputs,
             seen += batch.size
             events("features", name, seen, total, resumed=b < len(recorded))
         if feature_store is None:  # an empty loader
-            feature_store = FeatureStore(len(index), precision.store, device, kind=kind, max_memory=budget,
+            feature_store = FeatureStore(len(index) if columns is None else columns, precision.store, device, kind=kind, max_memory=budget,
                                          cache_dir=cache_dir, scaled=precision.scaled, name=name)
             feature_store.outputs = 1
         if ckpt is not None:
@@ -241,13 +252,15 @@ def fill_store(model, loader, name, *, index, output, precision, device, inputs,
 
 
 def open_stores(per_sample: FeatureExtractor, name: str, precision: Precision, device, kind: str, budget: int,
-                 cache_dir, expected_rows: Optional[int], per_sample_rows: bool = False):
+                 cache_dir, expected_rows: Optional[int], per_sample_rows: bool = False,
+                 columns: Optional[int] = None):
     """(FeatureStore of the plan's feature columns, FactorStores or None): the budget
     shared in proportion to the bytes each holds per sample. per_sample_rows: a row holds
     a sample's k logits side by side (PER_SAMPLE_ROWS); else a row per (sample, logit).
-    The store's ``outputs`` is k (1 for one scalar output)."""
+    The store's ``outputs`` is k (1 for one scalar output). columns: the feature columns
+    per output when not the plan's (a projection's dim)."""
     outputs = per_sample.k if per_sample.multi else 1
-    p = len(per_sample.feature_index)
+    p = len(per_sample.feature_index) if columns is None else columns
     choices = [per_sample.plan.choices[n] for n in per_sample.structured_names]
     feature_bytes = p * outputs * torch.empty((), dtype=precision.store).element_size()
     factor_bytes = FactorStores.row_bytes_of(choices, outputs, precision.store)
