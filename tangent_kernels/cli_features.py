@@ -6,7 +6,7 @@ parameters) to a file, as ``gram`` writes K.
 F is [n, p] ([n, k, p] for ``--output full``, ``trace`` or ``diagonal``: every logit's
 gradient), column j the gradient at global parameter position ``idx[j]``. A .safetensors
 file holds F as "features", the positions as "idx" (int64 [p]) and the metadata; .npy and
-.pt hold F alone. The command's options, checks and messages are ``gram``'s (cli.py).
+.pt hold F alone. The command's options, checks and messages are ``gram``'s (cli.py, cli_common.py).
 """
 
 from __future__ import annotations
@@ -18,9 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-# cli.py imports this module only when it builds its parser: no cycle at import time.
-from .cli import (CommandError, _check_writable, _environment, _model_data_idx, _parse_output,
-                  _refuse_overwrites)
+from .cli_common import CommandError, check_writable, environment, model_data_idx, parse_output, refuse_overwrites
 
 FORMAT = "tangent_kernels.features/1"
 _SUFFIXES = (".safetensors", ".npy", ".pt")
@@ -51,24 +49,24 @@ def run(args: argparse.Namespace) -> int:
     from .engine import features
     from .params import resolve_idx
 
-    _refuse_overwrites([("--out", args.out)], [("--data", args.data), ("--weights", args.weights),
+    refuse_overwrites([("--out", args.out)], [("--data", args.data), ("--weights", args.weights),
                                                 ("--idx", args.idx)])
     if Path(args.out).suffix not in _SUFFIXES:
         raise CommandError(f"--out {args.out}: write the features as {', '.join(_SUFFIXES)} (the suffix says the format)")
-    _check_writable(args.out, "--out")
+    check_writable(args.out, "--out")
     if args.out.endswith(".npy") and args.precision == "bf16":
         raise CommandError("--out *.npy cannot hold bfloat16 (NumPy has no such dtype): with --precision bf16 write "
                            ".safetensors or .pt")
-    model, x, _, idx, total = _model_data_idx(args)
+    model, x, _, idx, total = model_data_idx(args)
     positions = resolve_idx(model, idx).positions  # column j's global position, whatever form idx took
     start = time.perf_counter()
-    F = features(model, x.split(args.batch_size), idx, output=_parse_output(args.output), precision=args.precision,
+    F = features(model, x.split(args.batch_size), idx, output=parse_output(args.output), precision=args.precision,
                  device=args.device, progress=not args.no_progress)
     seconds = time.perf_counter() - start
     p = F.shape[-1]
     meta = {"model": args.model, "weights": args.weights, "data": args.data, "params": p, "params_total": total,
             "seed": args.seed, "idx": args.idx, "output": args.output, "precision": args.precision,
-            "device": str(F.device), "seconds": round(seconds, 3), **_environment()}
+            "device": str(F.device), "seconds": round(seconds, 3), **environment()}
     if args.out.endswith(".safetensors"):
         save(args.out, F, positions, meta)
     elif args.out.endswith(".npy"):
