@@ -434,16 +434,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def main(args: argparse.Namespace) -> int:
-    from . import __version__
-
-    start = time.perf_counter()
+def check_demo_arguments(args: argparse.Namespace) -> None:
+    """What every demo experiment needs (shift, lookahead, tracking), said before any work."""
     missing = [name for name in ("sklearn", "matplotlib") if importlib.util.find_spec(name) is None]
     if missing:
         raise ImportError(f"the demo needs {' and '.join(missing)} (scikit-learn's digits, the figures): "
                           "pip install 'tangent-kernels[demo]'")
     if args.params < 1:
         raise ValueError(f"--params must be >= 1; got {args.params}")
+
+
+def main(args: argparse.Namespace) -> int:
+    from . import __version__
+
+    start = time.perf_counter()
+    check_demo_arguments(args)
     cfg = Config.quick(args.params) if args.quick else Config(params=args.params)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,6 @@ records per seed, sizes, timings, versions) and tracking.png (the statistics vs 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import platform
 import time
@@ -25,7 +24,7 @@ from typing import Dict, List
 import torch
 from torch import nn
 
-from .demo import accuracy, digits_cnn, load_digits_split, pretrain_rotation
+from .demo import accuracy, check_demo_arguments, digits_cnn, load_digits_split, pretrain_rotation
 from .params import subsample
 from .tracking import KernelTracker
 
@@ -133,12 +132,7 @@ def main(args: argparse.Namespace) -> int:
     from . import __version__
 
     start = time.perf_counter()
-    missing = [name for name in ("sklearn", "matplotlib") if importlib.util.find_spec(name) is None]
-    if missing:
-        raise ImportError(f"the demo needs {' and '.join(missing)} (scikit-learn's digits, the figure): "
-                          "pip install 'tangent-kernels[demo]'")
-    if args.params < 1:
-        raise ValueError(f"--params must be >= 1; got {args.params}")
+    check_demo_arguments(args)
     # --quick: sizes for tests (seconds); otherwise the docs' run (docs/kernel.md).
     cfg = (dict(pretrain_epochs=1, steps=20, every=10, probe_size=32) if args.quick
            else dict(pretrain_epochs=10, steps=300, every=20, probe_size=128))

@@ -16,7 +16,6 @@ lookahead.json (curves per seed, picks, sizes, timings, versions) and lookahead.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import platform
 import statistics
@@ -27,7 +26,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from ..demo import digits_cnn, load_digits_split
+from ..demo import check_demo_arguments, digits_cnn, load_digits_split
 from ..params import subsample
 from .loop import run_rounds
 
@@ -111,12 +110,7 @@ def main(args: argparse.Namespace) -> int:
     from .. import __version__
 
     start = time.perf_counter()
-    missing = [name for name in ("sklearn", "matplotlib") if importlib.util.find_spec(name) is None]
-    if missing:
-        raise ImportError(f"the demo needs {' and '.join(missing)} (scikit-learn's digits, the figure): "
-                          "pip install 'tangent-kernels[demo]'")
-    if args.params < 1:
-        raise ValueError(f"--params must be >= 1; got {args.params}")
+    check_demo_arguments(args)
     # --quick: sizes for tests (seconds); otherwise the docs' run (docs/lookahead.md).
     cfg = (dict(start=20, rounds=2, per_round=10, steps=50, pool_size=300) if args.quick
            else dict(start=40, rounds=6, per_round=20, steps=300, pool_size=None))
