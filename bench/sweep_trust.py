@@ -36,6 +36,8 @@ def _torchvision():
                                                               bn_size=2, num_classes=10, memory_efficient=True), (3, 32, 32)
     yield "tv convnext_tiny", lambda: tv.convnext_tiny(num_classes=10), (3, 32, 32)
     yield "tv efficientnet_b0", lambda: tv.efficientnet_b0(num_classes=10), (3, 32, 32)
+    yield "tv shufflenet_v2_x0_5", lambda: tv.shufflenet_v2_x0_5(num_classes=10), (3, 32, 32)
+    yield "tv regnet_y_400mf", lambda: tv.regnet_y_400mf(num_classes=10), (3, 32, 32)
 
 
 def _timm():
@@ -50,6 +52,8 @@ def _timm():
                                                                  window_size=4, depths=(1, 1, 1, 1),
                                                                  num_classes=10), (3, 64, 64)
     yield "timm convnext_atto", lambda: timm.create_model("convnext_atto", num_classes=10), (3, 32, 32)
+    yield "timm mixer", lambda: timm.create_model("mixer_s16_224", img_size=32,
+                                                             num_classes=10), (3, 32, 32)
 
 
 def _transformers():
@@ -68,7 +72,18 @@ def _transformers():
         cfg = hf.T5Config(vocab_size=97, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
         return hf.T5EncoderModel(cfg)
 
+    def distilbert():
+        cfg = hf.DistilBertConfig(vocab_size=97, dim=32, n_layers=2, n_heads=2, hidden_dim=64, num_labels=3)
+        return hf.DistilBertForSequenceClassification(cfg)
+
+    def hf_vit():
+        cfg = hf.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64, num_labels=3)
+        return hf.ViTForImageClassification(cfg)
+
     yield "hf bert", bert, ("tokens", 97, 16)
+    yield "hf distilbert", distilbert, ("tokens", 97, 16)
+    yield "hf vit", hf_vit, (3, 32, 32)
     yield "hf gpt2 (last token)", gpt2, ("tokens", 97, 16)
     yield "hf t5 encoder", t5, ("tokens", 97, 16)
 
@@ -128,6 +143,11 @@ def main() -> None:
         start = time.perf_counter()
         try:
             model = make().eval()
+            with torch.no_grad():  # zero-initialized heads (timm) would leave most gradients exactly zero
+                g = torch.Generator().manual_seed(2)
+                for parameter in model.parameters():
+                    if parameter.is_floating_point() and not parameter.any():
+                        parameter.copy_(0.02 * torch.randn(parameter.shape, generator=g))
             x = inputs(shape, args.n)
             idx = tk.subsample(model, min(args.params, sum(p.numel() for p in model.parameters())), seed=1)
             output = _output_for(name)

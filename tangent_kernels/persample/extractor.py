@@ -436,7 +436,10 @@ class FeatureExtractor:
             f"per-sample gradients from the batched pass differ from the sample evaluated alone on batch "
             f"{self.checked_batches - 1} (sample {row}) for {len(failing)} tensor(s), relative to each tensor's own "
             f"norm: {listed}{more}. The model seems to mix samples within a batch (e.g. statistics over the "
-            "batch), or a rule misread the samples' dimension; these tensors "
+            "batch), or a rule misread the samples' dimension"
+            + ("; or, as this batch holds one sample, torch computed it with its one-sample kernels, which have "
+               "differed (torch 2.14's CPU BatchNorm backward)" if batch.size == 1 else "")
+            + "; these tensors "
             "take the generic per-sample path (exact, slower) from this batch on",
             RuntimeWarning,
             stacklevel=6,
