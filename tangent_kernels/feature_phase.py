@@ -79,7 +79,7 @@ def new_extractor(model, index, output, precision: Precision, device, backend: s
     if kept is not None and kept.index is index and kept.output == output and kept.dtype == precision.compute:
         return kept
     made = FeatureExtractor(model, index, output, precision.compute, device, backend,
-                          verify_in_ieee=precision.allow_tf32 and torch.device(device).type == "cuda",
+                          tf32_check=precision.allow_tf32 and torch.device(device).type == "cuda",
                           structured=structured)
     if reused is not None:
         reused[structured] = made

@@ -44,7 +44,7 @@ class FeatureExtractor:
     """Per-sample gradient features of one model, output and idx, batch after batch."""
 
     def __init__(self, model: nn.Module, index: ParamIndex, output: OutputSpec, dtype, device, backend: str = "torch",
-                 verify_in_ieee: bool = False, dense=None, structured: str = "never"):
+                 tf32_check: bool = False, dense=None, structured: str = "never"):
         self.model, self.index, self.output, self.dtype, self.device = model, index, output, dtype, device
         # The structured Gram (structured/): which tensors hand factors instead of features,
         # decided by plan_for on the first batch; blocks then hold feature_index's columns.
@@ -61,7 +61,7 @@ class FeatureExtractor:
         # and per-sample gradients differed by more than 1e-2 with no sample mixing at all.
         # Re-running every batch in IEEE to check it would double the pass; the TF32
         # tolerance is looser instead, and what exceeds it is asked again in fp64.
-        self.tolerance = _TF32_TOLERANCE if verify_in_ieee else _VERIFY_TOLERANCE[dtype]
+        self.tolerance = _TF32_TOLERANCE if tf32_check else _VERIFY_TOLERANCE[dtype]
         # Every batch is checked (on one sample each); checked_batches numbers them.
         self.checking = True
         self.checked_batches = 0
