@@ -5,16 +5,11 @@ import pytest
 import torch
 
 import tangent_kernels as tk
-
-
-def _psd(n: int, rank: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    a = torch.randn(n, rank, generator=g, dtype=torch.float64)
-    return a @ a.T
+from conftest import psd
 
 
 def test_spectrum_matches_numpy_eigenvalues_and_participation_ratio():
-    K = _psd(30, 12, 0)
+    K = psd(30, 12, 0)
     spec = tk.analysis.spectrum(K)
     expected = np.sort(np.linalg.eigvalsh(K.numpy()))[::-1]
     assert np.allclose(spec.eigenvalues.numpy(), expected, rtol=1e-10, atol=1e-10)
@@ -31,7 +26,7 @@ def test_effective_dimension_extremes():
 
 
 def test_degrees_of_freedom_is_trace_of_hat_matrix():
-    K, beta = _psd(25, 25, 1), 0.7
+    K, beta = psd(25, 25, 1), 0.7
     hat = K @ torch.linalg.inv(K + beta * torch.eye(25, dtype=torch.float64))
     assert tk.analysis.degrees_of_freedom(K, beta) == pytest.approx(float(hat.trace()), rel=1e-9)
     with pytest.raises(ValueError, match="beta must be > 0"):
@@ -40,7 +35,7 @@ def test_degrees_of_freedom_is_trace_of_hat_matrix():
 
 @pytest.mark.parametrize("centered", [False, True])
 def test_alignment_matches_the_definition(centered):
-    K = _psd(40, 8, 2)
+    K = psd(40, 8, 2)
     y = torch.randint(0, 4, (40,), generator=torch.Generator().manual_seed(3))
     Y = torch.nn.functional.one_hot(y).double()
     T = Y @ Y.T
@@ -48,9 +43,9 @@ def test_alignment_matches_the_definition(centered):
         H = torch.eye(40, dtype=torch.float64) - 1.0 / 40
         K, T = H @ K @ H, H @ T @ H
     expected = float((K * T).sum() / (K.norm() * T.norm()))
-    assert tk.analysis.alignment(_psd(40, 8, 2), y, centered=centered) == pytest.approx(expected, rel=1e-10)
+    assert tk.analysis.alignment(psd(40, 8, 2), y, centered=centered) == pytest.approx(expected, rel=1e-10)
     # real-valued targets [n, m] go through the same formula
-    assert tk.analysis.alignment(_psd(40, 8, 2), Y, centered=centered) == pytest.approx(expected, rel=1e-10)
+    assert tk.analysis.alignment(psd(40, 8, 2), Y, centered=centered) == pytest.approx(expected, rel=1e-10)
 
 
 def test_alignment_of_the_ideal_kernel_is_one():

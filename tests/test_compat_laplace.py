@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from tangent_kernels.compat.laplace import TangentKernelsEF, TangentKernelsGGN
+from conftest import rel_err
 
 O = 3
 
@@ -43,11 +44,6 @@ def jacobian_loop(model, x):
     return torch.stack(rows)
 
 
-def rel(a, b):
-    a, b = a.detach(), b.detach()
-    return float((a - b).norm() / b.norm())
-
-
 @pytest.fixture
 def setup():
     torch.manual_seed(0)
@@ -70,7 +66,7 @@ def test_jacobians_match_laplace_torch_and_the_float64_definition(setup, subnet)
     exact = jacobian_loop(model, x)
     exact = exact if indices is None else exact[:, :, indices]
     assert js.shape == theirs.shape == exact.shape and js.dtype == torch.float64
-    assert rel(js, theirs) <= 1e-12 and rel(js, exact) <= 1e-12  # float64: summation order only
+    assert rel_err(js, theirs) <= 1e-12 and rel_err(js, exact) <= 1e-12  # float64: summation order only
     torch.testing.assert_close(f, f_theirs, rtol=1e-13, atol=0)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
@@ -82,11 +78,11 @@ def test_selected_output_jacobians_and_backprop_fallback(setup):
     got, _ = ours.selected_output_jacobians(x, outputs)
     theirs, _ = CurvatureInterface.selected_output_jacobians(
         GGNInterface(model, "classification", subnetwork_indices=indices), x, outputs)
-    assert got.shape == theirs.shape == (9, 2, 37) and rel(got, theirs) <= 1e-12
+    assert got.shape == theirs.shape == (9, 2, 37) and rel_err(got, theirs) <= 1e-12
     full, _ = ours.jacobians(x)
     x_grad = x.clone().requires_grad_(True)
     js, _ = ours.jacobians(x_grad, enable_backprop=True)  # laplace-torch's own path
-    assert js.requires_grad and rel(js.detach(), full) <= 1e-12
+    assert js.requires_grad and rel_err(js.detach(), full) <= 1e-12
 
 
 @pytest.mark.parametrize("likelihood", ["classification", "regression"])
@@ -96,7 +92,7 @@ def test_gradients_match_laplace_torch(setup, likelihood):
     gs, loss = TangentKernelsEF(model, likelihood, subnetwork_indices=indices).gradients(x, y)
     gs_theirs, loss_theirs = EFInterface(model, likelihood, subnetwork_indices=indices).gradients(x, y)
     assert gs.shape == gs_theirs.shape == (9, 37)
-    assert rel(gs, gs_theirs) <= 1e-12
+    assert rel_err(gs, gs_theirs) <= 1e-12
     torch.testing.assert_close(loss, loss_theirs, rtol=1e-13, atol=0)
 
 
@@ -117,15 +113,15 @@ def test_a_subnet_laplace_fit_and_its_predictive_match_laplace_torch(setup, like
     for ours_cls, theirs_cls in ((TangentKernelsGGN, GGNInterface), (TangentKernelsEF, EFInterface)):
         ours = _fit(model, likelihood, ours_cls, x, y, **kwargs)
         theirs = _fit(model, likelihood, theirs_cls, x, y, **kwargs)
-        assert ours.H.shape == theirs.H.shape and rel(ours.H, theirs.H) <= 1e-12
+        assert ours.H.shape == theirs.H.shape and rel_err(ours.H, theirs.H) <= 1e-12
         assert abs(float(ours.log_marginal_likelihood() - theirs.log_marginal_likelihood())) <= 1e-9
         if likelihood == "classification":
             p_ours, p_theirs = ours(x_test, pred_type="glm", link_approx="probit"), \
                 theirs(x_test, pred_type="glm", link_approx="probit")
-            assert rel(p_ours, p_theirs) <= 1e-12
+            assert rel_err(p_ours, p_theirs) <= 1e-12
         else:
             (m_ours, v_ours), (m_theirs, v_theirs) = ours(x_test, pred_type="glm"), theirs(x_test, pred_type="glm")
-            assert rel(m_ours, m_theirs) <= 1e-12 and rel(v_ours, v_theirs) <= 1e-12
+            assert rel_err(m_ours, m_theirs) <= 1e-12 and rel_err(v_ours, v_theirs) <= 1e-12
 
 
 def test_a_full_laplace_over_every_parameter_matches(setup):
@@ -133,9 +129,9 @@ def test_a_full_laplace_over_every_parameter_matches(setup):
     y = torch.randint(0, O, (9,))
     ours = _fit(model, "classification", TangentKernelsGGN, x, y, subset_of_weights="all", hessian_structure="full")
     theirs = _fit(model, "classification", GGNInterface, x, y, subset_of_weights="all", hessian_structure="full")
-    assert rel(ours.H, theirs.H) <= 1e-12
+    assert rel_err(ours.H, theirs.H) <= 1e-12
     x_test = torch.randn(3, 2, 8, dtype=torch.float64)
-    assert rel(ours(x_test, link_approx="probit"), theirs(x_test, link_approx="probit")) <= 1e-12
+    assert rel_err(ours(x_test, link_approx="probit"), theirs(x_test, link_approx="probit")) <= 1e-12
 
 
 def test_a_model_taking_a_dict_gets_the_same_jacobians(setup):
@@ -146,7 +142,7 @@ def test_a_model_taking_a_dict_gets_the_same_jacobians(setup):
     js, f = TangentKernelsGGN(model, "regression", subnetwork_indices=indices).jacobians(data)
     theirs, f_theirs = CurvatureInterface.jacobians(GGNInterface(model, "regression",
                                                                  subnetwork_indices=indices), data)
-    assert rel(js, theirs) <= 1e-12 and rel(f, f_theirs) <= 1e-13
+    assert rel_err(js, theirs) <= 1e-12 and rel_err(f, f_theirs) <= 1e-13
 
 
 def test_float32_jacobians_are_within_float32_rounding(setup):
@@ -157,7 +153,7 @@ def test_float32_jacobians_are_within_float32_rounding(setup):
     exact = jacobian_loop(model, x)[:, :, indices]
     assert js.dtype == torch.float32
     # a few dozen fp32 roundings through three layers: well under 1e-5 relative
-    assert rel(js.double(), exact) <= 1e-5
+    assert rel_err(js.double(), exact) <= 1e-5
 
 
 def test_last_layer_laplace_still_works_and_kron_is_refused(setup):
@@ -171,6 +167,6 @@ def test_last_layer_laplace_still_works_and_kron_is_refused(setup):
     js = jacobian_loop(model, x)[:, :, -last:]
     p = torch.softmax(model(x), 1).detach()
     lam = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
-    assert rel(ours.H, torch.einsum("bcp,bck,bkq->pq", js, lam, js)) <= 1e-12
+    assert rel_err(ours.H, torch.einsum("bcp,bck,bkq->pq", js, lam, js)) <= 1e-12
     with pytest.raises(NotImplementedError, match="BackPackGGN"):
         _fit(model, "classification", TangentKernelsGGN, x, y, subset_of_weights="all", hessian_structure="kron")

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 import tangent_kernels as tk
 from tangent_kernels.compat import lm_kernel_ft
 from tangent_kernels.compat.lm_kernel_ft import LogitModel
+from conftest import rel_err
 
 VOCAB, T, D = 30, 7, 8
 
@@ -93,10 +94,6 @@ def loop_kernel(model, outer_rows, inner_rows, binary):
     return torch.einsum("ocp,idp->ocid", jo, ji)
 
 
-def rel(a, b):
-    return float((a - b).norm() / b.norm())
-
-
 def loader(rows, bs):
     return DataLoader(rows, batch_size=bs)
 
@@ -121,9 +118,9 @@ def test_the_kernel_is_lm_kernel_ft_s(setup, formula, binary):
     assert got.shape == expected.shape == (7, C, 5, C) and got.dtype == torch.float64 and got.device.type == "cpu"
     # float64 model: sgd agrees to summation order; the sign kernels count +-1 products
     # exactly, up to a gradient entry within rounding of 0 (none at these sizes)
-    assert rel(got, expected) <= 1e-12
+    assert rel_err(got, expected) <= 1e-12
     if formula == "sgd":
-        assert rel(got, loop_kernel(model, train, test, binary)) <= 1e-12
+        assert rel_err(got, loop_kernel(model, train, test, binary)) <= 1e-12
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -131,7 +128,7 @@ def test_k_x_x_is_the_symmetric_kernel(setup):
     model, train, _ = setup
     got = lm_kernel_ft.compute_kernel(model, loader(train, 4))
     expected = loop_kernel(model, train, train, False)
-    assert rel(got, expected) <= 1e-12
+    assert rel_err(got, expected) <= 1e-12
     torch.testing.assert_close(got, got.permute(2, 3, 0, 1), rtol=0, atol=0)
 
 
@@ -143,9 +140,9 @@ def test_float32_models_give_float64_kernels_within_float32_rounding(setup):
     got = lm_kernel_ft.compute_kernel(model32, loader(rows32, 4))
     assert got.dtype == torch.float64
     # float32 gradients through four layers, K accumulated in fp32: < 1e-5 relative
-    assert rel(got, loop_kernel(model, train, train, False)) <= 1e-5
+    assert rel_err(got, loop_kernel(model, train, train, False)) <= 1e-5
     fp64 = lm_kernel_ft.compute_kernel(model32, loader(rows32, 4), precision="fp64")
-    assert rel(fp64, loop_kernel(model, train, train, False)) <= 1e-5  # the inputs were rounded to float32
+    assert rel_err(fp64, loop_kernel(model, train, train, False)) <= 1e-5  # the inputs were rounded to float32
 
 
 def test_a_parameter_subsample_is_those_columns(setup):
@@ -161,7 +158,7 @@ def test_a_parameter_subsample_is_those_columns(setup):
                             for a in range(3)])[:, idx.positions]
 
     expected = torch.einsum("ocp,idp->ocid", torch.stack([jac(r) for r in train]), torch.stack([jac(r) for r in test]))
-    assert rel(got, expected) <= 1e-12
+    assert rel_err(got, expected) <= 1e-12
 
 
 class Trainer:
@@ -187,13 +184,13 @@ def test_the_trainer_method_returns_lm_kernel_ft_s_kernel_and_targets(setup, bin
     trainer = Trainer(model, "sgd", binary)
     kernel, targets = trainer.compute_kernel_sharded(train, test)
     expected = published_kernel(model, loader(train, 3), loader(test, 2), "sgd", binary)
-    assert rel(kernel, expected) <= 1e-12
+    assert rel_err(kernel, expected) <= 1e-12
     labels = torch.stack([r["labels"] for r in test])
     torch.testing.assert_close(targets, (labels * 2 - 1).float() if binary else labels)
     assert trainer.grad_dim == sum(p.numel() for p in model.parameters())
     # K(train, train): the same dataset object is the symmetric computation
     kernel, targets = trainer.compute_kernel_sharded(train, train)
-    assert rel(kernel, loop_kernel(model, train, train, binary)) <= 1e-12 and targets.shape == (7,)
+    assert rel_err(kernel, loop_kernel(model, train, train, binary)) <= 1e-12 and targets.shape == (7,)
 
 
 def test_bad_inputs_are_refused_with_the_fix(setup):

@@ -16,6 +16,7 @@ from torch.func import functional_call, jacrev, vmap
 
 from tangent_kernels.compat import neural_tangents as nt
 from tangent_kernels.compat import torch_func
+from conftest import rel_err
 
 # The adapters compute in float32 for a float32 model: products of Jacobian entries summed
 # over a few hundred parameters, each entry through three layers, stay within ~1e-6 of
@@ -103,10 +104,6 @@ def float64_kernel(jacobians, x1, x2, compute):
     return sum(torch.einsum(EINSUM[compute], a, b) for a, b in zip(jacobians(x1), jacobians(x2)))
 
 
-def relative(got, expected):
-    return float((got.double() - expected).norm() / expected.norm())
-
-
 @pytest.fixture
 def data():
     net = small_net()
@@ -141,7 +138,7 @@ def test_torch_func_differentiates_fnet_single(data, case, compute):
                                                  "computed from fnet_single"):
                 got = method(fnet_single, params, x1, x2, compute)
         assert got.shape == expected.shape, (case, got.shape, expected.shape)
-        assert relative(got, expected) <= FP32_TOL, (case, relative(got, expected))
+        assert rel_err(got, expected) <= FP32_TOL, (case, rel_err(got, expected))
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
 
 
@@ -180,7 +177,7 @@ def test_neural_tangents_differentiates_f(data, case, trace_axes, diagonal_axes,
                                                  "computed from f itself"):
                 got = fn(x1, x2, params)
         assert got.shape == expected.shape, (case, got.shape, expected.shape)
-        assert relative(got, expected) <= FP32_TOL, (case, relative(got, expected))
+        assert rel_err(got, expected) <= FP32_TOL, (case, rel_err(got, expected))
 
 
 def test_the_warning_points_at_the_callers_line(data):
@@ -229,7 +226,7 @@ def test_neural_tangents_f_without_a_module_is_differentiated(data):
     jac1, jac2 = (jacrev(f)(p64, x.double()) for x in (x1, x2))
     expected = sum(torch.einsum("Naf,Mbf->NMab", jac1[k].reshape(6, 2, -1), jac2[k].reshape(4, 2, -1)) for k in p64)
     got = nt.empirical_ntk_fn(f, trace_axes=())(x1, x2, params)
-    assert got.shape == expected.shape and relative(got, expected) <= FP32_TOL
+    assert got.shape == expected.shape and rel_err(got, expected) <= FP32_TOL
 
 
 def test_neural_tangents_module_is_left_in_its_mode(data):
@@ -277,7 +274,7 @@ def test_a_selected_logits_entry_is_differentiated():
     expected = float64_kernel(jacobians, x1, x2, "full")
     with pytest.warns(UserWarning, match="returns Tensor where the module returns dict"):
         got = torch_func.empirical_ntk_jacobian_contraction(fnet_single, params, x1, x2, "full")
-    assert got.shape == expected.shape and relative(got, expected) <= FP32_TOL
+    assert got.shape == expected.shape and rel_err(got, expected) <= FP32_TOL
 
 
 def test_a_function_of_several_outputs_is_refused(data):
@@ -320,7 +317,7 @@ def test_scalar_outputs_have_one_layout_on_either_path(compute, shape):
     with pytest.warns(UserWarning, match="outputs differ"):
         exact = torch_func.empirical_ntk_jacobian_contraction(scaled, params, x1, x2, compute)
     assert fast.shape == exact.shape == shape
-    assert relative(exact, 4 * fast.double()) <= FP32_TOL
+    assert rel_err(exact, 4 * fast.double()) <= FP32_TOL
 
 
 def test_neural_tangents_scalar_outputs():
@@ -337,6 +334,6 @@ def test_neural_tangents_scalar_outputs():
     module_form = nt.empirical_ntk_fn(net, trace_axes=())(x1, x2)
     functional_form = nt.empirical_ntk_fn(f, trace_axes=())(x1, x2, params)
     assert module_form.shape == functional_form.shape == (5, 3)
-    assert relative(functional_form, module_form.double()) <= FP32_TOL
+    assert rel_err(functional_form, module_form.double()) <= FP32_TOL
     with pytest.raises(NotImplementedError, match="trace_axes=()"):
         nt.empirical_ntk_fn(net)(x1, x2)

@@ -16,7 +16,6 @@ import tangent_kernels as tk
 import tangent_kernels.engine as engine
 from tangent_kernels import kernels
 from tangent_kernels.data import to_inputs
-from tangent_kernels.persample import dense
 from tangent_kernels.persample.extractor import FeatureExtractor
 from _models import cnn, cnn_input, resnet18
 
@@ -40,10 +39,10 @@ def extractor_after_one_batch(model, x, idx, backend, precision=torch.float32):
     return extractor
 
 
-def test_forced_dense_matches_the_reference(monkeypatch):
+def test_forced_dense_matches_the_reference(set_dense_strategy):
     if not kernels.available():
         pytest.skip(f"Triton cannot run here: {kernels.unavailable_reason()}")
-    monkeypatch.setattr(dense, "DENSE_STRATEGY", "always")
+    set_dense_strategy("always")
     torch.manual_seed(3)
     model, x = dense_model(), torch.randn(6, 3, 9, 9)
     idx = tk.subsample(model, 900, seed=1)
@@ -67,10 +66,10 @@ def test_auto_stays_sparse_off_cuda():
 
 
 @pytest.mark.parametrize("fault", ["raises", "wrong"])
-def test_a_failing_or_wrong_dense_kernel_falls_back_to_sparse(monkeypatch, caplog, fault):
+def test_a_failing_or_wrong_dense_kernel_falls_back_to_sparse(monkeypatch, caplog, fault, set_dense_strategy):
     if not kernels.available():
         pytest.skip(f"Triton cannot run here: {kernels.unavailable_reason()}")
-    monkeypatch.setattr(dense, "DENSE_STRATEGY", "always")
+    set_dense_strategy("always")
     real = kernels.dense_conv_grad
 
     def broken(*args, **kwargs):
@@ -90,8 +89,8 @@ def test_a_failing_or_wrong_dense_kernel_falls_back_to_sparse(monkeypatch, caplo
     assert "using the sparse kernels" in caplog.text or "using sparse" in caplog.text
 
 
-def test_unknown_policy_is_refused(monkeypatch):
-    monkeypatch.setattr(dense, "DENSE_STRATEGY", "sometimes")
+def test_unknown_policy_is_refused(set_dense_strategy):
+    set_dense_strategy("sometimes")
     with pytest.raises(ValueError, match=r"DENSE_STRATEGY = 'sometimes'; use one of"):
         tk.gram(cnn(), [cnn_input(2)], progress=False)
 

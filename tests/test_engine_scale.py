@@ -11,7 +11,6 @@ import textwrap
 
 import pytest
 import torch
-from torch import nn
 
 import tangent_kernels as tk
 import tangent_kernels.engine as engine
@@ -19,26 +18,17 @@ import tangent_kernels.feature_phase as feature_phase
 import tangent_kernels.tiles as tiles
 import tangent_kernels.store as store_module
 from tangent_kernels.checkpoint import Checkpoint, CheckpointMismatch
+from conftest import batches, rel_err, seeded_mlp
 
 N, BATCH = 23, 5
+# Tiles of 4 rows over 23 samples: row blocks, the diagonal, ragged edges, and batches
+# (5 rows) that straddle tile borders.
+pytestmark = pytest.mark.usefixtures("small_tiles")
 
 
 def _problem(seed=0):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
-    x = torch.randn(N, 6)
-    return model, [x[i : i + BATCH] for i in range(0, N, BATCH)]
-
-
-@pytest.fixture(autouse=True)
-def small_tiles(monkeypatch):
-    # Tiles of 4 rows over 23 samples: row blocks, the diagonal, ragged edges, and
-    # batches (5 rows) that straddle tile borders.
-    monkeypatch.setattr(tiles, "_TILE_ROWS", 4)
-
-
-def rel_err(k, ref):
-    return float((k.double() - ref).norm() / ref.norm())
+    model = seeded_mlp(seed)
+    return model, batches(torch.randn(N, 6), BATCH)
 
 
 class _Recorder:
@@ -267,11 +257,11 @@ def test_changed_or_reordered_data_is_refused(tmp_path):
         tk.gram(model, loader, progress=False, checkpoint=file_path)
 
 
-def test_out_of_memory_in_the_gram_phase_halves_the_tiles(monkeypatch):
+def test_out_of_memory_in_the_gram_phase_halves_the_tiles(monkeypatch, set_tile_rows):
     model, loader = _problem(8)
     ref = tk.reference.gram_autograd(model, loader)
     base = tk.gram(model, loader, progress=False)
-    monkeypatch.setattr(tiles, "_TILE_ROWS", 16)
+    set_tile_rows(16)
     original, calls = tiles.gram_tile_update, []
 
     def tight_memory(k, a, b, *args, **kwargs):
@@ -305,11 +295,11 @@ def test_out_of_memory_in_the_feature_phase_splits_the_batch(monkeypatch):
     assert rel_err(k, ref) <= 1e-5
 
 
-def test_resume_after_an_out_of_memory_halving_keeps_the_smaller_tiles(monkeypatch, tmp_path):
+def test_resume_after_an_out_of_memory_halving_keeps_the_smaller_tiles(monkeypatch, tmp_path, set_tile_rows):
     # Tile shapes change the op's summation order; the resumed run must continue with the
     # tiles the interrupted run had reached, or its K would differ in the last bits.
     model, loader = _problem(10)
-    monkeypatch.setattr(tiles, "_TILE_ROWS", 6)
+    set_tile_rows(6)
     fresh = tk.gram(model, loader, progress=False)
     original = tiles.gram_tile_update
     failed = []

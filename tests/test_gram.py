@@ -7,22 +7,9 @@ import torch
 from torch import nn
 
 import tangent_kernels as tk
-import tangent_kernels.tiles as tiles
-from tangent_kernels.persample import extractor as persample_extractor, generic
+from tangent_kernels.persample import generic
 from _models import SharedLinear, TiedHead, TinyTransformer, cnn, cnn_input, frozen_mlp, mlp, resnet18
-
-# Relative Frobenius error bounds vs the fp64 reference. fp64: both sides are exact up
-# to summation order (~1e-16 per op). fp32: features carry ~1e-7 relative rounding per
-# layer of the backward pass, K sums p products; 1e-5 leaves a wide margin.
-TOLERANCE = {"fp64": 1e-10, "fp32": 1e-5}
-
-
-def rel_err(k: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((k.double() - ref).norm() / ref.norm())
-
-
-def batches(x: torch.Tensor, size: int):
-    return [x[i : i + size] for i in range(0, x.shape[0], size)]
+from conftest import assert_matches_float64, batches
 
 
 def _case(name):
@@ -65,7 +52,7 @@ def test_gram_matches_reference(name, precision):
     k = tk.gram(model, batches(x, 3), idx, precision=precision, progress=False)
     assert k.dtype == (torch.float64 if precision == "fp64" else torch.float32)
     assert k.shape == (x.shape[0], x.shape[0])
-    assert rel_err(k, ref) <= TOLERANCE[precision]
+    assert_matches_float64(k, ref, precision)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -75,7 +62,7 @@ def test_features_match_reference(name):
     g = tk.features(model, batches(x, 3), idx, precision="fp64", progress=False)
     p = len(idx) if idx is not None else sum(q.numel() for q in model.parameters() if q.requires_grad)
     assert g.shape == (x.shape[0], p)
-    assert rel_err(g, ref) <= TOLERANCE["fp64"]
+    assert_matches_float64(g, ref, "fp64")
 
 
 @pytest.mark.parametrize("output", ["first", "sum", 2, -1, lambda out: out[:, 1] - out[:, 0]])
@@ -84,7 +71,7 @@ def test_output_modes(output):
     model, x = mlp(k=3), torch.randn(6, 6)
     ref = tk.reference.gram_autograd(model, [x], output=output)
     k = tk.gram(model, [x], output=output, precision="fp64", progress=False)
-    assert rel_err(k, ref) <= TOLERANCE["fp64"]
+    assert_matches_float64(k, ref, "fp64")
 
 
 def test_pntk_is_sum_of_logits_over_sqrt_k():
@@ -93,7 +80,7 @@ def test_pntk_is_sum_of_logits_over_sqrt_k():
     k_sum = tk.gram(model, [x], output="sum", precision="fp64", progress=False)
     g = torch.stack([tk.features(model, [x], output=j, precision="fp64", progress=False) for j in range(4)])
     expected = (g.sum(0) / 2.0) @ (g.sum(0) / 2.0).T  # sqrt(k) = 2
-    assert rel_err(k_sum, expected) <= TOLERANCE["fp64"]
+    assert_matches_float64(k_sum, expected, "fp64")
 
 
 def test_idx_order_defines_columns():
@@ -116,7 +103,7 @@ def test_cross_kernel_is_block_of_joint_kernel():
     joint = tk.gram(model, [torch.cat([a, b])], idx, precision="fp64", progress=False)
     cross = tk.gram(model, batches(a, 2), idx, batches(b, 2), precision="fp64", progress=False)
     assert cross.shape == (5, 3)
-    assert rel_err(cross, joint[:5, 5:]) <= TOLERANCE["fp64"]
+    assert_matches_float64(cross, joint[:5, 5:], "fp64")
 
 
 @pytest.mark.parametrize("batch_size", [1, 7, 32])
@@ -126,12 +113,12 @@ def test_independent_of_batch_size(batch_size):
     ref = tk.reference.gram_autograd(model, [x])
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.zeros(20)), batch_size=batch_size)
     k = tk.gram(model, loader, progress=False)
-    assert rel_err(k, ref) <= TOLERANCE["fp32"]
+    assert_matches_float64(k, ref, "fp32")
 
 
-def test_symmetric_and_positive_semidefinite_across_tiles(monkeypatch):
+def test_symmetric_and_positive_semidefinite_across_tiles(set_tile_rows):
     # Small tiles so the lower-triangle schedule and the mirroring cross tile borders.
-    monkeypatch.setattr(tiles, "_TILE_ROWS", 4)
+    set_tile_rows(4)
     torch.manual_seed(6)
     model, x = mlp(), torch.randn(11, 6)
     k = tk.gram(model, batches(x, 5), progress=False)
@@ -139,9 +126,9 @@ def test_symmetric_and_positive_semidefinite_across_tiles(monkeypatch):
     eig = torch.linalg.eigvalsh(k.double())
     assert eig.min() >= -1e-6 * k.trace()
     ref = tk.reference.gram_autograd(model, [x])
-    assert rel_err(k, ref) <= TOLERANCE["fp32"]
+    assert_matches_float64(k, ref, "fp32")
     cross = tk.gram(model, batches(x[:9], 4), None, batches(x[2:], 3), progress=False)
-    assert rel_err(cross, ref[:9, 2:]) <= TOLERANCE["fp32"]
+    assert_matches_float64(cross, ref[:9, 2:], "fp32")
 
 
 def test_model_left_exactly_as_it_was():
@@ -167,7 +154,7 @@ def test_batchnorm_model_is_evaluated_in_eval_mode():
     with torch.no_grad():
         model.eval()
     ref = tk.reference.gram_autograd(model, batches(x, 1))
-    assert rel_err(k, ref) <= TOLERANCE["fp64"]
+    assert_matches_float64(k, ref, "fp64")
 
 
 class DictModel(nn.Module):
@@ -195,14 +182,14 @@ def test_dict_batches_and_logits_outputs():
     ]
     k = tk.gram(model, loader, output="sum", precision="fp64", progress=False)
     ref = tk.reference.gram_autograd(model, loader, output="sum")
-    assert rel_err(k, ref) <= TOLERANCE["fp64"]
+    assert_matches_float64(k, ref, "fp64")
     # inputs= maps any batch format to the model's arguments.
     pairs = [((ids[:3], mask[:3]), 0), ((ids[3:], mask[3:]), 1)]
     k2 = tk.gram(
         model, pairs, output="sum", precision="fp64", progress=False,
         inputs=lambda batch: {"input_ids": batch[0][0], "attention_mask": batch[0][1], "scale": scale},
     )
-    assert rel_err(k2, ref) <= TOLERANCE["fp64"]
+    assert_matches_float64(k2, ref, "fp64")
 
 
 class NotVmappable(nn.Module):
@@ -219,14 +206,14 @@ class NotVmappable(nn.Module):
         return (-x @ self.w) * 2
 
 
-def test_models_vmap_cannot_batch_fall_back_to_the_loop(monkeypatch):
-    monkeypatch.setattr(persample_extractor, "BATCHED", False)  # the generic path is the point here
+def test_models_vmap_cannot_batch_fall_back_to_the_loop(set_batched):
+    set_batched(False)  # the generic path is the point here
     torch.manual_seed(10)
     model, x = NotVmappable(), torch.randn(6, 4)
     with pytest.warns(RuntimeWarning, match="per-sample autograd loop"):
         k = tk.gram(model, batches(x, 3), precision="fp64", progress=False)
     ref = tk.reference.gram_autograd(model, batches(x, 1))
-    assert rel_err(k, ref) <= TOLERANCE["fp64"]
+    assert_matches_float64(k, ref, "fp64")
 
 
 def test_batchnorm_without_running_statistics_is_refused():
@@ -248,11 +235,11 @@ def test_progress_false_prints_nothing(capsys):
 
 @pytest.mark.parametrize("strategy", ["vmap", "loop", "auto"])
 @pytest.mark.parametrize("name", ["cnn", "transformer", "tied_embedding"])
-def test_each_per_sample_strategy_matches_reference(monkeypatch, strategy, name):
-    monkeypatch.setattr(persample_extractor, "BATCHED", False)  # every tensor on the generic path
+def test_each_per_sample_strategy_matches_reference(monkeypatch, strategy, name, set_batched):
+    set_batched(False)  # every tensor on the generic path
     monkeypatch.setattr(generic, "STRATEGY", strategy)
     monkeypatch.setattr(generic, "_PER_SAMPLE_GRAD_BYTES", 1)  # one sample per chunk: "auto" switches mid-batch
     model, x, idx = _case(name)
     ref = tk.reference.gram_autograd(model, [x], idx)
     k = tk.gram(model, batches(x, 4), idx, precision="fp64", progress=False)
-    assert rel_err(k, ref) <= TOLERANCE["fp64"]
+    assert_matches_float64(k, ref, "fp64")

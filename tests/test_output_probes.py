@@ -9,10 +9,7 @@ from torch import nn
 
 import tangent_kernels as tk
 from _models import cnn, cnn_input, mlp
-
-
-def rel_err(k, ref):
-    return float((k.double() - ref).norm() / ref.norm())
+from conftest import rel_err
 
 
 def _full(model, x, **kwargs):

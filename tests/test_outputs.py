@@ -15,13 +15,9 @@ import tangent_kernels as tk
 import tangent_kernels.tiles as tiles
 from _models import TinyTransformer, cnn, cnn_input, mlp
 from tangent_kernels.structured import contract
+from conftest import K_TOLERANCE, rel_err
 
-TOLERANCE = {"fp64": 1e-10, "fp32": 1e-5, "bf16": 2e-2, "fp16": 4e-3}
 FORMS = ("full", "trace", "diagonal")
-
-
-def rel_err(k, ref):
-    return float((k.double() - ref).norm() / ref.norm())
 
 
 def every_logit(model, x, outputs, idx=None):
@@ -45,10 +41,10 @@ def _count_products(monkeypatch):
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_trace_and_diagonal_cost_k_times_one_logit(monkeypatch, symmetric):
+def test_trace_and_diagonal_cost_k_times_one_logit(monkeypatch, symmetric, set_tile_rows):
     """The feature Gram of trace/diagonal does exactly k times one logit's products;
     full does the k^2 cross products (about k^2 times)."""
-    monkeypatch.setattr(tiles, "_TILE_ROWS", 5)  # several tiles, borders inside the data
+    set_tile_rows(5)  # several tiles, borders inside the data
     torch.manual_seed(0)
     model, x = mlp(4), torch.randn(13, 6)
     work = _count_products(monkeypatch)
@@ -97,19 +93,19 @@ CASES = {
 
 @pytest.mark.parametrize("structured", ["never", "always"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_every_form_and_precision_against_the_reference(name, structured, monkeypatch):
-    monkeypatch.setattr(tiles, "_TILE_ROWS", 4)
+def test_every_form_and_precision_against_the_reference(name, structured, set_tile_rows):
+    set_tile_rows(4)
     torch.manual_seed(2)
     model, x = CASES[name][0](), CASES[name][1](7)
     outputs = model(x[:2]).shape[1]
     expected = every_logit(model, x, outputs)
     cross = every_logit(model, torch.cat([x, x[:3]]), outputs)
     for output in FORMS:
-        for precision in TOLERANCE:
+        for precision in ("fp64", "fp32", "bf16", "fp16"):
             K = tk.gram(model, [x[:3], x[3:]], output=output, precision=precision, progress=False,
                         structured=structured)
             assert K.shape == expected[output].shape, (output, precision)
-            assert rel_err(K, expected[output]) <= TOLERANCE[precision], (output, precision)
+            assert rel_err(K, expected[output]) <= K_TOLERANCE[precision], (output, precision)
         C = tk.gram(model, [x[:3], x[3:]], None, [x[:3]], output=output, precision="fp64", progress=False,
                     structured=structured)
         assert rel_err(C, cross[output][:7, 7:]) <= 1e-10, output
@@ -121,8 +117,8 @@ class Stop(Exception):
 
 @pytest.mark.parametrize("output", ["trace", "diagonal"])
 @pytest.mark.parametrize("stop", [("features", 10), ("gram", 8)])
-def test_resume_is_bit_identical(tmp_path, monkeypatch, output, stop):
-    monkeypatch.setattr(tiles, "_TILE_ROWS", 4)
+def test_resume_is_bit_identical(tmp_path, output, stop, set_tile_rows):
+    set_tile_rows(4)
     torch.manual_seed(3)
     model, loader = mlp(3), [torch.randn(5, 6) for _ in range(4)]
     base = tk.gram(model, loader, output=output, progress=False)
@@ -220,10 +216,10 @@ def test_every_form_on_real_architectures(make):
 
 @pytest.mark.parametrize("structured", ["never", "always"])
 @pytest.mark.parametrize("output", ["trace", "diagonal"])
-def test_stores_and_exact_symmetry(output, structured, tmp_path, monkeypatch):
+def test_stores_and_exact_symmetry(output, structured, tmp_path, set_tile_rows):
     """Host and disk stores (rows staged per tile) give the device store's K bit for bit,
     and K(X, X) is exactly symmetric in its sample axes."""
-    monkeypatch.setattr(tiles, "_TILE_ROWS", 3)
+    set_tile_rows(3)
     torch.manual_seed(7)
     model, x = mlp(3), torch.randn(10, 6)
     loader = [x[:4], x[4:]]

@@ -9,25 +9,19 @@ import contextlib
 
 import pytest
 import torch
-from torch import nn
 
 import tangent_kernels as tk
 import tangent_kernels.feature_phase as feature_phase
 import tangent_kernels.tiles as tiles
+from conftest import batches, seeded_mlp
 
 N, BATCH = 23, 5
-
-
-@pytest.fixture(autouse=True)
-def small_tiles(monkeypatch):
-    monkeypatch.setattr(tiles, "_TILE_ROWS", 4)  # 6 row blocks, ragged last one
+pytestmark = pytest.mark.usefixtures("small_tiles")  # 6 row blocks, ragged last one
 
 
 def _problem(seed=0):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
-    x = torch.randn(N, 6)
-    return model, [x[i : i + BATCH] for i in range(0, N, BATCH)]
+    model = seeded_mlp(seed)
+    return model, batches(torch.randn(N, 6), BATCH)
 
 
 class _Streams:
@@ -75,12 +69,12 @@ class _Recorder:
         monkeypatch.setattr(feature_phase, "FeatureStore", make)
 
 
-def test_overlapped_schedule_gives_the_same_K_within_budget(monkeypatch):
+def test_overlapped_schedule_gives_the_same_K_within_budget(monkeypatch, set_tile_rows):
     model, loader = _problem()
     # The tile shape changes the op's summation order, so the baseline uses 3-row tiles too.
-    monkeypatch.setattr(tiles, "_TILE_ROWS", 3)
+    set_tile_rows(3)
     base = tk.gram(model, loader, progress=False, store="host")
-    monkeypatch.setattr(tiles, "_TILE_ROWS", 4)
+    set_tile_rows(4)
     ref = tk.reference.gram_autograd(model, loader)
     streams, recorder = _Streams(monkeypatch), _Recorder(monkeypatch)
     row_bytes = 83 * 4  # p = 83 parameters, fp32
@@ -144,10 +138,10 @@ def test_a_failing_tile_releases_every_staged_block(monkeypatch, fail_at_tile):
 
 
 @pytest.mark.gpu
-def test_host_store_on_cuda_matches_device_store(monkeypatch):
+def test_host_store_on_cuda_matches_device_store(set_tile_rows):
     # 3-row tiles everywhere: a budget of 9 rows gives the host store exactly that (A and
     # two B blocks), and equal tile shapes make equal bits a fair demand.
-    monkeypatch.setattr(tiles, "_TILE_ROWS", 3)
+    set_tile_rows(3)
     model, loader = _problem(2)
     model = model.cuda()
     loader = [x.cuda() for x in loader]

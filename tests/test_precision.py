@@ -17,15 +17,10 @@ import torch
 from torch import nn
 
 import tangent_kernels as tk
-import tangent_kernels.tiles as tiles
 from _models import TinyTransformer, cnn, cnn_input, mlp, resnet18
+from conftest import K_TOLERANCE, assert_matches_float64, rel_err
 
-TOLERANCE = {"tf32": 2e-2, "bf16": 2e-2, "fp16": 4e-3}
 STORE_DTYPE = {"tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def rel_err(k: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((k.double() - ref).norm() / ref.norm())
 
 
 def _case(name):
@@ -51,12 +46,12 @@ def test_mixed_precision_gram_and_features_match_reference(name, precision):
     k = tk.gram(model, loader, idx, precision=precision, progress=False)
     assert k.dtype == torch.float32 and k.shape == ref.shape
     assert torch.equal(k, k.T)
-    assert rel_err(k, ref) <= TOLERANCE[precision]
+    assert_matches_float64(k, ref, precision)
 
     g = tk.features(model, loader, idx, precision=precision, progress=False)
     assert g.dtype == STORE_DTYPE[precision]
     g_ref = tk.reference.features_autograd(model, loader, idx)
-    assert rel_err(g, g_ref) <= TOLERANCE[precision] / 2  # one rounding, no products
+    assert rel_err(g, g_ref) <= K_TOLERANCE[precision] / 2  # one rounding, no products
 
 
 class Scaled(nn.Module):
@@ -72,15 +67,15 @@ class Scaled(nn.Module):
 
 
 @pytest.mark.parametrize("factor", [1e7, 1e-9])
-def test_fp16_gram_scales_each_sample_out_of_overflow_and_underflow(monkeypatch, factor):
-    monkeypatch.setattr(tiles, "_TILE_ROWS", 4)  # scales undone on tiles off the diagonal too
+def test_fp16_gram_scales_each_sample_out_of_overflow_and_underflow(factor, set_tile_rows):
+    set_tile_rows(4)  # scales undone on tiles off the diagonal too
     torch.manual_seed(11)
     model, x = Scaled(factor), torch.randn(10, 6)
     ref = tk.reference.gram_autograd(model, [x])
     k = tk.gram(model, [x[:4], x[4:]], precision="fp16", progress=False)
-    assert rel_err(k, ref) <= TOLERANCE["fp16"]
+    assert_matches_float64(k, ref, "fp16")
     cross = tk.gram(model, [x[:7]], None, [x[3:]], precision="fp16", progress=False)
-    assert rel_err(cross, ref[:7, 3:]) <= TOLERANCE["fp16"]
+    assert_matches_float64(cross, ref[:7, 3:], "fp16")
     # Unscaled, the same features would be useless: inf, or mostly flushed to zero.
     g = tk.features(model, [x], precision="fp32", progress=False)
     naive = g.to(torch.float16).float()
@@ -113,7 +108,7 @@ def test_zero_gradient_rows_survive_fp16_scaling():
     ref = tk.reference.gram_autograd(model, [x], torch.arange(0, 16))
     assert bool(torch.isfinite(k).all())
     assert torch.equal(k[1], torch.zeros(3)) and float(ref[1].abs().max()) == 0.0
-    assert rel_err(k, ref) <= TOLERANCE["fp16"]
+    assert_matches_float64(k, ref, "fp16")
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
@@ -151,4 +146,4 @@ def test_tf32_on_cuda_keeps_the_batched_pass(backend, recwarn):
     model.float()
     k = tk.gram(model.cuda(), [x[:8], x[8:]], idx, precision="tf32", backend=backend, progress=False)
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in recwarn]
-    assert rel_err(k.cpu(), ref) < TOLERANCE["tf32"]
+    assert rel_err(k.cpu(), ref) < K_TOLERANCE["tf32"]

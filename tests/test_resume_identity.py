@@ -17,11 +17,11 @@ import torch
 from torch import nn
 
 import tangent_kernels as tk
-import tangent_kernels.tiles as tiles
 from tangent_kernels.checkpoint import CheckpointMismatch
 from tangent_kernels.identity import computation_fingerprint
 
 N, BATCH = 14, 4
+pytestmark = pytest.mark.usefixtures("small_tiles")
 SCALE = 1.0  # read by Scaled.forward
 INDEX = 0  # read by _column, the helper of the output callable pick_by_helper
 COLUMNS = [0]  # a global list read by pick_by_list
@@ -72,8 +72,7 @@ def _stop_after_two_batches(event):
 
 
 @pytest.fixture(autouse=True)
-def small_tiles(monkeypatch):
-    monkeypatch.setattr(tiles, "_TILE_ROWS", 4)
+def restore_columns():
     yield
     COLUMNS[:] = [0]  # mutated in place by a test
 

@@ -14,16 +14,11 @@ from torch import nn
 
 import tangent_kernels as tk
 from tangent_kernels.checkpoint import CheckpointCorrupt, CheckpointInUse, CheckpointMismatch
-
-
-def _mlp(activation=nn.Tanh):
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 8), activation(), nn.Linear(8, 3))
+from conftest import batches, seeded_mlp
 
 
 def _loader(n=12, batch=4, seed=1):
-    x = torch.randn(n, 6, generator=torch.Generator().manual_seed(seed))
-    return [x[i:i + batch] for i in range(0, n, batch)]
+    return batches(torch.randn(n, 6, generator=torch.Generator().manual_seed(seed)), batch)
 
 
 # 1. two runs on one checkpoint folder
@@ -51,37 +46,37 @@ def test_a_lock_left_by_a_killed_process_is_no_obstacle(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(CheckpointInUse, match=rf"process {holder.pid}"):
-            tk.gram(_mlp(), _loader(), progress=False, checkpoint=tmp_path)
+            tk.gram(seeded_mlp(), _loader(), progress=False, checkpoint=tmp_path)
     finally:
         holder.kill()
         holder.wait()
-    K = tk.gram(_mlp(), _loader(), progress=False, checkpoint=tmp_path)  # kill -9 released it
-    assert torch.equal(K, tk.gram(_mlp(), _loader(), progress=False))
+    K = tk.gram(seeded_mlp(), _loader(), progress=False, checkpoint=tmp_path)  # kill -9 released it
+    assert torch.equal(K, tk.gram(seeded_mlp(), _loader(), progress=False))
 
 
 # 2. the computation changed, the weights did not
 def test_resume_after_the_model_structure_changed_is_refused(tmp_path):
-    tk.gram(_mlp(nn.Tanh), _loader(), progress=False, checkpoint=tmp_path)
+    tk.gram(seeded_mlp(activation=nn.Tanh), _loader(), progress=False, checkpoint=tmp_path)
     with pytest.raises(CheckpointMismatch, match="model_structure"):
-        tk.gram(_mlp(nn.ReLU), _loader(), progress=False, checkpoint=tmp_path)
+        tk.gram(seeded_mlp(activation=nn.ReLU), _loader(), progress=False, checkpoint=tmp_path)
 
 
 def test_resume_after_the_output_callable_changed_is_refused(tmp_path):
-    tk.gram(_mlp(), _loader(), progress=False, checkpoint=tmp_path, output=lambda o: o[:, 0])
-    K = tk.gram(_mlp(), _loader(), progress=False, checkpoint=tmp_path, output=lambda o: o[:, 0])
-    assert torch.equal(K, tk.gram(_mlp(), _loader(), progress=False, output=0))
+    tk.gram(seeded_mlp(), _loader(), progress=False, checkpoint=tmp_path, output=lambda o: o[:, 0])
+    K = tk.gram(seeded_mlp(), _loader(), progress=False, checkpoint=tmp_path, output=lambda o: o[:, 0])
+    assert torch.equal(K, tk.gram(seeded_mlp(), _loader(), progress=False, output=0))
     with pytest.raises(CheckpointMismatch, match="output"):
-        tk.gram(_mlp(), _loader(), progress=False, checkpoint=tmp_path, output=lambda o: o[:, 2])
+        tk.gram(seeded_mlp(), _loader(), progress=False, checkpoint=tmp_path, output=lambda o: o[:, 2])
     column = 0
 
     def closure(o):
         return o[:, column]
 
     other = tmp_path / "closure"
-    tk.gram(_mlp(), _loader(), progress=False, checkpoint=other, output=closure)
+    tk.gram(seeded_mlp(), _loader(), progress=False, checkpoint=other, output=closure)
     column = 1
     with pytest.raises(CheckpointMismatch, match="output"):
-        tk.gram(_mlp(), _loader(), progress=False, checkpoint=other, output=closure)
+        tk.gram(seeded_mlp(), _loader(), progress=False, checkpoint=other, output=closure)
 
 
 def test_an_undecidable_output_callable_needs_a_checkpoint_key_to_resume(tmp_path):
@@ -92,13 +87,13 @@ def test_an_undecidable_output_callable_needs_a_checkpoint_key_to_resume(tmp_pat
         def __call__(self, out):
             return out[:, 0]
 
-    tk.gram(_mlp(), _loader(), progress=False, checkpoint=tmp_path, output=Pick())
+    tk.gram(seeded_mlp(), _loader(), progress=False, checkpoint=tmp_path, output=Pick())
     with pytest.raises(CheckpointMismatch, match="checkpoint_key="):
-        tk.gram(_mlp(), _loader(), progress=False, checkpoint=tmp_path, output=Pick())
+        tk.gram(seeded_mlp(), _loader(), progress=False, checkpoint=tmp_path, output=Pick())
     keyed = tmp_path / "keyed"
-    tk.gram(_mlp(), _loader(), progress=False, checkpoint=keyed, output=Pick(), checkpoint_key="pick first")
-    K = tk.gram(_mlp(), _loader(), progress=False, checkpoint=keyed, output=Pick(), checkpoint_key="pick first")
-    assert torch.equal(K, tk.gram(_mlp(), _loader(), progress=False))
+    tk.gram(seeded_mlp(), _loader(), progress=False, checkpoint=keyed, output=Pick(), checkpoint_key="pick first")
+    K = tk.gram(seeded_mlp(), _loader(), progress=False, checkpoint=keyed, output=Pick(), checkpoint_key="pick first")
+    assert torch.equal(K, tk.gram(seeded_mlp(), _loader(), progress=False))
 
 
 # 3. one changed element of a batch
@@ -118,7 +113,7 @@ def test_one_changed_element_of_a_large_batch_is_detected(tmp_path):
                                             ("K.bin", "random"), ("loader.features", "truncate"),
                                             ("manifest.json", "garbage"), ("manifest.json", "missing key"),
                                             ("loader.features", "delete")])
-def test_damaged_checkpoint_files_are_refused_never_read(tmp_path, target, damage):
+def test_damaged_checkpoint_files_are_refused_never_read(tmp_path, target, damage, set_tile_rows):
     class Stop(Exception):
         pass
 
@@ -126,36 +121,31 @@ def test_damaged_checkpoint_files_are_refused_never_read(tmp_path, target, damag
         if event.phase == "gram" and not event.resumed:
             raise Stop
 
-    model, loader = _mlp(), _loader(n=40, batch=8)
-    from tangent_kernels import tiles
-
-    previous, tiles._TILE_ROWS = tiles._TILE_ROWS, 16
-    try:
-        with pytest.raises(Stop):
-            tk.gram(model, loader, progress=False, checkpoint=tmp_path, callback=stop_in_the_gram_phase)
-        path = tmp_path / target
-        if damage == "random":
-            raw = bytearray(path.read_bytes())
-            raw[8:40] = np.random.default_rng(0).integers(0, 256, 32, dtype=np.uint8).tobytes()
-            path.write_bytes(bytes(raw))
-        elif damage == "nan":
-            data = np.fromfile(path, dtype=np.float32)
-            data[3] = np.nan
-            data.tofile(path)
-        elif damage == "truncate":
-            path.write_bytes(path.read_bytes()[:100])
-        elif damage == "garbage":
-            path.write_bytes(b"\xff\xfe not json")
-        elif damage == "missing key":
-            manifest = json.loads(path.read_text())
-            del manifest["loaders"]
-            path.write_text(json.dumps(manifest))
-        else:
-            path.unlink()
-        with pytest.raises(CheckpointCorrupt, match=rf"\({target}\); delete the folder"):
-            tk.gram(model, loader, progress=False, checkpoint=tmp_path)
-    finally:
-        tiles._TILE_ROWS = previous
+    model, loader = seeded_mlp(), _loader(n=40, batch=8)
+    set_tile_rows(16)
+    with pytest.raises(Stop):
+        tk.gram(model, loader, progress=False, checkpoint=tmp_path, callback=stop_in_the_gram_phase)
+    path = tmp_path / target
+    if damage == "random":
+        raw = bytearray(path.read_bytes())
+        raw[8:40] = np.random.default_rng(0).integers(0, 256, 32, dtype=np.uint8).tobytes()
+        path.write_bytes(bytes(raw))
+    elif damage == "nan":
+        data = np.fromfile(path, dtype=np.float32)
+        data[3] = np.nan
+        data.tofile(path)
+    elif damage == "truncate":
+        path.write_bytes(path.read_bytes()[:100])
+    elif damage == "garbage":
+        path.write_bytes(b"\xff\xfe not json")
+    elif damage == "missing key":
+        manifest = json.loads(path.read_text())
+        del manifest["loaders"]
+        path.write_text(json.dumps(manifest))
+    else:
+        path.unlink()
+    with pytest.raises(CheckpointCorrupt, match=rf"\({target}\); delete the folder"):
+        tk.gram(model, loader, progress=False, checkpoint=tmp_path)
 
 
 # 5. a model that writes its input in place
@@ -218,7 +208,7 @@ def test_a_forward_that_writes_a_parameter_is_refused_and_the_parameter_kept():
 def test_out_with_internal_overlap_is_refused():
     out = torch.empty(200).as_strided((12, 12), (1, 1))
     with pytest.raises(ValueError, match=r"out's elements overlap in memory"):
-        tk.gram(_mlp(), _loader(), progress=False, out=out)
+        tk.gram(seeded_mlp(), _loader(), progress=False, out=out)
 
 
 # 8. solvers

@@ -11,6 +11,7 @@ from tangent_kernels.checkpoint import CheckpointMismatch
 from tangent_kernels.params import resolve_idx
 
 from _models import cnn, cnn_input, mlp
+from conftest import batches
 
 KINDS = ["gaussian", "rademacher"]
 
@@ -21,10 +22,6 @@ def explicit_r(projection: tk.Projection, index) -> torch.Tensor:
     for piece in index.tensor_slices:
         r[piece.columns] = projection.rows(piece.name, piece.local, torch.float64)
     return r
-
-
-def loader(x, batch):
-    return [x[i:i + batch] for i in range(0, len(x), batch)]
 
 
 def assert_fp32_close(k, expected):
@@ -40,7 +37,7 @@ def test_gram_is_the_explicit_sketch(kind):
     projection = tk.Projection(48, kind=kind, seed=5)
     g = tk.reference.features_autograd(model, [x])
     gr = g @ explicit_r(projection, resolve_idx(model, None))
-    k = tk.gram(model, loader(x, 3), projection=projection, progress=False)
+    k = tk.gram(model, batches(x, 3), projection=projection, progress=False)
     assert k.shape == (7, 7) and k.dtype == torch.float32
     assert_fp32_close(k, gr @ gr.T)
 
@@ -56,9 +53,9 @@ def test_cnn_subsample_in_any_order_and_cross_kernel():
     r = explicit_r(projection, index)
     g1 = tk.reference.features_autograd(model, [x1], idx) @ r
     g2 = tk.reference.features_autograd(model, [x2], idx) @ r
-    k = tk.gram(model, loader(x1, 2), idx, loader(x2, 3), projection=projection, progress=False)
+    k = tk.gram(model, batches(x1, 2), idx, batches(x2, 3), projection=projection, progress=False)
     assert_fp32_close(k, g1 @ g2.T)
-    f = tk.features(model, loader(x1, 2), idx, projection=projection, precision="fp64", progress=False)
+    f = tk.features(model, batches(x1, 2), idx, projection=projection, precision="fp64", progress=False)
     assert f.shape == (5, 40)
     torch.testing.assert_close(f, g1, rtol=1e-10, atol=1e-12)
 
@@ -69,10 +66,10 @@ def test_every_logit_projects_each_logit():
     projection = tk.Projection(24, seed=1)
     r = explicit_r(projection, resolve_idx(model, None))
     g = tk.reference.features_autograd(model, [x], output="full") @ r  # [n, k, dim]
-    f = tk.features(model, loader(x, 2), output="full", projection=projection, precision="fp64", progress=False)
+    f = tk.features(model, batches(x, 2), output="full", projection=projection, precision="fp64", progress=False)
     assert f.shape == (5, 3, 24)
     torch.testing.assert_close(f, g, rtol=1e-10, atol=1e-12)
-    k = tk.gram(model, loader(x, 2), output="trace", projection=projection, progress=False)
+    k = tk.gram(model, batches(x, 2), output="trace", projection=projection, progress=False)
     assert_fp32_close(k, torch.einsum("iad,jad->ij", g, g))
 
 
@@ -82,13 +79,13 @@ def test_output_probes_and_16_bit_stores():
     torch.manual_seed(7)
     model, x = mlp(k=4), torch.randn(6, 6)
     projection, probes = tk.Projection(20, seed=4), tk.OutputProbes(3, seed=1)
-    f = tk.features(model, loader(x, 4), output=probes, projection=projection, precision="fp64", progress=False)
+    f = tk.features(model, batches(x, 4), output=probes, projection=projection, precision="fp64", progress=False)
     assert f.shape == (6, 3, 20)
-    k = tk.gram(model, loader(x, 4), output=probes, projection=projection, progress=False)
+    k = tk.gram(model, batches(x, 4), output=probes, projection=projection, progress=False)
     assert_fp32_close(k, torch.einsum("iad,jad->ij", f, f) / 3)
-    exact = tk.gram(model, loader(x, 4), projection=projection, precision="fp64", progress=False)
+    exact = tk.gram(model, batches(x, 4), projection=projection, precision="fp64", progress=False)
     for precision in ("bf16", "fp16"):
-        rounded = tk.gram(model, loader(x, 4), projection=projection, precision=precision, progress=False)
+        rounded = tk.gram(model, batches(x, 4), projection=projection, precision=precision, progress=False)
         scale = float(exact.diagonal().max())
         torch.testing.assert_close(rounded.double(), exact, rtol=0, atol=2e-2 * scale)
 
@@ -121,7 +118,7 @@ def test_same_sketch_for_every_batch_size_and_slice(monkeypatch):
     torch.manual_seed(4)
     model, x = cnn(), cnn_input(7)
     projection = tk.Projection(32, seed=9)
-    ks = [tk.gram(model, loader(x, b), projection=projection, precision="fp64", progress=False) for b in (1, 3, 7)]
+    ks = [tk.gram(model, batches(x, b), projection=projection, precision="fp64", progress=False) for b in (1, 3, 7)]
     for k in ks[1:]:
         torch.testing.assert_close(k, ks[0], rtol=1e-12, atol=1e-12)
     # R itself is a function of (seed, tensor, position, column): the same rows whatever
@@ -132,7 +129,7 @@ def test_same_sketch_for_every_batch_size_and_slice(monkeypatch):
         whole = p.rows("0.weight", local)
         assert torch.equal(torch.cat([p.rows("0.weight", local[a:a + 7]) for a in range(0, 1000, 7)]), whole)
     monkeypatch.setattr(sketch, "_SLICE_ENTRIES", 64)
-    small = tk.gram(model, loader(x, 3), projection=projection, precision="fp64", progress=False)
+    small = tk.gram(model, batches(x, 3), projection=projection, precision="fp64", progress=False)
     torch.testing.assert_close(small, ks[0], rtol=1e-12, atol=1e-12)
 
 
@@ -174,12 +171,12 @@ def test_checkpoint_records_the_projection(tmp_path):
     torch.manual_seed(5)
     model, x = mlp(), torch.randn(6, 6)
     projection = tk.Projection(16, seed=3)
-    first = tk.gram(model, loader(x, 2), projection=projection, checkpoint=tmp_path, progress=False)
-    again = tk.gram(model, loader(x, 2), projection=tk.Projection(16, seed=3), checkpoint=tmp_path, progress=False)
+    first = tk.gram(model, batches(x, 2), projection=projection, checkpoint=tmp_path, progress=False)
+    again = tk.gram(model, batches(x, 2), projection=tk.Projection(16, seed=3), checkpoint=tmp_path, progress=False)
     assert torch.equal(first, again)
     for other in (tk.Projection(16, seed=4), tk.Projection(8, seed=3), tk.Projection(16, "rademacher", 3), None):
         with pytest.raises(CheckpointMismatch, match="projection"):
-            tk.gram(model, loader(x, 2), projection=other, checkpoint=tmp_path, progress=False)
+            tk.gram(model, batches(x, 2), projection=other, checkpoint=tmp_path, progress=False)
 
 
 def test_generator_is_pinned():
@@ -211,6 +208,6 @@ def test_same_projection_on_cuda():
     torch.manual_seed(6)
     model, x = mlp(), torch.randn(6, 6)
     projection = tk.Projection(32, seed=3)
-    k_cpu = tk.gram(model, loader(x, 4), projection=projection, precision="fp64", progress=False)
-    k_gpu = tk.gram(model.cuda(), loader(x.cuda(), 4), projection=projection, precision="fp64", progress=False)
+    k_cpu = tk.gram(model, batches(x, 4), projection=projection, precision="fp64", progress=False)
+    k_gpu = tk.gram(model.cuda(), batches(x.cuda(), 4), projection=projection, precision="fp64", progress=False)
     torch.testing.assert_close(k_gpu.cpu(), k_cpu, rtol=1e-6, atol=1e-9)

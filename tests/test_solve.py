@@ -12,22 +12,16 @@ import pytest
 import torch
 
 from tangent_kernels.solve import ConvergenceWarning, KernelRidge, NotFittedError, solve
+from conftest import exact_solution, rel_err
+
+# Matrices here are tiny: with OpenMP threads on oversubscribed cores each GEMM spin-waits.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SOLVERS = ["nesterov", "nesterov+nystrom", "cg", "cg+nystrom", "krylov", "krylov+none", "eigh", "cholesky",
            "auto"]
 # Iterative solvers get a tight tol so that their error bound (cond * tol) sits below the
 # comparison tolerance on well-conditioned problems.
 TIGHT = dict(tol=1e-11, max_iter=20_000)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Matrices here are tiny: with OpenMP threads on oversubscribed cores, each GEMM
-    # spin-waits ~10 ms (measured 100x slower than with one thread).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def args_for(solver):
@@ -63,15 +57,6 @@ def gaussian_problem(n, n_val, seed, classes=3, noise=0.0):
     return Kall[:n, :n], Kall[n:, :n], labels[:n], labels[n:], y[:n], y[n:]
 
 
-def exact(K, Y, beta):
-    I = torch.eye(K.shape[0], dtype=torch.float64)
-    return torch.linalg.solve(K.double() + beta * I, Y.double())
-
-
-def rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm())
-
-
 # ----------------------------------------------------------------------------- accuracy
 
 
@@ -85,7 +70,7 @@ def test_matches_linalg_solve_well_conditioned(solver):
     alpha = solve(K, Y, betas, name, **kw)
     assert alpha.shape == (3, 60, 3) and alpha.dtype == torch.float64
     for j, b in enumerate(betas):
-        assert rel(alpha[j], exact(K, Y, b)) <= 1e-6
+        assert rel_err(alpha[j], exact_solution(K, Y, b)) <= 1e-6
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
@@ -101,7 +86,7 @@ def test_matches_linalg_solve_ill_conditioned(solver):
     kw["tol"] = 1e-10
     alpha, info = solve(K, Y, beta, name, return_info=True, **kw)
     bound = 1e-9 if name in ("eigh", "cholesky") else 1e-5
-    assert rel(alpha, exact(K, Y, beta)) <= bound
+    assert rel_err(alpha, exact_solution(K, Y, beta)) <= bound
     assert info["residual"][0] <= 1e-10
 
 
@@ -114,10 +99,10 @@ def test_float32_kernel_exact_solvers_round_correctly(solver):
     Y = torch.randn(80, 2, generator=g)
     alpha = solve(K, Y, 1e-4, solver)
     assert alpha.dtype == torch.float32
-    assert rel(alpha, exact(K, Y, 1e-4)) <= 1e-6
+    assert rel_err(alpha, exact_solution(K, Y, 1e-4)) <= 1e-6
     with pytest.warns(ConvergenceWarning, match=f"{solver} ended above tol=1e-06"):
         unrefined = solve(K, Y, 1e-4, solver, refine=False, tol=1e-6)
-    assert rel(unrefined, exact(K, Y, 1e-4)) > 10 * rel(alpha, exact(K, Y, 1e-4))
+    assert rel_err(unrefined, exact_solution(K, Y, 1e-4)) > 10 * rel_err(alpha, exact_solution(K, Y, 1e-4))
 
 
 @pytest.mark.parametrize("solver", ["nesterov", "cg+nystrom"])
@@ -133,7 +118,7 @@ def test_float32_kernel_iterative_solvers(solver):
         warnings.simplefilter("ignore", ConvergenceWarning)
         alpha = solve(K, Y, 1e-3, name, **kw)
     assert alpha.dtype == torch.float32
-    assert rel(alpha, exact(K, Y, 1e-3)) <= 1e-4
+    assert rel_err(alpha, exact_solution(K, Y, 1e-3)) <= 1e-4
 
 
 def test_cholesky_falls_back_to_float64_factors():
@@ -144,21 +129,21 @@ def test_cholesky_falls_back_to_float64_factors():
     Y = torch.randn(60, 2, generator=torch.Generator().manual_seed(31), dtype=torch.float64)
     alpha, info = solve(K, Y, [1e-9, 1e-5], "cholesky", return_info=True)
     assert info["factor_dtypes"][0] == "float64"
-    assert rel(alpha[0], exact(K, Y, 1e-9)) <= 1e-5
-    assert rel(alpha[1], exact(K, Y, 1e-5)) <= 1e-9
+    assert rel_err(alpha[0], exact_solution(K, Y, 1e-9)) <= 1e-5
+    assert rel_err(alpha[1], exact_solution(K, Y, 1e-5)) <= 1e-9
     # The path, forced: J = 1 1^T plus 1e-8 I rounds to J itself in float32 (1 + 1e-8 == 1),
     # and every step of J's elimination is exact, so the float32 factorization meets a zero
     # pivot on any machine; float64 holds the 1e-8 (cond 6e9, bound cond * eps * n ~ 1e-4).
     J = torch.ones(60, 60, dtype=torch.float64)
     alpha, info = solve(J, Y, 1e-8, "cholesky", return_info=True)
     assert info["factor_dtypes"] == ["float64"]
-    assert rel(alpha, exact(J, Y, 1e-8)) <= 1e-4
+    assert rel_err(alpha, exact_solution(J, Y, 1e-8)) <= 1e-4
     # And where float32 provably factors (Demmel: 20 n^1.5 eps32 cond < 1 at cond 100), it
     # keeps its float32 factor, refined to float64's accuracy.
     K = spd(60, cond=100, seed=32)
     alpha, info = solve(K, Y, 0.0, "cholesky", return_info=True)
     assert info["factor_dtypes"] == ["float32"]
-    assert rel(alpha, exact(K, Y, 0.0)) <= 1e-13
+    assert rel_err(alpha, exact_solution(K, Y, 0.0)) <= 1e-13
 
 
 def test_float64_result_from_float32_kernel():
@@ -167,7 +152,7 @@ def test_float64_result_from_float32_kernel():
     Y = torch.randn(50, 2, generator=g)
     alpha = solve(K, Y, 1e-3, "cholesky", dtype=torch.float64)
     assert alpha.dtype == torch.float64
-    assert rel(alpha, exact(K, Y, 1e-3)) <= 1e-12
+    assert rel_err(alpha, exact_solution(K, Y, 1e-3)) <= 1e-12
 
 
 def test_half_precision_kernel_is_upcast():
@@ -176,7 +161,7 @@ def test_half_precision_kernel_is_upcast():
     Y = torch.randn(40, 2, generator=g)
     alpha = solve(K, Y, 0.1, "eigh")
     assert alpha.dtype == torch.float32
-    assert rel(alpha, exact(K.float(), Y, 0.1)) <= 1e-6
+    assert rel_err(alpha, exact_solution(K.float(), Y, 0.1)) <= 1e-6
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
@@ -193,7 +178,7 @@ def test_batched_betas_equal_separate_solves(solver):
         if info["solver"] == "krylov":
             # One space serves the group of betas, so a beta's iterates depend on its group:
             # both answers meet tol = 1e-8, so they agree to cond(K + beta I) * tol <= 1e-5.
-            assert rel(batched[j], single) <= 1e-5
+            assert rel_err(batched[j], single) <= 1e-5
             assert max(info["residual"][j], single_info["residual"][0]) <= 1e-8
         else:
             torch.testing.assert_close(batched[j], single, rtol=1e-9, atol=1e-12)
@@ -215,7 +200,7 @@ def test_one_output_from_1d_targets():
     y = torch.randn(30, generator=g, dtype=torch.float64)
     alpha = solve(K, y, 0.1, "cholesky")
     assert alpha.shape == (30, 1)
-    torch.testing.assert_close(alpha, exact(K, y[:, None], 0.1))
+    torch.testing.assert_close(alpha, exact_solution(K, y[:, None], 0.1))
     kr = KernelRidge(betas=0.1, solver="eigh").fit(K, y)
     assert kr.predict(K[:5]).shape == (5, 1)
 
@@ -232,7 +217,7 @@ def test_beta_scale_trace():
     K = 50 * spd(40, cond=100, seed=10)
     Y = torch.randn(40, 2, generator=g, dtype=torch.float64)
     scaled = solve(K, Y, 1e-2, "eigh", beta_scale="trace")
-    torch.testing.assert_close(scaled, exact(K, Y, 1e-2 * float(K.diagonal().mean())))
+    torch.testing.assert_close(scaled, exact_solution(K, Y, 1e-2 * float(K.diagonal().mean())))
     kr = KernelRidge(betas=1e-2, solver="eigh", beta_scale="trace").fit(K, Y)
     assert kr.betas_ == [1e-2] and kr.beta_scale_ == pytest.approx(float(K.diagonal().mean()))
 
@@ -244,7 +229,7 @@ def test_numpy_inputs():
     out = kr_np.predict(Kv.numpy())
     assert isinstance(out, torch.Tensor)
     torch.testing.assert_close(out, kr_t.predict(Kv))
-    torch.testing.assert_close(solve(K.numpy(), y.numpy(), 0.1, "eigh"), exact(K, y, 0.1))
+    torch.testing.assert_close(solve(K.numpy(), y.numpy(), 0.1, "eigh"), exact_solution(K, y, 0.1))
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
@@ -392,7 +377,7 @@ def test_leave_one_out_matches_brute_force():
         loo = torch.empty(30, 3, dtype=torch.float64)
         for i in range(30):
             keep = [k for k in range(30) if k != i]
-            loo[i] = K[i, keep] @ exact(K[keep][:, keep], T[keep], b)
+            loo[i] = K[i, keep] @ exact_solution(K[keep][:, keep], T[keep], b)
         torch.testing.assert_close(kr.cv_predictions_[j], loo, rtol=1e-8, atol=1e-10)
         assert kr.scores_[j]["loss"] == pytest.approx(float((loo - T).pow(2).mean()), rel=1e-8)
         assert kr.scores_[j]["accuracy"] == pytest.approx(float((loo.argmax(1) == lab).double().mean()))
@@ -415,7 +400,7 @@ def test_f0_offsets():
     f0, f0v = torch.randn(60, 3, generator=g, dtype=torch.float64), torch.randn(20, 3, generator=g, dtype=torch.float64)
     kr = KernelRidge(betas=0.1, solver="cholesky").fit(K, lab, Kv, lab_v, f0=f0, f0_val=f0v)
     T = torch.nn.functional.one_hot(lab, 3).double()
-    alpha = exact(K, T - f0, 0.1)
+    alpha = exact_solution(K, T - f0, 0.1)
     torch.testing.assert_close(kr.dual_coef_, alpha)
     torch.testing.assert_close(kr.predict(Kv, f0v), f0v + Kv @ alpha)
     assert kr.scores_[0]["loss"] == pytest.approx(float((f0v + Kv @ alpha - torch.nn.functional.one_hot(lab_v, 3)).pow(2).mean()))
@@ -426,7 +411,7 @@ def test_f0_offsets():
 def test_predict_with_another_beta():
     K, Kv, _, _, y, yv = gaussian_problem(40, 10, seed=22)
     kr = KernelRidge(betas=(1e-2, 1.0), solver="eigh").fit(K, y, Kv, yv)
-    torch.testing.assert_close(kr.predict(Kv, beta=1.0), Kv @ exact(K, y, 1.0))
+    torch.testing.assert_close(kr.predict(Kv, beta=1.0), Kv @ exact_solution(K, y, 1.0))
     with pytest.raises(ValueError, match=r"beta=0\.5 was not fitted"):
         kr.predict(Kv, beta=0.5)
 
@@ -591,7 +576,7 @@ def test_gpu_matches_cpu_and_keeps_tf32_setting(solver):
             alpha = solve(K.to("cuda", dtype), Y.to("cuda", dtype), [1e-3, 1e-1], name, **kw)
         assert alpha.device.type == "cuda" and alpha.dtype == dtype
         for j, b in enumerate([1e-3, 1e-1]):
-            assert rel(alpha[j].cpu(), exact(K, Y, b)) <= bound
+            assert rel_err(alpha[j].cpu(), exact_solution(K, Y, b)) <= bound
     assert matmul.fp32_precision == before
     kr = KernelRidge(betas=(1e-3, 1e-1), solver=name, **kw).fit(K.cuda(), Y.cuda(), K[:50].cuda(), Y[:50].cuda())
     assert kr.predict(K[:20].cuda()).device.type == "cuda"

@@ -11,14 +11,10 @@ import torch
 
 from tangent_kernels.solve import ConvergenceWarning, KernelRidge, solve
 from tangent_kernels.solvers import auto as auto_module
+from conftest import exact_solution, rel_err
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny GEMMs: OpenMP spin-waits cost more than the work
-    yield
-    torch.set_num_threads(threads)
+# Matrices here are tiny: with OpenMP threads on oversubscribed cores each GEMM spin-waits.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def power_law(n, decay, seed, dtype=torch.float64):
@@ -30,15 +26,6 @@ def power_law(n, decay, seed, dtype=torch.float64):
     K = (Q * lam) @ Q.T
     labels = torch.randint(0, 4, (n,), generator=g)
     return ((K + K.T) / 2).to(dtype), torch.nn.functional.one_hot(labels, 4).to(dtype), float(lam[0])
-
-
-def exact(K, Y, beta):
-    A = K.double() + beta * torch.eye(K.shape[0], dtype=torch.float64)
-    return torch.linalg.solve(A, Y.double())
-
-
-def rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 def residual(K, Y, beta, alpha):
@@ -74,7 +61,7 @@ def test_every_beta_matches_float64_solve(name, decay, beta_min):
     for j, b in enumerate(betas):
         # tol bounds the residual; the error is at most cond(K + b I) times that.
         assert residual(K, Y, b, alpha[j]) <= 1e-9 * 1.01
-        assert rel(alpha[j], exact(K, Y, b)) <= 1e-9 * (lam1 + b) / b
+        assert rel_err(alpha[j], exact_solution(K, Y, b)) <= 1e-9 * (lam1 + b) / b
     assert info["converged"] == [True] * 3
 
 
@@ -178,7 +165,7 @@ def test_krylov_splits_a_wide_beta_range_into_groups():
     assert info["factors"] == 3
     assert all(c > 0 for c in info["centers"])
     for j, b in enumerate(betas):
-        assert rel(alpha[j], exact(K, Y, b)) <= 1e-8 * (float(torch.linalg.eigvalsh(K)[-1]) + b) / b
+        assert rel_err(alpha[j], exact_solution(K, Y, b)) <= 1e-8 * (float(torch.linalg.eigvalsh(K)[-1]) + b) / b
 
 
 def test_krylov_targets_of_low_rank_and_zero_targets():
@@ -186,7 +173,7 @@ def test_krylov_targets_of_low_rank_and_zero_targets():
     Y2 = torch.cat([Y[:, :1], Y[:, :1], torch.zeros_like(Y[:, :1])], dim=1)  # rank 1 of 3 columns
     alpha = solve(K, Y2, [1e-2, 1e-1], "krylov", tol=1e-10)
     for j, b in enumerate([1e-2, 1e-1]):
-        torch.testing.assert_close(alpha[j], exact(K, Y2, b), rtol=0, atol=1e-7)
+        torch.testing.assert_close(alpha[j], exact_solution(K, Y2, b), rtol=0, atol=1e-7)
     assert torch.equal(solve(K, torch.zeros(120, 2, dtype=torch.float64), [1e-2], "krylov"),
                        torch.zeros(1, 120, 2, dtype=torch.float64))
 
@@ -247,7 +234,7 @@ def test_auto_falls_back_to_nystrom_cg_when_a_factor_does_not_fit(monkeypatch):
     alpha, info = solve(K, Y, [1e-2, 1e-1], tol=1e-9, return_info=True)
     assert info["solver"] == "cg" and info["precond_rank"] == 25 and "does not fit" in info["solver_reason"]
     for j, b in enumerate([1e-2, 1e-1]):
-        assert rel(alpha[j], exact(K, Y, b)) <= 1e-9 * 1e4
+        assert rel_err(alpha[j], exact_solution(K, Y, b)) <= 1e-9 * 1e4
 
 
 def test_warm_start_path_starts_each_beta_from_the_previous_solution():
@@ -288,4 +275,4 @@ def test_auto_takes_cholesky_for_many_target_columns():
     alpha, info = solve(K, Y, [1e-2, 1e-1], return_info=True)
     assert info["solver"] == "cholesky" and "80 target columns" in info["solver_reason"]
     for j, b in enumerate([1e-2, 1e-1]):
-        assert rel(alpha[j], exact(K, Y, b)) <= 1e-10
+        assert rel_err(alpha[j], exact_solution(K, Y, b)) <= 1e-10

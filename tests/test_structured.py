@@ -16,12 +16,9 @@ import tangent_kernels as tk
 import tangent_kernels.tiles as tiles
 from _models import SharedLinear, TinyTransformer, cnn, cnn_input, mlp
 from tangent_kernels.structured import contract
+from conftest import rel_err
 
 TOLERANCE = {"fp64": 1e-10, "fp32": 1e-5, "bf16": 2 * 2.0 ** -8, "fp16": 2 * 2.0 ** -11}
-
-
-def rel_err(k, ref):
-    return float((k.double() - ref).norm() / ref.norm())
 
 
 class Uses(nn.Module):
@@ -139,9 +136,9 @@ def _every_logit(model, x, outputs, idx=None):
 
 
 @pytest.mark.parametrize("name", ["mlp", "uses", "tokens", "convs"])
-def test_every_logit(name, monkeypatch):
+def test_every_logit(name, set_tile_rows):
     # Tiles of 4 rows over 7 samples x k logits: tile borders cut through a sample's logits.
-    monkeypatch.setattr(tiles, "_TILE_ROWS", 4)
+    set_tile_rows(4)
     model, x, _ = _case(name, 7, 3)
     outputs = model(x[:1]).shape[1]
     expected = _every_logit(model, x, outputs)
@@ -228,8 +225,8 @@ class Interrupt(Exception):
 @pytest.mark.parametrize("name", ["uses", "mlp"])  # mlp: no feature columns at all (biases absorbed)
 @pytest.mark.parametrize("output", ["first", "full"])
 @pytest.mark.parametrize("stop", [("features", 10), ("gram", 4), ("gram", 8)])
-def test_checkpoint_resume_is_bit_identical(tmp_path, monkeypatch, stop, output, name):
-    monkeypatch.setattr(tiles, "_TILE_ROWS", 4)
+def test_checkpoint_resume_is_bit_identical(tmp_path, stop, output, name, set_tile_rows):
+    set_tile_rows(4)
     model, x, _ = _case(name, 13, 8)
     loader = [x[i:i + 5] for i in range(0, 13, 5)]
     base = tk.gram(model, loader, output=output, progress=False, structured="always")

@@ -8,16 +8,11 @@ from torch import nn
 
 import tangent_kernels as tk
 from tangent_kernels.reference import gram_autograd
-
-
-def _psd(n, rank, seed):
-    g = torch.Generator().manual_seed(seed)
-    a = torch.randn(n, rank, generator=g, dtype=torch.float64)
-    return a @ a.T
+from conftest import psd
 
 
 def test_kernel_distance_formula_and_invariances():
-    K1, K2 = _psd(9, 4, 0), _psd(9, 6, 1)
+    K1, K2 = psd(9, 4, 0), psd(9, 6, 1)
     expected = 1 - float((K1 * K2).sum()) / (float(K1.norm()) * float(K2.norm()))
     assert tk.tracking.kernel_distance(K1, K2) == pytest.approx(expected, rel=1e-12)
     assert tk.tracking.kernel_distance(K1, 3.5 * K1) == pytest.approx(0.0, abs=1e-12)  # scale-free
@@ -30,17 +25,17 @@ def test_kernel_distance_formula_and_invariances():
 
 def test_kernel_distance_refuses_bad_input():
     with pytest.raises(ValueError, match="same shape"):
-        tk.tracking.kernel_distance(_psd(3, 2, 0), _psd(4, 2, 0))
+        tk.tracking.kernel_distance(psd(3, 2, 0), psd(4, 2, 0))
     with pytest.raises(ValueError, match="K2 is zero"):
-        tk.tracking.kernel_distance(_psd(3, 2, 0), torch.zeros(3, 3))
+        tk.tracking.kernel_distance(psd(3, 2, 0), torch.zeros(3, 3))
     with pytest.raises(ValueError, match="inf or nan"):
-        tk.tracking.kernel_distance(torch.full((2, 2), float("nan")), _psd(2, 2, 0))
+        tk.tracking.kernel_distance(torch.full((2, 2), float("nan")), psd(2, 2, 0))
     with pytest.raises(TypeError, match="floating-point"):
-        tk.tracking.kernel_distance(torch.ones(2, 2, dtype=torch.int64), _psd(2, 2, 0))
+        tk.tracking.kernel_distance(torch.ones(2, 2, dtype=torch.int64), psd(2, 2, 0))
 
 
 def test_summarize_a_sequence():
-    kernels = [_psd(8, 3, s) for s in range(3)]
+    kernels = [psd(8, 3, s) for s in range(3)]
     y = torch.tensor([0, 1, 0, 1, 2, 2, 1, 0])
     records = tk.tracking.summarize(kernels, y, top=2, steps=[0, 10, 20])
     assert [r.step for r in records] == [0, 10, 20]
@@ -97,7 +92,7 @@ def test_tracker_takes_a_kernel_and_checks_its_arguments():
 def test_kernel_distance_stays_in_its_range_under_rounding():
     # 1 - cos with cos computed in float64 can be an ulp past 1; the distance is in [0, 2]
     for seed in range(20):
-        K = _psd(7, 7, seed) * (1 + seed / 3)
+        K = psd(7, 7, seed) * (1 + seed / 3)
         assert 0.0 <= tk.tracking.kernel_distance(K, K) <= 1e-12
         assert 2.0 >= tk.tracking.kernel_distance(K, -K) >= 2.0 - 1e-12
 

@@ -10,26 +10,18 @@ import torch.nn.functional as F
 from torch import nn
 
 import tangent_kernels as tk
+from conftest import rel_err, seeded_mlp
 
 
 def _data(n=12, d=6, seed=1):
     return torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
 
 
-def _mlp(seed=0, d=6):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(d, 8), nn.Tanh(), nn.Linear(8, 3))
-
-
-def _rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm())
-
-
 # ---------------------------------------------------------------- 4. random or grad-less forwards
 class FunctionalDropout(nn.Module):
     def __init__(self):
         super().__init__()
-        self.body = _mlp()
+        self.body = seeded_mlp()
 
     def forward(self, x):
         return self.body(F.dropout(x, 0.3, training=True))  # ignores eval(): random in every mode
@@ -38,7 +30,7 @@ class FunctionalDropout(nn.Module):
 class RandomNoise(nn.Module):
     def __init__(self):
         super().__init__()
-        self.body = _mlp()
+        self.body = seeded_mlp()
 
     def forward(self, x):
         return self.body(x + 0.1 * torch.randn_like(x))
@@ -65,13 +57,13 @@ def test_dropout_modules_are_off_in_eval_mode_and_accepted():
     model = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.5), nn.Tanh(), nn.Linear(8, 3)).train()
     x = _data()
     K = tk.gram(model, [x], progress=False)
-    assert _rel(K, tk.reference.gram_autograd(model, [x])) <= 1e-5
+    assert rel_err(K, tk.reference.gram_autograd(model, [x])) <= 1e-5
     assert model.training  # the caller's mode, as it was
 
 
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
 def test_grad_less_modes_give_the_kernel_not_zeros(mode):
-    model, x = _mlp(), _data()
+    model, x = seeded_mlp(), _data()
     expected = tk.reference.gram_autograd(model, [x])
     context = torch.no_grad if mode == "no_grad" else torch.inference_mode
     with context():
@@ -80,13 +72,13 @@ def test_grad_less_modes_give_the_kernel_not_zeros(mode):
         G = tk.features(model, [data], progress=False)
         reference = tk.reference.gram_autograd(model, [data])
     assert expected.abs().max() > 0
-    assert _rel(K, expected) <= 1e-5 and _rel(G @ G.T, expected) <= 1e-5
-    assert _rel(reference, expected) <= 1e-12
+    assert rel_err(K, expected) <= 1e-5 and rel_err(G @ G.T, expected) <= 1e-5
+    assert rel_err(reference, expected) <= 1e-12
 
 
 # ---------------------------------------------------------------- 5. the caller's random stream
 def test_the_callers_random_stream_is_untouched():
-    model, x = _mlp(), _data()
+    model, x = seeded_mlp(), _data()
     for call in (lambda: tk.gram(model, [x], progress=False),
                  lambda: tk.gram(model, [x], progress=False, structured="always"),
                  lambda: tk.coverage(model, x),
@@ -106,7 +98,7 @@ def _dataset(n=50):
 
 @pytest.mark.parametrize("entry", ["gram", "features", "reference"])
 def test_a_shuffling_loader_is_refused_with_the_opt_in(entry):
-    model = _mlp()
+    model = seeded_mlp()
     loader = torch.utils.data.DataLoader(_dataset(), batch_size=16, shuffle=True)
     call = {"gram": lambda: tk.gram(model, loader, progress=False),
             "features": lambda: tk.features(model, loader, progress=False),
@@ -116,37 +108,37 @@ def test_a_shuffling_loader_is_refused_with_the_opt_in(entry):
 
 
 def test_the_order_as_loaded_is_returned_with_its_indices():
-    model, dataset = _mlp(), _dataset()
+    model, dataset = seeded_mlp(), _dataset()
     torch.manual_seed(5)
     loader = tk.LoadedOrder(torch.utils.data.DataLoader(dataset, batch_size=16, shuffle=True))
     K = tk.gram(model, loader, progress=False)
     order = loader.indices
     assert sorted(order.tolist()) == list(range(50)) and order.tolist() != list(range(50))
     x = dataset.tensors[0]
-    assert _rel(K, tk.reference.gram_autograd(model, [x[order]])) <= 1e-5
+    assert rel_err(K, tk.reference.gram_autograd(model, [x[order]])) <= 1e-5
     # The same loader as both sides of a cross kernel: one pass, one order, K(X, X).
     K2 = tk.gram(model, loader, None, loader, progress=False)
     assert torch.equal(K2, K2.T)
-    assert _rel(K2, tk.reference.gram_autograd(model, [x[loader.indices]])) <= 1e-5
+    assert rel_err(K2, tk.reference.gram_autograd(model, [x[loader.indices]])) <= 1e-5
 
 
 def test_dropped_samples_are_said_and_the_size_is_right():
-    model = _mlp()
+    model = seeded_mlp()
     loader = torch.utils.data.DataLoader(_dataset(), batch_size=16, drop_last=True)
     with pytest.warns(RuntimeWarning, match="drops its last 2 sample"):
         K = tk.gram(model, loader, progress=False)
     with pytest.warns(RuntimeWarning, match="drops its last 2 sample"):
         G = tk.features(model, loader, progress=False)
     assert K.shape == (48, 48) and G.shape[0] == 48
-    assert _rel(K, tk.reference.gram_autograd(model, [_dataset().tensors[0][:48]])) <= 1e-5
+    assert rel_err(K, tk.reference.gram_autograd(model, [_dataset().tensors[0][:48]])) <= 1e-5
 
 
 def test_a_subset_sampler_in_order_gives_its_samples():
-    model, dataset = _mlp(), _dataset()
+    model, dataset = seeded_mlp(), _dataset()
     loader = torch.utils.data.DataLoader(dataset, batch_size=8, sampler=list(range(0, 50, 3)))
     G = tk.features(model, loader, progress=False)
     assert G.shape[0] == 17
-    assert _rel(G @ G.T, tk.reference.gram_autograd(model, [dataset.tensors[0][::3]])) <= 1e-5
+    assert rel_err(G @ G.T, tk.reference.gram_autograd(model, [dataset.tensors[0][::3]])) <= 1e-5
 
 
 # ---------------------------------------------------------------- 2. every batch is checked
@@ -155,7 +147,7 @@ class CentersLaterBatches(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.body = _mlp()
+        self.body = seeded_mlp()
 
     def forward(self, x):
         h = self.body[0](x)
@@ -169,7 +161,7 @@ class StartsMixingAtBatch(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.body = _mlp(d=7)
+        self.body = seeded_mlp(d=7)
 
     def forward(self, x):
         h = self.body[0](x)
@@ -185,7 +177,7 @@ def test_mixing_that_starts_in_a_later_batch_is_caught():
     loader = [x[i:i + 4] for i in range(0, 24, 4)]
     with pytest.warns(RuntimeWarning, match=r"mix samples within a batch"):
         K = tk.gram(model, loader, progress=False, precision="fp64")
-    assert _rel(K, tk.reference.gram_autograd(model, loader)) <= 1e-10
+    assert rel_err(K, tk.reference.gram_autograd(model, loader)) <= 1e-10
 
 
 def test_a_first_batch_of_one_sample_does_not_hide_batch_centering():
@@ -193,7 +185,7 @@ def test_a_first_batch_of_one_sample_does_not_hide_batch_centering():
     loader = [x[:1], x[1:5], x[5:]]
     with pytest.warns(RuntimeWarning, match=r"mix samples within a batch"):
         K = tk.gram(model, loader, progress=False, precision="fp64")
-    assert _rel(K, tk.reference.gram_autograd(model, loader)) <= 1e-10
+    assert rel_err(K, tk.reference.gram_autograd(model, loader)) <= 1e-10
 
 
 class SequenceFirst(nn.Module):
@@ -222,7 +214,7 @@ def test_every_tensor_is_right_whatever_the_token_count(tokens):
     index = tk.params.resolve_idx(model, None)
     for piece in index.tensor_slices:  # each tensor against its own norm, not K's
         got, expected = G[:, piece.columns], reference[:, piece.columns]
-        assert _rel(got, expected) <= 1e-10, piece.name
+        assert rel_err(got, expected) <= 1e-10, piece.name
 
 
 SEEN_BATCH_SIZES = []
@@ -248,7 +240,7 @@ def test_no_evaluation_is_a_batch_of_one(monkeypatch):
         K = tk.gram(model, [x[:4], x[4:]], progress=False, precision="fp64")
     reference = tk.reference.gram_autograd(model, [x[:4], x[4:]])
     assert SEEN_BATCH_SIZES and min(SEEN_BATCH_SIZES) == 2
-    assert _rel(K, reference) <= 1e-10
+    assert rel_err(K, reference) <= 1e-10
 
 
 # ---------------------------------------------------------------- 13. checkpointed forwards
@@ -270,18 +262,16 @@ class Checkpointed(nn.Module):
 
 @pytest.mark.parametrize("batched", [True, False])
 @pytest.mark.parametrize("precision", ["fp32", "fp64"])
-def test_a_checkpointed_forward_gives_the_kernel(batched, precision, monkeypatch):
-    from tangent_kernels.persample import extractor
-
-    monkeypatch.setattr(extractor, "BATCHED", batched)  # False: every tensor on the generic path
+def test_a_checkpointed_forward_gives_the_kernel(batched, precision, set_batched):
+    set_batched(batched)  # False: every tensor on the generic path
     model, x = Checkpointed(), _data()
     plain = nn.Sequential(model.inner, nn.Tanh(), model.head)
     expected = tk.reference.gram_autograd(plain, [x])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the generic path says it is slower
         K = tk.gram(model, [x[:5], x[5:]], progress=False, precision=precision)
-    assert _rel(K, expected) <= (1e-5 if precision == "fp32" else 1e-12)
-    assert _rel(tk.reference.gram_autograd(model, [x]), expected) <= 1e-12
+    assert rel_err(K, expected) <= (1e-5 if precision == "fp32" else 1e-12)
+    assert rel_err(tk.reference.gram_autograd(model, [x]), expected) <= 1e-12
     assert tk.coverage(model, x).generic == ([] if batched else tk.coverage(model, x).generic)
 
 
@@ -298,8 +288,8 @@ def test_densenet_memory_efficient_gives_the_kernel():
     expected = tk.reference.gram_autograd(plain.double(), [x.double()], idx)
     with pytest.warns(RuntimeWarning, match=r"recomputed during the backward \(torch.utils.checkpoint\)"):
         K = tk.gram(model, [x[:3], x[3:]], idx, progress=False, precision="fp64")
-    assert _rel(K, expected) <= 1e-10
-    assert _rel(tk.reference.gram_autograd(model.double(), [x.double()], idx), expected) <= 1e-12
+    assert rel_err(K, expected) <= 1e-10
+    assert rel_err(tk.reference.gram_autograd(model.double(), [x.double()], idx), expected) <= 1e-12
 
 
 def test_vmaps_batch_of_one_is_checked_against_the_sample_alone():
@@ -311,7 +301,7 @@ def test_vmaps_batch_of_one_is_checked_against_the_sample_alone():
     model, x = SumsOverTheBatch(), torch.randn(6, 4)
     with pytest.warns(RuntimeWarning, match=r"torch.func.vmap's per-sample gradients .* differ"):
         K = tk.gram(model, [x[:3], x[3:]], progress=False, precision="fp64")
-    assert _rel(K, tk.reference.gram_autograd(model, [x])) <= 1e-10
+    assert rel_err(K, tk.reference.gram_autograd(model, [x])) <= 1e-10
 
 
 def test_rounding_an_fp64_recheck_cleared_is_allowed_later_and_nothing_more():
