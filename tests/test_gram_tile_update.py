@@ -1,6 +1,9 @@
-"""tangent_kernels::gram_tile_update: every available backend against a float64
-reference, over shapes, dtypes, tile placements (lower / offsets) and strided K views;
-opcheck, torch.compile, and the error messages.
+"""gram_tile_update (K += A B^T on the entries a tile of the Gram may touch): every
+backend against a float64 reference, over shapes, dtypes, tile placements (lower /
+offsets) and strided K views; opcheck, torch.compile, and the error messages. Backends:
+plain torch, the C++ CPU kernel (tangent_kernels::gram_tile_update), Triton
+(tangent_kernels::triton_gram_tile_update; through its interpreter without a GPU, fp32 K
+only) and the CUDA kernel (`gpu` tests, skipped without one).
 
 Tolerance: each backend is compared with the float64 product of the *same* inputs
 (16-bit -> float32 conversion is exact), so the only error is the rounding of the
@@ -15,6 +18,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import tangent_kernels.kernels as triton_kernels
 from tangent_kernels import ops
 from tangent_kernels._ext import extension_loaded, has_cuda_kernels
 
@@ -44,10 +48,13 @@ PLACEMENTS = {
     "crossing-right": (0, 5, True),
 }
 
-# Triton (no float64) has its own file: tests/test_triton_tile.py
+# Triton (no float64, so not in the DTYPES grid) has its own cases below.
 CPU_BACKENDS = [b for b in ops.available_tile_backends("cpu") if b != "triton"]
 GPU_BACKENDS = ["cuda", "torch"]
 needs_ext = pytest.mark.skipif(not extension_loaded(), reason="tangent_kernels._C is not built")
+needs_triton = pytest.mark.skipif(not triton_kernels.available(),
+                                  reason=f"Triton cannot run here: {triton_kernels.unavailable_reason()}")
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() and not triton_kernels.INTERPRETED else "cpu"
 
 
 def dtype_id(pair):
@@ -184,10 +191,24 @@ def opcheck_samples(device):
     return samples
 
 
-@needs_ext
-@pytest.mark.parametrize("index", range(5))
-def test_opcheck_cpu(index):
-    args = opcheck_samples("cpu")[index]
+def triton_opcheck_sample():
+    g = torch.Generator().manual_seed(8)
+    K = torch.randn(9, 7, generator=g).to(TRITON_DEVICE)
+    A, B = torch.randn(9, 20, generator=g).to(TRITON_DEVICE), torch.randn(7, 20, generator=g).to(TRITON_DEVICE)
+    return (K, A, B, 2, 0, True, False)
+
+
+@pytest.mark.parametrize("backend, index", [pytest.param("cpp", i, marks=needs_ext) for i in range(5)]
+                         + [pytest.param("cuda", i, marks=pytest.mark.gpu) for i in range(5)]
+                         + [pytest.param("triton", 0, marks=needs_triton)])
+def test_opcheck(backend, index):
+    if backend == "triton":
+        torch.library.opcheck(torch.ops.tangent_kernels.triton_gram_tile_update.default, triton_opcheck_sample(),
+                              test_utils=("test_schema", "test_faketensor"))
+        return
+    if backend == "cuda" and not has_cuda_kernels():
+        pytest.skip("the extension was built without its CUDA kernels")
+    args = opcheck_samples("cuda" if backend == "cuda" else "cpu")[index]
     torch.library.opcheck(torch.ops.tangent_kernels.gram_tile_update.default, args)
 
 
@@ -321,14 +342,6 @@ def test_gpu_strided_views_in_place(backend, layout):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("index", range(5))
-def test_gpu_opcheck(index):
-    if not has_cuda_kernels():
-        pytest.skip("the extension was built without its CUDA kernels")
-    torch.library.opcheck(torch.ops.tangent_kernels.gram_tile_update.default, opcheck_samples("cuda")[index])
-
-
-@pytest.mark.gpu
 def test_gpu_auto_uses_torch_and_lists_backends():
     assert ops.available_tile_backends("cuda")[0] == "torch"
     K, A, B = make_inputs(9, 8, 7, torch.float16, torch.float32, device="cuda")
@@ -345,3 +358,88 @@ def test_gpu_error_device_mismatch():
         with pytest.raises(RuntimeError, match="same device"):
             torch.ops.tangent_kernels.gram_tile_update(
                 torch.zeros(2, 3, device="cuda"), torch.zeros(2, 4), torch.zeros(3, 4, device="cuda"), 0, 0, False)
+
+
+# --- Triton (run here through TRITON_INTERPRET=1) ----------------------------------------
+# Tolerance: products accumulated in fp32 over d terms; with fp32 or 16-bit inputs (exact
+# in fp32 once upcast) the error is about sqrt(d) * 2**-24 * sum|a_k b_k| per entry, so
+# 1e-5 relative to the largest |A| |B|^T entry leaves a wide margin for d <= 200.
+
+# (m, n, d, row_offset, col_offset, lower): odd sizes, one row / column / feature, the
+# diagonal crossing the block, blocks fully above and fully below it.
+TRITON_CASES = [
+    (37, 29, 71, 0, 0, False),
+    (40, 40, 33, 10, 10, True),
+    (17, 50, 5, 30, 0, True),
+    (5, 64, 1, 0, 60, True),
+    (70, 9, 130, 100, 0, True),
+    (1, 1, 200, 3, 3, True),
+    (16, 16, 16, 0, 100, True),
+]
+
+
+def triton_reference(K, A, B, row_offset, col_offset, lower):
+    expected = K.double() + A.double() @ B.double().T
+    if lower:
+        rows = row_offset + torch.arange(K.shape[0], device=K.device)[:, None]
+        cols = col_offset + torch.arange(K.shape[1], device=K.device)[None, :]
+        expected = torch.where(rows >= cols, expected, K.double())
+    return expected
+
+
+@needs_triton
+@pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16]
+                         + ([torch.bfloat16] if TRITON_DEVICE == "cuda" else []))
+def test_triton_matches_float64(case, dtype):
+    m, n, d, row_offset, col_offset, lower = case
+    g = torch.Generator().manual_seed(sum(case))
+    A = torch.randn(m, d, generator=g).to(dtype).to(TRITON_DEVICE)
+    B = torch.randn(n, d, generator=g).to(dtype).to(TRITON_DEVICE)
+    big = torch.randn(m + 3, 2 * n + 1, generator=g).to(TRITON_DEVICE)
+    K = big[1 : m + 1, 1 : 2 * n + 1 : 2]  # a strided view inside a larger Gram
+    before, outside = K.clone(), big.clone()
+    ops.gram_tile_update(K, A, B, row_offset, col_offset, lower, backend="triton")
+    expected = triton_reference(before, A, B, row_offset, col_offset, lower)
+    scale = float((A.double().abs() @ B.double().abs().T).max()) or 1.0
+    assert float((K.double() - expected).abs().max()) <= 1e-5 * scale
+    untouched = expected == before.double()
+    assert torch.equal(K[untouched], before[untouched])  # masked entries: exactly as they were
+    mask = torch.ones_like(big, dtype=torch.bool)
+    mask[1 : m + 1, 1 : 2 * n + 1 : 2] = False
+    assert torch.equal(big[mask], outside[mask])  # nothing outside the view is written
+
+
+@needs_triton
+def test_triton_tiles_in_a_symmetric_gram_equal_the_torch_ones():
+    g = torch.Generator().manual_seed(7)
+    F = torch.randn(50, 40, generator=g).to(TRITON_DEVICE)
+    results = {}
+    for backend in ("triton", "torch"):
+        K = torch.zeros(50, 50, device=TRITON_DEVICE)
+        for i0 in range(0, 50, 16):
+            for j0 in range(0, i0 + 1, 16):
+                ops.gram_tile_update(K[i0 : i0 + 16, j0 : j0 + 16], F[i0 : i0 + 16], F[j0 : j0 + 16], i0, j0,
+                                     lower=i0 == j0, backend=backend)
+        results[backend] = K
+    assert torch.allclose(results["triton"], results["torch"], rtol=1e-5, atol=1e-5)
+    assert torch.equal(results["triton"].triu(1), torch.zeros(50, 50, device=TRITON_DEVICE).triu(1))
+
+
+@needs_triton
+def test_triton_refuses_float64_with_the_fix():
+    K = torch.zeros(2, 2, dtype=torch.float64, device=TRITON_DEVICE)
+    A = torch.ones(2, 3, dtype=torch.float64, device=TRITON_DEVICE)
+    with pytest.raises(TypeError, match="float64 runs on backend='cpp' or 'torch'"):
+        ops.gram_tile_update(K, A, A, backend="triton")
+
+
+def test_triton_runs_here():
+    """Triton's CPU interpreter (or a GPU) is part of the test setup: never skipped silently."""
+    assert triton_kernels.available(), triton_kernels.unavailable_reason()
+    assert triton_kernels.unavailable_reason() is None
+
+
+@needs_triton
+def test_triton_is_listed_where_it_runs():
+    assert ("triton" in ops.available_tile_backends(TRITON_DEVICE)) == triton_kernels.available()

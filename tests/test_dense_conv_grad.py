@@ -1,5 +1,7 @@
-"""The dense (GEMM with a sampled epilogue) Triton strategy against per-sample autograd
-weight gradients in float64, gathered at the sampled entries.
+"""dense_conv_grad (tangent_kernels::triton_dense_conv_grad, the GEMM with a sampled
+epilogue; Triton is its only backend) against per-sample autograd weight gradients in
+float64, gathered at the sampled entries. The sparse op for the same gradients, on every
+backend, is tests/test_sampled_conv_grad.py.
 
 Runs through Triton's interpreter without a GPU (small shapes and 16x16 tiles, so
 every case spans several row and column tiles), compiled on a GPU.
@@ -12,18 +14,13 @@ to the output dtype (half an ulp of |ref|). TF32 multiplies carry 2^-11 per oper
 
 from __future__ import annotations
 
-import os
 import zlib
 
+import pytest
 import torch
+import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from tangent_kernels import kernels  # noqa: E402
+from tangent_kernels import kernels
 
 DEVICE = "cuda" if torch.cuda.is_available() and not kernels.INTERPRETED else "cpu"
 UNIT = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
