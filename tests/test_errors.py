@@ -23,11 +23,6 @@ def gram(model, loader, *args, **kwargs):
     return tk.gram(model, loader, *args, progress=False, **kwargs)
 
 
-def _mlp():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
-
-
 X = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
 Y = torch.randint(0, 3, (6,), generator=torch.Generator().manual_seed(2))
 
@@ -109,20 +104,20 @@ CASES = {  # name: (call, exception type(s), regex found in the message)
     "empty loader2": (lambda: gram(mlp(), [torch.randn(2, 6)], None, []), ValueError, "loader2 yielded no samples"),
     "loader not iterable": (lambda: gram(mlp(), 3), TypeError, "loader must be iterable.*got int"),
     "unreadable batch type": (lambda: gram(mlp(), ["not a tensor"]), TypeError, "batch of type str.*inputs=callable"),
-    "(X, y) as the loader": (lambda: gram(_mlp(), (X, Y)), ValueError,
+    "(X, y) as the loader": (lambda: gram(seeded_mlp(d=4), (X, Y)), ValueError,
                              literal("if you passed (X, y) or [X, y] as the loader")),
-    "batches of different dtypes": (lambda: gram(_mlp(), [X[:3], X[3:].double()]), ValueError,
+    "batches of different dtypes": (lambda: gram(seeded_mlp(d=4), [X[:3], X[3:].double()]), ValueError,
                                     literal("batch 1 of loader differs from its batch 0")),
-    "cross kernel of another input shape": (lambda: gram(_mlp(), [X], None, [torch.randn(2, 5)]), ValueError,
+    "cross kernel of another input shape": (lambda: gram(seeded_mlp(d=4), [X], None, [torch.randn(2, 5)]), ValueError,
                                             literal("loader2 (the second loader of a cross kernel")),
     "loader2 of another image size": (
         lambda: gram(cnn(), [cnn_input(3)], None, [torch.randn(2, 3, 10, 10)]), ValueError,
         r"loader2 \(the second loader of a cross kernel.*arg 0: 3x12x12 float32.*arg 0: 3x10x10 float32"),
     "loader2 of another structure": (lambda: gram(cnn(), [cnn_input(3)], None, [{"input": cnn_input(2)}]),
                                      ValueError, r"loader2 \(the second loader.*input: 3x12x12 float32"),
-    "inputs on the meta device": (lambda: gram(_mlp(), [torch.empty(3, 4, device="meta")], device="cpu"),
+    "inputs on the meta device": (lambda: gram(seeded_mlp(d=4), [torch.empty(3, 4, device="meta")], device="cpu"),
                                   ValueError, "meta device"),
-    "inputs not callable": (lambda: gram(_mlp(), [X], inputs=3), TypeError, literal("inputs must be a callable")),
+    "inputs not callable": (lambda: gram(seeded_mlp(d=4), [X], inputs=3), TypeError, literal("inputs must be a callable")),
     "non-finite gradient (loader)": (lambda: gram(_two_linear(), [_non_finite_at_5()[:4], _non_finite_at_5()[4:]]),
                                      ValueError, r"non-finite gradient.*position 5 of loader"),
     "non-finite gradient (loader2)": (
@@ -131,7 +126,7 @@ CASES = {  # name: (call, exception type(s), regex found in the message)
     # --- the model and its output
     "model not a module": (lambda: gram(lambda x: x, [torch.randn(2, 6)]), TypeError,
                            "model must be a torch.nn.Module"),
-    "torchscript model": (lambda: gram(torch.jit.script(_mlp()), [X]), TypeError, literal("TorchScript module")),
+    "torchscript model": (lambda: gram(torch.jit.script(seeded_mlp(d=4)), [X]), TypeError, literal("TorchScript module")),
     "meta-device model": (lambda: gram(nn.Linear(4, 3, device="meta"), [X]), ValueError,
                           literal("on the meta device")),
     "batchnorm without running stats": (
@@ -161,7 +156,7 @@ CASES = {  # name: (call, exception type(s), regex found in the message)
     "output callable of the wrong shape": (lambda: gram(mlp(), [torch.randn(3, 6)], output=lambda out: out),
                                            ValueError,
                                            r"callable must return one scalar per sample, a tensor of shape \[B\]"),
-    "detached output= callable": (lambda: gram(_mlp(), [X], output=lambda o: o[:, 0].detach()), ValueError,
+    "detached output= callable": (lambda: gram(seeded_mlp(d=4), [X], output=lambda o: o[:, 0].detach()), ValueError,
                                   literal("output= (the model's output depends on them")),
     # --- the other arguments
     "precision='fp8'": (lambda: gram(mlp(), [torch.randn(2, 6)], precision="fp8"), ValueError,
@@ -176,21 +171,21 @@ CASES = {  # name: (call, exception type(s), regex found in the message)
                                    f"device {MISSING_CUDA}: "),
     "missing CUDA device (KernelRidge)": (lambda: tk.KernelRidge(device=MISSING_CUDA), ValueError,
                                           f"device {MISSING_CUDA}: "),
-    "max_memory=inf": (lambda: gram(_mlp(), [X], max_memory=float("inf")), ValueError,
+    "max_memory=inf": (lambda: gram(seeded_mlp(d=4), [X], max_memory=float("inf")), ValueError,
                        literal("max_memory must be a positive, finite number")),
-    "out requiring grad": (lambda: gram(_mlp(), [X], out=torch.zeros(6, 6, requires_grad=True)), ValueError,
+    "out requiring grad": (lambda: gram(seeded_mlp(d=4), [X], out=torch.zeros(6, 6, requires_grad=True)), ValueError,
                            literal("out requires grad")),
     "out with internal overlap": (lambda: gram(seeded_mlp(), _loader(), out=torch.empty(200).as_strided((12, 12),
                                                                                                         (1, 1))),
                                   ValueError, r"out's elements overlap in memory"),
-    "checkpoint=''": (lambda: gram(_mlp(), [X], checkpoint=""), ValueError, literal("checkpoint='' is not a folder")),
-    "checkpoint_key not a str": (lambda: gram(_mlp(), [X], checkpoint_key=3), TypeError,
+    "checkpoint=''": (lambda: gram(seeded_mlp(d=4), [X], checkpoint=""), ValueError, literal("checkpoint='' is not a folder")),
+    "checkpoint_key not a str": (lambda: gram(seeded_mlp(d=4), [X], checkpoint_key=3), TypeError,
                                  literal("checkpoint_key must be a str")),
-    "cache_dir that is a file": (lambda: gram(_mlp(), [X], store="disk", cache_dir=__file__), ValueError,
+    "cache_dir that is a file": (lambda: gram(seeded_mlp(d=4), [X], store="disk", cache_dir=__file__), ValueError,
                                  literal("is a file; give a folder for the disk store's file")),
     "save_gram meta not a dict": (lambda: tk.save_gram("/tmp/never.safetensors", torch.zeros(2, 2), meta=[1, 2]),
                                   TypeError, literal("meta must be a dict")),
-    "negative seed": (lambda: tk.subsample(_mlp(), 5, seed=-1), ValueError, literal("seed must be >= 0")),
+    "negative seed": (lambda: tk.subsample(seeded_mlp(d=4), 5, seed=-1), ValueError, literal("seed must be >= 0")),
     # --- the solvers
     "non-PSD K": (lambda: tk.solve(_psd() - 3 * torch.eye(6), torch.randn(6), 0.1, solver="eigh"), ValueError,
                   literal("K is not positive semi-definite")),
