@@ -240,8 +240,9 @@ def gram(
         if structured == "always":
             raise ValueError("structured='always' cannot be combined with projection=: the structured Gram forms K "
                              "from factors, without the features a projection applies to. Leave structured='auto' "
-                             "(with a projection every tensor takes features)")
-        structured = "never"
+                             "(a projection decides it: features for every tensor with the dense kinds, every "
+                             "linear map's factors with kind='kronecker')")
+        structured = projection.structured
 
     if (split := active_group(group, shard, gather)) is not False:
         if projection is not None:
@@ -255,7 +256,8 @@ def gram(
                                 cache_dir=cache_dir, checkpoint_key=checkpoint_key, structured=structured)
     index, output, precision, device, backend = _prepare(model, idx, output, precision, device, backend)
     _check_inputs_callable(inputs)
-    structured = check_structured(structured)
+    if projection is None:  # else checked above, and replaced by the projection's mode
+        structured = check_structured(structured)
     if checkpoint_key is not None and not isinstance(checkpoint_key, str):
         raise TypeError(f"checkpoint_key must be a str naming the run, got {type(checkpoint_key).__name__}")
     store = check_store(store)

@@ -29,7 +29,7 @@ from .store import FeatureStore
 from .structured.stores import FactorStores, record_plan, recorded_plan
 
 __all__ = ["PER_SAMPLE_ROWS", "check_finite", "check_signature", "describe", "feature_blocks", "features_with_backoff",
-           "fill_store", "new_extractor", "open_stores", "reused_extractors"]
+           "fill_store", "new_extractor", "open_stores", "reused_extractors", "sketched"]
 
 _log = logging.getLogger("tangent_kernels")
 
@@ -49,7 +49,8 @@ def feature_blocks(
 ) -> Iterator[torch.Tensor]:
     """Yield F [B, p] per batch, in the compute dtype; F[:, j] = d s / d theta[idx[j]]; with
     a ``projection``, F R [B, dim] (sketch.py)."""
-    per_sample = new_extractor(model, index, output, precision, device, backend)
+    per_sample = new_extractor(model, index, output, precision, device, backend,
+                               "never" if projection is None else projection.structured)
     bar = progress_bar(loader_length(loader), f"eNTK features ({name})", progress)
     seen = 0
     try:
@@ -57,7 +58,7 @@ def feature_blocks(
             block = per_sample(batch.to(device, precision.compute))
             check_finite(block, seen, name)
             if projection is not None:
-                block = projection.project(block, per_sample.feature_index)
+                block = sketched(projection, per_sample, block, per_sample.factors, seen, name)
             seen += batch.size
             if bar is not None:
                 bar.update(batch.size)
@@ -65,6 +66,18 @@ def feature_blocks(
     finally:
         if bar is not None:
             bar.close()
+
+
+def sketched(projection: Projection, per_sample: FeatureExtractor, block: torch.Tensor, factors, seen: int,
+             name: str) -> torch.Tensor:
+    """A batch's sketch [B, dim] (or [B, k, dim]) from its features' block and (the
+    Kronecker kind) its structured tensors' factors, which are checked here: they reach
+    no store of their own."""
+    if factors:
+        for x, g in factors.values():
+            check_finite(x, seen, name)
+            check_finite(g, seen, name)
+    return projection.sketch(block, per_sample.feature_index, factors, per_sample.plan.choices)
 
 
 # tk.Kernel (kernel.py) keeps its extractors across calls: around its calls this holds its
@@ -145,8 +158,9 @@ def fill_store(model, loader, name, *, index, output, precision, device, inputs,
     checkpoint where it has them); returns (store, first batch's signature). The store's
     ``structured`` holds the structured tensors' factors (FactorStores), or None; both
     are sized once the extractor's plan is known, on the first batch. With a
-    ``projection`` (sketch.py; the extractor must then be made with structured="never")
-    each batch's block is projected as it forms: the store holds [B, dim]."""
+    ``projection`` (sketch.py; the extractor must then be made with its
+    ``structured`` mode) each batch's block (and factors) is projected as it forms: the
+    store holds [B, dim], and no factors."""
     columns = None if projection is None else projection.dim
     total = loader_length(loader)
     recorded = ckpt.recorded_batches(name) if ckpt is not None else []
@@ -216,7 +230,7 @@ def fill_store(model, loader, name, *, index, output, precision, device, inputs,
                     open_for(per_sample)
                 check_finite(block, seen, name)
                 if projection is not None:
-                    block = projection.project(block, per_sample.feature_index)
+                    block = sketched(projection, per_sample, block, batch_factors, seen, name)
                 if factors is not None:  # recorded before the features, whose record commits the batch
                     factors.append(batch_factors, lambda rows: _to_store(rows, precision, scale_rows=True),
                                    check_finite, seen, ckpt, fingerprint)
@@ -261,7 +275,8 @@ def open_stores(per_sample: FeatureExtractor, name: str, precision: Precision, d
     per output when not the plan's (a projection's dim)."""
     outputs = per_sample.k if per_sample.multi else 1
     p = len(per_sample.feature_index) if columns is None else columns
-    choices = [per_sample.plan.choices[n] for n in per_sample.structured_names]
+    # A projection's columns hold the structured tensors' sketch too: no factor stores.
+    choices = [per_sample.plan.choices[n] for n in per_sample.structured_names] if columns is None else []
     feature_bytes = p * outputs * torch.empty((), dtype=precision.store).element_size()
     factor_bytes = FactorStores.row_bytes_of(choices, outputs, precision.store)
     share = feature_bytes / max(feature_bytes + factor_bytes, 1)
