@@ -161,9 +161,7 @@ class Projection:
         """The Kronecker kind's R_out ([m, a], ``side="out"``: positions along the tensor's
         output-gradient axis) or R_in ([m, b], ``side="in"``: along its input axis), Gaussian
         with variance 1/a (1/b): the entry of the tensor at (o, i) has R's row
-        kron(R_out[o], R_in[i]), column c_out * b + c_in. A bias the structured path folds
-        into its weight (the input with a constant 1 appended) is the input position past
-        the last: R_in's row at position ``in_features``."""
+        kron(R_out[o], R_in[i]), column c_out * b + c_in."""
         if side not in ("in", "out"):
             raise ValueError(f"factor_rows: side must be 'in' or 'out', got {side!r}")
         width = self.factor_dims[0 if side == "out" else 1]
@@ -199,16 +197,21 @@ class Projection:
         multi = out.dim() == 3
         for name, (x, g) in factors.items():
             choice = choices[name]
-            if choice.index:  # token ids: the plan gives lookups no factors under "products"
-                raise AssertionError(f"{name}: token-id factors cannot be Kronecker-projected")
+            if choice.index or choice.bias is not None:  # the plan's "products" mode gives neither
+                raise AssertionError(f"{name}: token-id or bias-augmented factors cannot be Kronecker-projected")
             positions = [torch.arange(width) if chosen is None else chosen.cpu()
                          for chosen, width in ((choice.g_index, choice.g_dim), (choice.x_index, choice.x_dim))]
             r_out = self.factor_rows(name, "out", positions[0], out.dtype, out.device)
             r_in = self.factor_rows(name, "in", positions[1], out.dtype, out.device)
-            u = g.to(out.dtype) @ r_out  # [B, (k,) T, a]
-            v = x.to(out.dtype) @ r_in  # [B, T, b]
-            sketch = torch.einsum("bkta,btc->bkac" if multi else "bta,btc->bac", u, v)
-            out.add_(sketch.reshape(out.shape))
+            # Chunks of samples bound the projected factors [S, (k,) T, a] and [S, T, b]
+            # (a conv layer's T runs to thousands): their memory stays below the factors'.
+            tokens = x.shape[1]
+            step = max(1, _SLICE_ENTRIES // max(1, tokens * (a * (g.shape[1] if multi else 1) + b)))
+            for s0 in range(0, x.shape[0], step):
+                u = g[s0:s0 + step].to(out.dtype) @ r_out  # [S, (k,) T, a]
+                v = x[s0:s0 + step].to(out.dtype) @ r_in  # [S, T, b]
+                sketch = torch.einsum("skta,stc->skac" if multi else "sta,stc->sac", u, v)
+                out[s0:s0 + step].add_(sketch.reshape(out[s0:s0 + step].shape))
         return out
 
     def sketch(self, block: torch.Tensor, index: ParamIndex, factors: Optional[Dict[str, tuple]] = None,

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import tangent_kernels as tk
+import tangent_kernels.sketch as sketch
 from tangent_kernels.checkpoint import CheckpointMismatch
 from tangent_kernels.data import iterate_inputs
 from tangent_kernels.params import resolve_idx
@@ -20,8 +21,8 @@ def loader(x, batch):
 
 
 def conv_net(k: int = 3) -> nn.Module:
-    # Two ungrouped convolutions (Kronecker-projected through their patches, biases folded in),
-    # a grouped one and a BatchNorm (the Gaussian kind's R), two linear maps (one without bias).
+    # Two ungrouped convolutions (Kronecker-projected through their patches), a grouped one, a
+    # BatchNorm and the biases (the Gaussian kind's R), two linear maps (one without bias).
     return nn.Sequential(
         nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(),
         nn.Conv2d(5, 4, 3, stride=2), nn.BatchNorm2d(4), nn.ReLU(),
@@ -34,8 +35,8 @@ def conv_input(n: int) -> torch.Tensor:
     return torch.randn(n, 3, 8, 8)
 
 
-# The tensors this contract Kronecker-projects in conv_net: weight -> the bias its factors carry.
-CONV_NET_KRONECKER = {"0.weight": "0.bias", "2.weight": "2.bias", "8.weight": "8.bias", "10.weight": None}
+# The tensors this contract Kronecker-projects in conv_net.
+CONV_NET_KRONECKER = {"0.weight", "2.weight", "8.weight", "10.weight"}
 
 
 class Lookup(nn.Module):
@@ -52,26 +53,21 @@ class Lookup(nn.Module):
 
 
 def explicit_r(projection, model, kronecker, idx=None) -> torch.Tensor:
-    """R [p, dim] in float64, whole, over ``idx``'s entries: a Kronecker weight's entry
-    (o, i) has row kron(R_out[o], R_in[i]), its folded bias' entry o kron(R_out[o], R_in[X])
-    (X: the weight's input width); every other entry the Gaussian kind's row."""
+    """R [p, dim] in float64, whole, over ``idx``'s entries: the entry (o, i) of a weight in
+    ``kronecker`` (its matrix [out, in], a convolution's [out, in * kernel]) has the row
+    kron(R_out[o], R_in[i]); every other entry the Gaussian kind's row."""
     index = resolve_idx(model, idx)
     params = dict(model.named_parameters())
-    biases = {bias: weight for weight, bias in kronecker.items() if bias is not None}
     r = torch.zeros(len(index), projection.dim, dtype=torch.float64)
     for piece in index.tensor_slices:
-        weight = piece.name if piece.name in kronecker else biases.get(piece.name)
-        if weight is None:
+        if piece.name not in kronecker:
             r[piece.columns] = projection.rows(piece.name, piece.local, torch.float64)
             continue
-        out_width = params[weight].shape[0]
-        in_width = params[weight].numel() // out_width
-        r_out = projection.factor_rows(weight, "out", torch.arange(out_width), torch.float64)
-        r_in = projection.factor_rows(weight, "in", torch.arange(in_width + 1), torch.float64)
-        if piece.name == weight:
-            o, i = piece.local // in_width, piece.local % in_width
-        else:  # the folded bias: the input's constant 1, position in_width
-            o, i = piece.local, torch.full_like(piece.local, in_width)
+        out_width = params[piece.name].shape[0]
+        in_width = params[piece.name].numel() // out_width
+        r_out = projection.factor_rows(piece.name, "out", torch.arange(out_width), torch.float64)
+        r_in = projection.factor_rows(piece.name, "in", torch.arange(in_width), torch.float64)
+        o, i = piece.local // in_width, piece.local % in_width
         r[piece.columns] = (r_out[o][:, :, None] * r_in[i][:, None, :]).reshape(len(piece.local), -1)
     return r
 
@@ -118,8 +114,8 @@ def test_a_rows_by_columns_subsample_takes_the_full_r_rows(backend):
               if n not in ("8.weight", "8.bias", "2.weight", "2.bias")]
     idx = torch.cat(chosen + others)
     projection = tk.Projection(64, kind="kronecker", seed=4)
-    kronecker = {w: b for w, b in CONV_NET_KRONECKER.items() if w not in ("8.weight", "2.weight")}
-    full = explicit_r(projection, model, {**kronecker, "8.weight": None})
+    kronecker = CONV_NET_KRONECKER - {"8.weight", "2.weight"}
+    full = explicit_r(projection, model, kronecker | {"8.weight"})
     r = explicit_r(projection, model, kronecker, idx)
     # The subsample's rows of the Kronecker weight are the full R's rows at its positions.
     index = resolve_idx(model, idx)
@@ -138,7 +134,7 @@ def test_every_logit_and_embeddings():
     torch.manual_seed(2)
     model, ids = Lookup(), torch.randint(0, 9, (6, 4))
     projection = tk.Projection(16, kind="kronecker", seed=1)
-    r = explicit_r(projection, model, {"mix.weight": "mix.bias", "head.weight": "head.bias"})
+    r = explicit_r(projection, model, {"mix.weight", "head.weight"})
     g = tk.reference.features_autograd(model, [ids], output="full") @ r  # [n, k, dim]
     f = tk.features(model, loader(ids, 4), output="full", projection=projection, precision="fp64", progress=False)
     assert f.shape == (6, 2, 16)
@@ -177,18 +173,22 @@ def test_unbiased_over_seeds(layers):
         x, projected = torch.randn(4, 2, 6, 6, dtype=torch.float64), {"0.weight", "2.weight", "5.weight"}
     seeds = 400
     k, draws, factored = _sketches(model, x, 16, seeds)
-    assert factored == projected  # the Kronecker path itself is under test, biases folded in
+    assert factored == projected  # the Kronecker path itself is under test
     mean, se = draws.mean(0), draws.std(0) / seeds ** 0.5
     assert bool(((mean - k).abs() <= 4.5 * se + 1e-12).all()), ((mean - k) / se)
 
 
-def test_deterministic_per_seed_and_batch_size():
+def test_deterministic_per_seed_batch_size_and_chunk(monkeypatch):
     torch.manual_seed(4)
     model, x = conv_net(), conv_input(7)
     projection = tk.Projection(32, kind="kronecker", seed=9)
     ks = [tk.gram(model, loader(x, b), projection=projection, precision="fp64", progress=False) for b in (1, 3, 7)]
     for k in ks[1:]:
         torch.testing.assert_close(k, ks[0], rtol=1e-12, atol=1e-12)
+    with monkeypatch.context() as patch:  # the factors sketched a few samples at a time
+        patch.setattr(sketch, "_SLICE_ENTRIES", 64)
+        small = tk.gram(model, loader(x, 7), projection=projection, precision="fp64", progress=False)
+    torch.testing.assert_close(small, ks[0], rtol=1e-12, atol=1e-12)
     again = tk.gram(model, loader(x, 3), projection=tk.Projection(32, kind="kronecker", seed=9), precision="fp64",
                     progress=False)
     assert torch.equal(again, ks[1])

@@ -278,7 +278,10 @@ def decide(uses: Sequence, sampled: Sequence, excluded: Dict[str, str], outputs:
         saved = (features - structured) * rates[0] * outputs ** 2  # multiply-adds per pair of samples
         worth = structured * _MARGIN < features and saved >= _MIN_SAVED
         take = st.name in forced if forced is not None else (mode in ("always", "products") or worth)
-        bias = _absorbable_bias(st, touching, uses, sampled, excluded) if take and selection == (None, None) else None
+        # The Kronecker projection leaves biases to the dense kind: folded in, each factor
+        # x would be copied to append its constant 1, for a tensor of O entries.
+        fold = take and selection == (None, None) and mode != "products"
+        bias = _absorbable_bias(st, touching, uses, sampled, excluded) if fold else None
         if bias is not None and forced is not None and bias not in forced:
             bias = None  # a checkpointed run that kept the bias on features (made before absorption)
         plan.choices[st.name] = Choice(st.name, first.axis, x_dim + (bias is not None), g_dim, tokens, len(forms),
