@@ -286,7 +286,7 @@ def gram(
             def extractor() -> FeatureExtractor:
                 # One for both loaders: the first batch's decisions (paths, check) hold for both.
                 if not made:
-                    made.append(new_extractor(model, index, output, precision, device, backend, structured))
+                    made.append(new_extractor(model, index, output, precision, device, backend, structured, projection))
                 return made[0]
 
             fill = dict(index=index, output=output, precision=precision, device=device, inputs=inputs,

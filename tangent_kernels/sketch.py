@@ -46,6 +46,8 @@ _MUL1, _MUL2 = _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
 # Bounds a slice of R to this many entries: its int64 hash buffers (two of them, 16 MiB
 # each at 2**21 entries) stay small next to a batch of features.
 _SLICE_ENTRIES = 1 << 21
+# Bounds the projected factors of a chunk of samples (add_factor_sketch), in entries.
+_FACTOR_ENTRIES = 1 << 18
 
 
 def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -189,35 +191,48 @@ class Projection:
 
     def project_factors(self, factors: Dict[str, tuple], choices: Dict[str, object], out: torch.Tensor) -> torch.Tensor:
         """Adds the Kronecker sketch of each structured tensor to ``out`` [B, dim] (or
-        [B, k, dim]) and returns it: from x [B, T, X] and g [B, T, G] (or [B, k, T, G]),
-        sum_t (R_out^T g_t) (x) (R_in^T x_t): B T (G a + X b + a b) multiply-adds, no
-        per-sample gradient. choices: structured.plan.Choice per tensor (its x_index /
-        g_index: a Kronecker subsample's positions)."""
-        a, b = self.factor_dims
-        multi = out.dim() == 3
+        [B, k, dim]) and returns it, from its factors x [B, T, X] and g [B, T, G] (or
+        [B, k, T, G]); choices: structured.plan.Choice per tensor."""
         for name, (x, g) in factors.items():
-            choice = choices[name]
-            if choice.index or choice.bias is not None:  # the plan's "products" mode gives neither
-                raise AssertionError(f"{name}: token-id or bias-augmented factors cannot be Kronecker-projected")
-            positions = [torch.arange(width) if chosen is None else chosen.cpu()
-                         for chosen, width in ((choice.g_index, choice.g_dim), (choice.x_index, choice.x_dim))]
-            r_out = self.factor_rows(name, "out", positions[0], out.dtype, out.device)
-            r_in = self.factor_rows(name, "in", positions[1], out.dtype, out.device)
-            # Chunks of samples bound the projected factors [S, (k,) T, a] and [S, T, b]
-            # (a conv layer's T runs to thousands): their memory stays below the factors'.
-            tokens = x.shape[1]
-            step = max(1, _SLICE_ENTRIES // max(1, tokens * (a * (g.shape[1] if multi else 1) + b)))
-            for s0 in range(0, x.shape[0], step):
-                u = g[s0:s0 + step].to(out.dtype) @ r_out  # [S, (k,) T, a]
-                v = x[s0:s0 + step].to(out.dtype) @ r_in  # [S, T, b]
-                sketch = torch.einsum("skta,stc->skac" if multi else "sta,stc->sac", u, v)
-                out[s0:s0 + step].add_(sketch.reshape(out[s0:s0 + step].shape))
+            if out.dim() == 3:
+                for a in range(out.shape[1]):
+                    self.add_factor_sketch(name, choices[name], x, g[:, a], out[:, a])
+            else:
+                self.add_factor_sketch(name, choices[name], x, g, out)
         return out
+
+    def add_factor_sketch(self, name: str, choice, x: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> None:
+        """out [B, dim] += sum_t (R_out^T g_t) (x) (R_in^T x_t) for one use (or all) of the
+        tensor ``name``: x [B, T, X], g [B, T, G], the Choice's selected entries (a Kronecker
+        subsample's: its x_index / g_index positions). B T (G a + X b + a b) multiply-adds,
+        no per-sample gradient."""
+        if choice.index or choice.bias is not None:  # the plan's "products" mode gives neither
+            raise AssertionError(f"{name}: token-id or bias-augmented factors cannot be Kronecker-projected")
+        a, b = self.factor_dims
+        positions = [torch.arange(width) if chosen is None else chosen.cpu()
+                     for chosen, width in ((choice.g_index, g.shape[-1]), (choice.x_index, x.shape[-1]))]
+        r_out = self.factor_rows(name, "out", positions[0], out.dtype, out.device)
+        r_in = self.factor_rows(name, "in", positions[1], out.dtype, out.device)
+        # Chunks of samples bound what a chunk adds, the projected factors [S, T, a] and
+        # [S, T, b] and the contiguous copies the products may take of x and g (a conv
+        # layer's unfolded patches are a transposed view).
+        step = self.factor_chunk(x.shape[1] * (x.shape[2] + g.shape[2] + a + b))
+        for s0 in range(0, x.shape[0], step):
+            u = g[s0:s0 + step].to(out.dtype) @ r_out  # [S, T, a]
+            v = x[s0:s0 + step].to(out.dtype) @ r_in  # [S, T, b]
+            out[s0:s0 + step].add_(torch.bmm(u.transpose(1, 2), v).reshape(u.shape[0], -1))
+
+    @staticmethod
+    def factor_chunk(per_sample: int) -> int:
+        """Samples per chunk of factors of ``per_sample`` entries each (at least one): what
+        the rules form at once for this projection (a conv layer's unfolded patches, T
+        times its kernel's input width, are the largest)."""
+        return max(1, _FACTOR_ENTRIES // max(1, per_sample))
 
     def sketch(self, block: torch.Tensor, index: ParamIndex, factors: Optional[Dict[str, tuple]] = None,
                choices: Optional[Dict[str, object]] = None) -> torch.Tensor:
         """A batch's sketch [B, dim] (or [B, k, dim]): its features' columns ``index``
-        projected densely, plus (Kronecker kind) its structured tensors' factors."""
+        projected densely, plus (Kronecker kind) its structured tensors' whole factors."""
         out = self.project(block, index)
         return self.project_factors(factors, choices, out) if factors else out
 

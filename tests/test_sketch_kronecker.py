@@ -4,6 +4,8 @@ factors, every other tensor by the Gaussian kind's R. Checked against an explici
 here from the projection's factor rows; unbiased over seeds on linear and conv layers;
 deterministic per seed and batch size; the same on every backend."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -185,8 +187,12 @@ def test_deterministic_per_seed_batch_size_and_chunk(monkeypatch):
     ks = [tk.gram(model, loader(x, b), projection=projection, precision="fp64", progress=False) for b in (1, 3, 7)]
     for k in ks[1:]:
         torch.testing.assert_close(k, ks[0], rtol=1e-12, atol=1e-12)
-    with monkeypatch.context() as patch:  # the factors sketched a few samples at a time
+    with monkeypatch.context() as patch, warnings.catch_warnings():
+        # The factors formed and sketched a sample at a time: the same K, and the per-batch
+        # check (on one row, kept from its chunk) passes on every batch.
+        warnings.simplefilter("error")
         patch.setattr(sketch, "_SLICE_ENTRIES", 64)
+        patch.setattr(sketch, "_FACTOR_ENTRIES", 64)
         small = tk.gram(model, loader(x, 7), projection=projection, precision="fp64", progress=False)
     torch.testing.assert_close(small, ks[0], rtol=1e-12, atol=1e-12)
     again = tk.gram(model, loader(x, 3), projection=tk.Projection(32, kind="kronecker", seed=9), precision="fp64",
@@ -241,3 +247,25 @@ def test_factor_rows_side_named():
     b = tk.Projection(2048, kind="kronecker").factor_rows("w", "in", torch.arange(4096))
     assert a.shape == (4096, 32) and b.shape == (4096, 64)
     assert abs(float((a ** 2).sum(1).mean()) - 1) < 0.02 and abs(float((b ** 2).sum(1).mean()) - 1) < 0.02
+
+
+class Mixing(nn.Module):
+    """Centres a hidden layer over the batch: samples interact, which the check must see."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner, self.out = nn.Linear(4, 6, bias=False), nn.Linear(6, 1, bias=False)  # only Kronecker tensors
+
+    def forward(self, x):
+        h = self.inner(x)
+        return self.out(torch.tanh(h - h.mean(0, keepdim=True)))
+
+
+def test_per_batch_check_sees_the_sketched_layers():
+    # The factors are sketched in the pass; the check still rebuilds the checked row's
+    # gradient from the factors kept for it, and catches a model that mixes samples.
+    torch.manual_seed(7)
+    model, x = Mixing(), torch.randn(6, 4)
+    with pytest.warns(RuntimeWarning, match="mix samples"):
+        tk.features(model, [x], projection=tk.Projection(16, kind="kronecker", seed=0), precision="fp64",
+                    progress=False)
