@@ -8,7 +8,8 @@ dense head 2048-160-10), all parameters, dim 2,048, n = 64 in one batch, CPU, on
 - torch.func + Gaussian: vmap(grad) per-sample gradients of logit 0 (all tensors, [64, p]),
   then a blockwise Gaussian projection (torch.randn blocks of R of 2^21 entries from a
   seeded generator, accumulated: R never whole; the same R kind, not the same numbers);
-- train step: forward, cross-entropy, backward and an SGD step on the same 64 samples.
+- train step: forward, cross-entropy, backward and an SGD step on the same 64 samples (the
+  gradients freed after it, so that its peak holds them).
 Each method is timed --repeats times after a warm-up, round-robin; the ratio to torch.func
 + Gaussian is per repeat (the machine is shared: a ratio from the same round counts).
 Each sketch's K~ is compared with the exact K (from torch.func's gradients): relative
@@ -49,6 +50,7 @@ from _common import commit
 import tangent_kernels as tk
 
 DIM_CNN, DIM_RESNET = 2048, 4096
+SPLIT = []  # (torch.func seconds, TRAK block seconds) per call of the resnet baseline
 _SLICE = 1 << 21
 
 
@@ -102,9 +104,10 @@ def train_step(model: nn.Module, x: torch.Tensor):
     labels = torch.arange(x.shape[0]) % 10
 
     def step():
-        optimizer.zero_grad(set_to_none=True)
         nn.functional.cross_entropy(model(x), labels).backward()
         optimizer.step()
+        # Freed after the step, not before the next: the step's peak then holds its gradients.
+        optimizer.zero_grad(set_to_none=True)
     return step
 
 
@@ -125,14 +128,18 @@ def methods(part: str, n: int, dense: bool = False):
         from trak.projectors import BasicProjector, ProjectionType
 
         p = sum(t.numel() for t in model.parameters())
-        found["torch.func"] = lambda: per_sample_gradients(model, x)
-        block = int(os.environ.get("BENCH_TRAK_BLOCK", "16"))
+        block = int(os.environ.get("BENCH_TRAK_BLOCK", "100"))  # TRAK's default block_size
 
         def trak_block():
-            # One of TRAK's blocks: proj_dim = block_size makes project() one generation and one product.
+            # One of TRAK's blocks: proj_dim = block_size makes its __init__ generate the block
+            # and project() one product; the gradients' and the block's times are kept apart.
+            start = time.perf_counter()
             g = per_sample_gradients(model, x)
+            middle = time.perf_counter()
             projector = BasicProjector(p, block, 0, ProjectionType.normal, torch.device("cpu"), block_size=block)
-            return projector.project(g, model_id=0)
+            out = projector.project(g, model_id=0)
+            SPLIT.append((middle - start, time.perf_counter() - middle))
+            return out
         found["torch.func + TRAK BasicProjector, one block"] = trak_block
         found["train step"] = train_step(resnet18(), x)
     return found
@@ -146,7 +153,8 @@ def _resident() -> tuple:
 def child(part: str, name: str, n: int) -> None:
     torch.set_num_threads(1)
     fn = methods(part, n, dense=True)[name]
-    fn()  # warm-up: the allocator's, tk's plan and the optimizer's state
+    if "TRAK" not in name:  # TRAK's block is the same allocation every call: no warm-up needed (16 s)
+        fn()  # warm-up: the allocator's, tk's plan and the optimizer's state
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")  # the peak resident set starts again from the current one
     before, _ = _resident()
@@ -189,13 +197,21 @@ def run_part(part: str, n: int, repeats: int, dense: bool) -> dict:
             if name.startswith("tk") or name == baseline:
                 s = results[name].double()
                 entry["relative_error"] = float((s @ s.T - exact).norm() / exact.norm())
+            if name == "tk kronecker":  # cheap: over seeds 0..4 too
+                model, x = cnn(), inputs(n)
+                errors = []
+                for seed in range(5):
+                    s = tk.features(model, [x], projection=tk.Projection(DIM_CNN, "kronecker", seed),
+                                    progress=False).double()
+                    errors.append(float((s @ s.T - exact).norm() / exact.norm()))
+                entry["relative_error_seeds"] = errors
         report["methods"][name] = entry
     if part == "resnet":
-        block = int(os.environ.get("BENCH_TRAK_BLOCK", "16"))
+        block = int(os.environ.get("BENCH_TRAK_BLOCK", "100"))
         blocks = -(-DIM_RESNET // block)
-        one = statistics.median(times[baseline])
-        gradients = statistics.median(times["torch.func"])
-        projection = one - gradients
+        gradients = statistics.median(t for t, _ in SPLIT[1:])  # the warm-up's left out
+        projection = statistics.median(t for _, t in SPLIT[1:])
+        report["torch_func_seconds"], report["trak_block_seconds"] = gradients, projection
         report["trak_block_size"] = block
         report["trak_extrapolated_seconds"] = gradients + blocks * projection
         ours = report["methods"]["tk kronecker"]
@@ -214,12 +230,17 @@ def show(report: dict) -> None:
             line += f"  x{statistics.median(r):.2f} [{min(r):.2f}, {max(r):.2f}] vs torch.func + Gaussian"
         if "relative_error" in e:
             line += f"  K~ rel. err {e['relative_error']:.3f}"
+        if "relative_error_seeds" in e:
+            r = e["relative_error_seeds"]
+            line += f" (seeds 0-4: {statistics.mean(r):.3f} [{min(r):.3f}, {max(r):.3f}])"
         if "ratio_to_trak_extrapolated" in e:
             line += f"  x{e['ratio_to_trak_extrapolated']:.1f} vs TRAK (extrapolated)"
         print(line)
     if "trak_extrapolated_seconds" in report:
-        print(f"  TRAK BasicProjector, all {report['dim']} columns (block_size {report['trak_block_size']}): "
-              f"~{report['trak_extrapolated_seconds']:.1f} s extrapolated from one block")
+        print(f"  of which torch.func {report['torch_func_seconds']:.2f} s, one TRAK block of "
+              f"{report['trak_block_size']} columns {report['trak_block_seconds']:.2f} s")
+        print(f"  torch.func + TRAK BasicProjector, all {report['dim']} columns (block_size "
+              f"{report['trak_block_size']}): ~{report['trak_extrapolated_seconds']:.1f} s extrapolated from one block")
 
 
 def main() -> None:
