@@ -118,7 +118,8 @@ def features(
             TRITON_INTERPRET=1). See docs/kernels.md.
         projection: None, or a :class:`tk.Projection`: the features times its random
             R [p, dim], [n, dim] ([n, k, dim] for every logit), R generated on the fly,
-            never whole (docs/sketch.md).
+            never whole (docs/sketch.md; kind="kronecker": the linear maps' weights
+            sketched from their factors, no per-sample gradient of theirs formed).
     """
     projection = check_projection(projection)
     if isinstance(output, OutputProbes):  # the probe outputs' gradients [n, m, p]
@@ -219,8 +220,11 @@ def gram(
             each rank passes its own samples; ``gather``: "all", "rank0" or "rows" (a
             ``tk.distributed.KShard``). See :func:`tangent_kernels.distributed.driver.gram`.
         projection: None, or a :class:`tk.Projection`: the sketched K~ = (G R)(G R)^T, an
-            unbiased estimate of K over ``idx`` (docs/sketch.md). Every tensor then takes
-            features (structured="auto" acts as "never"); not yet under torch.distributed.
+            unbiased estimate of K over ``idx`` (docs/sketch.md). The projection decides
+            which tensors take features (every one for the dense kinds; all but the linear
+            maps' weights, sketched from their factors, for kind="kronecker"):
+            structured="auto" leaves it to it, "always" is refused. Not yet under
+            torch.distributed.
     """
     from .distributed import active_group  # the distributed path, when a process group asks for it
 
