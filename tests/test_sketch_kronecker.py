@@ -269,3 +269,21 @@ def test_per_batch_check_sees_the_sketched_layers():
     with pytest.warns(RuntimeWarning, match="mix samples"):
         tk.features(model, [x], projection=tk.Projection(16, kind="kronecker", seed=0), precision="fp64",
                     progress=False)
+
+
+def test_out_of_memory_halves_keep_the_factors_sketch(monkeypatch):
+    # A batch retried in halves (CUDA out of memory) joins the halves' sketches of the factors.
+    torch.manual_seed(8)
+    model, x = conv_net(), conv_input(6)
+    projection = tk.Projection(16, kind="kronecker", seed=2)
+    expected = tk.gram(model, loader(x, 6), projection=projection, precision="fp64", progress=False)
+    original = FeatureExtractor.__call__
+
+    def small_batches_only(self, batch):
+        if batch.size > 2:
+            raise torch.cuda.OutOfMemoryError("test: out of memory")
+        return original(self, batch)
+
+    monkeypatch.setattr(FeatureExtractor, "__call__", small_batches_only)
+    k = tk.gram(model, loader(x, 6), projection=projection, precision="fp64", progress=False)
+    torch.testing.assert_close(k, expected, rtol=1e-12, atol=1e-12)
