@@ -287,3 +287,20 @@ def test_out_of_memory_halves_keep_the_factors_sketch(monkeypatch):
     monkeypatch.setattr(FeatureExtractor, "__call__", small_batches_only)
     k = tk.gram(model, loader(x, 6), projection=projection, precision="fp64", progress=False)
     torch.testing.assert_close(k, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_factor_generator_is_pinned_and_the_rest_is_the_gaussian_kind():
+    # R_out and R_in are part of every Kronecker sketch a user keeps and of checkpoints
+    # (Projection.identity names the generator's version): a change must be deliberate.
+    p = tk.Projection(16, "kronecker", seed=0)
+    assert p.factor_dims == (4, 4)
+    out = p.factor_rows("w", "out", torch.tensor([0, 7]), torch.float64) * 4 ** 0.5
+    expected = torch.tensor([[0.700033562, -0.052211984, 0.196242643, 0.186928501],
+                             [0.450866447, -0.879418194, -2.840485998, -0.459413097]], dtype=torch.float64)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-8)
+    inputs = p.factor_rows("w", "in", torch.tensor([3]), torch.float64) * 4 ** 0.5
+    torch.testing.assert_close(inputs, torch.tensor([[0.245996928, 0.541982326, -0.330558543, 0.390691016]],
+                                                    dtype=torch.float64), rtol=0, atol=1e-8)
+    # The tensors it does not Kronecker-project take exactly the Gaussian kind's rows.
+    local = torch.arange(100)
+    assert torch.equal(p.rows("0.bias", local), tk.Projection(16, "gaussian", seed=0).rows("0.bias", local))
