@@ -22,7 +22,7 @@ from typing import Any, List, Optional
 
 # What a user can get wrong on the command line: reported in one line, no traceback.
 from .cli_common import (K_SUFFIXES, USER_ERRORS, CommandError, check_device, check_writable, environment, load_array,
-                         load_kernel, model_data_idx, one_line, parse_output, refuse_overwrites)
+                         load_kernel, model_data_idx, one_line, parse_output, parse_projection, refuse_overwrites)
 from .cli_common import load_model  # noqa: F401 - tk.cli.load_model, the model loader of every command
 
 
@@ -58,13 +58,16 @@ def _gram(args: argparse.Namespace) -> int:
     session = torchrun_session(args.device)  # None unless torchrun started several ranks
     if args.shards and (session is None or not args.out.endswith(".safetensors")):
         raise CommandError("--shards writes one file per rank: run under torchrun with several ranks, --out *.safetensors")
+    projection = parse_projection(args.projection)
+    if projection is not None and session is not None:
+        raise CommandError("--projection is not supported under torchrun yet: run the command in one process")
     model, x, x2, idx, total = model_data_idx(args)
     start = time.perf_counter()
     K = gram(
         model, x.split(args.batch_size), idx, x2.split(args.batch_size) if x2 is not None else None,
         output=parse_output(args.output), precision=args.precision,
         device=args.device if session is None else session.device,
-        progress=not args.no_progress, checkpoint=args.checkpoint, max_memory=args.max_memory,
+        progress=not args.no_progress, checkpoint=args.checkpoint, max_memory=args.max_memory, projection=projection,
         **({} if session is None else {"gather": "rows" if args.shards else "rank0"}),
     )
     seconds = time.perf_counter() - start
@@ -81,6 +84,7 @@ def _gram(args: argparse.Namespace) -> int:
         "model": args.model, "weights": args.weights, "data": args.data, "data2": args.data2,
         "params": p, "params_total": total, "seed": args.seed, "idx": args.idx, "output": args.output,
         "precision": args.precision, "device": str(K.device), "seconds": round(seconds, 3), **environment(),
+        **({"projection": projection.identity} if projection is not None else {}),
     }
     if args.out.endswith(".safetensors"):
         save_gram(args.out, K, meta)
@@ -94,7 +98,8 @@ def _gram(args: argparse.Namespace) -> int:
         torch.save(K.cpu(), args.out)
     kind = "K(X, X)" if x2 is None else "K(X1, X2)"
     print(f"{kind} {tuple(K.shape)} {str(K.dtype).replace('torch.', '')}, p = {p:,} of {total:,} parameters, "
-          f"{seconds:.1f} s -> {args.out}")
+          f"{seconds:.1f} s" + (f", sketched: {projection.identity}" if projection is not None else "")
+          + f" -> {args.out}")
     return 0
 
 
@@ -195,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "[n1, n2, k, k]), 'trace' ([n1, n2]), 'diagonal' ([n1, n2, k]); docs/outputs.md")
     g.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
                    help="arithmetic of the features and products (default fp32; docs/precision.md)")
+    g.add_argument("--projection", metavar="DIM[:KIND[:SEED]]",
+                   help="sketch the features to DIM random columns (tk.Projection; KIND gaussian (default), "
+                        "rademacher or kronecker, SEED default 0): K is then the sketched, unbiased estimate; "
+                        "docs/sketch.md")
     g.add_argument("--batch-size", type=int, default=256, help="samples per forward/backward batch (default 256)")
     g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the model's)")
     g.add_argument("--checkpoint", help="folder to checkpoint into and resume from")

@@ -195,6 +195,27 @@ def parse_output(text: str):
                            f"([n1, n2, k, k]), 'trace' ([n1, n2]) or 'diagonal' ([n1, n2, k]); got {text!r}") from None
 
 
+def parse_projection(text: Optional[str]):
+    """--projection DIM[:KIND[:SEED]] -> a tk.Projection (None without the option)."""
+    if text is None:
+        return None
+    from .sketch import KINDS, Projection
+
+    parts = text.split(":")
+    usage = (f"--projection must be DIM[:KIND[:SEED]], DIM and SEED integers, KIND one of {', '.join(KINDS)} "
+             f"(e.g. 4096, 4096:rademacher, 4096:kronecker:1); got {text!r}")
+    if not 1 <= len(parts) <= 3 or (len(parts) > 1 and parts[1] not in KINDS):
+        raise CommandError(usage)
+    try:
+        dim, seed = int(parts[0]), int(parts[2]) if len(parts) == 3 else 0
+    except ValueError:
+        raise CommandError(usage) from None
+    try:
+        return Projection(dim, parts[1] if len(parts) > 1 else "gaussian", seed)
+    except ValueError as error:
+        raise CommandError(f"--projection {text}: {error}") from None
+
+
 def model_data_idx(args: argparse.Namespace):
     """(model, X, X2 or None, idx, trainable parameter count) from gram/coverage's options."""
     from .params import subsample

@@ -6,7 +6,9 @@ parameters) to a file, as ``gram`` writes K.
 F is [n, p] ([n, k, p] for ``--output full``, ``trace`` or ``diagonal``: every logit's
 gradient), column j the gradient at global parameter position ``idx[j]``. A .safetensors
 file holds F as "features", the positions as "idx" (int64 [p]) and the metadata; .npy and
-.pt hold F alone. The command's options, checks and messages are ``gram``'s (cli.py, cli_common.py).
+.pt hold F alone. With ``--projection DIM[:KIND[:SEED]]`` F is the sketch [n, DIM] (G R,
+docs/sketch.md): "idx" then lists the parameters sketched, the metadata's "projection"
+names R. The command's options, checks and messages are ``gram``'s (cli.py, cli_common.py).
 """
 
 from __future__ import annotations
@@ -18,14 +20,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from .cli_common import CommandError, check_writable, environment, model_data_idx, parse_output, refuse_overwrites
+from .cli_common import (CommandError, check_writable, environment, model_data_idx, parse_output, parse_projection,
+                         refuse_overwrites)
 
 FORMAT = "tangent_kernels.features/1"
 _SUFFIXES = (".safetensors", ".npy", ".pt")
 # gram's options that say what is computed, and how; --data2 (a cross kernel), --checkpoint,
 # --max-memory and --shards concern the Gram phase, which features do not have.
 _SHARED = ("model", "weights", "data", "params", "idx", "seed", "output", "precision", "batch_size", "device",
-           "no_progress")
+           "no_progress", "projection")
 
 
 def add_command(commands, gram_parser: argparse.ArgumentParser, debug: argparse.ArgumentParser) -> None:
@@ -57,16 +60,19 @@ def run(args: argparse.Namespace) -> int:
     if args.out.endswith(".npy") and args.precision == "bf16":
         raise CommandError("--out *.npy cannot hold bfloat16 (NumPy has no such dtype): with --precision bf16 write "
                            ".safetensors or .pt")
+    projection = parse_projection(args.projection)
     model, x, _, idx, total = model_data_idx(args)
     positions = resolve_idx(model, idx).positions  # column j's global position, whatever form idx took
     start = time.perf_counter()
     F = features(model, x.split(args.batch_size), idx, output=parse_output(args.output), precision=args.precision,
-                 device=args.device, progress=not args.no_progress)
+                 device=args.device, progress=not args.no_progress, projection=projection)
     seconds = time.perf_counter() - start
-    p = F.shape[-1]
+    p = len(positions)
+    # With a projection the columns are the sketch's; idx still lists the parameters sketched.
     meta = {"model": args.model, "weights": args.weights, "data": args.data, "params": p, "params_total": total,
             "seed": args.seed, "idx": args.idx, "output": args.output, "precision": args.precision,
-            "device": str(F.device), "seconds": round(seconds, 3), **environment()}
+            "device": str(F.device), "seconds": round(seconds, 3), **environment(),
+            **({"projection": projection.identity} if projection is not None else {})}
     if args.out.endswith(".safetensors"):
         save(args.out, F, positions, meta)
     elif args.out.endswith(".npy"):
@@ -76,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         torch.save(F.cpu(), args.out)
     print(f"features {tuple(F.shape)} {str(F.dtype).replace('torch.', '')}, p = {p:,} of {total:,} parameters, "
-          f"{seconds:.1f} s -> {args.out}")
+          f"{seconds:.1f} s" + (f", sketched: {projection.identity}" if projection is not None else "")
+          + f" -> {args.out}")
     return 0
 
 

@@ -118,7 +118,8 @@ def features(
             TRITON_INTERPRET=1). See docs/kernels.md.
         projection: None, or a :class:`tk.Projection`: the features times its random
             R [p, dim], [n, dim] ([n, k, dim] for every logit), R generated on the fly,
-            never whole (docs/sketch.md).
+            never whole (docs/sketch.md; kind="kronecker": the linear maps' weights
+            sketched from their factors, no per-sample gradient of theirs formed).
     """
     projection = check_projection(projection)
     if isinstance(output, OutputProbes):  # the probe outputs' gradients [n, m, p]
@@ -219,8 +220,11 @@ def gram(
             each rank passes its own samples; ``gather``: "all", "rank0" or "rows" (a
             ``tk.distributed.KShard``). See :func:`tangent_kernels.distributed.driver.gram`.
         projection: None, or a :class:`tk.Projection`: the sketched K~ = (G R)(G R)^T, an
-            unbiased estimate of K over ``idx`` (docs/sketch.md). Every tensor then takes
-            features (structured="auto" acts as "never"); not yet under torch.distributed.
+            unbiased estimate of K over ``idx`` (docs/sketch.md). The projection decides
+            which tensors take features (every one for the dense kinds; all but the linear
+            maps' weights, sketched from their factors, for kind="kronecker"):
+            structured="auto" leaves it to it, "always" is refused. Not yet under
+            torch.distributed.
     """
     from .distributed import active_group  # the distributed path, when a process group asks for it
 
@@ -240,8 +244,9 @@ def gram(
         if structured == "always":
             raise ValueError("structured='always' cannot be combined with projection=: the structured Gram forms K "
                              "from factors, without the features a projection applies to. Leave structured='auto' "
-                             "(with a projection every tensor takes features)")
-        structured = "never"
+                             "(a projection decides it: features for every tensor with the dense kinds, every "
+                             "linear map's factors with kind='kronecker')")
+        structured = projection.structured
 
     if (split := active_group(group, shard, gather)) is not False:
         if projection is not None:
@@ -255,7 +260,8 @@ def gram(
                                 cache_dir=cache_dir, checkpoint_key=checkpoint_key, structured=structured)
     index, output, precision, device, backend = _prepare(model, idx, output, precision, device, backend)
     _check_inputs_callable(inputs)
-    structured = check_structured(structured)
+    if projection is None:  # else checked above, and replaced by the projection's mode
+        structured = check_structured(structured)
     if checkpoint_key is not None and not isinstance(checkpoint_key, str):
         raise TypeError(f"checkpoint_key must be a str naming the run, got {type(checkpoint_key).__name__}")
     store = check_store(store)
@@ -284,7 +290,7 @@ def gram(
             def extractor() -> FeatureExtractor:
                 # One for both loaders: the first batch's decisions (paths, check) hold for both.
                 if not made:
-                    made.append(new_extractor(model, index, output, precision, device, backend, structured))
+                    made.append(new_extractor(model, index, output, precision, device, backend, structured, projection))
                 return made[0]
 
             fill = dict(index=index, output=output, precision=precision, device=device, inputs=inputs,

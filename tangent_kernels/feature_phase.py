@@ -29,7 +29,7 @@ from .store import FeatureStore
 from .structured.stores import FactorStores, record_plan, recorded_plan
 
 __all__ = ["PER_SAMPLE_ROWS", "check_finite", "check_signature", "describe", "feature_blocks", "features_with_backoff",
-           "fill_store", "new_extractor", "open_stores", "reused_extractors"]
+           "fill_store", "new_extractor", "open_stores", "reused_extractors", "sketched"]
 
 _log = logging.getLogger("tangent_kernels")
 
@@ -49,7 +49,8 @@ def feature_blocks(
 ) -> Iterator[torch.Tensor]:
     """Yield F [B, p] per batch, in the compute dtype; F[:, j] = d s / d theta[idx[j]]; with
     a ``projection``, F R [B, dim] (sketch.py)."""
-    per_sample = new_extractor(model, index, output, precision, device, backend)
+    per_sample = new_extractor(model, index, output, precision, device, backend,
+                               "never" if projection is None else projection.structured, projection)
     bar = progress_bar(loader_length(loader), f"eNTK features ({name})", progress)
     seen = 0
     try:
@@ -57,7 +58,7 @@ def feature_blocks(
             block = per_sample(batch.to(device, precision.compute))
             check_finite(block, seen, name)
             if projection is not None:
-                block = projection.project(block, per_sample.feature_index)
+                block = sketched(projection, per_sample, block, seen, name)
             seen += batch.size
             if bar is not None:
                 bar.update(batch.size)
@@ -67,20 +68,35 @@ def feature_blocks(
             bar.close()
 
 
+def sketched(projection: Projection, per_sample: FeatureExtractor, block: torch.Tensor, seen: int,
+             name: str) -> torch.Tensor:
+    """A batch's sketch [B, dim] (or [B, k, dim]): its features' block projected, plus (the
+    Kronecker kind) its structured tensors' sketch, formed in the extractor's pass from
+    their factors (checked here: a non-finite factor leaves its sample's sketch non-finite)."""
+    out = projection.project(block, per_sample.feature_index)
+    if per_sample.structured_names:
+        check_finite(per_sample.factor_sketch, seen, name)
+        out.add_(per_sample.factor_sketch)
+    return out
+
+
 # tk.Kernel (kernel.py) keeps its extractors across calls: around its calls this holds its
 # {structured mode: extractor}, reused when made for the same idx, output and dtype.
 reused_extractors: ContextVar[Optional[dict]] = ContextVar("reused_extractors", default=None)
 
 
 def new_extractor(model, index, output, precision: Precision, device, backend: str,
-                   structured: str = "never") -> FeatureExtractor:
+                   structured: str = "never", projection: Optional[Projection] = None) -> FeatureExtractor:
+    """projection: one whose kind sketches the factors in the pass (the Kronecker kind)."""
     reused = reused_extractors.get()
     kept = reused.get(structured) if reused is not None else None
     if kept is not None and kept.index is index and kept.output == output and kept.dtype == precision.compute:
+        kept.projection = projection if structured == "products" else None
         return kept
     made = FeatureExtractor(model, index, output, precision.compute, device, backend,
                           tf32_check=precision.allow_tf32 and torch.device(device).type == "cuda",
                           structured=structured)
+    made.projection = projection if structured == "products" else None
     if reused is not None:
         reused[structured] = made
     return made
@@ -145,8 +161,9 @@ def fill_store(model, loader, name, *, index, output, precision, device, inputs,
     checkpoint where it has them); returns (store, first batch's signature). The store's
     ``structured`` holds the structured tensors' factors (FactorStores), or None; both
     are sized once the extractor's plan is known, on the first batch. With a
-    ``projection`` (sketch.py; the extractor must then be made with structured="never")
-    each batch's block is projected as it forms: the store holds [B, dim]."""
+    ``projection`` (sketch.py; the extractor must then be made with its
+    ``structured`` mode) each batch's block (and factors) is projected as it forms: the
+    store holds [B, dim], and no factors."""
     columns = None if projection is None else projection.dim
     total = loader_length(loader)
     recorded = ckpt.recorded_batches(name) if ckpt is not None else []
@@ -216,7 +233,7 @@ def fill_store(model, loader, name, *, index, output, precision, device, inputs,
                     open_for(per_sample)
                 check_finite(block, seen, name)
                 if projection is not None:
-                    block = projection.project(block, per_sample.feature_index)
+                    block = sketched(projection, per_sample, block, seen, name)
                 if factors is not None:  # recorded before the features, whose record commits the batch
                     factors.append(batch_factors, lambda rows: _to_store(rows, precision, scale_rows=True),
                                    check_finite, seen, ckpt, fingerprint)
@@ -261,7 +278,8 @@ def open_stores(per_sample: FeatureExtractor, name: str, precision: Precision, d
     per output when not the plan's (a projection's dim)."""
     outputs = per_sample.k if per_sample.multi else 1
     p = len(per_sample.feature_index) if columns is None else columns
-    choices = [per_sample.plan.choices[n] for n in per_sample.structured_names]
+    # A projection's columns hold the structured tensors' sketch too: no factor stores.
+    choices = [per_sample.plan.choices[n] for n in per_sample.structured_names] if columns is None else []
     feature_bytes = p * outputs * torch.empty((), dtype=precision.store).element_size()
     factor_bytes = FactorStores.row_bytes_of(choices, outputs, precision.store)
     share = feature_bytes / max(feature_bytes + factor_bytes, 1)
@@ -290,6 +308,9 @@ def features_with_backoff(per_sample: FeatureExtractor, batch: ModelInputs):
             torch.cuda.empty_cache()
         half = batch.size // 2
         _log.info("out of memory on a batch of %d samples: retrying in halves", batch.size)
-        (a, fa), (b, fb) = (features_with_backoff(per_sample, batch.slice(0, half)),
-                            features_with_backoff(per_sample, batch.slice(half, batch.size)))
+        a, fa = features_with_backoff(per_sample, batch.slice(0, half))
+        sketch_a = per_sample.factor_sketch
+        b, fb = features_with_backoff(per_sample, batch.slice(half, batch.size))
+        if sketch_a is not None:  # a Kronecker projection's sketch of the factors, per half
+            per_sample.factor_sketch = torch.cat([sketch_a, per_sample.factor_sketch])
         return torch.cat([a, b]), {n: (torch.cat([fa[n][0], fb[n][0]]), torch.cat([fa[n][1], fb[n][1]])) for n in fa}

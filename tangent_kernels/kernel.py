@@ -18,12 +18,13 @@ from . import engine, feature_phase
 from .outputs import OutputSpec, check_output_spec
 from .params import ParamIndex, resolve_idx
 from .precisions import PRECISIONS
+from .sketch import check_projection
 from .structured.plan import check_structured
 
 __all__ = ["Kernel"]
 
 # The options fixed when the Kernel is made: a call that wants other ones wants another Kernel.
-_FIXED = ("idx", "output", "precision", "device", "backend", "structured", "inputs")
+_FIXED = ("idx", "output", "precision", "device", "backend", "structured", "inputs", "projection")
 # The distributed path splits the work over ranks, each with an extractor of its own.
 _DISTRIBUTED = ("group", "shard", "gather")
 
@@ -51,13 +52,15 @@ class Kernel:
     toggled). The per-batch check (docs/trust.md) runs on every batch of every call.
 
     Args: those of :func:`tangent_kernels.gram` that fix the computation (``idx``,
-    ``output``, ``precision``, ``device``, ``backend``, ``structured``, ``inputs``).
+    ``output``, ``precision``, ``device``, ``backend``, ``structured``, ``inputs``,
+    ``projection``: a :class:`tk.Projection`, the same R on every call, so that the
+    sketched kernels of successive weights are comparable).
     ``idx=None`` means the trainable parameters at the time of each call.
     """
 
     def __init__(self, model: nn.Module, idx=None, *, output: OutputSpec = "first", precision: str = "fp32",
                  device=None, backend: str = "auto", structured: str = "auto",
-                 inputs: Optional[Callable[[Any], Any]] = None):
+                 inputs: Optional[Callable[[Any], Any]] = None, projection=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if precision not in PRECISIONS:
@@ -65,7 +68,8 @@ class Kernel:
         self.model = model
         self.idx = idx
         self.options: Dict[str, Any] = dict(output=check_output_spec(output), precision=precision, device=device,
-                                            backend=backend, structured=check_structured(structured), inputs=inputs)
+                                            backend=backend, structured=check_structured(structured), inputs=inputs,
+                                            projection=check_projection(projection))
         self._index: Optional[ParamIndex] = None
         self._structure: Optional[tuple] = None
         self._extractors: Dict[str, Any] = {}  # structured mode -> FeatureExtractor (feature_phase.reused_extractors)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 
@@ -26,7 +26,11 @@ from .params import ParamIndex
 
 __all__ = ["Projection", "check_projection"]
 
-KINDS = ("gaussian", "rademacher")
+KINDS = ("gaussian", "rademacher", "kronecker")
+# How much worse than balanced (a = b = sqrt(dim)) a Kronecker split may be: a factor of
+# a (out side) below sqrt(dim) / _SPLIT_SLACK is refused (a prime dim would give 1 x dim,
+# whose out side alone has relative variance 2: no sketch).
+_SPLIT_SLACK = 4
 
 _M64 = 1 << 64
 
@@ -42,6 +46,8 @@ _MUL1, _MUL2 = _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
 # Bounds a slice of R to this many entries: its int64 hash buffers (two of them, 16 MiB
 # each at 2**21 entries) stay small next to a batch of features.
 _SLICE_ENTRIES = 1 << 21
+# Bounds the projected factors of a chunk of samples (add_factor_sketch), in entries.
+_FACTOR_ENTRIES = 1 << 18
 
 
 def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -73,28 +79,39 @@ def _hash32(x: torch.Tensor, salt: torch.Tensor) -> torch.Tensor:
 
 class Projection:
     """A random projection of the eNTK features to ``dim`` columns: ``projection=`` of
-    :func:`tk.features` ([n, dim]) and :func:`tk.gram` (the sketched K~ = (G R)(G R)^T,
-    unbiased for K over ``idx``: E[K~] = K).
+    :func:`tk.features` ([n, dim]), :func:`tk.gram` and :class:`tk.Kernel` (the sketched
+    K~ = (G R)(G R)^T, unbiased for K over ``idx``: E[K~] = K).
 
     Args:
         dim: the number of columns of the sketch (> 0). The error of an entry of K~ falls
             as 1/sqrt(dim) (docs/sketch.md).
-        kind: "gaussian" (entries N(0, 1/dim)) or "rademacher" (entries +-1/sqrt(dim),
-            a smaller variance, bit-identical on every device).
+        kind: "gaussian" (entries N(0, 1/dim)), "rademacher" (entries +-1/sqrt(dim),
+            a smaller variance, bit-identical on every device) or "kronecker": a weight
+            used as x -> W x (linear, or convolution through its unfolded patches) is
+            projected as R_out (x) R_in, its input and output-gradient factors each
+            projected on their own, (R_out^T g_t)(R_in^T x_t)^T summed over positions,
+            never forming its per-sample gradient; every other tensor (biases, norms,
+            embeddings, generic ops) takes the Gaussian kind's R. ``dim`` must then split
+            as a x b (``factor_dims``) near sqrt(dim) x sqrt(dim), e.g. a power of two.
         seed: an int; the same seed gives the same R for every batch size, run and device.
     """
 
     def __init__(self, dim: int, kind: str = "gaussian", seed: int = 0):
         if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
             raise ValueError(f"Projection dim must be a positive int (the number of sketch columns), got {dim!r}")
-        if kind == "kronecker":
-            raise NotImplementedError("Projection kind 'kronecker' is not implemented yet: use kind='gaussian' or "
-                                      "'rademacher' (dense projections of every tensor)")
         if kind not in KINDS:
             raise ValueError(f"Projection kind must be one of {', '.join(map(repr, KINDS))}, got {kind!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"Projection seed must be an int, got {type(seed).__name__}")
         self.dim, self.kind, self.seed = dim, kind, seed
+        if kind == "kronecker":
+            a = self.factor_dims[0]
+            if a * _SPLIT_SLACK < math.sqrt(dim):
+                raise ValueError(
+                    f"Projection dim {dim} splits no better than {a} x {dim // a} for kind='kronecker' (each "
+                    f"Kronecker-projected tensor's sketch is an a x b grid of columns, with a relative variance of "
+                    f"about 2/a + 2/b): pick a dim with a balanced factorization, e.g. a power of two "
+                    f"({2 ** round(math.log2(dim))})")
 
     def __repr__(self) -> str:
         return f"Projection(dim={self.dim}, kind={self.kind!r}, seed={self.seed})"
@@ -110,42 +127,47 @@ class Projection:
         """What a checkpoint records: R is a function of these (and the generator's version)."""
         return f"{self.kind} dim={self.dim} seed={self.seed} generator=lowbias32-v1"
 
+    @property
+    def factor_dims(self) -> tuple:
+        """(a, b), a <= b, a b = dim: the Kronecker kind's columns of R_out and R_in. For a
+        rank-one gradient g x^T the sketch's relative variance is ~2/a + 2/b, least when
+        balanced: a is dim's largest divisor not above sqrt(dim)."""
+        a = max(d for d in range(1, math.isqrt(self.dim) + 1) if self.dim % d == 0)
+        return a, self.dim // a
+
+    @property
+    def structured(self) -> str:
+        """The extractor's structured mode this projection needs: the Kronecker kind takes
+        every linear map's factors (structured.plan.decide's "products"); the dense kinds
+        take features for every tensor."""
+        return "products" if self.kind == "kronecker" else "never"
+
     def _tensor_key(self, name: str) -> int:
         digest = hashlib.sha256(f"tk.Projection:{self.seed}:{name}".encode()).digest()
+        return _signed(int.from_bytes(digest[:8], "little"))
+
+    def _factor_key(self, name: str, side: str) -> int:
+        # Another prefix than _tensor_key's: no tensor name collides with a factor's key.
+        digest = hashlib.sha256(f"tk.Projection.kronecker-{side}:{self.seed}:{name}".encode()).digest()
         return _signed(int.from_bytes(digest[:8], "little"))
 
     def rows(self, name: str, local: torch.Tensor, dtype: torch.dtype = torch.float32,
              device=None) -> torch.Tensor:
         """R's rows [m, dim] for the entries at flat positions ``local`` [m] (int64) of the
-        parameter tensor ``name``, scaled so that E[R R^T] = I."""
-        device = local.device if device is None else torch.device(device)
-        keys = _mix(local.to(device=device, dtype=torch.int64).add(self._tensor_key(name)))
-        # A row's 64-bit key as two 32-bit words (lo, hi); an entry's hash is
-        # lowbias32((lo + counter) ^ hi): int32 arithmetic, 5x the speed of the 64-bit mix
-        # on a CPU (no 64-bit vector multiply), and one hash per entry of R is its cost.
-        lo = keys.to(torch.int32)  # the low 32 bits (a wrapping cast)
-        hi = _shr(keys, 32).to(torch.int32)
-        scale = 1.0 / math.sqrt(self.dim)
-        if self.kind == "rademacher":
-            # 32 signs per hash, one a bit: exactly +-1 with probability 1/2 each.
-            words = -(-self.dim // 32)
-            h = _hash32(lo[:, None] + torch.arange(words, dtype=torch.int32, device=device), hi[:, None])
-            bits = (h[:, :, None] >> torch.arange(32, dtype=torch.int32, device=device)) & 1
-            signs = bits.reshape(len(local), words * 32)[:, :self.dim]
-            return signs.to(dtype).mul_(-2.0).add_(1.0).mul_(scale)  # bit 1 -> -scale, 0 -> +scale
-        # Box-Muller, both outputs: columns 2c and 2c + 1 from the uniforms of counters 2c
-        # and 2c + 1, 24 bits each, u1 in (0, 1] (no log of 0), u2 in [0, 1). The 24-bit grid
-        # truncates the tails at 5.8 sigma: E[z^2] differs from 1 by ~1e-7.
-        pairs = -(-self.dim // 2)
-        counters = torch.arange(2 * pairs, dtype=torch.int32, device=device)
-        h = _hash32(lo[:, None] + counters, hi[:, None]).view(len(local), pairs, 2)
-        work = torch.float64 if dtype == torch.float64 else torch.float32
-        uniforms = ((h >> 8) & 0xFFFFFF).to(work)
-        del h
-        radius = uniforms[..., 0].add_(1.0).mul_(2.0 ** -24).log_().mul_(-2.0).sqrt_().mul_(scale)
-        angle = uniforms[..., 1].mul_(2.0 ** -24 * 2 * math.pi)
-        z = torch.stack([angle.cos(), angle.sin_()], dim=-1).mul_(radius[..., None])
-        return z.reshape(len(local), 2 * pairs)[:, :self.dim].to(dtype)
+        parameter tensor ``name``, scaled so that E[R R^T] = I. (For the Kronecker kind:
+        the rows of a tensor it does not Kronecker-project, the Gaussian kind's.)"""
+        return _rows(self._tensor_key(name), local, self.dim, self.kind == "rademacher", dtype, device)
+
+    def factor_rows(self, name: str, side: str, local: torch.Tensor, dtype: torch.dtype = torch.float32,
+                    device=None) -> torch.Tensor:
+        """The Kronecker kind's R_out ([m, a], ``side="out"``: positions along the tensor's
+        output-gradient axis) or R_in ([m, b], ``side="in"``: along its input axis), Gaussian
+        with variance 1/a (1/b): the entry of the tensor at (o, i) has R's row
+        kron(R_out[o], R_in[i]), column c_out * b + c_in."""
+        if side not in ("in", "out"):
+            raise ValueError(f"factor_rows: side must be 'in' or 'out', got {side!r}")
+        width = self.factor_dims[0 if side == "out" else 1]
+        return _rows(self._factor_key(name, side), local, width, False, dtype, device)
 
     def project(self, block: torch.Tensor, index: ParamIndex) -> torch.Tensor:
         """block [B, p] (or [B, k, p]) of ``index``'s columns -> block @ R, [B, dim] (or
@@ -153,7 +175,7 @@ class Projection:
         p = block.shape[-1]
         if p != len(index):
             raise AssertionError(f"a block of {p} columns for an index of {len(index)}")  # an internal error
-        flat = block.reshape(-1, p)
+        flat = block.reshape(math.prod(block.shape[:-1]), p)  # -1 fails for p = 0 (every tensor factored)
         out = torch.zeros(flat.shape[0], self.dim, dtype=block.dtype, device=block.device)
         step = max(1, _SLICE_ENTRIES // self.dim)
         for piece in index.tensor_slices:
@@ -166,6 +188,86 @@ class Projection:
                     part = flat.index_select(1, piece.columns[a:a + step].to(block.device))
                 out.addmm_(part, self.rows(piece.name, local, block.dtype, block.device))
         return out.reshape(*block.shape[:-1], self.dim)
+
+    def project_factors(self, factors: Dict[str, tuple], choices: Dict[str, object], out: torch.Tensor) -> torch.Tensor:
+        """Adds the Kronecker sketch of each structured tensor to ``out`` [B, dim] (or
+        [B, k, dim]) and returns it, from its factors x [B, T, X] and g [B, T, G] (or
+        [B, k, T, G]); choices: structured.plan.Choice per tensor."""
+        for name, (x, g) in factors.items():
+            if out.dim() == 3:
+                for a in range(out.shape[1]):
+                    self.add_factor_sketch(name, choices[name], x, g[:, a], out[:, a])
+            else:
+                self.add_factor_sketch(name, choices[name], x, g, out)
+        return out
+
+    def add_factor_sketch(self, name: str, choice, x: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> None:
+        """out [B, dim] += sum_t (R_out^T g_t) (x) (R_in^T x_t) for one use (or all) of the
+        tensor ``name``: x [B, T, X], g [B, T, G], the Choice's selected entries (a Kronecker
+        subsample's: its x_index / g_index positions). B T (G a + X b + a b) multiply-adds,
+        no per-sample gradient."""
+        if choice.index or choice.bias is not None:  # the plan's "products" mode gives neither
+            raise AssertionError(f"{name}: token-id or bias-augmented factors cannot be Kronecker-projected")
+        a, b = self.factor_dims
+        positions = [torch.arange(width) if chosen is None else chosen.cpu()
+                     for chosen, width in ((choice.g_index, g.shape[-1]), (choice.x_index, x.shape[-1]))]
+        r_out = self.factor_rows(name, "out", positions[0], out.dtype, out.device)
+        r_in = self.factor_rows(name, "in", positions[1], out.dtype, out.device)
+        # Chunks of samples bound what a chunk adds, the projected factors [S, T, a] and
+        # [S, T, b] and the contiguous copies the products may take of x and g (a conv
+        # layer's unfolded patches are a transposed view).
+        step = self.factor_chunk(x.shape[1] * (x.shape[2] + g.shape[2] + a + b))
+        for s0 in range(0, x.shape[0], step):
+            u = g[s0:s0 + step].to(out.dtype) @ r_out  # [S, T, a]
+            v = x[s0:s0 + step].to(out.dtype) @ r_in  # [S, T, b]
+            out[s0:s0 + step].add_(torch.bmm(u.transpose(1, 2), v).reshape(u.shape[0], -1))
+
+    @staticmethod
+    def factor_chunk(per_sample: int) -> int:
+        """Samples per chunk of factors of ``per_sample`` entries each (at least one): what
+        the rules form at once for this projection (a conv layer's unfolded patches, T
+        times its kernel's input width, are the largest)."""
+        return max(1, _FACTOR_ENTRIES // max(1, per_sample))
+
+    def sketch(self, block: torch.Tensor, index: ParamIndex, factors: Optional[Dict[str, tuple]] = None,
+               choices: Optional[Dict[str, object]] = None) -> torch.Tensor:
+        """A batch's sketch [B, dim] (or [B, k, dim]): its features' columns ``index``
+        projected densely, plus (Kronecker kind) its structured tensors' whole factors."""
+        out = self.project(block, index)
+        return self.project_factors(factors, choices, out) if factors else out
+
+
+def _rows(key: int, local: torch.Tensor, width: int, rademacher: bool, dtype: torch.dtype, device) -> torch.Tensor:
+    """Rows [m, width] of entries of variance 1/width for the positions ``local`` under
+    a tensor's (or factor's) 64-bit ``key``."""
+    device = local.device if device is None else torch.device(device)
+    keys = _mix(local.to(device=device, dtype=torch.int64).add(key))
+    # A row's 64-bit key as two 32-bit words (lo, hi); an entry's hash is
+    # lowbias32((lo + counter) ^ hi): int32 arithmetic, 5x the speed of the 64-bit mix
+    # on a CPU (no 64-bit vector multiply), and one hash per entry of R is its cost.
+    lo = keys.to(torch.int32)  # the low 32 bits (a wrapping cast)
+    hi = _shr(keys, 32).to(torch.int32)
+    scale = 1.0 / math.sqrt(width)
+    if rademacher:
+        # 32 signs per hash, one a bit: exactly +-1 with probability 1/2 each.
+        words = -(-width // 32)
+        h = _hash32(lo[:, None] + torch.arange(words, dtype=torch.int32, device=device), hi[:, None])
+        bits = (h[:, :, None] >> torch.arange(32, dtype=torch.int32, device=device)) & 1
+        signs = bits.reshape(len(local), words * 32)[:, :width]
+        return signs.to(dtype).mul_(-2.0).add_(1.0).mul_(scale)  # bit 1 -> -scale, 0 -> +scale
+    # Box-Muller, both outputs: columns 2c and 2c + 1 from the uniforms of counters 2c
+    # and 2c + 1, 24 bits each, u1 in (0, 1] (no log of 0), u2 in [0, 1). The 24-bit grid
+    # truncates the tails at 5.8 sigma: E[z^2] differs from 1 by ~1e-7.
+    pairs = -(-width // 2)
+    counters = torch.arange(2 * pairs, dtype=torch.int32, device=device)
+    h = _hash32(lo[:, None] + counters, hi[:, None]).view(len(local), pairs, 2)
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    uniforms = ((h >> 8) & 0xFFFFFF).to(work)
+    del h
+    radius = uniforms[..., 0].add_(1.0).mul_(2.0 ** -24).log_().mul_(-2.0).sqrt_().mul_(scale)
+    angle = uniforms[..., 1].mul_(2.0 ** -24 * 2 * math.pi)
+    z = torch.stack([angle.cos(), angle.sin_()], dim=-1).mul_(radius[..., None])
+    return z.reshape(len(local), 2 * pairs)[:, :width].to(dtype)
 
 
 def check_projection(projection) -> Optional[Projection]:

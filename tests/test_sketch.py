@@ -149,7 +149,7 @@ def test_seeds_and_kinds_differ_and_rows_are_scaled():
     (dict(dim=2.0), ValueError, "positive int"),
     (dict(dim=True), ValueError, "positive int"),
     (dict(dim=8, kind="gauss"), ValueError, "'gaussian', 'rademacher'"),
-    (dict(dim=8, kind="kronecker"), NotImplementedError, "not implemented yet"),
+    (dict(dim=37, kind="kronecker"), ValueError, "balanced factorization"),
     (dict(dim=8, seed="0"), TypeError, "seed must be an int"),
 ])
 def test_bad_projection_arguments(bad, error, words):

@@ -75,6 +75,7 @@ class BatchedPass:
         self._featured = [st for st in self.sampled if st.name not in self.choices]
         self._featured_count = sum(st.columns.numel() for st in self._featured)
         self._columns: Optional[torch.Tensor] = None  # their columns of out, when out has others too
+        self.sketch: Optional[torch.Tensor] = None  # the last pass's sketch of the factors (a projection's)
         # What the first batch saw: parameter name -> the rules of its uses.
         self.paths: Dict[str, List[str]] = {}
         self.reached: set = set()  # tensors some gradient reached on the first batch
@@ -128,15 +129,21 @@ class BatchedPass:
                 hook.remove()
         return mode, result
 
-    def __call__(self, batch: ModelInputs, out: torch.Tensor) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+    def __call__(self, batch: ModelInputs, out: torch.Tensor, projection=None,
+                 keep_row: int = 0) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
         """out [B, p] (one scalar output) or [B, k, p] (every logit: output "full" and kin):
         the sampled per-sample gradients, from one forward and one backward per output.
-        Returns the structured tensors' factors (persample.factors.FactorSink.finish).
+        Returns the structured tensors' factors (persample.factors.FactorSink.finish); with
+        a Kronecker ``projection`` their sketch [B, (k,) dim] instead, in ``self.sketch``,
+        and the factors of row ``keep_row`` only (the check's).
         Forward and backward run with the model's tensors swapped (a forward recomputed
         during the backward, torch.utils.checkpoint, must see the same tensors)."""
-        return substituted(self.model, self.state, lambda: self._pass(batch, out), self._tensors(batch))
+        self.sketch = None
+        return substituted(self.model, self.state, lambda: self._pass(batch, out, projection, keep_row),
+                           self._tensors(batch))
 
-    def _pass(self, batch: ModelInputs, out: torch.Tensor) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+    def _pass(self, batch: ModelInputs, out: torch.Tensor, projection=None,
+              keep_row: int = 0) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
         mode, result = self._forward(batch)
         with torch.enable_grad():
             if mode.uncovered:
@@ -171,7 +178,9 @@ class BatchedPass:
             counts = Counter(st.name for use in uses for st in use.sampled)
             factors = None
             if self.choices:
-                factors = FactorSink(self.choices, len(scalars), out.dim() == 3)
+                if projection is not None:
+                    self.sketch = torch.zeros(*out.shape[:-1], projection.dim, dtype=out.dtype, device=out.device)
+                factors = FactorSink(self.choices, len(scalars), out.dim() == 3, projection, self.sketch, keep_row)
                 for use in uses:
                     for st in use.sampled:
                         if st.name in self.choices:
@@ -213,4 +222,6 @@ class BatchedPass:
                     if label not in paths[st.name]:
                         paths[st.name].append(label)
             self.paths = paths
-        return factors.finish(batch.size, out) if factors is not None else {}
+        if factors is None:
+            return {}
+        return factors.finish(batch.size if projection is None else 1, out)

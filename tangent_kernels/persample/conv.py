@@ -88,11 +88,13 @@ class ConvUse(Use):
         form = self.factor_form(st)
         return None if form is None or self.bias is None else whole_vector(self.bias, form.g_dim)
 
-    def _factors(self, d: torch.Tensor, a_pad=None):
+    def _factors(self, d: torch.Tensor, a_pad=None, rows: slice = slice(None)):
         """(x [B, L, C * prod(k)], g [B, L, O]): F.unfold's patch order (c, k...) is the
-        weight's own, so the factors' outer products are its gradient in place."""
+        weight's own, so the factors' outer products are its gradient in place. rows: of
+        the samples (d holds them already)."""
         if a_pad is None:
-            a_pad = F.pad(self.a, self.pads) if any(self.pads) else self.a
+            a = self.a[rows]
+            a_pad = F.pad(a, self.pads) if any(self.pads) else a
         kernel = tuple(self.weight.geometry[0][2:])
         stride, dilation = self.stride, self.dilation
         if a_pad.dim() == 3:  # 1-D: a 2-D convolution of height 1
@@ -102,7 +104,9 @@ class ConvUse(Use):
 
     def contribute(self, d: torch.Tensor, sink: Sink) -> None:
         if (self.weight is not None and sink.factors is not None and self.weight.st.name in sink.factors.names):
-            sink.factors.add(self.weight.st.name, self.key, *self._factors(d))
+            form = self.factor_form(self.weight.st)
+            for s0, s1 in sink.factors.chunks(d.shape[0], form.tokens * (form.x_dim + form.g_dim)):
+                sink.factors.add(self.weight.st.name, self.key, *self._factors(d[s0:s1], rows=slice(s0, s1)), start=s0)
             self._bias(d, sink)
             return
         self._bias(d, sink)

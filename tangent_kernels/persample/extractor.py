@@ -54,6 +54,10 @@ class FeatureExtractor:
         self.kept: Optional[torch.Tensor] = None  # full-index column of each feature column
         self.committed = False
         self.factors: Dict[str, tuple] = {}  # of the last batch
+        # A Kronecker projection (sketch.py) sketches the factors in the pass: their sketch
+        # [B, (k,) dim] of the last batch, and the checked row's factors in ``factors``.
+        self.projection = None
+        self.factor_sketch: Optional[torch.Tensor] = None
         self.backend = backend
         self.dense = DenseStrategy(backend) if dense is None else dense
         # Under TF32 a batch and a single sample take different convolution algorithms
@@ -224,7 +228,8 @@ class FeatureExtractor:
         factors = {}
         while self.batched is not None:
             try:
-                factors = self.batched(batch, block)
+                factors = self.batched(batch, block, self.projection, self._checked_row(batch.size))
+                self.factor_sketch = self.batched.sketch
                 break
             except Uncovered as misfit:
                 _log.debug("generic path for %s", misfit)
@@ -323,12 +328,14 @@ class FeatureExtractor:
                     else grad.reshape(-1)[piece.local.to(grad.device)])
             for name, (x, g) in factors.items():
                 piece, grad, choice = structured[name], grads[name], self.plan.choices[name]
-                g_row = g[row:row + 1, c:c + 1] if self.multi else g[row:row + 1]
+                # Every row's factors, or (a projection's) the checked row's alone.
+                at = row if x.shape[0] > 1 else 0
+                g_row = g[at:at + 1, c:c + 1] if self.multi else g[at:at + 1]
                 if choice.index:  # token ids into the table's rows
                     rows_of_table = self.index.layout.shapes[self.index.layout.names.index(name)][0]
-                    got = index_gradients(x[row:row + 1], g_row, rows_of_table).reshape(-1)
+                    got = index_gradients(x[at:at + 1], g_row, rows_of_table).reshape(-1)
                 else:
-                    got = per_sample_gradients(x[row:row + 1], g_row, choice.axis).reshape(-1)
+                    got = per_sample_gradients(x[at:at + 1], g_row, choice.axis).reshape(-1)
                 if choice.bias is not None:
                     # The input's last entry is the absorbed bias' constant 1: the leaf's matrix
                     # [G, X] (axis 1) or [X, G] (axis 0) plus the bias as its last column or row.

@@ -4,11 +4,15 @@ Uses of a structured tensor hand (x, g) here instead of writing features: x [B, 
 the use's input, g [B, T_u, G] the gradient at its output (times the use's scale). The
 uses' tokens are concatenated in forward order; x is recorded once (it does not depend
 on the output), g once per output.
+
+With a Kronecker projection (sketch.py) each use's factors are sketched as they are
+handed, into ``sketch`` [B, (k,) dim], and only the checked row of them is kept (for the
+extractor's per-batch check): no tensor's factors outlive its use's contribution.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -18,8 +22,10 @@ __all__ = ["FactorSink", "index_gradients", "per_sample_gradients"]
 
 
 class FactorSink:
-    def __init__(self, choices: Dict[str, object], outputs: int, multi: bool):
+    def __init__(self, choices: Dict[str, object], outputs: int, multi: bool, projection=None,
+                 sketch: Optional[torch.Tensor] = None, keep_row: int = 0):
         self.choices, self.outputs, self.multi = choices, outputs, multi
+        self.projection, self.sketch, self.keep_row = projection, sketch, keep_row
         self.names = set(choices)
         self.output = 0  # which output the backward in progress is for (set by the batched pass)
         self._order: Dict[str, List[Tuple[str, object]]] = {name: [] for name in choices}
@@ -34,9 +40,28 @@ class FactorSink:
                                    "needs the same uses every batch)"})
         self._order[name].append((key, form))
 
-    def add(self, name: str, key: str, x: torch.Tensor, g: torch.Tensor) -> None:
+    def chunks(self, batch: int, per_sample: int) -> List[Tuple[int, int]]:
+        """The sample ranges a rule hands its factors in (``add``'s ``start``): the whole
+        batch, or under a projection chunks of a bounded size (per_sample: the entries of
+        one sample's factors), so that a conv layer's unfolded patches never exist whole."""
+        step = batch if self.projection is None else self.projection.factor_chunk(per_sample)
+        return [(s, min(s + step, batch)) for s in range(0, batch, step)]
+
+    def add(self, name: str, key: str, x: torch.Tensor, g: torch.Tensor, start: int = 0) -> None:
+        """The factors of one use for samples start .. start + len(x) (all but under a
+        projection: ``chunks``)."""
         # Detached: the activations are tracked by autograd, and the factors outlive the pass.
         choice = self.choices[name]
+        if self.projection is not None:
+            x, g = _select(x.detach(), choice.x_index), _select(g.detach(), choice.g_index)
+            sketch = self.sketch[:, self.output] if self.multi else self.sketch
+            self.projection.add_factor_sketch(name, choice, x, g, sketch[start:start + x.shape[0]])
+            if start <= self.keep_row < start + x.shape[0]:
+                row = slice(self.keep_row - start, self.keep_row - start + 1)
+                # Copies: a view would keep the whole factor alive.
+                self._x.setdefault((name, key), x[row].clone())
+                self._g[(name, key, self.output)] = g[row].clone()
+            return
         if (name, key) not in self._x:
             x = _select(x.detach(), choice.x_index)
             if choice.bias is not None:  # x.x' + 1: the absorbed bias' Gram rides along (plan.Choice.bias)
@@ -46,7 +71,8 @@ class FactorSink:
 
     def finish(self, batch: int, like: torch.Tensor) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
         """name -> (x [B, T, X], g [B, T, G], or [B, k, T, G] for every logit); zeros where
-        no gradient reached a use (its contribution is zero)."""
+        no gradient reached a use (its contribution is zero). With a projection, B = 1:
+        the checked row's."""
         result = {}
         for name, uses in self._order.items():
             choice = self.choices[name]

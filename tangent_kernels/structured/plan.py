@@ -225,6 +225,10 @@ def decide(uses: Sequence, sampled: Sequence, excluded: Dict[str, str], outputs:
 
     excluded: tensors already on another path (generic), with why. forced: exactly these
     tensors structured (a checkpointed run's plan), each still checked for eligibility.
+    mode "products" (internal, the Kronecker projection's: sketch.py) takes every eligible
+    tensor whose factors are an input and an output gradient, by structure alone (no
+    measured cost may change which tensors a seed's R projects how); lookups of token ids
+    are left to the features.
     """
     plan = Plan()
     if mode == "never" and forced is None:
@@ -257,6 +261,9 @@ def decide(uses: Sequence, sampled: Sequence, excluded: Dict[str, str], outputs:
             plan.ineligible[st.name] = "uses with the input on different axes (or lookups and products)"
             continue
         first = forms[0]
+        if first.index and mode == "products":
+            plan.ineligible[st.name] = "an embedding lookup (token ids, no input factor to project)"
+            continue
         if first.index and selection != (None, None):
             plan.ineligible[st.name] = "partially sampled embedding table (the token-id form needs it whole)"
             continue
@@ -270,8 +277,11 @@ def decide(uses: Sequence, sampled: Sequence, excluded: Dict[str, str], outputs:
                                       st.leaf.shape[0] if first.index else 0)
         saved = (features - structured) * rates[0] * outputs ** 2  # multiply-adds per pair of samples
         worth = structured * _MARGIN < features and saved >= _MIN_SAVED
-        take = st.name in forced if forced is not None else (mode == "always" or worth)
-        bias = _absorbable_bias(st, touching, uses, sampled, excluded) if take and selection == (None, None) else None
+        take = st.name in forced if forced is not None else (mode in ("always", "products") or worth)
+        # The Kronecker projection leaves biases to the dense kind: folded in, each factor
+        # x would be copied to append its constant 1, for a tensor of O entries.
+        fold = take and selection == (None, None) and mode != "products"
+        bias = _absorbable_bias(st, touching, uses, sampled, excluded) if fold else None
         if bias is not None and forced is not None and bias not in forced:
             bias = None  # a checkpointed run that kept the bias on features (made before absorption)
         plan.choices[st.name] = Choice(st.name, first.axis, x_dim + (bias is not None), g_dim, tokens, len(forms),
