@@ -234,7 +234,8 @@ def figure(errors: List[dict], ridge: List[dict], path: Path) -> None:
                 left.errorbar([r["dim"] for r in rs], [r["mean"] for r in rs], yerr=[r["std"] for r in rs],
                               marker=marker, color=color, linestyle="-", capsize=3, label=f"{model}, {kind}")
         gauss = [r for r in rows if r["kind"] == rows[0]["kind"]]
-        left.plot([r["dim"] for r in gauss], [r["gaussian_prediction"] for r in gauss], color=color, linestyle=":")
+        left.plot([r["dim"] for r in gauss], [r["gaussian_prediction"] for r in gauss], color=color, linestyle=":",
+                  marker="_", markersize=14)
     left.set(xscale="log", yscale="log", xlabel="dim", ylabel="||K~ - K||_F / ||K||_F",
              title="sketch error (dotted: Gaussian prediction ~ 1/sqrt(dim))")
     left.legend(fontsize=7)
@@ -247,8 +248,11 @@ def figure(errors: List[dict], ridge: List[dict], path: Path) -> None:
     exact = [r for r in ridge if r["method"].startswith("exact")][0]
     right.axhline(exact["test"], color="k", linestyle="-", linewidth=0.8, label="exact (ID)")
     right.axhline(exact["ood"], color="k", linestyle="--", linewidth=0.8, label="exact (OOD)")
+    sizes = sorted({r["p"] for r in ridge if not r["method"].startswith("exact")})
     right.set(xscale="log", xlabel="p (features per sample)", ylabel="accuracy",
               title="kernel ridge on the demo's shift, equal p")
+    right.set_xticks(sizes, [f"{p:,}" for p in sizes], minor=False)
+    right.set_xticks([], minor=True)
     right.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -266,9 +270,16 @@ def main(argv=None) -> int:
     parser.add_argument("--figure", default="docs/figures/sketch_accuracy.png")
     parser.add_argument("--table", default=None, help="also write the markdown tables here")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--from-json", default=None, help="redraw the tables and figure of a previous --json run")
     args = parser.parse_args(argv)
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        seeds = len(saved["errors"][0]["errors"])
+        print(tables(saved["errors"], saved["ridge"], seeds, len({r["seed"] for r in saved["ridge"]})))
+        figure(saved["errors"], saved["ridge"], Path(args.figure))
+        return 0
     kinds = accepted_kinds()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     if args.quick:
         plan = [(small_cnn, (256, 1024)), (small_bert, (256, 1024))]
         n, seeds, ridge_sizes, ridge_seeds, epochs = 16, 2, (256,), 1, 1
@@ -288,7 +299,8 @@ def main(argv=None) -> int:
     text = tables(errors, ridge, seeds, ridge_seeds)
     elapsed = time.perf_counter() - started
     text += (f"\n\n{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
-             f"{torch.__version__}, {elapsed:.0f} s{' (--quick)' if args.quick else ''}")
+             f"{torch.__version__}, {elapsed:.0f} s ({time.process_time() - cpu_started:.0f} s of CPU)"
+             f"{' (--quick)' if args.quick else ''}")
     print(text)
     if args.table:
         Path(args.table).write_text(text + "\n")
