@@ -64,9 +64,10 @@ def one(which: str, proj_type: str, proj_dim: int, batch: int) -> dict:
     start = time.perf_counter()
     phi = projector.project(grads, model_id=0)
     seconds = time.perf_counter() - start
+    peak = peak_mib() - before
     norms = sum(g.flatten(1).double().pow(2).sum(1) for g in grads.values())
     scale = (phi.double().pow(2).sum(1) / (proj_dim * norms)).tolist()
-    return {"P": P, "build_s": built, "project_s": seconds, "peak_above_gradients_mib": peak_mib() - before,
+    return {"P": P, "build_s": built, "project_s": seconds, "peak_above_gradients_mib": peak,
             "norm_ratio": scale}
 
 
