@@ -267,7 +267,7 @@ def main(argv=None) -> int:
     parser.add_argument("--resnet18-dims", default="256",
                         help="comma-separated; '' skips resnet18 (its 11.2M x dim hashes per seed dominate)")
     parser.add_argument("--ridge-seeds", type=int, default=3)
-    parser.add_argument("--figure", default="docs/figures/sketch_accuracy.png")
+    parser.add_argument("--figure", default=str(Path(__file__).resolve().parents[1] / "docs/figures/sketch_accuracy.png"))
     parser.add_argument("--table", default=None, help="also write the markdown tables here")
     parser.add_argument("--json", default=None)
     parser.add_argument("--from-json", default=None, help="redraw the tables and figure of a previous --json run")

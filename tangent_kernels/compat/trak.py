@@ -296,7 +296,8 @@ class SketchProjector(_ProjectorBase):
         self.model_id = model_id
         projection = self.projection(model_id)
         if isinstance(grads, dict):
-            pieces = [(g.reshape(g.shape[0], -1), index) for g, index in zip(grads.values(), self._per_tensor(grads))]
+            # a generator: one tensor's index (8 bytes a parameter) alive at a time
+            pieces = ((g.reshape(g.shape[0], -1), index) for g, index in zip(grads.values(), self._per_tensor(grads)))
         elif isinstance(grads, torch.Tensor) and grads.dim() == 2 and grads.shape[1] == self.grad_dim:
             pieces = [(grads, self.index if self.index is not None else self._one_tensor())]
         else:
