@@ -4,7 +4,8 @@ core knows about them (docs/compat.md):
 
 - ``torch_func``: PyTorch's "Neural Tangent Kernels" tutorial;
 - ``neural_tangents``: its ``empirical_ntk_fn`` conventions, for PyTorch models;
-- ``trak``: a TRAK gradient computer (``TRAKer(gradient_computer=...)``);
+- ``trak``: a TRAK gradient computer (``TRAKer(gradient_computer=...)``) and projector
+  (``TRAKer(projector=SketchProjector(...))``, tk.Projection behind it: no fast_jl);
 - ``laplace``: laplace-torch curvature backends (``Laplace(backend=...)``), imported on
   first use because it subclasses laplace-torch's classes (needs ``laplace-torch``);
 - ``lm_kernel_ft``: LM-Kernel-FT's ``compute_kernel_sharded``.
