@@ -52,7 +52,10 @@ def test_quick_run_writes_the_tables_and_the_figure(tmp_path):
     for r in results["errors"]:
         assert len(r["errors"]) == 2 and all(math.isfinite(e) and 0 < e < 1 for e in r["errors"])
         assert f"| {r['model']} |" in text
-    for kind in kinds:  # the error falls with dim: 1,024 columns against 256 (fixed seeds)
+    # The dense kinds' error falls as 1/sqrt(dim): 1,024 columns against 256 halve it, far
+    # beyond two seeds' spread. The Kronecker kind's falls as about dim^(-1/4) (R_in and R_out
+    # each get sqrt(dim) columns: docs/sketch.md), which two seeds do not resolve.
+    for kind in set(kinds) & {"gaussian", "rademacher"}:
         for model in ("digits CNN", "small BERT"):
             mean = {r["dim"]: r["mean"] for r in results["errors"] if r["kind"] == kind and r["model"] == model}
             assert mean[1024] < mean[256], (kind, model, mean)
