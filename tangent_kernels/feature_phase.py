@@ -29,7 +29,7 @@ from .store import FeatureStore
 from .structured.stores import FactorStores, record_plan, recorded_plan
 
 __all__ = ["PER_SAMPLE_ROWS", "check_finite", "check_signature", "describe", "feature_blocks", "features_with_backoff",
-           "fill_store", "new_extractor", "open_stores", "reused_extractors"]
+           "fill_store", "kept_features", "new_extractor", "open_stores", "reused_extractors"]
 
 _log = logging.getLogger("tangent_kernels")
 
@@ -70,6 +70,19 @@ def feature_blocks(
 # tk.Kernel (kernel.py) keeps its extractors across calls: around its calls this holds its
 # {structured mode: extractor}, reused when made for the same idx, output and dtype.
 reused_extractors: ContextVar[Optional[dict]] = ContextVar("reused_extractors", default=None)
+
+
+# tk.Kernel keeps the features of the loaders it evaluated last: around its gram calls this
+# holds its kept.KeptFeatures, which fill_store asks before computing a loader and offers
+# what it computed.
+kept_features: ContextVar[Optional[Any]] = ContextVar("kept_features", default=None)
+
+
+def _plan_key(per_sample: FeatureExtractor):
+    """What a kept side's stores are laid out by: the feature columns and the structured tensors."""
+    if per_sample.plan is None:
+        return None
+    return tuple(per_sample.plan.without_features), len(per_sample.feature_index), per_sample.k
 
 
 def new_extractor(model, index, output, precision: Precision, device, backend: str,
@@ -152,6 +165,15 @@ def fill_store(model, loader, name, *, index, output, precision, device, inputs,
     recorded = ckpt.recorded_batches(name) if ckpt is not None else []
     forced = recorded_plan(ckpt)
     feature_store, factors = None, None
+    kept = kept_features.get() if ckpt is None and projection is None else None
+    if kept is not None:
+        per_sample = extractor()
+        hit = kept.lookup(loader, inputs, expected_signature, _plan_key(per_sample))
+        if hit is not None:
+            # The other loader's features must be laid out by the same plan: it may no longer change.
+            per_sample.commit()
+            return hit
+    fingerprints = [] if kept is not None else None
 
     def open_for(per_sample: FeatureExtractor):
         nonlocal feature_store, factors
@@ -174,7 +196,9 @@ def fill_store(model, loader, name, *, index, output, precision, device, inputs,
             batches = b + 1
             check_signature(own, expected_signature if b == 0 else None, batch.signature(), name, b)
             own = batch.signature() if own is None else own
-            fingerprint = batch_fingerprint(batch) if ckpt is not None else None
+            fingerprint = batch_fingerprint(batch) if ckpt is not None or kept is not None else None
+            if fingerprints is not None:
+                fingerprints.append((batch.size, fingerprint))
             if feature_store is None:
                 per_sample = extractor() if per_sample is None else per_sample
                 per_sample.plan_for(batch.to(device, precision.compute), forced)
@@ -243,6 +267,8 @@ def fill_store(model, loader, name, *, index, output, precision, device, inputs,
                 ckpt.complete_loader(name)
         feature_store.samples = seen
         feature_store.structured = factors
+        if kept is not None and per_sample is not None:
+            kept.offer(loader, fingerprints, own, feature_store, _plan_key(per_sample))
     except BaseException:
         for opened in (feature_store, factors):
             if opened is not None:

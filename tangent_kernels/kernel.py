@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from . import engine, feature_phase
+from .kept import KeptFeatures
 from .outputs import OutputSpec, check_output_spec
 from .params import ParamIndex, resolve_idx
 from .precisions import PRECISIONS
@@ -48,16 +49,25 @@ class Kernel:
     ``.data``); what depends on the model's structure only (the structured plan, the
     rules' and the generic path's decisions, the check's evaluators) is kept, and derived
     again when the structure changes (a module or parameter replaced, requires_grad
-    toggled). The per-batch check (docs/trust.md) runs on every batch of every call.
+    toggled). The per-batch check (docs/trust.md) runs on every call.
+
+    The features (and structured factors) of the loaders evaluated last are kept: a
+    ``.gram`` or ``.cross`` of a loader that is the same object, yielding the same data, at
+    the same weights (values and version counters of every parameter and buffer) and the
+    same computation (modules' classes, forwards and plain attributes) reuses them instead
+    of computing that side again (kept.py; docs/kernel.md).
 
     Args: those of :func:`tangent_kernels.gram` that fix the computation (``idx``,
     ``output``, ``precision``, ``device``, ``backend``, ``structured``, ``inputs``).
     ``idx=None`` means the trainable parameters at the time of each call.
+    ``keep``: keep the features of the last loaders (default True); ``max_memory``: bytes
+    the kept features and the copy of the weights they need may hold together (default
+    1 GiB; what does not fit is not kept). ``.clear()`` drops them.
     """
 
     def __init__(self, model: nn.Module, idx=None, *, output: OutputSpec = "first", precision: str = "fp32",
                  device=None, backend: str = "auto", structured: str = "auto",
-                 inputs: Optional[Callable[[Any], Any]] = None):
+                 inputs: Optional[Callable[[Any], Any]] = None, keep: bool = True, max_memory: int = 2**30):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if precision not in PRECISIONS:
@@ -70,6 +80,12 @@ class Kernel:
         self._structure: Optional[tuple] = None
         self._extractors: Dict[str, Any] = {}  # structured mode -> FeatureExtractor (feature_phase.reused_extractors)
         self.rebuilds = 0  # how often the structure changed (and everything kept was derived again)
+        if not isinstance(keep, bool):
+            raise TypeError(f"keep must be True or False, got {type(keep).__name__}")
+        if isinstance(max_memory, bool) or not isinstance(max_memory, int) or max_memory < 0:
+            raise ValueError(f"max_memory must be a number of bytes >= 0 (the kept features' bound), got {max_memory!r}")
+        self.keep = keep
+        self.kept = KeptFeatures(model, max_memory)
         self._prepare()  # a wrong idx is said now, not at the first call
 
     @property
@@ -79,7 +95,8 @@ class Kernel:
         return self._index
 
     def clear(self) -> None:
-        """Drop everything kept: the next call derives it again."""
+        """Drop everything kept (features of the last loaders, decisions): the next call derives it again."""
+        self.kept.clear()
         self._extractors = {}
         self._index, self._structure = None, None
 
@@ -90,6 +107,7 @@ class Kernel:
             if self._structure is not None:
                 self.rebuilds += 1
             self._extractors = {}
+            self.kept.clear()
             self._index = resolve_idx(self.model, self.idx)
             self._structure = structure
         for extractor in self._extractors.values():
@@ -97,6 +115,7 @@ class Kernel:
             # The structured plan may still be dropped on this call's first batch (engine
             # commits it once that batch is in): a new call starts uncommitted.
             extractor.committed = False
+        self.kept.validate()
 
     def _run(self, compute: Callable[..., torch.Tensor], run_options: Dict[str, Any], *args):
         fixed = sorted(set(run_options) & set(_FIXED))
@@ -116,10 +135,13 @@ class Kernel:
         if run_options.get("checkpoint") is not None:
             # A resumed checkpoint forces the plan it was made with: a fresh extractor takes it.
             return compute(self.model, *args[:1], self._index, *args[1:], **options)
+        keep = self.keep and compute is engine.gram and run_options.get("projection") is None
         token = feature_phase.reused_extractors.set(self._extractors)
+        kept = feature_phase.kept_features.set(self.kept if keep else None)
         try:
             return compute(self.model, *args[:1], self._index, *args[1:], **options)
         finally:
+            feature_phase.kept_features.reset(kept)
             feature_phase.reused_extractors.reset(token)
 
     def gram(self, loader, **run_options) -> torch.Tensor:
@@ -129,7 +151,8 @@ class Kernel:
         return self._run(engine.gram, run_options, loader)
 
     def cross(self, loader1, loader2, **run_options) -> torch.Tensor:
-        """K(X1, X2) [n1, n2] at the model's current weights (both sides computed)."""
+        """K(X1, X2) [n1, n2] at the model's current weights; a side kept from an earlier
+        call (the same loader, data, weights and computation) is not computed again."""
         return self._run(engine.gram, run_options, loader1, loader2)
 
     def features(self, loader, **run_options) -> torch.Tensor:

@@ -114,6 +114,8 @@ class FeatureStore:
         self._handle = None
         self._map: Optional[np.memmap] = None
         self.fixed = kind != "auto"
+        # Held by tk.Kernel for a later call (kept.py): close() leaves it until released.
+        self.kept = False
         if kind == "auto":
             estimate = (expected_rows or 1) * self.row_bytes
             kind = next(t for t in _TIERS if self._fits(t, estimate))
@@ -269,7 +271,15 @@ class FeatureStore:
     def all_rows(self) -> torch.Tensor:
         return self.rows(0, self.n)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held in memory (device or host tier; a disk store's file is not counted)."""
+        held = 0 if self._memory is None else self._memory.numel() * self._memory.element_size()
+        return held + sum(s.numel() * s.element_size() for s in self._scales)
+
     def close(self) -> None:
+        if self.kept:
+            return
         self._map = None
         if self._handle is not None:
             self._handle.close()
