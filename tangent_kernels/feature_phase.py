@@ -16,8 +16,10 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
 
 from .checkpoint import CheckpointMismatch, batch_fingerprint
+
 from .data import ModelInputs, iterate_inputs, loader_length
 from .outputs import OutputSpec
 from .params import ParamIndex
@@ -29,7 +31,7 @@ from .store import FeatureStore
 from .structured.stores import FactorStores, record_plan, recorded_plan
 
 __all__ = ["PER_SAMPLE_ROWS", "check_finite", "check_signature", "describe", "feature_blocks", "features_with_backoff",
-           "fill_store", "kept_features", "new_extractor", "open_stores", "reused_extractors"]
+           "fill_store", "kept_features", "new_extractor", "open_stores", "reused_extractors", "spares"]
 
 _log = logging.getLogger("tangent_kernels")
 
@@ -83,6 +85,28 @@ def _plan_key(per_sample: FeatureExtractor):
     if per_sample.plan is None:
         return None
     return tuple(per_sample.plan.without_features), len(per_sample.feature_index), per_sample.k
+
+
+def _batch_count(loader) -> Optional[int]:
+    """The batches a loader will yield, where it tells reliably without being iterated (a
+    tensor, a list or tuple of non-empty tensors, a DataLoader over a map-style data set);
+    else None."""
+    if isinstance(loader, torch.Tensor):
+        return 1
+    if isinstance(loader, (list, tuple)):
+        fine = all(isinstance(b, torch.Tensor) and b.dim() and b.shape[0] for b in loader)
+        return len(loader) if fine and loader else None
+    if isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset):
+        return len(loader)
+    return None
+
+
+def spares(rotation: Optional[int], b: int, batches: Optional[int]) -> bool:
+    """Whether batch ``b`` of a loader of ``batches`` may go unchecked where its shapes
+    passed the check before (FeatureExtractor.spare): tk.Kernel's calls after the first
+    (``rotation``: the call's number) check one batch per loader, a different one each
+    call (docs/trust.md, "Repeated calls"); one-shot calls (rotation None) check all."""
+    return rotation is not None and batches is not None and b != rotation % batches
 
 
 def new_extractor(model, index, output, precision: Precision, device, backend: str,
@@ -174,6 +198,7 @@ def fill_store(model, loader, name, *, index, output, precision, device, inputs,
             per_sample.commit()
             return hit
     fingerprints = [] if kept is not None else None
+    batches_ahead = _batch_count(loader)
 
     def open_for(per_sample: FeatureExtractor):
         nonlocal feature_store, factors
@@ -235,7 +260,11 @@ def fill_store(model, loader, name, *, index, output, precision, device, inputs,
                     )
                 if per_sample is None:
                     per_sample = extractor()
-                block, batch_factors = features_with_backoff(per_sample, batch.to(device, precision.compute))
+                per_sample.spare = spares(per_sample.rotation, b, batches_ahead)
+                try:
+                    block, batch_factors = features_with_backoff(per_sample, batch.to(device, precision.compute))
+                finally:
+                    per_sample.spare = False
                 if feature_store is None:
                     open_for(per_sample)
                 check_finite(block, seen, name)

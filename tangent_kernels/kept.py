@@ -29,7 +29,7 @@ from torch import nn
 from .checkpoint import batch_fingerprint
 from .data import iterate_inputs
 
-__all__ = ["KeptFeatures"]
+__all__ = ["KeptFeatures", "computation_tokens"]
 
 # vars() entries of a module that are not plain attributes (as in _model.module_attributes_kept);
 # the training flag is not either: every evaluation runs in eval mode.
@@ -52,7 +52,9 @@ def _token(value, depth: int = 0):
     return ("object", id(value))
 
 
-def _computation(model: nn.Module) -> list:
+def computation_tokens(model: nn.Module) -> list:
+    """Every module's identity, class, forward and plain attributes (by value; tensors by
+    identity and version): equal lists, the same computation (short of code and globals)."""
     tokens = []
     for module in model.modules():
         cls = type(module)
@@ -96,9 +98,9 @@ class KeptFeatures:
         return [t for _, t in self.model.named_parameters(remove_duplicate=False)] + \
                [t for _, t in self.model.named_buffers(remove_duplicate=False)]
 
-    def validate(self) -> None:
+    def validate(self, computation: list) -> None:
         """Drop everything if the weights or the computation changed since the entries
-        were computed (before each call)."""
+        were computed (before each call; ``computation``: computation_tokens of the model now)."""
         self._in_use = []
         if not self.entries:
             return
@@ -108,7 +110,7 @@ class KeptFeatures:
             for t, (w, version, pointer, _) in zip(tensors, self._weights))
         # Versions first (an optimizer step moves them: no comparison of values needed).
         same = same and all(torch.equal(t.detach(), copy) for t, (_, _, _, copy) in zip(tensors, self._weights))
-        if not same or _computation(self.model) != self._computation:
+        if not same or computation != self._computation:
             self.clear()
 
     def lookup(self, loader, inputs, expected_signature, plan) -> Optional[Any]:
@@ -145,7 +147,7 @@ class KeptFeatures:
             if weights_bytes > self.max_memory:
                 return
             self._weights = [(t, t._version, t.data_ptr(), t.detach().clone()) for t in tensors]
-            self._computation = _computation(self.model)
+            self._computation = computation_tokens(self.model)
         nbytes = sum(s.nbytes for s in stores)
         spare = [e for e in self.entries if not any(e is used for used in self._in_use)]
         while spare and (self.nbytes + nbytes > self.max_memory or len(self.entries) >= _ENTRIES):

@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from . import engine, feature_phase
-from .kept import KeptFeatures
+from .kept import KeptFeatures, computation_tokens
 from .outputs import OutputSpec, check_output_spec
 from .params import ParamIndex, resolve_idx
+from .persample.extractor import PlanCommitted
 from .precisions import PRECISIONS
 from .structured.plan import check_structured
 
@@ -79,6 +80,8 @@ class Kernel:
         self._index: Optional[ParamIndex] = None
         self._structure: Optional[tuple] = None
         self._extractors: Dict[str, Any] = {}  # structured mode -> FeatureExtractor (feature_phase.reused_extractors)
+        self.calls = 0
+        self._computation: Optional[list] = None
         self.rebuilds = 0  # how often the structure changed (and everything kept was derived again)
         if not isinstance(keep, bool):
             raise TypeError(f"keep must be True or False, got {type(keep).__name__}")
@@ -110,12 +113,19 @@ class Kernel:
             self.kept.clear()
             self._index = resolve_idx(self.model, self.idx)
             self._structure = structure
+        # Calls after the first check one batch per loader, rotating, while the modules'
+        # classes, forwards and plain attributes stay as they were (docs/trust.md).
+        computation = computation_tokens(self.model)
+        rotation = self.calls if computation == self._computation else None
+        self._computation = computation
         for extractor in self._extractors.values():
             extractor.refresh()
             # The structured plan may still be dropped on this call's first batch (engine
             # commits it once that batch is in): a new call starts uncommitted.
             extractor.committed = False
-        self.kept.validate()
+            extractor.rotation = rotation
+        self.calls += 1
+        self.kept.validate(computation)
 
     def _run(self, compute: Callable[..., torch.Tensor], run_options: Dict[str, Any], *args):
         fixed = sorted(set(run_options) & set(_FIXED))
@@ -139,10 +149,34 @@ class Kernel:
         token = feature_phase.reused_extractors.set(self._extractors)
         kept = feature_phase.kept_features.set(self.kept if keep else None)
         try:
-            return compute(self.model, *args[:1], self._index, *args[1:], **options)
+            counts = self._counts()
+            try:
+                result = compute(self.model, *args[:1], self._index, *args[1:], **options)
+            except PlanCommitted:
+                # A check failed on a later batch of a call whose first batches went
+                # unchecked: had they been checked, the plan would have changed on the first.
+                if not self._spared_since(counts):
+                    raise
+                result = None
+            if result is None or self._spared_since(counts, failed=True):
+                # A check failed in a call that left batches unchecked: those may be wrong
+                # too. The whole call again, every batch checked (as a one-shot call).
+                self.kept.clear()
+                for extractor in self._extractors.values():
+                    extractor.rotation, extractor.committed = None, False
+                result = compute(self.model, *args[:1], self._index, *args[1:], **options)
+            return result
         finally:
             feature_phase.kept_features.reset(kept)
             feature_phase.reused_extractors.reset(token)
+
+    def _counts(self) -> dict:
+        return {id(e): (e.spared, e.failures) for e in self._extractors.values()}
+
+    def _spared_since(self, counts: dict, failed: bool = False) -> bool:
+        """Whether batches went unchecked since ``counts`` (and, with ``failed``, a check failed)."""
+        return any(e.spared > counts.get(id(e), (0, 0))[0] and (not failed or e.failures > counts.get(id(e), (0, 0))[1])
+                   for e in self._extractors.values())
 
     def gram(self, loader, **run_options) -> torch.Tensor:
         """K(X, X) [n, n] at the model's current weights; ``run_options``: those of
