@@ -81,6 +81,7 @@ class KeptFeatures:
         self.entries: List[_Entry] = []
         self._weights: Optional[list] = None  # (tensor, version, data_ptr, copy) when the entries were computed
         self._computation: Optional[list] = None
+        self._now: Optional[list] = None
         self.hits = 0  # sides reused (for tests and benchmarks)
         self._in_use: List[_Entry] = []  # handed to the current call: never dropped during it
 
@@ -102,6 +103,7 @@ class KeptFeatures:
         """Drop everything if the weights or the computation changed since the entries
         were computed (before each call; ``computation``: computation_tokens of the model now)."""
         self._in_use = []
+        self._now = computation  # this call's, for offer
         if not self.entries:
             return
         tensors = self._tensors()
@@ -147,7 +149,7 @@ class KeptFeatures:
             if weights_bytes > self.max_memory:
                 return
             self._weights = [(t, t._version, t.data_ptr(), t.detach().clone()) for t in tensors]
-            self._computation = computation_tokens(self.model)
+            self._computation = self._now if self._now is not None else computation_tokens(self.model)
         nbytes = sum(s.nbytes for s in stores)
         spare = [e for e in self.entries if not any(e is used for used in self._in_use)]
         while spare and (self.nbytes + nbytes > self.max_memory or len(self.entries) >= _ENTRIES):
