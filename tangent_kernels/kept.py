@@ -84,15 +84,18 @@ class KeptFeatures:
         self._now: Optional[list] = None
         self.hits = 0  # sides reused (for tests and benchmarks)
         self._in_use: List[_Entry] = []  # handed to the current call: never dropped during it
+        # The buffers of the entries dropped at the start of this call, for the stores it
+        # opens (store.recycled_buffers); emptied when the call ends (Kernel._run).
+        self.recycled: List[torch.Tensor] = []
 
     @property
     def nbytes(self) -> int:
         """Bytes held: the kept stores and the weights' copy."""
         return sum(e.nbytes for e in self.entries) + sum(_nbytes(w[3]) for w in self._weights or [])
 
-    def clear(self) -> None:
+    def clear(self, recycle: bool = False) -> None:
         for entry in self.entries:
-            _release(entry.stores)
+            _release(entry.stores, self.recycled if recycle else None)
         self.entries, self._weights, self._computation = [], None, None
 
     def _tensors(self) -> list:
@@ -113,7 +116,7 @@ class KeptFeatures:
         # Versions first (an optimizer step moves them: no comparison of values needed).
         same = same and all(torch.equal(t.detach(), copy) for t, (_, _, _, copy) in zip(tensors, self._weights))
         if not same or computation != self._computation:
-            self.clear()
+            self.clear(recycle=True)
 
     def lookup(self, loader, inputs, expected_signature, plan) -> Optional[Any]:
         """The kept FeatureStore of ``loader`` (its ``.structured`` the factors) and its
@@ -165,7 +168,7 @@ class KeptFeatures:
         self.entries.append(_Entry(loader, fingerprints, signature, stores, plan, nbytes))
 
 
-def _release(stores) -> None:
+def _release(stores, recycle: Optional[list] = None) -> None:
     for s in stores:
         s.kept = False
-        s.close()
+        s.close(recycle)

@@ -20,6 +20,7 @@ from .outputs import OutputSpec, check_output_spec
 from .params import ParamIndex, resolve_idx
 from .persample.extractor import PlanCommitted
 from .precisions import PRECISIONS
+from .store import recycled_buffers
 from .structured.plan import check_structured
 
 __all__ = ["Kernel"]
@@ -148,6 +149,7 @@ class Kernel:
         keep = self.keep and compute is engine.gram and run_options.get("projection") is None
         token = feature_phase.reused_extractors.set(self._extractors)
         kept = feature_phase.kept_features.set(self.kept if keep else None)
+        recycled = recycled_buffers.set(self.kept.recycled)
         try:
             counts = self._counts()
             try:
@@ -167,6 +169,8 @@ class Kernel:
                 result = compute(self.model, *args[:1], self._index, *args[1:], **options)
             return result
         finally:
+            recycled_buffers.reset(recycled)
+            self.kept.recycled.clear()  # what this call did not take is freed now
             feature_phase.kept_features.reset(kept)
             feature_phase.reused_extractors.reset(token)
 

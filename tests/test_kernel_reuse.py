@@ -168,3 +168,19 @@ def test_a_structure_change_drops_the_kept_sides():
     model.head = nn.Linear(16, 3)
     close(kernel.cross(test, train, progress=False), gram_autograd(model, test, loader2=train, output="sum"), "fp64")
     assert kernel.kept.hits == 0
+
+
+def test_buffers_of_dropped_sides_are_reused_by_the_next_call_without_their_values():
+    # After a step the kept sides are stale: their memory is handed to the stores of the
+    # next call (same shapes), which must hold that call's features only.
+    model = Net()
+    train, test = loaders()
+    other = [t.flip(0) * 2.0 for t in train]
+    kernel = tk.Kernel(model, output="sum", precision="fp64", structured="never")
+    kernel.gram(train, progress=False)
+    for loader in (other, train, other):
+        sgd_step(model, train[0])
+        close(kernel.gram(loader, progress=False), gram_autograd(model, loader, output="sum"), "fp64")
+        close(kernel.cross(test, loader, progress=False), gram_autograd(model, test, loader2=loader, output="sum"),
+              "fp64")
+    assert kernel.kept.recycled == []  # nothing left over between calls
