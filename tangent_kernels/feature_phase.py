@@ -263,6 +263,7 @@ def fill_store(model, loader, name, *, index, output, precision, device, inputs,
                 per_sample.spare = spares(per_sample.rotation, b, batches_ahead)
                 try:
                     block, batch_factors = features_with_backoff(per_sample, batch.to(device, precision.compute))
+                    computed = block
                 finally:
                     per_sample.spare = False
                 if feature_store is None:
@@ -280,6 +281,9 @@ def fill_store(model, loader, name, *, index, output, precision, device, inputs,
                 stored_rows += stored.shape[0]
                 if ckpt is not None:
                     ckpt.record_batch(name, stored, scales, fingerprint)
+                if projection is None:  # copied into the store: the extractor may fill it again
+                    per_sample.spare_block = computed
+                del block, stored
             seen += batch.size
             events("features", name, seen, total, resumed=b < len(recorded))
         if feature_store is None:  # an empty loader

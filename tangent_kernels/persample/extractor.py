@@ -78,6 +78,10 @@ class FeatureExtractor:
         self.spare = False
         self.rotation: Optional[int] = None  # tk.Kernel's call number (None: a one-shot call)
         self.spared, self.failures = 0, 0  # batches left unchecked, checks failed (counts, for tk.Kernel)
+        # A block the caller has copied and no longer holds (fill_store): the next batch's
+        # block, when of its shape. A fresh one per batch paid its page faults every call
+        # (a 128 x 136k block: 20% of a repeated gram of the benchmark's small BERT).
+        self.spare_block: Optional[torch.Tensor] = None
         self._rounding: Dict[str, float] = {}  # tensor -> relative error an fp64 recheck called rounding
         self.state = functional_state(model, index.layout, dtype, device)
         # Parameter tensor -> why it takes the generic path (decided on the first batch).
@@ -233,7 +237,9 @@ class FeatureExtractor:
             self._build()
         p = len(self.feature_index)
         shape = (batch.size, self.k, p) if self.multi else (batch.size, p)
-        block = torch.empty(shape, dtype=self.dtype, device=self.device)
+        spare, self.spare_block = self.spare_block, None
+        block = spare if spare is not None and spare.shape == shape else torch.empty(shape, dtype=self.dtype,
+                                                                                      device=self.device)
         factors = {}
         while self.batched is not None:
             try:
