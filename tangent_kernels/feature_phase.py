@@ -282,7 +282,7 @@ def fill_store(model, loader, name, *, index, output, precision, device, inputs,
                 if ckpt is not None:
                     ckpt.record_batch(name, stored, scales, fingerprint)
                 if projection is None:  # copied into the store: the extractor may fill it again
-                    per_sample.spare_block = computed
+                    per_sample.give_back(computed)
                 del block, stored
             seen += batch.size
             events("features", name, seen, total, resumed=b < len(recorded))

@@ -78,10 +78,10 @@ class FeatureExtractor:
         self.spare = False
         self.rotation: Optional[int] = None  # tk.Kernel's call number (None: a one-shot call)
         self.spared, self.failures = 0, 0  # batches left unchecked, checks failed (counts, for tk.Kernel)
-        # A block the caller has copied and no longer holds (fill_store): the next batch's
-        # block, when of its shape. A fresh one per batch paid its page faults every call
-        # (a 128 x 136k block: 20% of a repeated gram of the benchmark's small BERT).
-        self.spare_block: Optional[torch.Tensor] = None
+        # Blocks the caller has copied and no longer holds (give_back, from fill_store): a
+        # later batch's block of the same shape. A fresh one per batch paid its page faults
+        # every call (a 128 x 136k block: 20% of a repeated gram of the benchmark's BERT).
+        self.spare_blocks: List[torch.Tensor] = []
         self._rounding: Dict[str, float] = {}  # tensor -> relative error an fp64 recheck called rounding
         self.state = functional_state(model, index.layout, dtype, device)
         # Parameter tensor -> why it takes the generic path (decided on the first batch).
@@ -200,6 +200,11 @@ class FeatureExtractor:
         self.state = state
         self._build()
 
+    def give_back(self, block: torch.Tensor) -> None:
+        """A block of this extractor's that the caller copied and holds no more: kept for a
+        later batch of its shape (two shapes at most: a cross kernel's two loaders)."""
+        self.spare_blocks = [b for b in self.spare_blocks if b.shape != block.shape][-1:] + [block]
+
     def extract(self, batch: ModelInputs):
         """(block [B, p'] or [B, k, p'] of feature_index's columns, {tensor: factors})."""
         block = self(batch)
@@ -237,9 +242,11 @@ class FeatureExtractor:
             self._build()
         p = len(self.feature_index)
         shape = (batch.size, self.k, p) if self.multi else (batch.size, p)
-        spare, self.spare_block = self.spare_block, None
-        block = spare if spare is not None and spare.shape == shape else torch.empty(shape, dtype=self.dtype,
-                                                                                      device=self.device)
+        block = next((b for b in self.spare_blocks if b.shape == shape), None)
+        if block is None:
+            block = torch.empty(shape, dtype=self.dtype, device=self.device)
+        else:
+            self.spare_blocks = [b for b in self.spare_blocks if b is not block]
         factors = {}
         while self.batched is not None:
             try:
