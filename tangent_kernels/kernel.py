@@ -86,8 +86,9 @@ class Kernel:
         self.rebuilds = 0  # how often the structure changed (and everything kept was derived again)
         if not isinstance(keep, bool):
             raise TypeError(f"keep must be True or False, got {type(keep).__name__}")
-        if isinstance(max_memory, bool) or not isinstance(max_memory, int) or max_memory < 0:
-            raise ValueError(f"max_memory must be a number of bytes >= 0 (the kept features' bound), got {max_memory!r}")
+        if isinstance(max_memory, bool) or not isinstance(max_memory, (int, float)) or not 0 <= max_memory < float("inf"):
+            raise ValueError(f"max_memory must be a finite number of bytes >= 0 (what the kept features may hold, "
+                             f"e.g. 4 * 2**30), got {max_memory!r}")
         self.keep = keep
         self.kept = KeptFeatures(model, max_memory)
         self._prepare()  # a wrong idx is said now, not at the first call
