@@ -328,3 +328,26 @@ def test_a_check_failing_in_a_call_that_spared_batches_computes_the_call_again(s
     # Where batches before the failing one went unchecked, the call was computed again
     # (every batch checked); where the first batch failed, the rest went to the exact loop.
     assert any(redone)
+
+
+def test_a_dataloader_is_rotated_and_a_loader_of_unknown_length_checked_whole(monkeypatch):
+    from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+
+    class Stream(IterableDataset):
+        def __init__(self, x):
+            self.x = x
+
+        def __iter__(self):
+            return iter(self.x.split(4))
+
+    model, x = mlp(), data()
+    kernel = tk.Kernel(model, output="sum", structured="never")
+    sizes = checked_sizes(kernel, monkeypatch)
+    loader = DataLoader(TensorDataset(x), batch_size=4)  # 3 batches, len() = 3
+    stream = DataLoader(Stream(x), batch_size=None)  # no length known ahead
+    for source, later in ((loader, 1), (stream, 3)):
+        kernel.gram(source, progress=False)
+        sgd_step(model, x)
+        del sizes[:]
+        close(kernel.gram(source, progress=False), gram_autograd(model, [x], output="sum"), "fp32")
+        assert len(sizes) == later
