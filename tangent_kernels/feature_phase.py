@@ -16,8 +16,10 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
 
 from .checkpoint import CheckpointMismatch, batch_fingerprint
+
 from .data import ModelInputs, iterate_inputs, loader_length
 from .outputs import OutputSpec
 from .params import ParamIndex
@@ -29,7 +31,7 @@ from .store import FeatureStore
 from .structured.stores import FactorStores, record_plan, recorded_plan
 
 __all__ = ["PER_SAMPLE_ROWS", "check_finite", "check_signature", "describe", "feature_blocks", "features_with_backoff",
-           "fill_store", "new_extractor", "open_stores", "reused_extractors", "sketched"]
+           "fill_store", "kept_features", "new_extractor", "open_stores", "reused_extractors", "sketched", "spares"]
 
 _log = logging.getLogger("tangent_kernels")
 
@@ -83,6 +85,41 @@ def sketched(projection: Projection, per_sample: FeatureExtractor, block: torch.
 # tk.Kernel (kernel.py) keeps its extractors across calls: around its calls this holds its
 # {structured mode: extractor}, reused when made for the same idx, output and dtype.
 reused_extractors: ContextVar[Optional[dict]] = ContextVar("reused_extractors", default=None)
+
+
+# tk.Kernel keeps the features of the loaders it evaluated last: around its gram calls this
+# holds its kept.KeptFeatures, which fill_store asks before computing a loader and offers
+# what it computed.
+kept_features: ContextVar[Optional[Any]] = ContextVar("kept_features", default=None)
+
+
+def _plan_key(per_sample: FeatureExtractor):
+    """What a kept side's stores are laid out by: the feature columns and the structured tensors."""
+    if per_sample.plan is None:
+        return None
+    return tuple(per_sample.plan.without_features), len(per_sample.feature_index), per_sample.k
+
+
+def _batch_count(loader) -> Optional[int]:
+    """The batches a loader will yield, where it tells reliably without being iterated (a
+    tensor, a list or tuple of non-empty tensors, a DataLoader over a map-style data set);
+    else None."""
+    if isinstance(loader, torch.Tensor):
+        return 1
+    if isinstance(loader, (list, tuple)):
+        fine = all(isinstance(b, torch.Tensor) and b.dim() and b.shape[0] for b in loader)
+        return len(loader) if fine and loader else None
+    if isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset):
+        return len(loader)
+    return None
+
+
+def spares(rotation: Optional[int], b: int, batches: Optional[int]) -> bool:
+    """Whether batch ``b`` of a loader of ``batches`` may go unchecked where its shapes
+    passed the check before (FeatureExtractor.spare): tk.Kernel's calls after the first
+    (``rotation``: the call's number) check one batch per loader, a different one each
+    call (docs/trust.md, "Repeated calls"); one-shot calls (rotation None) check all."""
+    return rotation is not None and batches is not None and b != rotation % batches
 
 
 def new_extractor(model, index, output, precision: Precision, device, backend: str,
@@ -169,6 +206,16 @@ def fill_store(model, loader, name, *, index, output, precision, device, inputs,
     recorded = ckpt.recorded_batches(name) if ckpt is not None else []
     forced = recorded_plan(ckpt)
     feature_store, factors = None, None
+    kept = kept_features.get() if ckpt is None and projection is None else None
+    if kept is not None:
+        per_sample = extractor()
+        hit = kept.lookup(loader, inputs, expected_signature, _plan_key(per_sample))
+        if hit is not None:
+            # The other loader's features must be laid out by the same plan: it may no longer change.
+            per_sample.commit()
+            return hit
+    fingerprints = [] if kept is not None else None
+    batches_ahead = _batch_count(loader)
 
     def open_for(per_sample: FeatureExtractor):
         nonlocal feature_store, factors
@@ -191,7 +238,9 @@ def fill_store(model, loader, name, *, index, output, precision, device, inputs,
             batches = b + 1
             check_signature(own, expected_signature if b == 0 else None, batch.signature(), name, b)
             own = batch.signature() if own is None else own
-            fingerprint = batch_fingerprint(batch) if ckpt is not None else None
+            fingerprint = batch_fingerprint(batch) if ckpt is not None or kept is not None else None
+            if fingerprints is not None:
+                fingerprints.append((batch.size, fingerprint))
             if feature_store is None:
                 per_sample = extractor() if per_sample is None else per_sample
                 per_sample.plan_for(batch.to(device, precision.compute), forced)
@@ -228,7 +277,12 @@ def fill_store(model, loader, name, *, index, output, precision, device, inputs,
                     )
                 if per_sample is None:
                     per_sample = extractor()
-                block, batch_factors = features_with_backoff(per_sample, batch.to(device, precision.compute))
+                per_sample.spare = spares(per_sample.rotation, b, batches_ahead)
+                try:
+                    block, batch_factors = features_with_backoff(per_sample, batch.to(device, precision.compute))
+                    computed = block
+                finally:
+                    per_sample.spare = False
                 if feature_store is None:
                     open_for(per_sample)
                 check_finite(block, seen, name)
@@ -244,6 +298,9 @@ def fill_store(model, loader, name, *, index, output, precision, device, inputs,
                 stored_rows += stored.shape[0]
                 if ckpt is not None:
                     ckpt.record_batch(name, stored, scales, fingerprint)
+                if projection is None:  # copied into the store: the extractor may fill it again
+                    per_sample.give_back(computed)
+                del block, stored
             seen += batch.size
             events("features", name, seen, total, resumed=b < len(recorded))
         if feature_store is None:  # an empty loader
@@ -260,6 +317,8 @@ def fill_store(model, loader, name, *, index, output, precision, device, inputs,
                 ckpt.complete_loader(name)
         feature_store.samples = seen
         feature_store.structured = factors
+        if kept is not None and per_sample is not None:
+            kept.offer(loader, fingerprints, own, feature_store, _plan_key(per_sample))
     except BaseException:
         for opened in (feature_store, factors):
             if opened is not None:

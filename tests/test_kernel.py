@@ -247,13 +247,107 @@ def test_kernels_of_other_idx_or_output_on_one_model_do_not_interfere():
         sgd_step(model, x)
 
 
-def test_every_batch_of_every_call_is_checked_and_what_is_kept_stays_bounded():
+def checked_sizes(kernel, monkeypatch):
+    """The sizes of the batches the check ran on, in order."""
+    from tangent_kernels.persample.extractor import FeatureExtractor
+
+    sizes, verify = [], FeatureExtractor._verify
+
+    def recorded(self, batch, block, factors):
+        sizes.append(batch.size)
+        return verify(self, batch, block, factors)
+
+    monkeypatch.setattr(FeatureExtractor, "_verify", recorded)
+    return sizes
+
+
+def test_the_first_call_checks_every_batch_and_later_calls_one_per_loader_rotating(monkeypatch):
     model, x = mlp(), data()
     kernel = tk.Kernel(model, output="sum", structured="never")
-    loader = [x[:4], x[4:8], x[8:]]
-    for call in range(1, 4):
-        kernel.gram(loader, progress=False)
-        kernel.features(loader, progress=False)
+    sizes = checked_sizes(kernel, monkeypatch)
+    loader = [x[:3], x[3:7], x[7:]]  # sizes 3, 4, 5 tell the batches apart
+    kernel.gram(loader, progress=False)
+    assert sizes == [3, 4, 5]
+    later = []
+    for call in range(3):
         sgd_step(model, x)
-        (extractor,) = kernel._extractors.values()  # one per structured mode, here one for both
-        assert extractor.checked_batches == 2 * len(loader) * call
+        del sizes[:]
+        close(kernel.gram(loader, progress=False), gram_autograd(model, loader, output="sum"), "fp32")
+        assert len(sizes) == 1  # at least one batch, the shapes of the others passed before
+        later += sizes
+    assert sorted(later) == [3, 4, 5]  # a different batch each call: over three calls, all
+    del sizes[:]
+    kernel.features(loader, progress=False)  # the features path checks every batch
+    assert sizes == [3, 4, 5]
+    del sizes[:]
+    kernel.cross(loader, [x[:3], x[3:]], progress=False)  # one per loader
+    assert len(sizes) == 2
+    del sizes[:]
+    kernel.gram(loader + [x[:2]], progress=False)  # a batch size no check passed on is checked
+    assert 2 in sizes and len(sizes) <= 2  # and the rotation's one, unless that is it
+    model.flag = True  # a plain attribute set: the computation may differ, every batch is checked
+    del sizes[:]
+    kernel.gram(loader, progress=False)
+    assert sizes == [3, 4, 5]
+
+
+class MixingByBuffer(nn.Module):
+    """Each sample sees its mirror in the batch once its buffer says so (no attribute
+    changes, a buffer does): a mixing the batched pass cannot see, the check can."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = nn.Linear(6, 16), nn.Linear(16, 2)
+        self.register_buffer("mix", torch.zeros(()))
+
+    def forward(self, x):
+        h = self.body(x)
+        if bool(self.mix > 0):
+            h = h + 0.5 * h.flip(0)
+        return self.head(torch.tanh(h))
+
+
+@pytest.mark.parametrize("structured", ["never", "always"])
+def test_a_check_failing_in_a_call_that_spared_batches_computes_the_call_again(structured, monkeypatch):
+    redone = []
+    for calls_before in range(1, 4):  # the rotation then checks each of the three batches once
+        torch.manual_seed(0)
+        model, x = MixingByBuffer(), data()
+        loader = [x[:4], x[4:8], x[8:]]
+        kernel = tk.Kernel(model, output="sum", structured=structured)
+        sizes = checked_sizes(kernel, monkeypatch)
+        for _ in range(calls_before):
+            kernel.gram(loader, progress=False)
+        model.mix.fill_(1.0)  # every batch mixes from now on; the check sees it on the one batch it checks
+        del sizes[:]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the check's warning that samples are mixed
+            k = kernel.gram(loader, progress=False)
+        close(k, gram_autograd(model, [x], output="sum"), "fp32")
+        redone.append(len(sizes) > 1)
+    # Where batches before the failing one went unchecked, the call was computed again
+    # (every batch checked); where the first batch failed, the rest went to the exact loop.
+    assert any(redone)
+
+
+def test_a_dataloader_is_rotated_and_a_loader_of_unknown_length_checked_whole(monkeypatch):
+    from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+
+    class Stream(IterableDataset):
+        def __init__(self, x):
+            self.x = x
+
+        def __iter__(self):
+            return iter(self.x.split(4))
+
+    model, x = mlp(), data()
+    kernel = tk.Kernel(model, output="sum", structured="never")
+    sizes = checked_sizes(kernel, monkeypatch)
+    loader = DataLoader(TensorDataset(x), batch_size=4)  # 3 batches, len() = 3
+    stream = DataLoader(Stream(x), batch_size=None)  # no length known ahead
+    for source, later in ((loader, 1), (stream, 3)):
+        kernel.gram(source, progress=False)
+        sgd_step(model, x)
+        del sizes[:]
+        close(kernel.gram(source, progress=False), gram_autograd(model, [x], output="sum"), "fp32")
+        assert len(sizes) == later

@@ -20,7 +20,7 @@ from ..structured.plan import Plan, decide
 from .factors import index_gradients, per_sample_gradients
 from .generic import GenericPath
 
-__all__ = ["FeatureExtractor", "BATCHED"]
+__all__ = ["FeatureExtractor", "BATCHED", "PlanCommitted"]
 
 _log = logging.getLogger("tangent_kernels")
 
@@ -38,6 +38,11 @@ _TF32_TOLERANCE = 2e-2
 # rule or a mixing model differs by the size of the gradient.
 _ROUNDING_MARGIN = 4.0
 _MIXES_SAMPLES = "the batched pass differs from the sample evaluated alone (the model mixes samples within a batch)"
+
+
+class PlanCommitted(RuntimeError):
+    """A structured tensor must go back to the features after the plan was committed (the
+    stores are sized by it)."""
 
 
 class FeatureExtractor:
@@ -69,6 +74,18 @@ class FeatureExtractor:
         # Every batch is checked (on one sample each); checked_batches numbers them.
         self.checking = True
         self.checked_batches = 0
+        # tk.Kernel's repeated calls (docs/trust.md, "Repeated calls"): the batch sizes and
+        # shapes a check passed on since the last failure, and whether the caller lets this
+        # batch go unchecked when its own passed (``spare``, set per batch by fill_store;
+        # it checks at least one batch of every loader in every call).
+        self.passed: set = set()
+        self.spare = False
+        self.rotation: Optional[int] = None  # tk.Kernel's call number (None: a one-shot call)
+        self.spared, self.failures = 0, 0  # batches left unchecked, checks failed (counts, for tk.Kernel)
+        # Blocks the caller has copied and no longer holds (give_back, from fill_store): a
+        # later batch's block of the same shape. A fresh one per batch paid its page faults
+        # every call (a 128 x 136k block: 20% of a repeated gram of the benchmark's BERT).
+        self.spare_blocks: List[torch.Tensor] = []
         self._rounding: Dict[str, float] = {}  # tensor -> relative error an fp64 recheck called rounding
         self.state = functional_state(model, index.layout, dtype, device)
         # Parameter tensor -> why it takes the generic path (decided on the first batch).
@@ -160,7 +177,7 @@ class FeatureExtractor:
     def _drop_structured(self, names, why: str) -> None:
         """Send structured tensors back to the features (before the plan is committed)."""
         if self.committed:
-            raise RuntimeError(
+            raise PlanCommitted(
                 f"the structured Gram was chosen for {', '.join(sorted(names))} on the first batch, but on this "
                 f"batch {why}; pass structured='never' to gram() (features for every tensor), or delete the "
                 "checkpoint folder if this is a resumed run")
@@ -186,6 +203,11 @@ class FeatureExtractor:
             return
         self.state = state
         self._build()
+
+    def give_back(self, block: torch.Tensor) -> None:
+        """A block of this extractor's that the caller copied and holds no more: kept for a
+        later batch of its shape (two shapes at most: a cross kernel's two loaders)."""
+        self.spare_blocks = [b for b in self.spare_blocks if b.shape != block.shape][-1:] + [block]
 
     def extract(self, batch: ModelInputs):
         """(block [B, p'] or [B, k, p'] of feature_index's columns, {tensor: factors})."""
@@ -224,7 +246,11 @@ class FeatureExtractor:
             self._build()
         p = len(self.feature_index)
         shape = (batch.size, self.k, p) if self.multi else (batch.size, p)
-        block = torch.empty(shape, dtype=self.dtype, device=self.device)
+        block = next((b for b in self.spare_blocks if b.shape == shape), None)
+        if block is None:
+            block = torch.empty(shape, dtype=self.dtype, device=self.device)
+        else:
+            self.spare_blocks = [b for b in self.spare_blocks if b is not block]
         factors = {}
         while self.batched is not None:
             try:
@@ -241,7 +267,7 @@ class FeatureExtractor:
                 self._build()
         for a, generic in enumerate(self.generics):
             generic(batch, self._view(block, a))
-        if self._needs_check() and not self._verify(batch, block, factors):
+        if self._needs_check() and not self._spared(batch) and not self._verify(batch, block, factors):
             return self._features(batch)
         if not self._warned:
             self._warned = True
@@ -359,6 +385,11 @@ class FeatureExtractor:
     def _generic_is_the_loop(self) -> bool:
         return bool(self.generics) and self.generics[0].strategy == "loop"
 
+    def _spared(self, batch: ModelInputs) -> bool:
+        spared = self.spare and (batch.size, batch.signature()) in self.passed
+        self.spared += spared
+        return spared
+
     def _needs_check(self) -> bool:
         return self.checking and (self.batched is not None or (bool(self.generics) and not self._generic_is_the_loop()))
 
@@ -420,7 +451,10 @@ class FeatureExtractor:
                         self._rounding[name] = max(self._rounding.get(name, 0.0), error)
                 failing = confirmed
         if not failing:
+            self.passed.add((batch.size, batch.signature()))
             return True
+        self.passed.clear()  # a failure: every batch is checked again until checks pass
+        self.failures += 1
         generic = {name: error for name, error in failing.items() if name in self.generic_why}
         if generic:
             listed = ", ".join(f"{name} ({error:.1e})" for name, error in sorted(generic.items())[:6])
@@ -451,13 +485,12 @@ class FeatureExtractor:
             RuntimeWarning,
             stacklevel=6,
         )
+        lost = set(failing) & set(self.structured_names)
+        lost |= {name for name in self.structured_names if self.plan.choices[name].bias in failing}
+        if lost:  # the generic path gives features: back to features first (PlanCommitted leaves all as it was)
+            self._drop_structured(lost, "the per-batch check failed")
         self.generic_why.update({name: f"{_MIXES_SAMPLES} on batch {self.checked_batches - 1}" for name in failing})
         self._warned = True  # this warning says it already
         self._generic_strategy = "loop"
-        lost = set(failing) & set(self.structured_names)
-        lost |= {name for name in self.structured_names if self.plan.choices[name].bias in failing}
-        if lost:  # the generic path gives features: back to features first
-            self._drop_structured(lost, "the per-batch check failed")
-        else:
-            self._build()
+        self._build()
         return False
