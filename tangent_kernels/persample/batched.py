@@ -27,7 +27,7 @@ from ..params import TensorSlice
 from . import broadcast, conv, decompose, embedding, fallback, linear  # noqa: F401 - they register their rules
 from .factors import FactorSink
 from .rules import Sink, Uncovered
-from .uses import UseMode
+from .uses import UseMode, leaf_kind
 from .views import SampledTensor
 
 __all__ = ["BatchedPass", "Uncovered"]
@@ -72,6 +72,7 @@ class BatchedPass:
             self.sampled.append(SampledTensor(piece.name, leaf, piece.local.to(device), piece.columns.to(device),
                                               whole=piece.whole))
         self.state = ({**trainable, **leaves}, rest)
+        self._leaf_kinds = [leaf_kind(st) for st in self.sampled]  # the same leaves every batch
         self._featured = [st for st in self.sampled if st.name not in self.choices]
         self._featured_count = sum(st.columns.numel() for st in self._featured)
         self._columns: Optional[torch.Tensor] = None  # their columns of out, when out has others too
@@ -103,7 +104,7 @@ class BatchedPass:
     def _forward(self, batch: ModelInputs):
         """The model's forward on the batch with every use of a sampled tensor seen; runs
         inside ``substituted`` (the model's tensors are the leaves already)."""
-        mode = UseMode(self.sampled, batch.size, self.backend)
+        mode = UseMode(self.sampled, batch.size, self.backend, self._leaf_kinds)
         inputs = [value for value in (*batch.args, *batch.kwargs.values()) if isinstance(value, torch.Tensor)]
         for value in inputs:
             if batch.is_batched(value):
@@ -206,10 +207,8 @@ class BatchedPass:
             self.reached = reached
             paths = {st.name: [] for st in self.sampled}
             for use in uses:
-                label = use.label
-                if use.label == "broadcast" and use.pullback.label != "view":
-                    label = f"broadcast ({use.pullback.label})"
                 for st in use.sampled:
+                    label = use.path(st)
                     if label not in paths[st.name]:
                         paths[st.name].append(label)
             self.paths = paths

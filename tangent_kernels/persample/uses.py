@@ -34,7 +34,7 @@ from .views import SampledTensor
 
 _log = logging.getLogger("tangent_kernels")
 
-__all__ = ["DATA", "UseMode"]
+__all__ = ["DATA", "UseMode", "leaf_kind"]
 
 
 DATA = FIRST  # the model's inputs: sample b is row b of dim 0
@@ -55,18 +55,44 @@ def _writes_in_place(func) -> bool:
     return (name.endswith("_") and not name.endswith("__")) or name.startswith("__i") or name in ("__setitem__",)
 
 
+# func -> (whether its results are constants, whether it writes its first argument):
+# asked of every op of every forward, decided once per function.
+_FACTS: Dict[Any, Tuple[bool, bool]] = {}
+
+
+def _facts(func) -> Tuple[bool, bool]:
+    try:
+        facts = _FACTS.get(func)
+    except TypeError:  # an unhashable callable
+        return factory(func), _writes_in_place(func)
+    if facts is None:
+        facts = _FACTS[func] = (factory(func), _writes_in_place(func))
+    return facts
+
+
 def _detaches(func, args, out) -> bool:
     """Whether a data op returned tensors cut off the graph of inputs that autograd tracks."""
+    # The results first: they are tracked in the common case, which settles it.
+    results = tensors_in(out)
+    if not results or any(t.requires_grad for t in results):
+        return False
     if not any(t.requires_grad for value in args for t in tensors_in(value)):
         return False
-    results = tensors_in(out)
-    return bool(results) and not any(t.requires_grad for t in results) and any(t.is_floating_point() for t in results)
+    return any(t.is_floating_point() for t in results)
+
+
+def leaf_kind(st: SampledTensor) -> Derived:
+    """What the mode knows of a sampled leaf: itself, a view of itself."""
+    return Derived(ViewPullback(st, st.leaf), (st,))
 
 
 class UseMode(TorchFunctionMode):
     """The interception for one batched forward (see the module docstring)."""
 
-    def __init__(self, sampled: Sequence[SampledTensor], batch_size: int, backend: str):
+    def __init__(self, sampled: Sequence[SampledTensor], batch_size: int, backend: str,
+                 leaf_kinds: Optional[Sequence[Derived]] = None):
+        """leaf_kinds: what is known of each sampled leaf (``leaf_kind``), in ``sampled``'s
+        order: made once by a caller that runs the mode every batch."""
         super().__init__()
         self.batch_size, self.backend = batch_size, backend
         self._by_leaf = {id(st.leaf): st for st in sampled}
@@ -81,8 +107,8 @@ class UseMode(TorchFunctionMode):
         self._originals: Dict[int, str] = {}
         self._module_stack: Optional[list] = None
         self._module_names: Dict[int, str] = {}
-        for st in sampled:
-            self.set_kind(st.leaf, Derived(ViewPullback(st, st.leaf), (st,)))
+        for st, kind in zip(sampled, leaf_kinds if leaf_kinds is not None else map(leaf_kind, sampled)):
+            self.set_kind(st.leaf, kind)
 
     # --- what is known of a tensor ---
     def set_kind(self, t: torch.Tensor, kind) -> None:
@@ -124,7 +150,7 @@ class UseMode(TorchFunctionMode):
 
     def _propagate(self, func, args, kwargs, out) -> None:
         """Mark a data op's results with where their samples are (samples.follow)."""
-        if factory(func):
+        if _facts(func)[0]:
             return  # x.new_zeros(...), torch.zeros_like(x): constants
         results = tensors_in(out)
         if results:
@@ -227,9 +253,11 @@ class UseMode(TorchFunctionMode):
     def _scan(self, args, kwargs) -> Tuple[bool, List[Derived], Optional[torch.Tensor]]:
         """(whether data is involved, the derived arguments, a stale parameter argument)."""
         data, derived, stale = False, [], None
+        kinds = self._kinds
         for value in (*args, *kwargs.values()):
-            for t in tensors_in(value):
-                kind = self.kind(t)
+            for t in ((value,) if isinstance(value, torch.Tensor) else tensors_in(value)):
+                entry = kinds.get(id(t))  # self.kind(t), inlined: every argument of every op
+                kind = entry[1] if entry is not None and entry[0]() is t else None
                 if isinstance(kind, Samples):
                     data = True
                 elif kind is not None:
@@ -241,7 +269,7 @@ class UseMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         data, derived, stale = self._scan(args, kwargs)
-        if args and _writes_in_place(func):
+        if args and _facts(func)[1]:
             self._refuse_in_place_write(func, args[0])
         if stale is not None and derived:
             self._refuse_stale_parameter(func, stale)
