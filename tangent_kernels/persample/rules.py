@@ -15,13 +15,14 @@ Kept apart from the interception (uses.py) so that a rule depends on this API on
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
 from .views import SampledTensor, geometry_of, is_the_leaf
 
-__all__ = ["AutogradPullback", "Derived", "NotCovered", "Sink", "Uncovered", "Use", "ViewPullback", "bind",
+__all__ = ["AutogradPullback", "Derived", "ViewOfPullback", "NotCovered", "Sink", "Uncovered", "Use", "ViewPullback", "bind",
            "func_name", "register", "register_derived", "tensors_in", "whole_vector"]
 
 
@@ -259,6 +260,37 @@ class AutogradPullback:
             for st, g in zip(self.sampled, grads):
                 if g is not None and st.m:
                     sink.add(st, st.columns, g.reshape(stop - start, -1)[:, st.local], True, rows=slice(start, stop))
+
+
+class ViewOfPullback:
+    """A view of a derived tensor whose own pullback is cheaper than autograd's (a table
+    read at shared indices, embedding.py): the per-sample gradients at the view are
+    scattered back to the whole tensor (the view's adjoint: an index_add over its element
+    positions) and go through that pullback. T5's relative-attention bias is such a
+    view (a permute and an unsqueeze of an embedding lookup)."""
+
+    label = "view of a derived tensor"
+
+    def __init__(self, base_pullback, base: torch.Tensor, view: torch.Tensor, fallback: AutogradPullback):
+        self.base_pullback, self.base_shape = base_pullback, tuple(base.shape)
+        self.size, self.stride, self.offset = geometry_of(view, base)
+        self.fallback = fallback  # the aligned case (rows per sample), which the base's rows do not follow
+        self.label = base_pullback.label
+
+    def per_sample_ok(self) -> Optional[str]:
+        return self.fallback.per_sample_ok()
+
+    def contribute(self, grad: torch.Tensor, aligned: bool, sink: Sink) -> None:
+        if aligned:
+            self.fallback.contribute(grad, aligned, sink)
+            return
+        positions = torch.full((), self.offset, dtype=torch.int64, device=grad.device)
+        for n, s in zip(self.size, self.stride):
+            positions = positions.unsqueeze(-1) + torch.arange(n, device=grad.device) * s
+        batch = grad.shape[0]
+        whole = grad.new_zeros((batch, math.prod(self.base_shape)))
+        whole.index_add_(1, positions.reshape(-1), grad.reshape(batch, -1))
+        self.base_pullback.contribute(whole.reshape((batch,) + self.base_shape), False, sink)
 
 
 class Derived:

@@ -27,8 +27,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch.overrides import TorchFunctionMode
 
-from .rules import (_DERIVED_RULES, _RULES, AutogradPullback, Derived, NotCovered, Use, ViewPullback, func_name,
-                    tensors_in)
+from .rules import (_DERIVED_RULES, _RULES, AutogradPullback, Derived, NotCovered, Use, ViewOfPullback, ViewPullback,
+                    func_name, register_derived, tensors_in)
 from .samples import FIRST, Samples, factory, follow, lost
 from .views import SampledTensor
 
@@ -79,6 +79,19 @@ def _detaches(func, args, out) -> bool:
     if not any(t.requires_grad for value in args for t in tensors_in(value)):
         return False
     return any(t.is_floating_point() for t in results)
+
+
+@register_derived(torch.Tensor.contiguous, torch.Tensor.clone, torch.clone)
+def _same_values(mode, func, args, kwargs, derived):
+    """A copy of a derived tensor (Swin's bias ``.contiguous()``) holds its values, element
+    for element: it keeps its pullback (autograd's would form whole per-sample gradients)."""
+    out = func(*args, **kwargs)
+    source = mode.derived(args[0]) if args else None
+    if source is not None and len(derived) == 1 and out.requires_grad and out.shape == args[0].shape:
+        mode.set_kind(out, source)
+    else:
+        mode.mark_derived(out, derived)
+    return out
 
 
 def leaf_kind(st: SampledTensor) -> Derived:
@@ -173,8 +186,13 @@ class UseMode(TorchFunctionMode):
             st = self._by_leaf.get(id(root))
             if st is not None and st.leaf is root:
                 self.set_kind(t, Derived(ViewPullback(st, t), (st,)))
+                continue
+            pullback = AutogradPullback(t, list(sampled.values()))
+            base = self.derived(root) if root is not t else None
+            if base is not None and not isinstance(base.pullback, (AutogradPullback, ViewPullback)):
+                self.set_kind(t, Derived(ViewOfPullback(base.pullback, root, t, pullback), base.sampled))
             else:
-                self.set_kind(t, Derived(AutogradPullback(t, list(sampled.values())), list(sampled.values())))
+                self.set_kind(t, Derived(pullback, list(sampled.values())))
 
     def add_use(self, use: Use) -> None:
         self.uses.append(use)
