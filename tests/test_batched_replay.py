@@ -107,3 +107,44 @@ def test_norm_affine_parameters_on_every_layout(sampled):
     assert float((K - ref).norm() / ref.norm()) <= 1e-10
     paths = {name: path for name, _, path in tk.coverage(model, loader[0]).rows}
     assert paths["gain"] == "broadcast (autograd), broadcast" and paths["ln.weight"] == "broadcast", paths
+
+
+class TableViews(nn.Module):
+    """Tables read at shared indices, then viewed and copied before they meet the data:
+    an index buffer (with negative positions in one), a boolean mask (not a lookup), an
+    embedding permuted and unsqueezed (T5's bias), a view made contiguous (Swin's)."""
+
+    def __init__(self, d=4, length=3):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(2 * length - 1, 2))
+        self.wrapped = nn.Parameter(torch.randn(2 * length - 1, 2))
+        self.masked = nn.Parameter(torch.randn(length, d))
+        self.bias = nn.Embedding(2 * length - 1, 2)
+        positions = torch.arange(length)
+        self.register_buffer("relative", positions[:, None] - positions[None, :] + length - 1)
+        self.register_buffer("keep", torch.tensor([True, False, True]))
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x):  # [B, T, d] with T = length, d = 4
+        h = torch.tanh(self.proj(x))
+        scores = (h[..., :3] @ h[..., :3].transpose(1, 2)).unsqueeze(1)  # [B, 1, T, T]
+        scores = scores + self.table[self.relative.reshape(-1)].view(3, 3, 2).permute(2, 0, 1).contiguous()
+        scores = scores + self.wrapped[self.relative - 2 * 3 + 1].permute(2, 0, 1)[:1]  # negative positions
+        scores = scores + self.bias(self.relative).permute(2, 0, 1).unsqueeze(0)[:, :1]
+        h = h + self.masked[self.keep].sum(0)
+        return (torch.tanh(scores).sum(dim=(1, 2, 3)) + h.pow(2).sum(dim=(1, 2)))[:, None]
+
+
+@pytest.mark.parametrize("sampled", [None, 25])
+def test_views_of_tables_read_at_shared_indices(sampled):
+    torch.manual_seed(5)
+    model = TableViews().eval()
+    loader = [torch.randn(4, 3, 4), torch.randn(2, 3, 4)]
+    idx = None if sampled is None else tk.subsample(model, sampled, seed=6)
+    assert tk.coverage(model, loader[0], idx).generic == []
+    ref = tk.reference.gram_autograd(model, loader, idx)
+    K = tk.gram(model, loader, idx, precision="fp64", progress=False)
+    assert float((K - ref).norm() / ref.norm()) <= 1e-10
+    paths = {name: path for name, _, path in tk.coverage(model, loader[0]).rows}
+    lookup = "broadcast (embedding (shared indices))"
+    assert paths["table"] == paths["bias.weight"] == lookup and paths["wrapped"] != lookup, paths
