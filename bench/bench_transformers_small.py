@@ -21,7 +21,8 @@ its own Python apart (column "py").
 --config gpu: BERT-base (hidden 768, 12 layers, 128 tokens) and ViT-B/16 (224 x 224, 196
 patches) with random weights, batches of 64, n = 2,048 (bench/gpu.sh's transformers-small
 stage); --device cuda then also reports, per batch, the host's time apart from the GPU's
-(wall time minus the GPU's busy time from torch.profiler). --tiny shrinks any config to a
+(wall time minus the GPU's busy time from torch.profiler, over the first 8 batches of a
+call, its fixed work included). --tiny shrinks any config to a
 few seconds on a CPU, to test the script itself.
 """
 
@@ -52,14 +53,18 @@ def _text(n, length, vocab):
     return ids, mask
 
 
+def _words(c):  # tokens of the text models (the image models: c["tokens"] patches)
+    return c.get("text_tokens", c["tokens"])
+
+
 def bert(n, c):
     import transformers
 
     config = transformers.BertConfig(vocab_size=c["vocab"], hidden_size=c["hidden"], num_hidden_layers=c["layers"],
                                      num_attention_heads=c["heads"], intermediate_size=4 * c["hidden"],
-                                     max_position_embeddings=max(c["tokens"], 16), num_labels=3,
+                                     max_position_embeddings=max(_words(c), 16), num_labels=3,
                                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    ids, mask = _text(n, c["tokens"], c["vocab"])
+    ids, mask = _text(n, _words(c), c["vocab"])
     return (transformers.BertForSequenceClassification(config), {"input_ids": ids, "attention_mask": mask},
             lambda out: out.logits[:, 0])
 
@@ -68,9 +73,9 @@ def gpt2(n, c):
     import transformers
 
     config = transformers.GPT2Config(vocab_size=c["vocab"], n_embd=c["hidden"], n_layer=c["layers"], n_head=c["heads"],
-                                     n_positions=max(c["tokens"], 16), bos_token_id=0, eos_token_id=0,
+                                     n_positions=max(_words(c), 16), bos_token_id=0, eos_token_id=0,
                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    ids, _ = _text(n, c["tokens"], c["vocab"])
+    ids, _ = _text(n, _words(c), c["vocab"])
     return transformers.GPT2LMHeadModel(config), {"input_ids": ids}, lambda out: out.logits[:, -1, 0]
 
 
@@ -80,7 +85,7 @@ def t5(n, c):
     config = transformers.T5Config(vocab_size=c["vocab"], d_model=c["hidden"], d_kv=c["hidden"] // c["heads"],
                                    d_ff=4 * c["hidden"], num_layers=c["layers"], num_heads=c["heads"],
                                    dropout_rate=0.0)
-    ids, mask = _text(n, c["tokens"], c["vocab"])
+    ids, mask = _text(n, _words(c), c["vocab"])
     return (transformers.T5EncoderModel(config), {"input_ids": ids, "attention_mask": mask},
             lambda out: out.last_hidden_state[:, 0, 0])
 
@@ -115,10 +120,10 @@ CONFIGS = {  # --config: sizes, and the models it runs
     "small": dict(hidden=64, layers=2, heads=4, tokens=16, patch=4, vocab=1000, batch=16, params=20_000,
                   n=[256, 64], models=list(MODELS)),
     # BERT-base and ViT-B/16 (ViT-B/16 at 224 x 224: 196 patches of 16 x 16)
-    "gpu": dict(hidden=768, layers=12, heads=12, tokens=196, patch=16, vocab=30522, batch=64, params=500_000,
-                n=[2048], models=["bert", "vit"]),
+    "gpu": dict(hidden=768, layers=12, heads=12, tokens=196, text_tokens=128, patch=16, vocab=30522, batch=64,
+                params=500_000, n=[2048], models=["bert", "vit"]),
 }
-TINY = dict(hidden=32, layers=1, heads=2, tokens=16, patch=4, vocab=100, batch=8, params=2000, n=[16])
+TINY = dict(hidden=32, layers=1, heads=2, tokens=16, text_tokens=16, patch=4, vocab=100, batch=8, params=2000, n=[16])
 
 
 def batches(data, size):
@@ -225,13 +230,15 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--tiny", action="store_true", help="a few seconds on a CPU: to test the script")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=1, help="torch's CPU threads (the issue's table: one)")
+    parser.add_argument("--threads", type=int, default=None, help="torch's CPU threads (default: one on a CPU, "
+                        "as in the issue's table; torch's own on a GPU machine)")
     parser.add_argument("--max-step-ratio", type=float, default=None, help="fail above this ratio")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     global DEVICE
     DEVICE = torch.device(args.device)
-    torch.set_num_threads(args.threads)
+    if args.threads is not None or DEVICE.type == "cpu":
+        torch.set_num_threads(args.threads or 1)
     c = dict(CONFIGS[args.config])
     if args.tiny:
         c.update(TINY)
@@ -240,8 +247,9 @@ def main() -> int:
             c[size] = getattr(args, size)
     where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     report = {"device": where, "torch": torch.__version__, "commit": commit(), "config": c, "rows": []}
+    words = f" ({c['text_tokens']} for text)" if c.get("text_tokens", c["tokens"]) != c["tokens"] else ""
     print(f"{where}, torch {torch.__version__}, commit {report['commit']}; hidden {c['hidden']}, {c['layers']} layers, "
-          f"{c['tokens']} tokens, batches of {c['batch']}, p = {c['params']}, fp32")
+          f"{c['tokens']} tokens{words}, batches of {c['batch']}, p = {c['params']}, fp32")
     failures = []
     for n in c["n"]:
         for name in c["models"]:
@@ -263,8 +271,10 @@ def main() -> int:
                     profiler = cProfile.Profile()
                     profiler.runcall(gram)
                     row["profile_s"] = breakdown(profiler)
-                if DEVICE.type == "cuda" or args.tiny:
-                    row["per_batch"] = host_per_batch(gram, len(loader))
+                if DEVICE.type == "cuda" or args.tiny:  # over the first few batches: a GPU trace is long
+                    head = loader[:8]
+                    row["per_batch"] = host_per_batch(
+                        lambda: tk.gram(model, head, idx, output=output, progress=False), len(head))
             report["rows"].append(row)
             print(f"{name:5s} n={n:5d}  step {span(t_step)}  tk.gram {span(t_tk)}  {row['ratio']:.2f}x"
                   + (f"  (generic: {row['generic']})" if row["generic"] else ""))

@@ -75,6 +75,8 @@ FIRST = Samples(0)
 def by_sample(t: torch.Tensor, samples: Samples, batch: int) -> torch.Tensor:
     """t with its samples first: [B, outer, inner, *the other dims in order] (a view
     where the layout allows)."""
+    if samples.dim == 0 and samples.inner == 1 and t.shape[0] == batch:  # [B, ...]: every use's usual case
+        return t.unsqueeze(1).unsqueeze(1)
     t = t.movedim(samples.dim, 0)
     t = t.unflatten(0, (t.shape[0] // (samples.inner * batch), batch, samples.inner))
     return t.transpose(0, 1)
