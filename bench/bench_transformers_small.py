@@ -11,6 +11,9 @@ training step (one forward + backward of the summed output over the same batches
 weight gradient computed: the floor of any per-sample method) and tk.gram (with its
 per-batch check), a warm-up each, then ``--repeats`` timed calls: median (min-max).
 
+--phases: one more tk.gram call timed by phase (the plan, the per-batch check, the
+interception's forward, the backward, the contributions, the rest).
+
 --profile: one more tk.gram call under cProfile, its time split by who spends it (the
 interception's Python: uses.py and samples.py with torch's mode dispatch; the rules:
 linear.py, broadcast.py, ...; the gather of sampled entries: views.py, sampled.py, the
@@ -202,6 +205,49 @@ def breakdown(profiler: cProfile.Profile) -> dict:
     return {part: parts[part] for part in [p for p, _ in _PARTS] + ["model"]}
 
 
+def phases(fn) -> dict:
+    """{phase: seconds} of one call of ``fn`` (a tk.gram), by timing the batched pass's
+    steps in place (wrapping them for this call only): the plan on the first batch, the
+    per-batch check (each inclusive of what they run), the interception's forward, the
+    backward (autograd), the contributions (the rules and the gather of sampled
+    entries), and the rest (the engine, the parameters' swap, the Gram update)."""
+    from tangent_kernels.persample import batched, extractor, rules
+
+    seconds, active = defaultdict(float), []
+    patched = [(extractor.FeatureExtractor, "plan_for", "plan"), (extractor.FeatureExtractor, "_verify", "check"),
+               (batched.BatchedPass, "_forward", "forward"), (torch.autograd, "grad", "backward"),
+               (rules.Use, "contribute_all", "contributions")]
+    originals = [(owner, name, owner.__dict__[name]) for owner, name, _ in patched]
+
+    def timer(original, label):
+        def timed_call(*args, **kwargs):
+            if any(a in ("plan", "check") for a in active):  # inside those: theirs
+                return original(*args, **kwargs)
+            active.append(label)
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                seconds[label] += time.perf_counter() - start
+                active.pop()
+        return timed_call
+
+    for (owner, name, label), (_, _, original) in zip(patched, originals):
+        setattr(owner, name, timer(original, label))
+    try:
+        _sync()
+        start = time.perf_counter()
+        fn()
+        _sync()
+        total = time.perf_counter() - start
+    finally:
+        for owner, name, original in originals:
+            setattr(owner, name, original)
+    parts = {label: seconds[label] for _, _, label in patched}
+    parts["rest"] = total - sum(parts.values())
+    return parts
+
+
 def host_per_batch(fn, batches_count: int) -> dict:
     """Per batch: wall time, the GPU's busy time (torch.profiler's kernel time) and the
     rest, the time the GPU waited on the host."""
@@ -227,7 +273,8 @@ def main() -> int:
     for size in ("hidden", "layers", "heads", "tokens", "batch", "params"):
         parser.add_argument(f"--{size}", type=int)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="cProfile's time by part (interception, rules, ...)")
+    parser.add_argument("--phases", action="store_true", help="one more call timed by phase (forward, check, ...)")
     parser.add_argument("--tiny", action="store_true", help="a few seconds on a CPU: to test the script")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch's CPU threads (default: one on a CPU, "
@@ -267,6 +314,8 @@ def main() -> int:
                 row = {"model": name, "n": n, "step_s": t_step, "tk_s": t_tk,
                        "ratio": statistics.median(t_tk) / statistics.median(t_step),
                        "generic": tk.coverage(model, loader[0], idx, output=output).generic}
+                if args.phases:
+                    row["phases_s"] = phases(gram)
                 if args.profile:
                     profiler = cProfile.Profile()
                     profiler.runcall(gram)
@@ -283,6 +332,9 @@ def main() -> int:
                 print("        profile (py + ops, ms): " + ", ".join(
                     f"{part} {py * 1e3:.0f}+{ops * 1e3:.0f}" for part, (py, ops) in row["profile_s"].items())
                     + f"; total {total * 1e3:.0f}")
+            if "phases_s" in row:
+                print("        phases (ms): " + ", ".join(f"{k} {v * 1e3:.0f}" for k, v in row["phases_s"].items())
+                      + f"; the step {statistics.median(t_step) * 1e3:.0f}")
             if "per_batch" in row:
                 b = row["per_batch"]
                 print(f"        per batch: wall {b['wall_ms']:.1f} ms, device busy {b['device_busy_ms']:.1f} ms, "
