@@ -148,3 +148,28 @@ def test_views_of_tables_read_at_shared_indices(sampled):
     paths = {name: path for name, _, path in tk.coverage(model, loader[0]).rows}
     lookup = "broadcast (embedding (shared indices))"
     assert paths["table"] == paths["bias.weight"] == lookup and paths["wrapped"] != lookup, paths
+
+
+class _ScalesInPlace(nn.Module):
+    def forward(self, x):
+        return x.mul_(2)
+
+
+class _Outer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(_ScalesInPlace(), nn.Linear(4, 4))
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.block(x)))
+
+
+def test_the_module_that_writes_its_input_in_place_is_named():
+    """Which module was running is read from the frames when the write happens (no hook
+    on every module call): the innermost one, here a submodule of a submodule."""
+    x = torch.randn(4, 4)
+    before = x.clone()
+    with pytest.raises(ValueError, match=r"writes its input in place \(TensorBase.mul_ in module 'block.0'\)"):
+        tk.gram(_Outer(), [x], progress=False)
+    assert torch.equal(x, before)

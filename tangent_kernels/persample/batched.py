@@ -19,7 +19,6 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointError
 from .._model import substituted
-from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
 from ..data import ModelInputs
 from ..outputs import OutputSpec, OutputValueError, logits_of, scalarize
@@ -109,24 +108,11 @@ class BatchedPass:
         for value in inputs:
             if batch.is_batched(value):
                 mode.mark_data(value)
-        # Which module is running, for naming the one that writes its input in place.
-        stack: list = []
-        mode.watch_inputs(inputs, stack, self._module_names, self._parameters)
-        def entered(module, args) -> None:
-            stack.append(module)
-
-        def left(module, args, out) -> None:  # a forward hook that returns a value replaces the output
-            if stack:
-                stack.pop()
-
-        hooks = (register_module_forward_pre_hook(entered), register_module_forward_hook(left))
-        try:
-            with torch.enable_grad():
-                with mode:
-                    result = self.model(*batch.args, **batch.kwargs)
-        finally:
-            for hook in hooks:
-                hook.remove()
+        # Which module writes its input in place is named from the frames when it happens.
+        mode.watch_inputs(inputs, self._module_names, self._parameters)
+        with torch.enable_grad():
+            with mode:
+                result = self.model(*batch.args, **batch.kwargs)
         return mode, result
 
     def __call__(self, batch: ModelInputs, out: torch.Tensor) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:

@@ -21,6 +21,7 @@ contributions of all uses of a parameter add up.
 from __future__ import annotations
 
 import logging
+import sys
 import weakref
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -118,7 +119,6 @@ class UseMode(TorchFunctionMode):
         self._inputs: set = set()
         self._parameters: Dict[int, str] = {}
         self._originals: Dict[int, str] = {}
-        self._module_stack: Optional[list] = None
         self._module_names: Dict[int, str] = {}
         for st, kind in zip(sampled, leaf_kinds if leaf_kinds is not None else map(leaf_kind, sampled)):
             self.set_kind(st.leaf, kind)
@@ -208,8 +208,7 @@ class UseMode(TorchFunctionMode):
         with self:
             return fn(*args, **kwargs)
 
-    def watch_inputs(self, tensors: Sequence[torch.Tensor], module_stack: Optional[list] = None,
-                     module_names: Optional[Dict[int, str]] = None,
+    def watch_inputs(self, tensors: Sequence[torch.Tensor], module_names: Optional[Dict[int, str]] = None,
                      parameters: Optional[Dict[str, torch.Tensor]] = None) -> None:
         """The batch's own tensors and the model's parameters: the forward must not write
         them, nor any view or alias of them (``.data``, ``.detach()``): they share memory
@@ -220,7 +219,19 @@ class UseMode(TorchFunctionMode):
         # one (or a view of one) that reaches an op was kept where functional_call cannot
         # see it (a plain attribute, a list, a closure): its gradient would be lost.
         self._originals = {id(t): name for name, t in (parameters or {}).items()}
-        self._module_stack, self._module_names = module_stack, module_names or {}
+        self._module_names = module_names or {}
+
+    def _where(self) -> str:
+        """" in module 'name'" for the innermost of the model's modules whose code is running
+        (the frames are walked on this error path rather than every module call hooked,
+        which cost 5% of a forward), "" outside them."""
+        frame = sys._getframe(1)
+        while frame is not None:
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, torch.nn.Module) and id(owner) in self._module_names:
+                return f" in module {self._module_names[id(owner)]!r}"
+            frame = frame.f_back
+        return ""
 
     def _stale_name(self, t: torch.Tensor) -> Optional[str]:
         name = self._originals.get(id(t))
@@ -234,8 +245,7 @@ class UseMode(TorchFunctionMode):
         if out is not None and not any(r.requires_grad for r in tensors_in(out)):
             return
         name = self._stale_name(t)
-        stack = self._module_stack
-        where = f" in module {self._module_names.get(id(stack[-1]), type(stack[-1]).__name__)!r}" if stack else ""
+        where = self._where()
         raise ValueError(
             f"the model's forward uses parameter {name} (or a view of it) through a reference kept outside the "
             f"module's parameters ({func_name(func)}{where}), e.g. self.w_t = self.w.t() made in __init__ or a "
@@ -247,10 +257,7 @@ class UseMode(TorchFunctionMode):
     def _refuse_in_place_write(self, func, target) -> None:
         if not isinstance(target, torch.Tensor):
             return
-        where = ""
-        stack = self._module_stack
-        if stack:
-            where = f" in module {self._module_names.get(id(stack[-1]), type(stack[-1]).__name__)!r}"
+        where = self._where()
         storage = _storage(target) if target.numel() else None
         if storage in self._inputs:
             raise ValueError(
