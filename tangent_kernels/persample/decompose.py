@@ -1,7 +1,9 @@
 """Fused operations rewritten as the primitive ones the mode has rules for.
 
-A norm's affine parameters enter as ``normalized * weight + bias``; written that way, the
-broadcast rule covers them (and any other layout of the same op). Multi-head attention
+A norm's affine parameters enter as ``normalized * weight + bias``: for a layer or RMS
+norm over the last dims, one use at the norm's output reads their per-sample gradients
+(``AffineUse``); otherwise the call is written that way, and the broadcast rule covers
+them (and any other layout of the same op). Multi-head attention
 (``F.multi_head_attention_forward``, which ``nn.MultiheadAttention`` calls with its
 packed q/k/v projection and an ``out_proj`` whose module is never called) is a Python
 function whose inner calls the mode cannot see: it is rewritten here as its linear
