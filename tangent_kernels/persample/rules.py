@@ -228,7 +228,7 @@ class AutogradPullback:
     """Any other derived tensor D = f(P, ...): per-sample vector-Jacobian products through
     f by autograd (``is_grads_batched``), which forms the full per-sample gradient of
     each parameter involved, a few samples at a time. Used for small computations on
-    parameters (a relative-position bias gathered by a buffer index, ``1 + weight``)."""
+    parameters (``1 + weight``, a table indexed with negative positions)."""
 
     label = "autograd"
 
