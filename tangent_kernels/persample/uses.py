@@ -189,7 +189,9 @@ class UseMode(TorchFunctionMode):
                 continue
             pullback = AutogradPullback(t, list(sampled.values()))
             base = self.derived(root) if root is not t else None
-            if base is not None and not isinstance(base.pullback, (AutogradPullback, ViewPullback)):
+            # The view's storage positions are the base's flat indices when the base is contiguous.
+            if base is not None and not isinstance(base.pullback, (AutogradPullback, ViewPullback)) \
+                    and root.is_contiguous():
                 self.set_kind(t, Derived(ViewOfPullback(base.pullback, root, t, pullback), base.sampled))
             else:
                 self.set_kind(t, Derived(pullback, list(sampled.values())))
