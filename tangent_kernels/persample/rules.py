@@ -22,8 +22,8 @@ import torch
 
 from .views import SampledTensor, geometry_of, is_the_leaf
 
-__all__ = ["AutogradPullback", "Derived", "ViewOfPullback", "NotCovered", "Sink", "Uncovered", "Use", "ViewPullback", "bind",
-           "func_name", "register", "register_derived", "tensors_in", "whole_vector"]
+__all__ = ["AutogradPullback", "Derived", "NotCovered", "Sink", "Uncovered", "Use", "ViewOfPullback", "ViewPullback",
+           "bind", "func_name", "register", "register_derived", "tensors_in", "whole_vector"]
 
 
 class Uncovered(Exception):
