@@ -2,7 +2,8 @@
 # Everything a lent GPU machine should run, in one go (its python3 already holds torch,
 # triton, pytest and torchvision): build the extension for Hopper, the GPU tests, then the
 # benchmarks. Logs go to $OUT (or ./gpu-out). Usage: bash bench/gpu.sh [stage ...]
-# with stages build, test, testall, gram, engine, resnet50, tf32, profile, solve, transformers, structured, verify
+# with stages build, test, testall, gram, engine, resnet50, tf32, profile, solve, transformers, transformers-small,
+# structured, verify
 # (default: build test gram engine).
 set -u
 # resnet50's asserted margin over the naive loop: 9.5x-10.1x bf16 and 12.3x tf32 were
@@ -30,6 +31,12 @@ for stage in $stages; do case $stage in
   profile) TAIL=40 run profile python3 bench/profile_gram.py --device cuda --backend cuda ;;
   transformers) run transformers python3 bench/bench_transformers.py --device cuda --n "${NTRANS:-2048}" \
                   --batch 256 --repeats 3 --max-step-ratio "${MAX_STEP:-2.5}" --json "$OUT/transformers.json" ;;
+  # Issue #24's table on the GPU: BERT-base and ViT-B/16 configs (random weights), n = 2,048, tk.gram against a
+  # training step, with each batch's host time apart from the GPU's busy time. TINY=1 DEVICE=cpu: seconds on a
+  # CPU, to test the stage itself.
+  transformers-small) run transformers-small python3 bench/bench_transformers_small.py --config gpu \
+                        --device "${DEVICE:-cuda}" ${NSMALL:+--n "$NSMALL"} --repeats 3 --profile ${TINY:+--tiny} \
+                        --json "$OUT/transformers_small.json" ;;
   solve) run solve python3 bench/bench_solve.py --device cuda --n "${NSOLVE:-50000}" --betas 10 --json "$OUT/solve.json" ;;
   structured) run structured python3 bench/bench_structured.py --device cuda --n "${NSTRUCT:-1024}" --n-resnet 256 \
                 --repeats 3 --memory-gib 60 --skip nngeometry --json "$OUT/structured.json" ;;

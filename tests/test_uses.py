@@ -163,7 +163,7 @@ def test_broadcasting_parameters(idx):
     found = paths(model, x)
     assert found["cls_token"] == found["dist_token"] == found["pos"] == "broadcast"
     assert found["scale"] == found["rms_weight"] == found["bias"] == "broadcast"
-    assert found["table"] == "broadcast (autograd)"
+    assert found["table"] == "broadcast (embedding (shared indices))"  # a view of a table read by an index
     assert found["qk.weight"] == "linear, broadcast"
 
 

@@ -19,7 +19,6 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointError
 from .._model import substituted
-from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
 from ..data import ModelInputs
 from ..outputs import OutputSpec, OutputValueError, logits_of, scalarize
@@ -27,7 +26,7 @@ from ..params import TensorSlice
 from . import broadcast, conv, decompose, embedding, fallback, linear  # noqa: F401 - they register their rules
 from .factors import FactorSink
 from .rules import Sink, Uncovered
-from .uses import UseMode
+from .uses import UseMode, leaf_kind
 from .views import SampledTensor
 
 __all__ = ["BatchedPass", "Uncovered"]
@@ -72,6 +71,7 @@ class BatchedPass:
             self.sampled.append(SampledTensor(piece.name, leaf, piece.local.to(device), piece.columns.to(device),
                                               whole=piece.whole))
         self.state = ({**trainable, **leaves}, rest)
+        self._leaf_kinds = [leaf_kind(st) for st in self.sampled]  # the same leaves every batch
         self._featured = [st for st in self.sampled if st.name not in self.choices]
         self._featured_count = sum(st.columns.numel() for st in self._featured)
         self._columns: Optional[torch.Tensor] = None  # their columns of out, when out has others too
@@ -104,29 +104,16 @@ class BatchedPass:
     def _forward(self, batch: ModelInputs):
         """The model's forward on the batch with every use of a sampled tensor seen; runs
         inside ``substituted`` (the model's tensors are the leaves already)."""
-        mode = UseMode(self.sampled, batch.size, self.backend)
+        mode = UseMode(self.sampled, batch.size, self.backend, self._leaf_kinds)
         inputs = [value for value in (*batch.args, *batch.kwargs.values()) if isinstance(value, torch.Tensor)]
         for value in inputs:
             if batch.is_batched(value):
                 mode.mark_data(value)
-        # Which module is running, for naming the one that writes its input in place.
-        stack: list = []
-        mode.watch_inputs(inputs, stack, self._module_names, self._parameters)
-        def entered(module, args) -> None:
-            stack.append(module)
-
-        def left(module, args, out) -> None:  # a forward hook that returns a value replaces the output
-            if stack:
-                stack.pop()
-
-        hooks = (register_module_forward_pre_hook(entered), register_module_forward_hook(left))
-        try:
-            with torch.enable_grad():
-                with mode:
-                    result = self.model(*batch.args, **batch.kwargs)
-        finally:
-            for hook in hooks:
-                hook.remove()
+        # Which module writes its input in place is named from the frames when it happens.
+        mode.watch_inputs(inputs, self._module_names, self._parameters)
+        with torch.enable_grad():
+            with mode:
+                result = self.model(*batch.args, **batch.kwargs)
         return mode, result
 
     def __call__(self, batch: ModelInputs, out: torch.Tensor, projection=None,
@@ -215,10 +202,8 @@ class BatchedPass:
             self.reached = reached
             paths = {st.name: [] for st in self.sampled}
             for use in uses:
-                label = use.label
-                if use.label == "broadcast" and use.pullback.label != "view":
-                    label = f"broadcast ({use.pullback.label})"
                 for st in use.sampled:
+                    label = use.path(st)
                     if label not in paths[st.name]:
                         paths[st.name].append(label)
             self.paths = paths

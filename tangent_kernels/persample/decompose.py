@@ -1,7 +1,9 @@
 """Fused operations rewritten as the primitive ones the mode has rules for.
 
-A norm's affine parameters enter as ``normalized * weight + bias``; written that way, the
-broadcast rule covers them (and any other layout of the same op). Multi-head attention
+A norm's affine parameters enter as ``normalized * weight + bias``: for a layer or RMS
+norm over the last dims, one use at the norm's output reads their per-sample gradients
+(``AffineUse``); otherwise the call is written that way, and the broadcast rule covers
+them (and any other layout of the same op). Multi-head attention
 (``F.multi_head_attention_forward``, which ``nn.MultiheadAttention`` calls with its
 packed q/k/v projection and an ``out_proj`` whose module is never called) is a Python
 function whose inner calls the mode cannot see: it is rewritten here as its linear
@@ -18,7 +20,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .rules import NotCovered, bind, register
+from .rules import NotCovered, Use, bind, register
+from .samples import Samples, by_sample
 
 __all__ = []
 
@@ -41,10 +44,70 @@ def _data_input(mode, x, op: str):
         raise NotCovered(f"a parameter as the input of {op}")
 
 
+class AffineUse(Use):
+    """y = n * w + b after a norm over the last dims (n: the normalized data, w and b
+    computed from parameters, of the normalized shape, either absent): the per-sample
+    gradient of w is d * n and that of b is d, summed over the dims the norm does not
+    normalize (tokens), from the gradient d at y alone. What the broadcast rule would give
+    the decomposed ``n * w + b``, with one target instead of a leaf per operand."""
+
+    label = "broadcast"
+
+    def __init__(self, mode, y, normalized, weight, bias, samples: Samples, normalized_dims: int):
+        super().__init__([st for d in (weight, bias) if d is not None for st in d.sampled],
+                         torch.autograd.graph.get_gradient_edge(y))
+        self.batch, self.normalized, self.weight, self.bias, self.samples = \
+            mode.batch_size, normalized, weight, bias, samples
+        self.normalized_dims = normalized_dims
+
+    def path(self, st) -> str:
+        kinds = [d for d in (self.weight, self.bias) if d is not None and st in d.sampled]
+        return "broadcast" if all(d.pullback.label == "view" for d in kinds) else \
+            f"broadcast ({kinds[0].pullback.label})"
+
+    def contribute(self, d: torch.Tensor, sink) -> None:
+        d = by_sample(d, self.samples, self.batch)  # [B, outer, inner, ..., *normalized shape]
+        dims = tuple(range(1, d.dim() - self.normalized_dims))  # all but the samples and the normalized
+        if self.weight is not None:
+            n = by_sample(self.normalized, self.samples, self.batch)
+            self.weight.pullback.contribute((d * n).sum(dim=dims), False, sink)
+        if self.bias is not None:
+            self.bias.pullback.contribute(d.sum(dim=dims), False, sink)
+
+
+def _norm(mode, a, normalize, weight, bias):
+    """A norm over the last dims with its affine parameters: one AffineUse where they are
+    computed from parameters with the normalized shape and the samples lie outside the
+    normalized dims; else None (the caller decomposes the call)."""
+    x, shape = a["input"], a["normalized_shape"]
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    samples = mode.samples(x)
+    given = [t for t in (weight, bias) if t is not None]
+    derived = [mode.derived(t) for t in given]
+    if samples is None or not samples.known() or not samples.fits(x.shape, mode.batch_size) \
+            or samples.dim >= x.dim() - len(shape) or any(d is None for d in derived) \
+            or any(tuple(t.shape) != shape for t in given):
+        return None
+    if len(derived) == 2 and set(derived[0].sampled) & set(derived[1].sampled):
+        return None  # one tensor in both: the sink counts a use's tensors once
+    normalized = normalize()
+    y = normalized if weight is None else normalized * weight
+    y = y if bias is None else y + bias
+    mode.mark_data(y, samples)
+    if y.requires_grad:
+        mode.add_use(AffineUse(mode, y, normalized, None if weight is None else mode.derived(weight),
+                               None if bias is None else mode.derived(bias), samples, len(shape)))
+    return y
+
+
 @register(F.layer_norm)
 def layer_norm(mode, func, args, kwargs):
     a = bind(func, args, kwargs)
     _data_input(mode, a["input"], "layer_norm")
+    y = _norm(mode, a, lambda: F.layer_norm(a["input"], a["normalized_shape"], None, None, a["eps"]),
+              a["weight"], a["bias"])
+    if y is not None:
+        return y
     return mode.reenter(lambda: _affine(F.layer_norm(a["input"], a["normalized_shape"], None, None, a["eps"]),
                                         a["weight"], a["bias"]))
 
@@ -54,6 +117,10 @@ if hasattr(F, "rms_norm"):
     def rms_norm(mode, func, args, kwargs):
         a = bind(func, args, kwargs)
         _data_input(mode, a["input"], "rms_norm")
+        y = _norm(mode, a, lambda: F.rms_norm(a["input"], a["normalized_shape"], None, a["eps"]),
+                  a["weight"], None)
+        if y is not None:
+            return y
         return mode.reenter(lambda: _affine(F.rms_norm(a["input"], a["normalized_shape"], None, a["eps"]),
                                             a["weight"], None))
 

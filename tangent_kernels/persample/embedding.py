@@ -48,7 +48,10 @@ def _contract(backend, st, geometry, tokens, d, padding_idx, sink: Sink) -> None
     if not elements.numel():
         return
     vocab, width = geometry[0]
-    rows, cols = elements // width, elements % width
+    key = ("embedding", geometry)
+    if key not in st.cache:  # the table's rows and columns of its sampled entries: the same every batch
+        st.cache[key] = (elements // width, elements % width)
+    rows, cols = st.cache[key]
     key = ("embedding rows", geometry, padding_idx)
     if key not in st.cache:
         plan = sampled.embedding_row_plan(rows, cols, vocab, padding_idx)
@@ -122,6 +125,29 @@ def embedding(mode, func, args, kwargs):
     mode.mark_data(z, where)
     if z.requires_grad:
         mode.add_use(EmbeddingUse(mode, tokens, z, weight, padding_idx, where))
+    return z
+
+
+@register_derived(torch.Tensor.__getitem__)
+def shared_rows(mode, func, args, kwargs, derived):
+    """table[index] with a constant integer index (Swin's relative-position bias table
+    read by its index buffer): an embedding lookup with shared indices."""
+    z = func(*args, **kwargs)
+    table, index = (args + (None,))[:2]
+    weight = None
+    if isinstance(index, torch.Tensor) and not kwargs and mode.kind(index) is None and z.requires_grad \
+            and not index.is_floating_point() and index.dtype != torch.bool and index.numel() \
+            and isinstance(table, torch.Tensor) and table.dim() == 2 and mode.derived(table) is not None:
+        try:
+            weight = _view_of_parameter(mode, table, "table", 2)
+        except NotCovered:
+            weight = None
+        if weight is not None and not bool((index >= 0).all()):
+            weight = None  # negative positions wrap: the kernels take plain rows
+    if weight is None:
+        mode.mark_derived(z, derived)  # autograd's pullback
+        return z
+    mode.set_kind(z, Derived(EmbeddingPullback(mode.backend, weight, index.long(), None), [weight.st]))
     return z
 
 

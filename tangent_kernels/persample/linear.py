@@ -135,7 +135,11 @@ class LinearUse(Use):
         elif self.bias is not None:
             elements, columns, unique = self.bias.st.hits(self.bias.geometry)
             if elements.numel():
-                values = d3.sum(dim=1)[:, elements % n_out]
+                key = ("bias", self.bias.geometry, n_out)
+                at = self.bias.st.cache.get(key)
+                if at is None:
+                    at = self.bias.st.cache[key] = elements % n_out
+                values = d3.sum(dim=1)[:, at]
                 sink.add(self.bias.st, columns, values * self.bias_scale if self.bias_scale != 1 else values, unique)
 
     def _structured_weight(self):
@@ -187,10 +191,14 @@ class LinearUse(Use):
                 torch.bmm(a3.transpose(1, 2), d3, out=block) if block.is_contiguous() else \
                     block.copy_(torch.bmm(a3.transpose(1, 2), d3))
             return
-        if self.layout == "oi":
-            rows, cols = elements // n_in, elements % n_in
-        else:
-            rows, cols = elements % n_out, elements // n_out
+        key = ("linear", self.weight.geometry, self.layout)
+        plan = st.cache.get(key)
+        if plan is None:  # the view's rows and columns of its sampled entries: the same every batch
+            if self.layout == "oi":
+                plan = st.cache[key] = (elements // n_in, elements % n_in)
+            else:
+                plan = st.cache[key] = (elements % n_out, elements // n_out)
+        rows, cols = plan
         backend = self.backend
         if backend == "cpp" and sampled.dense_linear_wins(a3.shape[1], rows.numel(), n_in, n_out):
             # Densely sampled with tokens: one batched matmul per chunk of samples beats the

@@ -15,14 +15,15 @@ Kept apart from the interception (uses.py) so that a rule depends on this API on
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
 from .views import SampledTensor, geometry_of, is_the_leaf
 
-__all__ = ["AutogradPullback", "Derived", "NotCovered", "Sink", "Uncovered", "Use", "ViewPullback", "bind",
-           "func_name", "register", "register_derived", "tensors_in", "whole_vector"]
+__all__ = ["AutogradPullback", "Derived", "NotCovered", "Sink", "Uncovered", "Use", "ViewOfPullback", "ViewPullback",
+           "bind", "func_name", "register", "register_derived", "tensors_in", "whole_vector"]
 
 
 class Uncovered(Exception):
@@ -74,6 +75,19 @@ def func_name(func) -> str:
 
 
 _SIGNATURES: Dict[Callable, inspect.Signature] = {}
+# func -> (its parameters' names, their defaults) for a signature of plain parameters
+# (no *args, **kwargs, positional-only): bound without inspect's machinery, which cost
+# 40 us a call (a layer norm per block, every batch); None: inspect binds it.
+_PLAIN: Dict[Callable, Optional[tuple]] = {}
+
+
+def _plain(signature: inspect.Signature) -> Optional[tuple]:
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    parameters = list(signature.parameters.values())
+    if any(p.kind not in kinds for p in parameters):
+        return None
+    positional = sum(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in parameters)
+    return tuple(p.name for p in parameters), {p.name: p.default for p in parameters}, positional
 
 
 def bind(func, args, kwargs, signature: Optional[inspect.Signature] = None) -> Dict[str, Any]:
@@ -82,6 +96,24 @@ def bind(func, args, kwargs, signature: Optional[inspect.Signature] = None) -> D
         signature = _SIGNATURES.get(func)
         if signature is None:
             signature = _SIGNATURES[func] = inspect.signature(func)
+            _PLAIN[func] = _plain(signature)
+        plain = _PLAIN.get(func)
+        if plain is not None:
+            names, defaults, positional = plain
+            if len(args) <= positional and not any(name in kwargs for name in names[:len(args)]) \
+                    and all(key in defaults for key in kwargs):
+                bound = dict(zip(names, args))
+                bound.update(kwargs)
+                if len(bound) < len(names):
+                    for name in names:
+                        if name not in bound:
+                            if defaults[name] is inspect.Parameter.empty:
+                                break  # a missing argument: inspect says which
+                            bound[name] = defaults[name]
+                    else:
+                        return {name: bound[name] for name in names}
+                else:
+                    return {name: bound[name] for name in names}
     bound = signature.bind(*args, **kwargs)
     bound.apply_defaults()
     return dict(bound.arguments)
@@ -138,6 +170,10 @@ class Use:
         # (after the use) would make it read other values than the op did.
         self._guarded = [(t, t._version) for t in guarded]
 
+    def path(self, st: SampledTensor) -> str:
+        """How this use reaches st, for the coverage report."""
+        return self.label
+
     def changed_input(self) -> bool:
         return any(t._version != version for t, version in self._guarded)
 
@@ -192,7 +228,7 @@ class AutogradPullback:
     """Any other derived tensor D = f(P, ...): per-sample vector-Jacobian products through
     f by autograd (``is_grads_batched``), which forms the full per-sample gradient of
     each parameter involved, a few samples at a time. Used for small computations on
-    parameters (a relative-position bias gathered by a buffer index, ``1 + weight``)."""
+    parameters (``1 + weight``, a table indexed with negative positions)."""
 
     label = "autograd"
 
@@ -224,6 +260,37 @@ class AutogradPullback:
             for st, g in zip(self.sampled, grads):
                 if g is not None and st.m:
                     sink.add(st, st.columns, g.reshape(stop - start, -1)[:, st.local], True, rows=slice(start, stop))
+
+
+class ViewOfPullback:
+    """A view of a derived tensor whose own pullback is cheaper than autograd's (a table
+    read at shared indices, embedding.py): the per-sample gradients at the view are
+    scattered back to the whole tensor (the view's adjoint: an index_add over its element
+    positions) and go through that pullback. T5's relative-attention bias is such a
+    view (a permute and an unsqueeze of an embedding lookup)."""
+
+    label = "view of a derived tensor"
+
+    def __init__(self, base_pullback, base: torch.Tensor, view: torch.Tensor, fallback: AutogradPullback):
+        self.base_pullback, self.base_shape = base_pullback, tuple(base.shape)
+        self.size, self.stride, self.offset = geometry_of(view, base)
+        self.fallback = fallback  # the aligned case (rows per sample), which the base's rows do not follow
+        self.label = base_pullback.label
+
+    def per_sample_ok(self) -> Optional[str]:
+        return self.fallback.per_sample_ok()
+
+    def contribute(self, grad: torch.Tensor, aligned: bool, sink: Sink) -> None:
+        if aligned:
+            self.fallback.contribute(grad, aligned, sink)
+            return
+        positions = torch.full((), self.offset, dtype=torch.int64, device=grad.device)
+        for n, s in zip(self.size, self.stride):
+            positions = positions.unsqueeze(-1) + torch.arange(n, device=grad.device) * s
+        batch = grad.shape[0]
+        whole = grad.new_zeros((batch, math.prod(self.base_shape)))
+        whole.index_add_(1, positions.reshape(-1), grad.reshape(batch, -1))
+        self.base_pullback.contribute(whole.reshape((batch,) + self.base_shape), False, sink)
 
 
 class Derived:

@@ -75,6 +75,8 @@ FIRST = Samples(0)
 def by_sample(t: torch.Tensor, samples: Samples, batch: int) -> torch.Tensor:
     """t with its samples first: [B, outer, inner, *the other dims in order] (a view
     where the layout allows)."""
+    if samples.dim == 0 and samples.inner == 1 and t.shape[0] == batch:  # [B, ...]: every use's usual case
+        return t.unsqueeze(1).unsqueeze(1)
     t = t.movedim(samples.dim, 0)
     t = t.unflatten(0, (t.shape[0] // (samples.inner * batch), batch, samples.inner))
     return t.transpose(0, 1)
@@ -337,10 +339,41 @@ def follow(func, args, kwargs, results: Sequence[torch.Tensor], samples_of: Call
     for a constant. Never raises: an argument form not foreseen here loses them."""
     name = _name(func)
     try:
+        if name not in _MOVERS and func not in _IMAGE_TO_COLUMNS:
+            kept = _kept(args, kwargs, results, samples_of, batch)
+            if kept is not None:
+                return kept
         return _follow(name, func, args, kwargs, results, samples_of, batch)
     except Exception as error:  # noqa: BLE001 - the user's op must run whatever we make of it
         why = lost(f"{name} (not followed: {type(error).__name__})")
         return [why] * len(results)
+
+
+# Ops that may move the samples whatever the shapes (_one's families), in place too.
+_MOVERS = frozenset(_RESHAPES | _PERMUTES | _SPLITS | _REDUCTIONS | _MATMULS | _APPENDS
+                    | {"__getitem__", "einsum", "cat", "concat", "concatenate", "stack", "linear"}
+                    | {f"{name}_" for name in _RESHAPES | _PERMUTES})
+
+
+def _kept(args, kwargs, results, samples_of, batch) -> Optional[List[Samples]]:
+    """The answer of _one's last rule (the layout kept) without its walk, for an op of no
+    family whose data arguments all hold the samples alike and have the results' shape
+    (an activation, a residual add, dropout, softmax: most ops of a forward); None
+    otherwise."""
+    found, shape = None, None
+    for value in (*args, *kwargs.values()):
+        for t in ((value,) if isinstance(value, torch.Tensor) else value if isinstance(value, (list, tuple)) else ()):
+            if not isinstance(t, torch.Tensor):
+                continue
+            s = samples_of(t)
+            if s is None:
+                continue
+            if s.dim is None or (found is not None and (s != found or t.shape != shape)):
+                return None
+            found, shape = s, t.shape
+    if found is None or not found.fits(shape, batch) or any(r.shape != shape for r in results):
+        return None
+    return [found] * len(results)
 
 
 def _follow(name, func, args, kwargs, results, samples_of, batch) -> List[Samples]:

@@ -21,20 +21,21 @@ contributions of all uses of a parameter add up.
 from __future__ import annotations
 
 import logging
+import sys
 import weakref
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.overrides import TorchFunctionMode
 
-from .rules import (_DERIVED_RULES, _RULES, AutogradPullback, Derived, NotCovered, Use, ViewPullback, func_name,
-                    tensors_in)
+from .rules import (_DERIVED_RULES, _RULES, AutogradPullback, Derived, NotCovered, Use, ViewOfPullback, ViewPullback,
+                    func_name, register_derived, tensors_in)
 from .samples import FIRST, Samples, factory, follow, lost
 from .views import SampledTensor
 
 _log = logging.getLogger("tangent_kernels")
 
-__all__ = ["DATA", "UseMode"]
+__all__ = ["DATA", "UseMode", "leaf_kind"]
 
 
 DATA = FIRST  # the model's inputs: sample b is row b of dim 0
@@ -55,18 +56,57 @@ def _writes_in_place(func) -> bool:
     return (name.endswith("_") and not name.endswith("__")) or name.startswith("__i") or name in ("__setitem__",)
 
 
+# func -> (whether its results are constants, whether it writes its first argument):
+# asked of every op of every forward, decided once per function.
+_FACTS: Dict[Any, Tuple[bool, bool]] = {}
+
+
+def _facts(func) -> Tuple[bool, bool]:
+    try:
+        facts = _FACTS.get(func)
+    except TypeError:  # an unhashable callable
+        return factory(func), _writes_in_place(func)
+    if facts is None:
+        facts = _FACTS[func] = (factory(func), _writes_in_place(func))
+    return facts
+
+
 def _detaches(func, args, out) -> bool:
     """Whether a data op returned tensors cut off the graph of inputs that autograd tracks."""
+    # The results first: they are tracked in the common case, which settles it.
+    results = tensors_in(out)
+    if not results or any(t.requires_grad for t in results):
+        return False
     if not any(t.requires_grad for value in args for t in tensors_in(value)):
         return False
-    results = tensors_in(out)
-    return bool(results) and not any(t.requires_grad for t in results) and any(t.is_floating_point() for t in results)
+    return any(t.is_floating_point() for t in results)
+
+
+@register_derived(torch.Tensor.contiguous, torch.Tensor.clone, torch.clone)
+def _same_values(mode, func, args, kwargs, derived):
+    """A copy of a derived tensor (Swin's bias ``.contiguous()``) holds its values, element
+    for element: it keeps its pullback (autograd's would form whole per-sample gradients)."""
+    out = func(*args, **kwargs)
+    source = mode.derived(args[0]) if args else None
+    if source is not None and len(derived) == 1 and out.requires_grad and out.shape == args[0].shape:
+        mode.set_kind(out, source)
+    else:
+        mode.mark_derived(out, derived)
+    return out
+
+
+def leaf_kind(st: SampledTensor) -> Derived:
+    """What the mode knows of a sampled leaf: itself, a view of itself."""
+    return Derived(ViewPullback(st, st.leaf), (st,))
 
 
 class UseMode(TorchFunctionMode):
     """The interception for one batched forward (see the module docstring)."""
 
-    def __init__(self, sampled: Sequence[SampledTensor], batch_size: int, backend: str):
+    def __init__(self, sampled: Sequence[SampledTensor], batch_size: int, backend: str,
+                 leaf_kinds: Optional[Sequence[Derived]] = None):
+        """leaf_kinds: what is known of each sampled leaf (``leaf_kind``), in ``sampled``'s
+        order: made once by a caller that runs the mode every batch."""
         super().__init__()
         self.batch_size, self.backend = batch_size, backend
         self._by_leaf = {id(st.leaf): st for st in sampled}
@@ -79,10 +119,9 @@ class UseMode(TorchFunctionMode):
         self._inputs: set = set()
         self._parameters: Dict[int, str] = {}
         self._originals: Dict[int, str] = {}
-        self._module_stack: Optional[list] = None
         self._module_names: Dict[int, str] = {}
-        for st in sampled:
-            self.set_kind(st.leaf, Derived(ViewPullback(st, st.leaf), (st,)))
+        for st, kind in zip(sampled, leaf_kinds if leaf_kinds is not None else map(leaf_kind, sampled)):
+            self.set_kind(st.leaf, kind)
 
     # --- what is known of a tensor ---
     def set_kind(self, t: torch.Tensor, kind) -> None:
@@ -124,7 +163,7 @@ class UseMode(TorchFunctionMode):
 
     def _propagate(self, func, args, kwargs, out) -> None:
         """Mark a data op's results with where their samples are (samples.follow)."""
-        if factory(func):
+        if _facts(func)[0]:
             return  # x.new_zeros(...), torch.zeros_like(x): constants
         results = tensors_in(out)
         if results:
@@ -147,8 +186,15 @@ class UseMode(TorchFunctionMode):
             st = self._by_leaf.get(id(root))
             if st is not None and st.leaf is root:
                 self.set_kind(t, Derived(ViewPullback(st, t), (st,)))
+                continue
+            pullback = AutogradPullback(t, list(sampled.values()))
+            base = self.derived(root) if root is not t else None
+            # The view's storage positions are the base's flat indices when the base is contiguous.
+            if base is not None and not isinstance(base.pullback, (AutogradPullback, ViewPullback)) \
+                    and root.is_contiguous():
+                self.set_kind(t, Derived(ViewOfPullback(base.pullback, root, t, pullback), base.sampled))
             else:
-                self.set_kind(t, Derived(AutogradPullback(t, list(sampled.values())), list(sampled.values())))
+                self.set_kind(t, Derived(pullback, list(sampled.values())))
 
     def add_use(self, use: Use) -> None:
         self.uses.append(use)
@@ -164,8 +210,7 @@ class UseMode(TorchFunctionMode):
         with self:
             return fn(*args, **kwargs)
 
-    def watch_inputs(self, tensors: Sequence[torch.Tensor], module_stack: Optional[list] = None,
-                     module_names: Optional[Dict[int, str]] = None,
+    def watch_inputs(self, tensors: Sequence[torch.Tensor], module_names: Optional[Dict[int, str]] = None,
                      parameters: Optional[Dict[str, torch.Tensor]] = None) -> None:
         """The batch's own tensors and the model's parameters: the forward must not write
         them, nor any view or alias of them (``.data``, ``.detach()``): they share memory
@@ -176,7 +221,19 @@ class UseMode(TorchFunctionMode):
         # one (or a view of one) that reaches an op was kept where functional_call cannot
         # see it (a plain attribute, a list, a closure): its gradient would be lost.
         self._originals = {id(t): name for name, t in (parameters or {}).items()}
-        self._module_stack, self._module_names = module_stack, module_names or {}
+        self._module_names = module_names or {}
+
+    def _where(self) -> str:
+        """" in module 'name'" for the innermost of the model's modules whose code is running
+        (the frames are walked on this error path rather than every module call hooked,
+        which cost 5% of a forward), "" outside them."""
+        frame = sys._getframe(1)
+        while frame is not None:
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, torch.nn.Module) and id(owner) in self._module_names:
+                return f" in module {self._module_names[id(owner)]!r}"
+            frame = frame.f_back
+        return ""
 
     def _stale_name(self, t: torch.Tensor) -> Optional[str]:
         name = self._originals.get(id(t))
@@ -190,8 +247,7 @@ class UseMode(TorchFunctionMode):
         if out is not None and not any(r.requires_grad for r in tensors_in(out)):
             return
         name = self._stale_name(t)
-        stack = self._module_stack
-        where = f" in module {self._module_names.get(id(stack[-1]), type(stack[-1]).__name__)!r}" if stack else ""
+        where = self._where()
         raise ValueError(
             f"the model's forward uses parameter {name} (or a view of it) through a reference kept outside the "
             f"module's parameters ({func_name(func)}{where}), e.g. self.w_t = self.w.t() made in __init__ or a "
@@ -203,10 +259,7 @@ class UseMode(TorchFunctionMode):
     def _refuse_in_place_write(self, func, target) -> None:
         if not isinstance(target, torch.Tensor):
             return
-        where = ""
-        stack = self._module_stack
-        if stack:
-            where = f" in module {self._module_names.get(id(stack[-1]), type(stack[-1]).__name__)!r}"
+        where = self._where()
         storage = _storage(target) if target.numel() else None
         if storage in self._inputs:
             raise ValueError(
@@ -227,9 +280,11 @@ class UseMode(TorchFunctionMode):
     def _scan(self, args, kwargs) -> Tuple[bool, List[Derived], Optional[torch.Tensor]]:
         """(whether data is involved, the derived arguments, a stale parameter argument)."""
         data, derived, stale = False, [], None
+        kinds = self._kinds
         for value in (*args, *kwargs.values()):
-            for t in tensors_in(value):
-                kind = self.kind(t)
+            for t in ((value,) if isinstance(value, torch.Tensor) else tensors_in(value)):
+                entry = kinds.get(id(t))  # self.kind(t), inlined: every argument of every op
+                kind = entry[1] if entry is not None and entry[0]() is t else None
                 if isinstance(kind, Samples):
                     data = True
                 elif kind is not None:
@@ -241,7 +296,7 @@ class UseMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         data, derived, stale = self._scan(args, kwargs)
-        if args and _writes_in_place(func):
+        if args and _facts(func)[1]:
             self._refuse_in_place_write(func, args[0])
         if stale is not None and derived:
             self._refuse_stale_parameter(func, stale)
