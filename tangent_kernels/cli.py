@@ -37,7 +37,7 @@ def _info(_: argparse.Namespace) -> int:
 
 
 def _coverage(args: argparse.Namespace) -> int:
-    from .persample.coverage import coverage
+    from .coverage import coverage
 
     model, x, _, idx, _ = model_data_idx(args)
     report = coverage(model, x[: args.batch_size], idx, output=parse_output(args.output),
@@ -47,7 +47,7 @@ def _coverage(args: argparse.Namespace) -> int:
 
 
 def _gram(args: argparse.Namespace) -> int:
-    from .engine import gram
+    from .pipeline import gram
     from .io import save_gram
 
     from .distributed.launch import torchrun_session
@@ -167,7 +167,7 @@ def _solve(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__, cli_features, demo
-    from .engine import PRECISIONS
+    from .precisions import PRECISIONS
     from .solvers import SOLVERS
 
     parser = argparse.ArgumentParser(

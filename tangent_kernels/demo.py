@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from .analysis import alignment, spectrum
-from .engine import gram
+from .pipeline import gram
 from .params import subsample
 from .solvers import ConvergenceWarning, KernelRidge, solve
 

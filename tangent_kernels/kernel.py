@@ -14,10 +14,10 @@ from typing import Any, Callable, Dict, Optional
 import torch
 from torch import nn
 
-from . import engine, feature_phase
-from .outputs import OutputSpec, check_output_spec
+from . import feature_phase, pipeline
+from .outputs import OutputProbes, OutputSpec
 from .params import ParamIndex, resolve_idx
-from .precisions import PRECISIONS
+from .request import Request
 from .structured.plan import check_structured
 
 __all__ = ["Kernel"]
@@ -58,13 +58,13 @@ class Kernel:
     def __init__(self, model: nn.Module, idx=None, *, output: OutputSpec = "first", precision: str = "fp32",
                  device=None, backend: str = "auto", structured: str = "auto",
                  inputs: Optional[Callable[[Any], Any]] = None):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {precision!r}; available: {', '.join(PRECISIONS)}")
+        # Every fixed argument checked now, where the user wrote it, by the check every call makes
+        # again (OutputProbes are evaluated per call, by tk.gram and tk.features).
+        Request.of(model, idx, output="full" if isinstance(output, OutputProbes) else output, precision=precision,
+                   device=device, backend=backend, inputs=inputs)
         self.model = model
         self.idx = idx
-        self.options: Dict[str, Any] = dict(output=check_output_spec(output), precision=precision, device=device,
+        self.options: Dict[str, Any] = dict(output=output, precision=precision, device=device,
                                             backend=backend, structured=check_structured(structured), inputs=inputs)
         self._index: Optional[ParamIndex] = None
         self._structure: Optional[tuple] = None
@@ -109,7 +109,7 @@ class Kernel:
                             "the distributed path")
         self._prepare()
         options = dict(self.options, **run_options)
-        if compute is engine.gram:
+        if compute is pipeline.gram:
             options["group"] = False
         else:
             options.pop("structured")  # features are features: nothing structured
@@ -126,15 +126,15 @@ class Kernel:
         """K(X, X) [n, n] at the model's current weights; ``run_options``: those of
         :func:`tangent_kernels.gram` that do not change what is computed (progress,
         out, callback, checkpoint, store, max_memory, cache_dir, checkpoint_key)."""
-        return self._run(engine.gram, run_options, loader)
+        return self._run(pipeline.gram, run_options, loader)
 
     def cross(self, loader1, loader2, **run_options) -> torch.Tensor:
         """K(X1, X2) [n1, n2] at the model's current weights (both sides computed)."""
-        return self._run(engine.gram, run_options, loader1, loader2)
+        return self._run(pipeline.gram, run_options, loader1, loader2)
 
     def features(self, loader, **run_options) -> torch.Tensor:
         """Per-sample gradient features [n, p] at the model's current weights."""
-        return self._run(engine.features, run_options, loader)
+        return self._run(pipeline.features, run_options, loader)
 
     def __repr__(self) -> str:
         p = len(self._index) if self._index is not None else "?"

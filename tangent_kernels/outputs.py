@@ -28,7 +28,7 @@ from torch import nn
 __all__ = ["MULTI_OUTPUTS", "OutputError", "OutputProbes", "OutputSpec", "check_output_spec", "is_multi", "logits_of",
            "probe_error", "probed", "scalarize"]
 
-# The outputs that keep every logit: the kernel gets an output axis (engine.gram).
+# The outputs that keep every logit: the kernel gets an output axis (tiles.blocked_gram).
 MULTI_OUTPUTS = ("full", "trace", "diagonal")
 
 

@@ -17,6 +17,7 @@ import tangent_kernels as tk
 import tangent_kernels.engine as engine
 import tangent_kernels.feature_phase as feature_phase
 import tangent_kernels.tiles as tiles
+from tangent_kernels import tuning
 import tangent_kernels.store as store_module
 from tangent_kernels.checkpoint import Checkpoint, CheckpointMismatch
 
@@ -34,7 +35,7 @@ def _problem(seed=0):
 def small_tiles(monkeypatch):
     # Tiles of 4 rows over 23 samples: row blocks, the diagonal, ragged edges, and
     # batches (5 rows) that straddle tile borders.
-    monkeypatch.setattr(tiles, "_TILE_ROWS", 4)
+    monkeypatch.setattr(tuning.settings, "tile_rows", 4)
 
 
 def rel_err(k, ref):
@@ -215,9 +216,9 @@ def test_kill_9_mid_run_then_resume(tmp_path):
     script = textwrap.dedent(f"""
         import os, signal, sys, torch
         sys.path.insert(0, {os.path.dirname(__file__)!r})
-        import tangent_kernels as tk, tangent_kernels.tiles as tiles
+        import tangent_kernels as tk
         from test_engine_scale import _problem
-        tiles._TILE_ROWS = 4
+        tk.tuning.settings.tile_rows = 4
         model, loader = _problem(5)
         def die(event):
             if event.phase == "gram" and event.done == 12:
@@ -271,7 +272,7 @@ def test_out_of_memory_in_the_gram_phase_halves_the_tiles(monkeypatch):
     model, loader = _problem(8)
     ref = tk.reference.gram_autograd(model, loader)
     base = tk.gram(model, loader, progress=False)
-    monkeypatch.setattr(tiles, "_TILE_ROWS", 16)
+    monkeypatch.setattr(tuning.settings, "tile_rows", 16)
     original, calls = tiles.gram_tile_update, []
 
     def tight_memory(k, a, b, *args, **kwargs):
@@ -309,7 +310,7 @@ def test_resume_after_an_out_of_memory_halving_keeps_the_smaller_tiles(monkeypat
     # Tile shapes change the op's summation order; the resumed run must continue with the
     # tiles the interrupted run had reached, or its K would differ in the last bits.
     model, loader = _problem(10)
-    monkeypatch.setattr(tiles, "_TILE_ROWS", 6)
+    monkeypatch.setattr(tuning.settings, "tile_rows", 6)
     fresh = tk.gram(model, loader, progress=False)
     original = tiles.gram_tile_update
     failed = []

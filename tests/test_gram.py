@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import tangent_kernels as tk
-import tangent_kernels.tiles as tiles
-from tangent_kernels.persample import extractor as persample_extractor, generic
+from tangent_kernels import tuning
+from tangent_kernels.persample import generic
 from _models import SharedLinear, TiedHead, TinyTransformer, cnn, cnn_input, frozen_mlp, mlp, resnet18
 
 # Relative Frobenius error bounds vs the fp64 reference. fp64: both sides are exact up
@@ -131,7 +131,7 @@ def test_independent_of_batch_size(batch_size):
 
 def test_symmetric_and_positive_semidefinite_across_tiles(monkeypatch):
     # Small tiles so the lower-triangle schedule and the mirroring cross tile borders.
-    monkeypatch.setattr(tiles, "_TILE_ROWS", 4)
+    monkeypatch.setattr(tuning.settings, "tile_rows", 4)
     torch.manual_seed(6)
     model, x = mlp(), torch.randn(11, 6)
     k = tk.gram(model, batches(x, 5), progress=False)
@@ -220,7 +220,7 @@ class NotVmappable(nn.Module):
 
 
 def test_models_vmap_cannot_batch_fall_back_to_the_loop(monkeypatch):
-    monkeypatch.setattr(persample_extractor, "BATCHED", False)  # the generic path is the point here
+    monkeypatch.setattr(tuning.settings, "batched", False)  # the generic path is the point here
     torch.manual_seed(10)
     model, x = NotVmappable(), torch.randn(6, 4)
     with pytest.warns(RuntimeWarning, match="per-sample autograd loop"):
@@ -249,8 +249,8 @@ def test_progress_false_prints_nothing(capsys):
 @pytest.mark.parametrize("strategy", ["vmap", "loop", "auto"])
 @pytest.mark.parametrize("name", ["cnn", "transformer", "tied_embedding"])
 def test_each_per_sample_strategy_matches_reference(monkeypatch, strategy, name):
-    monkeypatch.setattr(persample_extractor, "BATCHED", False)  # every tensor on the generic path
-    monkeypatch.setattr(generic, "STRATEGY", strategy)
+    monkeypatch.setattr(tuning.settings, "batched", False)  # every tensor on the generic path
+    monkeypatch.setattr(tuning.settings, "generic_strategy", strategy)
     monkeypatch.setattr(generic, "_PER_SAMPLE_GRAD_BYTES", 1)  # one sample per chunk: "auto" switches mid-batch
     model, x, idx = _case(name)
     ref = tk.reference.gram_autograd(model, [x], idx)

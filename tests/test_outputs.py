@@ -13,6 +13,7 @@ import torch
 
 import tangent_kernels as tk
 import tangent_kernels.tiles as tiles
+from tangent_kernels import tuning
 from _models import TinyTransformer, cnn, cnn_input, mlp
 from tangent_kernels.structured import contract
 
@@ -48,7 +49,7 @@ def _count_products(monkeypatch):
 def test_trace_and_diagonal_cost_k_times_one_logit(monkeypatch, symmetric):
     """The feature Gram of trace/diagonal does exactly k times one logit's products;
     full does the k^2 cross products (about k^2 times)."""
-    monkeypatch.setattr(tiles, "_TILE_ROWS", 5)  # several tiles, borders inside the data
+    monkeypatch.setattr(tuning.settings, "tile_rows", 5)  # several tiles, borders inside the data
     torch.manual_seed(0)
     model, x = mlp(4), torch.randn(13, 6)
     work = _count_products(monkeypatch)
@@ -98,7 +99,7 @@ CASES = {
 @pytest.mark.parametrize("structured", ["never", "always"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_every_form_and_precision_against_the_reference(name, structured, monkeypatch):
-    monkeypatch.setattr(tiles, "_TILE_ROWS", 4)
+    monkeypatch.setattr(tuning.settings, "tile_rows", 4)
     torch.manual_seed(2)
     model, x = CASES[name][0](), CASES[name][1](7)
     outputs = model(x[:2]).shape[1]
@@ -122,7 +123,7 @@ class Stop(Exception):
 @pytest.mark.parametrize("output", ["trace", "diagonal"])
 @pytest.mark.parametrize("stop", [("features", 10), ("gram", 8)])
 def test_resume_is_bit_identical(tmp_path, monkeypatch, output, stop):
-    monkeypatch.setattr(tiles, "_TILE_ROWS", 4)
+    monkeypatch.setattr(tuning.settings, "tile_rows", 4)
     torch.manual_seed(3)
     model, loader = mlp(3), [torch.randn(5, 6) for _ in range(4)]
     base = tk.gram(model, loader, output=output, progress=False)
@@ -223,7 +224,7 @@ def test_every_form_on_real_architectures(make):
 def test_stores_and_exact_symmetry(output, structured, tmp_path, monkeypatch):
     """Host and disk stores (rows staged per tile) give the device store's K bit for bit,
     and K(X, X) is exactly symmetric in its sample axes."""
-    monkeypatch.setattr(tiles, "_TILE_ROWS", 3)
+    monkeypatch.setattr(tuning.settings, "tile_rows", 3)
     torch.manual_seed(7)
     model, x = mlp(3), torch.randn(10, 6)
     loader = [x[:4], x[4:]]

@@ -14,13 +14,14 @@ from torch import nn
 import tangent_kernels as tk
 import tangent_kernels.feature_phase as feature_phase
 import tangent_kernels.tiles as tiles
+from tangent_kernels import tuning
 
 N, BATCH = 23, 5
 
 
 @pytest.fixture(autouse=True)
 def small_tiles(monkeypatch):
-    monkeypatch.setattr(tiles, "_TILE_ROWS", 4)  # 6 row blocks, ragged last one
+    monkeypatch.setattr(tuning.settings, "tile_rows", 4)  # 6 row blocks, ragged last one
 
 
 def _problem(seed=0):
@@ -78,9 +79,9 @@ class _Recorder:
 def test_overlapped_schedule_gives_the_same_K_within_budget(monkeypatch):
     model, loader = _problem()
     # The tile shape changes the op's summation order, so the baseline uses 3-row tiles too.
-    monkeypatch.setattr(tiles, "_TILE_ROWS", 3)
+    monkeypatch.setattr(tuning.settings, "tile_rows", 3)
     base = tk.gram(model, loader, progress=False, store="host")
-    monkeypatch.setattr(tiles, "_TILE_ROWS", 4)
+    monkeypatch.setattr(tuning.settings, "tile_rows", 4)
     ref = tk.reference.gram_autograd(model, loader)
     streams, recorder = _Streams(monkeypatch), _Recorder(monkeypatch)
     row_bytes = 83 * 4  # p = 83 parameters, fp32
@@ -147,7 +148,7 @@ def test_a_failing_tile_releases_every_staged_block(monkeypatch, fail_at_tile):
 def test_host_store_on_cuda_matches_device_store(monkeypatch):
     # 3-row tiles everywhere: a budget of 9 rows gives the host store exactly that (A and
     # two B blocks), and equal tile shapes make equal bits a fair demand.
-    monkeypatch.setattr(tiles, "_TILE_ROWS", 3)
+    monkeypatch.setattr(tuning.settings, "tile_rows", 3)
     model, loader = _problem(2)
     model = model.cuda()
     loader = [x.cuda() for x in loader]

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import tangent_kernels as tk
-import tangent_kernels.tiles as tiles
+from tangent_kernels import tuning
 from _models import TinyTransformer, cnn, cnn_input, mlp, resnet18
 
 TOLERANCE = {"tf32": 2e-2, "bf16": 2e-2, "fp16": 4e-3}
@@ -73,7 +73,7 @@ class Scaled(nn.Module):
 
 @pytest.mark.parametrize("factor", [1e7, 1e-9])
 def test_fp16_gram_scales_each_sample_out_of_overflow_and_underflow(monkeypatch, factor):
-    monkeypatch.setattr(tiles, "_TILE_ROWS", 4)  # scales undone on tiles off the diagonal too
+    monkeypatch.setattr(tuning.settings, "tile_rows", 4)  # scales undone on tiles off the diagonal too
     torch.manual_seed(11)
     model, x = Scaled(factor), torch.randn(10, 6)
     ref = tk.reference.gram_autograd(model, [x])

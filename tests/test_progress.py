@@ -7,14 +7,14 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import tangent_kernels as tk
-import tangent_kernels.tiles as tiles
+from tangent_kernels import tuning
 
 N = 13
 
 
 @pytest.fixture(autouse=True)
 def small_tiles(monkeypatch):
-    monkeypatch.setattr(tiles, "_TILE_ROWS", 4)  # several row blocks of K over 13 samples
+    monkeypatch.setattr(tuning.settings, "tile_rows", 4)  # several row blocks of K over 13 samples
 
 
 def _problem(seed=0):

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import tangent_kernels as tk
-import tangent_kernels.tiles as tiles
+from tangent_kernels import tuning
 from tangent_kernels.checkpoint import CheckpointMismatch
 from tangent_kernels.identity import computation_fingerprint
 
@@ -73,7 +73,7 @@ def _stop_after_two_batches(event):
 
 @pytest.fixture(autouse=True)
 def small_tiles(monkeypatch):
-    monkeypatch.setattr(tiles, "_TILE_ROWS", 4)
+    monkeypatch.setattr(tuning.settings, "tile_rows", 4)
     yield
     COLUMNS[:] = [0]  # mutated in place by a test
 

@@ -127,10 +127,9 @@ def test_damaged_checkpoint_files_are_refused_never_read(tmp_path, target, damag
             raise Stop
 
     model, loader = _mlp(), _loader(n=40, batch=8)
-    from tangent_kernels import tiles
+    from tangent_kernels.tuning import tuned
 
-    previous, tiles._TILE_ROWS = tiles._TILE_ROWS, 16
-    try:
+    with tuned(tile_rows=16):
         with pytest.raises(Stop):
             tk.gram(model, loader, progress=False, checkpoint=tmp_path, callback=stop_in_the_gram_phase)
         path = tmp_path / target
@@ -154,8 +153,6 @@ def test_damaged_checkpoint_files_are_refused_never_read(tmp_path, target, damag
             path.unlink()
         with pytest.raises(CheckpointCorrupt, match=rf"\({target}\); delete the folder"):
             tk.gram(model, loader, progress=False, checkpoint=tmp_path)
-    finally:
-        tiles._TILE_ROWS = previous
 
 
 # 5. a model that writes its input in place

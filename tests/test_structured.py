@@ -14,6 +14,7 @@ from torch import nn
 
 import tangent_kernels as tk
 import tangent_kernels.tiles as tiles
+from tangent_kernels import tuning
 from _models import SharedLinear, TinyTransformer, cnn, cnn_input, mlp
 from tangent_kernels.structured import contract
 
@@ -141,7 +142,7 @@ def _every_logit(model, x, outputs, idx=None):
 @pytest.mark.parametrize("name", ["mlp", "uses", "tokens", "convs"])
 def test_every_logit(name, monkeypatch):
     # Tiles of 4 rows over 7 samples x k logits: tile borders cut through a sample's logits.
-    monkeypatch.setattr(tiles, "_TILE_ROWS", 4)
+    monkeypatch.setattr(tuning.settings, "tile_rows", 4)
     model, x, _ = _case(name, 7, 3)
     outputs = model(x[:1]).shape[1]
     expected = _every_logit(model, x, outputs)
@@ -203,7 +204,7 @@ def test_a_model_that_mixes_samples_falls_back_exactly():
 @pytest.mark.parametrize("store", ["disk", "auto"])
 def test_stores_and_spilling(store, tmp_path, monkeypatch):
     kinds = []
-    original = tiles._blocked_gram
+    original = tiles.blocked_gram
 
     def spy(*args, terms=None, **kwargs):
         kinds.extend(s.kind for s in terms[0].stores)
@@ -215,7 +216,7 @@ def test_stores_and_spilling(store, tmp_path, monkeypatch):
     base = tk.gram(model, loader, progress=False, structured="always")
     # 64 bytes of device budget: every store spills to disk after its first rows, and the
     # tiles shrink to what the budget stages (other tile shapes: other rounding, not bits).
-    monkeypatch.setattr(tiles, "_blocked_gram", spy)
+    monkeypatch.setattr(tiles, "blocked_gram", spy)
     K = tk.gram(model, loader, progress=False, structured="always", store=store, max_memory=64, cache_dir=tmp_path)
     assert kinds and set(kinds) == {"disk"}
     assert rel_err(K, ref) <= 1e-5 and torch.allclose(K, base, rtol=1e-6, atol=1e-7)
@@ -229,7 +230,7 @@ class Interrupt(Exception):
 @pytest.mark.parametrize("output", ["first", "full"])
 @pytest.mark.parametrize("stop", [("features", 10), ("gram", 4), ("gram", 8)])
 def test_checkpoint_resume_is_bit_identical(tmp_path, monkeypatch, stop, output, name):
-    monkeypatch.setattr(tiles, "_TILE_ROWS", 4)
+    monkeypatch.setattr(tuning.settings, "tile_rows", 4)
     model, x, _ = _case(name, 13, 8)
     loader = [x[i:i + 5] for i in range(0, 13, 5)]
     base = tk.gram(model, loader, output=output, progress=False, structured="always")

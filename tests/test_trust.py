@@ -239,9 +239,7 @@ def test_no_evaluation_is_a_batch_of_one(monkeypatch):
     # the check, the generic loop and the reference evaluate a sample alone as two copies.
     # (torch.func.vmap shows the model a batch of one per sample while its kernels run on
     # the whole batch; the check compares it with the two copies: tested above.)
-    from tangent_kernels.persample import generic
-
-    monkeypatch.setattr(generic, "STRATEGY", "loop")
+    monkeypatch.setattr(tk.tuning.settings, "generic_strategy", "loop")
     model, x = RecordsBatchSizes(), _data(9)
     SEEN_BATCH_SIZES.clear()
     with pytest.warns(RuntimeWarning, match="mix samples"):
@@ -271,9 +269,7 @@ class Checkpointed(nn.Module):
 @pytest.mark.parametrize("batched", [True, False])
 @pytest.mark.parametrize("precision", ["fp32", "fp64"])
 def test_a_checkpointed_forward_gives_the_kernel(batched, precision, monkeypatch):
-    from tangent_kernels.persample import extractor
-
-    monkeypatch.setattr(extractor, "BATCHED", batched)  # False: every tensor on the generic path
+    monkeypatch.setattr(tk.tuning.settings, "batched", batched)  # False: every tensor on the generic path
     model, x = Checkpointed(), _data()
     plain = nn.Sequential(model.inner, nn.Tanh(), model.head)
     expected = tk.reference.gram_autograd(plain, [x])

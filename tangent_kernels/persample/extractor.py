@@ -19,14 +19,12 @@ from .dense import DenseStrategy
 from ..structured.plan import Plan, decide
 from .factors import index_gradients, per_sample_gradients
 from .generic import GenericPath
+from ..tuning import settings  # settings.batched False: every tensor on the generic path
 
-__all__ = ["FeatureExtractor", "BATCHED"]
+__all__ = ["FeatureExtractor"]
 
 _log = logging.getLogger("tangent_kernels")
 
-# Whether the batched pass is used at all (False: every tensor takes the generic path;
-# for benchmarks that measure the generic path alone).
-BATCHED = True
 # Relative difference allowed, per tensor, between the batched pass and the checked sample
 # evaluated alone. fp32 is loose: a batch and a sample alone take other algorithms, and a
 # ReLU input within rounding of zero flips; a failure in fp32 is asked again in fp64.
@@ -69,9 +67,9 @@ class FeatureExtractor:
         self.state = functional_state(model, index.layout, dtype, device)
         # Parameter tensor -> why it takes the generic path (decided on the first batch).
         self.generic_why: Dict[str, str] = {}
-        if not BATCHED:
+        if not settings.batched:
             self.generic_why = {piece.name: "the batched pass is switched off" for piece in index.tensor_slices}
-        self._warned = not BATCHED
+        self._warned = not settings.batched
         # After a failed spot check the generic path runs the exact per-sample loop only:
         # vmap itself was seen to differ from the loop on some models (timm's LeViT: 6%).
         self._generic_strategy: Optional[str] = None

@@ -10,7 +10,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .._model import fp32_math
+from ..precisions import fp32_math
 from ._checks import (default_tol, _beta_scale, _check_beta_range, _check_betas, _check_kernel, _check_options,
                       _check_psd_estimate, _check_targets, _label_count, _out_dtype, Array)
 from .auto import choose

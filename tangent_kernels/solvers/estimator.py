@@ -10,7 +10,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .._model import check_device, fp32_math
+from .._model import check_device
+from ..precisions import fp32_math
 from ._checks import (default_tol, _beta_scale, _check_betas, _check_cross, _check_kernel, _check_offset, _check_options,
                       _check_targets, _label_count, _out_dtype, _Targets, Array)
 from ._common import _Config, _Result
