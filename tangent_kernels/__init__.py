@@ -22,7 +22,7 @@ from .coverage import CoverageReport, coverage
 from .sketch import Projection
 from .solve import ConvergenceWarning, KernelRidge, NotFittedError, solve  # the shim module first: tk.solve stays the function
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401 - tk.__version__
 
 __all__ = [
     "CheckpointCorrupt",

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 # What a user can get wrong on the command line: reported in one line, no traceback.
-from .cli_common import (K_SUFFIXES, USER_ERRORS, CommandError, check_device, check_writable, environment, load_array,
+from .cli_common import (K_SUFFIXES, USER_ERRORS, CommandError, check_device_option, check_writable, environment, load_array,
                          load_kernel, model_data_idx, one_line, parse_output, refuse_overwrites)
 from .cli_common import load_model  # noqa: F401 - tk.cli.load_model, the model loader of every command
 
@@ -166,7 +166,8 @@ def _solve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__, cli_features, demo
+    from . import cli_features, demo
+    from .version import __version__
     from .precisions import PRECISIONS
     from .solvers import SOLVERS
 
@@ -269,7 +270,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     debug = "--debug" in argv
     args = build_parser().parse_args(argv)
     try:
-        check_device(getattr(args, "device", None))
+        check_device_option(getattr(args, "device", None))
         return args.run(args)
     except (CommandError,) + USER_ERRORS as error:
         if debug:

@@ -445,7 +445,7 @@ def check_demo_arguments(args: argparse.Namespace) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from . import __version__
+    from .version import __version__
 
     start = time.perf_counter()
     check_demo_arguments(args)

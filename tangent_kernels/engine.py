@@ -18,11 +18,10 @@ from torch import nn
 from .checkpoint import Checkpoint
 from .data import loader_length
 from .feature_phase import PER_SAMPLE_ROWS, feature_blocks, fill_store, new_extractor
-from .outputs import OutputSpec, is_multi
+from .outputs import OutputProbes, OutputSpec, is_multi, probed
 from .persample import FeatureExtractor
 from .precisions import PRECISIONS, to_store
 from .progress import Events, ProgressEvent
-from .outputs import OutputProbes, probed
 from .request import Request, check_model
 from .sketch import check_projection
 from .structured import check_structured

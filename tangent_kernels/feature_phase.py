@@ -20,6 +20,7 @@ from .checkpoint import CheckpointMismatch, batch_fingerprint
 from .data import ModelInputs, iterate_inputs, loader_length
 from .persample import FeatureExtractor
 from .precisions import Precision, to_store
+from .outputs import PER_SAMPLE_ROWS
 from .progress import progress_bar
 if TYPE_CHECKING:  # the request is made (request.py) before the feature phase; only its fields are read here
     from .request import Request
@@ -94,11 +95,6 @@ def check_finite(block: torch.Tensor, first_position: int, name: str) -> None:
     )
 
 
-# The outputs whose features are stored one row per sample, the k logits side by side
-# [k * p]: the trace is the Gram of those rows, the diagonal k Grams of their column
-# blocks (tiles), never the k^2 cross products; output="full" needs them all and stores a
-# row per (sample, logit). Checkpoints record the layout (_identity).
-PER_SAMPLE_ROWS = ("trace", "diagonal")
 
 
 def describe(signature) -> str:

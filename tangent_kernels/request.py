@@ -19,9 +19,8 @@ from torch import nn
 
 from ._model import check_device, check_parameter_aliases, eval_mode, model_device
 from .checkpoint import model_fingerprint, tensor_fingerprint
-from .feature_phase import PER_SAMPLE_ROWS
 from .identity import computation_fingerprint
-from .outputs import OutputProbes, OutputSpec, check_output_spec
+from .outputs import PER_SAMPLE_ROWS, OutputProbes, OutputSpec, check_output_spec
 from .params import ParamIndex, resolve_idx
 from .persample import resolve_backend
 from .precisions import Precision, check_precision
