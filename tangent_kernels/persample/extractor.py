@@ -51,7 +51,6 @@ class FeatureExtractor:
         self.feature_index = index
         self.kept: Optional[torch.Tensor] = None  # full-index column of each feature column
         self.committed = False
-        self.factors: Dict[str, tuple] = {}  # of the last batch
         self.backend = backend
         self.dense = DenseStrategy(backend) if dense is None else dense
         # Under TF32 a batch and a single sample take different convolution algorithms
@@ -182,18 +181,12 @@ class FeatureExtractor:
         self._build()
 
     def extract(self, batch: ModelInputs):
-        """(block [B, p'] or [B, k, p'] of feature_index's columns, {tensor: factors})."""
-        block = self(batch)
-        return block, self.factors
-
-    def __call__(self, batch: ModelInputs) -> torch.Tensor:
-        """The block of feature_index's columns; the structured tensors' factors of the
-        same batch are left in ``self.factors`` (see extract)."""
-        self.factors = {}
+        """(block [B, p'] or [B, k, p'] of feature_index's columns, {tensor: factors}): the
+        features and the structured tensors' factors of one batch (the feature phase's call)."""
         tensors = [v for v in (*batch.args, *batch.kwargs.values()) if isinstance(v, torch.Tensor)]
         versions = [t._version for t in tensors]
         with gradients_on():
-            block, self.factors = self._features(batch)
+            block, factors = self._features(batch)
         if any(t._version != v for t, v in zip(tensors, versions)):
             # The batched pass names the op; the generic path (no interception) can only tell.
             raise ValueError(
@@ -201,7 +194,11 @@ class FeatureExtractor:
                 "than once and never changes the caller's data. Compute out of place in forward (e.g. "
                 "x = x * 2 instead of x.mul_(2), or x = x.clone() first)"
             )
-        return block
+        return block, factors
+
+    def __call__(self, batch: ModelInputs) -> torch.Tensor:
+        """The block of feature_index's columns (``extract`` without the factors)."""
+        return self.extract(batch)[0]
 
     def _count_outputs(self, batch: ModelInputs) -> int:
         """k, the number of logits, from one sample of the first batch."""
