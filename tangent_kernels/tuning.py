@@ -22,9 +22,13 @@ middle of a run. The knobs:
 
 from __future__ import annotations
 
+import sys
+import types
+import warnings
 from contextlib import contextmanager
+from typing import Dict
 
-__all__ = ["DENSE_STRATEGIES", "GENERIC_STRATEGIES", "Settings", "settings", "tuned"]
+__all__ = ["DENSE_STRATEGIES", "GENERIC_STRATEGIES", "Settings", "keep_old_names", "settings", "tuned"]
 
 DENSE_STRATEGIES = ("auto", "always", "never")
 GENERIC_STRATEGIES = ("auto", "vmap", "loop")
@@ -74,3 +78,31 @@ def tuned(**changes):
     finally:
         for name, value in saved.items():
             object.__setattr__(settings, name, value)
+
+
+def keep_old_names(module_name: str, names: Dict[str, str]) -> None:
+    """The module-level knobs that came before ``settings`` (``persample.dense.DENSE_STRATEGY``,
+    ``persample.extractor.BATCHED``, ``persample.generic.STRATEGY``) keep working, deprecated:
+    reading or assigning ``module.NAME`` reads or sets ``settings.<knob>`` (an assignment
+    that nothing read any more would be silently ignored)."""
+    module = sys.modules[module_name]
+
+    def warn(name: str) -> None:
+        warnings.warn(f"{module_name}.{name} is deprecated: use tangent_kernels.tuning.settings.{names[name]} "
+                      f"or tangent_kernels.tuning.tuned({names[name]}=...)", DeprecationWarning, stacklevel=3)
+
+    def forwarded(name: str) -> property:
+        # A data descriptor (a property on the module's class), so that monkeypatch and
+        # plain assignment both go through it and it restores what it read.
+        def get(module):
+            warn(name)
+            return getattr(settings, names[name])
+
+        def set_(module, value):
+            warn(name)
+            setattr(settings, names[name], value)
+
+        return property(get, set_)
+
+    OldNames = type("OldNames", (types.ModuleType,), {name: forwarded(name) for name in names})
+    module.__class__ = OldNames

@@ -146,3 +146,21 @@ def test_engine_and_driver_are_reached_through_the_public_entry(monkeypatch):
     model = nn.Linear(3, 2)
     k = tk.gram(model, [torch.randn(4, 3)], group=False, progress=False)
     assert k.shape == (4, 4)
+
+
+def test_the_old_module_knobs_still_work_deprecated(monkeypatch):
+    from tangent_kernels.persample import dense, extractor, generic
+
+    for module, old, knob, value in ((dense, "DENSE_STRATEGY", "dense_strategy", "never"),
+                                     (extractor, "BATCHED", "batched", False),
+                                     (generic, "STRATEGY", "generic_strategy", "loop")):
+        with pytest.warns(DeprecationWarning, match=rf"{old} is deprecated: use tangent_kernels.tuning"):
+            monkeypatch.setattr(module, old, value)  # reads the old value first, sets the new one
+        assert getattr(tuning.settings, knob) == value
+        with pytest.warns(DeprecationWarning):
+            assert getattr(module, old) == value
+    with pytest.raises(ValueError, match="dense_strategy = 'sometimes'"), pytest.warns(DeprecationWarning):
+        dense.DENSE_STRATEGY = "sometimes"
+    monkeypatch.undo()
+    assert (tuning.settings.dense_strategy, tuning.settings.batched, tuning.settings.generic_strategy) == \
+        ("auto", True, "auto")

@@ -21,11 +21,12 @@ from typing import Callable, Dict
 import torch
 
 from ..precisions import matmul_allows_tf32
-from ..tuning import settings
+from ..tuning import keep_old_names, settings
 
 __all__ = ["DenseStrategy"]
 
 _log = logging.getLogger("tangent_kernels")
+keep_old_names(__name__, {"DENSE_STRATEGY": "dense_strategy"})  # deprecated: tuning.settings
 
 # Agreement required of the dense result on the first batch (relative Frobenius): fp32
 # sums in another order (<< 1e-4); TF32 products carry ~1e-3.

@@ -19,11 +19,12 @@ from .dense import DenseStrategy
 from ..structured.plan import Plan, decide
 from .factors import index_gradients, per_sample_gradients
 from .generic import GenericPath
-from ..tuning import settings  # settings.batched False: every tensor on the generic path
+from ..tuning import keep_old_names, settings  # settings.batched False: every tensor on the generic path
 
 __all__ = ["FeatureExtractor"]
 
 _log = logging.getLogger("tangent_kernels")
+keep_old_names(__name__, {"BATCHED": "batched"})  # deprecated: tuning.settings
 
 # Relative difference allowed, per tensor, between the batched pass and the checked sample
 # evaluated alone. fp32 is loose: a batch and a sample alone take other algorithms, and a

@@ -20,9 +20,11 @@ from .._model import evaluate, functional_state, substituted
 from ..data import ModelInputs
 from ..outputs import OutputError, OutputSpec, scalarize
 from ..params import ParamLayout, TensorSlice
-from ..tuning import settings
+from ..tuning import keep_old_names, settings
 
 __all__ = ["GenericPath"]
+
+keep_old_names(__name__, {"STRATEGY": "generic_strategy"})  # deprecated: tuning.settings
 
 # Upper bound on the per-sample gradient tensors one vmap call materializes
 # (chunk x touched parameters); the batch is split into chunks to stay under it.
