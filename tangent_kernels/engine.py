@@ -1,10 +1,12 @@
-"""The eNTK engine: orders the work, loader -> features -> store -> tiles of K.
+"""The eNTK engine in one process: orders the work, request -> features -> store -> tiles of K.
 
-Features come from ``persample`` (one batched forward/backward with every use of a
-sampled parameter intercepted; ``torch.func`` for the tensors no rule covers), batch by
-batch into stores (``store``, the structured tensors' factors in ``structured``),
-checkpointed as they finish; the Gram phase is ``tiles``. docs/engine.md has the why of
-each choice.
+``tk.features`` is here; ``tk.gram`` (pipeline.py) calls ``gram`` here unless a process
+group asks for the distributed driver. Arguments are checked once, by ``request.Request``
+(docs/pipeline.md). Features come from ``persample`` (one batched forward/backward with
+every use of a sampled parameter intercepted; ``torch.func`` for the tensors no rule
+covers), batch by batch into stores (``store``, the structured tensors' factors in
+``structured``), checkpointed as they finish; the Gram phase is ``tiles``.
+docs/engine.md has the why of each choice.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 import torch
 from torch import nn
 
+from . import tiles
 from .checkpoint import Checkpoint
 from .data import loader_length
 from .feature_phase import PER_SAMPLE_ROWS, feature_blocks, fill_store, new_extractor
@@ -25,7 +28,6 @@ from .progress import Events, ProgressEvent
 from .request import Request, check_model
 from .sketch import check_projection
 from .structured import check_structured
-from . import tiles
 
 __all__ = ["features", "gram", "PRECISIONS", "ProgressEvent"]
 
