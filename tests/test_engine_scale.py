@@ -291,7 +291,7 @@ def test_out_of_memory_in_the_gram_phase_halves_the_tiles(monkeypatch):
 def test_out_of_memory_in_the_feature_phase_splits_the_batch(monkeypatch):
     model, loader = _problem(9)
     ref = tk.reference.gram_autograd(model, loader)
-    original = engine.FeatureExtractor.__call__
+    original = engine.FeatureExtractor.extract  # what the feature phase calls per batch
     sizes = []
 
     def tight_memory(self, batch):
@@ -300,7 +300,7 @@ def test_out_of_memory_in_the_feature_phase_splits_the_batch(monkeypatch):
             raise torch.cuda.OutOfMemoryError("injected: CUDA out of memory")
         return original(self, batch)
 
-    monkeypatch.setattr(engine.FeatureExtractor, "__call__", tight_memory)
+    monkeypatch.setattr(engine.FeatureExtractor, "extract", tight_memory)
     k = tk.gram(model, loader, progress=False)
     assert max(sizes) == BATCH and min(sizes) == 1
     assert rel_err(k, ref) <= 1e-5
