@@ -20,7 +20,8 @@ import torch
 import torchvision
 
 import tangent_kernels as tk
-import tangent_kernels.engine as engine
+from tangent_kernels._model import eval_mode
+from tangent_kernels.precisions import fp32_math
 from tangent_kernels.persample import dense, extractor as persample_extractor
 from tangent_kernels.data import to_inputs
 
@@ -42,7 +43,7 @@ def main() -> int:
     x = torch.randn(args.batch, 3, args.size, args.size, device="cuda")
     index = tk.params.resolve_idx(model, tk.subsample(model, args.params, seed=0))
     extractor = persample_extractor.FeatureExtractor(model, index, "first", torch.float32, x.device, args.backend)
-    with engine.eval_mode(model), engine.fp32_math(args.tf32):
+    with eval_mode(model), fp32_math(args.tf32):
         extractor(to_inputs(x))
     totals = {"sparse": 0.0, "best": 0.0}
     for name, why in extractor.dense.measured.items():

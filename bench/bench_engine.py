@@ -54,12 +54,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as cache_dir:
         device_store = _store(features, "device", device, cache_dir)
         results["device store, full schedule"] = timed(
-            lambda: tiles._blocked_gram(device_store, device_store, False, precision.k, device, None, None, events, budget),
+            lambda: tiles.blocked_gram(device_store, device_store, False, precision.k, device, None, None, events, budget),
             device=device, warmup=False)
         for kind in ("device", "host", "disk"):
             store = device_store if kind == "device" else _store(features, kind, device, cache_dir)
             results[f"{kind} store, lower-triangle schedule"] = timed(
-                lambda: tiles._blocked_gram(store, store, True, precision.k, device, None, None, events, budget),
+                lambda: tiles.blocked_gram(store, store, True, precision.k, device, None, None, events, budget),
                 device=device, warmup=False)
             if kind != "device":
                 store.close()

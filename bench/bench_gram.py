@@ -36,9 +36,8 @@ import torch
 
 import tangent_kernels as tk
 from _common import commit, timed
-import tangent_kernels.engine as engine
-from tangent_kernels.persample import extractor as persample_extractor
-from tangent_kernels._model import fp32_math
+from tangent_kernels.tuning import tuned
+from tangent_kernels.precisions import PRECISIONS, fp32_math
 
 
 # Relative Frobenius difference of K allowed against the IEEE fp32 naive loop: fp32 is
@@ -76,13 +75,9 @@ def train_steps(model, loader, allow_tf32):
 
 def func_gram(model, loader, idx):
     """tk.gram with every tensor on the generic torch.func path (no batched pass), fp32."""
-    persample_extractor.BATCHED = False
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return tk.gram(model, loader, idx, progress=False, precision="fp32")
-    finally:
-        persample_extractor.BATCHED = True
+    with tuned(batched=False), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return tk.gram(model, loader, idx, progress=False, precision="fp32")
 
 
 def main() -> int:
@@ -115,7 +110,7 @@ def main() -> int:
     idx = tk.subsample(model, args.params, seed=0)
     loader = list(x.split(args.batch_size))
     skip = {name.strip() for name in args.skip.split(",") if name.strip()}
-    allow_tf32 = engine.PRECISIONS[args.precision].allow_tf32
+    allow_tf32 = PRECISIONS[args.precision].allow_tf32
 
     def method(fn):
         """Warm up on the first batch only (allocator, cuDNN plans, kernel compilation):

@@ -32,7 +32,7 @@ import torch
 
 import tangent_kernels as tk
 from _common import commit
-from tangent_kernels.persample import extractor as persample_extractor
+from tangent_kernels.tuning import tuned
 
 HIDDEN, LAYERS = 128, 2
 
@@ -146,15 +146,11 @@ def opacus_gram(model, loader, output, positions):
 
 
 def func_gram(model, loader, idx, output):
-    persample_extractor.BATCHED = False
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            k = tk.gram(model, loader, idx, output=output, progress=False)
-        fell_back = any("per-sample autograd loop" in str(w.message) for w in caught)
-        return k, fell_back
-    finally:
-        persample_extractor.BATCHED = True
+    with tuned(batched=False), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        k = tk.gram(model, loader, idx, output=output, progress=False)
+    fell_back = any("per-sample autograd loop" in str(w.message) for w in caught)
+    return k, fell_back
 
 
 DEVICE = torch.device("cpu")

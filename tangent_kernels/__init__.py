@@ -7,21 +7,22 @@
     kr = tk.KernelRidge(betas="auto").fit(K, y) # kernel ridge regression on K
 """
 
-from . import analysis, distributed, reference, tracking
+from . import analysis, distributed, reference, tracking, tuning
 from ._ext import info
 from .checkpoint import CheckpointCorrupt, CheckpointInUse, CheckpointMismatch
 from .data import LoadedOrder
-from .engine import ProgressEvent, features, gram
+from .pipeline import features, gram  # request -> features -> Gram: docs/pipeline.md
+from .progress import ProgressEvent
 from .io import load_gram, save_gram
 from .kernel import Kernel
 from .lookahead import LookAhead
 from .outputs import OutputProbes
 from .params import ParamIndex, subsample
-from .persample.coverage import CoverageReport, coverage
+from .coverage import CoverageReport, coverage
 from .sketch import Projection
 from .solve import ConvergenceWarning, KernelRidge, NotFittedError, solve  # the shim module first: tk.solve stays the function
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401 - tk.__version__
 
 __all__ = [
     "CheckpointCorrupt",
@@ -50,4 +51,5 @@ __all__ = [
     "solve",
     "subsample",
     "tracking",
+    "tuning",
 ]

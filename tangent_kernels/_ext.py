@@ -141,7 +141,7 @@ def info() -> Info:
     ``backends`` ("cpp", "cuda", "triton") a dict {active: bool, reason: str or None, ...}
     where ``reason`` says why an inactive backend is off and how to turn it on.
     """
-    from . import __version__
+    from .version import __version__
 
     cuda_visible = torch.cuda.is_available()
     devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda_visible else []

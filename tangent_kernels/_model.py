@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .params import ParamLayout
+from .precisions import fp32_math, matmul_allows_tf32  # noqa: F401 - their home is precisions.py; kept importable here
 
 __all__ = ["RandomForwardError", "check_device", "check_parameter_aliases", "eval_mode", "evaluate", "fp32_math",
            "functional_state", "gradients_on", "matmul_allows_tf32", "model_device", "module_attributes_kept",
@@ -239,60 +240,6 @@ def eval_mode(model: nn.Module):
     finally:
         for module, training in modes:
             module.training = training
-
-
-# Backends whose fp32 matmuls/convolutions torch may run at reduced precision (TF32 on
-# CUDA; TF32/bf16 through oneDNN on CPU), each with its own ``fp32_precision`` flag.
-_FP32_PRECISION_BACKENDS = ("cuda.matmul", "cudnn.conv", "cudnn.rnn", "mkldnn.matmul", "mkldnn.conv", "mkldnn.rnn")
-_TF32_CAPABLE = ("cuda.matmul", "cudnn.conv", "cudnn.rnn")
-
-
-def _precision_flags() -> Dict[str, Any]:
-    flags = {}
-    for path in _FP32_PRECISION_BACKENDS:
-        holder: Any = torch.backends
-        for part in path.split("."):
-            holder = getattr(holder, part, None)
-        if holder is not None and hasattr(holder, "fp32_precision"):
-            flags[path] = holder
-    return flags
-
-
-@contextmanager
-def fp32_math(allow_tf32: bool = False):
-    """fp32 matmuls and convolutions in IEEE fp32 for the duration (TF32 on CUDA when
-    ``allow_tf32``), then the user's settings restored: "fp32" must mean fp32.
-
-    Sets the per-backend ``fp32_precision`` flags where torch has them (2.9+) rather than
-    the legacy ``allow_tf32``: reading the legacy flag after a user set the new one
-    raises, while restoring the new flag leaves a legacy setting readable.
-    """
-    flags = _precision_flags()
-    if not flags:  # pragma: no cover - torch < 2.9
-        matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allow_tf32
-        try:
-            yield
-        finally:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
-        return
-    saved = {path: holder.fp32_precision for path, holder in flags.items()}
-    try:
-        for path, holder in flags.items():
-            holder.fp32_precision = "tf32" if allow_tf32 and path in _TF32_CAPABLE else "ieee"
-        yield
-    finally:
-        for path, holder in flags.items():
-            holder.fp32_precision = saved[path]
-
-
-def matmul_allows_tf32() -> bool:
-    """Whether CUDA fp32 matmuls may run in TF32 right now (inside ``fp32_math``: what
-    the ``precision=`` mode chose): hand-written kernels follow the same setting."""
-    flags = _precision_flags()
-    if "cuda.matmul" in flags:
-        return flags["cuda.matmul"].fp32_precision == "tf32"
-    return bool(torch.backends.cuda.matmul.allow_tf32)  # pragma: no cover - torch < 2.9
 
 
 def check_device(device: Any, name: str = "device") -> Optional[torch.device]:

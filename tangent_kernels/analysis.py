@@ -26,8 +26,8 @@ from typing import Any, Optional
 
 import torch
 
-from .solvers import outputs as _outputs
-from .solvers._checks import as_tensor, _check_kernel, _check_targets, _label_count
+from .solvers import multi_output as _outputs
+from .solvers._checks import as_tensor, check_kernel, check_targets, label_count
 
 __all__ = ["Spectrum", "spectrum", "alignment", "degrees_of_freedom"]
 
@@ -97,9 +97,9 @@ def alignment(K: Any, Y: Any, *, centered: bool = False, sym_tol: Optional[float
     """
     if _outputs.ndim(K) in (3, 4):
         return _every_logit_alignment(K, Y, centered, sym_tol)
-    K = _check_kernel(K, sym_tol).double()
+    K = check_kernel(K, sym_tol).double()
     n = K.shape[0]
-    targets = _check_targets(Y, n, "Y", "K", torch.float64, K.device, _label_count(Y, "Y")).values
+    targets = check_targets(Y, n, "Y", "K", torch.float64, K.device, label_count(Y, "Y")).values
     if centered:
         K = K - K.mean(dim=0, keepdim=True)
         K = K - K.mean(dim=1, keepdim=True)
@@ -120,8 +120,8 @@ def _blocks(K: Any, sym_tol: Optional[float]):
         K = _outputs.flatten_kernel(_square(K), "K")[0]
     elif _outputs.ndim(K) == 3:
         K = _square(K)
-        return [_check_kernel(K[..., a], sym_tol).double() for a in range(K.shape[2])]
-    return [_check_kernel(K, sym_tol).double()]
+        return [check_kernel(K[..., a], sym_tol).double() for a in range(K.shape[2])]
+    return [check_kernel(K, sym_tol).double()]
 
 
 def _square(K: Any) -> torch.Tensor:
@@ -139,7 +139,7 @@ def _every_logit_alignment(K: Any, Y: Any, centered: bool, sym_tol: Optional[flo
     blocks = _blocks(K, sym_tol)  # the checks; the values are read from K below
     K = _square(K).double().to(blocks[0].device)
     n, k = K.shape[0], K.shape[2]
-    targets = _check_targets(Y, n, "Y", "K", torch.float64, K.device, _label_count(Y, "Y")).values
+    targets = check_targets(Y, n, "Y", "K", torch.float64, K.device, label_count(Y, "Y")).values
     if targets.shape[1] != k:
         raise ValueError(f"K is a {k}-logit kernel {list(K.shape)}, so Y needs {k} target columns (or labels "
                          f"0 .. {k - 1}: one-hot targets); got {targets.shape[1]}")

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 # What a user can get wrong on the command line: reported in one line, no traceback.
-from .cli_common import (K_SUFFIXES, USER_ERRORS, CommandError, check_device, check_writable, environment, load_array,
-                         load_kernel, model_data_idx, one_line, parse_output, parse_projection, refuse_overwrites)
+from .cli_common import (K_SUFFIXES, USER_ERRORS, CommandError, check_device_option, check_writable, environment,
+                         load_array, load_kernel, model_data_idx, one_line, parse_output, parse_projection,
+                         refuse_overwrites)
 from .cli_common import load_model  # noqa: F401 - tk.cli.load_model, the model loader of every command
 
 
@@ -37,7 +38,7 @@ def _info(_: argparse.Namespace) -> int:
 
 
 def _coverage(args: argparse.Namespace) -> int:
-    from .persample.coverage import coverage
+    from .coverage import coverage
 
     model, x, _, idx, _ = model_data_idx(args)
     report = coverage(model, x[: args.batch_size], idx, output=parse_output(args.output),
@@ -47,7 +48,7 @@ def _coverage(args: argparse.Namespace) -> int:
 
 
 def _gram(args: argparse.Namespace) -> int:
-    from .engine import gram
+    from .pipeline import gram
     from .io import save_gram
 
     from .distributed.launch import torchrun_session
@@ -171,8 +172,9 @@ def _solve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__, cli_features, demo
-    from .engine import PRECISIONS
+    from . import cli_features, demo
+    from .version import __version__
+    from .precisions import PRECISIONS
     from .solvers import SOLVERS
 
     parser = argparse.ArgumentParser(
@@ -278,7 +280,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     debug = "--debug" in argv
     args = build_parser().parse_args(argv)
     try:
-        check_device(getattr(args, "device", None))
+        check_device_option(getattr(args, "device", None))
         return args.run(args)
     except (CommandError,) + USER_ERRORS as error:
         if debug:

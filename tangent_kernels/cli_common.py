@@ -162,7 +162,7 @@ def load_kernel(path: str, what: str):
     return load_array(path, what)
 
 
-def check_device(text: Optional[str]) -> None:
+def check_device_option(text: Optional[str]) -> None:
     """--device names a device this machine has, checked before any work."""
     from ._model import check_device as check
 
@@ -175,7 +175,7 @@ def check_device(text: Optional[str]) -> None:
 def environment() -> dict:
     import torch
 
-    from . import __version__
+    from .version import __version__
 
     return {"tangent_kernels": __version__, "torch": torch.__version__, "python": platform.python_version()}
 

@@ -49,7 +49,7 @@ def add_command(commands, gram_parser: argparse.ArgumentParser, debug: argparse.
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from .engine import features
+    from .pipeline import features
     from .params import resolve_idx
 
     refuse_overwrites([("--out", args.out)], [("--data", args.data), ("--weights", args.weights),

@@ -29,9 +29,10 @@ class ModelInputs:
     kwargs: Dict[str, Any]
     size: int
 
-    def _items(self):
-        yield from enumerate(self.args)
-        yield from self.kwargs.items()
+    @classmethod
+    def of(cls, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> "ModelInputs":
+        """The call ``model(*args, **kwargs)``, its batch size read from its first batched tensor."""
+        return cls(args, kwargs, _batch_size(args, kwargs))
 
     def is_batched(self, value: Any) -> bool:
         return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == self.size
@@ -126,7 +127,7 @@ def to_inputs(batch: Any, inputs: Optional[Callable[[Any], Any]] = None) -> Mode
             "yield tensors, tuples/lists (input first) or dicts of keyword arguments; or pass "
             "inputs=callable mapping a batch to the model's input"
         )
-    return ModelInputs(args, kwargs, _batch_size(args, kwargs))
+    return ModelInputs.of(args, kwargs)
 
 
 class LoadedOrder:

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from .analysis import alignment, spectrum
-from .engine import gram
+from .pipeline import gram
 from .params import subsample
 from .solvers import ConvergenceWarning, KernelRidge, solve
 
@@ -445,7 +445,7 @@ def check_demo_arguments(args: argparse.Namespace) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from . import __version__
+    from .version import __version__
 
     start = time.perf_counter()
     check_demo_arguments(args)

@@ -12,20 +12,20 @@ from __future__ import annotations
 
 import logging
 from contextvars import ContextVar
-from typing import Any, Callable, Iterable, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from .checkpoint import CheckpointMismatch, batch_fingerprint
 
 from .data import ModelInputs, iterate_inputs, loader_length
-from .outputs import OutputSpec
-from .params import ParamIndex
 from .persample import FeatureExtractor
-from .precisions import Precision, _to_store
+from .precisions import Precision, to_store
+from .outputs import PER_SAMPLE_ROWS
 from .progress import progress_bar
+if TYPE_CHECKING:  # the request is made (request.py) before the feature phase; only its fields are read here
+    from .request import Request
 from .sketch import Projection
 from .store import FeatureStore
 from .structured.stores import FactorStores, record_plan, recorded_plan
@@ -36,28 +36,18 @@ __all__ = ["PER_SAMPLE_ROWS", "check_finite", "check_signature", "describe", "fe
 _log = logging.getLogger("tangent_kernels")
 
 
-def feature_blocks(
-    model: nn.Module,
-    loader: Iterable,
-    index: ParamIndex,
-    output: OutputSpec,
-    precision: Precision,
-    device: torch.device,
-    inputs: Optional[Callable[[Any], Any]],
-    progress: Union[bool, str],
-    name: str,
-    backend: str,
-    projection: Optional[Projection] = None,
-) -> Iterator[torch.Tensor]:
+def feature_blocks(request: Request, loader: Iterable, name: str,
+                   projection: Optional[Projection] = None) -> Iterator[torch.Tensor]:
     """Yield F [B, p] per batch, in the compute dtype; F[:, j] = d s / d theta[idx[j]]; with
-    a ``projection``, F R [B, dim] (sketch.py)."""
-    per_sample = new_extractor(model, index, output, precision, device, backend,
-                               "never" if projection is None else projection.structured, projection)
-    bar = progress_bar(loader_length(loader), f"eNTK features ({name})", progress)
+    a ``projection``, F R [B, dim] (sketch.py). On CUDA out-of-memory a batch is computed
+    in halves (``features_with_backoff``), as for the Gram."""
+    per_sample = new_extractor(request.model, request.index, request.output, request.precision, request.device,
+                               request.backend, "never" if projection is None else projection.structured, projection)
+    bar = progress_bar(loader_length(loader), f"eNTK features ({name})", request.progress)
     seen = 0
     try:
-        for batch in iterate_inputs(loader, inputs, name):
-            block = per_sample(batch.to(device, precision.compute))
+        for batch in iterate_inputs(loader, request.inputs, name):
+            block, _ = features_with_backoff(per_sample, batch.to(request.device, request.precision.compute))
             check_finite(block, seen, name)
             if projection is not None:
                 block = sketched(projection, per_sample, block, seen, name)
@@ -157,11 +147,6 @@ def check_finite(block: torch.Tensor, first_position: int, name: str) -> None:
     )
 
 
-# The outputs whose features are stored one row per sample, the k logits side by side
-# [k * p]: the trace is the Gram of those rows, the diagonal k Grams of their column
-# blocks (tiles), never the k^2 cross products; output="full" needs them all and stores a
-# row per (sample, logit). Checkpoints record the layout (_identity).
-PER_SAMPLE_ROWS = ("trace", "diagonal")
 
 
 def describe(signature) -> str:
@@ -192,8 +177,8 @@ def check_signature(first, cross, signature, name: str, b: int) -> None:
         )
 
 
-def fill_store(model, loader, name, *, index, output, precision, device, inputs, backend, kind, budget,
-                cache_dir, ckpt, events, extractor, expected_signature=None, projection=None):
+def fill_store(request: Request, loader, name, *, cache_dir, ckpt, events, extractor, expected_signature=None,
+               projection=None):
     """Features of every sample of ``loader`` into a FeatureStore (read back from the
     checkpoint where it has them); returns (store, first batch's signature). The store's
     ``structured`` holds the structured tensors' factors (FactorStores), or None; both
@@ -201,6 +186,8 @@ def fill_store(model, loader, name, *, index, output, precision, device, inputs,
     ``projection`` (sketch.py; the extractor must then be made with its
     ``structured`` mode) each batch's block (and factors) is projected as it forms: the
     store holds [B, dim], and no factors."""
+    index, output, precision, device = request.index, request.output, request.precision, request.device
+    inputs, kind, budget = request.inputs, request.store, request.budget
     columns = None if projection is None else projection.dim
     total = loader_length(loader)
     recorded = ckpt.recorded_batches(name) if ckpt is not None else []
@@ -289,11 +276,11 @@ def fill_store(model, loader, name, *, index, output, precision, device, inputs,
                 if projection is not None:
                     block = sketched(projection, per_sample, block, seen, name)
                 if factors is not None:  # recorded before the features, whose record commits the batch
-                    factors.append(batch_factors, lambda rows: _to_store(rows, precision, scale_rows=True),
+                    factors.append(batch_factors, lambda rows: to_store(rows, precision, scale_rows=True),
                                    check_finite, seen, ckpt, fingerprint)
                 if output in PER_SAMPLE_ROWS:  # [B, k, p] -> [B, k * p] (a view; -1 fails for p = 0)
                     block = block.reshape(block.shape[0], block.shape[1] * block.shape[2])
-                stored, scales = _to_store(block, precision, scale_rows=True)
+                stored, scales = to_store(block, precision, scale_rows=True)
                 feature_store.append(stored, scales)
                 stored_rows += stored.shape[0]
                 if ckpt is not None:
@@ -356,11 +343,11 @@ def open_stores(per_sample: FeatureExtractor, name: str, precision: Precision, d
 
 def features_with_backoff(per_sample: FeatureExtractor, batch: ModelInputs):
     """(features, structured factors) of a batch (FeatureExtractor.extract); on CUDA
-    out-of-memory, of its halves (recursively)."""
+    out-of-memory, of its halves (recursively): each sample's features are its own, so
+    the halves' rows are exactly the whole batch's."""
     try:
-        block = per_sample(batch)
-        return block, per_sample.factors
-    except torch.cuda.OutOfMemoryError:
+        return per_sample.extract(batch)
+    except torch.OutOfMemoryError:
         if batch.size == 1:
             raise
         if torch.cuda.is_available():

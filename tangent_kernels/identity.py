@@ -40,10 +40,6 @@ import enum
 import functools
 import hashlib
 import logging
-import os
-import site
-import sys
-import sysconfig
 import types
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -52,27 +48,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from .code_reads import HOOK_FLAGS, HOOKS, NOT_ATTRIBUTES, cell_value, code_names, is_library, read_names
+
 __all__ = ["Fingerprint", "computation_fingerprint", "callable_fingerprint", "structure_fingerprint"]
 
 _SIMPLE = (bool, int, float, complex, str, bytes, type(None))
 _TORCH_VALUES = (torch.dtype, torch.device, torch.layout, torch.memory_format, torch.qscheme)
-# vars() entries of a module that are not walked as plain attributes: tensors and
-# children (walked by name), hook tables (walked as hooks, without their handle ids),
-# and the state-dict hooks, which take no part in computing.
-_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
-_HOOK_FLAGS = {"_forward_pre_hooks": ("_forward_pre_hooks_with_kwargs",),
-               "_forward_hooks": ("_forward_hooks_with_kwargs", "_forward_hooks_always_called")}
-_NOT_ATTRIBUTES = {"_parameters", "_buffers", "_modules", "_state_dict_hooks", "_state_dict_pre_hooks",
-                   "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks", *_HOOKS,
-                   *(flag for flags in _HOOK_FLAGS.values() for flag in flags)}
 _CLASS_NOISE = {"__dict__", "__weakref__", "__doc__", "__module__", "__qualname__", "__firstlineno__",
                 "__static_attributes__", "__annotations__", "__parameters__", "__orig_bases__", "__slotnames__",
                 "_abc_impl"}
 # A bound on one part's walk: a structure deeper than this is not a model's state.
 _MAX_DEPTH = 40
-_LIBRARY_ROOTS = tuple(sorted({os.path.realpath(p) + os.sep for p in
-                               [sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")]
-                               + list(getattr(site, "getsitepackages", lambda: [])())}))
 
 
 @dataclass
@@ -87,19 +73,6 @@ class Fingerprint:
 
 class _Undecidable(Exception):
     pass
-
-
-@functools.lru_cache(maxsize=None)
-def _is_library(module_name: Optional[str]) -> bool:
-    """Code of the standard library or an installed package (not the user's)."""
-    module = sys.modules.get(module_name or "")
-    if module is None:
-        return False
-    path = getattr(module, "__file__", None)
-    if path is None:  # a builtin or frozen module (sys, _thread); a module made at run time is the user's
-        origin = getattr(getattr(module, "__spec__", None), "origin", None)
-        return module_name in sys.builtin_module_names or origin in ("built-in", "frozen")
-    return os.path.realpath(path).startswith(_LIBRARY_ROOTS)
 
 
 def _name(obj) -> str:
@@ -124,7 +97,7 @@ def _shown(value, digest: str) -> str:
 class _Walk:
     def __init__(self, named: Dict[int, str], read: set):
         self.named = named  # id -> name of the model's modules and tensors (kept alive by the model)
-        self.read = read  # every name code reachable from the call reads (_read_names)
+        self.read = read  # every name code reachable from the call reads (read_names)
         self.parts: Dict[str, str] = {}
         self.full: Dict[str, str] = {}
         self.owners: Dict[str, Any] = {}  # part key -> its object
@@ -269,10 +242,10 @@ class _Walk:
                 if slot not in ("__dict__", "__weakref__") and hasattr(value, slot):
                     state[slot] = getattr(value, slot)
         if isinstance(value, nn.Module):  # a module outside the model: its tensors too, its hooks in order
-            for hooks in _HOOKS:
-                flags = [state.get(flag, {}) for flag in _HOOK_FLAGS.get(hooks, ())]
+            for hooks in HOOKS:
+                flags = [state.get(flag, {}) for flag in HOOK_FLAGS.get(hooks, ())]
                 state[hooks] = [(hook, [handle in flag for flag in flags]) for handle, hook in state[hooks].items()]
-            for name in _NOT_ATTRIBUTES - {"_parameters", "_buffers", "_modules", *_HOOKS}:
+            for name in NOT_ATTRIBUTES - {"_parameters", "_buffers", "_modules", *HOOKS}:
                 state.pop(name, None)
         for name in sorted(state):
             h.update(name.encode())
@@ -307,8 +280,8 @@ class _Walk:
         h.update(f"function {_name(fn)}".encode())
         self.code(h, fn.__code__, seen, depth + 1)
         scope = fn.__globals__
-        library = _is_library(scope.get("__name__"))
-        held = [fn.__defaults__ or (), fn.__kwdefaults__ or {}] + [_cell(cell) for cell in fn.__closure__ or ()]
+        library = is_library(scope.get("__name__"))
+        held = [fn.__defaults__ or (), fn.__kwdefaults__ or {}] + [cell_value(cell) for cell in fn.__closure__ or ()]
         for value in held:
             try:
                 self.value(h, value, seen, depth + 1)
@@ -320,12 +293,12 @@ class _Walk:
                 h.update(f"<{_name(type(value))}>".encode())
         if library:
             return
-        names = sorted(_code_names(fn.__code__))  # attribute names too: a superset, harmless
+        names = sorted(code_names(fn.__code__))  # attribute names too: a superset, harmless
         for name in names:
             if name in scope and not name.startswith("__"):
                 self.global_value(scope, name)
                 # A user's module read as a global (``helpers.SCALE``): what the code names in it.
-                if isinstance(scope[name], types.ModuleType) and not _is_library(scope[name].__name__):
+                if isinstance(scope[name], types.ModuleType) and not is_library(scope[name].__name__):
                     inner = vars(scope[name])
                     for attribute in names:
                         if attribute in inner and not attribute.startswith("__"):
@@ -338,7 +311,7 @@ class _Walk:
             self.value(h, const, seen, depth + 1)
 
     def _class_body(self, h, cls: type) -> None:
-        library = _is_library(cls.__module__)
+        library = is_library(cls.__module__)
         for base in cls.__bases__:
             if base is not object:
                 h.update(self.klass(base).encode())
@@ -352,77 +325,6 @@ class _Walk:
                 continue  # not called: e.g. nn.Module.smart_apply, which importing transformers adds
             h.update(name.encode())
             self.value(h, value, {}, 0)
-
-
-def _code_names(code: types.CodeType) -> set:
-    """The names a code object (nested ones included) reads: attributes and globals, and
-    the string constants that look like names (``getattr(self, "scale")``)."""
-    names = set(code.co_names)
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            names |= _code_names(const)
-        elif isinstance(const, str) and const.isidentifier():
-            names.add(const)
-    return names
-
-
-def _functions_of(value) -> List[types.FunctionType]:
-    if isinstance(value, (staticmethod, classmethod, types.MethodType)):
-        value = value.__func__
-    if isinstance(value, property):
-        return [f for f in (value.fget, value.fset) if isinstance(f, types.FunctionType)]
-    if isinstance(value, functools.partial):
-        return _functions_of(value.func)
-    if isinstance(value, types.FunctionType):
-        return [value]
-    call = getattr(type(value), "__call__", None)  # a callable object
-    return [call] if isinstance(call, types.FunctionType) else []
-
-
-def _cell(cell):
-    try:
-        return cell.cell_contents
-    except ValueError:
-        return None
-
-
-def _read_names(model: Optional[nn.Module], roots=()) -> set:
-    """Every attribute name that code reachable from the model's call (and from ``roots``,
-    e.g. the output) can read: from ``forward`` and ``__call__``, through the methods of its
-    modules' classes of the names read, instance-level overrides, hooks, and the functions
-    they name as globals (a fixed point; a superset). A module attribute, or a library
-    class's method, no such code names does not change what is computed (GPT-2's
-    ``generation_config``, read by ``generate``; ``nn.Module.smart_apply``, which importing
-    transformers adds)."""
-    classes, callables = [], list(roots)
-    for module in model.modules() if model is not None else ():
-        for cls in type(module).__mro__:
-            if cls not in classes:
-                classes.append(cls)
-        state = vars(module)
-        callables += [v for k, v in state.items() if k not in _NOT_ATTRIBUTES and callable(v)]
-        callables += [hook for hooks in _HOOKS for hook in state.get(hooks, {}).values()]
-    names = {"forward", "__call__"}
-    pending = [f for c in callables for f in _functions_of(c)]
-    done, grown = set(), True
-    while grown or pending:
-        grown = False
-        for cls in classes:
-            for name, value in vars(cls).items():
-                if name in names and (cls, name) not in done:
-                    done.add((cls, name))
-                    pending += _functions_of(value)
-        while pending:
-            fn = pending.pop()
-            if fn.__code__ in done:
-                continue
-            done.add(fn.__code__)
-            read = _code_names(fn.__code__)
-            grown |= not read <= names
-            names |= read
-            pending += [g for name in read if name in fn.__globals__ for g in _functions_of(fn.__globals__[name])]
-            pending += [g for cell in fn.__closure__ or () for g in _functions_of(_cell(cell))]
-    return names
 
 
 def _model(walk: _Walk, model: nn.Module) -> None:
@@ -452,21 +354,21 @@ def _model(walk: _Walk, model: nn.Module) -> None:
         for name, child in state["_modules"].items():
             if child is None:
                 walk.parts[f"{prefix}{name}"] = "None"
-        for hooks in _HOOKS:
+        for hooks in HOOKS:
             if state.get(hooks):
                 _hooks(walk, f"{where}: {hooks.strip('_').replace('_', ' ')}", state[hooks],
-                       [state.get(flag, {}) for flag in _HOOK_FLAGS.get(hooks, ())])
+                       [state.get(flag, {}) for flag in HOOK_FLAGS.get(hooks, ())])
         for name in sorted(state):
             # Plain values always (cheap, and a name built at run time reads them too);
             # objects where some code reachable from the call names them.
-            if name not in _NOT_ATTRIBUTES and (isinstance(state[name], _SIMPLE) or name in read):
+            if name not in NOT_ATTRIBUTES and (isinstance(state[name], _SIMPLE) or name in read):
                 _attribute(walk, f"{prefix}{name}", state[name])
     from torch.nn.modules import module as torch_module
 
-    for hooks in _HOOKS:
+    for hooks in HOOKS:
         table = getattr(torch_module, f"_global{hooks}", None)
         if table:
-            flags = [getattr(torch_module, f"_global{flag}", {}) for flag in _HOOK_FLAGS.get(hooks, ())]
+            flags = [getattr(torch_module, f"_global{flag}", {}) for flag in HOOK_FLAGS.get(hooks, ())]
             _hooks(walk, f"torch's global {hooks.strip('_').replace('_', ' ')}", table, flags)
 
 
@@ -497,7 +399,7 @@ def computation_fingerprint(model: Optional[nn.Module] = None, *callables) -> Fi
     """Everything reachable from ``model`` (structure, attributes, hooks, requires_grad,
     the code and globals of its classes) and from ``callables`` (e.g. the output), except
     the values of its weights and buffers (``checkpoint.model_fingerprint``)."""
-    walk = _Walk(_named(model), _read_names(model, callables))
+    walk = _Walk(_named(model), read_names(model, callables))
     if model is not None:
         _model(walk, model)
     for n, fn in enumerate(callables):

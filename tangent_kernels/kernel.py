@@ -14,12 +14,12 @@ from typing import Any, Callable, Dict, Optional
 import torch
 from torch import nn
 
-from . import engine, feature_phase
+from . import feature_phase, pipeline
 from .kept import KeptFeatures, computation_tokens
-from .outputs import OutputSpec, check_output_spec
+from .outputs import OutputProbes, OutputSpec
 from .params import ParamIndex, resolve_idx
 from .persample.extractor import PlanCommitted
-from .precisions import PRECISIONS
+from .request import Request
 from .sketch import check_projection
 from .store import recycled_buffers
 from .structured.plan import check_structured
@@ -74,13 +74,13 @@ class Kernel:
                  device=None, backend: str = "auto", structured: str = "auto",
                  inputs: Optional[Callable[[Any], Any]] = None, projection=None, keep: bool = True,
                  max_memory: int = 2**30):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {precision!r}; available: {', '.join(PRECISIONS)}")
+        # Every fixed argument checked now, where the user wrote it, by the check every call makes
+        # again (OutputProbes are evaluated per call, by tk.gram and tk.features).
+        Request.of(model, idx, output="full" if isinstance(output, OutputProbes) else output, precision=precision,
+                   device=device, backend=backend, inputs=inputs)
         self.model = model
         self.idx = idx
-        self.options: Dict[str, Any] = dict(output=check_output_spec(output), precision=precision, device=device,
+        self.options: Dict[str, Any] = dict(output=output, precision=precision, device=device,
                                             backend=backend, structured=check_structured(structured), inputs=inputs,
                                             projection=check_projection(projection))
         self._index: Optional[ParamIndex] = None
@@ -145,14 +145,15 @@ class Kernel:
                             "the distributed path")
         self._prepare()
         options = dict(self.options, **run_options)
-        if compute is engine.gram:
+        if compute is pipeline.gram:
             options["group"] = False
         else:
             options.pop("structured")  # features are features: nothing structured
         if run_options.get("checkpoint") is not None:
             # A resumed checkpoint forces the plan it was made with: a fresh extractor takes it.
             return compute(self.model, *args[:1], self._index, *args[1:], **options)
-        keep = self.keep and compute is engine.gram and run_options.get("projection") is None
+        # Kept sides are unsketched only: reuse of a sketched side is not built (nor tested).
+        keep = self.keep and compute is pipeline.gram and options.get("projection") is None
         token = feature_phase.reused_extractors.set(self._extractors)
         kept = feature_phase.kept_features.set(self.kept if keep else None)
         recycled = recycled_buffers.set(self.kept.recycled)
@@ -192,16 +193,16 @@ class Kernel:
         """K(X, X) [n, n] at the model's current weights; ``run_options``: those of
         :func:`tangent_kernels.gram` that do not change what is computed (progress,
         out, callback, checkpoint, store, max_memory, cache_dir, checkpoint_key)."""
-        return self._run(engine.gram, run_options, loader)
+        return self._run(pipeline.gram, run_options, loader)
 
     def cross(self, loader1, loader2, **run_options) -> torch.Tensor:
         """K(X1, X2) [n1, n2] at the model's current weights; a side kept from an earlier
         call (the same loader, data, weights and computation) is not computed again."""
-        return self._run(engine.gram, run_options, loader1, loader2)
+        return self._run(pipeline.gram, run_options, loader1, loader2)
 
     def features(self, loader, **run_options) -> torch.Tensor:
         """Per-sample gradient features [n, p] at the model's current weights."""
-        return self._run(engine.features, run_options, loader)
+        return self._run(pipeline.features, run_options, loader)
 
     def __repr__(self) -> str:
         p = len(self._index) if self._index is not None else "?"

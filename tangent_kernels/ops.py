@@ -28,7 +28,8 @@ import torch
 from ._ext import BUILD_HINT, extension_error, extension_loaded, has_cpu_kernels, has_cuda_kernels
 
 __all__ = ["BACKENDS", "available_tile_backends", "gram_tile_update", "gram_tile_update_torch", "has_sampled_kernels",
-           "sampled_conv_grad", "sampled_embedding_grad", "sampled_linear_grad"]
+           "sampled_conv_grad", "sampled_embedding_grad", "sampled_linear_grad",
+           "BUILD_HINT", "extension_error", "extension_loaded"]
 
 OP_NAME = "tangent_kernels::gram_tile_update"
 BACKENDS = ("auto", "cpp", "cuda", "torch", "triton")

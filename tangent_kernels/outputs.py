@@ -25,11 +25,16 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["MULTI_OUTPUTS", "OutputError", "OutputProbes", "OutputSpec", "check_output_spec", "is_multi", "logits_of",
+__all__ = ["MULTI_OUTPUTS", "PER_SAMPLE_ROWS", "OutputError", "OutputProbes", "OutputSpec", "check_output_spec", "is_multi", "logits_of",
            "probe_error", "probed", "scalarize"]
 
-# The outputs that keep every logit: the kernel gets an output axis (engine.gram).
+# The outputs that keep every logit: the kernel gets an output axis (tiles.blocked_gram).
 MULTI_OUTPUTS = ("full", "trace", "diagonal")
+# The outputs whose features are stored one row per sample, the k logits side by side
+# [k * p]: the trace is the Gram of those rows, the diagonal k Grams of their column
+# blocks (tiles), never the k^2 cross products; output="full" needs them all and stores a
+# row per (sample, logit). Checkpoints record the layout (request.FEATURES_LAYOUT).
+PER_SAMPLE_ROWS = ("trace", "diagonal")
 
 
 def is_multi(output) -> bool:

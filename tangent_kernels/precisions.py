@@ -1,14 +1,17 @@
 """The ``precision=`` modes: what each computes in, stores features in and returns K in,
-and the rounding of a feature block to its store dtype (fp16 scaled per row)."""
+the math context each computes under (``Precision.math``: the one place that sets and
+restores TF32), and the rounding of a feature block to its store dtype (fp16 scaled per
+row)."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-__all__ = ["Precision", "PRECISIONS"]
+__all__ = ["Precision", "PRECISIONS", "check_precision", "fp32_math", "matmul_allows_tf32", "to_store"]
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,11 @@ class Precision:
     # undone exactly in fp32 on every tile of K.
     scaled: bool = False
 
+    def math(self):
+        """The context every computation of this mode runs in: IEEE fp32 matmuls and
+        convolutions (TF32 on CUDA for "tf32"), the user's settings restored after."""
+        return fp32_math(self.allow_tf32)
+
 
 PRECISIONS: Dict[str, Precision] = {
     "fp64": Precision("fp64", torch.float64, torch.float64, torch.float64),
@@ -46,8 +54,10 @@ PRECISIONS: Dict[str, Precision] = {
 _FP16_TARGET_EXPONENT = 14
 
 
-def _check_precision(precision: str) -> Precision:
-    if precision not in PRECISIONS:
+def check_precision(precision) -> Precision:
+    if isinstance(precision, Precision):  # already checked: it travels whole
+        return precision
+    if not isinstance(precision, str) or precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; available: {', '.join(PRECISIONS)}")
     return PRECISIONS[precision]
 
@@ -61,7 +71,7 @@ def _fp16_scales(block: torch.Tensor) -> torch.Tensor:
     return torch.exp2(_FP16_TARGET_EXPONENT - 1 - exponent)
 
 
-def _to_store(block: torch.Tensor, precision: Precision, scale_rows: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def to_store(block: torch.Tensor, precision: Precision, scale_rows: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(features in the store dtype, per-row scales or None); ``features = stored / scales``.
     A block [B, k, p] (every logit) is taken as B * k rows."""
     if block.dim() == 3 and scale_rows:
@@ -77,3 +87,57 @@ def _to_store(block: torch.Tensor, precision: Precision, scale_rows: bool) -> Tu
         return stored, None
     scales = _fp16_scales(block)
     return (block * scales[:, None].to(block.dtype)).to(precision.store), scales
+
+
+# Backends whose fp32 matmuls/convolutions torch may run at reduced precision (TF32 on
+# CUDA; TF32/bf16 through oneDNN on CPU), each with its own ``fp32_precision`` flag.
+_FP32_PRECISION_BACKENDS = ("cuda.matmul", "cudnn.conv", "cudnn.rnn", "mkldnn.matmul", "mkldnn.conv", "mkldnn.rnn")
+_TF32_CAPABLE = ("cuda.matmul", "cudnn.conv", "cudnn.rnn")
+
+
+def _precision_flags() -> Dict[str, Any]:
+    flags = {}
+    for path in _FP32_PRECISION_BACKENDS:
+        holder: Any = torch.backends
+        for part in path.split("."):
+            holder = getattr(holder, part, None)
+        if holder is not None and hasattr(holder, "fp32_precision"):
+            flags[path] = holder
+    return flags
+
+
+@contextmanager
+def fp32_math(allow_tf32: bool = False):
+    """fp32 matmuls and convolutions in IEEE fp32 for the duration (TF32 on CUDA when
+    ``allow_tf32``), then the user's settings restored: "fp32" must mean fp32.
+
+    Sets the per-backend ``fp32_precision`` flags where torch has them (2.9+) rather than
+    the legacy ``allow_tf32``: reading the legacy flag after a user set the new one
+    raises, while restoring the new flag leaves a legacy setting readable.
+    """
+    flags = _precision_flags()
+    if not flags:  # pragma: no cover - torch < 2.9
+        matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allow_tf32
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+        return
+    saved = {path: holder.fp32_precision for path, holder in flags.items()}
+    try:
+        for path, holder in flags.items():
+            holder.fp32_precision = "tf32" if allow_tf32 and path in _TF32_CAPABLE else "ieee"
+        yield
+    finally:
+        for path, holder in flags.items():
+            holder.fp32_precision = saved[path]
+
+
+def matmul_allows_tf32() -> bool:
+    """Whether CUDA fp32 matmuls may run in TF32 right now (inside ``fp32_math``: what
+    the ``precision=`` mode chose): hand-written kernels follow the same setting."""
+    flags = _precision_flags()
+    if "cuda.matmul" in flags:
+        return flags["cuda.matmul"].fp32_precision == "tf32"
+    return bool(torch.backends.cuda.matmul.allow_tf32)  # pragma: no cover - torch < 2.9

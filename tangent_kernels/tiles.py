@@ -26,13 +26,12 @@ from .checkpoint import Checkpoint
 from .ops import gram_tile_update
 from .store import FeatureStore
 from .structured.stores import FactorStores, structured_rows
+from .tuning import settings
 
 _log = logging.getLogger("tangent_kernels")
 
 
-# Rows per Gram tile: large enough for BLAS efficiency, small enough that the
-# lower-triangle schedule skips about half the work.
-_TILE_ROWS = 1024
+__all__ = ["blocked_gram", "check_out_memory"]
 
 
 def _check_k_fits(shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device, copies: int = 1) -> None:
@@ -61,7 +60,7 @@ def _check_out(out: torch.Tensor, shape: Tuple[int, int], dtype: torch.dtype) ->
     return out
 
 
-def _check_out_memory(out: torch.Tensor, dtype: torch.dtype) -> None:
+def check_out_memory(out: torch.Tensor, dtype: torch.dtype) -> None:
     """What can be said of ``out`` before the loaders tell K's shape: fail before any work."""
     if out.dtype != dtype:
         raise ValueError(f"out must be a tensor of dtype {dtype} for this Gram (K's dtype for this precision); got {out.dtype}")
@@ -90,16 +89,18 @@ def _check_out_memory(out: torch.Tensor, dtype: torch.dtype) -> None:
         )
 
 
-def _blocked_gram(first: FeatureStore, second: FeatureStore, symmetric: bool, k_dtype: torch.dtype,
-                  device: torch.device, out: Optional[torch.Tensor], ckpt: Optional[Checkpoint], events,
-                  budget: int, terms: Optional[Tuple[FactorStores, FactorStores]] = None, form: str = "rows",
-                  outputs: int = 1) -> torch.Tensor:
+def blocked_gram(first: FeatureStore, second: FeatureStore, symmetric: bool, k_dtype: torch.dtype,
+                 device: torch.device, out: Optional[torch.Tensor], ckpt: Optional[Checkpoint], events,
+                 budget: int, terms: Optional[Tuple[FactorStores, FactorStores]] = None, form: str = "rows",
+                 outputs: int = 1, tile_rows: Optional[int] = None) -> torch.Tensor:
     """K from two feature stores, one row block at a time (lower triangle only when
     symmetric), each finished block checkpointed; on CUDA out-of-memory the tile size
     halves and the block is recomputed (tiles are overwritten, never accumulated twice).
     terms: the two sides' structured factors, whose contributions join each tile.
     form: "rows", "trace" ([n1, n2]) or "diagonal" ([n1, n2, outputs]), as the module
-    docstring says; a store row of "trace"/"diagonal" holds ``outputs`` logits."""
+    docstring says; a store row of "trace"/"diagonal" holds ``outputs`` logits.
+    tile_rows: rows per tile (None: ``tuning.settings.tile_rows``), lowered to fit the
+    budget of staged host or disk rows."""
     n1, n2 = first.n, second.n
     logits = outputs if form == "diagonal" else 1
     if out is None:
@@ -121,7 +122,8 @@ def _blocked_gram(first: FeatureStore, second: FeatureStore, symmetric: bool, k_
             rows = ckpt.read_k_rows(done, flat_shape, k_dtype)
             stack[:, :done].copy_(rows.view(done, n2, logits).permute(2, 0, 1))
             events("gram", None, done, n1, resumed=True)
-    tile_rows = _TILE_ROWS
+    tile_rows = settings.tile_rows if tile_rows is None else tile_rows
+    mirror_rows = tile_rows
     staged = [s for s in {id(first): first, id(second): second}.values() if s.kind != "device"]
     if staged:  # host/disk stores stage two row blocks on the device per tile: keep them in budget
         resident = sum(s.device_bytes for s in (first, second) if s.kind == "device")
@@ -156,7 +158,7 @@ def _blocked_gram(first: FeatureStore, second: FeatureStore, symmetric: bool, k_
         i0 = i1
     if symmetric:
         for logit in stack:
-            _mirror_lower(logit)
+            _mirror_lower(logit, mirror_rows)
     if form == "diagonal":
         return stack.permute(1, 2, 0).contiguous()
     return k if k is not None else stack[0]  # out= itself
@@ -271,7 +273,7 @@ def _staged_blocks(feature_store: FeatureStore, ranges: List[Tuple[int, int]], d
     From a host store to a CUDA device, block r + 1 is copied on a side stream while the
     caller computes with block r, so the transfers hide behind the tile GEMMs; the
     compute stream waits for a block's copy only when it reaches that block. Two
-    blocks are then staged at once, which ``_blocked_gram`` budgets for.
+    blocks are then staged at once, which ``blocked_gram`` budgets for.
     """
     if not _overlaps_copies(feature_store, device):
         for j0, j1 in ranges:
@@ -309,11 +311,11 @@ def _staged_blocks(feature_store: FeatureStore, ranges: List[Tuple[int, int]], d
             feature_store.release(pending[0])
 
 
-def _mirror_lower(k: torch.Tensor) -> None:
+def _mirror_lower(k: torch.Tensor, block_rows: int) -> None:
     """Upper triangle := transpose of the lower one, block by block (no n x n temporary)."""
     n = k.shape[0]
-    for i0 in range(0, n, _TILE_ROWS):
-        i1 = min(i0 + _TILE_ROWS, n)
+    for i0 in range(0, n, block_rows):
+        i1 = min(i0 + block_rows, n)
         diagonal = k[i0:i1, i0:i1]
         diagonal.copy_(diagonal.tril() + diagonal.tril(-1).T)
         if i1 < n:

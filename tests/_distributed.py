@@ -4,7 +4,7 @@
 Each rank runs ``scenario(rank, world, *args)`` (a module-level function, so the
 spawned interpreter can import it) and its return value (or the exception it raised,
 as text) is saved for the parent, which asserts. Tiles are set to 4 rows in every rank
-(``tiles._TILE_ROWS``) so that 40 samples make several tiles and several blocks.
+(``tuning.settings.tile_rows``) so that 40 samples make several tiles and several blocks.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ def _worker(rank: int, world: int, store: str, out: str, module: str, name: str,
     import torch.distributed as dist
 
     torch.set_num_threads(1)  # W processes on a 2-core machine: no oversubscription
-    from tangent_kernels import tiles
+    from tangent_kernels import tuning
 
-    tiles._TILE_ROWS = TILE_ROWS
+    tuning.settings.tile_rows = TILE_ROWS
     scenario = getattr(importlib.import_module(module), name)
     dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=pg_timeout))

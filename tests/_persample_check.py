@@ -7,7 +7,7 @@ import warnings
 import torch
 
 import tangent_kernels as tk
-import tangent_kernels.engine as engine
+from tangent_kernels._model import eval_mode
 from tangent_kernels.data import to_inputs
 from tangent_kernels.persample.extractor import FeatureExtractor
 from conftest import rel_err
@@ -42,7 +42,7 @@ def extractor_after_one_batch(model, batch, idx=None, dtype=torch.float64):
         warnings.simplefilter("ignore")  # the generic path's notes: asserted where they are the point
         warnings.filterwarnings("error", message="per-sample gradients from the batched pass")
         extractor = FeatureExtractor(model, index, "first", dtype, torch.device("cpu"))
-        with engine.eval_mode(model):
+        with eval_mode(model):
             extractor(to_inputs(_cast(batch, dtype)))
     return extractor
 

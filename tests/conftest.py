@@ -103,12 +103,13 @@ def one_thread():
 
 @pytest.fixture
 def set_tile_rows(monkeypatch):
-    """set_tile_rows(n): K's Gram phase works in tiles of n rows (tiles._TILE_ROWS) for this test,
-    so that small problems still have several row blocks, off-diagonal tiles and ragged edges."""
-    import tangent_kernels.tiles as tiles
+    """set_tile_rows(n): K's Gram phase works in tiles of n rows (tuning.settings.tile_rows) for
+    this test, so that small problems still have several row blocks, off-diagonal tiles and ragged
+    edges."""
+    from tangent_kernels import tuning
 
     def setter(rows: int) -> None:
-        monkeypatch.setattr(tiles, "_TILE_ROWS", rows)
+        monkeypatch.setattr(tuning.settings, "tile_rows", rows)
 
     return setter
 
@@ -122,11 +123,11 @@ def small_tiles(set_tile_rows):
 @pytest.fixture
 def set_batched(monkeypatch):
     """set_batched(False): every parameter tensor goes down the generic (per-sample autograd) path
-    of the feature extractor, for this test (persample.extractor.BATCHED)."""
-    from tangent_kernels.persample import extractor
+    of the feature extractor, for this test (tuning.settings.batched)."""
+    from tangent_kernels import tuning
 
     def setter(flag: bool) -> None:
-        monkeypatch.setattr(extractor, "BATCHED", flag)
+        monkeypatch.setattr(tuning.settings, "batched", flag)
 
     return setter
 
@@ -134,10 +135,10 @@ def set_batched(monkeypatch):
 @pytest.fixture
 def set_dense_strategy(monkeypatch):
     """set_dense_strategy(name): the dense-or-sparse choice of the conv/linear kernels for this
-    test (persample.dense.DENSE_STRATEGY)."""
-    from tangent_kernels.persample import dense
+    test (tuning.settings.dense_strategy)."""
+    from tangent_kernels import tuning
 
     def setter(name: str) -> None:
-        monkeypatch.setattr(dense, "DENSE_STRATEGY", name)
+        monkeypatch.setattr(tuning.settings, "dense_strategy", name)
 
     return setter

@@ -1,8 +1,8 @@
 """Per-layer choice between the sparse sampled-dot kernels and the dense GEMM strategy
-(tangent_kernels/persample/dense.py, DENSE_STRATEGY), end to end through tk.gram.
+(tangent_kernels/persample/dense.py, tuning.settings.dense_strategy), end to end through tk.gram.
 
 Without a GPU the dense kernel runs through Triton's interpreter, forced with
-DENSE_STRATEGY = "always" (the "auto" policy measures only on CUDA); the GPU tests run
+dense_strategy = "always" (the "auto" policy measures only on CUDA); the GPU tests run
 "auto" and check every layer's decision was measured.
 """
 
@@ -13,12 +13,14 @@ import torch
 from torch import nn
 
 import tangent_kernels as tk
-import tangent_kernels.engine as engine
+from tangent_kernels._model import eval_mode
+from tangent_kernels.precisions import PRECISIONS
 from tangent_kernels import kernels
 from tangent_kernels.data import to_inputs
+from tangent_kernels import tuning
+from conftest import rel_err
 from tangent_kernels.persample.extractor import FeatureExtractor
 from _models import cnn, cnn_input, resnet18
-from conftest import rel_err
 
 
 def dense_model() -> nn.Module:
@@ -35,7 +37,7 @@ def dense_model() -> nn.Module:
 def extractor_after_one_batch(model, x, idx, backend, precision=torch.float32):
     index = tk.params.resolve_idx(model, idx)
     extractor = FeatureExtractor(model, index, "first", precision, x.device, backend)
-    with engine.eval_mode(model):
+    with eval_mode(model):
         extractor(to_inputs(x.to(precision)))
     return extractor
 
@@ -90,10 +92,12 @@ def test_a_failing_or_wrong_dense_kernel_falls_back_to_sparse(monkeypatch, caplo
     assert "using the sparse kernels" in caplog.text or "using sparse" in caplog.text
 
 
-def test_unknown_policy_is_refused(set_dense_strategy):
-    set_dense_strategy("sometimes")
-    with pytest.raises(ValueError, match=r"DENSE_STRATEGY = 'sometimes'; use one of"):
-        tk.gram(cnn(), [cnn_input(2)], progress=False)
+def test_unknown_policy_is_refused(monkeypatch):
+    with pytest.raises(ValueError, match=r"dense_strategy = 'sometimes'; use one of"):
+        monkeypatch.setattr(tuning.settings, "dense_strategy", "sometimes")
+    with pytest.raises(ValueError, match=r"dense_strategy = 'sometimes'; use one of"), tuning.tuned(dense_strategy="sometimes"):
+        pass
+    assert tuning.settings.dense_strategy == "auto"  # a refused value leaves the setting as it was
 
 
 @pytest.mark.gpu
@@ -107,7 +111,7 @@ def test_auto_measures_every_dense_candidate_on_cuda(precision):
     model = model.float().cuda()
     k = tk.gram(model, [x[:4].cuda(), x[4:].cuda()], idx, precision=precision, backend="triton", progress=False)
     assert rel_err(k.cpu(), ref) <= (1e-5 if precision == "fp32" else 2e-2)
-    with engine.fp32_math(precision == "tf32"):
+    with PRECISIONS[precision].math():
         chooser = extractor_after_one_batch(model, x.cuda(), idx, "triton").dense
     # Every groups=1 convolution and the linear head of resnet18: 20 + 1 weights.
     assert len(chooser.strategy) == 21 and set(chooser.measured) == set(chooser.strategy)

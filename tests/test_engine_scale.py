@@ -16,6 +16,7 @@ import tangent_kernels as tk
 import tangent_kernels.engine as engine
 import tangent_kernels.feature_phase as feature_phase
 import tangent_kernels.tiles as tiles
+from tangent_kernels import tuning
 import tangent_kernels.store as store_module
 from tangent_kernels.checkpoint import Checkpoint, CheckpointMismatch
 from conftest import batches, rel_err, seeded_mlp
@@ -205,9 +206,9 @@ def test_kill_9_mid_run_then_resume(tmp_path):
     script = textwrap.dedent(f"""
         import os, signal, sys, torch
         sys.path.insert(0, {os.path.dirname(__file__)!r})
-        import tangent_kernels as tk, tangent_kernels.tiles as tiles
+        import tangent_kernels as tk
         from test_engine_scale import _problem
-        tiles._TILE_ROWS = 4
+        tk.tuning.settings.tile_rows = 4
         model, loader = _problem(5)
         def die(event):
             if event.phase == "gram" and event.done == 12:
@@ -280,7 +281,7 @@ def test_out_of_memory_in_the_gram_phase_halves_the_tiles(monkeypatch, set_tile_
 def test_out_of_memory_in_the_feature_phase_splits_the_batch(monkeypatch):
     model, loader = _problem(9)
     ref = tk.reference.gram_autograd(model, loader)
-    original = engine.FeatureExtractor.__call__
+    original = engine.FeatureExtractor.extract  # what the feature phase calls per batch
     sizes = []
 
     def tight_memory(self, batch):
@@ -289,7 +290,7 @@ def test_out_of_memory_in_the_feature_phase_splits_the_batch(monkeypatch):
             raise torch.cuda.OutOfMemoryError("injected: CUDA out of memory")
         return original(self, batch)
 
-    monkeypatch.setattr(engine.FeatureExtractor, "__call__", tight_memory)
+    monkeypatch.setattr(engine.FeatureExtractor, "extract", tight_memory)
     k = tk.gram(model, loader, progress=False)
     assert max(sizes) == BATCH and min(sizes) == 1
     assert rel_err(k, ref) <= 1e-5

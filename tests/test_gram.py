@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import tangent_kernels as tk
+from tangent_kernels import tuning
 from tangent_kernels.persample import generic
 from _models import SharedLinear, TiedHead, TinyTransformer, cnn, cnn_input, frozen_mlp, mlp, resnet18
 from conftest import assert_matches_float64, batches
@@ -237,7 +238,7 @@ def test_progress_false_prints_nothing(capsys):
 @pytest.mark.parametrize("name", ["cnn", "transformer", "tied_embedding"])
 def test_each_per_sample_strategy_matches_reference(monkeypatch, strategy, name, set_batched):
     set_batched(False)  # every tensor on the generic path
-    monkeypatch.setattr(generic, "STRATEGY", strategy)
+    monkeypatch.setattr(tuning.settings, "generic_strategy", strategy)
     monkeypatch.setattr(generic, "_PER_SAMPLE_GRAD_BYTES", 1)  # one sample per chunk: "auto" switches mid-batch
     model, x, idx = _case(name)
     ref = tk.reference.gram_autograd(model, [x], idx)

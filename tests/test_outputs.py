@@ -13,6 +13,7 @@ import torch
 
 import tangent_kernels as tk
 import tangent_kernels.tiles as tiles
+from tangent_kernels import tuning
 from _models import TinyTransformer, cnn, cnn_input, mlp
 from tangent_kernels.structured import contract
 from conftest import K_TOLERANCE, rel_err

@@ -14,6 +14,7 @@ from torch import nn
 
 import tangent_kernels as tk
 import tangent_kernels.tiles as tiles
+from tangent_kernels import tuning
 from _models import SharedLinear, TinyTransformer, cnn, cnn_input, mlp
 from tangent_kernels.structured import contract
 from conftest import rel_err
@@ -200,7 +201,7 @@ def test_a_model_that_mixes_samples_falls_back_exactly():
 @pytest.mark.parametrize("store", ["disk", "auto"])
 def test_stores_and_spilling(store, tmp_path, monkeypatch):
     kinds = []
-    original = tiles._blocked_gram
+    original = tiles.blocked_gram
 
     def spy(*args, terms=None, **kwargs):
         kinds.extend(s.kind for s in terms[0].stores)
@@ -212,7 +213,7 @@ def test_stores_and_spilling(store, tmp_path, monkeypatch):
     base = tk.gram(model, loader, progress=False, structured="always")
     # 64 bytes of device budget: every store spills to disk after its first rows, and the
     # tiles shrink to what the budget stages (other tile shapes: other rounding, not bits).
-    monkeypatch.setattr(tiles, "_blocked_gram", spy)
+    monkeypatch.setattr(tiles, "blocked_gram", spy)
     K = tk.gram(model, loader, progress=False, structured="always", store=store, max_memory=64, cache_dir=tmp_path)
     assert kinds and set(kinds) == {"disk"}
     assert rel_err(K, ref) <= 1e-5 and torch.allclose(K, base, rtol=1e-6, atol=1e-7)

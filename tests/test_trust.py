@@ -231,9 +231,7 @@ def test_no_evaluation_is_a_batch_of_one(monkeypatch):
     # the check, the generic loop and the reference evaluate a sample alone as two copies.
     # (torch.func.vmap shows the model a batch of one per sample while its kernels run on
     # the whole batch; the check compares it with the two copies: tested above.)
-    from tangent_kernels.persample import generic
-
-    monkeypatch.setattr(generic, "STRATEGY", "loop")
+    monkeypatch.setattr(tk.tuning.settings, "generic_strategy", "loop")
     model, x = RecordsBatchSizes(), _data(9)
     SEEN_BATCH_SIZES.clear()
     with pytest.warns(RuntimeWarning, match="mix samples"):

@@ -11,11 +11,13 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from .._model import eval_mode, fp32_math, model_device
+from .._model import eval_mode, model_device
 from ..outputs import logits_of
-from ..data import ModelInputs, _batch_size
+from ..data import ModelInputs
 from ..params import ParamIndex, resolve_idx
 from ..persample import FeatureExtractor, resolve_backend
+from ..precisions import fp32_math
+from ..request import check_model
 
 __all__ = ["BatchFeatures", "DictArgument", "WeightedLogits", "compute_dtype", "index_on"]
 
@@ -66,9 +68,7 @@ class BatchFeatures:
 
     def __init__(self, model: nn.Module, index: ParamIndex, output, *, backend: str = "auto",
                  dtype: Optional[torch.dtype] = None):
-        from ..engine import _check_model
-
-        _check_model(model)
+        check_model(model)
         self.model, self.index = model, index
         self.dtype = compute_dtype(model) if dtype is None else dtype
         self.device = model_device(model)
@@ -80,7 +80,7 @@ class BatchFeatures:
         from ..feature_phase import check_finite
 
         kwargs = dict(kwargs or {})
-        inputs = ModelInputs(tuple(args), kwargs, _batch_size(tuple(args), kwargs))
+        inputs = ModelInputs.of(tuple(args), kwargs)
         inputs = inputs.to(self.device, self.dtype)
         with eval_mode(self.model), fp32_math(False):
             block = self.extractor(inputs)

@@ -123,7 +123,7 @@ def verified_module(fn: Callable, params: Dict[str, torch.Tensor], inputs, per_s
     tutorial's ``fnet_single``), else a batch. None when there is no such module, or, with
     a warning naming the difference, when ``fn`` does more than call it (a softmax, an
     input or output scale, an output selection...): the caller then differentiates ``fn``."""
-    from .._model import fp32_math
+    from ..precisions import fp32_math
 
     module = module_behind(fn, params)
     if module is None:
@@ -172,7 +172,7 @@ def function_kernel(fn: Callable, params: Dict[str, torch.Tensor], x1: torch.Ten
     as tk.gram counts a [B] output)."""
     from torch.func import jacrev, vmap
 
-    from .._model import fp32_math
+    from ..precisions import fp32_math
 
     detached = {k: v.detach() for k, v in params.items()}
     jac_of = vmap(jacrev(fn), (None, 0)) if per_sample else jacrev(fn)

@@ -84,7 +84,7 @@ def compute_kernel(model: nn.Module, loader_outer: Iterable, loader_inner: Optio
                    precision: str = "fp32", backend: str = "auto", progress=False) -> torch.Tensor:
     """The kernel [N_outer, C, N_inner, C], float64 on the CPU, between two loaders of
     LM-Kernel-FT batches (dicts); ``loader_inner=None`` means ``loader_outer``."""
-    from .. import engine
+    from .. import pipeline
 
     _check_formula(kernel_formula)
     if precision not in ("fp32", "fp64"):
@@ -95,12 +95,12 @@ def compute_kernel(model: nn.Module, loader_outer: Iterable, loader_inner: Optio
     idx = index_on(wrapped, idx, like=model)
     common = dict(precision=precision, backend=backend, progress=progress, inputs=_model_inputs)
     if kernel_formula == "sgd":
-        k = engine.gram(wrapped, loader_outer, idx, loader_inner, output="full", **common)
+        k = pipeline.gram(wrapped, loader_outer, idx, loader_inner, output="full", **common)
         return k.permute(0, 2, 1, 3).to("cpu", torch.float64).contiguous()
     # The sign kernels need the gradients themselves (a sign is not a Gram of features):
     # [N, C, p] per side in memory (pass idx for a large model), one float64 contraction.
-    outer = engine.features(wrapped, loader_outer, idx, output="full", **common)
-    inner = outer if loader_inner is None else engine.features(wrapped, loader_inner, idx, output="full", **common)
+    outer = pipeline.features(wrapped, loader_outer, idx, output="full", **common)
+    inner = outer if loader_inner is None else pipeline.features(wrapped, loader_inner, idx, output="full", **common)
     outer = outer.sign().double()
     inner = (inner.sign() if kernel_formula == "signgd" else inner).double()
     return torch.einsum("ocp,idp->ocid", outer, inner).cpu()

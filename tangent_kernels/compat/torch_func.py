@@ -48,7 +48,7 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor, compute:
     """The eNTK of ``model`` over all its trainable parameters between x1 [N1, ...] and
     x2 [N2, ...], in the tutorial's layout for ``compute``. float64 parameters compute in
     float64, others in float32; ``gram_kwargs`` go to ``tk.gram`` (idx=, backend=, ...)."""
-    from .. import engine
+    from .. import pipeline
 
     _check_compute(compute)
     precision = "fp64" if any(p.dtype == torch.float64 for p in model.parameters()) else "fp32"
@@ -56,7 +56,7 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor, compute:
     gram_kwargs.setdefault("progress", False)
     split = (lambda x: [x]) if batch_size is None else (lambda x: list(x.split(batch_size)))
     second = None if x2 is x1 else split(x2)
-    return engine.gram(model, split(x1), gram_kwargs.pop("idx", None), second, output=compute, **gram_kwargs)
+    return pipeline.gram(model, split(x1), gram_kwargs.pop("idx", None), second, output=compute, **gram_kwargs)
 
 
 def _kernel(fnet_single, params: Dict[str, torch.Tensor], x1: torch.Tensor, x2: torch.Tensor,

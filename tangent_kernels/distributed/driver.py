@@ -11,7 +11,7 @@ Phases (each ends with every rank's status exchanged, so one rank's error stops 
    one feature phase, ``feature_phase.fill_store``: stores, precisions, per-rank checkpoints);
 3. gram: the shards of the column features visit every rank (a ring of point-to-point
    passes, or one all_gather) and each rank computes its blocks of K (schedule.py)
-   with ``tiles._blocked_gram`` (tiles, out-of-memory halving, checkpointed
+   with ``tiles.blocked_gram`` (tiles, out-of-memory halving, checkpointed
    row blocks); for K(X, X) the blocks a rank computed for another's rows are sent there;
 4. K is returned as asked: every rank (``gather="all"``), rank 0, or row shards (KShard).
 """
@@ -26,13 +26,16 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from .. import engine, feature_phase, tiles
-from .. import progress as progress_mod
+from .. import feature_phase
+from ..progress import Events
+from ..request import Request
+from ..tiles import blocked_gram
+from ..tuning import settings
 from ..checkpoint import Checkpoint, CheckpointMismatch, refuse_foreign
 from ..data import loader_length
 from ..identity import computation_fingerprint
 from ..outputs import is_multi
-from ..store import FeatureStore, check_max_memory, check_store
+from ..store import FeatureStore
 from .exchange import Comm
 from .schedule import (RankBatches, Task, batch_fingerprints, count_batches, cross_tasks, ring_steps, split_batches,
                        symmetric_tasks)
@@ -93,7 +96,7 @@ def gram(model, loader, idx=None, loader2=None, *, group=None, shard: bool = Fal
     comm.settle("arguments", error)
     comm.agree("arguments", plan.record, plan.parts)
     plan.stats = {} if stats is None else stats
-    with engine.eval_mode(model), engine.fp32_math(plan.precision.allow_tf32):
+    with plan.request.evaluation():
         return plan.run(model)
 
 
@@ -112,8 +115,11 @@ class _Plan:
     def __init__(self, comm: Comm, model, loader, idx, loader2, shard, gather, exchange, output, precision, device,
                  progress, inputs, backend, out, callback, checkpoint, store, max_memory, cache_dir, checkpoint_key):
         self.comm = comm
-        index, output, precision, device, backend = engine._prepare(model, idx, output, precision, device, backend)
-        engine._check_inputs_callable(inputs)
+        request = Request.of(model, idx, output=output, precision=precision, device=device, backend=backend,
+                             inputs=inputs, progress=progress, store=store, max_memory=max_memory, callback=callback,
+                             checkpoint_key=checkpoint_key)
+        self.request = request
+        index, output, precision, device = request.index, request.output, request.precision, request.device
         if gather not in GATHERS:
             raise ValueError(f"gather must be one of {', '.join(GATHERS)}; got {gather!r}")
         if exchange not in EXCHANGES:
@@ -126,20 +132,14 @@ class _Plan:
         if is_multi(output):
             raise ValueError(f"output={output!r} (every logit) is not supported by the distributed Gram yet: "
                              "use one scalar output ('first', 'sum', a logit index, a callable), or one process")
-        if callback is not None and not callable(callback):
-            raise TypeError(f"callback must be callable (it receives a ProgressEvent); got {type(callback).__name__}")
-        if checkpoint_key is not None and not isinstance(checkpoint_key, str):
-            raise TypeError(f"checkpoint_key must be a str naming the run, got {type(checkpoint_key).__name__}")
-        self.index, self.output, self.precision, self.device, self.backend = index, output, precision, device, backend
+        self.index, self.output, self.precision, self.device = index, output, precision, device
         self.gather, self.exchange, self.shard, self.inputs = gather, exchange, shard, inputs
-        self.store, self.budget, self.cache_dir = check_store(store), check_max_memory(max_memory, device), cache_dir
-        progress = progress_mod.check_progress(progress)
-        self.events = progress_mod.Events(callback, progress if comm.rank == 0 else False)
+        self.store, self.budget, self.cache_dir = request.store, request.budget, cache_dir
+        self.events = Events(callback, request.progress if comm.rank == 0 else False)
         self.symmetric = loader2 is None
         self.checkpoint, self.checkpoint_key = checkpoint, checkpoint_key
-        with engine.eval_mode(model):  # as the run sees it (the engine's identity is taken in eval mode too)
-            self.identity, self.undecidable = engine._identity(model, index, output, precision, backend,
-                                                                not self.symmetric, checkpoint_key)
+        with request.evaluation():  # as the run sees it (the engine's identity is taken in eval mode too)
+            self.identity, self.undecidable = request.identity(not self.symmetric)
         self.parts = dict(self.identity.get("parts") or {})
         self.record = {key: value for key, value in self.identity.items() if key != "parts"}
         self.record.update(world_size=comm.world, shard=shard, gather=gather, exchange=exchange,
@@ -237,16 +237,14 @@ class _Plan:
         def extractor():
             if not made:
                 made.append(feature_phase.new_extractor(model, self.index, self.output, self.precision, self.device,
-                                                  self.backend))
+                                                        self.request.backend))
             return made[0]
 
-        fill = dict(index=self.index, output=self.output, precision=self.precision, device=self.device,
-                    inputs=self.inputs, backend=self.backend, kind=self.store, budget=self.budget,
-                    cache_dir=self.cache_dir, ckpt=ckpt, events=self.events, extractor=extractor)
+        fill = dict(cache_dir=self.cache_dir, ckpt=ckpt, events=self.events, extractor=extractor)
         stores, signature = [], None
         try:
             for (loader, _, announced), name in zip(self.loaders, ("loader", "loader2")):
-                feature_store, own = feature_phase.fill_store(model, loader, name, expected_signature=signature, **fill)
+                feature_store, own = feature_phase.fill_store(self.request, loader, name, expected_signature=signature, **fill)
                 stores.append(feature_store)
                 signature = signature or own
                 if self.shard and announced is not None and feature_store.samples != announced:
@@ -265,7 +263,9 @@ class _Plan:
         own_rows, own_cols = stores[0], stores[-1]
         row_sizes, col_sizes = sizes[0], sizes[-1]
         col_offsets = _offsets(col_sizes)
-        tile_rows = tiles._TILE_ROWS
+        # One tile height for the schedule and the tiles, read once: the blocks a rank
+        # expects from another are cut the way that rank cut them.
+        tile_rows = self.tile_rows = settings.tile_rows
         tasks = (symmetric_tasks(rank, world, row_sizes, tile_rows) if self.symmetric
                  else cross_tasks(rank, world, row_sizes))
         rows = torch.empty(row_sizes[rank], col_offsets[-1], dtype=self.precision.k, device=self._k_home(
@@ -327,16 +327,16 @@ class _Plan:
             c0, c1 = col_offsets[task.col_shard], col_offsets[task.col_shard + 1]
             budget, k_dtype = self.budget, self.precision.k
             if task.diagonal:
-                tiles._blocked_gram(own, own, True, k_dtype, self.device, rows[:, c0:c1], task_ckpt,
-                                     progress.of(task), budget)
+                blocked_gram(own, own, True, k_dtype, self.device, rows[:, c0:c1], task_ckpt, progress.of(task),
+                             budget, tile_rows=self.tile_rows)
                 return None
             if task.row_shard == rank:  # own rows, visiting columns: straight into this rank's rows
                 # Only K(X, X) splits a block's rows, and there the rank's rows are the payload it sends.
                 first = own if task.row_start == 0 else _unpack(own_payload[task.row_start:task.row_stop], own, self)
                 try:
                     out = rows[task.row_start:task.row_stop, c0:c1]
-                    tiles._blocked_gram(first, visiting, False, k_dtype, self.device, out, task_ckpt,
-                                         progress.of(task), budget)
+                    blocked_gram(first, visiting, False, k_dtype, self.device, out, task_ckpt, progress.of(task),
+                                 budget, tile_rows=self.tile_rows)
                 finally:
                     if first is not own:
                         first.close()
@@ -346,8 +346,8 @@ class _Plan:
             first = _unpack(visiting_payload[task.row_start:task.row_stop], own, self)
             try:
                 block = torch.empty(task.row_stop - task.row_start, own.n, dtype=k_dtype, device=self.device)
-                tiles._blocked_gram(first, own, False, k_dtype, self.device, block, task_ckpt, progress.of(task),
-                                     budget)
+                blocked_gram(first, own, False, k_dtype, self.device, block, task_ckpt, progress.of(task), budget,
+                             tile_rows=self.tile_rows)
             finally:
                 first.close()
             r0 = col_offsets[task.row_shard] + task.row_start
@@ -416,7 +416,7 @@ def _pack(feature_store: FeatureStore, device: torch.device) -> torch.Tensor:
         return feature_store.rows(0, n).view(torch.uint8)
     width = feature_store.row_bytes + (4 if feature_store.scaled else 0)
     payload = torch.empty(n, width, dtype=torch.uint8, device=device)
-    step = tiles._TILE_ROWS
+    step = settings.tile_rows  # staging granularity only: any height gives the same bytes
     for i0 in range(0, n, step):
         i1 = min(i0 + step, n)
         block = feature_store.rows(i0, i1)
@@ -454,7 +454,7 @@ def _unpack(payload: torch.Tensor, like: FeatureStore, plan: _Plan):
 
 class _BytesStore:
     """Received feature rows [n, p] read in place, with the part of FeatureStore's interface
-    that ``tiles._blocked_gram`` reads: a device-resident store without scales. Its bytes
+    that ``tiles.blocked_gram`` reads: a device-resident store without scales. Its bytes
     belong to the transfer buffer, which the exchange accounts for, so ``device_bytes`` is 0."""
 
     kind, scaled, device_bytes = "device", False, 0

@@ -171,9 +171,6 @@ class Comm:
         )
 
     # ------------------------------------------------------------------ tensors
-    def _bytes(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.detach().contiguous().view(torch.uint8).reshape(tensor.shape[0], -1).to(self.device)
-
     def all_gather_rows(self, payload: torch.Tensor, sizes: Sequence[int]) -> List[torch.Tensor]:
         """Every rank's payload [sizes[r], width] (uint8), on every rank."""
         width, most = payload.shape[1], max(sizes)

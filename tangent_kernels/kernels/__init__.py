@@ -25,102 +25,11 @@ is stored in the input dtype. Index tensors may be any integer dtype.
 
 from __future__ import annotations
 
-import os
+from .launch import INTERPRETED, IMPORT_ERROR, available, unavailable_reason
 
-import torch
+__all__ = ["INTERPRETED", "available", "unavailable_reason"]
 
-__all__ = ["available", "unavailable_reason"]
-
-# Read once, at import, like Triton itself does when it decorates the kernels below.
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-try:
-    import triton  # noqa: F401
-except ImportError as error:  # pragma: no cover - triton ships with CUDA torch
-    _IMPORT_ERROR: str | None = f"triton is not installed ({error}); install it with `pip install triton`"
-else:
-    _IMPORT_ERROR = None
-
-
-def unavailable_reason() -> str | None:
-    """Why the Triton kernels cannot run here, or None when they can."""
-    if _IMPORT_ERROR is not None:
-        return _IMPORT_ERROR
-    if INTERPRETED or torch.cuda.is_available():
-        return None
-    return ("no CUDA GPU is visible and TRITON_INTERPRET=1 was not set before importing "
-            "tangent_kernels.kernels (set it to run the kernels on CPU through Triton's interpreter)")
-
-
-def available() -> bool:
-    """Whether the Triton kernels can run here (a CUDA GPU, or TRITON_INTERPRET=1 at import)."""
-    return unavailable_reason() is None
-
-
-# --- shared launcher checks (defined before the op modules import them) ---------------
-
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def check_floats(op: str, **tensors: torch.Tensor) -> torch.dtype:
-    """All named tensors share one supported floating dtype; returns it."""
-    dtypes = {name: t.dtype for name, t in tensors.items()}
-    first = next(iter(dtypes.values()))
-    if any(dt != first for dt in dtypes.values()) or first not in _FLOATS:
-        raise TypeError(f"{op}: expected {', '.join(dtypes)} to share one dtype among fp16/bf16/fp32/fp64, "
-                        f"got {dtypes}; cast them with .to(dtype)")
-    return first
-
-
-def check_indices(op: str, **indices: torch.Tensor) -> int:
-    """Index tensors are 1-D integer tensors of one length m; returns m."""
-    m = next(iter(indices.values())).shape[0] if next(iter(indices.values())).dim() == 1 else -1
-    for name, t in indices.items():
-        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-            raise TypeError(f"{op}: {name} must be an integer tensor, got {t.dtype}; use .long()")
-        if t.dim() != 1 or t.shape[0] != m:
-            shapes = {n: list(x.shape) for n, x in indices.items()}
-            raise ValueError(f"{op}: {', '.join(indices)} must be 1-D of one length m, got {shapes}")
-    return m
-
-
-def check_device(op: str, **tensors: torch.Tensor) -> None:
-    """One device for all tensors, and one Triton can launch on."""
-    devices = {name: t.device for name, t in tensors.items()}
-    first = next(iter(devices.values()))
-    if any(dv != first for dv in devices.values()):
-        raise ValueError(f"{op}: all tensors must be on one device, got {devices}")
-    if first.type == "meta":
-        return
-    if _IMPORT_ERROR is not None:
-        raise RuntimeError(f"{op}: {_IMPORT_ERROR}")
-    if first.type != "cuda" and not INTERPRETED:
-        raise ValueError(f"{op}: Triton kernels run on CUDA tensors, got {first}; move the inputs to a GPU, "
-                         "or set TRITON_INTERPRET=1 before importing tangent_kernels to run them on CPU")
-
-
-def check_range(op: str, bounds: dict[str, tuple[torch.Tensor, int]]) -> None:
-    """Every index lies in [0, size): one host sync for all of them.
-
-    The kernels gather with these indices unchecked, so an out-of-range index would
-    read stray memory (the torch reference raises instead).
-    """
-    if not bounds:
-        return
-    names = list(bounds)
-    extrema = torch.stack([torch.stack([t.min(), t.max()]).to(torch.int64) for t, _ in bounds.values()])
-    for name, (low, high) in zip(names, extrema.tolist()):
-        size = bounds[name][1]
-        if low < 0 or high >= size:
-            raise IndexError(f"{op}: {name} has values in [{low}, {high}], outside [0, {size})")
-
-
-def block_size(n: int, low: int, high: int) -> int:
-    """A power of two in [low, high] covering n where it can (tl.arange needs powers of two)."""
-    return max(low, min(high, 1 << max(n - 1, 0).bit_length()))
-
-
-if _IMPORT_ERROR is None:
+if IMPORT_ERROR is None:
     from .dense_conv_grad import DensePlan, dense_conv_grad, dense_plan, triton_dense_conv_grad  # noqa: E402
     from .gram_tile_update import triton_gram_tile_update  # noqa: E402
     from .sampled_conv_grad import triton_sampled_conv_grad  # noqa: E402

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import block_size, check_device, check_indices
+from .launch import block_size, check_launch_device, check_indices
 from .sampled_conv_grad import position_offsets
 
 _OP = "triton_dense_conv_grad"
@@ -167,7 +167,7 @@ def triton_dense_conv_grad(a_pad: torch.Tensor, d: torch.Tensor, tile_m: torch.T
     gradient of a groups=1 convolution with input a_pad [B, C, *S] and output gradient
     d [B, O, *P]. Pass a plan's fields in order: ``op(a_pad, d, *plan[:5], m, ...)``."""
     ndim = _check(a_pad, d, kernel_size, stride, dilation)
-    check_device(_OP, a_pad=a_pad, d=d, tile_m=tile_m, entry_local=entry_local)
+    check_launch_device(_OP, a_pad=a_pad, d=d, tile_m=tile_m, entry_local=entry_local)
     batch = d.shape[0]
     out = torch.zeros(batch, m, dtype=d.dtype, device=d.device)
     tiles = tile_m.shape[0]

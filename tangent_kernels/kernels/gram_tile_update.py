@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import block_size, check_device
+from .launch import block_size, check_launch_device
 
 _OP = "triton_gram_tile_update"
 _INPUTS = (torch.float16, torch.bfloat16, torch.float32)
@@ -82,7 +82,7 @@ def triton_gram_tile_update(K: torch.Tensor, A: torch.Tensor, B: torch.Tensor, r
                             lower: bool, allow_tf32: bool = False) -> None:
     """K += A @ B.T in place (fp32 accumulation); with ``lower`` only on/below the global diagonal."""
     _check(K, A, B)
-    check_device(_OP, K=K, A=A, B=B)
+    check_launch_device(_OP, K=K, A=A, B=B)
     m, n, d = A.shape[0], B.shape[0], A.shape[1]
     if m == 0 or n == 0 or d == 0:
         return

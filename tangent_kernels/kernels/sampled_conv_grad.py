@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import block_size, check_device, check_floats, check_indices, check_range
+from .launch import block_size, check_launch_device, check_floats, check_indices, check_range
 
 _OP = "triton_sampled_conv_grad"
 
@@ -121,7 +121,7 @@ def triton_sampled_conv_grad(a_pad: torch.Tensor, d: torch.Tensor, out_channel: 
     a_pad [B, C, *S], d [B, O, *P], out_channel/in_channel [m], kernel_offsets [m, ndim].
     """
     ndim = _check(a_pad, d, out_channel, in_channel, kernel_offsets, stride, dilation)
-    check_device(_OP, a_pad=a_pad, d=d, out_channel=out_channel, in_channel=in_channel,
+    check_launch_device(_OP, a_pad=a_pad, d=d, out_channel=out_channel, in_channel=in_channel,
                  kernel_offsets=kernel_offsets)
     batch, m = d.shape[0], out_channel.shape[0]
     out_size, in_size = d.shape[2:], a_pad.shape[2:]

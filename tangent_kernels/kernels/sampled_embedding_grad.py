@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import block_size, check_device, check_floats, check_indices, check_range
+from .launch import block_size, check_launch_device, check_floats, check_indices, check_range
 
 _OP = "triton_sampled_embedding_grad"
 
@@ -83,7 +83,7 @@ def triton_sampled_embedding_grad(tokens: torch.Tensor, d: torch.Tensor, rows: t
     as addresses, so they are not range-checked (an unused row gives 0); cols are.
     """
     _check(tokens, d, rows, cols)
-    check_device(_OP, tokens=tokens, d=d, rows=rows, cols=cols)
+    check_launch_device(_OP, tokens=tokens, d=d, rows=rows, cols=cols)
     batch, length = tokens.shape
     m = rows.shape[0]
     out = torch.empty(batch, m, dtype=d.dtype, device=d.device)

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import block_size, check_device, check_floats, check_indices, check_range
+from .launch import block_size, check_launch_device, check_floats, check_indices, check_range
 
 _OP = "triton_sampled_linear_grad"
 
@@ -75,7 +75,7 @@ def triton_sampled_linear_grad(a: torch.Tensor, d: torch.Tensor, rows: torch.Ten
                                cols: torch.Tensor) -> torch.Tensor:
     """F[b, j] = sum_t d[b, t, rows[j]] * a[b, t, cols[j]]; a [B, T, I], d [B, T, O], rows/cols [m] -> [B, m]."""
     _check(a, d, rows, cols)
-    check_device(_OP, a=a, d=d, rows=rows, cols=cols)
+    check_launch_device(_OP, a=a, d=d, rows=rows, cols=cols)
     batch, tokens = a.shape[:2]
     m = rows.shape[0]
     out = torch.empty(batch, m, dtype=a.dtype, device=a.device)

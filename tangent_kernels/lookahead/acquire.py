@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import torch
 
-from . import _inputs as inp
+from . import checks as inp
 from .model import LookAhead
 
 

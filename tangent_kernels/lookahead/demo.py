@@ -107,7 +107,7 @@ def plot(runs: List[Dict], path: Path) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .. import __version__
+    from ..version import __version__
 
     start = time.perf_counter()
     check_demo_arguments(args)

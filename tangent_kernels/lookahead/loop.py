@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .._model import eval_mode, model_device
-from ..engine import gram
+from ..pipeline import gram
 from ..outputs import logits_of
 from .acquire import (entropy, expected_change, margin, most_likely_change, pseudo_label_disagreement, random_scores,
                       select)

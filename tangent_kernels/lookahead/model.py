@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from . import _inputs as inp
+from . import checks as inp
 from ._factor import BlockFactor
 
 # Elements (of the working dtype) that one chunk's temporaries may hold when chunk=None:

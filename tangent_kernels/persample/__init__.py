@@ -12,7 +12,6 @@
 - ``batched.py``: one forward and one backward per batch over all of them;
 - ``generic.py``: the torch.func path for what no rule covers;
 - ``extractor.py``: both, plus the per-batch check against a sample evaluated alone;
-- ``coverage.py``: ``tk.coverage``, which says which path each tensor takes and why;
 - ``backends.py``: which kernels compute the contractions;
 - ``dense.py``: the per-layer dense GEMM strategy on CUDA.
 Adding a rule is adding a file that registers it (``rules.register``) and its test.

@@ -27,18 +27,16 @@ COMPILED = ("cpp", "cuda")
 
 def _compiled_missing(backend: str, device: torch.device) -> Optional[str]:
     """Why the compiled sampled-gradient kernels of ``backend`` cannot run on ``device``."""
-    from .. import _ext
-
     wanted = "cpu" if backend == "cpp" else "cuda"
     if device.type != wanted:
         other = "cuda" if backend == "cpp" else "cpp"
         return f"backend={backend!r} runs on {wanted.upper()} tensors, not {device}; use backend={other!r}, 'auto' or 'torch'"
-    if not _ext.extension_loaded():
-        return f"backend={backend!r} needs the compiled extension: {_ext.extension_error()} (see tangent_kernels.info())"
+    if not ops.extension_loaded():
+        return f"backend={backend!r} needs the compiled extension: {ops.extension_error()} (see tangent_kernels.info())"
     if not ops.has_sampled_kernels(wanted):
         return (f"backend={backend!r}: the loaded extension has no {wanted.upper()} sampled-gradient kernels "
                 f"(see tangent_kernels.info()); rebuild it with {'TANGENT_KERNELS_CUDA=1 ' if backend == 'cuda' else ''}"
-                f"{_ext.BUILD_HINT}")
+                f"{ops.BUILD_HINT}")
     return None
 
 

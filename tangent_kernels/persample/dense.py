@@ -4,7 +4,7 @@ Two ways to the sampled entries of such a weight's per-sample gradient: the spar
 sampled-dot kernels (cost ~ sampled entries x positions), or a Triton implicit GEMM over
 (output channel x input channel * kernel offset) tiles whose epilogue keeps only the
 sampled entries (kernels/dense_conv_grad.py; cost ~ the tiles holding sampled entries,
-at matrix-unit speed, never written out in full). ``DENSE_STRATEGY``:
+at matrix-unit speed, never written out in full). ``tuning.settings.dense_strategy``:
   "auto"   on CUDA with backend "cuda" or "triton": on the first batch, time both on
            each use, check they agree, keep the faster; elsewhere sparse only (the dense
            kernel is Triton: on CPU only interpreted).
@@ -20,14 +20,14 @@ from typing import Callable, Dict
 
 import torch
 
-from .._model import matmul_allows_tf32
+from ..precisions import matmul_allows_tf32
+from ..tuning import keep_old_names, settings
 
-__all__ = ["DENSE_STRATEGY", "DenseStrategy"]
+__all__ = ["DenseStrategy"]
 
 _log = logging.getLogger("tangent_kernels")
+keep_old_names(__name__, {"DENSE_STRATEGY": "dense_strategy"})  # deprecated: tuning.settings
 
-DENSE_STRATEGY = "auto"
-_DENSE_STRATEGIES = ("auto", "always", "never")
 # Agreement required of the dense result on the first batch (relative Frobenius): fp32
 # sums in another order (<< 1e-4); TF32 products carry ~1e-3.
 _DENSE_AGREEMENT = {False: 1e-4, True: 1e-2}
@@ -40,9 +40,8 @@ _DENSE_MAX_WORK_RATIO = 8.0
 
 
 def check_strategy() -> str:
-    if DENSE_STRATEGY not in _DENSE_STRATEGIES:
-        raise ValueError(f"persample.dense.DENSE_STRATEGY = {DENSE_STRATEGY!r}; use one of {_DENSE_STRATEGIES}")
-    return DENSE_STRATEGY
+    """The strategy in force: ``tuning.settings.dense_strategy`` (checked when set)."""
+    return settings.dense_strategy
 
 
 class DenseStrategy:

@@ -19,14 +19,13 @@ from .dense import DenseStrategy
 from ..structured.plan import Plan, decide
 from .factors import index_gradients, per_sample_gradients
 from .generic import GenericPath
+from ..tuning import keep_old_names, settings  # settings.batched False: every tensor on the generic path
 
-__all__ = ["FeatureExtractor", "BATCHED", "PlanCommitted"]
+__all__ = ["FeatureExtractor", "PlanCommitted"]
 
 _log = logging.getLogger("tangent_kernels")
+keep_old_names(__name__, {"BATCHED": "batched"})  # deprecated: tuning.settings
 
-# Whether the batched pass is used at all (False: every tensor takes the generic path;
-# for benchmarks that measure the generic path alone).
-BATCHED = True
 # Relative difference allowed, per tensor, between the batched pass and the checked sample
 # evaluated alone. fp32 is loose: a batch and a sample alone take other algorithms, and a
 # ReLU input within rounding of zero flips; a failure in fp32 is asked again in fp64.
@@ -58,9 +57,8 @@ class FeatureExtractor:
         self.feature_index = index
         self.kept: Optional[torch.Tensor] = None  # full-index column of each feature column
         self.committed = False
-        self.factors: Dict[str, tuple] = {}  # of the last batch
         # A Kronecker projection (sketch.py) sketches the factors in the pass: their sketch
-        # [B, (k,) dim] of the last batch, and the checked row's factors in ``factors``.
+        # [B, (k,) dim] of the last batch, and the checked row's factors in what ``extract`` returns.
         self.projection = None
         self.factor_sketch: Optional[torch.Tensor] = None
         self.backend = backend
@@ -90,9 +88,9 @@ class FeatureExtractor:
         self.state = functional_state(model, index.layout, dtype, device)
         # Parameter tensor -> why it takes the generic path (decided on the first batch).
         self.generic_why: Dict[str, str] = {}
-        if not BATCHED:
+        if not settings.batched:
             self.generic_why = {piece.name: "the batched pass is switched off" for piece in index.tensor_slices}
-        self._warned = not BATCHED
+        self._warned = not settings.batched
         # After a failed spot check the generic path runs the exact per-sample loop only:
         # vmap itself was seen to differ from the loop on some models (timm's LeViT: 6%).
         self._generic_strategy: Optional[str] = None
@@ -210,18 +208,12 @@ class FeatureExtractor:
         self.spare_blocks = [b for b in self.spare_blocks if b.shape != block.shape][-1:] + [block]
 
     def extract(self, batch: ModelInputs):
-        """(block [B, p'] or [B, k, p'] of feature_index's columns, {tensor: factors})."""
-        block = self(batch)
-        return block, self.factors
-
-    def __call__(self, batch: ModelInputs) -> torch.Tensor:
-        """The block of feature_index's columns; the structured tensors' factors of the
-        same batch are left in ``self.factors`` (see extract)."""
-        self.factors = {}
+        """(block [B, p'] or [B, k, p'] of feature_index's columns, {tensor: factors}): the
+        features and the structured tensors' factors of one batch (the feature phase's call)."""
         tensors = [v for v in (*batch.args, *batch.kwargs.values()) if isinstance(v, torch.Tensor)]
         versions = [t._version for t in tensors]
         with gradients_on():
-            block, self.factors = self._features(batch)
+            block, factors = self._features(batch)
         if any(t._version != v for t, v in zip(tensors, versions)):
             # The batched pass names the op; the generic path (no interception) can only tell.
             raise ValueError(
@@ -229,7 +221,11 @@ class FeatureExtractor:
                 "than once and never changes the caller's data. Compute out of place in forward (e.g. "
                 "x = x * 2 instead of x.mul_(2), or x = x.clone() first)"
             )
-        return block
+        return block, factors
+
+    def __call__(self, batch: ModelInputs) -> torch.Tensor:
+        """The block of feature_index's columns (``extract`` without the factors)."""
+        return self.extract(batch)[0]
 
     def _count_outputs(self, batch: ModelInputs) -> int:
         """k, the number of logits, from one sample of the first batch."""

@@ -20,14 +20,17 @@ from .._model import evaluate, functional_state, substituted
 from ..data import ModelInputs
 from ..outputs import OutputError, OutputSpec, scalarize
 from ..params import ParamLayout, TensorSlice
+from ..tuning import keep_old_names, settings
 
 __all__ = ["GenericPath"]
+
+keep_old_names(__name__, {"STRATEGY": "generic_strategy"})  # deprecated: tuning.settings
 
 # Upper bound on the per-sample gradient tensors one vmap call materializes
 # (chunk x touched parameters); the batch is split into chunks to stay under it.
 _PER_SAMPLE_GRAD_BYTES = 512 * 2**20
-# How per-sample gradients are taken: "vmap", "loop" or "auto" (measure both, keep the faster).
-STRATEGY = "auto"
+# How per-sample gradients are taken, unless a strategy is passed:
+# tuning.settings.generic_strategy, "vmap", "loop" or "auto" (measure both, keep the faster).
 
 
 class GenericPath:
@@ -56,7 +59,7 @@ class GenericPath:
         # for small layers) but materializes full per-sample weight gradients, which on a
         # CPU made resnet18 2.4x slower than the loop (bench/bench_gram.py). So, unless
         # told, time one chunk of each after a warm-up chunk and keep the faster.
-        self.strategy = strategy or STRATEGY
+        self.strategy = strategy or settings.generic_strategy
         self._timings: Dict[str, float] = {}
         self._spans: Dict[str, object] = {}  # tensor -> its columns as a slice, or None (TensorSlice.span)
         self._pieces = {s.name: s for s in slices}

@@ -61,7 +61,7 @@ def _check_finite(x: torch.Tensor, name: str) -> None:
         )
 
 
-def _check_kernel(K: Any, sym_tol: Optional[float], device: Optional[torch.device] = None) -> torch.Tensor:
+def check_kernel(K: Any, sym_tol: Optional[float], device: Optional[torch.device] = None) -> torch.Tensor:
     """K -> [n, n] tensor in the working dtype on ``device``; raises on a bad kernel."""
     K = as_tensor(K, "K")
     if K.ndim != 2 or K.shape[0] != K.shape[1]:
@@ -110,7 +110,7 @@ class _Targets:
     labels: Optional[torch.Tensor]
 
 
-def _label_count(Y: Any, name: str) -> Optional[int]:
+def label_count(Y: Any, name: str) -> Optional[int]:
     """max label + 1 when Y holds integer labels, else None (no conversion, no checks)."""
     if isinstance(Y, (torch.Tensor, np.ndarray)):
         t = as_tensor(Y, name)
@@ -119,7 +119,7 @@ def _label_count(Y: Any, name: str) -> Optional[int]:
     return None
 
 
-def _check_targets(
+def check_targets(
     Y: Any, n: int, name: str, n_rows_name: str, dtype: torch.dtype, device: torch.device,
     n_classes: Optional[int], want_labels: Optional[bool] = None,
 ) -> _Targets:

@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from ._checks import _Targets
-from .outputs import unflatten_scores
+from .multi_output import unflatten_scores
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -22,7 +22,7 @@ class _Validation:
     K: torch.Tensor
     targets: _Targets
     f0: Optional[torch.Tensor]
-    block: int = 1  # k of a multi-output kernel flattened to [n_val k, n k] (solvers/outputs.py)
+    block: int = 1  # k of a multi-output kernel flattened to [n_val k, n k] (solvers/multi_output.py)
 
     def scores(self, coefs: torch.Tensor) -> torch.Tensor:
         """coefs [n, a, m] -> validation scores [n_val, a, m] (f0 added); a multi-output

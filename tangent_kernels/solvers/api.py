@@ -10,9 +10,9 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .._model import fp32_math
-from ._checks import (default_tol, _beta_scale, _check_beta_range, _check_betas, _check_kernel, _check_options,
-                      _check_psd_estimate, _check_targets, _label_count, _out_dtype, Array)
+from ..precisions import fp32_math
+from ._checks import (default_tol, _beta_scale, _check_beta_range, _check_betas, check_kernel, _check_options,
+                      _check_psd_estimate, check_targets, label_count, _out_dtype, Array)
 from .auto import choose
 from ._common import ConvergenceWarning, _Config, _matmul_fp64, _Result
 from ._metrics import _Validation
@@ -201,10 +201,10 @@ def solve(
         isinstance(beta, (torch.Tensor, np.ndarray)) and beta.ndim == 0
     )
     betas = _check_betas(beta, "beta")
-    K = _check_kernel(K, sym_tol)
+    K = check_kernel(K, sym_tol)
     n = K.shape[0]
-    count = _label_count(Y, "Y")
-    targets = _check_targets(Y, n, "Y", "K", K.dtype, K.device,
+    count = label_count(Y, "Y")
+    targets = check_targets(Y, n, "Y", "K", K.dtype, K.device,
                              n_classes if n_classes is not None else count)
     scale = _beta_scale(K, beta_scale)
     tol = default_tol(tol, _out_dtype(dtype, K.dtype))

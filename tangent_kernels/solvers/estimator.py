@@ -10,12 +10,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .._model import check_device, fp32_math
-from ._checks import (default_tol, _beta_scale, _check_betas, _check_cross, _check_kernel, _check_offset, _check_options,
-                      _check_targets, _label_count, _out_dtype, _Targets, Array)
+from .._model import check_device
+from ..precisions import fp32_math
+from ._checks import (default_tol, _beta_scale, _check_betas, _check_cross, check_kernel, _check_offset, _check_options,
+                      check_targets, label_count, _out_dtype, _Targets, Array)
 from ._common import _Config, _Result
 from ._metrics import _key, _metrics, _Validation
-from . import outputs
+from . import multi_output as outputs
 from .api import _resolve, _run, _sharded, _warn_unconverged
 
 
@@ -163,12 +164,12 @@ class KernelRidge:
         block = 1
         if outputs.ndim(K) == 4:  # the full k x k eNTK: one system over (sample, output) pairs
             K, block = outputs.flatten_kernel(K, "K")
-        K = _check_kernel(K, self.sym_tol, self.device)
+        K = check_kernel(K, self.sym_tol, self.device)
         n, dev, dt = K.shape[0] // block, K.device, K.dtype
-        counts = [c for c in (_label_count(Y, "Y"), _label_count(Y_val, "Y_val") if Y_val is not None else None)
+        counts = [c for c in (label_count(Y, "Y"), label_count(Y_val, "Y_val") if Y_val is not None else None)
                   if c is not None]
         n_classes = self.n_classes if self.n_classes is not None else (max(counts) if counts else None)
-        targets = _check_targets(Y, n, "Y", "K", dt, dev, n_classes)
+        targets = check_targets(Y, n, "Y", "K", dt, dev, n_classes)
         m = targets.values.shape[1]
         if block > 1 and m != block:
             raise ValueError(
@@ -185,7 +186,7 @@ class KernelRidge:
                 K_val = outputs.flatten_kernel(K_val, "K_val", block)[0]
             Kv = _check_cross(K_val, n * block, "K_val", dt, dev)
             Kv_rows = Kv.shape[0] // block
-            vt = _check_targets(Y_val, Kv_rows, "Y_val", "K_val", dt, dev, n_classes, classification)
+            vt = check_targets(Y_val, Kv_rows, "Y_val", "K_val", dt, dev, n_classes, classification)
             if vt.values.shape[1] != m:
                 raise ValueError(f"Y_val has {vt.values.shape[1]} target columns but Y has {m}")
             if (f0 is None) != (f0_val is None):
@@ -351,7 +352,7 @@ class KernelRidge:
     def score(self, K_test: Array, Y_test: Array, f0_test: Optional[Array] = None) -> float:
         """Accuracy (fitted on labels) or R^2 averaged over outputs (fitted on targets)."""
         scores = self.predict(K_test, f0_test)
-        targets = _check_targets(Y_test, scores.shape[0], "Y_test", "K_test", scores.dtype, scores.device,
+        targets = check_targets(Y_test, scores.shape[0], "Y_test", "K_test", scores.dtype, scores.device,
                                  self.n_classes_, self.n_classes_ is not None)
         metrics = _metrics(scores[:, None, :], targets)
         return metrics["accuracy" if "accuracy" in metrics else "r2"][0]

@@ -76,7 +76,7 @@ def check_symmetric(K: torch.Tensor, name: str, tol: float = 1e-6) -> None:
 
 def flat_kernel(K: torch.Tensor, full: bool) -> torch.Tensor:
     """[n1, n2] stays; [n1, n2, k, k] -> [n1 k, n2 k] with row i k + a, column j k + b
-    holding K[i, j, a, b] (the ordering of tangent_kernels.solvers.outputs)."""
+    holding K[i, j, a, b] (the ordering of tangent_kernels.solvers.multi_output)."""
     if not full:
         return K
     n1, n2, k, _ = K.shape
