@@ -151,8 +151,8 @@ def _sketches(model, x, dim, seeds):
     extractor = FeatureExtractor(model, index, "first", torch.float64, torch.device("cpu"), "torch",
                                  structured="products")
     batch = next(iter(iterate_inputs([x], None, "x"))).to("cpu", torch.float64)
-    block = extractor(batch)
-    factors, choices = extractor.factors, extractor.plan.choices
+    block, factors = extractor.extract(batch)
+    choices = extractor.plan.choices
     g = tk.reference.features_autograd(model, [x])
     draws = []
     for seed in range(seeds):
