@@ -309,19 +309,22 @@ def _normals(lo: torch.Tensor, hi: torch.Tensor, width: int, scale: float, dtype
     rows = max(1, _CHUNK_ENTRIES // (2 * pairs))
     h = torch.empty(min(m, rows), 2 * pairs, dtype=torch.int32, device=device)
     tmp = torch.empty_like(h)
-    uniforms = torch.empty(h.shape, dtype=work, device=device)
+    uniforms = None if work == torch.float32 else torch.empty(h.shape, dtype=work, device=device)
     radius = torch.empty(h.shape[0], pairs, dtype=work, device=device)
     angle = torch.empty_like(radius)
     for r0 in range(0, m, rows):
         r = min(rows, m - r0)
-        hc, tc, uc, rc, ac = h[:r], tmp[:r], uniforms[:r], radius[:r], angle[:r]
+        hc, tc, rc, ac = h[:r], tmp[:r], radius[:r], angle[:r]
         torch.add(lo[r0:r0 + r], counters, out=hc)
         _hash32(hc, hi[r0:r0 + r], tc)
         torch.bitwise_right_shift(hc, 8, out=tc)
-        uc.copy_(tc.bitwise_and_(0xFFFFFF))
-        torch.add(uc[:, :pairs], 1.0, out=rc)
+        # float32: the int32 -> float32 conversion (exact, 24 bits) inside the first float
+        # op, one pass fewer; float64 must convert first (int32 op float is float32).
+        uniform = tc.bitwise_and_(0xFFFFFF)
+        uniform = uniform if uniforms is None else uniforms[:r].copy_(uniform)
+        torch.add(uniform[:, :pairs], 1.0, out=rc)
         rc.mul_(2.0 ** -24).log_().mul_(-2.0).sqrt_().mul_(scale)
-        torch.mul(uc[:, pairs:], 2.0 ** -24 * 2 * math.pi, out=ac)
+        torch.mul(uniform[:, pairs:], 2.0 ** -24 * 2 * math.pi, out=ac)
         block = out[r0:r0 + r]
         torch.mul(torch.cos(ac, out=block[:, :pairs]), rc, out=block[:, :pairs])
         torch.mul(torch.sin(ac, out=block[:, pairs:]), rc, out=block[:, pairs:])
