@@ -306,7 +306,8 @@ def _normals(lo: torch.Tensor, hi: torch.Tensor, width: int, scale: float, dtype
     # Counters 2c (u1) for the first pairs columns, 2c + 1 (u2) for the rest: both
     # uniforms read contiguously (strided reads of interleaved pairs cost 2 of ~15 passes).
     counters = torch.arange(2 * pairs, dtype=torch.int32, device=device).view(pairs, 2).t().reshape(-1)
-    rows = max(1, _CHUNK_ENTRIES // (2 * pairs))
+    # A GPU has no small cache to stay in, and a launch per op per chunk: one chunk per slice.
+    rows = max(1, (_CHUNK_ENTRIES if device.type == "cpu" else _SLICE_ENTRIES) // (2 * pairs))
     h = torch.empty(min(m, rows), 2 * pairs, dtype=torch.int32, device=device)
     tmp = torch.empty_like(h)
     uniforms = None if work == torch.float32 else torch.empty(h.shape, dtype=work, device=device)
