@@ -68,13 +68,19 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
 _LOW1, _LOW2 = 0x7FEB352D, 0x846CA68B - (1 << 32)  # lowbias32's multipliers, as int32
 
 
-def _hash32(x: torch.Tensor, salt: torch.Tensor) -> torch.Tensor:
+def _hash32(x: torch.Tensor, salt: torch.Tensor, tmp: Optional[torch.Tensor] = None) -> torch.Tensor:
     """lowbias32 (C. Wellons' 32-bit integer hash, a bijection) of x ^ salt, on int32
-    tensors (multiplications wrap modulo 2**32, as uint32's would). Overwrites x."""
+    tensors (multiplications wrap modulo 2**32, as uint32's would). Overwrites x (and tmp,
+    a scratch buffer of x's shape, allocated when not given)."""
+    tmp = torch.empty_like(x) if tmp is None else tmp
     x.bitwise_xor_(salt)
-    x.bitwise_xor_((x >> 16) & 0xFFFF).mul_(_LOW1)
-    x.bitwise_xor_((x >> 15) & 0x1FFFF).mul_(_LOW2)
-    return x.bitwise_xor_((x >> 16) & 0xFFFF)
+    for shift, multiplier in ((16, _LOW1), (15, _LOW2), (16, None)):
+        # A logical right shift of int32: the arithmetic shift, its copied sign bits masked.
+        torch.bitwise_right_shift(x, shift, out=tmp).bitwise_and_((1 << (32 - shift)) - 1)
+        x.bitwise_xor_(tmp)
+        if multiplier is not None:
+            x.mul_(multiplier)
+    return x
 
 
 class Projection:
@@ -176,7 +182,12 @@ class Projection:
         if p != len(index):
             raise AssertionError(f"a block of {p} columns for an index of {len(index)}")  # an internal error
         flat = block.reshape(math.prod(block.shape[:-1]), p)  # -1 fails for p = 0 (every tensor factored)
-        out = torch.zeros(flat.shape[0], self.dim, dtype=block.dtype, device=block.device)
+        rademacher = self.kind == "rademacher"
+        # Gaussian R's columns generated in _normals' order (cos outputs, then sin
+        # outputs) and the product's columns put back in order once: the same sums per
+        # column, one pass over [B, dim] instead of one over every slice of R.
+        width = self.dim if rademacher else 2 * -(-self.dim // 2)
+        out = torch.zeros(flat.shape[0], width, dtype=block.dtype, device=block.device)
         step = max(1, _SLICE_ENTRIES // self.dim)
         for piece in index.tensor_slices:
             for a in range(0, piece.local.numel(), step):
@@ -186,7 +197,10 @@ class Projection:
                     part = flat[:, first:first + local.numel()]
                 else:
                     part = flat.index_select(1, piece.columns[a:a + step].to(block.device))
-                out.addmm_(part, self.rows(piece.name, local, block.dtype, block.device))
+                out.addmm_(part, _rows(self._tensor_key(piece.name), local, self.dim, rademacher, block.dtype,
+                                       block.device, interleaved=rademacher))
+        if not rademacher:
+            out = _deinterleave(out, self.dim).contiguous()
         return out.reshape(*block.shape[:-1], self.dim)
 
     def project_factors(self, factors: Dict[str, tuple], choices: Dict[str, object], out: torch.Tensor) -> torch.Tensor:
@@ -237,37 +251,91 @@ class Projection:
         return self.project_factors(factors, choices, out) if factors else out
 
 
-def _rows(key: int, local: torch.Tensor, width: int, rademacher: bool, dtype: torch.dtype, device) -> torch.Tensor:
+# Rows of R are generated this many entries at a time into reused buffers: the dozen
+# elementwise passes of the hash and of Box-Muller then stay in a core's L2 cache, and
+# no pass allocates (fresh multi-MiB tensors cost page faults on every slice).
+_CHUNK_ENTRIES = 1 << 17
+
+
+def _rows(key: int, local: torch.Tensor, width: int, rademacher: bool, dtype: torch.dtype, device,
+          interleaved: bool = True) -> torch.Tensor:
     """Rows [m, width] of entries of variance 1/width for the positions ``local`` under
-    a tensor's (or factor's) 64-bit ``key``."""
+    a tensor's (or factor's) 64-bit ``key``. Gaussian with ``interleaved=False``: the
+    columns in the order (0, 2, 4, ..., 1, 3, 5, ...) (all cos outputs of Box-Muller, then
+    all sin outputs; an odd width's one extra column included: ``_deinterleave`` restores
+    R's order), which saves a pass over R."""
     device = local.device if device is None else torch.device(device)
     keys = _mix(local.to(device=device, dtype=torch.int64).add(key))
     # A row's 64-bit key as two 32-bit words (lo, hi); an entry's hash is
     # lowbias32((lo + counter) ^ hi): int32 arithmetic, 5x the speed of the 64-bit mix
     # on a CPU (no 64-bit vector multiply), and one hash per entry of R is its cost.
-    lo = keys.to(torch.int32)  # the low 32 bits (a wrapping cast)
-    hi = _shr(keys, 32).to(torch.int32)
+    lo = keys.to(torch.int32)[:, None]  # the low 32 bits (a wrapping cast)
+    hi = _shr(keys, 32).to(torch.int32)[:, None]
     scale = 1.0 / math.sqrt(width)
     if rademacher:
-        # 32 signs per hash, one a bit: exactly +-1 with probability 1/2 each.
-        words = -(-width // 32)
-        h = _hash32(lo[:, None] + torch.arange(words, dtype=torch.int32, device=device), hi[:, None])
-        bits = (h[:, :, None] >> torch.arange(32, dtype=torch.int32, device=device)) & 1
-        signs = bits.reshape(len(local), words * 32)[:, :width]
-        return signs.to(dtype).mul_(-2.0).add_(1.0).mul_(scale)  # bit 1 -> -scale, 0 -> +scale
-    # Box-Muller, both outputs: columns 2c and 2c + 1 from the uniforms of counters 2c
-    # and 2c + 1, 24 bits each, u1 in (0, 1] (no log of 0), u2 in [0, 1). The 24-bit grid
-    # truncates the tails at 5.8 sigma: E[z^2] differs from 1 by ~1e-7.
+        return _signs(lo, hi, width, scale, dtype)
+    z = _normals(lo, hi, width, scale, dtype)
+    return _deinterleave(z, width) if interleaved else z
+
+
+def _signs(lo: torch.Tensor, hi: torch.Tensor, width: int, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    # 32 signs per hash, one a bit (bit j of hash w is column 32 w + j): exactly +-1 with
+    # probability 1/2 each, bit 1 -> -scale, 0 -> +scale. Expanded a byte at a time through
+    # a 256 x 8 table (byte k of a word holds its bits 8k..8k+7: the int32 words are viewed
+    # as bytes, little-endian on every CPU and GPU torch runs on), one pass instead of five.
+    device = lo.device
+    words = -(-width // 32)
+    bits = (torch.arange(256, dtype=torch.int32, device=device)[:, None]
+            >> torch.arange(8, dtype=torch.int32, device=device)) & 1
+    table = bits.to(dtype).mul_(-2.0).add_(1.0).mul_(scale)  # the same ops, so the same values, as per entry
+    h = _hash32(lo + torch.arange(words, dtype=torch.int32, device=device), hi)
+    signs = table.index_select(0, h.view(torch.uint8).reshape(-1).to(torch.int32))
+    return signs.reshape(lo.shape[0], words * 32)[:, :width]
+
+
+def _normals(lo: torch.Tensor, hi: torch.Tensor, width: int, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """[m, 2 pairs]: Box-Muller's cos outputs (R's even columns), then its sin outputs (odd)."""
+    # Both outputs: columns 2c and 2c + 1 from the uniforms of counters 2c and 2c + 1,
+    # 24 bits each, u1 in (0, 1] (no log of 0), u2 in [0, 1). The 24-bit grid truncates
+    # the tails at 5.8 sigma: E[z^2] differs from 1 by ~1e-7. Each entry goes through the
+    # same elementwise ops as in generator lowbias32-v1's first code (the pinned values).
+    device, m = lo.device, lo.shape[0]
     pairs = -(-width // 2)
-    counters = torch.arange(2 * pairs, dtype=torch.int32, device=device)
-    h = _hash32(lo[:, None] + counters, hi[:, None]).view(len(local), pairs, 2)
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    uniforms = ((h >> 8) & 0xFFFFFF).to(work)
-    del h
-    radius = uniforms[..., 0].add_(1.0).mul_(2.0 ** -24).log_().mul_(-2.0).sqrt_().mul_(scale)
-    angle = uniforms[..., 1].mul_(2.0 ** -24 * 2 * math.pi)
-    z = torch.stack([angle.cos(), angle.sin_()], dim=-1).mul_(radius[..., None])
-    return z.reshape(len(local), 2 * pairs)[:, :width].to(dtype)
+    out = torch.empty(m, 2 * pairs, dtype=work, device=device)
+    # Counters 2c (u1) for the first pairs columns, 2c + 1 (u2) for the rest: both
+    # uniforms read contiguously (strided reads of interleaved pairs cost 2 of ~15 passes).
+    counters = torch.arange(2 * pairs, dtype=torch.int32, device=device).view(pairs, 2).t().reshape(-1)
+    # A GPU has no small cache to stay in, and a launch per op per chunk: one chunk per slice.
+    rows = max(1, (_CHUNK_ENTRIES if device.type == "cpu" else _SLICE_ENTRIES) // (2 * pairs))
+    h = torch.empty(min(m, rows), 2 * pairs, dtype=torch.int32, device=device)
+    tmp = torch.empty_like(h)
+    uniforms = None if work == torch.float32 else torch.empty(h.shape, dtype=work, device=device)
+    radius = torch.empty(h.shape[0], pairs, dtype=work, device=device)
+    angle = torch.empty_like(radius)
+    for r0 in range(0, m, rows):
+        r = min(rows, m - r0)
+        hc, tc, rc, ac = h[:r], tmp[:r], radius[:r], angle[:r]
+        torch.add(lo[r0:r0 + r], counters, out=hc)
+        _hash32(hc, hi[r0:r0 + r], tc)
+        torch.bitwise_right_shift(hc, 8, out=tc)
+        # float32: the int32 -> float32 conversion (exact, 24 bits) inside the first float
+        # op, one pass fewer; float64 must convert first (int32 op float is float32).
+        uniform = tc.bitwise_and_(0xFFFFFF)
+        uniform = uniform if uniforms is None else uniforms[:r].copy_(uniform)
+        torch.add(uniform[:, :pairs], 1.0, out=rc)
+        rc.mul_(2.0 ** -24).log_().mul_(-2.0).sqrt_().mul_(scale)
+        torch.mul(uniform[:, pairs:], 2.0 ** -24 * 2 * math.pi, out=ac)
+        block = out[r0:r0 + r]
+        torch.mul(torch.cos(ac, out=block[:, :pairs]), rc, out=block[:, :pairs])
+        torch.mul(torch.sin(ac, out=block[:, pairs:]), rc, out=block[:, pairs:])
+    return out if dtype == work else out.to(dtype)
+
+
+def _deinterleave(z: torch.Tensor, width: int) -> torch.Tensor:
+    """_normals' [m, 2 pairs] (cos block, sin block) -> R's columns in order, [m, width]."""
+    pairs = z.shape[-1] // 2
+    return torch.stack((z[..., :pairs], z[..., pairs:]), dim=-1).reshape(*z.shape[:-1], 2 * pairs)[..., :width]
 
 
 def check_projection(projection) -> Optional[Projection]:
