@@ -179,7 +179,7 @@ class ConvUse(Use):
         if backend == "torch":
             kernel = self.weight.geometry[0][2:]
             patches = sampled.conv_patches(a_pad, kernel, self.stride, self.dilation, d.shape[2:])
-            values = sampled.sampled_conv_grad(patches, d, plan)
+            values = sampled.sampled_conv_grad_planned(patches, d, plan)
             sink.add(st, columns if order is None else columns[order], values, unique)
             return
         if backend in COMPILED and sink.overwrites(st, unique) and writes_in_place(backend, sink.out, d):
