@@ -69,16 +69,23 @@ def _deliver(op: str, values: torch.Tensor, out, out_columns, entries=None) -> t
     if out is None:
         out = torch.empty(batch, m, dtype=values.dtype, device=values.device)
     check_out(op, out, batch, m, out_columns)
-    if out_columns is not None:
-        out_columns = out_columns.long()
-        if m and (int(out_columns.min()) < 0 or int(out_columns.max()) >= out.shape[1]):
-            raise RuntimeError(f"{op}: out_columns must lie in [0, {out.shape[1]}) (out's columns), got "
-                               f"[{int(out_columns.min())}, {int(out_columns.max())}]")
-        targets = out_columns if entries is None else out_columns[entries]
+    values = values.to(out.dtype)  # one rounding into out's dtype, as the compiled kernels do
+    if out_columns is None:
+        targets = slice(0, m) if entries is None else entries.to(out.device)
     else:
-        targets = torch.arange(m, device=out.device) if entries is None else entries
-    # One rounding into out's dtype, as the compiled kernels do.
-    out[:, targets.to(out.device)] = values.to(out.dtype)
+        out_columns = out_columns.long().to(out.device)
+        targets = out_columns if entries is None else out_columns[entries.to(out.device)]
+        if m and out.device.type == "cpu":
+            # Checked on the host like the C++ CPU kernel (on CUDA, indexing's device assert
+            # stands in, as in the CUDA kernels: no sync). A run of consecutive columns, the
+            # usual case in a feature block, is written as a slice, not scattered.
+            low, high = int(targets.min()), int(targets.max())
+            if low < 0 or high >= out.shape[1]:
+                raise RuntimeError(f"{op}: out_columns must lie in [0, {out.shape[1]}) (out's columns), got "
+                                   f"[{low}, {high}]")
+            if high - low == m - 1 and torch.equal(targets, torch.arange(low, high + 1)):
+                targets = slice(low, high + 1)
+    out[:, targets] = values
     return out
 
 

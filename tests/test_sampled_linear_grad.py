@@ -238,14 +238,15 @@ SCHEMA_BACKENDS = [pytest.param(sampled.sampled_linear_grad, id="torch"),
 @pytest.mark.parametrize("op", SCHEMA_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("shape", [(3, 5, 7, 6, 11), (4, 5, 7, 6, 30)], ids=["sparse", "dense"])
-def test_every_backend_writes_out_columns_only(op, dtype, shape):
+@pytest.mark.parametrize("consecutive", [False, True], ids=["scattered", "run"])
+def test_every_backend_writes_out_columns_only(op, dtype, shape, consecutive):
     """One call form for every backend: F lands at out[:, out_columns], the rest of out
     stays as it was, and out itself is returned."""
     g = case_generator("schema", dtype, shape)
     a, d, rows, cols = linear_problem(g, dtype, *shape)
     width = shape[4] + 9
     block = torch.full((shape[0], width), -7.0, dtype=dtype)
-    columns = torch.randperm(width, generator=g)[:shape[4]]
+    columns = torch.arange(4, 4 + shape[4]) if consecutive else torch.randperm(width, generator=g)[:shape[4]]
     returned = op(a, d, rows, cols, out=block, out_columns=columns)
     assert returned is block
     assert_close(block[:, columns], ref_linear(a, d, rows, cols), dtype, dtype)
