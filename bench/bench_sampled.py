@@ -47,7 +47,7 @@ def conv_case(g, batch, entries, c_in, c_out, k, stride, padding, size):
     offsets = torch.stack(torch.unravel_index(flat, (k, k)), dim=1)
     plan, order = sampled.conv_plan(oc, ic, flat, (k, k))
     patches = sampled.conv_patches(a_pad, (k, k), (stride, stride), (1, 1), d.shape[2:])
-    torch_fn = lambda: sampled.sampled_conv_grad(patches, d, plan)
+    torch_fn = lambda: sampled.sampled_conv_grad_planned(patches, d, plan)
     cpp_fn = lambda: ops.sampled_conv_grad(a_pad, d, oc[order], ic[order], offsets[order], (stride,) * 2, (1, 1))
     return torch_fn, cpp_fn, m
 

@@ -26,6 +26,7 @@ from typing import List, Union
 import torch
 
 from ._ext import BUILD_HINT, extension_error, extension_loaded, has_cpu_kernels, has_cuda_kernels
+from .sampled import check_out
 
 __all__ = ["BACKENDS", "available_tile_backends", "gram_tile_update", "gram_tile_update_torch", "has_sampled_kernels",
            "sampled_conv_grad", "sampled_embedding_grad", "sampled_linear_grad",
@@ -215,7 +216,8 @@ if extension_loaded():  # the schema exists only once tangent_kernels._C is load
 #
 # each writes out[b, out_columns[j]] (out[b, j] without out_columns) for every sample b
 # and sampled entry j, in place, into the caller's feature block; semantics in
-# csrc/sampled_grad.h and the plain-torch references in tangent_kernels.sampled.
+# csrc/sampled_grad.h. The plain-torch twins in tangent_kernels.sampled share this schema
+# (same arguments, the same out=/out_columns= keywords and return, the same checks).
 # Accumulation is float32 (float64 for float64 inputs), rounded once into out's dtype.
 
 SAMPLED_OPS = ("sampled_linear_grad", "sampled_conv_grad", "sampled_embedding_grad")
@@ -276,12 +278,7 @@ def sampled_embedding_grad(tokens: torch.Tensor, d: torch.Tensor, rows: torch.Te
 
 def _fake_check_out(op: str, out: torch.Tensor, batch: int, m: int, out_columns) -> None:
     """The shape checks the compiled kernels make, for tracing (fake tensors hold no values)."""
-    if out.dim() != 2 or out.shape[0] != batch:
-        raise RuntimeError(f"{op}: out must be 2-D [B={batch}, N], got shape {list(out.shape)}")
-    if out_columns is None and out.shape[1] < m:
-        raise RuntimeError(f"{op}: without out_columns, out needs at least m = {m} columns, got {list(out.shape)}")
-    if out_columns is not None and (out_columns.dim() != 1 or out_columns.shape[0] != m):
-        raise RuntimeError(f"{op}: out_columns must be 1-D of length m = {m}, got {list(out_columns.shape)}")
+    check_out(op, out, batch, m, out_columns)
 
 
 def _fake_sampled_linear_grad(a, d, rows, cols, out, out_columns):

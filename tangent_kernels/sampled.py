@@ -11,6 +11,12 @@ the tokens select.
 
 Shapes: B samples, T tokens/positions, m sampled entries. Accumulation is in the
 dtype of the inputs (fp32 or fp64 here).
+
+One schema with the compiled ops (``tangent_kernels.ops``): ``sampled_linear_grad``,
+``sampled_conv_grad`` and ``sampled_embedding_grad`` take the same arguments, including
+the keywords ``out=`` ([B, N], written in place) and ``out_columns=`` (the m columns of
+``out`` to write; default the first m), and return ``out`` (or a new [B, m] tensor), so
+a caller can switch backend without knowing which one it holds.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ from typing import Callable, Sequence
 import torch
 
 __all__ = [
+    "check_out",
     "sampled_conv_grad",
+    "sampled_conv_grad_planned",
     "sampled_embedding_grad",
     "embedding_row_plan",
     "sampled_embedding_grad_by_rows",
@@ -42,6 +50,45 @@ def _chunked(m: int, per_entry: int, fn: Callable[[slice], torch.Tensor], out: t
     return out
 
 
+def check_out(op: str, out: torch.Tensor, batch: int, m: int, out_columns) -> None:
+    """The ``out``/``out_columns`` contract every backend checks (the compiled kernels in C++)."""
+    if out.dim() != 2 or out.shape[0] != batch:
+        raise RuntimeError(f"{op}: out must be 2-D [B={batch}, N], got shape {list(out.shape)}")
+    if out_columns is None and out.shape[1] < m:
+        raise RuntimeError(f"{op}: without out_columns, out needs at least m = {m} columns, got {list(out.shape)}")
+    if out_columns is not None and (out_columns.dim() != 1 or out_columns.shape[0] != m):
+        raise RuntimeError(f"{op}: out_columns must be 1-D of length m = {m}, got {list(out_columns.shape)}")
+
+
+def _deliver(op: str, values: torch.Tensor, out, out_columns, entries=None) -> torch.Tensor:
+    """values [B, m] into ``out`` at ``out_columns`` (the compiled ops' contract); ``entries``
+    says which of the m entries values' columns hold, when they come in another order."""
+    if out is None and out_columns is None and entries is None:
+        return values
+    batch, m = values.shape
+    if out is None:
+        out = torch.empty(batch, m, dtype=values.dtype, device=values.device)
+    check_out(op, out, batch, m, out_columns)
+    values = values.to(out.dtype)  # one rounding into out's dtype, as the compiled kernels do
+    if out_columns is None:
+        targets = slice(0, m) if entries is None else entries.to(out.device)
+    else:
+        out_columns = out_columns.long().to(out.device)
+        targets = out_columns if entries is None else out_columns[entries.to(out.device)]
+        if m and out.device.type == "cpu":
+            # Checked on the host like the C++ CPU kernel (on CUDA, indexing's device assert
+            # stands in, as in the CUDA kernels: no sync). A run of consecutive columns, the
+            # usual case in a feature block, is written as a slice, not scattered.
+            low, high = int(targets.min()), int(targets.max())
+            if low < 0 or high >= out.shape[1]:
+                raise RuntimeError(f"{op}: out_columns must lie in [0, {out.shape[1]}) (out's columns), got "
+                                   f"[{low}, {high}]")
+            if high - low == m - 1 and torch.equal(targets, torch.arange(low, high + 1)):
+                targets = slice(low, high + 1)
+    out[:, targets] = values
+    return out
+
+
 # When to form a linear layer's dense per-sample gradients (one batched matmul, then a
 # gather) instead of gathering [B, T, m] operands. Measured on the 2-core CPU: a gathered
 # multiply-add costs ~8 ns, the matmul ~0.015 ns per multiply-add plus ~0.33 ns per
@@ -60,12 +107,19 @@ def dense_linear_wins(tokens: int, m: int, n_in: int, n_out: int) -> bool:
     return tokens > 1 and m >= (_DENSE_FRACTION + _DENSE_FRACTION_PER_TOKEN / tokens) * n_in * n_out
 
 
-def sampled_linear_grad(a: torch.Tensor, d: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+def sampled_linear_grad(a: torch.Tensor, d: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, *,
+                        out: torch.Tensor | None = None, out_columns: torch.Tensor | None = None) -> torch.Tensor:
     """F[b, j] = sum_t d[b, t, rows[j]] * a[b, t, cols[j]].
 
     a: [B, T, I], d: [B, T, O], rows/cols: int64 [m] -> [B, m]. The gradient of
-    W[o, i] for y = a W^T: rows index outputs, cols index inputs.
+    W[o, i] for y = a W^T: rows index outputs, cols index inputs. ``out``/``out_columns``
+    as in ``tangent_kernels.ops.sampled_linear_grad``: F lands in out[:, out_columns].
     """
+    values = _sampled_linear_grad(a, d, rows.long(), cols.long())
+    return _deliver("sampled_linear_grad", values, out, out_columns)
+
+
+def _sampled_linear_grad(a: torch.Tensor, d: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     batch, tokens, n_in, n_out = a.shape[0], a.shape[1], a.shape[2], d.shape[2]
     out = torch.empty(batch, rows.numel(), dtype=a.dtype, device=a.device)
     if dense_linear_wins(tokens, rows.numel(), n_in, n_out):
@@ -101,7 +155,7 @@ def conv_plan(out_channels: torch.Tensor, in_channels: torch.Tensor, kernel_flat
 
     Entries sharing an offset read one strided slice [B, C, *out] of the input, so a
     channel ``index_select`` per offset replaces a 4-index gather (which took a third
-    of resnet18's time on CPU). ``sampled_conv_grad`` returns columns in ``order``.
+    of resnet18's time on CPU). ``sampled_conv_grad_planned`` returns columns in ``order``.
     """
     order = torch.argsort(kernel_flat, stable=True)
     offsets, counts = torch.unique_consecutive(kernel_flat[order], return_counts=True)
@@ -114,7 +168,32 @@ def conv_plan(out_channels: torch.Tensor, in_channels: torch.Tensor, kernel_flat
     return groups, order
 
 
-def sampled_conv_grad(patches: torch.Tensor, d: torch.Tensor, plan) -> torch.Tensor:
+def sampled_conv_grad(a_pad: torch.Tensor, d: torch.Tensor, out_channel: torch.Tensor, in_channel: torch.Tensor,
+                      kernel_offsets: torch.Tensor, stride, dilation, *, out: torch.Tensor | None = None,
+                      out_columns: torch.Tensor | None = None) -> torch.Tensor:
+    """F[b, j] = sum_p d[b, out_channel[j], p] * a_pad[b, in_channel[j], p * stride + kernel_offsets[j] * dilation].
+
+    a_pad: [B, C, *S] (already padded), d: [B, O, *P] with 1-3 spatial dims,
+    kernel_offsets: [m, ndim] integer -> [B, m] in entry order; ``out``/``out_columns``
+    as in ``tangent_kernels.ops.sampled_conv_grad``. Callers that reuse one plan across
+    batches call ``conv_plan`` once and ``sampled_conv_grad_planned``.
+    """
+    m = out_channel.shape[0]
+    if m == 0:
+        return _deliver("sampled_conv_grad", d.new_empty(d.shape[0], 0), out, out_columns)
+    kernel_offsets = kernel_offsets.long().reshape(m, -1)
+    # Any kernel extent that holds every offset serves to number them: the largest offset + 1.
+    kernel = [int(k) + 1 for k in kernel_offsets.max(0).values.tolist()]
+    flat = torch.zeros(m, dtype=torch.int64, device=kernel_offsets.device)
+    for i, k in enumerate(kernel):
+        flat = flat * k + kernel_offsets[:, i]
+    plan, order = conv_plan(out_channel.long(), in_channel.long(), flat, kernel)
+    patches = conv_patches(a_pad, kernel, stride, dilation, d.shape[2:])
+    values = sampled_conv_grad_planned(patches, d, plan)
+    return _deliver("sampled_conv_grad", values, out, out_columns, entries=order)
+
+
+def sampled_conv_grad_planned(patches: torch.Tensor, d: torch.Tensor, plan) -> torch.Tensor:
     """F[b, j] = sum_p d[b, o_j, p] * a_pad[b, c_j, p * stride + k_j * dilation].
 
     patches: [B, C, *kernel, *out] (``conv_patches``), d: [B, O, *out], plan from
@@ -137,12 +216,19 @@ def sampled_conv_grad(patches: torch.Tensor, d: torch.Tensor, plan) -> torch.Ten
 
 
 def sampled_embedding_grad(tokens: torch.Tensor, d: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                           padding_idx: int | None = None) -> torch.Tensor:
+                           padding_idx: int | None = None, *, out: torch.Tensor | None = None,
+                           out_columns: torch.Tensor | None = None) -> torch.Tensor:
     """F[b, j] = sum_t [tokens[b, t] == rows[j]] * d[b, t, cols[j]].
 
     tokens: int [B, T], d: [B, T, E] -> [B, m]. The row ``padding_idx`` gets no
-    gradient, as in ``nn.Embedding``.
+    gradient, as in ``nn.Embedding``. ``out``/``out_columns`` as in
+    ``tangent_kernels.ops.sampled_embedding_grad``.
     """
+    values = _sampled_embedding_grad(tokens, d, rows, cols, padding_idx)
+    return _deliver("sampled_embedding_grad", values, out, out_columns)
+
+
+def _sampled_embedding_grad(tokens, d, rows, cols, padding_idx) -> torch.Tensor:
     batch, length = tokens.shape
     if padding_idx is not None:
         tokens = tokens.masked_fill(tokens == padding_idx, -1)

@@ -47,7 +47,7 @@ def test_torch_matches_reference(dtype):
     plan, order = sampled.conv_plan(oc, ic, flat, kernel)
     patches = sampled.conv_patches(a_pad, kernel, stride, dilation, d.shape[2:])
     expected = ref_conv(a_pad, d, oc, ic, offsets, stride, dilation)[:, order]
-    assert_close(sampled.sampled_conv_grad(patches, d, plan), expected, dtype, dtype)
+    assert_close(sampled.sampled_conv_grad_planned(patches, d, plan), expected, dtype, dtype)
 
 
 # --- C++ CPU kernel -----------------------------------------------------------------------------------
@@ -126,7 +126,7 @@ def triton_case(case, dtype):
     def reference(x, y):
         patches = sampled.conv_patches(x, kernel, stride, dilation, out_size)
         ref = torch.empty(batch, m, dtype=torch.float64, device=TRITON_DEVICE)
-        ref[:, order] = sampled.sampled_conv_grad(patches, y, plan)  # plan order -> entry order
+        ref[:, order] = sampled.sampled_conv_grad_planned(patches, y, plan)  # plan order -> entry order
         return ref
 
     n_terms = 1
@@ -236,3 +236,33 @@ def test_bad_inputs_name_the_problem(name):
     op = registered.triton_sampled_conv_grad if backend == "triton" else ops.sampled_conv_grad
     with pytest.raises(error, match=pattern):
         op(*args.values())
+
+
+# --- one schema: every backend takes out= / out_columns= ------------------------------------------
+
+# Triton's op returns a new tensor (no out= form), so it is checked by the tests above.
+SCHEMA_BACKENDS = [pytest.param(sampled.sampled_conv_grad, id="torch"),
+                   pytest.param(ops.sampled_conv_grad, id="cpp", marks=needs_cpp)]
+
+
+@pytest.mark.parametrize("op", SCHEMA_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_every_backend_writes_out_columns_only(op, dtype, case):
+    """One call form for every backend: F (in entry order) lands at out[:, out_columns],
+    the rest of out stays as it was, and out itself is returned."""
+    g = case_generator("schema", dtype, case)
+    channels, out_channels, groups, kernel, stride, dilation, size = case
+    m = 13
+    a_pad, d, oc, ic, offsets = conv_problem(g, dtype, 3, channels, out_channels, groups, kernel, stride, dilation,
+                                             size, m)
+    expected = ref_conv(a_pad, d, oc, ic, offsets, stride, dilation)
+    block = torch.full((3, m + 8), -7.0, dtype=dtype)
+    columns = torch.randperm(m + 8, generator=g)[:m]
+    assert op(a_pad, d, oc, ic, offsets, stride, dilation, out=block, out_columns=columns) is block
+    assert_close(block[:, columns], expected, dtype, dtype)
+    untouched = torch.ones(m + 8, dtype=torch.bool)
+    untouched[columns] = False
+    assert bool((block[:, untouched] == -7.0).all())
+    # Without out: a new [B, m] tensor, in entry order.
+    assert_close(op(a_pad, d, oc, ic, offsets, stride, dilation), expected, dtype, dtype)

@@ -170,3 +170,32 @@ def test_triton_refuses_float_tokens():
     (tokens, d, rows, cols, pad), *_ = triton_case(TRITON_CASES[0], torch.float32)
     with pytest.raises(TypeError, match="tokens must be an integer"):
         registered.triton_sampled_embedding_grad(tokens.float(), d, rows, cols, pad)
+
+
+# --- one schema: every backend takes out= / out_columns= ------------------------------------------
+
+# Triton's op returns a new tensor (no out= form), so it is checked by the tests above.
+SCHEMA_BACKENDS = [pytest.param(sampled.sampled_embedding_grad, id="torch"),
+                   pytest.param(ops.sampled_embedding_grad, id="cpp", marks=needs_cpp)]
+
+
+@pytest.mark.parametrize("op", SCHEMA_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("padding_idx", [None, 2])
+def test_every_backend_writes_out_columns_only(op, dtype, padding_idx):
+    """One call form for every backend: F lands at out[:, out_columns], the rest of out
+    stays as it was, and out itself is returned."""
+    g = case_generator("schema", dtype, padding_idx)
+    tokens, d, rows, cols = embedding_problem(g, dtype, 3, 9, 6, 5, 14)
+    expected = ref_embedding(tokens, d, rows, cols, padding_idx)
+    block = torch.full((3, 20), -7.0, dtype=dtype)
+    columns = torch.randperm(20, generator=g)[:14]
+    assert op(tokens, d, rows, cols, padding_idx, out=block, out_columns=columns) is block
+    assert_close(block[:, columns], expected, dtype, dtype)
+    untouched = torch.ones(20, dtype=torch.bool)
+    untouched[columns] = False
+    assert bool((block[:, untouched] == -7.0).all())
+    block = torch.full((3, 20), -7.0, dtype=dtype)
+    op(tokens, d, rows, cols, padding_idx, out=block)
+    assert_close(block[:, :14], expected, dtype, dtype)
+    assert bool((block[:, 14:] == -7.0).all())

@@ -226,3 +226,45 @@ def test_bad_inputs_name_the_problem(name):
     op = registered.triton_sampled_linear_grad if backend == "triton" else registered.sampled_linear_grad
     with pytest.raises(error, match=pattern):
         op(*args.values())
+
+
+# --- one schema: every backend takes out= / out_columns= ------------------------------------------
+
+# Triton's op returns a new tensor (no out= form), so it is checked by the tests above.
+SCHEMA_BACKENDS = [pytest.param(sampled.sampled_linear_grad, id="torch"),
+                   pytest.param(ops.sampled_linear_grad, id="cpp", marks=needs_cpp)]
+
+
+@pytest.mark.parametrize("op", SCHEMA_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(3, 5, 7, 6, 11), (4, 5, 7, 6, 30)], ids=["sparse", "dense"])
+@pytest.mark.parametrize("consecutive", [False, True], ids=["scattered", "run"])
+def test_every_backend_writes_out_columns_only(op, dtype, shape, consecutive):
+    """One call form for every backend: F lands at out[:, out_columns], the rest of out
+    stays as it was, and out itself is returned."""
+    g = case_generator("schema", dtype, shape)
+    a, d, rows, cols = linear_problem(g, dtype, *shape)
+    width = shape[4] + 9
+    block = torch.full((shape[0], width), -7.0, dtype=dtype)
+    columns = torch.arange(4, 4 + shape[4]) if consecutive else torch.randperm(width, generator=g)[:shape[4]]
+    returned = op(a, d, rows, cols, out=block, out_columns=columns)
+    assert returned is block
+    assert_close(block[:, columns], ref_linear(a, d, rows, cols), dtype, dtype)
+    untouched = torch.ones(width, dtype=torch.bool)
+    untouched[columns] = False
+    assert bool((block[:, untouched] == -7.0).all())
+    # Without out_columns: the first m columns of out.
+    block = torch.full((shape[0], width), -7.0, dtype=dtype)
+    op(a, d, rows, cols, out=block)
+    assert_close(block[:, :shape[4]], ref_linear(a, d, rows, cols), dtype, dtype)
+    assert bool((block[:, shape[4]:] == -7.0).all())
+
+
+@pytest.mark.parametrize("op", SCHEMA_BACKENDS)
+def test_every_backend_rejects_a_wrong_out(op):
+    g = torch.Generator().manual_seed(3)
+    a, d, rows, cols = linear_problem(g, torch.float32, 3, 4, 5, 6, 7)
+    with pytest.raises(RuntimeError, match="out_columns must be 1-D of length m = 7"):
+        op(a, d, rows, cols, out=torch.zeros(3, 10), out_columns=torch.arange(5))
+    with pytest.raises(RuntimeError, match="without out_columns, out needs at least m = 7 columns"):
+        op(a, d, rows, cols, out=torch.zeros(3, 4))

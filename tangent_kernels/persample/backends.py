@@ -7,7 +7,10 @@
   "auto"    CPU: "cpp" when the extension has its CPU kernels (measured faster than
             "torch": docs/kernels.md), else "torch". CUDA: "cuda" when built (measured
             fastest on an H100: bench/RESULTS.md), else "triton", else "torch".
-"cpp" and "cuda" can write a result straight into the caller's feature block.
+The "torch", "cpp" and "cuda" ops share one schema (``tangent_kernels.ops`` and
+``tangent_kernels.sampled``: the same arguments, ``out=``/``out_columns=`` keywords and
+return), so each can write a result straight into the caller's feature block; Triton's
+ops return a new [B, m] tensor.
 """
 
 from __future__ import annotations
@@ -68,29 +71,35 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+# The backends whose ops take out=/out_columns= (one schema; Triton's return a new tensor).
+_WRITE_OUT = ("torch",) + COMPILED
+
+
 def writes_in_place(backend: str, out: torch.Tensor, like: torch.Tensor) -> bool:
-    """Whether a compiled op can write straight into ``out`` (a 2-D float block on the
+    """Whether ``backend``'s op can write straight into ``out`` (a 2-D float block on the
     operands' device)."""
-    return (backend in COMPILED and out.dim() == 2 and out.device == like.device and out.is_contiguous()
+    return (backend in _WRITE_OUT and out.dim() == 2 and out.device == like.device and out.is_contiguous()
             and out.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64))
 
 
 def linear_kernel(backend: str):
-    """(a [B, T, I], d [B, T, O], rows, cols) -> [B, m]: F[b, j] = sum_t d[b, t, rows[j]] a[b, t, cols[j]]."""
+    """(a [B, T, I], d [B, T, O], rows, cols[, out=, out_columns=]) -> [B, m]:
+    F[b, j] = sum_t d[b, t, rows[j]] a[b, t, cols[j]] (the keywords: not on "triton")."""
     if backend == "triton":
         return torch.ops.tangent_kernels.triton_sampled_linear_grad
     return ops.sampled_linear_grad if backend in COMPILED else sampled.sampled_linear_grad
 
 
 def embedding_kernel(backend: str):
-    """(tokens [B, T], d [B, T, E], rows, cols, padding_idx) -> [B, m]."""
+    """(tokens [B, T], d [B, T, E], rows, cols, padding_idx[, out=, out_columns=]) -> [B, m]."""
     if backend == "triton":
         return torch.ops.tangent_kernels.triton_sampled_embedding_grad
     return ops.sampled_embedding_grad if backend in COMPILED else sampled.sampled_embedding_grad
 
 
 def conv_kernel(backend: str):
-    """The sampled convolution-weight contraction of ``backend`` (see conv.py for its plan)."""
+    """(a_pad, d, out_channel, in_channel, kernel_offsets, stride, dilation[, out=, out_columns=])
+    -> [B, m]: the sampled convolution-weight contraction of ``backend`` (conv.py)."""
     if backend == "triton":
         return torch.ops.tangent_kernels.triton_sampled_conv_grad
     return ops.sampled_conv_grad if backend in COMPILED else sampled.sampled_conv_grad

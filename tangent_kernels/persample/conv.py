@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .. import sampled
 from ..structured.plan import FactorForm
-from .backends import COMPILED, conv_kernel, writes_in_place
+from .backends import conv_kernel, writes_in_place
 from .linear import _view_of_parameter
 from .rules import NotCovered, Sink, Use, register, whole_vector
 from .views import is_the_leaf
@@ -177,12 +177,14 @@ class ConvUse(Use):
             sink.add(st, columns, values, unique)
             return
         if backend == "torch":
+            # The planned form of the torch op: the grouping by kernel offset is cached per
+            # weight (_plan) instead of rebuilt every batch as sampled_conv_grad would.
             kernel = self.weight.geometry[0][2:]
             patches = sampled.conv_patches(a_pad, kernel, self.stride, self.dilation, d.shape[2:])
-            values = sampled.sampled_conv_grad(patches, d, plan)
+            values = sampled.sampled_conv_grad_planned(patches, d, plan)
             sink.add(st, columns if order is None else columns[order], values, unique)
             return
-        if backend in COMPILED and sink.overwrites(st, unique) and writes_in_place(backend, sink.out, d):
+        if sink.overwrites(st, unique) and writes_in_place(backend, sink.out, d):
             conv_kernel(backend)(a_pad, d, *plan, self.stride, self.dilation, out=sink.out, out_columns=columns)
             return
         sink.add(st, columns, self._sparse(a_pad, d, plan), unique)
