@@ -29,6 +29,7 @@ import torch
 from .. import feature_phase
 from ..progress import Events
 from ..request import Request
+from ..sketch import check_projection
 from ..tiles import blocked_gram
 from ..tuning import settings
 from ..checkpoint import Checkpoint, CheckpointMismatch, refuse_foreign
@@ -55,7 +56,7 @@ def gram(model, loader, idx=None, loader2=None, *, group=None, shard: bool = Fal
          exchange: str = "auto", timeout: Optional[float] = None, output="first", precision: str = "fp32",
          device=None, progress=True, inputs=None, backend: str = "auto", out=None, callback=None,
          checkpoint=None, store: str = "auto", max_memory=None, cache_dir=None, checkpoint_key=None,
-         structured: str = "auto", stats: Optional[dict] = None):
+         structured: str = "auto", stats: Optional[dict] = None, projection=None):
     """The eNTK Gram over a process group; the arguments of :func:`tangent_kernels.gram`, plus
 
     group: the process group (None: the default one).
@@ -69,6 +70,9 @@ def gram(model, loader, idx=None, loader2=None, *, group=None, shard: bool = Fal
         collective; every shard in memory), "auto" (the ring: measured faster on gloo).
     timeout: seconds a rank waits for the others at a phase boundary (None: the
         group's timeout); the error names the phase and, on gloo, the missing ranks.
+    projection: None, or a :class:`tk.Projection`: every rank sketches its samples' features
+        with the same R (generated from the seed, never exchanged) and K~ is their Gram,
+        formed as for features; the ranks compare it, and each rank's checkpoint records it.
     stats: a dict, filled with this rank's seconds per phase ("features", "gram",
         "gather"; the process's CPU seconds in "features_cpu", "gram_cpu"), the
         seconds it was blocked in collectives ("communication": waits
@@ -86,11 +90,13 @@ def gram(model, loader, idx=None, loader2=None, *, group=None, shard: bool = Fal
     try:
         from ..structured import check_structured
 
+        projection = check_projection(projection)
         if check_structured(structured) == "always":
             raise ValueError("structured='always' is not supported by the distributed Gram yet (it computes "
                              "features for every tensor): use structured='auto' or 'never', or one process")
         plan = _Plan(comm, model, loader, idx, loader2, shard, gather, exchange, output, precision, device, progress,
-                     inputs, backend, out, callback, checkpoint, store, max_memory, cache_dir, checkpoint_key)
+                     inputs, backend, out, callback, checkpoint, store, max_memory, cache_dir, checkpoint_key,
+                     projection)
     except Exception as caught:  # told to every rank below, so none waits for a rank that stopped
         error = caught
     comm.settle("arguments", error)
@@ -113,8 +119,13 @@ class _Plan:
     """One rank's share of the run, checked before any work."""
 
     def __init__(self, comm: Comm, model, loader, idx, loader2, shard, gather, exchange, output, precision, device,
-                 progress, inputs, backend, out, callback, checkpoint, store, max_memory, cache_dir, checkpoint_key):
+                 progress, inputs, backend, out, callback, checkpoint, store, max_memory, cache_dir, checkpoint_key,
+                 projection=None):
         self.comm = comm
+        # The extractor's structured mode: the projection's (the Kronecker kind sketches the
+        # linear maps from their factors in the pass), else features for every tensor.
+        self.projection = projection
+        self.structured = "never" if projection is None else projection.structured
         request = Request.of(model, idx, output=output, precision=precision, device=device, backend=backend,
                              inputs=inputs, progress=progress, store=store, max_memory=max_memory, callback=callback,
                              checkpoint_key=checkpoint_key)
@@ -139,7 +150,7 @@ class _Plan:
         self.symmetric = loader2 is None
         self.checkpoint, self.checkpoint_key = checkpoint, checkpoint_key
         with request.evaluation():  # as the run sees it (the engine's identity is taken in eval mode too)
-            self.identity, self.undecidable = request.identity(not self.symmetric)
+            self.identity, self.undecidable = request.identity(not self.symmetric, projection)
         self.parts = dict(self.identity.get("parts") or {})
         self.record = {key: value for key, value in self.identity.items() if key != "parts"}
         self.record.update(world_size=comm.world, shard=shard, gather=gather, exchange=exchange,
@@ -237,10 +248,11 @@ class _Plan:
         def extractor():
             if not made:
                 made.append(feature_phase.new_extractor(model, self.index, self.output, self.precision, self.device,
-                                                        self.request.backend))
+                                                        self.request.backend, self.structured, self.projection))
             return made[0]
 
-        fill = dict(cache_dir=self.cache_dir, ckpt=ckpt, events=self.events, extractor=extractor)
+        fill = dict(cache_dir=self.cache_dir, ckpt=ckpt, events=self.events, extractor=extractor,
+                    projection=self.projection)
         stores, signature = [], None
         try:
             for (loader, _, announced), name in zip(self.loaders, ("loader", "loader2")):
