@@ -70,9 +70,8 @@ def gram(model, loader, idx=None, loader2=None, *, group=None, shard: bool = Fal
         collective; every shard in memory), "auto" (the ring: measured faster on gloo).
     timeout: seconds a rank waits for the others at a phase boundary (None: the
         group's timeout); the error names the phase and, on gloo, the missing ranks.
-    projection: None, or a :class:`tk.Projection`: every rank sketches its samples' features
-        with the same R (generated from the seed, never exchanged) and K~ is their Gram,
-        formed as for features; the ranks compare it, and each rank's checkpoint records it.
+    projection: None, or a :class:`tk.Projection`: every rank sketches its samples with the same R (from
+        the seed, never sent) and K~ is the sketches' Gram; the ranks compare it, checkpoints record it.
     stats: a dict, filled with this rank's seconds per phase ("features", "gram",
         "gather"; the process's CPU seconds in "features_cpu", "gram_cpu"), the
         seconds it was blocked in collectives ("communication": waits
@@ -95,8 +94,7 @@ def gram(model, loader, idx=None, loader2=None, *, group=None, shard: bool = Fal
             raise ValueError("structured='always' is not supported by the distributed Gram yet (it computes "
                              "features for every tensor): use structured='auto' or 'never', or one process")
         plan = _Plan(comm, model, loader, idx, loader2, shard, gather, exchange, output, precision, device, progress,
-                     inputs, backend, out, callback, checkpoint, store, max_memory, cache_dir, checkpoint_key,
-                     projection)
+                     inputs, backend, out, callback, checkpoint, store, max_memory, cache_dir, checkpoint_key, projection)
     except Exception as caught:  # told to every rank below, so none waits for a rank that stopped
         error = caught
     comm.settle("arguments", error)
@@ -121,11 +119,7 @@ class _Plan:
     def __init__(self, comm: Comm, model, loader, idx, loader2, shard, gather, exchange, output, precision, device,
                  progress, inputs, backend, out, callback, checkpoint, store, max_memory, cache_dir, checkpoint_key,
                  projection=None):
-        self.comm = comm
-        # The extractor's structured mode: the projection's (the Kronecker kind sketches the
-        # linear maps from their factors in the pass), else features for every tensor.
-        self.projection = projection
-        self.structured = "never" if projection is None else projection.structured
+        self.comm, self.projection = comm, projection
         request = Request.of(model, idx, output=output, precision=precision, device=device, backend=backend,
                              inputs=inputs, progress=progress, store=store, max_memory=max_memory, callback=callback,
                              checkpoint_key=checkpoint_key)
@@ -245,14 +239,16 @@ class _Plan:
     def _features(self, model, ckpt) -> List[FeatureStore]:
         made = []
 
+        # The Kronecker kind sketches the linear maps from their factors in the extractor's pass.
+        structured = "never" if self.projection is None else self.projection.structured
+
         def extractor():
             if not made:
                 made.append(feature_phase.new_extractor(model, self.index, self.output, self.precision, self.device,
-                                                        self.request.backend, self.structured, self.projection))
+                                                        self.request.backend, structured, self.projection))
             return made[0]
 
-        fill = dict(cache_dir=self.cache_dir, ckpt=ckpt, events=self.events, extractor=extractor,
-                    projection=self.projection)
+        fill = dict(cache_dir=self.cache_dir, ckpt=ckpt, events=self.events, extractor=extractor, projection=self.projection)
         stores, signature = [], None
         try:
             for (loader, _, announced), name in zip(self.loaders, ("loader", "loader2")):
@@ -312,7 +308,7 @@ class _Plan:
                     visiting.close()
             if shift is not None:
                 with comm.phase(f"gram: ring step {step + 1}"):
-                    held, shift = _wait(shift, comm.timeout), None
+                    held, shift = shift.wait(comm.timeout), None
         if self.symmetric and world > 1:
             with comm.phase("gram: blocks to their rows"):
                 self._swap(blocks, rows, row_sizes, col_offsets, tile_rows)
@@ -413,10 +409,6 @@ def _offsets(sizes: Sequence[int]) -> List[int]:
     for s in sizes:
         out.append(out[-1] + s)
     return out
-
-
-def _wait(shift, timeout: Optional[float]) -> torch.Tensor:
-    return shift.wait(timeout)
 
 
 def _pack(feature_store: FeatureStore, device: torch.device) -> torch.Tensor:
