@@ -60,8 +60,6 @@ def _gram(args: argparse.Namespace) -> int:
     if args.shards and (session is None or not args.out.endswith(".safetensors")):
         raise CommandError("--shards writes one file per rank: run under torchrun with several ranks, --out *.safetensors")
     projection = parse_projection(args.projection)
-    if projection is not None and session is not None:
-        raise CommandError("--projection is not supported under torchrun yet: run the command in one process")
     model, x, x2, idx, total = model_data_idx(args)
     start = time.perf_counter()
     K = gram(
@@ -75,7 +73,8 @@ def _gram(args: argparse.Namespace) -> int:
     if args.shards:
         from .distributed.shard import save_shards
 
-        manifest = save_shards(K, args.out, {"model": args.model, "data": args.data, "precision": args.precision})
+        manifest = save_shards(K, args.out, {"model": args.model, "data": args.data, "precision": args.precision,
+                                             **({"projection": projection.identity} if projection else {})})
         print(f"rank {K.rank}: rows {K.row_start}..{K.row_stop - 1} of K {tuple(K.shape)} -> {manifest}")
         return 0
     if K is None:  # a rank of a torchrun job other than 0, which writes K

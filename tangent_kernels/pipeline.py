@@ -94,8 +94,8 @@ def gram(
             unbiased estimate of K over ``idx`` (docs/sketch.md). The projection decides
             which tensors take features (every one for the dense kinds; all but the linear
             maps' weights, sketched from their factors, for kind="kronecker"):
-            structured="auto" leaves it to it, "always" is refused. Not yet under
-            torch.distributed.
+            structured="auto" leaves it to it, "always" is refused. Under torch.distributed
+            every rank sketches its samples with the same R (a function of the seed).
     """
     if loader2 is loader:
         # One loader twice is K(X, X): one pass (a shuffling or streaming loader would give
@@ -109,13 +109,11 @@ def gram(
                            structured=structured, projection=projection)
     projection = check_projection(projection)  # its combination with structured= is engine.gram's to check
     if (split := active_group(group, shard, gather)) is not False:
-        if projection is not None:
-            raise NotImplementedError("projection= is not supported under torch.distributed yet: pass group=False to "
-                                      "compute the sketched K in this process")
         return driver.gram(model, loader, idx, loader2, group=split, shard=shard, gather=gather, output=output,
                            precision=precision, device=device, progress=progress, inputs=inputs, backend=backend,
                            out=out, callback=callback, checkpoint=checkpoint, store=store, max_memory=max_memory,
-                           cache_dir=cache_dir, checkpoint_key=checkpoint_key, structured=structured)
+                           cache_dir=cache_dir, checkpoint_key=checkpoint_key, structured=structured,
+                           projection=projection)
     return engine.gram(model, loader, idx, loader2, output=output, precision=precision, device=device,
                        progress=progress, inputs=inputs, backend=backend, out=out, callback=callback,
                        checkpoint=checkpoint, store=store, max_memory=max_memory, cache_dir=cache_dir,

@@ -44,6 +44,25 @@ def test_torchrun_gram_writes_the_single_process_K(tmp_path):
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["rank-0-of-2", "rank-1-of-2"]
 
 
+def test_torchrun_gram_with_a_projection_writes_the_single_process_sketched_K(tmp_path):
+    (tmp_path / "factory.py").write_text(FACTORY)
+    x = np.random.default_rng(2).normal(size=(24, 5))
+    np.save(tmp_path / "X.npy", x)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [str(torchrun), "--standalone", "--nproc-per-node=2", "-m", "tangent_kernels", "gram",
+               "--model", "factory.py:make", "--data", "X.npy", "--batch-size", "8", "--projection", "64:kronecker:5",
+               "--out", "K.npy", "--no-progress"]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("sketched: kronecker dim=64 seed=5") == 1  # rank 0 alone writes and reports
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    expected = tk.gram(model, [torch.from_numpy(x).float()], projection=tk.Projection(64, "kronecker", seed=5),
+                       progress=False)
+    torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "K.npy")), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_torchrun_gram_shards_then_solve_reads_them(tmp_path, capsys, monkeypatch):
     from tangent_kernels.cli import main
 

@@ -29,6 +29,7 @@ import torch
 from .. import feature_phase
 from ..progress import Events
 from ..request import Request
+from ..sketch import check_projection
 from ..tiles import blocked_gram
 from ..tuning import settings
 from ..checkpoint import Checkpoint, CheckpointMismatch, refuse_foreign
@@ -55,7 +56,7 @@ def gram(model, loader, idx=None, loader2=None, *, group=None, shard: bool = Fal
          exchange: str = "auto", timeout: Optional[float] = None, output="first", precision: str = "fp32",
          device=None, progress=True, inputs=None, backend: str = "auto", out=None, callback=None,
          checkpoint=None, store: str = "auto", max_memory=None, cache_dir=None, checkpoint_key=None,
-         structured: str = "auto", stats: Optional[dict] = None):
+         structured: str = "auto", stats: Optional[dict] = None, projection=None):
     """The eNTK Gram over a process group; the arguments of :func:`tangent_kernels.gram`, plus
 
     group: the process group (None: the default one).
@@ -69,6 +70,8 @@ def gram(model, loader, idx=None, loader2=None, *, group=None, shard: bool = Fal
         collective; every shard in memory), "auto" (the ring: measured faster on gloo).
     timeout: seconds a rank waits for the others at a phase boundary (None: the
         group's timeout); the error names the phase and, on gloo, the missing ranks.
+    projection: None, or a :class:`tk.Projection`: every rank sketches its samples with the same R (from
+        the seed, never sent) and K~ is the sketches' Gram; the ranks compare it, checkpoints record it.
     stats: a dict, filled with this rank's seconds per phase ("features", "gram",
         "gather"; the process's CPU seconds in "features_cpu", "gram_cpu"), the
         seconds it was blocked in collectives ("communication": waits
@@ -86,11 +89,12 @@ def gram(model, loader, idx=None, loader2=None, *, group=None, shard: bool = Fal
     try:
         from ..structured import check_structured
 
+        projection = check_projection(projection)
         if check_structured(structured) == "always":
             raise ValueError("structured='always' is not supported by the distributed Gram yet (it computes "
                              "features for every tensor): use structured='auto' or 'never', or one process")
         plan = _Plan(comm, model, loader, idx, loader2, shard, gather, exchange, output, precision, device, progress,
-                     inputs, backend, out, callback, checkpoint, store, max_memory, cache_dir, checkpoint_key)
+                     inputs, backend, out, callback, checkpoint, store, max_memory, cache_dir, checkpoint_key, projection)
     except Exception as caught:  # told to every rank below, so none waits for a rank that stopped
         error = caught
     comm.settle("arguments", error)
@@ -113,8 +117,9 @@ class _Plan:
     """One rank's share of the run, checked before any work."""
 
     def __init__(self, comm: Comm, model, loader, idx, loader2, shard, gather, exchange, output, precision, device,
-                 progress, inputs, backend, out, callback, checkpoint, store, max_memory, cache_dir, checkpoint_key):
-        self.comm = comm
+                 progress, inputs, backend, out, callback, checkpoint, store, max_memory, cache_dir, checkpoint_key,
+                 projection=None):
+        self.comm, self.projection = comm, projection
         request = Request.of(model, idx, output=output, precision=precision, device=device, backend=backend,
                              inputs=inputs, progress=progress, store=store, max_memory=max_memory, callback=callback,
                              checkpoint_key=checkpoint_key)
@@ -139,7 +144,7 @@ class _Plan:
         self.symmetric = loader2 is None
         self.checkpoint, self.checkpoint_key = checkpoint, checkpoint_key
         with request.evaluation():  # as the run sees it (the engine's identity is taken in eval mode too)
-            self.identity, self.undecidable = request.identity(not self.symmetric)
+            self.identity, self.undecidable = request.identity(not self.symmetric, projection)
         self.parts = dict(self.identity.get("parts") or {})
         self.record = {key: value for key, value in self.identity.items() if key != "parts"}
         self.record.update(world_size=comm.world, shard=shard, gather=gather, exchange=exchange,
@@ -234,13 +239,16 @@ class _Plan:
     def _features(self, model, ckpt) -> List[FeatureStore]:
         made = []
 
+        # The Kronecker kind sketches the linear maps from their factors in the extractor's pass.
+        structured = "never" if self.projection is None else self.projection.structured
+
         def extractor():
             if not made:
                 made.append(feature_phase.new_extractor(model, self.index, self.output, self.precision, self.device,
-                                                        self.request.backend))
+                                                        self.request.backend, structured, self.projection))
             return made[0]
 
-        fill = dict(cache_dir=self.cache_dir, ckpt=ckpt, events=self.events, extractor=extractor)
+        fill = dict(cache_dir=self.cache_dir, ckpt=ckpt, events=self.events, extractor=extractor, projection=self.projection)
         stores, signature = [], None
         try:
             for (loader, _, announced), name in zip(self.loaders, ("loader", "loader2")):
@@ -300,7 +308,7 @@ class _Plan:
                     visiting.close()
             if shift is not None:
                 with comm.phase(f"gram: ring step {step + 1}"):
-                    held, shift = _wait(shift, comm.timeout), None
+                    held, shift = shift.wait(comm.timeout), None
         if self.symmetric and world > 1:
             with comm.phase("gram: blocks to their rows"):
                 self._swap(blocks, rows, row_sizes, col_offsets, tile_rows)
@@ -401,10 +409,6 @@ def _offsets(sizes: Sequence[int]) -> List[int]:
     for s in sizes:
         out.append(out[-1] + s)
     return out
-
-
-def _wait(shift, timeout: Optional[float]) -> torch.Tensor:
-    return shift.wait(timeout)
 
 
 def _pack(feature_store: FeatureStore, device: torch.device) -> torch.Tensor:

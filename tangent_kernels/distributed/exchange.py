@@ -164,7 +164,7 @@ class Comm:
             f"the ranks were called with different arguments (rank{'s' if len(differ) > 1 else ''} "
             f"{', '.join(map(str, differ))} differ{'' if len(differ) > 1 else 's'} from rank 0: "
             f"{'; '.join(problems[:6])}{'; ...' if len(problems) > 6 else ''}). Every rank must pass the same "
-            "model (weights, attributes, hooks, requires_grad), idx, output, inputs=, precision, backend, loader "
+            "model (weights, attributes, hooks, requires_grad), idx, output, projection=, inputs=, precision, backend, loader "
             "layout and, without shard=True, the same batches in the same order: build them the same way on "
             "every rank (the same seed for tk.subsample and for any shuffling, the same checkpoint loaded "
             "before the call)"
