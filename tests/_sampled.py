@@ -82,6 +82,23 @@ def assert_within_bound(out, ref, ref_abs, n_terms: int, dtype: torch.dtype) -> 
 
 # --- inputs ----------------------------------------------------------------------------------
 
+
+def check_triton_compiled(op, case) -> None:
+    """A Triton op traced by torch.compile (fullgraph, aot_eager) gives what it gives eagerly,
+    within the float32 bound. ``case``: (args, ref, ref_abs, n) of the op's triton_case."""
+    args, ref, ref_abs, n = case
+    compiled = torch.compile(lambda *xs: op(*xs) * 2, backend="aot_eager", fullgraph=True)
+    out = compiled(*args) / 2
+    assert_within_bound(out.cpu(), ref.cpu(), ref_abs.cpu(), n, torch.float32)
+
+
+def check_triton_bf16(op, case) -> None:
+    """A Triton op on bf16 inputs within the bf16 bound (GPU)."""
+    args, ref, ref_abs, n = case
+    out = op(*args)
+    assert_within_bound(out.cpu(), ref.cpu(), ref_abs.cpu(), n, torch.bfloat16)
+
+
 def case_generator(*key) -> torch.Generator:
     """A fresh generator per case, seeded from the case's parameters."""
     return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))

@@ -18,7 +18,7 @@ import torch
 
 from _sampled import (CUDA, CUDA_SKIP, DTYPES, TRITON_DEVICE, TRITON_DTYPES, as_f64, assert_close,
                       assert_within_bound, case_generator, needs_cpp, needs_cuda, random_index, randn_rounded,
-                      ref_embedding, strided)
+                      ref_embedding, strided, check_triton_bf16, check_triton_compiled)
 from tangent_kernels import ops, sampled
 
 registered = torch.ops.tangent_kernels
@@ -126,19 +126,13 @@ def test_triton_matches_weight_grad_fp64():
 
 
 def test_triton_compile():
-    args, ref, ref_abs, n = triton_case(TRITON_CASES[1], torch.float32)
-    op = registered.triton_sampled_embedding_grad
-    compiled = torch.compile(lambda *xs: op(*xs) * 2, backend="aot_eager", fullgraph=True)
-    out = compiled(*args) / 2
-    assert_within_bound(out.cpu(), ref.cpu(), ref_abs.cpu(), n, torch.float32)
+    check_triton_compiled(registered.triton_sampled_embedding_grad, triton_case(TRITON_CASES[1], torch.float32))
 
 
 @pytest.mark.gpu
 @needs_cuda
 def test_triton_bf16_gpu():
-    args, ref, ref_abs, n = triton_case(TRITON_CASES[1], torch.bfloat16)
-    out = registered.triton_sampled_embedding_grad(*args)
-    assert_within_bound(out.cpu(), ref.cpu(), ref_abs.cpu(), n, torch.bfloat16)
+    check_triton_bf16(registered.triton_sampled_embedding_grad, triton_case(TRITON_CASES[1], torch.bfloat16))
 
 
 # --- opcheck, every backend ---------------------------------------------------------------------------
