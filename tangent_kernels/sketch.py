@@ -5,7 +5,9 @@ a random matrix with E[R R^T] = I, so that K~ = (F R)(F R)^T is an unbiased esti
 K = F F^T. R is never held whole: it is generated in slices of rows [block_cols, dim]
 from a counter-based integer hash of (seed, tensor name, flat position in the tensor,
 column), and each slice is multiplied into the batch's block as the block forms
-(``Projection.project``), so a store then holds [B, dim] per batch.
+(``Projection.project``), so a store then holds [B, dim] per batch. One call keeps the
+slices it generated for its later batches while they fit a budget (``KeptRows``), never
+beyond the call.
 
 Because an entry of R is a pure function of (seed, tensor name, position, column), R is the
 same for every batch size, block size, run and device (the Rademacher signs bit for bit;
