@@ -20,7 +20,7 @@ from torch import nn
 from . import tiles
 from .checkpoint import Checkpoint
 from .data import loader_length
-from .feature_phase import PER_SAMPLE_ROWS, feature_blocks, fill_store, new_extractor
+from .feature_phase import PER_SAMPLE_ROWS, feature_blocks, fill_store, keep_rows, new_extractor
 from .outputs import OutputProbes, OutputSpec, is_multi, probed
 from .persample import FeatureExtractor
 from .precisions import PRECISIONS, to_store
@@ -172,7 +172,9 @@ def gram(
                                               structured, projection))
                 return made[0]
 
-            fill = dict(cache_dir=cache_dir, ckpt=ckpt, events=events, extractor=extractor, projection=projection)
+            # One KeptRows for both loaders: a cross Gram's two sides take the same R.
+            fill = dict(cache_dir=cache_dir, ckpt=ckpt, events=events, extractor=extractor, projection=projection,
+                        kept_rows=keep_rows(request, projection, loader, *([loader2] if loader2 is not None else [])))
             first, signature = fill_store(request, loader, "loader", **fill)
             stores.append(first)
             second = first

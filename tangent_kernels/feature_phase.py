@@ -26,12 +26,12 @@ from .outputs import PER_SAMPLE_ROWS
 from .progress import progress_bar
 if TYPE_CHECKING:  # the request is made (request.py) before the feature phase; only its fields are read here
     from .request import Request
-from .sketch import Projection
+from .sketch import KeptRows, Projection, kept_rows_budget
 from .store import FeatureStore
 from .structured.stores import FactorStores, record_plan, recorded_plan
 
 __all__ = ["PER_SAMPLE_ROWS", "check_finite", "check_signature", "describe", "feature_blocks", "features_with_backoff",
-           "fill_store", "kept_features", "new_extractor", "open_stores", "reused_extractors", "sketched", "spares"]
+           "fill_store", "keep_rows", "kept_features", "new_extractor", "open_stores", "reused_extractors", "sketched", "spares"]
 
 _log = logging.getLogger("tangent_kernels")
 
@@ -44,13 +44,14 @@ def feature_blocks(request: Request, loader: Iterable, name: str,
     per_sample = new_extractor(request.model, request.index, request.output, request.precision, request.device,
                                request.backend, "never" if projection is None else projection.structured, projection)
     bar = progress_bar(loader_length(loader), f"eNTK features ({name})", request.progress)
+    kept = keep_rows(request, projection, loader)
     seen = 0
     try:
         for batch in iterate_inputs(loader, request.inputs, name):
             block, _ = features_with_backoff(per_sample, batch.to(request.device, request.precision.compute))
             check_finite(block, seen, name)
             if projection is not None:
-                block = sketched(projection, per_sample, block, seen, name)
+                block = sketched(projection, per_sample, block, seen, name, kept)
             seen += batch.size
             if bar is not None:
                 bar.update(batch.size)
@@ -61,15 +62,26 @@ def feature_blocks(request: Request, loader: Iterable, name: str,
 
 
 def sketched(projection: Projection, per_sample: FeatureExtractor, block: torch.Tensor, seen: int,
-             name: str) -> torch.Tensor:
-    """A batch's sketch [B, dim] (or [B, k, dim]): its features' block projected, plus (the
-    Kronecker kind) its structured tensors' sketch, formed in the extractor's pass from
-    their factors (checked here: a non-finite factor leaves its sample's sketch non-finite)."""
-    out = projection.project(block, per_sample.feature_index)
+             name: str, kept: Optional[KeptRows] = None) -> torch.Tensor:
+    """A batch's sketch [B, dim] (or [B, k, dim]): its features' block projected (with the
+    slices of R the call keeps, ``kept``), plus (the Kronecker kind) its structured
+    tensors' sketch, formed in the extractor's pass from their factors (checked here: a
+    non-finite factor leaves its sample's sketch non-finite)."""
+    out = projection.project(block, per_sample.feature_index, kept)
     if per_sample.structured_names:
         check_finite(per_sample.factor_sketch, seen, name)
         out.add_(per_sample.factor_sketch)
     return out
+
+
+def keep_rows(request: Request, projection: Optional[Projection], *loaders) -> Optional[KeptRows]:
+    """The slices of R one call keeps across its batches (sketch.KeptRows), for the
+    ``loaders`` it projects: None without a projection; made per call, so dropped with it."""
+    if projection is None:
+        return None
+    counts = [_batch_count(loader) for loader in loaders]
+    batches = None if None in counts else sum(counts)
+    return KeptRows(kept_rows_budget(request.budget, batches))
 
 
 # tk.Kernel (kernel.py) keeps its extractors across calls: around its calls this holds its
@@ -178,14 +190,15 @@ def check_signature(first, cross, signature, name: str, b: int) -> None:
 
 
 def fill_store(request: Request, loader, name, *, cache_dir, ckpt, events, extractor, expected_signature=None,
-               projection=None):
+               projection=None, kept_rows: Optional[KeptRows] = None):
     """Features of every sample of ``loader`` into a FeatureStore (read back from the
     checkpoint where it has them); returns (store, first batch's signature). The store's
     ``structured`` holds the structured tensors' factors (FactorStores), or None; both
     are sized once the extractor's plan is known, on the first batch. With a
     ``projection`` (sketch.py; the extractor must then be made with its
     ``structured`` mode) each batch's block (and factors) is projected as it forms: the
-    store holds [B, dim], and no factors."""
+    store holds [B, dim], and no factors; ``kept_rows``: the call's slices of R kept
+    across batches (``keep_rows``; None: each batch generates R)."""
     index, output, precision, device = request.index, request.output, request.precision, request.device
     inputs, kind, budget = request.inputs, request.store, request.budget
     columns = None if projection is None else projection.dim
@@ -274,7 +287,7 @@ def fill_store(request: Request, loader, name, *, cache_dir, ckpt, events, extra
                     open_for(per_sample)
                 check_finite(block, seen, name)
                 if projection is not None:
-                    block = sketched(projection, per_sample, block, seen, name)
+                    block = sketched(projection, per_sample, block, seen, name, kept_rows)
                 if factors is not None:  # recorded before the features, whose record commits the batch
                     factors.append(batch_factors, lambda rows: to_store(rows, precision, scale_rows=True),
                                    check_finite, seen, ckpt, fingerprint)

@@ -5,7 +5,9 @@ a random matrix with E[R R^T] = I, so that K~ = (F R)(F R)^T is an unbiased esti
 K = F F^T. R is never held whole: it is generated in slices of rows [block_cols, dim]
 from a counter-based integer hash of (seed, tensor name, flat position in the tensor,
 column), and each slice is multiplied into the batch's block as the block forms
-(``Projection.project``), so a store then holds [B, dim] per batch.
+(``Projection.project``), so a store then holds [B, dim] per batch. One call keeps the
+slices it generated for its later batches while they fit a budget (``KeptRows``), never
+beyond the call.
 
 Because an entry of R is a pure function of (seed, tensor name, position, column), R is the
 same for every batch size, block size, run and device (the Rademacher signs bit for bit;
@@ -24,7 +26,7 @@ import torch
 
 from .params import ParamIndex
 
-__all__ = ["Projection", "check_projection"]
+__all__ = ["KeptRows", "Projection", "check_projection", "kept_rows_budget"]
 
 KINDS = ("gaussian", "rademacher", "kronecker")
 # How much worse than balanced (a = b = sqrt(dim)) a Kronecker split may be: a factor of
@@ -48,6 +50,13 @@ _MUL1, _MUL2 = _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
 _SLICE_ENTRIES = 1 << 21
 # Bounds the projected factors of a chunk of samples (add_factor_sketch), in entries.
 _FACTOR_ENTRIES = 1 << 18
+# A call's kept slices of R (KeptRows) hold at most this many bytes, and at most a quarter
+# of the call's max_memory: the whole R of a 30k-parameter MLP at dim 2,048 (or 130k
+# parameters at dim 512) fits, at Gaussian generation's ~5 ns per entry 0.3 s saved per
+# batch after the first; a larger R is kept in part (its first slices), the rest made per
+# batch. The quarter leaves a gram's feature store most of the budget it was given.
+KEPT_ROWS_BYTES = 256 << 20
+_KEPT_ROWS_SHARE = 4
 
 
 def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -175,9 +184,11 @@ class Projection:
         width = self.factor_dims[0 if side == "out" else 1]
         return _rows(self._factor_key(name, side), local, width, False, dtype, device)
 
-    def project(self, block: torch.Tensor, index: ParamIndex) -> torch.Tensor:
+    def project(self, block: torch.Tensor, index: ParamIndex, kept: Optional["KeptRows"] = None) -> torch.Tensor:
         """block [B, p] (or [B, k, p]) of ``index``'s columns -> block @ R, [B, dim] (or
-        [B, k, dim]), R generated slice by slice: never [p, dim] in memory."""
+        [B, k, dim]), R generated slice by slice: never [p, dim] in memory. kept: the
+        call's KeptRows, whose slices are taken instead of generated again (the same
+        tensors, so the same product, bit for bit)."""
         p = block.shape[-1]
         if p != len(index):
             raise AssertionError(f"a block of {p} columns for an index of {len(index)}")  # an internal error
@@ -197,8 +208,13 @@ class Projection:
                     part = flat[:, first:first + local.numel()]
                 else:
                     part = flat.index_select(1, piece.columns[a:a + step].to(block.device))
-                out.addmm_(part, _rows(self._tensor_key(piece.name), local, self.dim, rademacher, block.dtype,
-                                       block.device, interleaved=rademacher))
+                def make(piece=piece, local=local):
+                    return _rows(self._tensor_key(piece.name), local, self.dim, rademacher, block.dtype,
+                                 block.device, interleaved=rademacher)
+
+                rows = make() if kept is None else kept.rows(self, index, (piece.name, a, block.dtype, block.device),
+                                                            make)
+                out.addmm_(part, rows)
         if not rademacher:
             out = _deinterleave(out, self.dim).contiguous()
         return out.reshape(*block.shape[:-1], self.dim)
@@ -249,6 +265,44 @@ class Projection:
         projected densely, plus (Kronecker kind) its structured tensors' whole factors."""
         out = self.project(block, index)
         return self.project_factors(factors, choices, out) if factors else out
+
+
+class KeptRows:
+    """The slices of R one call (a tk.features or tk.gram, both loaders of a cross Gram)
+    generated for its first batch, kept for its later batches while they fit ``budget``
+    bytes (``kept_rows_budget``); slices past it are generated per batch as without one.
+    Made per call and dropped with it: nothing is held past the call, and a Projection
+    holds no memory of its own. A slice is a pure function of its key, so a kept slice is
+    the tensor a later batch would have generated."""
+
+    def __init__(self, budget: int):
+        self.budget, self.held = max(0, int(budget)), 0
+        self.index, self.slices = None, {}
+
+    def rows(self, projection: Projection, index: ParamIndex, key: tuple, make) -> torch.Tensor:
+        if not self.budget:
+            return make()
+        if index is not self.index:  # another column set (a new plan): its slices are other rows
+            self.index, self.slices, self.held = index, {}, 0
+        key = (projection, *key)
+        rows = self.slices.get(key)
+        if rows is None:
+            rows = make()
+            # A Rademacher slice is a view of whole 32-sign words: count what it keeps alive.
+            size = rows.untyped_storage().nbytes()
+            if self.held + size <= self.budget:
+                self.slices[key] = rows
+                self.held += size
+        return rows
+
+
+def kept_rows_budget(max_memory: Optional[int], batches: Optional[int]) -> int:
+    """Bytes of R a call keeps across its batches (KeptRows): KEPT_ROWS_BYTES, at most a
+    quarter of ``max_memory`` (a Gram's; None for tk.features), none for a call known to
+    have one batch (``batches``; None where unknown)."""
+    if batches is not None and batches <= 1:
+        return 0
+    return KEPT_ROWS_BYTES if max_memory is None else min(KEPT_ROWS_BYTES, max_memory // _KEPT_ROWS_SHARE)
 
 
 # Rows of R are generated this many entries at a time into reused buffers: the dozen

@@ -248,7 +248,9 @@ class _Plan:
                                                         self.request.backend, structured, self.projection))
             return made[0]
 
-        fill = dict(cache_dir=self.cache_dir, ckpt=ckpt, events=self.events, extractor=extractor, projection=self.projection)
+        kept_rows = feature_phase.keep_rows(self.request, self.projection, *(each for each, _, _ in self.loaders))
+        fill = dict(cache_dir=self.cache_dir, ckpt=ckpt, events=self.events, extractor=extractor,  # kept_rows: R for
+                    projection=self.projection, kept_rows=kept_rows)  # both loaders, dropped with this call
         stores, signature = [], None
         try:
             for (loader, _, announced), name in zip(self.loaders, ("loader", "loader2")):
