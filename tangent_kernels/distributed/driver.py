@@ -107,10 +107,8 @@ def gram(model, loader, idx=None, loader2=None, *, group=None, shard: bool = Fal
 def _comm_device(device, model) -> Optional[torch.device]:
     if device is not None:
         return torch.device(device)
-    try:
-        return next(model.parameters()).device
-    except (StopIteration, AttributeError):
-        return None
+    first = next(model.parameters(), None) if hasattr(model, "parameters") else None
+    return None if first is None else first.device
 
 
 class _Plan:
@@ -248,9 +246,10 @@ class _Plan:
                                                         self.request.backend, structured, self.projection))
             return made[0]
 
+        # One KeptRows for both loaders (the same R), dropped with this call's feature phase.
         kept_rows = feature_phase.keep_rows(self.request, self.projection, *(each for each, _, _ in self.loaders))
-        fill = dict(cache_dir=self.cache_dir, ckpt=ckpt, events=self.events, extractor=extractor,  # kept_rows: R for
-                    projection=self.projection, kept_rows=kept_rows)  # both loaders, dropped with this call
+        fill = dict(cache_dir=self.cache_dir, ckpt=ckpt, events=self.events, extractor=extractor,
+                    projection=self.projection, kept_rows=kept_rows)
         stores, signature = [], None
         try:
             for (loader, _, announced), name in zip(self.loaders, ("loader", "loader2")):
