@@ -68,3 +68,34 @@ def spawn(world: int, scenario, tmp_path: Path, *args, timeout: float = 180, pg_
         path = run / f"rank{r}.pt"
         results.append(torch.load(path, weights_only=False) if path.exists() else None)
     return results
+
+
+# --- the problem the distributed test modules share -------------------------------------------------
+
+def mlp_problem():
+    """A seeded MLP, 40 samples in batches of 8, 13 more in batches of 5: (model, X, batches, batches2)."""
+    from _models import mlp
+
+    torch.manual_seed(0)
+    model = mlp()
+    X = torch.randn(40, 6)
+    X2 = torch.randn(13, 6)
+    return model, X, list(X.split(8)), list(X2.split(5))
+
+
+def uneven_share(rank: int, world: int):
+    """Rank r's own samples (5 + 3 r of them) of one fixed set, and the whole set."""
+    sizes = [5 + 3 * r for r in range(world)]
+    X = torch.randn(sum(sizes), 6, generator=torch.Generator().manual_seed(2))
+    start = sum(sizes[:rank])
+    return X[start:start + sizes[rank]], X
+
+
+def error_of(fn):
+    """What ``fn()`` raised, as "Type: message" (a rank returns it to the parent), or None."""
+    try:
+        fn()
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
+    return None
+

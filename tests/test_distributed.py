@@ -20,26 +20,10 @@ import tangent_kernels as tk
 from tangent_kernels import reference
 from tangent_kernels.distributed.schedule import cross_tasks, split_rows, symmetric_tasks, work
 
-from _distributed import TILE_ROWS, spawn
+from _distributed import TILE_ROWS, error_of, mlp_problem, spawn, uneven_share
 from _models import mlp
 
 FP32 = dict(rtol=1e-5, atol=1e-6)
-
-
-def _problem():
-    torch.manual_seed(0)
-    model = mlp()
-    X = torch.randn(40, 6)
-    X2 = torch.randn(13, 6)
-    return model, X, list(X.split(8)), list(X2.split(5))
-
-
-def _uneven(rank: int, world: int):
-    """Rank r's own samples (5 + 3 r of them) of one fixed set, and the whole set."""
-    sizes = [5 + 3 * r for r in range(world)]
-    X = torch.randn(sum(sizes), 6, generator=torch.Generator().manual_seed(2))
-    start = sum(sizes[:rank])
-    return X[start:start + sizes[rank]], X
 
 
 def _shard(k):
@@ -51,7 +35,7 @@ def _shard(k):
 
 
 def main_scenario(rank: int, world: int):
-    model, X, batches, batches2 = _problem()
+    model, X, batches, batches2 = mlp_problem()
     out = {}
     for exchange in ("ring", "allgather"):
         for gather in ("all", "rank0", "rows"):
@@ -66,7 +50,7 @@ def main_scenario(rank: int, world: int):
     out["rows-gathered-to-1"] = shard.gather(dst=1)
     out["dataloader"] = tk.gram(model, DataLoader(TensorDataset(X), batch_size=8), progress=False)
     out["drop-last"] = tk.gram(model, DataLoader(TensorDataset(X[:38]), batch_size=8, drop_last=True), progress=False)
-    own, everything = _uneven(rank, world)
+    own, everything = uneven_share(rank, world)
     out["uneven"] = tk.gram(model, [own[:3], own[3:]], shard=True, progress=False)
     out["fp16"] = tk.gram(model, batches, precision="fp16", progress=False)
     out["bf16-disk"] = tk.gram(model, batches, precision="bf16", store="disk", progress=False)
@@ -120,38 +104,30 @@ class _IterLoader:
         return iter(self.batches[:self.yields])
 
 
-def _error_of(fn):
-    try:
-        fn()
-    except Exception as error:
-        return f"{type(error).__name__}: {error}"
-    return None
-
-
 def errors_scenario(rank: int, world: int):
-    model, X, batches, _ = _problem()
+    model, X, batches, _ = mlp_problem()
     other = mlp()
     out = {}
-    out["idx"] = _error_of(lambda: tk.gram(model, batches, tk.subsample(model, 50, seed=rank), progress=False))
-    out["weights"] = _error_of(lambda: tk.gram(model if rank == 0 else other, batches, progress=False))
-    out["precision"] = _error_of(lambda: tk.gram(model, batches, precision="fp32" if rank == 0 else "fp64",
+    out["idx"] = error_of(lambda: tk.gram(model, batches, tk.subsample(model, 50, seed=rank), progress=False))
+    out["weights"] = error_of(lambda: tk.gram(model if rank == 0 else other, batches, progress=False))
+    out["precision"] = error_of(lambda: tk.gram(model, batches, precision="fp32" if rank == 0 else "fp64",
                                                  progress=False))
-    out["output"] = _error_of(lambda: tk.gram(model, batches, output="first" if rank == 0 else "sum", progress=False))
-    out["batches"] = _error_of(lambda: tk.gram(model, batches if rank == 0 else batches[:4], progress=False))
-    out["structured"] = _error_of(lambda: tk.gram(model, batches, structured="always", progress=False))
-    out["gather"] = _error_of(lambda: tk.gram(model, batches, gather="everyone", progress=False))
+    out["output"] = error_of(lambda: tk.gram(model, batches, output="first" if rank == 0 else "sum", progress=False))
+    out["batches"] = error_of(lambda: tk.gram(model, batches if rank == 0 else batches[:4], progress=False))
+    out["structured"] = error_of(lambda: tk.gram(model, batches, structured="always", progress=False))
+    out["gather"] = error_of(lambda: tk.gram(model, batches, gather="everyone", progress=False))
     # rank 1's dataset announces one sample more than it has
     own = X[rank * 10:rank * 10 + 10]
-    out["announced"] = _error_of(lambda: tk.gram(model, _Announcing(list(own.split(4)), 10 + rank), shard=True,
+    out["announced"] = error_of(lambda: tk.gram(model, _Announcing(list(own.split(4)), 10 + rank), shard=True,
                                                  progress=False))
-    out["short-loader"] = _error_of(lambda: tk.gram(model, _IterLoader(batches, 3), progress=False))
+    out["short-loader"] = error_of(lambda: tk.gram(model, _IterLoader(batches, 3), progress=False))
     # after all those, the group still works
     out["after"] = tk.gram(model, batches, progress=False)
     return out
 
 
 def timeout_scenario(rank: int, world: int):
-    model, _, batches, _ = _problem()
+    model, _, batches, _ = mlp_problem()
 
     def slow():  # rank 1 is stuck in its loader well past the timeout
         for b, batch in enumerate(batches):
@@ -166,12 +142,12 @@ def timeout_scenario(rank: int, world: int):
         def __iter__(self):
             return slow()
 
-    return {"error": _error_of(lambda: tk.distributed.gram(model, Slow(), timeout=1.5, progress=False))}
+    return {"error": error_of(lambda: tk.distributed.gram(model, Slow(), timeout=1.5, progress=False))}
 
 
 def kill_scenario(rank: int, world: int, folder: str, phase: str, victim: int):
     """Rank ``victim`` kills itself (SIGKILL) at its second event of ``phase``."""
-    model, _, batches, _ = _problem()
+    model, _, batches, _ = mlp_problem()
     seen = []
 
     def callback(event):
@@ -180,20 +156,20 @@ def kill_scenario(rank: int, world: int, folder: str, phase: str, victim: int):
             if len(seen) == 2:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    return {"error": _error_of(lambda: tk.gram(model, batches, checkpoint=folder, callback=callback,
+    return {"error": error_of(lambda: tk.gram(model, batches, checkpoint=folder, callback=callback,
                                                progress=False))}
 
 
 def resume_scenario(rank: int, world: int, folder: str):
-    model, _, batches, _ = _problem()
+    model, _, batches, _ = mlp_problem()
     resumed = []
     k = tk.gram(model, batches, checkpoint=folder, callback=lambda e: resumed.append(e.resumed), progress=False)
     return {"k": k, "resumed": sum(resumed), "fresh": tk.gram(model, batches, progress=False)}
 
 
 def refused_scenario(rank: int, world: int, folder: str):
-    model, _, batches, _ = _problem()
-    return {"error": _error_of(lambda: tk.gram(model, batches, checkpoint=folder, progress=False))}
+    model, _, batches, _ = mlp_problem()
+    return {"error": error_of(lambda: tk.gram(model, batches, checkpoint=folder, progress=False))}
 
 
 def _double(module, args, output):
@@ -203,26 +179,26 @@ def _double(module, args, output):
 def rank_mismatch_scenario(rank: int, world: int):
     """The last rank differs from the others in one thing per call; every rank must refuse
     before any work, naming it (a K mixed from two computations is the alternative)."""
-    model, X, batches, batches2 = _problem()
+    model, X, batches, batches2 = mlp_problem()
     last = rank == world - 1
     out = {}
 
     def call(m=model, loader=batches, **kwargs):
-        return _error_of(lambda: tk.gram(m, loader, progress=False, **kwargs))
+        return error_of(lambda: tk.gram(m, loader, progress=False, **kwargs))
 
     changed = [b.clone() for b in batches]
     changed[3][0, 0] += 1
     out["data"] = call(loader=changed if last else batches)
-    frozen = _problem()[0]
+    frozen = mlp_problem()[0]
     frozen[0].bias.requires_grad_(not last)
     out["requires_grad"] = call(m=frozen)
     out["inputs"] = call(inputs=(lambda b: b * 2) if last else None)
     out["loader2"] = call(loader2=batches2 if last else None)
-    hooked = _problem()[0]
+    hooked = mlp_problem()[0]
     if last:
         hooked[2].register_forward_hook(_double)
     out["hook"] = call(m=hooked)
-    gelu = _problem()[0]
+    gelu = mlp_problem()[0]
     gelu[3].approximate = "tanh" if last else "none"
     out["attribute"] = call(m=gelu)
     # each rank its own shuffle: other samples on each rank
@@ -231,15 +207,15 @@ def rank_mismatch_scenario(rank: int, world: int):
     # one seed on every rank, but another order at every pass over the loader
     out["reshuffle"] = call(loader=DataLoader(TensorDataset(X), batch_size=8, shuffle=True,
                                               generator=torch.Generator().manual_seed(0)))
-    own, _ = _uneven(rank, world)
+    own, _ = uneven_share(rank, world)
     out["shard"] = tk.gram(model, [own], shard=True, progress=False)  # the data differ by design
     out["after"] = tk.gram(model, batches, progress=False)
     return out
 
 
 def foreign_folder_scenario(rank: int, world: int, folder: str):
-    model, _, batches, _ = _problem()
-    return {"error": _error_of(lambda: tk.gram(model, batches, checkpoint=folder, progress=False))}
+    model, _, batches, _ = mlp_problem()
+    return {"error": error_of(lambda: tk.gram(model, batches, checkpoint=folder, progress=False))}
 
 
 # ----------------------------------------------------------------------------- the schedule (no processes)
@@ -334,7 +310,7 @@ def test_cross_kernel(main_run, exchange):
 
 def test_dataloader_fp16_bf16_disk_store_and_fp64(main_run):
     world, results = main_run
-    model, _, batches, _ = _problem()
+    model, _, batches, _ = mlp_problem()
     for r in range(world):
         torch.testing.assert_close(results[r]["dataloader"], results[0]["single"], **FP32)
         torch.testing.assert_close(results[r]["drop-last"], results[0]["single"][:32, :32], **FP32)  # 4 whole batches of 8
@@ -467,7 +443,7 @@ def test_a_model_with_0d_buffers_is_fingerprinted(tmp_path):
 
 
 def test_split_options_without_a_process_group_are_refused():
-    model, _, batches, _ = _problem()
+    model, _, batches, _ = mlp_problem()
     with pytest.raises(ValueError, match="no torch.distributed process group is initialized"):
         tk.gram(model, batches, shard=True, progress=False)
     with pytest.raises(ValueError, match="no torch.distributed process group is initialized"):

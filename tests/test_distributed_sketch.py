@@ -11,40 +11,16 @@ import torch
 
 import tangent_kernels as tk
 
-from _distributed import spawn
-from _models import mlp
+from _distributed import error_of, mlp_problem, spawn, uneven_share
 
 FP32 = dict(rtol=1e-5, atol=1e-6)
 FP64 = dict(rtol=1e-10, atol=1e-12)
 KINDS = ("gaussian", "kronecker")
 
 
-def _problem():
-    torch.manual_seed(0)
-    model = mlp()
-    X = torch.randn(40, 6)
-    X2 = torch.randn(13, 6)
-    return model, X, list(X.split(8)), list(X2.split(5))
-
-
-def _uneven(rank: int, world: int):
-    sizes = [5 + 3 * r for r in range(world)]
-    X = torch.randn(sum(sizes), 6, generator=torch.Generator().manual_seed(2))
-    start = sum(sizes[:rank])
-    return X[start:start + sizes[rank]], X
-
-
-def _error_of(fn):
-    try:
-        fn()
-    except Exception as error:
-        return f"{type(error).__name__}: {error}"
-    return None
-
-
 def sketch_scenario(rank: int, world: int, folder: str):
-    model, X, batches, batches2 = _problem()
-    own, everything = _uneven(rank, world)
+    model, X, batches, batches2 = mlp_problem()
+    own, everything = uneven_share(rank, world)
     out = {}
     for kind in KINDS:
         projection = tk.Projection(64, kind, seed=3)
@@ -63,17 +39,17 @@ def sketch_scenario(rank: int, world: int, folder: str):
             out[f"{kind}-single-cross"] = tk.gram(model, batches, loader2=batches2, **single)
             out[f"{kind}-single-fp64"] = tk.gram(model, batches, precision="fp64", **single)
     projection = tk.Projection(64, "gaussian", seed=3)
-    out["seeds"] = _error_of(lambda: tk.gram(model, batches, projection=tk.Projection(64, seed=rank), progress=False))
-    out["always"] = _error_of(lambda: tk.gram(model, batches, projection=projection, structured="always",
+    out["seeds"] = error_of(lambda: tk.gram(model, batches, projection=tk.Projection(64, seed=rank), progress=False))
+    out["always"] = error_of(lambda: tk.gram(model, batches, projection=projection, structured="always",
                                               progress=False))
     resumed = []
     out["ckpt-first"] = tk.gram(model, batches, projection=projection, checkpoint=folder, progress=False)
     out["ckpt-resumed"] = tk.gram(model, batches, projection=projection, checkpoint=folder, progress=False,
                                   callback=lambda e: resumed.append(e.resumed))
     out["ckpt-resumed-events"] = sum(resumed)
-    out["ckpt-other-seed"] = _error_of(lambda: tk.gram(model, batches, projection=tk.Projection(64, seed=4),
+    out["ckpt-other-seed"] = error_of(lambda: tk.gram(model, batches, projection=tk.Projection(64, seed=4),
                                                        checkpoint=folder, progress=False))
-    out["ckpt-none"] = _error_of(lambda: tk.gram(model, batches, checkpoint=folder, progress=False))
+    out["ckpt-none"] = error_of(lambda: tk.gram(model, batches, checkpoint=folder, progress=False))
     out["after"] = tk.gram(model, batches, progress=False)
     return out
 
@@ -101,7 +77,7 @@ def test_sketched_K_is_the_single_process_sketched_K(sketch_run, kind):
         torch.testing.assert_close(results[r][f"{kind}-fp64"], results[0][f"{kind}-single-fp64"], **FP64)
     torch.testing.assert_close(torch.cat([results[r][f"{kind}-rows"] for r in range(world)]), single, **FP32)
     # a sketch, not the exact K (which the seed-averaged sketch estimates)
-    exact = tk.gram(_problem()[0], _problem()[2], group=False, progress=False)
+    exact = tk.gram(mlp_problem()[0], mlp_problem()[2], group=False, progress=False)
     assert not torch.allclose(single, exact, **FP32)
 
 
