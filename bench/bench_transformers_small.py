@@ -44,6 +44,7 @@ import torch
 
 import tangent_kernels as tk
 from _common import commit
+from bench_transformers import batches, training_step  # the same loader split and floor
 
 DEVICE = torch.device("cpu")
 
@@ -127,23 +128,6 @@ CONFIGS = {  # --config: sizes, and the models it runs
                 params=500_000, n=[2048], models=["bert", "vit"]),
 }
 TINY = dict(hidden=32, layers=1, heads=2, tokens=16, text_tokens=16, patch=4, vocab=100, batch=8, params=2000, n=[16])
-
-
-def batches(data, size):
-    if isinstance(data, torch.Tensor):
-        return list(data.split(size))
-    n = next(iter(data.values())).shape[0]
-    return [{k: v[i:i + size] for k, v in data.items()} for i in range(0, n, size)]
-
-
-def call(model, batch):
-    return model(**batch) if isinstance(batch, dict) else model(batch)
-
-
-def training_step(model, loader, output):
-    for batch in loader:
-        output(call(model, batch)).sum().backward()
-    model.zero_grad(set_to_none=True)
 
 
 def _sync():
