@@ -17,8 +17,9 @@ from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 import warnings
 
 import torch
+from torch.utils.data import DataLoader, IterableDataset
 
-__all__ = ["LoadedOrder", "ModelInputs", "to_inputs", "iterate_inputs", "loader_length"]
+__all__ = ["LoadedOrder", "ModelInputs", "batch_count", "to_inputs", "iterate_inputs", "loader_length"]
 
 
 @dataclass
@@ -261,3 +262,17 @@ def loader_length(loader: Iterable) -> Optional[int]:
         except TypeError:
             return None
     return None if total is None else total - _dropped_samples(loader)
+
+
+def batch_count(loader: Iterable) -> Optional[int]:
+    """The batches a loader will yield, where it tells reliably without being iterated (a
+    tensor, a list or tuple of non-empty tensors, a DataLoader over a map-style data set);
+    else None."""
+    if isinstance(loader, torch.Tensor):
+        return 1
+    if isinstance(loader, (list, tuple)):
+        fine = all(isinstance(b, torch.Tensor) and b.dim() and b.shape[0] for b in loader)
+        return len(loader) if fine and loader else None
+    if isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset):
+        return len(loader)
+    return None

@@ -15,11 +15,10 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset
 
 from .checkpoint import CheckpointMismatch, batch_fingerprint
 
-from .data import ModelInputs, iterate_inputs, loader_length
+from .data import ModelInputs, batch_count, iterate_inputs, loader_length
 from .persample import FeatureExtractor
 from .precisions import Precision, to_store
 from .outputs import PER_SAMPLE_ROWS
@@ -79,7 +78,7 @@ def keep_rows(request: Request, projection: Optional[Projection], *loaders) -> O
     ``loaders`` it projects: None without a projection; made per call, so dropped with it."""
     if projection is None:
         return None
-    counts = [_batch_count(loader) for loader in loaders]
+    counts = [batch_count(loader) for loader in loaders]
     batches = None if None in counts else sum(counts)
     return KeptRows(kept_rows_budget(request.budget, batches))
 
@@ -100,20 +99,6 @@ def _plan_key(per_sample: FeatureExtractor):
     if per_sample.plan is None:
         return None
     return tuple(per_sample.plan.without_features), len(per_sample.feature_index), per_sample.k
-
-
-def _batch_count(loader) -> Optional[int]:
-    """The batches a loader will yield, where it tells reliably without being iterated (a
-    tensor, a list or tuple of non-empty tensors, a DataLoader over a map-style data set);
-    else None."""
-    if isinstance(loader, torch.Tensor):
-        return 1
-    if isinstance(loader, (list, tuple)):
-        fine = all(isinstance(b, torch.Tensor) and b.dim() and b.shape[0] for b in loader)
-        return len(loader) if fine and loader else None
-    if isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset):
-        return len(loader)
-    return None
 
 
 def spares(rotation: Optional[int], b: int, batches: Optional[int]) -> bool:
@@ -215,7 +200,7 @@ def fill_store(request: Request, loader, name, *, cache_dir, ckpt, events, extra
             per_sample.commit()
             return hit
     fingerprints = [] if kept is not None else None
-    batches_ahead = _batch_count(loader)
+    batches_ahead = batch_count(loader)
 
     def open_for(per_sample: FeatureExtractor):
         nonlocal feature_store, factors
